@@ -1,0 +1,272 @@
+"""IDDPMUNet against upstream DifFace fixtures, and its loaders (upstream .pth, HF fork, diffusers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.unet import IDDPMUNet
+from models.unet_convert import (
+    hf_to_upstream_state_dict,
+    unet_from_hf_difface,
+    unet_from_upstream_checkpoint,
+    upstream_to_hf_state_dict,
+)
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+FIX = SHARED / "fixtures" / "difface_unet"
+pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"shared fixtures not found at {FIX}")
+
+RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> dict:
+    return json.loads((FIX / "tiny_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_sd() -> dict[str, torch.Tensor]:
+    return load_file(FIX / "tiny_unet.safetensors")
+
+
+@pytest.fixture(scope="module")
+def io() -> dict[str, torch.Tensor]:
+    return load_file(FIX / "tiny_unet_io.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_sd: dict, tiny_config: dict) -> IDDPMUNet:
+    return unet_from_upstream_checkpoint(tiny_sd, tiny_config)
+
+
+def run(model: IDDPMUNet, io: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(io["x"], io["t"])
+
+
+def max_err_first_sample(model: IDDPMUNet, io: dict) -> float:
+    """Loader checks run one sample of the fixture: CPU time is shared, one sample proves the weights."""
+    return (run(model, {"x": io["x"][:1], "t": io["t"][:1]}) - io["out"][:1]).abs().max().item()
+
+
+def test_tiny_matches_upstream_output(tiny_model: IDDPMUNet, io: dict) -> None:
+    out = run(tiny_model, io)
+    assert out.shape == (2, 6, 64, 64)
+    assert (out - io["out"]).abs().max().item() <= 1e-4
+
+
+def test_pth_file_with_module_prefix_loads(
+    tmp_path: Path, tiny_sd: dict, tiny_config: dict, io: dict
+) -> None:
+    path = tmp_path / "ckpt.pth"
+    torch.save({f"module.{k}": v for k, v in tiny_sd.items()}, path)
+    model = unet_from_upstream_checkpoint(path, tiny_config)
+    assert max_err_first_sample(model, io) <= 1e-4
+
+
+def test_real_512_config_names_shapes_and_count() -> None:
+    config = json.loads((FIX / "config_512.json").read_text())["unet"]
+    expected = json.loads((FIX / "keys_512.json").read_text())
+    with torch.device("meta"):
+        model = IDDPMUNet(**config)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == expected["state_dict_shapes"]
+    assert sum(p.numel() for p in model.parameters()) == expected["num_parameters"] == 159_788_454
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"resblock_updown": True, "conv_resample": False},
+        {"num_heads": 2, "num_head_channels": -1, "use_new_attention_order": True},
+        {"use_scale_shift_norm": False, "num_res_blocks": 2},
+    ],
+)
+def test_other_upstream_options_build_and_run(variant: dict) -> None:
+    """Options the released prior does not use (no fixture): they must at least build and run."""
+    config = {
+        "image_size": 16,
+        "in_channels": 3,
+        "model_channels": 32,
+        "out_channels": 6,
+        "num_res_blocks": [1, 1],
+        "attention_resolutions": [8],
+        "channel_mult": [1, 2],
+        "num_head_channels": 16,
+        "use_scale_shift_norm": True,
+    }
+    model = IDDPMUNet(**{**config, **variant}).eval()
+    out = run(model, {"x": torch.randn(1, 3, 16, 16), "t": torch.tensor([3])})
+    assert out.shape == (1, 6, 16, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_strict_load_names_bad_key(change: str, tiny_sd: dict, tiny_config: dict) -> None:
+    sd = dict(tiny_sd)
+    if change == "missing":
+        key = "middle_block.1.qkv.weight"
+        del sd[key]
+    else:
+        key = "input_blocks.99.0.op.weight"
+        sd[key] = torch.zeros(1)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        unet_from_upstream_checkpoint(sd, tiny_config)
+
+
+def hf_fork_layout(sd: dict, layers: list[int], attn_levels: set[int], head_ch: int) -> dict:
+    """Independent re-statement of the fork's ConvertDifFace walk (upstream -> HF names + qkv split)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def resnet(dst: str, src: str) -> None:
+        for a, b in RESNET.items():
+            for leaf in ("weight", "bias"):
+                if f"{src}.{a}.{leaf}" in sd:
+                    out[f"{dst}.{b}.{leaf}"] = sd[f"{src}.{a}.{leaf}"]
+
+    def attention(dst: str, src: str) -> None:
+        for leaf in ("weight", "bias"):
+            out[f"{dst}.group_norm.{leaf}"] = sd[f"{src}.norm.{leaf}"]
+            out[f"{dst}.proj_attn.{leaf}"] = sd[f"{src}.proj_out.{leaf}"].squeeze(-1)
+            qkv = sd[f"{src}.qkv.{leaf}"].squeeze(-1)
+            c = qkv.shape[0] // 3
+            per_head = qkv.reshape(c // head_ch, 3, head_ch, *qkv.shape[1:])  # heads × [q, k, v]
+            for n, name in enumerate(("query", "key", "value")):
+                out[f"{dst}.{name}.{leaf}"] = per_head[:, n].reshape(c, *qkv.shape[1:])
+
+    def conv(dst: str, src: str) -> None:
+        for leaf in ("weight", "bias"):
+            out[f"{dst}.{leaf}"] = sd[f"{src}.{leaf}"]
+
+    conv("time_embedding.linear_1", "time_embed.0")
+    conv("time_embedding.linear_2", "time_embed.2")
+    conv("conv_in", "input_blocks.0.0")
+    conv("conv_norm_out", "out.0")
+    conv("conv_out", "out.2")
+    src, last = 1, len(layers) - 1
+    for i, n in enumerate(layers):
+        for j in range(n):
+            resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{src}.0")
+            if i in attn_levels:
+                attention(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{src}.1")
+            src += 1
+        if i < last:
+            conv(f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{src}.0.op")
+            src += 1
+    resnet("mid_block.resnets.0", "middle_block.0")
+    attention("mid_block.attentions.0", "middle_block.1")
+    resnet("mid_block.resnets.1", "middle_block.2")
+    src = 0
+    for i, n in enumerate(reversed(layers)):
+        level = last - i
+        for j in range(n + 1):
+            resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{src}.0")
+            if level in attn_levels:
+                attention(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{src}.1")
+            if j == n and i < last:
+                up = 2 if level in attn_levels else 1
+                conv(f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{src}.{up}.conv")
+            src += 1
+    return out
+
+
+def tiny_hf_config(cfg: dict) -> dict:
+    levels = len(cfg["channel_mult"])
+    attn = [cfg["image_size"] // 2**i in cfg["attention_resolutions"] for i in range(levels)]
+    return {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": "0.13.0.dev0",
+        "sample_size": cfg["image_size"],
+        "in_channels": cfg["in_channels"],
+        "out_channels": cfg["out_channels"],
+        "block_out_channels": [m * cfg["model_channels"] for m in cfg["channel_mult"]],
+        "layers_per_block": cfg["num_res_blocks"],
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "attention_head_dim": cfg["num_head_channels"],
+        "resnet_time_scale_shift": "scale_shift",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_sd(tiny_sd: dict, tiny_config: dict) -> dict:
+    levels = len(tiny_config["channel_mult"])
+    attn = {
+        i for i in range(levels) if tiny_config["image_size"] // 2**i in tiny_config["attention_resolutions"]
+    }
+    return hf_fork_layout(tiny_sd, tiny_config["num_res_blocks"], attn, tiny_config["num_head_channels"])
+
+
+def test_hf_key_map_matches_independent_walk(tiny_hf_sd: dict, tiny_sd: dict, tiny_config: dict) -> None:
+    ours = upstream_to_hf_state_dict(tiny_sd, tiny_config)
+    assert ours.keys() == tiny_hf_sd.keys()
+    assert all(torch.equal(ours[k], tiny_hf_sd[k]) for k in ours)
+    assert tiny_hf_sd["mid_block.attentions.0.query.weight"].shape == (64, 64)
+
+
+def test_real_512_hf_map_covers_every_key() -> None:
+    config = json.loads((FIX / "config_512.json").read_text())["unet"]
+    with torch.device("meta"):
+        sd = IDDPMUNet(**config).state_dict()
+    hf = upstream_to_hf_state_dict(sd, config)
+    back = hf_to_upstream_state_dict(hf, config)
+    assert back.keys() == sd.keys() and all(back[k].shape == sd[k].shape for k in sd)
+    attention_blocks = {k.split(".attentions")[0] for k in hf if ".attentions." in k}
+    assert attention_blocks == {f"down_blocks.{i}" for i in (4, 5, 6)} | {
+        "mid_block",
+        *(f"up_blocks.{i}" for i in (0, 1, 2)),
+    }
+    assert hf["mid_block.attentions.0.query.weight"].shape == (512, 512)
+
+
+def test_hf_difface_round_trip(tmp_path: Path, tiny_hf_sd: dict, tiny_config: dict, io: dict) -> None:
+    torch.save(tiny_hf_sd, tmp_path / "diffusion_pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config(tiny_config)))
+    model = unet_from_hf_difface(tmp_path)
+    assert dict(model.config)["num_res_blocks"] == tiny_config["num_res_blocks"]
+    assert max_err_first_sample(model, io) <= 1e-4
+
+
+def test_hf_difface_rejects_missing_key(tmp_path: Path, tiny_hf_sd: dict, tiny_config: dict) -> None:
+    sd = {k: v for k, v in tiny_hf_sd.items() if k != "up_blocks.0.attentions.1.key.bias"}
+    torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config(tiny_config)))
+    with pytest.raises(ValueError, match=r"up_blocks\.0\.attentions\.1\.key\.bias"):
+        unet_from_hf_difface(tmp_path)
+
+
+def test_save_pretrained_round_trip(tmp_path: Path, tiny_model: IDDPMUNet, io: dict) -> None:
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = IDDPMUNet.from_pretrained(tmp_path).eval()
+    public = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (loaded, tiny_model)]
+    assert public[0] == public[1]
+    saved, original = loaded.state_dict(), tiny_model.state_dict()
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    # Bitwise-equal weights; CPU conv kernels may still pick differently rounding paths per
+    # allocation (seen: ~4e-6), hence a float-rounding bound rather than torch.equal.
+    one = {"x": io["x"][:1], "t": io["t"][:1]}
+    assert (run(loaded, one) - run(tiny_model, one)).abs().max().item() <= 1e-5
+
+
+def test_bf16_forward_close_to_fp32(tiny_sd: dict, tiny_config: dict, io: dict) -> None:
+    model = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to(torch.bfloat16)
+    out = run(model, {"x": io["x"][1:], "t": io["t"][1:]})  # one sample: bf16 is slow on CPU
+    ref = io["out"][1:]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
