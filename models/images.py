@@ -1,0 +1,231 @@
+"""Decoding of untrusted uploads and encoding of results (Pillow + numpy only, no torch).
+
+The API imports this module to validate uploads before a job is queued, so it must stay cheap to
+import and must never decode pixels it has not first checked the size of. Every image leaves
+`decode_image` in one normalised shape (uint8 RGB plus an optional uint8 alpha plane) so the rest
+of the pipeline never has to care about Pillow modes.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.errors import InvalidImageError, TooManyPixelsError, UnsupportedFormatError
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+#: Pillow format names we accept (only these plugins ever parse an upload). Pillow's JPEG plugin
+#: also opens the multi-picture JPEGs ("MPO") that many phones write; those are reported as
+#: "JPEG" because that is what they are to a user.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
+_MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+#: Formats a result can be written in, by source format, for `format="same"`. Sources we cannot
+#: or should not write back (BMP: huge; TIFF: not displayable in browsers; GIF: 256 colours)
+#: become PNG, which is lossless and universally supported.
+_SAME_FORMAT: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
+
+#: Colour used under transparent pixels when an image with alpha is written as JPEG.
+JPEG_BACKGROUND = (255, 255, 255)
+
+
+@dataclass
+class DecodedImage:
+    """An upload normalised for the pipeline.
+
+    `rgb` is always HxWx3 uint8 (grayscale sources have three equal channels so models need no
+    special case); `grayscale` remembers the source was single-channel so the result can be
+    written back as grayscale. `alpha` is HxW uint8, or None when the source had no alpha channel
+    (an all-opaque alpha channel is kept as is). `format` is Pillow's name of the source format
+    ("JPEG", "PNG", ...), `size` is (width, height) after EXIF orientation, and `warnings` lists
+    things the user should know (first frame of an animation used, EXIF unreadable, ...).
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    grayscale: bool
+    format: str
+    size: tuple[int, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
+    """Decode an untrusted upload, refusing oversize, corrupt and unsupported images.
+
+    The declared size is checked right after `Image.open` (which reads only the header), so an
+    image claiming billions of pixels is refused before any pixel memory is allocated. Pillow's
+    own bomb guard (a warning at 89 MP, an error at twice that) is superseded by this lower,
+    configurable limit; its error is still mapped to TooManyPixelsError. Global warning filters
+    are deliberately not touched: they are process-wide and not thread-safe, and the API decodes
+    in a thread pool. Truncated files are errors (ImageFile.LOAD_TRUNCATED_IMAGES is never set),
+    because a half-grey face would be "restored" into nonsense.
+
+    Raises InvalidImageError, UnsupportedFormatError or TooManyPixelsError.
+    """
+    if not data:
+        raise InvalidImageError("The upload is empty.")
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except Image.DecompressionBombError as e:
+        raise TooManyPixelsError(f"The image is too large: {e}") from e
+    except UnidentifiedImageError as e:
+        raise _unidentified(data) from e
+    except Exception as e:  # any parser failure on untrusted bytes means "not a valid image"
+        raise InvalidImageError(f"The image could not be read: {e}") from e
+
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise TooManyPixelsError(
+                f"The image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}."
+            )
+        fmt = "JPEG" if im.format == "MPO" else str(im.format)
+        warnings: list[str] = []
+        # `is_animated` only looks for a second frame; `n_frames` would walk the whole file.
+        # MPO's extra frames are previews/depth maps, not content, so they go unmentioned.
+        if getattr(im, "is_animated", False) and im.format != "MPO":
+            warnings.append(f"The {fmt} has several frames or pages; only the first one was used.")
+        try:
+            im.seek(0)
+            im.load()
+            oriented = _exif_transpose(im, warnings)
+            rgb, alpha, grayscale = _to_arrays(oriented)
+        except Image.DecompressionBombError as e:
+            raise TooManyPixelsError(f"The image is too large: {e}") from e
+        except Exception as e:  # truncated data, bad CRC, broken compression stream, ...
+            raise InvalidImageError(f"The image could not be decoded: {e}") from e
+    return DecodedImage(
+        rgb=rgb,
+        alpha=alpha,
+        grayscale=grayscale,
+        format=fmt,
+        size=(rgb.shape[1], rgb.shape[0]),
+        warnings=warnings,
+    )
+
+
+def _unidentified(data: bytes) -> InvalidImageError | UnsupportedFormatError:
+    """Tell "a real image in a format we refuse" apart from "not an image" for the error code.
+
+    Only headers are parsed here (no `load()`), so trying every Pillow plugin is cheap and safe.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            name = other.format
+    except Exception:
+        return InvalidImageError("The data is not a recognised image.")
+    allowed = ", ".join(ALLOWED_FORMATS)
+    return UnsupportedFormatError(f"Image format {name} is not supported (allowed: {allowed}).")
+
+
+def _exif_transpose(im: Image.Image, warnings: list[str]) -> Image.Image:
+    """Apply the EXIF Orientation tag; a malformed EXIF block only costs a warning."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        warnings.append("The EXIF data could not be read; the orientation tag was ignored.")
+        return im
+
+
+def _to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """Convert any Pillow mode to (rgb uint8 HxWx3, alpha uint8 HxW | None, grayscale).
+
+    Each mode is converted explicitly because Pillow's implicit conversions get two cases wrong
+    for us: 16/32-bit integer images are clipped to 0..255 instead of scaled, and palette images
+    lose their transparency unless converted to RGBA.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # Pillow represents 16-bit PNG/TIFF samples as I;16* or I; we assume the 16-bit range
+        # (0..65535) for I and F too, and scale with rounding: 65535 -> 255, 257 -> 1.
+        wide = np.asarray(im, dtype=np.float64)
+        gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), None, True
+    if mode in ("1", "L"):
+        gray = np.asarray(im.convert("L"), dtype=np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), None, True
+    if mode in ("LA", "La"):
+        la = np.asarray(im.convert("LA"), dtype=np.uint8)
+        gray, alpha = la[:, :, 0], np.ascontiguousarray(la[:, :, 1])
+        return np.repeat(gray[:, :, None], 3, axis=2), alpha, True
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        im = im.convert("RGBA" if has_alpha else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "RGBa"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+        return np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3]), False
+    # RGB, RGBX, CMYK, YCbCr, LAB, HSV: no alpha; Pillow's converters to RGB are correct here.
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), None, False
+
+
+def resolve_format(requested: str, source_format: str) -> OutputFormat:
+    """Map an output-format option ("png" | "jpeg" | "webp" | "same") to a concrete format.
+
+    "same" follows the source where we can write it, else PNG (see `_SAME_FORMAT`).
+    """
+    req = requested.lower()
+    if req == "same":
+        return _SAME_FORMAT.get(source_format.upper(), "png")
+    if req == "jpg":
+        return "jpeg"
+    if req in _MEDIA_TYPES:
+        return req  # type: ignore[return-value]
+    raise UnsupportedFormatError(f"Output format {requested!r} is not supported (png, jpeg, webp or same).")
+
+
+def encode_image(
+    rgb: np.ndarray,
+    *,
+    alpha: np.ndarray | None = None,
+    grayscale: bool = False,
+    format: str = "png",
+    quality: int = 95,
+) -> tuple[bytes, str]:
+    """Encode a result; returns (bytes, media type). No metadata (EXIF, ICC, text) is written.
+
+    The image is built fresh from arrays, so nothing of the upload's metadata (GPS position,
+    camera serial, ...) can leak into a result, and pixels are already upright so no Orientation
+    tag is needed. `grayscale=True` writes a single-channel (L / LA) image, using ITU-R 601 luma
+    of `rgb`, so grayscale uploads come back grayscale even though models output colour.
+    Alpha is kept for PNG and WebP. JPEG has no alpha: the image is composited over white
+    (`JPEG_BACKGROUND`), which is how transparent regions look on almost every page a user will
+    view them on, and avoids the black fringes of simply dropping the channel.
+    WebP has no grayscale mode; a grayscale WebP is written as RGB with equal channels.
+    `quality` applies to JPEG and WebP; at 90 and above JPEG chroma is not subsampled (4:4:4)
+    because 4:2:0 visibly smears restored facial detail.
+    """
+    fmt = resolve_format(format, "PNG")
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
+    if alpha is not None and (alpha.dtype != np.uint8 or alpha.shape != rgb.shape[:2]):
+        raise ValueError(f"alpha must be uint8 {rgb.shape[:2]}, got {alpha.dtype} {alpha.shape}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+
+    im = Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+    if fmt == "jpeg" and alpha is not None:
+        background = Image.new("RGB", im.size, JPEG_BACKGROUND)
+        im = Image.composite(im, background, Image.fromarray(np.ascontiguousarray(alpha), "L"))
+        alpha = None
+    if grayscale:
+        im = im.convert("L")
+    if alpha is not None:
+        im.putalpha(Image.fromarray(np.ascontiguousarray(alpha), mode="L"))
+
+    buf = io.BytesIO()
+    if fmt == "png":
+        im.save(buf, format="PNG")
+    elif fmt == "jpeg":
+        im.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    else:
+        if im.mode in ("L", "LA"):
+            im = im.convert("RGBA" if im.mode == "LA" else "RGB")
+        im.save(buf, format="WEBP", quality=quality)
+    return buf.getvalue(), _MEDIA_TYPES[fmt]

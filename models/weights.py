@@ -1,0 +1,395 @@
+"""The manifest of every published weight file dynface can use, and pull / verify / list.
+
+Model code never downloads: it loads from a weights directory (`DYNFACE_WEIGHTS_DIR`, default
+~/.cache/dynface/weights) and raises `MissingWeightsError` naming the files and the command that
+fetches them. Downloads happen only here, on request (`dynface weights pull`), and land under
+their final name only once complete and checked, so a crash or a bad mirror never leaves a file
+that later loads as garbage.
+
+Checksums: a pinned sha256 is recorded only where it was verified from an independent source;
+where it is None the file is reported "unverified (no pinned checksum)" rather than "present".
+This module is torch-free so the API's /readyz can use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+_DIFFACE_RELEASE = "https://github.com/zsyOAOA/DifFace/releases/download/V1.0"
+_FACEXLIB_RELEASE = "https://github.com/xinntao/facexlib/releases/download"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One published file. `url` is a direct download URL (GitHub release asset); files that
+    live in a Hugging Face repo set `hf_repo` and are fetched with huggingface_hub instead.
+    `path` is relative to the weights dir; facexlib requires its files under exactly these
+    names at the top level. `size`/`sha256` are None where they could not be pinned.
+    """
+
+    name: str
+    path: str
+    url: str
+    size: int | None
+    sha256: str | None
+    description: str
+    hf_repo: str | None = None
+    hf_revision: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        return Path(self.path).name
+
+
+#: Sources: release URLs are the ones the upstream projects' own code downloads
+#: (DifFace's inference scripts; facexlib's `init_detection_model` / `init_parsing_model`).
+#: facexlib ResNet-50 and ParseNet size+sha256 agree across several independent pinned
+#: manifests (CodeFormer/GFPGAN deployments, an AUR facexlib-model package). The MobileNet
+#: size+sha256 are those of ../shared/weights (SOURCES.md: a copy from m2man/Pytorch_Retinaface);
+#: CodeFormer's mirror of the same asset has the same size, but that facexlib's own release
+#: asset is byte-identical was not verified offline. DifFace's release assets and the Hugging
+#: Face files have no published checksums we could check offline: size and sha256 are None,
+#: except the two small Hub JSON files whose exact byte sizes the Hub's file listing shows.
+#: The Hub revision is unpinned ("main"): the full commit hash was not available offline.
+MANIFEST: tuple[WeightFile, ...] = (
+    WeightFile(
+        name="difface_prior",
+        path="iddpm_ffhq512_ema500000.pth",
+        url=f"{_DIFFACE_RELEASE}/iddpm_ffhq512_ema500000.pth",
+        size=None,  # unknown offline (Hub copy of the same UNet is ~639 MB)
+        sha256=None,  # unknown offline
+        description="DifFace iDDPM FFHQ-512 diffusion prior (upstream checkpoint, primary format)",
+    ),
+    WeightFile(
+        name="difface_swinir",
+        path="swinir_restoration512_L1.pth",
+        url=f"{_DIFFACE_RELEASE}/swinir_restoration512_L1.pth",
+        size=None,  # unknown offline
+        sha256=None,  # unknown offline
+        description="DifFace SwinIR restorer (diffused estimator), L1-trained, 512x512",
+    ),
+    WeightFile(
+        name="hf_difface_unet",
+        path="OAOA-DifFace/diffusion_pytorch_model.bin",
+        url="https://huggingface.co/OAOA/DifFace/resolve/main/diffusion_pytorch_model.bin",
+        size=None,  # the Hub lists "639 MB", not an exact byte count
+        sha256=None,  # unknown offline
+        description="DifFace prior, Hugging Face diffusers-0.13-fork layout (alternative format)",
+        hf_repo="OAOA/DifFace",
+        hf_revision="main",
+    ),
+    WeightFile(
+        name="hf_difface_config",
+        path="OAOA-DifFace/config.json",
+        url="https://huggingface.co/OAOA/DifFace/resolve/main/config.json",
+        size=975,
+        sha256=None,  # unknown offline
+        description="UNet config for the Hugging Face DifFace prior",
+        hf_repo="OAOA/DifFace",
+        hf_revision="main",
+    ),
+    WeightFile(
+        name="hf_difface_scheduler",
+        path="OAOA-DifFace/scheduler_config.json",
+        url="https://huggingface.co/OAOA/DifFace/resolve/main/scheduler_config.json",
+        size=306,
+        sha256=None,  # unknown offline
+        description="Scheduler config for the Hugging Face DifFace prior",
+        hf_repo="OAOA/DifFace",
+        hf_revision="main",
+    ),
+    WeightFile(
+        name="retinaface_resnet50",
+        path="detection_Resnet50_Final.pth",
+        url=f"{_FACEXLIB_RELEASE}/v0.1.0/detection_Resnet50_Final.pth",
+        size=109_497_761,
+        sha256="6d1de9c2944f2ccddca5f5e010ea5ae64a39845a86311af6fdf30841b0a5a16d",
+        description="RetinaFace ResNet-50 face detector (facexlib)",
+    ),
+    WeightFile(
+        name="retinaface_mobile0.25",
+        path="detection_mobilenet0.25_Final.pth",
+        url=f"{_FACEXLIB_RELEASE}/v0.1.0/detection_mobilenet0.25_Final.pth",
+        size=1_789_735,
+        sha256="38ec7bb3c9cbfe2f40edabc05fab970a6d648747cbc534092be85d5eb9b37ed0",
+        description="RetinaFace MobileNet-0.25 face detector (facexlib), small and fast",
+    ),
+    WeightFile(
+        name="parsenet",
+        path="parsing_parsenet.pth",
+        url=f"{_FACEXLIB_RELEASE}/v0.2.2/parsing_parsenet.pth",
+        size=85_331_193,
+        sha256="3d558d8d0e42c20224f13cf5a29c79eba2d59913419f945545d8cf7b72920de2",
+        description="Face parsing net for paste-back masks (facexlib; optional)",
+    ),
+)
+
+State = Literal["present", "missing", "corrupt", "unverified"]
+
+
+@dataclass(frozen=True)
+class Status:
+    """State of one manifest file on disk; `detail` says why it is corrupt or unverified."""
+
+    name: str
+    state: State
+    path: Path
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class MissingFile:
+    """For /readyz: a file a profile needs, where it should be, and how to fetch it."""
+
+    name: str
+    path: Path
+    command: str
+
+
+def pull_command(names: Iterable[str]) -> str:
+    return "dynface weights pull " + " ".join(f"--only {n}" for n in names)
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weights a model needs are not in the weights dir (and will not be downloaded for it)."""
+
+    def __init__(self, names: Sequence[str], directory: str | Path) -> None:
+        self.names = list(names)
+        self.directory = Path(directory)
+        super().__init__(
+            f"Missing weights in {self.directory}: {', '.join(self.names)}. "
+            f"Fetch them with: {pull_command(self.names)} "
+            f"(set DYNFACE_WEIGHTS_DIR={self.directory} if that is not the default dir)."
+        )
+
+
+def weights_dir() -> Path:
+    """The default weights dir: $DYNFACE_WEIGHTS_DIR, else ~/.cache/dynface/weights."""
+    env = os.environ.get("DYNFACE_WEIGHTS_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dynface" / "weights"
+
+
+def offline_from_env() -> bool:
+    return os.environ.get("DYNFACE_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _resolve_dir(directory: str | Path | None) -> Path:
+    return Path(directory).expanduser() if directory is not None else weights_dir()
+
+
+def select(names: Iterable[str] | None, manifest: Sequence[WeightFile] = MANIFEST) -> list[WeightFile]:
+    """Manifest entries by name or file name (None = all); unknown names are an error."""
+    if names is None:
+        return list(manifest)
+    if isinstance(names, str):  # a lone name, not an iterable of one-letter names
+        names = [names]
+    by_key = {e.name: e for e in manifest} | {e.file_name: e for e in manifest}
+    unknown = [n for n in names if n not in by_key]
+    if unknown:
+        known = ", ".join(e.name for e in manifest)
+        raise KeyError(f"Unknown weight file(s) {', '.join(unknown)}; known: {known}")
+    chosen = [by_key[n] for n in names]
+    return [e for e in manifest if e in chosen]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check(entry: WeightFile, path: Path, *, hash_it: bool) -> Status:
+    """State of one file; `hash_it=False` checks existence and size only (cheap, for probes)."""
+    if not path.is_file():
+        return Status(entry.name, "missing", path)
+    size = path.stat().st_size
+    if entry.size is not None and size != entry.size:
+        return Status(entry.name, "corrupt", path, f"size {size} B, expected {entry.size} B")
+    if entry.sha256 is None:
+        return Status(entry.name, "unverified", path, "unverified (no pinned checksum)")
+    if hash_it:
+        actual = _sha256(path)
+        if actual != entry.sha256:
+            return Status(entry.name, "corrupt", path, f"sha256 {actual}, expected {entry.sha256}")
+    return Status(entry.name, "present", path)
+
+
+def verify(
+    weights_dir: str | Path | None = None,
+    *,
+    names: Iterable[str] | None = None,
+    manifest: Sequence[WeightFile] = MANIFEST,
+) -> list[Status]:
+    """Check every (or the named) file: present | missing | corrupt | unverified.
+
+    Hashes whole files (a few seconds for the 640 MB prior); `missing_for` is the cheap probe.
+    """
+    root = _resolve_dir(weights_dir)
+    return [_check(e, root / e.path, hash_it=True) for e in select(names, manifest)]
+
+
+def missing_for(
+    profile_requirements: Iterable[str],
+    weights_dir: str | Path | None = None,
+    *,
+    manifest: Sequence[WeightFile] = MANIFEST,
+) -> list[MissingFile]:
+    """Files a profile needs that are absent or the wrong size, each with its fetch command.
+
+    Meant for /readyz, so it never hashes (that is `verify`'s job).
+    """
+    root = _resolve_dir(weights_dir)
+    out = []
+    for entry in select(list(profile_requirements), manifest):
+        if _check(entry, root / entry.path, hash_it=False).state in ("missing", "corrupt"):
+            out.append(MissingFile(entry.name, root / entry.path, pull_command([entry.name])))
+    return out
+
+
+def pull(
+    names: Iterable[str] | None = None,
+    weights_dir: str | Path | None = None,
+    *,
+    offline: bool | None = None,
+    progress: bool = True,
+    manifest: Sequence[WeightFile] = MANIFEST,
+) -> list[Status]:
+    """Download the named (default: all) files that are missing or corrupt; returns their status.
+
+    Release assets go through `pooch.retrieve` (sha256 checked when pinned, tqdm progress bar)
+    into a private staging dir inside `weights_dir`; the size is checked too, and only then is
+    the file renamed to its final name (same filesystem, so atomic). Hub files go through
+    `huggingface_hub.hf_hub_download(..., local_dir=...)`, which stages and renames the same way
+    and resumes its own `.incomplete` files. Release downloads do not resume: pooch has no
+    resume, and a failed download is removed and starts over on the next pull.
+    `offline` (default: $DYNFACE_OFFLINE) forbids any download: files still needed raise
+    MissingWeightsError naming them and the command to fetch them elsewhere.
+    """
+    root = _resolve_dir(weights_dir)
+    offline = offline_from_env() if offline is None else offline
+    entries = select(None if names is None else list(names), manifest)
+    todo = [e for e in entries if _check(e, root / e.path, hash_it=True).state in ("missing", "corrupt")]
+    if todo and offline:
+        raise MissingWeightsError([e.name for e in todo], root)
+    for entry in todo:
+        if entry.hf_repo is not None:
+            _pull_hub(entry, root)
+        else:
+            _pull_url(entry, root, progress)
+        status = _check(entry, root / entry.path, hash_it=True)
+        if status.state == "corrupt":
+            (root / entry.path).unlink()
+            raise ValueError(f"Downloaded {entry.name} is corrupt ({status.detail}); removed it.")
+    return verify(root, names=[e.name for e in entries], manifest=manifest)
+
+
+def _pull_url(entry: WeightFile, root: Path, progress: bool) -> None:
+    import pooch
+
+    final = root / entry.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=final.parent))
+    try:
+        fetched = Path(
+            pooch.retrieve(
+                entry.url,
+                known_hash=f"sha256:{entry.sha256}" if entry.sha256 else None,
+                fname=entry.file_name,
+                path=staging,
+                progressbar=progress,
+            )
+        )
+        size = fetched.stat().st_size
+        if entry.size is not None and size != entry.size:
+            raise ValueError(f"{entry.name}: downloaded {size} B, expected {entry.size} B")
+        os.replace(fetched, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pull_hub(entry: WeightFile, root: Path) -> None:
+    from huggingface_hub import hf_hub_download
+
+    assert entry.hf_repo is not None  # only called for Hub entries
+    sub = Path(entry.path).parent
+    hf_hub_download(
+        entry.hf_repo,
+        entry.file_name,
+        revision=entry.hf_revision,
+        local_dir=root / sub,
+    )
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_weights_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `weights pull [--only NAME]... | verify [--only NAME]... | list`.
+
+    Each leaf parser sets `func(args) -> int` (the exit code) for the entry point to call.
+    """
+    weights = subparsers.add_parser("weights", help="download and check model weights")
+    weights.add_argument("--dir", type=Path, default=None, help="weights dir (default: $DYNFACE_WEIGHTS_DIR)")
+    sub = weights.add_subparsers(dest="weights_command", required=True)
+
+    p = sub.add_parser("pull", help="download missing or corrupt weight files")
+    p.add_argument("--only", action="append", metavar="NAME", help="only this file (repeatable)")
+    p.add_argument("--offline", action="store_true", default=None, help="never download")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cli_pull)
+
+    v = sub.add_parser("verify", help="check sizes and checksums")
+    v.add_argument("--only", action="append", metavar="NAME", help="only this file (repeatable)")
+    v.set_defaults(func=_cli_verify)
+
+    ls = sub.add_parser("list", help="list known weight files and whether they are on disk")
+    ls.set_defaults(func=_cli_list)
+    return weights
+
+
+def _print_statuses(statuses: Sequence[Status]) -> None:
+    for s in statuses:
+        detail = f"  ({s.detail})" if s.detail else ""
+        print(f"{s.name:24} {s.state:10} {s.path}{detail}")
+
+
+def _cli_pull(args: argparse.Namespace) -> int:
+    try:
+        statuses = pull(args.only, args.dir, offline=args.offline, progress=not args.quiet)
+    except (MissingWeightsError, KeyError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _print_statuses(statuses)
+    return 0
+
+
+def _cli_verify(args: argparse.Namespace) -> int:
+    try:
+        statuses = verify(args.dir, names=args.only)
+    except KeyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _print_statuses(statuses)
+    return 1 if any(s.state in ("missing", "corrupt") for s in statuses) else 0
+
+
+def _cli_list(args: argparse.Namespace) -> int:
+    root = _resolve_dir(args.dir)
+    for e in MANIFEST:
+        on_disk = "on disk" if (root / e.path).is_file() else "absent"
+        size = f"{e.size} B" if e.size is not None else "size unknown"
+        checksum = "sha256 pinned" if e.sha256 else "no checksum"
+        print(f"{e.name:24} {on_disk:8} {size:>14}  {checksum:14} {e.url}")
+        print(f"{'':24} {e.description}")
+    return 0

@@ -1,0 +1,292 @@
+"""Face detection / alignment / paste-back with the real RetinaFace MobileNet-0.25 weights."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models import faces as faces_mod
+from models.faces import (
+    FFHQ_TEMPLATE_512,
+    FaceDetector,
+    FaceParser,
+    align,
+    color_correct,
+    comparison_image,
+    paste_faces,
+    paste_mask,
+    upscale_image,
+)
+from models.images import decode_image
+from models.weights import MissingWeightsError
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+WEIGHTS = SHARED / "weights"
+PHOTOS = SHARED / "testdata" / "photos"
+ALIGNED = SHARED / "testdata" / "aligned"
+pytestmark = pytest.mark.skipif(
+    not (WEIGHTS / "detection_mobilenet0.25_Final.pth").is_file(),
+    reason=f"shared RetinaFace MobileNet weights not found under {WEIGHTS}",
+)
+
+# Face counts at threshold 0.97, from ../shared/weights/SOURCES.md.
+EXPECTED_COUNTS = {
+    "00.jpg": 4,
+    "01.jpg": 4,
+    "02.png": 4,
+    "03.png": 2,
+    "04.jpg": 1,
+    "05.jpg": 1,
+    "Solvay_conference_1927.png": 29,
+}
+
+
+def load(path: Path) -> np.ndarray:
+    return decode_image(path.read_bytes(), max_pixels=50_000_000).rgb
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector(WEIGHTS, "retinaface_mobile0.25", device="cpu", threshold=0.97)
+
+
+@pytest.fixture(scope="module")
+def detections(detector: FaceDetector) -> dict[str, tuple[np.ndarray, faces_mod.Detections]]:
+    """Every photo detected once; the tests below share the results to stay fast on CPU."""
+    out = {}
+    for name in EXPECTED_COUNTS:
+        rgb = load(PHOTOS / name)
+        out[name] = (rgb, detector.detect(rgb))
+    return out
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_COUNTS))
+def test_face_counts_match_sources(name: str, detections: dict) -> None:
+    _, found = detections[name]
+    assert len(found) == EXPECTED_COUNTS[name]
+    assert found.dropped == 0 and found.warnings == []
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_COUNTS))
+def test_boxes_inside_image_and_landmarks_in_boxes(name: str, detections: dict) -> None:
+    rgb, found = detections[name]
+    h, w = rgb.shape[:2]
+    for face in found.faces:
+        x0, y0, x1, y1 = face.box
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert 0.97 < face.score <= 1.0
+        assert face.landmarks.shape == (5, 2)
+        # eyes, nose and mouth lie in (a slightly grown) box; left eye left of right eye
+        cx, cy = face.landmarks[:, 0], face.landmarks[:, 1]
+        pad = 0.1 * (x1 - x0)
+        assert (cx > x0 - pad).all() and (cx < x1 + pad).all()
+        assert (cy > y0 - pad).all() and (cy < y1 + pad).all()
+        assert face.landmarks[0, 0] < face.landmarks[1, 0]
+    xs = [f.box[0] for f in found.faces]
+    assert xs == sorted(xs)
+
+
+def test_aligned_crop_redetects_one_face_near_template(detector: FaceDetector) -> None:
+    rgb = load(ALIGNED / "0143.png")
+    found = detector.detect(rgb)
+    assert len(found) == 1
+    crops, affines = align(rgb, found.faces)
+    assert crops.shape == (1, 512, 512, 3) and crops.dtype == np.uint8
+    assert affines.shape == (1, 2, 3)
+    again = detector.detect(crops[0])
+    assert len(again) == 1
+    # Re-detected landmarks land on the FFHQ template (RetinaFace landmark noise: a few px).
+    assert np.abs(again.faces[0].landmarks - FFHQ_TEMPLATE_512).max() < 12
+
+
+def test_align_empty() -> None:
+    crops, affines = align(np.zeros((10, 10, 3), np.uint8), [])
+    assert crops.shape == (0, 512, 512, 3) and affines.shape == (0, 2, 3)
+
+
+@pytest.mark.parametrize("orientation,k", [(3, 2), (6, 1), (8, -1)])
+def test_exif_rotated_copy_gives_same_faces(
+    orientation: int, k: int, detector: FaceDetector, detections: dict
+) -> None:
+    """A phone photo stored sideways with an Orientation tag is detected like the upright one."""
+    upright, reference = detections["00.jpg"]
+    stored = np.ascontiguousarray(np.rot90(upright, k=k))  # what a camera would write
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "PNG", exif=exif.tobytes())
+    decoded = decode_image(buf.getvalue(), max_pixels=50_000_000)
+    found = detector.detect(decoded.rgb)
+    assert len(found) == len(reference)
+    for a, b in zip(found.faces, reference.faces, strict=True):
+        np.testing.assert_allclose(a.box, b.box, atol=1.0)
+
+
+def test_max_faces_keeps_largest_and_reports_the_rest(detector: FaceDetector, detections: dict) -> None:
+    rgb, everyone = detections["Solvay_conference_1927.png"]
+    found = detector.detect(rgb, max_faces=5)
+    assert len(found) == 5 and found.dropped == 24
+    assert "29 faces" in found.warnings[0]
+
+    def area(f: faces_mod.DetectedFace) -> float:
+        return (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])
+
+    smallest_kept = min(area(f) for f in found.faces)
+    assert sorted((area(f) for f in everyone.faces), reverse=True)[4] == pytest.approx(smallest_kept)
+
+
+def test_only_center_face_and_min_face_size(detector: FaceDetector, detections: dict) -> None:
+    rgb, everyone = detections["00.jpg"]
+    h, w = rgb.shape[:2]
+    center = detector.detect(rgb, only_center_face=True)
+    assert len(center) == 1
+
+    def dist(f: faces_mod.DetectedFace) -> float:
+        return float(np.hypot((f.box[0] + f.box[2]) / 2 - w / 2, (f.box[1] + f.box[3]) / 2 - h / 2))
+
+    assert center.faces[0].box == min(everyone.faces, key=dist).box
+    assert len(detector.detect(rgb, min_face_size=max(h, w))) == 0
+
+
+@pytest.mark.parametrize("upscale", [1, 2])
+def test_paste_of_unmodified_crops_is_local_and_near_identity(upscale: int, detections: dict) -> None:
+    rgb, found = detections["00.jpg"]
+    crops, affines = align(rgb, found.faces)
+    out = paste_faces(rgb, crops, affines, upscale)
+    background = upscale_image(rgb, upscale)
+    assert out.shape == background.shape
+    union = paste_mask((out.shape[1], out.shape[0]), affines, upscale)
+    outside = union == 0
+    assert outside.mean() > 0.5
+    np.testing.assert_array_equal(out[outside], background[outside])
+    # Inside: warp there and back again only blurs a little.
+    inside = union > 0.5
+    diff = np.abs(out.astype(float) - background.astype(float))[inside]
+    assert diff.mean() < 4
+
+
+def test_paste_changes_the_face_region(detections: dict) -> None:
+    rgb, found = detections["04.jpg"]
+    crops, affines = align(rgb, found.faces)
+    out = paste_faces(rgb, np.zeros_like(crops), affines)
+    mask = paste_mask((rgb.shape[1], rgb.shape[0]), affines)
+    assert out[mask > 0.99].max() <= 3  # (almost) fully masked pixels come from the face
+    np.testing.assert_array_equal(out[mask == 0], rgb[mask == 0])
+
+
+def test_paste_with_no_faces_is_the_upscaled_background() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    out = paste_faces(rgb, np.zeros((0, 512, 512, 3), np.uint8), np.zeros((0, 2, 3)), 2)
+    assert out.shape == (40, 60, 3)
+    np.testing.assert_array_equal(out, upscale_image(rgb, 2))
+
+
+def test_paste_of_a_face_outside_the_photo_is_a_no_op() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    far = np.array([[[1.0, 0.0, 5000.0], [0.0, 1.0, 5000.0]]])  # photo -> crop: crop is far away
+    out = paste_faces(rgb, np.zeros((1, 512, 512, 3), np.uint8), far)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_parser_masks_follow_the_parsed_face(tmp_path: Path, detections: dict) -> None:
+    """ParseNet loads through facexlib from the weights dir (random weights here: the real file
+    is not in ../shared); its forward is replaced by fixed labels, since a real 512x512 ParseNet
+    pass takes tens of seconds on a shared CPU."""
+    import torch
+    from facexlib.parsing.parsenet import ParseNet
+
+    torch.manual_seed(0)
+    net = ParseNet(in_size=512, out_size=512, parsing_ch=19)
+    torch.save(net.state_dict(), tmp_path / "parsing_parsenet.pth")
+    parser = FaceParser.if_available(tmp_path)
+    assert parser is not None
+
+    yy, xx = np.mgrid[:512, :512]
+    disk = torch.from_numpy(((yy - 290) ** 2 + (xx - 256) ** 2 < 150**2).astype(np.int64))
+    hair = 17
+    labels = torch.where(disk.bool(), torch.tensor(1), torch.tensor(hair))
+    logits = torch.nn.functional.one_hot(labels, 19).permute(2, 0, 1)[None].float()
+    parser._net = lambda x: (logits, None)  # type: ignore[assignment]
+
+    mask = parser.face_mask(np.zeros((512, 512, 3), np.uint8))
+    assert mask.shape == (512, 512) and mask.dtype == np.float32
+    assert mask[290, 256] > 0.99 and mask[20, 20] == 0 and mask[:10].max() == 0
+
+    rgb, found = detections["04.jpg"]
+    crops, affines = align(rgb, found.faces)
+    zeros = np.zeros_like(crops)
+    out = paste_faces(rgb, zeros, affines, parser=parser)
+    weight = paste_mask((rgb.shape[1], rgb.shape[0]), affines, restored_faces=zeros, parser=parser)
+    np.testing.assert_array_equal(out[weight == 0], rgb[weight == 0])
+    assert out[weight > 0.99].max() <= 3
+    # The parsed mask is smaller than the feathered square one: hair and border stay.
+    assert (weight > 0).sum() < (paste_mask((rgb.shape[1], rgb.shape[0]), affines) > 0).sum()
+
+
+def test_missing_weights_is_a_clear_error_and_never_downloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import facexlib.detection
+    import facexlib.parsing
+    import facexlib.utils.misc
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("facexlib tried to download weights")
+
+    for module in (facexlib.detection, facexlib.parsing, facexlib.utils.misc):
+        monkeypatch.setattr(module, "load_file_from_url", no_download)
+    monkeypatch.setattr(facexlib.utils.misc, "download_url_to_file", no_download)
+
+    with pytest.raises(MissingWeightsError) as err:
+        FaceDetector(tmp_path, "retinaface_resnet50")
+    assert "detection_Resnet50_Final.pth" in str(err.value)
+    assert "dynface weights pull --only detection_Resnet50_Final.pth" in str(err.value)
+    with pytest.raises(MissingWeightsError, match=r"parsing_parsenet\.pth"):
+        FaceParser(tmp_path)
+    assert FaceParser.if_available(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_detector_name() -> None:
+    with pytest.raises(ValueError):
+        FaceDetector(WEIGHTS, "yolo")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- colour, upscale, comparison
+
+
+def _face() -> np.ndarray:
+    return np.asarray(Image.open(ALIGNED / "0143.png").convert("RGB").resize((128, 128)))
+
+
+def test_wavelet_correction_removes_a_colour_cast_but_keeps_detail() -> None:
+    ref = _face()
+    cast = np.clip(ref.astype(int) + np.array([40, -20, 10]), 0, 255).astype(np.uint8)
+    fixed = color_correct(cast, ref, "wavelet")
+    assert np.abs(fixed.astype(int) - ref).mean() < 3
+    assert np.abs(cast.astype(int) - ref).mean() > 15
+    np.testing.assert_array_equal(color_correct(ref, ref, "wavelet"), ref)
+
+
+def test_adain_matches_channel_statistics() -> None:
+    ref = _face()
+    cast = (ref.astype(float) * 0.6 + 50).astype(np.uint8)
+    fixed = color_correct(cast[None], ref[None], "adain")[0]
+    np.testing.assert_allclose(fixed.mean(axis=(0, 1)), ref.mean(axis=(0, 1)), atol=1)
+    np.testing.assert_allclose(fixed.std(axis=(0, 1)), ref.std(axis=(0, 1)), atol=1.5)
+    with pytest.raises(ValueError):
+        color_correct(ref, ref, "histogram")  # type: ignore[arg-type]
+
+
+def test_upscale_and_comparison_shapes() -> None:
+    small = np.random.default_rng(1).integers(0, 256, (10, 16, 3), dtype=np.uint8)
+    big = upscale_image(small, 3)
+    assert big.shape == (30, 48, 3)
+    assert upscale_image(small[:, :, 0], 2).shape == (20, 32)
+    side = comparison_image(small, big)
+    assert side.shape == (30, 96, 3)
+    np.testing.assert_array_equal(side[:, 48:], big)

@@ -1,0 +1,373 @@
+"""Tests for models/images.py: every Pillow mode, hostile input, EXIF orientation, encoding."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from models.errors import InvalidImageError, TooManyPixelsError, UnsupportedFormatError
+from models.images import decode_image, encode_image, resolve_format
+
+MAX = 10_000_000
+
+
+def _save(im: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb_pattern(h: int = 6, w: int = 9, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------- modes
+
+
+def test_rgb_png_exact() -> None:
+    a = _rgb_pattern()
+    d = decode_image(_save(Image.fromarray(a), "PNG"), max_pixels=MAX)
+    assert d.format == "PNG" and d.size == (9, 6) and not d.grayscale and d.alpha is None
+    assert d.rgb.dtype == np.uint8 and d.rgb.shape == (6, 9, 3)
+    np.testing.assert_array_equal(d.rgb, a)
+    assert d.warnings == []
+
+
+def test_rgba_splits_alpha() -> None:
+    a = np.random.default_rng(1).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    d = decode_image(_save(Image.fromarray(a, "RGBA"), "PNG"), max_pixels=MAX)
+    np.testing.assert_array_equal(d.rgb, a[:, :, :3])
+    np.testing.assert_array_equal(d.alpha, a[:, :, 3])
+    assert not d.grayscale
+
+
+def test_l_is_grayscale_with_three_equal_channels() -> None:
+    g = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    d = decode_image(_save(Image.fromarray(g, "L"), "PNG"), max_pixels=MAX)
+    assert d.grayscale and d.alpha is None and d.rgb.shape == (6, 8, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(d.rgb[:, :, c], g)
+
+
+def test_la_is_grayscale_plus_alpha() -> None:
+    la = np.stack([np.full((4, 4), 100, np.uint8), np.arange(16, dtype=np.uint8).reshape(4, 4)], 2)
+    d = decode_image(_save(Image.fromarray(la, "LA"), "PNG"), max_pixels=MAX)
+    assert d.grayscale
+    assert (d.rgb == 100).all()
+    np.testing.assert_array_equal(d.alpha, la[:, :, 1])
+
+
+def test_bilevel_mode_1_is_grayscale_0_or_255() -> None:
+    im = Image.new("1", (8, 4), 0)
+    im.putpixel((3, 2), 1)
+    d = decode_image(_save(im, "PNG"), max_pixels=MAX)
+    assert d.grayscale and d.alpha is None
+    assert d.rgb[2, 3].tolist() == [255, 255, 255] and d.rgb.sum() == 3 * 255
+
+
+def test_palette_without_transparency_is_rgb() -> None:
+    im = Image.new("P", (4, 4), 0)
+    im.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    im.putpixel((1, 1), 1)
+    d = decode_image(_save(im, "PNG"), max_pixels=MAX)
+    assert d.alpha is None and not d.grayscale
+    assert d.rgb[0, 0].tolist() == [10, 20, 30] and d.rgb[1, 1].tolist() == [200, 100, 50]
+
+
+def test_palette_with_transparency_gets_alpha() -> None:
+    im = Image.new("P", (4, 4), 0)
+    im.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    im.putpixel((1, 1), 1)
+    d = decode_image(_save(im, "PNG", transparency=0), max_pixels=MAX)
+    assert d.alpha is not None
+    assert d.alpha[0, 0] == 0 and d.alpha[1, 1] == 255
+    assert d.rgb[1, 1].tolist() == [200, 100, 50]
+
+
+def test_pa_becomes_rgb_plus_alpha() -> None:
+    im = Image.new("PA", (3, 2))
+    im.putpalette([1, 2, 3, 250, 251, 252] + [0] * 762)
+    im.putpixel((0, 0), (1, 77))
+    data = _save(im, "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "PA"
+    d = decode_image(data, max_pixels=MAX)
+    assert d.format == "TIFF" and d.alpha is not None and not d.grayscale
+    assert d.rgb[0, 0].tolist() == [250, 251, 252] and d.alpha[0, 0] == 77
+
+
+def test_cmyk_converts_to_rgb() -> None:
+    im = Image.new("CMYK", (2, 1))
+    im.putpixel((0, 0), (0, 255, 255, 0))  # pure red
+    im.putpixel((1, 0), (0, 0, 0, 255))  # black
+    d = decode_image(_save(im, "TIFF"), max_pixels=MAX)
+    assert d.rgb[0, 0].tolist() == [255, 0, 0] and d.rgb[0, 1].tolist() == [0, 0, 0]
+    assert d.alpha is None and not d.grayscale
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16bit_grayscale_is_scaled_not_clipped(fmt: str) -> None:
+    wide = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    im = Image.fromarray(wide)
+    assert im.mode == "I;16"
+    d = decode_image(_save(im, fmt), max_pixels=MAX)
+    assert d.grayscale
+    assert d.rgb[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_32bit_integer_mode_i_uses_16bit_range() -> None:
+    im = Image.fromarray(np.array([[0, 257, 65535, 70000]], dtype=np.int32), "I")
+    data = _save(im, "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    d = decode_image(data, max_pixels=MAX)
+    assert d.grayscale and d.rgb[0, :, 0].tolist() == [0, 1, 255, 255]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_allowed_formats_report_their_name(fmt: str) -> None:
+    d = decode_image(_save(Image.fromarray(_rgb_pattern()), fmt), max_pixels=MAX)
+    assert d.format == fmt and d.rgb.shape == (6, 9, 3)
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+def _good_jpeg() -> bytes:
+    return _save(Image.fromarray(_rgb_pattern(64, 64)), "JPEG", quality=90)
+
+
+def _good_png() -> bytes:
+    return _save(Image.fromarray(_rgb_pattern(64, 64)), "PNG")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00",
+        np.random.default_rng(3).bytes(4096),
+        _good_jpeg()[: len(_good_jpeg()) // 2],
+        _good_jpeg()[:200],
+        _good_png()[: len(_good_png()) // 2],
+        _good_png()[:40],
+        _good_png()[:-30],  # IDAT cut, IEND gone
+    ],
+    ids=["empty", "one-byte", "random", "jpeg-half", "jpeg-header", "png-half", "png-hdr", "png-tail"],
+)
+def test_corrupt_or_truncated_is_invalid(data: bytes) -> None:
+    with pytest.raises(InvalidImageError):
+        decode_image(data, max_pixels=MAX)
+
+
+def test_png_with_bad_crc_is_invalid() -> None:
+    data = bytearray(_good_png())
+    idat = data.index(b"IDAT")
+    data[idat + 10] ^= 0xFF
+    with pytest.raises(InvalidImageError):
+        decode_image(bytes(data), max_pixels=MAX)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims width x height RGB pixels but whose IDAT holds none.
+
+    Since the pixel data is missing, decoding it would fail with InvalidImageError; getting
+    TooManyPixelsError instead proves the size was checked before any decoding or allocation.
+    """
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "width,height",
+    [(3000, 3000), (100_000, 100_000)],  # ours; past Pillow's own 2x-89 MP DecompressionBombError
+)
+def test_huge_declared_size_is_refused_before_decoding(width: int, height: int) -> None:
+    with pytest.raises(TooManyPixelsError):
+        decode_image(_png_declaring(width, height), max_pixels=1_000_000)
+
+
+def test_limit_is_inclusive() -> None:
+    data = _save(Image.fromarray(_rgb_pattern(10, 10)), "PNG")
+    assert decode_image(data, max_pixels=100).size == (10, 10)
+    with pytest.raises(TooManyPixelsError):
+        decode_image(data, max_pixels=99)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PPM", "TGA", "PCX"])
+def test_real_image_in_other_format_is_unsupported(fmt: str) -> None:
+    with pytest.raises(UnsupportedFormatError):
+        decode_image(_save(Image.fromarray(_rgb_pattern(16, 16)), fmt), max_pixels=MAX)
+
+
+# ---------------------------------------------------------------- EXIF orientation
+
+UPRIGHT = _rgb_pattern(6, 10, seed=7)
+
+# Stored (on-disk) pixels for each EXIF Orientation value, derived from the EXIF 2.3 definition
+# of the tag (which corner row 0 / column 0 of the stored image is), independently of Pillow.
+STORED = {
+    1: UPRIGHT,
+    2: UPRIGHT[:, ::-1],
+    3: UPRIGHT[::-1, ::-1],
+    4: UPRIGHT[::-1, :],
+    5: UPRIGHT.transpose(1, 0, 2),
+    6: np.rot90(UPRIGHT, k=1),  # displayed after rotating 90 degrees clockwise
+    7: np.rot90(UPRIGHT, k=2).transpose(1, 0, 2),
+    8: np.rot90(UPRIGHT, k=-1),  # displayed after rotating 90 degrees counter-clockwise
+}
+
+
+def _with_orientation(pixels: np.ndarray, orientation: int, fmt: str = "PNG") -> bytes:
+    im = Image.fromarray(np.ascontiguousarray(pixels))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(im, fmt, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_gives_upright_pixels(orientation: int) -> None:
+    d = decode_image(_with_orientation(STORED[orientation], orientation), max_pixels=MAX)
+    np.testing.assert_array_equal(d.rgb, UPRIGHT)
+    assert d.size == (10, 6)
+
+
+def test_exif_orientation_jpeg() -> None:
+    smooth = np.zeros((32, 48, 3), np.uint8)
+    smooth[:16, :24] = 255  # a white top-left quadrant survives JPEG well
+    d = decode_image(_with_orientation(np.rot90(smooth, k=1), 6, "JPEG"), max_pixels=MAX)
+    assert d.size == (48, 32)
+    assert np.abs(d.rgb.astype(int) - smooth).mean() < 3
+
+
+# ---------------------------------------------------------------- animation
+
+
+def test_animated_gif_first_frame_and_warning() -> None:
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    d = decode_image(buf.getvalue(), max_pixels=MAX)
+    assert d.format == "GIF"
+    assert (d.rgb == [255, 0, 0]).all()
+    assert len(d.warnings) == 1 and "first one" in d.warnings[0]
+
+
+def test_animated_webp_first_frame_and_warning() -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in [(250, 0, 0), (0, 0, 250)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    d = decode_image(buf.getvalue(), max_pixels=MAX)
+    assert d.format == "WEBP" and "first one" in d.warnings[0]
+    assert np.abs(d.rgb.astype(int) - [250, 0, 0]).max() <= 2
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def test_png_keeps_alpha_exactly() -> None:
+    rgb, alpha = _rgb_pattern(), np.random.default_rng(2).integers(0, 256, (6, 9), dtype=np.uint8)
+    data, media = encode_image(rgb, alpha=alpha, format="png")
+    assert media == "image/png"
+    d = decode_image(data, max_pixels=MAX)
+    np.testing.assert_array_equal(d.rgb, rgb)
+    np.testing.assert_array_equal(d.alpha, alpha)
+
+
+def test_webp_keeps_alpha() -> None:
+    rgb = np.full((16, 16, 3), 120, np.uint8)
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[4:12, 4:12] = 255
+    data, media = encode_image(rgb, alpha=alpha, format="webp")
+    assert media == "image/webp"
+    d = decode_image(data, max_pixels=MAX)
+    np.testing.assert_array_equal(d.alpha, alpha)
+
+
+def test_jpeg_composites_alpha_on_white() -> None:
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[:, 8:] = 255
+    data, media = encode_image(rgb, alpha=alpha, format="jpeg")
+    assert media == "image/jpeg"
+    d = decode_image(data, max_pixels=MAX)
+    assert d.alpha is None
+    assert d.rgb[:, :6].min() > 245 and d.rgb[:, 10:].max() < 10
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_grayscale_stays_grayscale(fmt: str) -> None:
+    g = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (16, 1))
+    data, _ = encode_image(np.repeat(g[:, :, None], 3, 2), grayscale=True, format=fmt)
+    assert Image.open(io.BytesIO(data)).mode == "L"
+    d = decode_image(data, max_pixels=MAX)
+    assert d.grayscale
+    assert np.abs(d.rgb[:, :, 0].astype(int) - g).max() <= 3
+
+
+def test_grayscale_with_alpha_is_la() -> None:
+    data, _ = encode_image(np.zeros((4, 4, 3), np.uint8), alpha=np.full((4, 4), 9, np.uint8), grayscale=True)
+    assert Image.open(io.BytesIO(data)).mode == "LA"
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_no_metadata_in_output(fmt: str) -> None:
+    source = _with_orientation(STORED[6], 6, "JPEG")
+    d = decode_image(source, max_pixels=MAX)
+    data, _ = encode_image(d.rgb, format=fmt)
+    out = Image.open(io.BytesIO(data))
+    assert len(out.getexif()) == 0
+    assert "exif" not in out.info and "icc_profile" not in out.info
+    assert b"Exif" not in data
+
+
+def test_encode_rejects_bad_arrays() -> None:
+    with pytest.raises(ValueError):
+        encode_image(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError):
+        encode_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError):
+        encode_image(np.zeros((4, 4, 3), np.uint8), alpha=np.zeros((3, 4), np.uint8))
+
+
+def test_resolve_format() -> None:
+    assert resolve_format("same", "JPEG") == "jpeg"
+    assert resolve_format("same", "WEBP") == "webp"
+    assert resolve_format("same", "PNG") == "png"
+    for src in ("BMP", "TIFF", "GIF"):
+        assert resolve_format("same", src) == "png"
+    assert resolve_format("JPG", "PNG") == "jpeg"
+    assert resolve_format("webp", "PNG") == "webp"
+    with pytest.raises(UnsupportedFormatError):
+        resolve_format("gif", "PNG")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    with_alpha=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_png_round_trip_is_lossless(h: int, w: int, with_alpha: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (h, w), dtype=np.uint8) if with_alpha else None
+    data, _ = encode_image(rgb, alpha=alpha, format="png")
+    d = decode_image(data, max_pixels=h * w)
+    np.testing.assert_array_equal(d.rgb, rgb)
+    if alpha is None:
+        assert d.alpha is None
+    else:
+        np.testing.assert_array_equal(d.alpha, alpha)

@@ -1,0 +1,253 @@
+"""Weights manifest, pull (against a local HTTP server), verify, offline mode and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from models import weights as W
+from models.weights import MANIFEST, MissingWeightsError, WeightFile, missing_for, pull, verify
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+PAYLOAD = bytes(range(256)) * 400  # 100 KiB
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """/good.bin: the payload; /truncated.bin: promises the payload, sends half, hangs up."""
+
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).requests.append(self.path)
+        if self.path not in ("/good.bin", "/truncated.bin"):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.end_headers()
+        if self.path == "/good.bin":
+            self.wfile.write(PAYLOAD)
+        else:
+            self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DYNFACE_OFFLINE", raising=False)
+    monkeypatch.delenv("DYNFACE_WEIGHTS_DIR", raising=False)
+    _Handler.requests.clear()
+
+
+def entry(
+    url: str, *, name: str = "good", sha: str | None = PAYLOAD_SHA, size: int | None = None
+) -> WeightFile:
+    return WeightFile(
+        name=name,
+        path=f"{name}.bin",
+        url=url,
+        size=len(PAYLOAD) if size is None else size,
+        sha256=sha,
+        description="test file",
+    )
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_good_file_is_pulled_and_verified(server: str, tmp_path: Path) -> None:
+    manifest = [entry(f"{server}/good.bin")]
+    statuses = pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    assert [(s.name, s.state) for s in statuses] == [("good", "present")]
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert leftovers(tmp_path) == ["good.bin"]  # staging dir cleaned up
+    assert verify(tmp_path, manifest=manifest)[0].state == "present"
+    # Already present: pulling again does not download again.
+    pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    assert _Handler.requests == ["/good.bin"]
+
+
+def test_wrong_checksum_leaves_nothing(server: str, tmp_path: Path) -> None:
+    manifest = [entry(f"{server}/good.bin", sha="0" * 64)]
+    with pytest.raises(ValueError, match=r"(?i)hash"):
+        pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    assert leftovers(tmp_path) == []
+    assert verify(tmp_path, manifest=manifest)[0].state == "missing"
+
+
+def test_wrong_size_without_checksum_leaves_nothing(server: str, tmp_path: Path) -> None:
+    manifest = [entry(f"{server}/good.bin", sha=None, size=len(PAYLOAD) + 1)]
+    with pytest.raises(ValueError, match="expected"):
+        pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("sha", [PAYLOAD_SHA, None])
+def test_interrupted_download_leaves_nothing(server: str, tmp_path: Path, sha: str | None) -> None:
+    import requests
+
+    manifest = [entry(f"{server}/truncated.bin", sha=sha)]
+    with pytest.raises((requests.RequestException, ValueError)):
+        pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_url_is_an_error(server: str, tmp_path: Path) -> None:
+    import requests
+
+    with pytest.raises(requests.HTTPError):
+        pull(weights_dir=tmp_path, progress=False, manifest=[entry(f"{server}/nope.bin")])
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_file_is_replaced(server: str, tmp_path: Path) -> None:
+    manifest = [entry(f"{server}/good.bin")]
+    (tmp_path / "good.bin").write_bytes(b"x" * len(PAYLOAD))
+    status = verify(tmp_path, manifest=manifest)[0]
+    assert status.state == "corrupt" and "sha256" in status.detail
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("how", ["param", "env"])
+def test_offline_names_missing_files_and_never_downloads(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    manifest = [entry(f"{server}/good.bin", name="a"), entry(f"{server}/good.bin", name="b")]
+    (tmp_path / "a.bin").write_bytes(PAYLOAD)
+    if how == "env":
+        monkeypatch.setenv("DYNFACE_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError) as err:
+        pull(weights_dir=tmp_path, offline=True if how == "param" else None, manifest=manifest)
+    assert err.value.names == ["b"]
+    assert "dynface weights pull --only b" in str(err.value)
+    assert str(tmp_path) in str(err.value)
+    assert _Handler.requests == []
+    # Offline with everything present is fine.
+    assert pull(["a"], tmp_path, offline=True, manifest=manifest)[0].state == "present"
+
+
+def test_verify_states(tmp_path: Path) -> None:
+    manifest = [
+        entry("http://unused/", name="ok"),
+        entry("http://unused/", name="gone"),
+        entry("http://unused/", name="short"),
+        entry("http://unused/", name="nosum", sha=None),
+    ]
+    (tmp_path / "ok.bin").write_bytes(PAYLOAD)
+    (tmp_path / "short.bin").write_bytes(PAYLOAD[:10])
+    (tmp_path / "nosum.bin").write_bytes(PAYLOAD)
+    states = {s.name: s for s in verify(tmp_path, manifest=manifest)}
+    assert {n: s.state for n, s in states.items()} == {
+        "ok": "present",
+        "gone": "missing",
+        "short": "corrupt",
+        "nosum": "unverified",
+    }
+    assert states["nosum"].detail == "unverified (no pinned checksum)"
+    assert states["short"].path == tmp_path / "short.bin"
+    missing = missing_for(["ok", "gone", "short", "nosum"], tmp_path, manifest=manifest)
+    assert [(m.name, m.command) for m in missing] == [
+        ("gone", "dynface weights pull --only gone"),
+        ("short", "dynface weights pull --only short"),
+    ]
+
+
+def test_unknown_name_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="nonexistent"):
+        verify(tmp_path, names=["nonexistent"])
+    with pytest.raises(KeyError):
+        missing_for(["nonexistent"], tmp_path)
+    assert [s.name for s in verify(tmp_path, names="parsenet")] == ["parsenet"]
+    assert [s.name for s in verify(tmp_path, names=["parsing_parsenet.pth"])] == ["parsenet"]
+
+
+def test_hub_files_use_hf_hub_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id: str, filename: str, *, revision: str, local_dir: Path) -> str:
+        calls.append((repo_id, filename, revision, Path(local_dir)))
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / filename).write_bytes(b"{}" + b" " * 973)
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    statuses = pull(["hf_difface_config"], tmp_path, progress=False)
+    assert calls == [("OAOA/DifFace", "config.json", "main", tmp_path / "OAOA-DifFace")]
+    assert statuses[0].state == "unverified"  # right size, but no pinned checksum
+
+
+def test_default_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DYNFACE_WEIGHTS_DIR", str(tmp_path))
+    assert W.weights_dir() == tmp_path
+    monkeypatch.delenv("DYNFACE_WEIGHTS_DIR")
+    assert W.weights_dir() == Path.home() / ".cache" / "dynface" / "weights"
+
+
+def test_manifest_is_consistent() -> None:
+    from models.faces import FACEXLIB_FILES
+
+    names = [e.name for e in MANIFEST]
+    files = [e.file_name for e in MANIFEST]
+    assert len(set(names)) == len(names) and len(set(files)) == len(files)
+    assert set(FACEXLIB_FILES.values()) <= {e.path for e in MANIFEST}
+    for e in MANIFEST:
+        assert e.url.startswith("https://")
+        assert e.sha256 is None or len(e.sha256) == 64
+        assert (e.hf_repo is None) == (e.hf_revision is None)
+
+
+@pytest.mark.skipif(not (SHARED / "weights").is_dir(), reason=f"shared weights not found at {SHARED}")
+def test_shared_mobilenet_matches_the_pinned_checksum() -> None:
+    (status,) = verify(SHARED / "weights", names=["retinaface_mobile0.25"])
+    assert status.state == "present"
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dynface")
+    W.add_weights_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(["weights", "--dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(e.name in out for e in MANIFEST) and "absent" in out
+
+    assert _cli(["weights", "--dir", str(tmp_path), "verify", "--only", "parsenet"]) == 1
+    assert "missing" in capsys.readouterr().out
+
+    assert _cli(["weights", "--dir", str(tmp_path), "pull", "--offline", "--only", "parsenet"]) == 1
+    assert "dynface weights pull --only parsenet" in capsys.readouterr().err
+
+    if (SHARED / "weights").is_dir():
+        argv = ["weights", "--dir", str(SHARED / "weights"), "verify", "--only", "retinaface_mobile0.25"]
+        assert _cli(argv) == 0
+        assert "present" in capsys.readouterr().out
