@@ -1,0 +1,170 @@
+"""Schedule and DDIM sampler: upstream fixture equivalence and the Gaussian-prior oracle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from oracle import GaussianPrior
+from safetensors.torch import load_file
+
+from models.errors import Cancelled
+from models.sampler import ddim_sample
+from models.schedule import RespacedSchedule, linear_betas, q_sample, space_timesteps
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+UNET_DIR = SHARED / "fixtures" / "difface_unet"
+needs_fixture = pytest.mark.skipif(
+    not (UNET_DIR / "tiny_ddim250_loop.safetensors").exists(),
+    reason=f"shared fixtures not found at {UNET_DIR}",
+)
+
+
+@pytest.fixture(scope="module")
+def loop() -> dict[str, torch.Tensor]:
+    return load_file(UNET_DIR / "tiny_ddim250_loop.safetensors")
+
+
+def test_linear_betas() -> None:
+    b = linear_betas(1000)
+    assert b.dtype == torch.float64 and b.shape == (1000,)
+    assert float(b[0]) == pytest.approx(1e-4) and float(b[-1]) == pytest.approx(0.02)
+    assert float(linear_betas(250)[-1]) == pytest.approx(0.08)  # scaled by 1000/T
+
+
+def test_space_timesteps() -> None:
+    assert space_timesteps(1000, "ddim250") == list(range(0, 1000, 4))
+    assert len(space_timesteps(1000, "250")) == 250
+    assert space_timesteps(10, "3") == [0, 4, 9]  # (size-1)/(count-1) stride, rounded
+    with pytest.raises(ValueError):
+        space_timesteps(1000, "ddim999")
+
+
+@needs_fixture
+def test_schedule_matches_fixture_exactly(loop: dict[str, torch.Tensor]) -> None:
+    s = RespacedSchedule.from_spec("ddim250", num_timesteps=1000)
+    assert s.timestep_map.dtype == torch.int64 and s.alphas_cumprod.dtype == torch.float64
+    assert torch.equal(s.timestep_map, loop["timestep_map"])
+    assert torch.equal(s.alphas_cumprod, loop["alphas_cumprod_respaced"])
+
+
+@needs_fixture
+def test_q_sample_matches_fixture_and_formula(loop: dict[str, torch.Tensor]) -> None:
+    s = RespacedSchedule.from_spec("ddim250")
+    assert torch.equal(q_sample(loop["x0_restorer"], s, 100, loop["q_noise"]), loop["y_start"])
+    x0, noise = torch.rand(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    out = q_sample(x0, s, torch.tensor([3, 200]), noise)
+    for k, i in enumerate((3, 200)):
+        a = s.alphas_cumprod[i]
+        torch.testing.assert_close(out[k], a.sqrt() * x0[k] + (1 - a).sqrt() * noise[k])
+
+
+@needs_fixture
+@pytest.mark.parametrize(("eta", "key"), [(0.0, "out_eta0"), (0.5, "out_eta05")])
+def test_sampler_reproduces_upstream_loop(loop: dict[str, torch.Tensor], eta: float, key: str) -> None:
+    unet_convert = pytest.importorskip("models.unet_convert")
+    config = json.loads((UNET_DIR / "tiny_config.json").read_text())
+    net = unet_convert.unet_from_upstream_checkpoint(UNET_DIR / "tiny_unet.safetensors", config).eval()
+    s = RespacedSchedule.from_spec("ddim250")
+    steps: list[int] = []
+    with torch.no_grad():
+        out = ddim_sample(
+            lambda x, t: net(x, t)[:, :3],
+            loop["y_start"],
+            s,
+            100,
+            eta,
+            noise=lambda k: loop["ddim_noise_draws"][k],
+            callback=lambda step, total: steps.append(step),
+        )
+    # The tiny random UNet makes this loop chaotic (1e-6 input noise moves pixels by ~0.1), so this
+    # passing at all means op-for-op identical arithmetic with upstream.
+    assert (out - loop[key]).abs().max() <= 1e-3
+    assert steps == list(range(1, 101))  # NFE = start index
+
+
+def test_callback_cancel_and_noise_draws() -> None:
+    prior = GaussianPrior(size=8)
+    s = RespacedSchedule.from_spec("ddim250")
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    calls: list[int] = []
+
+    def counting(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t[0]))
+        assert t.dtype == torch.int64 and t.shape == (2,)
+        return prior.eps_model()(x_t, t)
+
+    draws: list[int] = []
+
+    def noise(k: int) -> torch.Tensor:
+        draws.append(k)
+        return torch.zeros_like(x)
+
+    seen: list[tuple[int, int]] = []
+    ddim_sample(counting, x, s, 10, 0.5, noise=noise, callback=lambda a, b: seen.append((a, b)))
+    assert calls == [int(s.timestep_map[i]) for i in range(9, -1, -1)]
+    assert draws == list(range(10))  # one draw per step, including the last (not added)
+    assert seen == [(k, 10) for k in range(1, 11)]
+
+    def no_noise(k: int) -> torch.Tensor:
+        raise AssertionError("eta=0 must not draw noise")
+
+    ddim_sample(prior.eps_model(), x, s, 5, 0.0, noise=no_noise)
+
+    state = {"n": 0}
+
+    def cancel_after_three() -> bool:
+        state["n"] += 1
+        return state["n"] > 3
+
+    calls.clear()
+    with pytest.raises(Cancelled):
+        ddim_sample(counting, x, s, 10, 0.0, should_cancel=cancel_after_three)
+    assert len(calls) == 3
+
+
+def test_generator_reproducible_and_half_state() -> None:
+    prior = GaussianPrior(size=8)
+    s = RespacedSchedule.from_spec("ddim250")
+    x = torch.randn(3, 1, 8, 8)
+    run = lambda seed: ddim_sample(  # noqa: E731
+        prior.eps_model(), x, s, 20, 1.0, generator=torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+    half = ddim_sample(prior.eps_model(), x.half(), s, 20, 0.0)
+    full = ddim_sample(prior.eps_model(), x.half().float(), s, 20, 0.0)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full, atol=2e-3, rtol=0)
+
+
+def test_oracle_exact_denoiser_samples_the_prior() -> None:
+    """(a) eta=1 DDIM with the exact MMSE denoiser from pure noise at the top index.
+
+    The Monte-Carlo law must equal the exact law of the discretised chain (computed per frequency by
+    the oracle, independent of the sampler's code) to Monte-Carlo precision, and that law must be
+    close to the prior: 250 DDPM-like steps ending in a posterior mean lose some variance on
+    low-variance components, a known discretisation bias the chain law reproduces (here 11–20 %).
+    """
+    prior = GaussianPrior(size=8)
+    s = RespacedSchedule.from_spec("ddim250")
+    n, start = 4000, len(s) - 1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64)
+    out = ddim_sample(prior.eps_model(), x, s, start, 1.0, generator=g)
+    assert float(out.abs().max()) < 0.95  # the [-1,1] clamp never bit
+
+    gain, var = prior.chain_law(s, start, 1.0)
+    spec_mean = torch.fft.fft2(prior.mean, norm="ortho")[0, 0]
+    coeffs = torch.fft.fft2(out, norm="ortho")[:, 0]
+    # mean: within 5 standard errors at every frequency, and the chain's mean gain is ~1 (no shrinkage)
+    z = (coeffs.mean(0) - gain * spec_mean).abs() / (var / n).sqrt()
+    assert float(z.max()) < 5.0
+    assert float((gain - 1).abs().max()) < 1e-4
+    # variance: |X|² has relative s.e. ≤ √(2/n) = 2.2 % per frequency
+    ratio_chain = (coeffs - gain * spec_mean).abs().pow(2).mean(0) / var
+    assert abs(float(ratio_chain.mean()) - 1) < 0.01
+    assert float((ratio_chain - 1).abs().max()) < 0.12
+    ratio_prior = var / prior.spectrum
+    assert float(ratio_prior.min()) > 0.75 and float(ratio_prior.max()) <= 1.0
