@@ -1,0 +1,193 @@
+"""Model-level commands of the `dynface` CLI: restore-faces, restore, weights.
+
+They run the pipeline in-process (no server, no queue); the entry point that also has `serve` and
+`worker` is `worker.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from models import images
+from models.errors import InvalidImageError, PipelineError
+from models.weights import MissingWeightsError, add_weights_cli
+
+if TYPE_CHECKING:
+    from models.pipeline import RestorationPipeline
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add restore-faces, restore and weights to the `dynface` parser."""
+    faces = subparsers.add_parser("restore-faces", help="restore aligned 512×512 face crops")
+    faces.add_argument("inputs", nargs="+", type=Path, help="aligned face images or folders of them")
+    faces.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    _add_pipeline_args(faces)
+    _add_method_args(faces)
+    faces.set_defaults(func=_restore_faces)
+
+    photos = subparsers.add_parser("restore", help="restore every face in whole photos")
+    photos.add_argument("inputs", nargs="+", type=Path, help="photos or folders of photos")
+    photos.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    _add_pipeline_args(photos)
+    _add_method_args(photos)
+    photos.add_argument("--aligned", action="store_true", help="inputs are aligned 512×512 faces")
+    photos.add_argument("--upscale", type=int, default=1, choices=range(1, 5), help="upscale factor 1–4")
+    photos.add_argument("--only-center-face", action="store_true")
+    photos.add_argument("--detector", choices=["retinaface_resnet50", "retinaface_mobile0.25"], default=None)
+    photos.add_argument(
+        "--outputs", default="image", help="comma-separated subset of image,faces,comparison (default image)"
+    )
+    photos.add_argument("--format", default="same", choices=["png", "jpeg", "webp", "same"])
+    photos.add_argument("--on-no-face", default="fail", choices=["fail", "passthrough"])
+    photos.set_defaults(func=_restore_photos)
+
+    add_weights_cli(subparsers)
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        default=os.environ.get("DYNFACE_PROFILE", "real"),
+        help="real | tiny (random toy weights, not a restoration) | a weights folder "
+        "(default: $DYNFACE_PROFILE, else real)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--weights-dir", type=Path, default=None, help="default $DYNFACE_WEIGHTS_DIR")
+    p.add_argument("--max-batch", type=int, default=8, help="faces per sampler batch")
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="dynfacerestore", choices=["dynfacerestore", "difface"])
+    p.add_argument("--fidelity", type=_fidelity, default=None, help='"auto" (default) or DDIM eta in [0, 1]')
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _fidelity(value: str) -> float | None:
+    if value == "auto":
+        return None
+    eta = float(value)
+    if not 0.0 <= eta <= 1.0:
+        raise argparse.ArgumentTypeError("fidelity must be 'auto' or a number in [0, 1]")
+    return eta
+
+
+def _load_pipeline(args: argparse.Namespace) -> RestorationPipeline:
+    """torch is imported here, not at module import, so `dynface --help` stays fast."""
+    import torch
+
+    from models.pipeline import RestorationPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = RestorationPipeline.from_pretrained(
+        args.profile, weights_dir=args.weights_dir, device=device, dtype=args.dtype, max_batch=args.max_batch
+    )
+    if not pipe.info["real"]:
+        print("warning: profile 'tiny' has random weights; outputs are NOT restorations", file=sys.stderr)
+    return pipe
+
+
+def _image_files(inputs: list[Path]) -> Iterator[Path]:
+    for path in inputs:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield path
+
+
+def _restore_faces(args: argparse.Namespace) -> int:
+    try:
+        pipe = _load_pipeline(args)
+    except MissingWeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    files = list(_image_files(args.inputs))
+    failed = 0
+    with tqdm(total=len(files), unit="face") as bar:
+        for start in range(0, len(files), pipe.max_batch):
+            batch, names = [], []
+            for path in files[start : start + pipe.max_batch]:
+                try:
+                    batch.append(_read_aligned(path, pipe.max_pixels))
+                    names.append(path)
+                except (OSError, PipelineError) as e:
+                    failed += 1
+                    tqdm.write(f"skipped {path}: {e}")
+            if batch:
+                result = pipe.restore_faces(
+                    np.stack(batch), mode=args.mode, fidelity=args.fidelity, seed=args.seed
+                )
+                for path, face in zip(names, result.faces, strict=True):
+                    data, _ = images.encode_image(face, format="png")
+                    (args.output / f"{path.stem}.png").write_bytes(data)
+            bar.update(len(files[start : start + pipe.max_batch]))
+    print(f"restored {len(files) - failed} face(s) into {args.output}; skipped {failed}")
+    return 1 if failed else 0
+
+
+def _read_aligned(path: Path, max_pixels: int) -> np.ndarray:
+    decoded = images.decode_image(path.read_bytes(), max_pixels=max_pixels)
+    h, w = decoded.rgb.shape[:2]
+    if (h, w) != (512, 512):
+        raise InvalidImageError(
+            f"an aligned face must be 512×512, got {w}×{h} (use `dynface restore` for photos)"
+        )
+    return decoded.rgb
+
+
+def _restore_photos(args: argparse.Namespace) -> int:
+    from models.pipeline import RestoreOptions
+
+    try:
+        pipe = _load_pipeline(args)
+    except MissingWeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    unknown = set(outputs) - {"image", "faces", "comparison"}
+    if unknown:
+        print(f"error: unknown outputs {sorted(unknown)}", file=sys.stderr)
+        return 2
+    options = RestoreOptions(
+        mode=args.mode,
+        fidelity=args.fidelity,
+        seed=args.seed,
+        aligned=args.aligned,
+        upscale=args.upscale,
+        only_center_face=args.only_center_face,
+        detector=args.detector,
+        outputs=outputs,
+        format=args.format,
+        on_no_face=args.on_no_face,
+    )
+    args.output.mkdir(parents=True, exist_ok=True)
+    files = list(_image_files(args.inputs))
+    failed = 0
+    for path in tqdm(files, unit="photo"):
+        try:
+            result = pipe.restore_photo(path.read_bytes(), options)
+        except (OSError, PipelineError) as e:
+            failed += 1
+            tqdm.write(f"skipped {path}: {getattr(e, 'code', 'unreadable')}: {e}")
+            continue
+        ext = "." + result.media_type.split("/")[-1]
+        (args.output / f"{path.stem}{ext}").write_bytes(result.image)
+        for k, face in enumerate(result.faces):
+            (args.output / f"{path.stem}_face{k:02d}{ext}").write_bytes(face)
+        if result.comparison is not None:
+            (args.output / f"{path.stem}_comparison{ext}").write_bytes(result.comparison)
+        for warning in result.warnings:
+            tqdm.write(f"{path}: {warning}")
+    print(f"restored {len(files) - failed} photo(s) into {args.output}; skipped {failed}")
+    return 1 if failed else 0

@@ -1,0 +1,545 @@
+"""DynFaceRestore, top to bottom as in the paper's figure.
+
+    decode → detect/align → DBLM (ŷ^σ, blur level) → DSST start step → guided DDIM sampling (× DGSA)
+    → paste back → encode
+
+`restore_photo` runs the whole figure on an uploaded file; `restore_faces` is the face-level core
+(DBLM → DSST → sampling) on aligned 512×512 crops. Every stage is timed. The method and the choices
+that are ours (not the paper's) are in ../shared/method.md and docs/method.md.
+
+The DifFace baseline (`mode="difface"`) runs through the same code: R(y) is noised at DifFace's fixed
+start (index 100 of ddim250) and sampled without guidance, so the two modes are compared fairly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models import faces as face_ops
+from models import images, weights
+from models.blur import estimate_blur_sigma
+from models.dblm import DBLMNet, fallback_estimates
+from models.dgsa import DGSANet, coherence_scale_map, scale_from_logvar
+from models.dsst import DSSTable, default_table
+from models.errors import Cancelled, InvalidImageError, NoFaceError
+from models.fidelity import auto_eta, robust_noise_std
+from models.guidance import GaussianGuidance
+from models.profiles import PROFILES, Profile
+from models.sampler import ddim_sample
+from models.schedule import RespacedSchedule, q_sample
+from models.swinir import SwinIR, swinir_from_checkpoint
+from models.unet import IDDPMUNet
+from models.unet_convert import unet_from_upstream_checkpoint
+
+FACE_SIZE = 512
+STAGES = ("decode", "detect", "dblm", "sample", "paste", "encode")
+# DifFace's default DDIM eta, used by the baseline mode when the caller asks for "auto".
+DIFFACE_DEFAULT_ETA = 0.5
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Mode = Literal["dynfacerestore", "difface"]
+ProgressFn = Callable[[str, int, int], None]
+CancelFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """Per-request options; plain JSON-able fields so they travel through the queue as they are."""
+
+    mode: Mode = "dynfacerestore"
+    fidelity: float | None = None  # DDIM eta in [0, 1]; None = "auto" (per face, method.md §7)
+    seed: int | None = None
+    aligned: bool = False  # the input already is an aligned 512×512 face
+    upscale: int = 1
+    only_center_face: bool = False
+    detector: str | None = None  # facexlib model name; None = the profile's default
+    outputs: tuple[str, ...] = ("image",)
+    format: str = "png"
+    on_no_face: Literal["fail", "passthrough"] = "fail"
+
+
+@dataclass(frozen=True)
+class FaceFacts:
+    """What the method decided for one face."""
+
+    blur_sigma: float  # chosen DBLM level σk (px at 512); the baseline reports its own estimate
+    start_step: int  # respaced start index (the DSST entry, or 100 in the baseline)
+    eta: float
+    nfe: int  # UNet evaluations spent on this face
+    dblm: str  # "trained" | "fallback" | "none" (baseline)
+    dgsa: str  # "trained" | "fallback" | "none" (baseline)
+
+
+@dataclass
+class FacesResult:
+    faces: np.ndarray  # uint8 (N, 512, 512, 3)
+    facts: list[FaceFacts]
+    timings: dict[str, float]
+    seed: int
+
+
+@dataclass(frozen=True)
+class FaceReport:
+    box: tuple[float, float, float, float]
+    score: float
+    facts: FaceFacts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": list(self.box), "score": self.score, **asdict(self.facts)}
+
+
+@dataclass
+class PhotoResult:
+    image: bytes
+    media_type: str
+    faces: list[bytes]  # restored aligned faces, when asked for
+    comparison: bytes | None  # input | output side by side, when asked for
+    face_reports: list[FaceReport]
+    timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+class StageTimer:
+    """Wall-clock seconds per pipeline stage (synchronising CUDA so GPU time lands in its stage)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class _Guide:
+    """DBLM + DGSA + DSST outcome for a batch of faces (tensors at 512, in [-1, 1])."""
+
+    restored: Tensor  # R(y)
+    estimate: Tensor  # ŷ^σ at each face's level (R(y) in the baseline)
+    sigma: list[float]
+    start: list[int]
+    eta: list[float]
+    scale_map: Tensor | None  # DGSA g (N, 1, H, W) in [0, 1]; None in the baseline
+    dblm: str
+    dgsa: str
+
+
+class RestorationPipeline:
+    """The restoration networks plus the method's tables and knobs, ready to run on one device."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        unet: IDDPMUNet,
+        restorer: SwinIR,
+        *,
+        dsst: DSSTable | None = None,
+        dblm: DBLMNet | None = None,
+        dgsa: DGSANet | None = None,
+        weights_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str = "fp32",
+        max_batch: int = 8,
+        max_pixels: int = 36_000_000,
+        color_correction: Literal["wavelet", "adain"] | None = None,
+        weight_versions: dict[str, str] | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if max_batch < 1:
+            raise ValueError("max_batch must be ≥ 1")
+        self.profile = profile
+        self.device = torch.device(device)
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        self.unet = unet.to(self.device, self.dtype).eval()
+        self.restorer = restorer.to(self.device, self.dtype).eval()
+        self.dblm = dblm.to(self.device, self.dtype).eval() if dblm is not None else None
+        self.dgsa = dgsa.to(self.device, self.dtype).eval() if dgsa is not None else None
+        self.dsst = dsst or default_table()
+        self.schedule = RespacedSchedule.from_spec(profile.method.respacing)
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
+        self.max_batch = max_batch
+        self.max_pixels = max_pixels
+        self.color_correction = color_correction
+        self.weight_versions = weight_versions or {}
+        self._detectors: dict[str, face_ops.FaceDetector] = {}
+        self._parser = face_ops.FaceParser.if_available(self.weights_dir, self.device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = "real",
+        *,
+        weights_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> RestorationPipeline:
+        """`"tiny"`: toy networks with seeded random weights (not a restoration, flagged everywhere).
+        `"real"` or a directory: DifFace's released prior and restorer from the weights directory
+        (a path given here is used as that directory). Missing files raise `MissingWeightsError`
+        naming them and the command that fetches them."""
+        if str(name_or_path) == "tiny":
+            profile = PROFILES["tiny"]
+            unet, restorer = _tiny_networks(profile)
+            return cls(profile, unet, restorer, weights_dir=weights_dir, **kwargs)
+        profile = PROFILES["real"]
+        if str(name_or_path) != "real":
+            weights_dir = Path(name_or_path)
+        wdir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
+        missing = weights.missing_for(profile.required_weights, wdir)
+        if missing:
+            raise weights.MissingWeightsError([m.name for m in missing], wdir)
+        prior, restorer_file = (wdir / e.path for e in weights.select(["difface_prior", "difface_swinir"]))
+        unet = unet_from_upstream_checkpoint(prior, profile.unet)
+        restorer = swinir_from_checkpoint(restorer_file, profile.swinir)
+        versions = {"prior": prior.name, "restorer": restorer_file.name}
+        return cls(profile, unet, restorer, weights_dir=wdir, weight_versions=versions, **kwargs)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What is loaded, for /readyz, /v1/models and job reports."""
+        return {
+            "profile": self.profile.name,
+            "real": self.profile.real,
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            "image_size": self.profile.image_size,
+            "weights": self.weight_versions,
+            "dblm": "trained" if self.dblm is not None else "fallback",
+            "dgsa": "trained" if self.dgsa is not None else "fallback",
+            "dsst": {"sigmas": list(self.dsst.sigmas), "start_indices": list(self.dsst.start_indices)},
+            "default_detector": self.profile.detector,
+            "max_batch": self.max_batch,
+        }
+
+    # ------------------------------------------------------------------ whole photo
+    def restore_photo(
+        self,
+        data: bytes,
+        options: RestoreOptions,
+        progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+    ) -> PhotoResult:
+        timer = StageTimer(self.device)
+        report = progress or (lambda stage, step, total: None)
+        warnings: list[str] = []
+        if not self.profile.real:
+            warnings.append(_TINY_WARNING)
+
+        report("decode", 0, 0)
+        with timer("decode"):
+            decoded = images.decode_image(data, max_pixels=self.max_pixels)
+            warnings += decoded.warnings
+
+        report("detect", 0, 0)
+        with timer("detect"):
+            crops, affines, boxes, scores = self._detect_and_align(decoded.rgb, options, warnings)
+
+        if len(crops) == 0:
+            if options.on_no_face == "fail":
+                raise NoFaceError("No face was found in the image.")
+            warnings.append("No face was found; the image is returned without restoration.")
+            restored = crops
+            facts: list[FaceFacts] = []
+            seed = options.seed or 0
+        else:
+            result = self.restore_faces(
+                crops,
+                mode=options.mode,
+                fidelity=options.fidelity,
+                seed=options.seed,
+                progress=report,
+                should_cancel=should_cancel,
+                timer=timer,
+            )
+            restored, facts, seed = result.faces, result.facts, result.seed
+            if self.color_correction:
+                restored = np.stack(
+                    [
+                        face_ops.color_correct(r, c, self.color_correction)
+                        for r, c in zip(restored, crops, strict=True)
+                    ]
+                )
+
+        report("paste", 0, 0)
+        with timer("paste"):
+            if options.aligned:
+                output = restored[0] if len(restored) else decoded.rgb
+                output = face_ops.upscale_image(output, options.upscale)
+            elif len(restored):
+                output = face_ops.paste_faces(
+                    decoded.rgb, restored, affines, options.upscale, parser=self._parser
+                )
+            else:
+                output = face_ops.upscale_image(decoded.rgb, options.upscale)
+            alpha = decoded.alpha
+            if alpha is not None and alpha.shape != output.shape[:2]:
+                alpha = face_ops.upscale_image(alpha[..., None].repeat(3, axis=2), options.upscale)[..., 0]
+
+        report("encode", 0, 0)
+        with timer("encode"):
+            fmt = images.resolve_format(options.format, decoded.format)
+            image, media_type = images.encode_image(
+                output, alpha=alpha, grayscale=decoded.grayscale, format=fmt
+            )
+            face_files = (
+                [images.encode_image(f, grayscale=decoded.grayscale, format=fmt)[0] for f in restored]
+                if "faces" in options.outputs
+                else []
+            )
+            comparison = None
+            if "comparison" in options.outputs:
+                before = (
+                    face_ops.upscale_image(decoded.rgb, options.upscale)
+                    if not options.aligned
+                    else decoded.rgb
+                )
+                pair = face_ops.comparison_image(before, output)
+                comparison = images.encode_image(pair, grayscale=decoded.grayscale, format=fmt)[0]
+
+        reports = [FaceReport(b, s, f) for b, s, f in zip(boxes, scores, facts, strict=True)]
+        return PhotoResult(image, media_type, face_files, comparison, reports, timer.seconds, warnings, seed)
+
+    def _detect_and_align(
+        self, rgb: np.ndarray, options: RestoreOptions, warnings: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, float, float]], list[float]]:
+        if options.aligned:
+            h, w = rgb.shape[:2]
+            if h != w:
+                raise InvalidImageError(f"aligned=true needs a square face crop, got {w}×{h}.")
+            crop = rgb if h == FACE_SIZE else face_ops.upscale_image(rgb, FACE_SIZE / h)
+            if h != FACE_SIZE:
+                warnings.append(f"The aligned face was {w}×{h}; it was resized to {FACE_SIZE}×{FACE_SIZE}.")
+            return crop[None], np.empty((1, 2, 3)), [(0.0, 0.0, float(w), float(h))], [1.0]
+        detector = self._detector(options.detector or self.profile.detector)
+        found = detector.detect(rgb, only_center_face=options.only_center_face)
+        warnings += found.warnings
+        crops, affines = face_ops.align(rgb, found.faces, FACE_SIZE)
+        return crops, affines, [f.box for f in found.faces], [f.score for f in found.faces]
+
+    def _detector(self, name: str) -> face_ops.FaceDetector:
+        """Detectors are built once per name and kept, so jobs pay no load time."""
+        if name not in self._detectors:
+            self._detectors[name] = face_ops.FaceDetector(self.weights_dir, name, self.device)  # type: ignore[arg-type]
+        return self._detectors[name]
+
+    def load_detector(self) -> None:
+        """Load the profile's default detector now (workers call this before taking jobs)."""
+        self._detector(self.profile.detector)
+
+    # ------------------------------------------------------------------ aligned faces
+    @torch.inference_mode()
+    def restore_faces(
+        self,
+        faces: np.ndarray,
+        *,
+        mode: Mode = "dynfacerestore",
+        fidelity: float | None = None,
+        seed: int | None = None,
+        progress: ProgressFn | None = None,
+        should_cancel: CancelFn | None = None,
+        timer: StageTimer | None = None,
+    ) -> FacesResult:
+        """Restore aligned faces (uint8 (N, 512, 512, 3)), `max_batch` at a time through the sampler."""
+        if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype != np.uint8:
+            raise ValueError(
+                f"faces must be uint8 (N, {FACE_SIZE}, {FACE_SIZE}, 3), got {faces.dtype} {faces.shape}"
+            )
+        if mode not in ("dynfacerestore", "difface"):
+            raise ValueError(f"unknown mode {mode!r}")
+        if fidelity is not None and not 0.0 <= fidelity <= 1.0:
+            raise ValueError(f"fidelity must be in [0, 1], got {fidelity}")
+        timer = timer or StageTimer(self.device)
+        report = progress or (lambda stage, step, total: None)
+        cancel = should_cancel or (lambda: False)
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        batches = [faces[i : i + self.max_batch] for i in range(0, len(faces), self.max_batch)]
+        out, facts = [], []
+        report("dblm", 0, len(faces))
+        with timer("dblm"):
+            guides = [self._guide(self._to_tensor(b), mode, fidelity) for b in batches]
+        if cancel():
+            raise Cancelled("Canceled before sampling.")
+        total = sum(_sampler_steps(g) for g in guides)
+        done = 0
+        with timer("sample"):
+            for guide in guides:
+                x0, nfe = self._sample(
+                    guide, generator, lambda step, base=done: report("sample", base + step, total), cancel
+                )
+                done += _sampler_steps(guide)
+                out.append(x0)
+                facts += [
+                    FaceFacts(s, st, e, n, guide.dblm, guide.dgsa)
+                    for s, st, e, n in zip(guide.sigma, guide.start, guide.eta, nfe, strict=True)
+                ]
+        restored = torch.cat(out)
+        return FacesResult(_to_uint8(restored), facts, timer.seconds, seed)
+
+    def _to_tensor(self, faces: np.ndarray) -> Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device).permute(0, 3, 1, 2)
+        return x.float() / 127.5 - 1.0
+
+    def _guide(self, y: Tensor, mode: Mode, fidelity: float | None) -> _Guide:
+        """DBLM → level σk → DSST start; DGSA map; eta. All at 512, in float32."""
+        method = self.profile.method
+        restored = self._restore(y)
+        n = y.shape[0]
+        if mode == "difface":
+            eta = DIFFACE_DEFAULT_ETA if fidelity is None else fidelity
+            start = method.baseline_start_index
+            return _Guide(restored, restored, [0.0] * n, [start] * n, [eta] * n, None, "none", "none")
+
+        if self.dblm is not None:
+            estimates, logvar = self.dblm(((y + 1) / 2).to(self.dtype))
+            estimates = estimates.float() * 2 - 1
+            # logvar is in [0,1]² units; std in 8-bit units is 255·√exp(s).
+            std_8bit = 255.0 * torch.exp(0.5 * logvar.float()).mean(dim=(-2, -1))  # (N, K)
+            reliable = std_8bit <= method.level_threshold
+            level = [_first_true_or_last(row) for row in reliable]
+            dblm_kind = "trained"
+        else:
+            sigma_hat = estimate_blur_sigma(restored, self.dsst.face_power_spectrum)
+            estimates, usable = fallback_estimates(restored, sigma_hat, self.dsst.sigmas)
+            level = [_first_true_or_last(row) for row in usable]
+            dblm_kind = "fallback"
+        idx = torch.arange(n, device=y.device)
+        estimate = estimates[idx, torch.tensor(level, device=y.device)]
+        sigma = [float(self.dsst.sigmas[k]) for k in level]
+        start = [self.dsst.start_index_for(s) for s in sigma]
+
+        if self.dgsa is not None:
+            dgsa_logvar = self.dgsa(estimate.to(self.dtype), restored.to(self.dtype)).float()
+            scale_map = scale_from_logvar(dgsa_logvar, c=(method.level_threshold / 255.0) ** 2 * 4)
+            std_bar = (255.0 / 2) * torch.exp(0.5 * dgsa_logvar).mean(dim=(1, 2, 3))
+            dgsa_kind = "trained"
+        else:
+            scale_map = coherence_scale_map((estimate + 1) / 2, g_min=method.dgsa_min_scale)
+            std_bar = torch.as_tensor(robust_noise_std(y))
+            dgsa_kind = "fallback"
+        eta = [float(auto_eta(float(s))) for s in std_bar] if fidelity is None else [fidelity] * n
+        return _Guide(restored, estimate, sigma, start, eta, scale_map, dblm_kind, dgsa_kind)
+
+    def _restore(self, y: Tensor) -> Tensor:
+        """DifFace's restorer R(y): [-1,1] in and out, at 512."""
+        r = self.restorer(((y + 1) / 2).to(self.dtype)).float()
+        return (r.clamp(0, 1) * 2 - 1).contiguous()
+
+    def _sample(
+        self, guide: _Guide, generator: torch.Generator, on_step: Callable[[int], None], cancel: CancelFn
+    ) -> tuple[Tensor, list[int]]:
+        """Sample each group of faces that share a start step (and eta) in one batch; returns x0 at 512."""
+        size = self.profile.image_size
+        result = torch.empty_like(guide.restored)
+        nfe = [0] * len(guide.start)
+        offset = 0
+        for (start, eta), members in _groups(guide.start, guide.eta).items():
+            rows = torch.tensor(members, device=self.device)
+            estimate = _resize(guide.estimate[rows], size)
+            x_start = q_sample(
+                estimate,
+                self.schedule,
+                start,
+                torch.randn(estimate.shape, generator=generator, device=self.device),
+            )
+            guide_fn = None
+            if guide.scale_map is not None:
+                work_sigma = [guide.sigma[m] * size / FACE_SIZE for m in members]
+                guide_fn = GaussianGuidance(
+                    estimate,
+                    torch.tensor(work_sigma, device=self.device),
+                    self.profile.method.guidance_variance,
+                    self.schedule,
+                    scale=self.profile.method.guidance_scale,
+                    scale_map=_resize(guide.scale_map[rows], size),
+                )
+            x0 = ddim_sample(
+                self._eps,
+                x_start,
+                self.schedule,
+                start,
+                eta,
+                guide=guide_fn,
+                generator=generator,
+                callback=lambda step, total, base=offset: on_step(base + step),
+                should_cancel=cancel,
+            )
+            offset += start
+            result[rows] = _resize(x0.float(), FACE_SIZE)
+            for m in members:
+                nfe[m] = start
+        return result, nfe
+
+    def _eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The prior's noise prediction (first 3 of its 6 output channels), in float32."""
+        return self.unet(x_t.to(self.dtype), t)[:, :3].float()
+
+
+_TINY_WARNING = (
+    "Profile 'tiny': small random weights for tests and demos. This output is NOT a face restoration."
+)
+
+
+def _tiny_networks(profile: Profile) -> tuple[IDDPMUNet, SwinIR]:
+    """Toy networks with weights drawn from a fixed seed, the same on every machine and run.
+
+    Upstream zero-initialises some output layers; those are re-drawn small so the random prior's
+    prediction still depends on its input (a zero UNet would make the sampler trivially constant)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = IDDPMUNet(**profile.unet)
+        restorer = SwinIR(**profile.swinir)
+        for p in (*unet.parameters(), *restorer.parameters()):
+            if p.dim() > 1 and not p.any():
+                torch.nn.init.normal_(p, std=1e-2)
+    return unet, restorer
+
+
+def _groups(starts: Sequence[int], etas: Sequence[float]) -> dict[tuple[int, float], list[int]]:
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, key in enumerate(zip(starts, etas, strict=True)):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _sampler_steps(guide: _Guide) -> int:
+    """Sampler steps a batch takes: faces sharing (start, eta) are sampled together."""
+    return sum(start for start, _ in _groups(guide.start, guide.eta))
+
+
+def _first_true_or_last(row: Tensor) -> int:
+    hits = torch.nonzero(row)
+    return int(hits[0]) if len(hits) else row.numel() - 1
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(
+        x, size=(size, size), mode="bicubic" if size > x.shape[-1] else "area", align_corners=None
+    )
+
+
+def _to_uint8(x: Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
