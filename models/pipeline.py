@@ -191,12 +191,14 @@ class RestorationPipeline:
         name_or_path: str | Path = "real",
         *,
         weights_dir: str | Path | None = None,
+        download: bool = False,
         **kwargs: Any,
     ) -> RestorationPipeline:
         """`"tiny"`: toy networks with seeded random weights (not a restoration, flagged everywhere).
         `"real"` or a directory: DifFace's released prior and restorer from the weights directory
-        (a path given here is used as that directory). Missing files raise `MissingWeightsError`
-        naming them and the command that fetches them."""
+        (a path given here is used as that directory). With `download`, files the profile needs
+        and lacks are fetched first (unless $DYNFACE_OFFLINE); otherwise missing files raise
+        `MissingWeightsError` naming them and the command that fetches them."""
         if str(name_or_path) == "tiny":
             profile = PROFILES["tiny"]
             unet, restorer = _tiny_networks(profile)
@@ -205,6 +207,8 @@ class RestorationPipeline:
         if str(name_or_path) != "real":
             weights_dir = Path(name_or_path)
         wdir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
+        if download:
+            weights.pull(profile.required_weights, wdir)
         missing = weights.missing_for(profile.required_weights, wdir)
         if missing:
             raise weights.MissingWeightsError([m.name for m in missing], wdir)

@@ -214,3 +214,11 @@ def test_real_profile_without_weights_names_missing_files(tmp_path: Path) -> Non
     with pytest.raises(MissingWeightsError) as err:
         RestorationPipeline.from_pretrained("real", weights_dir=tmp_path)
     assert "difface_prior" in str(err.value) and "dynface weights pull" in str(err.value)
+
+
+def test_real_profile_download_respects_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYNFACE_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError) as err:
+        RestorationPipeline.from_pretrained("real", weights_dir=tmp_path, download=True)
+    assert set(err.value.names) == {"difface_prior", "difface_swinir", "retinaface_resnet50"}
+    assert list(tmp_path.iterdir()) == []  # nothing half-downloaded left behind
