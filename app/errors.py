@@ -1,0 +1,82 @@
+"""The one error shape of the API, ``{"error": {"code", "message"}}``, and its exception handlers.
+
+Codes are part of the public contract (clients branch on them); messages are for humans. Nothing
+here ever returns a stack trace: unexpected failures are logged server-side and answered with
+``internal``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+#: HTTP status for pipeline error codes the API raises while validating an upload.
+UPLOAD_ERROR_STATUS: dict[str, int] = {
+    "invalid_image": 400,
+    "unsupported_format": 415,
+    "too_many_pixels": 413,
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client as-is: status, stable code, message, optional headers."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The JSON body of every error response."""
+    return {"error": {"code": code, "message": message}}
+
+
+def _respond(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every failure (ours, validation, routing, Redis, bugs) onto the error shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _respond(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return _respond(422, "invalid_option", "; ".join(parts) or "Invalid request.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return _respond(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unavailable: %s", exc)
+        return _respond(
+            503, "redis_unavailable", "The job store is unavailable; retry shortly.", {"Retry-After": "5"}
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _respond(500, "internal", "Internal server error.")

@@ -1,0 +1,72 @@
+"""Liveness, readiness and metrics endpoints (unauthenticated: probes and scrapers have no keys)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app import metrics
+from app.deps import services
+from app.schemas import ModelInfo, ReadyResponse
+
+router = APIRouter(tags=["operations"])
+
+
+def worker_model(w: dict[str, Any]) -> ModelInfo:
+    """A worker registry entry as public model info."""
+    return ModelInfo(
+        worker=w.get("name", "?"),
+        state=w.get("state", "?"),
+        device=w.get("device"),
+        profile=w.get("profile"),
+        real=w.get("real"),
+        info=w.get("info") or {},
+    )
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    summary="Readiness",
+    description="200 only when Redis answers and at least one worker has its model loaded; "
+    "else 503 with the reasons. Reports each worker's device and weight versions, and whether "
+    "the API is open (no API keys configured).",
+    responses={503: {"model": ReadyResponse}},
+)
+def readyz(request: Request) -> JSONResponse:
+    svc = services(request)
+    reasons: list[str] = []
+    workers: list[ModelInfo] = []
+    depth = None
+    try:
+        svc.redis.ping()
+        depth = svc.queue.count
+        workers = [worker_model(w) for w in svc.store.workers()]
+        if not any(w.state in ("ready", "busy") for w in workers):
+            reasons.append("no worker has its model loaded" if workers else "no worker is running")
+    except Exception as e:  # any Redis failure means "not ready", never a 500
+        reasons.append(f"redis unreachable: {type(e).__name__}")
+    body = ReadyResponse(
+        ready=not reasons,
+        reasons=reasons,
+        auth="api_key" if svc.settings.auth_enabled else "open",
+        queue_depth=depth,
+        workers=workers,
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus_metrics(request: Request) -> Response:
+    svc = services(request)
+    body = await anyio.to_thread.run_sync(metrics.render, svc.store, svc.settings.queue_name)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

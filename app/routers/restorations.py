@@ -1,0 +1,403 @@
+"""/v1/restorations: submit, inspect, download and cancel jobs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app import metrics
+from app.deps import services
+from app.errors import UPLOAD_ERROR_STATUS, ApiError
+from app.jobs import TERMINAL, enqueue
+from app.schemas import (
+    Restoration,
+    RestorationOptions,
+    RestorationRequest,
+    profile_notice,
+    restoration_view,
+)
+from app.security import authenticate, check_rate_limit, check_webhook_url
+from app.webhooks import notify
+from models.errors import PipelineError
+from models.images import decode_image
+
+router = APIRouter(prefix="/v1/restorations", tags=["restorations"])
+
+#: Room for multipart headers/boundaries and JSON framing on top of the image itself.
+_FRAMING_BYTES = 64 * 1024
+_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[^,;]*)*;base64,", re.ASCII)
+_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?=$|[,;\s])", re.IGNORECASE)
+_ERR = {"content": {"application/json": {"example": {"error": {"code": "string", "message": "string"}}}}}
+
+_OPTIONS_SCHEMA = RestorationOptions.model_json_schema(ref_template="#/components/schemas/{model}")
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary"},
+                    **{k: v for k, v in _OPTIONS_SCHEMA["properties"].items()},
+                },
+            },
+            "encoding": {"outputs": {"style": "form", "explode": True}},
+        },
+        "application/json": {"schema": RestorationRequest.model_json_schema()},
+    },
+}
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """Yield the body, counting bytes as they arrive: Content-Length is never trusted."""
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise ApiError(413, "too_large", f"The request body exceeds {limit} bytes.")
+        yield chunk
+
+
+def _options_from_form(form: Any) -> dict[str, Any]:
+    """Multipart fields → option dict (``outputs`` may repeat or be comma-separated)."""
+    data: dict[str, Any] = {}
+    for key in form:
+        if key == "image":
+            continue
+        values = [v for v in form.getlist(key) if isinstance(v, str)]
+        if key == "outputs":
+            data[key] = [p.strip() for v in values for p in v.split(",") if p.strip()]
+        elif values:
+            data[key] = values[-1]
+    if data.get("seed") == "":
+        data.pop("seed")
+    return data
+
+
+async def _read_submission(request: Request, max_bytes: int) -> tuple[bytes, RestorationOptions]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        parser = MultiPartParser(
+            request.headers, _limited(request, max_bytes + _FRAMING_BYTES), max_files=1, max_fields=32
+        )
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            raise ApiError(400, "invalid_image", f"Malformed multipart body: {e.message}") from e
+        try:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "invalid_option", "image: a file field named 'image' is required")
+            data = await upload.read()
+            try:
+                options = RestorationOptions.model_validate(_options_from_form(form))
+            except ValidationError as e:
+                raise _invalid(e) from e
+        finally:
+            await form.close()
+    elif ctype == "application/json":
+        raw = b"".join([c async for c in _limited(request, max_bytes * 4 // 3 + _FRAMING_BYTES)])
+        try:
+            body = RestorationRequest.model_validate_json(raw)
+        except ValidationError as e:
+            raise _invalid(e) from e
+        match = _DATA_URL.match(body.image)
+        if not match:
+            raise ApiError(400, "invalid_image", "image must be a data URL: data:image/<type>;base64,<data>")
+        try:
+            data = base64.b64decode(body.image[match.end() :], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, "invalid_image", "image: invalid base64 data") from e
+        options = RestorationOptions.model_validate(body.model_dump(exclude={"image"}))
+    else:
+        raise ApiError(
+            415,
+            "unsupported_format",
+            "Send multipart/form-data with an 'image' file, or application/json with a data URL.",
+        )
+    if len(data) > max_bytes:
+        raise ApiError(413, "too_large", f"The image exceeds {max_bytes} bytes.")
+    return data, options
+
+
+def _invalid(e: ValidationError) -> ApiError:
+    """A pydantic error as ``invalid_option`` (422), or a JSON syntax error as 400."""
+    errs = e.errors()
+    if any(err["type"] == "json_invalid" for err in errs):
+        return ApiError(400, "invalid_request", "The body is not valid JSON.")
+    parts = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errs]
+    return ApiError(422, "invalid_option", "; ".join(parts))
+
+
+def _wait_seconds(prefer: str | None, cap: int) -> int | None:
+    """``Prefer: wait`` → cap; ``wait=N`` → min(N, cap); absent → None (RFC 7240 preferences)."""
+    if not prefer:
+        return None
+    m = _WAIT.search(prefer)
+    if not m:
+        return None
+    return cap if m.group(1) is None else min(int(m.group(1)), cap)
+
+
+def _base_url(request: Request) -> str:
+    configured = services(request).settings.public_base_url
+    return (configured or str(request.base_url)).rstrip("/")
+
+
+def _view(request: Request, record: dict[str, Any]) -> Restoration:
+    position = None
+    if record["status"] == "queued":
+        position = services(request).queue.get_job_position(record["id"])
+    return restoration_view(record, position)
+
+
+def _respond(request: Request, record: dict[str, Any], status: int, **headers: str) -> JSONResponse:
+    view = _view(request, record)
+    return JSONResponse(
+        view.model_dump(mode="json"), status_code=status, headers={"Location": view.urls.self, **headers}
+    )
+
+
+def _owned(request: Request, job_id: str, owner: str) -> dict[str, Any]:
+    """The caller's job or 404 (other keys' jobs are indistinguishable from unknown ones)."""
+    record = services(request).store.get(job_id)
+    if record is None or record.get("owner") != owner:
+        raise ApiError(404, "not_found", f"No restoration {job_id!r} (unknown or expired).")
+    return record
+
+
+async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[str, Any]:
+    """Poll the record until it is terminal or ``seconds`` pass (no thread is held while sleeping)."""
+    store = services(request).store
+    deadline = time.monotonic() + seconds
+    while True:
+        record = await anyio.to_thread.run_sync(store.get, job_id)
+        if record is None or record["status"] in TERMINAL or time.monotonic() >= deadline:
+            return record  # type: ignore[return-value]
+        await anyio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Restoration,
+    summary="Submit a photo",
+    description=(
+        "Multipart `image` file plus option fields, or JSON with `image` as a data URL. Answers 202 "
+        "with the queued job and a Location header. `Prefer: wait[=N]` (N ≤ 60) waits for the result: "
+        "200 with the finished job, or 202 if it is not done in time. `Idempotency-Key`: the same key "
+        "and body within 24 h return the same job; the same key with a different body is a 409."
+    ),
+    openapi_extra={"requestBody": _REQUEST_BODY},
+    responses={
+        200: {"model": Restoration, "description": "Finished job (Prefer: wait)."},
+        400: _ERR,
+        401: _ERR,
+        409: _ERR,
+        413: _ERR,
+        415: _ERR,
+        422: _ERR,
+        429: _ERR,
+        503: _ERR,
+    },
+)
+async def create_restoration(request: Request) -> JSONResponse:
+    try:
+        return await _create(request)
+    except ApiError as e:
+        metrics.JOBS_REJECTED.labels(e.code).inc()
+        raise
+
+
+async def _create(request: Request) -> JSONResponse:
+    svc = services(request)
+    s = svc.settings
+    owner = authenticate(request, s)
+    await anyio.to_thread.run_sync(check_rate_limit, svc.store, owner, s.rate_limit_per_minute)
+    data, options = await _read_submission(request, s.max_upload_bytes)
+    try:
+        decoded = await anyio.to_thread.run_sync(lambda: decode_image(data, max_pixels=s.max_pixels))
+    except PipelineError as e:
+        raise ApiError(UPLOAD_ERROR_STATUS.get(e.code, 400), e.code, e.message) from e
+    if options.webhook is not None:
+        try:
+            await anyio.to_thread.run_sync(check_webhook_url, options.webhook, s)
+        except ValueError as e:
+            raise ApiError(422, "invalid_option", f"webhook: {e}") from e
+    return await _submit_and_wait(request, owner, data, options, decoded.warnings)
+
+
+async def _submit_and_wait(
+    request: Request, owner: str, data: bytes, options: RestorationOptions, warnings: list[str]
+) -> JSONResponse:
+    svc = services(request)
+    s = svc.settings
+    wait = _wait_seconds(request.headers.get("prefer"), s.max_wait_seconds)
+    record, replayed = await anyio.to_thread.run_sync(_submit, request, owner, data, options, warnings)
+    extra = {"Idempotent-Replayed": "true"} if replayed else {}
+    if wait is not None:
+        extra["Preference-Applied"] = f"wait={wait}"
+        record = await _await_terminal(request, record["id"], wait)
+    status = 200 if record["status"] in TERMINAL else 202
+    return _respond(request, record, status, **extra)
+
+
+def _submit(
+    request: Request, owner: str, data: bytes, options: RestorationOptions, warnings: list[str]
+) -> tuple[dict[str, Any], bool]:
+    """Idempotency, queue limit, then store + enqueue. Returns (record, replayed)."""
+    svc = services(request)
+    s, store = svc.settings, svc.store
+    job_id = uuid.uuid4().hex
+    idem = request.headers.get("idempotency-key")
+    if idem is not None:
+        canonical = json.dumps(options.model_dump(mode="json"), sort_keys=True).encode()
+        body_hash = hashlib.sha256(hashlib.sha256(data).digest() + canonical).hexdigest()
+        earlier = store.claim_idempotency(f"{owner}:{idem}", job_id, body_hash)
+        if earlier is not None:
+            if earlier["body_sha256"] != body_hash:
+                raise ApiError(
+                    409,
+                    "idempotency_conflict",
+                    "This Idempotency-Key was used with a different request body.",
+                )
+            record = store.get(earlier["job_id"])
+            if record is None:
+                raise ApiError(
+                    409, "idempotency_conflict", "This Idempotency-Key's job has expired; use a new key."
+                )
+            return record, True
+    try:
+        if svc.queue.count >= s.max_queue_depth:
+            raise ApiError(
+                503,
+                "queue_full",
+                f"The queue is full ({s.max_queue_depth} jobs); retry later.",
+                {"Retry-After": str(s.queue_full_retry_after_seconds)},
+            )
+        record = {
+            "id": job_id,
+            "status": "queued",
+            "owner": owner,
+            "base_url": _base_url(request),
+            "created_at": time.time(),
+            "result_ttl": s.result_ttl_seconds,
+            "options": options.model_dump(mode="json"),
+            "warnings": warnings + _profile_warnings(request),
+            "attempts": 0,
+        }
+        store.create(job_id, data, record)
+        enqueue(svc.queue, s, job_id)
+    except BaseException:
+        if idem is not None:
+            store.release_idempotency(f"{owner}:{idem}")
+        raise
+    metrics.JOBS_SUBMITTED.inc()
+    metrics.UPLOAD_BYTES.observe(len(data))
+    return record, False
+
+
+def _profile_warnings(request: Request) -> list[str]:
+    """Warn up front when the workers run a non-real (test) profile."""
+    notices = {profile_notice(w.get("info") or {}) for w in services(request).store.workers()}
+    return sorted(n for n in notices if n)
+
+
+@router.get("/{job_id}", response_model=Restoration, summary="Get a job", responses={401: _ERR, 404: _ERR})
+def get_restoration(job_id: str, request: Request) -> JSONResponse:
+    owner = authenticate(request, services(request).settings)
+    return _respond(request, _owned(request, job_id, owner), 200)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=Restoration,
+    summary="Cancel a job",
+    description="Queued jobs are canceled at once (200). Running jobs stop at the next diffusion step: "
+    "202 with the job still `processing`; poll until `canceled`. Finished jobs: 409.",
+    responses={202: {"model": Restoration}, 401: _ERR, 404: _ERR, 409: _ERR},
+)
+def cancel_restoration(job_id: str, request: Request) -> JSONResponse:
+    svc = services(request)
+    owner = authenticate(request, svc.settings)
+    record = _owned(request, job_id, owner)
+    store = svc.store
+    if store.finish(job_id, {"status": "canceled"}, allowed=["queued"]):
+        with contextlib.suppress(NoSuchJobError):
+            Job.fetch(job_id, connection=svc.redis, serializer=svc.queue.serializer).cancel()
+        record = store.get(job_id) or record
+        notify(record, svc.settings)
+        return _respond(request, record, 200)
+    if store.update(job_id, {"cancel_requested": True}, allowed=["processing"]):
+        return _respond(request, store.get(job_id) or record, 202)
+    record = store.get(job_id) or record
+    raise ApiError(409, "not_cancelable", f"The job is already {record['status']}.")
+
+
+def _result(request: Request, job_id: str, name: str, kind: str, index: int | None = None) -> Response:
+    svc = services(request)
+    owner = authenticate(request, svc.settings)
+    record = _owned(request, job_id, owner)
+    if record["status"] != "succeeded":
+        raise ApiError(
+            409, "not_ready", f"The job is {record['status']}; results exist only once it succeeded."
+        )
+    produced = record.get("outputs") or {}
+    media_type = produced.get(kind)
+    if kind == "faces":
+        faces = produced.get("faces") or []
+        media_type = faces[index] if index is not None and 0 <= index < len(faces) else None
+    if media_type is None:
+        raise ApiError(404, "not_found", f"This job has no {name.replace(':', ' ')} output.")
+    blob = svc.store.result(job_id, name)
+    if blob is None:
+        raise ApiError(
+            410,
+            "expired",
+            f"The result has expired (results are kept for {svc.settings.result_ttl_seconds} s).",
+        )
+    return Response(blob, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
+_BYTES = {
+    200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+    401: _ERR,
+    404: _ERR,
+    409: _ERR,
+    410: _ERR,
+}
+
+
+@router.get("/{job_id}/image", summary="The restored photo", response_class=Response, responses=_BYTES)
+def get_image(job_id: str, request: Request) -> Response:
+    return _result(request, job_id, "image", "image")
+
+
+@router.get("/{job_id}/faces/{k}", summary="Restored face crop k", response_class=Response, responses=_BYTES)
+def get_face(job_id: str, k: int, request: Request) -> Response:
+    return _result(request, job_id, f"face:{k}", "faces", k)
+
+
+@router.get(
+    "/{job_id}/comparison", summary="Side-by-side comparison", response_class=Response, responses=_BYTES
+)
+def get_comparison(job_id: str, request: Request) -> Response:
+    return _result(request, job_id, "comparison", "comparison")

@@ -1,0 +1,212 @@
+"""Request and response models: the public API contract (rendered into the OpenAPI document).
+
+The job envelope follows Replicate's predictions (id, status, urls, timestamps, error, outputs) so
+clients written for that style work with little change. Public JSON is built from our Redis record
+by `restoration_view`, which the worker also uses for webhook bodies: one renderer, one shape.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Status = Literal["queued", "processing", "succeeded", "failed", "canceled"]
+Stage = Literal["decode", "detect", "dblm", "sample", "paste", "encode"]
+OutputKind = Literal["image", "faces", "comparison"]
+Detector = Literal["retinaface_resnet50", "retinaface_mobile0.25"]
+
+
+class RestorationOptions(BaseModel):
+    """What to do with the photo. Every field is optional; unknown fields are rejected (422)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fidelity: Literal["auto"] | float = Field(
+        "auto",
+        description='"auto": per-sample DDIM eta from the estimated noise level; or a number in '
+        "[0, 1] (0 = most faithful to the input, 1 = most generative).",
+    )
+    mode: Literal["dynfacerestore", "difface"] = Field(
+        "dynfacerestore", description="dynfacerestore (default) or the DifFace baseline."
+    )
+    aligned: bool = Field(False, description="The input is already a 512x512 aligned face (no detection).")
+    upscale: int = Field(1, ge=1, le=4, description="Upscale factor of the whole photo.")
+    only_center_face: bool = Field(False, description="Restore only the face closest to the centre.")
+    detector: Detector | None = Field(None, description="Face detector (default: the model profile's).")
+    outputs: list[OutputKind] = Field(
+        default_factory=lambda: ["image"],
+        min_length=1,
+        description="Results to produce: the whole image, restored face crops, a side-by-side comparison.",
+    )
+    format: Literal["png", "jpeg", "webp", "same"] = Field(
+        "same", description='Output format; "same" follows the input (PNG when it cannot).'
+    )
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Sampling seed for reproducible results.")
+    on_no_face: Literal["fail", "passthrough"] = Field(
+        "fail", description="fail: the job fails with no_face; passthrough: return the input (upscaled)."
+    )
+    webhook: str | None = Field(
+        None, description="https URL that receives the final job JSON (POST, Standard Webhooks signature)."
+    )
+
+    @field_validator("fidelity")
+    @classmethod
+    def _fidelity_range(cls, v: str | float) -> str | float:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError("fidelity must be 'auto' or a number in [0, 1]")
+        return v
+
+    @field_validator("outputs")
+    @classmethod
+    def _unique_outputs(cls, v: list[str]) -> list[str]:
+        return sorted(set(v), key=v.index)
+
+    def pipeline_options(self) -> dict[str, Any]:
+        """Plain fields for models.pipeline.RestoreOptions (the worker builds the dataclass)."""
+        data = self.model_dump(exclude={"webhook"})
+        data["fidelity"] = None if self.fidelity == "auto" else float(self.fidelity)
+        return data
+
+
+class RestorationRequest(RestorationOptions):
+    """JSON form of POST /v1/restorations: the image as a data URL plus the options."""
+
+    image: str = Field(..., description="data:image/...;base64,... (the photo)")
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class StageTimings(BaseModel):
+    decode: float | None = None
+    detect: float | None = None
+    dblm: float | None = None
+    sample: float | None = None
+    paste: float | None = None
+    encode: float | None = None
+
+
+class Timings(BaseModel):
+    queue_wait_seconds: float | None = None
+    inference_seconds: float | None = None
+    stages: StageTimings = Field(default_factory=StageTimings)
+
+
+class Face(BaseModel):
+    box: list[float] = Field(description="[x0, y0, x1, y1] in input pixels")
+    score: float | None = None
+    start_step: int | None = Field(None, description="Diffusion start step chosen for this face.")
+    eta: float | None = Field(None, description="DDIM eta used (fidelity).")
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Outputs(BaseModel):
+    image: str | None = None
+    faces: list[str] = Field(default_factory=list)
+    comparison: str | None = None
+
+
+class Urls(BaseModel):
+    self: str
+    result: str
+    cancel: str
+
+
+class Restoration(BaseModel):
+    """A restoration job (Replicate-style prediction)."""
+
+    id: str
+    status: Status
+    stage: Stage | None = None
+    progress: Progress | None = None
+    queue_position: int | None = Field(
+        None, description="Jobs ahead of this one (0 = next); queued jobs only."
+    )
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    attempts: int = Field(0, description="Times a worker started this job (>1 after a worker was lost).")
+    options: RestorationOptions
+    timings: Timings = Field(default_factory=Timings)
+    faces: list[Face] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    outputs: Outputs | None = Field(None, description="URLs of the results (succeeded jobs only).")
+    urls: Urls
+
+
+class ModelInfo(BaseModel):
+    """What one live worker has loaded."""
+
+    worker: str
+    state: str
+    device: str | None = None
+    profile: str | None = None
+    real: bool | None = None
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+    warnings: list[str] = Field(default_factory=list)
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    reasons: list[str] = Field(default_factory=list)
+    auth: Literal["api_key", "open"]
+    queue_depth: int | None = None
+    workers: list[ModelInfo] = Field(default_factory=list)
+
+
+def profile_notice(info: dict[str, Any]) -> str | None:
+    """The warning every job response carries while workers run a non-real (random-weight) profile."""
+    if info.get("real", True):
+        return None
+    return (
+        f"Profile {info.get('profile')!r} is not a real model (random weights): results are not restorations."
+    )
+
+
+def _ts(value: float | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(value, tz=dt.UTC)
+
+
+def restoration_view(record: dict[str, Any], queue_position: int | None = None) -> Restoration:
+    """Render a Redis record as the public job JSON (API responses and webhook bodies)."""
+    base = f"{record['base_url'].rstrip('/')}/v1/restorations/{record['id']}"
+    outputs = None
+    produced = record.get("outputs")
+    if record["status"] == "succeeded" and produced:
+        outputs = Outputs(
+            image=f"{base}/image" if "image" in produced else None,
+            faces=[f"{base}/faces/{k}" for k in range(len(produced.get("faces", [])))],
+            comparison=f"{base}/comparison" if "comparison" in produced else None,
+        )
+    step, total = record.get("step"), record.get("total")
+    return Restoration(
+        id=record["id"],
+        status=record["status"],
+        stage=record.get("stage"),
+        progress=Progress(step=step, total=total) if total else None,
+        queue_position=queue_position if record["status"] == "queued" else None,
+        created_at=_ts(record["created_at"]),
+        started_at=_ts(record.get("started_at")),
+        completed_at=_ts(record.get("completed_at")),
+        attempts=record.get("attempts", 0),
+        options=RestorationOptions.model_validate(record["options"]),
+        timings=Timings.model_validate(record.get("timings") or {}),
+        faces=[Face.model_validate(f) for f in record.get("faces") or []],
+        warnings=record.get("warnings") or [],
+        error=ErrorInfo.model_validate(record["error"]) if record.get("error") else None,
+        outputs=outputs,
+        urls=Urls(self=base, result=f"{base}/image", cancel=base),
+    )

@@ -1,0 +1,107 @@
+"""API-key auth, per-key rate limiting (in Redis) and webhook destination checks.
+
+Keys are compared with `hmac.compare_digest` against every configured key (no early exit), so
+response timing reveals neither which key nor how much of one matched. Rate limits count in Redis
+so they hold across API processes and hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import socket
+import time
+from urllib.parse import urlsplit
+
+from fastapi import Request
+
+from app.errors import ApiError
+from app.jobs import JobStore
+from app.settings import Settings
+
+#: Owner id of requests on an open (no keys configured) API.
+ANONYMOUS = "anonymous"
+
+
+def key_id(key: str) -> str:
+    """A stable, non-secret id of an API key, for Redis keys and job ownership (never the key)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def presented_key(request: Request) -> str | None:
+    """The key from ``Authorization: Bearer <key>`` or ``X-API-Key``."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def authenticate(request: Request, settings: Settings) -> str:
+    """Return the caller's key id, or raise 401. Open (anonymous) only when no keys are configured."""
+    if not settings.auth_enabled:
+        return ANONYMOUS
+    given = presented_key(request)
+    if given is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "Missing API key (Authorization: Bearer or X-API-Key).",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    matched = False
+    for key in settings.api_keys:
+        matched |= hmac.compare_digest(given.encode(), key.get_secret_value().encode())
+    if not matched:
+        raise ApiError(401, "unauthorized", "Invalid API key.", {"WWW-Authenticate": "Bearer"})
+    return key_id(given)
+
+
+def check_rate_limit(store: JobStore, owner: str, per_minute: int) -> None:
+    """Fixed one-minute window per key; 429 with Retry-After = seconds to the next window. 0 = off."""
+    if per_minute <= 0:
+        return
+    window = int(time.time() // 60)
+    k = store.key("rate", owner, str(window))
+    with store.redis.pipeline() as pipe:
+        pipe.incr(k)
+        pipe.expire(k, 60)
+        count, _ = pipe.execute()
+    if count > per_minute:
+        retry = max(1, 60 - int(time.time()) % 60)
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"Rate limit of {per_minute} submissions per minute exceeded.",
+            {"Retry-After": str(retry)},
+        )
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not ip.is_multicast
+
+
+def check_webhook_url(url: str, settings: Settings) -> None:
+    """Refuse webhook targets that could reach our own network (SSRF): non-https, or a host that
+    resolves to a loopback/private/link-local address. Called at submission and again before each
+    delivery (DNS can change in between). The allow settings exist for tests and local development.
+
+    Raises ValueError with a human-readable reason.
+    """
+    parts = urlsplit(url)
+    allowed_schemes = {"https", "http"} if settings.webhook_allow_http else {"https"}
+    if parts.scheme not in allowed_schemes or not parts.hostname:
+        raise ValueError("webhook must be an https URL")
+    if parts.username or parts.password:
+        raise ValueError("webhook URL must not contain credentials")
+    if settings.webhook_allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"webhook host {parts.hostname!r} does not resolve") from e
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not _is_public(ip):
+            raise ValueError("webhook host resolves to a private or loopback address")

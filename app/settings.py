@@ -1,0 +1,93 @@
+"""Service settings, read from the environment (prefix ``DYNFACE_``; ``REDIS_URL`` is also accepted).
+
+Every setting is documented in docs/configuration.md; keep the two in step. The API, the worker
+and the CLI all read this one class so a value can never mean different things in two places.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All knobs of the API and the worker. Defaults suit one GPU box behind a reverse proxy."""
+
+    model_config = SettingsConfigDict(env_prefix="DYNFACE_", extra="ignore")
+
+    # --- connections and naming
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DYNFACE_REDIS_URL", "REDIS_URL")
+    )
+    redis_timeout_seconds: float = 2.0
+    public_base_url: str | None = None
+    key_prefix: str = "dynface"
+    queue_name: str = "dynface"
+
+    # --- model
+    profile: str = "real"
+    weights_dir: str | None = None
+    dtype: str = "auto"
+    max_face_batch: int = Field(default=8, ge=1)
+
+    # --- upload limits
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+
+    # --- queue, timeouts and retention
+    max_queue_depth: int = Field(default=100, ge=1)
+    queue_full_retry_after_seconds: int = Field(default=30, ge=1)
+    job_timeout_seconds: int = Field(default=600, ge=1)
+    result_ttl_seconds: int = Field(default=3600, ge=1)
+    record_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+    max_retries: int = Field(default=2, ge=0)
+    max_wait_seconds: int = Field(default=60, ge=0, le=60)
+
+    # --- worker liveness
+    heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
+    heartbeat_ttl_seconds: int = Field(default=45, ge=1)
+    reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    worker_metrics_port: int | None = 9100
+
+    # --- auth and rate limiting
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    rate_limit_per_minute: int = Field(default=60, ge=0)
+
+    # --- webhooks
+    webhook_secret: SecretStr | None = None
+    webhook_allow_private: bool = False
+    webhook_allow_http: bool = False
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_retry_delays_seconds: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0]
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """Accept ``DYNFACE_API_KEYS=k1,k2`` (what people write in env files) as well as lists."""
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("webhook_retry_delays_seconds", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        """Accept ``DYNFACE_WEBHOOK_RETRY_DELAYS_SECONDS=1,5,30``."""
+        if isinstance(value, str):
+            return [float(v) for v in value.split(",") if v.strip()]
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        """The API is open only when no key is configured (and /readyz says so)."""
+        return bool(self.api_keys)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Process-wide settings, read once from the environment (tests build their own instead)."""
+    return Settings()

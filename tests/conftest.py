@@ -1,0 +1,191 @@
+"""Shared fixtures: a real Redis with per-test namespaces, settings, the app, real worker processes.
+
+Redis: $DYNFACE_TEST_REDIS_URL (default redis://127.0.0.1:6379/0). Every test gets its own key
+prefix and RQ queue name, and its keys are deleted afterwards. Worker processes are real
+(`python -m worker`) and use the `tiny` profile: real pipeline code with small random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TESTDATA = SHARED / "testdata"
+WEIGHTS = SHARED / "weights"
+REDIS_URL = os.environ.get("DYNFACE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until ``predicate()`` is truthy (returned) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def base_settings(namespace: str, **overrides: Any) -> Settings:
+    """Test defaults: tiny profile, short liveness timings, no auth, local webhooks allowed."""
+    values: dict[str, Any] = {
+        "redis_url": REDIS_URL,
+        "key_prefix": f"test-{namespace}",
+        "queue_name": f"test-{namespace}",
+        "profile": "tiny",
+        "weights_dir": str(WEIGHTS),
+        "job_timeout_seconds": 120,
+        "heartbeat_interval_seconds": 0.5,
+        "heartbeat_ttl_seconds": 3,
+        "reaper_interval_seconds": 1.0,
+        "worker_metrics_port": 0,
+        "rate_limit_per_minute": 0,
+        "webhook_secret": "whsec_" + "dGVzdC1zZWNyZXQtdGVzdC1zZWNyZXQ=",
+        "webhook_allow_private": True,
+        "webhook_allow_http": True,
+        "webhook_retry_delays_seconds": [0.2, 0.4],
+        "webhook_timeout_seconds": 2.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process read exactly ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if name == "api_keys":
+            value = ",".join(k.get_secret_value() for k in settings.api_keys)
+        elif name == "webhook_secret":
+            value = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        env[f"DYNFACE_{name.upper()}"] = str(value)
+    env["PYTHONPATH"] = str(ROOT)
+    env.setdefault("OMP_NUM_THREADS", "1")  # the test machine's cores are shared
+    return env
+
+
+def purge(r: redis.Redis, settings: Settings) -> None:
+    """Delete every key a test namespace wrote: ours, RQ's for its queue, and RQ's per-job keys."""
+    records = r.scan_iter(match=f"{settings.key_prefix}:job:*", count=1000)
+    ids = [k.decode().rsplit(":", 1)[1] for k in records]
+    patterns = [f"{settings.key_prefix}:*", f"rq:*{settings.queue_name}*", *(f"rq:*{i}*" for i in ids)]
+    for pattern in patterns:
+        keys = list(r.scan_iter(match=pattern, count=1000))
+        if keys:
+            r.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def redis_conn() -> redis.Redis:
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    return r
+
+
+@pytest.fixture
+def make_settings(redis_conn: redis.Redis) -> Iterator[Callable[..., Settings]]:
+    """Factory of Settings in this test's own namespace (overrides as keyword arguments)."""
+    namespace = uuid.uuid4().hex[:10]
+    made: list[Settings] = []
+
+    def factory(**overrides: Any) -> Settings:
+        s = base_settings(namespace, **overrides)
+        made.append(s)
+        return s
+
+    yield factory
+    for s in made:
+        purge(redis_conn, s)
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+class WorkerProcess:
+    """A real `python -m worker --device cpu` process."""
+
+    def __init__(self, settings: Settings, log_path: Path, name: str) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--device", "cpu", "--name", name],
+            cwd=ROOT,
+            env=settings_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def start_workers(settings: Settings, tmp: Path, n: int = 1, timeout: float = 120) -> list[WorkerProcess]:
+    """Start ``n`` workers and wait until each has registered as ready (model loaded)."""
+    from app.jobs import JobStore, connect
+
+    names = [f"w{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
+    workers = [WorkerProcess(settings, tmp / f"{name}.log", name) for name in names]
+    store = JobStore(connect(settings), settings)
+
+    def all_ready() -> bool:
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{w.log()[-3000:]}")
+        states = {e["name"]: e["state"] for e in store.workers()}
+        return all(states.get(w.name) == "ready" for w in workers)
+
+    try:
+        wait_for(all_ready, timeout, interval=0.2, what="workers ready")
+    except BaseException:
+        for w in workers:
+            w.stop(signal.SIGKILL)
+        raise
+    return workers
+
+
+def aligned_png(name: str = "0143.png") -> bytes:
+    return (TESTDATA / "aligned" / name).read_bytes()

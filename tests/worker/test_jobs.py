@@ -1,0 +1,272 @@
+"""End-to-end jobs through a real worker process running the real `tiny` pipeline.
+
+One worker serves the whole module (loading torch and the pipeline costs seconds on the shared test
+machine); each test still submits its own jobs and checks its own records.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.jobs import JobStore, connect
+from app.main import create_app
+from app.settings import Settings
+from app.webhooks import verify
+from tests.conftest import TESTDATA, WorkerProcess, aligned_png, base_settings, purge, start_workers, wait_for
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+@pytest.fixture(scope="module")
+def service(redis_conn, tmp_path_factory) -> Iterator[tuple[Settings, list[WorkerProcess]]]:
+    settings = base_settings(uuid.uuid4().hex[:10])
+    workers = start_workers(settings, tmp_path_factory.mktemp("workers"))
+    yield settings, workers
+    for w in workers:
+        w.stop()
+    purge(redis_conn, settings)
+
+
+@pytest.fixture
+def client(service) -> Iterator[TestClient]:
+    with TestClient(create_app(service[0])) as c:
+        yield c
+
+
+def submit(client: TestClient, data: bytes | None = None, headers: dict | None = None, **fields: Any):
+    fields.setdefault("aligned", "true")
+    return client.post(
+        "/v1/restorations",
+        files={"image": ("face.png", data or aligned_png(), "image/png")},
+        data={k: str(v) for k, v in fields.items()},
+        headers=headers or {},
+    )
+
+
+def poll(client: TestClient, job_id: str, until, timeout: float = 60.0) -> dict:
+    def check() -> dict | None:
+        job = client.get(f"/v1/restorations/{job_id}").json()
+        return job if until(job) else None
+
+    return wait_for(check, timeout, interval=0.02, what=f"job {job_id}")
+
+
+def test_round_trip_aligned_face(client: TestClient) -> None:
+    r = submit(client, outputs="image,faces,comparison", format="png", seed=3, headers={"Prefer": "wait=60"})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["status"] == "succeeded", job
+    assert job["error"] is None and job["attempts"] == 1
+    assert job["started_at"] and job["completed_at"] and job["stage"] is None
+    t = job["timings"]
+    assert t["queue_wait_seconds"] >= 0 and t["inference_seconds"] > 0
+    assert all(t["stages"][s] is not None for s in ("decode", "dblm", "sample", "paste", "encode"))
+    assert len(job["faces"]) == 1 and job["faces"][0]["start_step"] is not None
+    assert 0 <= job["faces"][0]["eta"] <= 1
+    # a non-real profile is flagged, exactly once
+    assert len([w for w in job["warnings"] if "tiny" in w.lower()]) == 1, job["warnings"]
+    assert job["outputs"]["image"] == job["urls"]["result"]
+    assert len(job["outputs"]["faces"]) == 1 and job["outputs"]["comparison"]
+    for url in (job["outputs"]["image"], job["outputs"]["faces"][0], job["outputs"]["comparison"]):
+        got = client.get(url)
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+        Image.open(io.BytesIO(got.content)).verify()
+    assert client.get(f"/v1/restorations/{job['id']}/faces/1").status_code == 404
+    # the input is gone once the job is done
+    store = JobStore(connect(client.app.state.services.settings), client.app.state.services.settings)
+    assert store.input(job["id"]) is None
+
+
+def test_round_trip_json_jpeg(client: TestClient) -> None:
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(aligned_png("0240.png")).decode()
+    body = {"image": url, "aligned": True, "format": "jpeg", "fidelity": 0.2, "mode": "difface"}
+    r = client.post("/v1/restorations", json=body, headers={"Prefer": "wait"})
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+    img = client.get(r.json()["outputs"]["image"])
+    assert img.headers["content-type"] == "image/jpeg"
+    assert r.json()["outputs"]["faces"] == [] and r.json()["outputs"]["comparison"] is None
+    assert client.get(f"/v1/restorations/{r.json()['id']}/comparison").status_code == 404
+
+
+def test_whole_photo_with_detector(client: TestClient) -> None:
+    photo = (TESTDATA / "photos" / "04.jpg").read_bytes()
+    r = submit(
+        client,
+        data=photo,
+        aligned="false",
+        detector="retinaface_mobile0.25",
+        format="same",
+        outputs="image,faces",
+        headers={"Prefer": "wait=60"},
+    )
+    job = r.json()
+    assert r.status_code == 200 and job["status"] == "succeeded", job
+    assert len(job["faces"]) >= 1 and len(job["faces"][0]["box"]) == 4
+    assert len(job["outputs"]["faces"]) == len(job["faces"])
+    assert client.get(job["outputs"]["image"]).headers["content-type"] == "image/jpeg"
+    assert job["timings"]["stages"]["detect"] is not None
+
+
+def test_statuses_and_progress(client: TestClient) -> None:
+    job_id = submit(client).json()["id"]
+    seen = poll(
+        client,
+        job_id,
+        lambda j: (
+            j["status"] == "processing"
+            and j["stage"] == "sample"
+            and j["progress"]
+            and j["progress"]["step"] > 0
+        ),
+    )
+    assert seen["progress"]["total"] >= seen["progress"]["step"]
+    assert seen["started_at"] is not None and seen["queue_position"] is None
+    done = poll(client, job_id, lambda j: j["status"] in TERMINAL)
+    assert done["status"] == "succeeded"
+
+
+def test_no_face_fails_or_passes_through(client: TestClient) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (160, 120), (200, 200, 200)).save(buf, "PNG")
+    flat = buf.getvalue()
+    failed = submit(client, data=flat, aligned="false", headers={"Prefer": "wait=60"}).json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "no_face", failed
+    assert failed["outputs"] is None
+    assert client.get(f"/v1/restorations/{failed['id']}/image").status_code == 409
+    passed = submit(
+        client, data=flat, aligned="false", on_no_face="passthrough", headers={"Prefer": "wait=60"}
+    ).json()
+    assert passed["status"] == "succeeded" and passed["faces"] == [], passed
+    assert any("no face" in w.lower() for w in passed["warnings"])
+
+
+def test_cancel_running_job(client: TestClient) -> None:
+    job_id = submit(client).json()["id"]
+    poll(client, job_id, lambda j: j["stage"] == "sample")
+    r = client.delete(f"/v1/restorations/{job_id}")
+    assert r.status_code == 202, r.text
+    done = poll(client, job_id, lambda j: j["status"] in TERMINAL, timeout=30)
+    assert done["status"] == "canceled" and done["completed_at"]
+    assert client.get(f"/v1/restorations/{job_id}/image").status_code == 409
+
+
+def test_cancel_queued_behind_running_job(client: TestClient) -> None:
+    running = submit(client).json()["id"]
+    queued = submit(client).json()
+    assert queued["status"] == "queued"
+    poll(client, running, lambda j: j["status"] == "processing")
+    assert client.get(f"/v1/restorations/{queued['id']}").json()["queue_position"] == 0
+    assert client.delete(f"/v1/restorations/{queued['id']}").json()["status"] == "canceled"
+    poll(client, running, lambda j: j["status"] in TERMINAL)
+    assert client.get(f"/v1/restorations/{queued['id']}").json()["status"] == "canceled"  # never ran
+
+
+def test_results_expire(service) -> None:
+    settings = service[0].model_copy(update={"result_ttl_seconds": 1})
+    with TestClient(create_app(settings)) as c:
+        job = submit(c, headers={"Prefer": "wait=60"}).json()
+        assert job["status"] == "succeeded"
+        url = job["outputs"]["image"]
+        wait_for(lambda: c.get(url).status_code == 410, 10, interval=0.2, what="result expiry")
+        r = c.get(url)
+        assert r.json()["error"]["code"] == "expired"
+        assert c.get(job["urls"]["self"]).json()["status"] == "succeeded"  # the record outlives results
+
+
+class Receiver:
+    """A local webhook receiver that fails the first ``failures`` deliveries with HTTP 500."""
+
+    def __init__(self, failures: int) -> None:
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(500 if len(outer.calls) <= failures else 204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_webhook_signed_and_retried(client: TestClient, service) -> None:
+    receiver = Receiver(failures=1)
+    try:
+        job = submit(client, webhook=receiver.url, headers={"Prefer": "wait=60"}).json()
+        assert job["status"] == "succeeded"
+        wait_for(lambda: len(receiver.calls) >= 2, 15, what="webhook retry")
+    finally:
+        receiver.server.shutdown()
+    secret = service[0].webhook_secret.get_secret_value()
+    ids = set()
+    for headers, body in receiver.calls:
+        assert verify(secret, headers, body)
+        assert not verify(secret, headers, body + b" ")
+        ids.add(headers["webhook-id"])
+        final = json.loads(body)
+        assert final["id"] == job["id"] and final["status"] == "succeeded" and final["outputs"]["image"]
+    assert ids == {job["id"]}  # same message id on every retry
+
+
+def test_readyz_and_models_with_worker(client: TestClient, service) -> None:
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["ready"] and body["auth"] == "open"
+    w = body["workers"][0]
+    assert w["device"] == "cpu" and w["info"]["profile"] == "tiny" and "weights" in w["info"]
+    models = client.get("/v1/models").json()
+    assert models["models"][0]["real"] is False and models["warnings"]
+
+
+def _types(text: str) -> dict[str, str]:
+    return {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")}
+
+
+def test_metrics_after_jobs(client: TestClient, service) -> None:
+    submit(client, headers={"Prefer": "wait=60"})
+    settings = service[0]
+    store = JobStore(connect(settings), settings)
+    port = store.workers()[0]["metrics_port"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    expected = {
+        "dynface_queue_wait_seconds": "histogram",
+        "dynface_inference_seconds": "histogram",
+        "dynface_job_duration_seconds": "histogram",
+        "dynface_stage_seconds": "histogram",
+        "dynface_jobs_total": "counter",
+        "dynface_faces_per_image": "histogram",
+        "dynface_diffusion_steps_per_face": "histogram",
+        "dynface_gpu_peak_memory_bytes": "gauge",
+        "dynface_model_load_seconds": "gauge",
+        "dynface_worker_ready": "gauge",
+    }
+    types = _types(text)
+    for name, kind in expected.items():
+        assert types.get(name) == kind, (name, types.get(name))
+    assert 'dynface_stage_seconds_count{stage="sample"}' in text
+    assert 'dynface_jobs_total{outcome="succeeded",reason="ok"}' in text
+    assert 'le="600.0"' in text
+    assert "dynface_worker_ready 1.0" in text
+    api = client.get("/metrics").text
+    assert 'dynface_workers{state="ready"} 1.0' in api or 'dynface_workers{state="busy"} 1.0' in api
+    assert _types(api)["dynface_queue_depth"] == "gauge"

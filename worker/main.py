@@ -1,0 +1,189 @@
+"""The GPU worker process: load the pipeline once, then run an RQ SimpleWorker.
+
+Why these choices:
+- SimpleWorker (no fork per job): CUDA cannot be used in a forked child, and reloading weights
+  per job would cost more than the job.
+- RQ detects a dead worker only when its job's execution entry in the StartedJobRegistry expires.
+  By default that entry lives job_timeout + 60 s and SimpleWorker never refreshes it during a
+  job, so a kill -9 would strand the job for the whole timeout. We give executions a short TTL
+  (heartbeat_ttl) and refresh it from a heartbeat thread while a job runs; a background reaper
+  runs RQ's own `StartedJobRegistry.cleanup` every few seconds (RQ's maintenance runs only every
+  10 min and only between dequeue timeouts), which re-queues the job via `Retry` or fails it.
+  `fail_lost` mirrors that decision into our job record.
+- The RQ worker key TTL is longer than the longest job, as RQ requires for SimpleWorker.
+- SIGTERM: RQ's warm shutdown finishes the current job; we then wait briefly for webhooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import start_http_server
+from rq import SimpleWorker
+from rq.exceptions import AbandonedJobError
+from rq.job import Job
+from rq.queue import Queue
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker.base import WorkerStatus
+
+from app.jobs import JobStore, connect, make_queue
+from app.settings import Settings
+from worker import metrics, tasks
+
+log = logging.getLogger(__name__)
+
+
+class DynfaceWorker(SimpleWorker):
+    """SimpleWorker with a short execution TTL refreshed by a heartbeat thread during each job."""
+
+    def __init__(self, *args: Any, settings: Settings, store: JobStore, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self.store = store
+        self.registry_fields: dict[str, Any] = {}
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.settings.heartbeat_ttl_seconds
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        self.announce("busy")
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.settings.heartbeat_interval_seconds):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception as e:  # a missed beat is retried; only a long outage loses the job
+                    log.warning("heartbeat failed: %s", e)
+
+        thread = threading.Thread(target=beat, name="job-heartbeat", daemon=True)
+        thread.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            thread.join()
+        self.set_state(WorkerStatus.IDLE)
+        self.announce("stopping" if self._stop_requested else "ready")
+
+    def announce(self, state: str) -> None:
+        """Publish this worker's state and model info for /readyz, /v1/models and metrics."""
+        self.registry_fields["state"] = state
+        self.registry_fields["heartbeat_at"] = time.time()
+        self.store.register_worker(self.name, self.registry_fields)
+
+
+def _on_abandoned(store: JobStore, settings: Settings):
+    """RQ exception handler: runs for abandoned jobs (our reaper and RQ's maintenance pass it)."""
+
+    def handler(job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
+        if exc_type is AbandonedJobError:
+            tasks.fail_lost(store, settings, job.id, job.retries_left or 0)
+        return True
+
+    return handler
+
+
+def _background(worker: DynfaceWorker, queue: Queue, stop: threading.Event) -> None:
+    """Keep our registry entry alive and re-queue abandoned jobs (one worker at a time, via a lock)."""
+    s = worker.settings
+    lock_key = worker.store.key("reaper-lock", queue.name)
+    registry = StartedJobRegistry(queue=queue, serializer=JSONSerializer)
+    next_reap = 0.0
+    while not stop.wait(min(s.heartbeat_interval_seconds, s.reaper_interval_seconds)):
+        try:
+            worker.announce(worker.registry_fields.get("state", "ready"))
+            if time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + s.reaper_interval_seconds
+                lock_ms = int(s.reaper_interval_seconds * 1000)
+                if worker.connection.set(lock_key, worker.name, nx=True, px=lock_ms):
+                    registry.cleanup(exception_handlers=worker._exc_handlers)
+        except Exception as e:  # Redis blips must not kill the thread; the next round retries
+            log.warning("worker background task failed: %s", e)
+
+
+def run_worker(settings: Settings, device: str, name: str | None = None, burst: bool = False) -> None:
+    """Load the pipeline on ``device``, then take jobs until SIGTERM (or the queue empties if burst)."""
+    from models.pipeline import RestorationPipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Two clients: RQ raises its connection's socket timeout above the blocking dequeue (minutes);
+    # our job store keeps short timeouts so progress writes and heartbeats fail fast.
+    rq_redis = connect(settings)
+    store = JobStore(connect(settings), settings)
+    queue = make_queue(rq_redis, settings)
+    name = name or f"{socket.gethostname()}.{os.getpid()}.{device.replace(':', '')}.{uuid.uuid4().hex[:6]}"
+    worker = DynfaceWorker(
+        [queue],
+        name=name,
+        connection=rq_redis,
+        serializer=JSONSerializer,
+        settings=settings,
+        store=store,
+        worker_ttl=settings.job_timeout_seconds + 60,
+        default_result_ttl=settings.result_ttl_seconds,
+    )
+    worker.push_exc_handler(_on_abandoned(store, settings))
+    port = None
+    if settings.worker_metrics_port is not None:
+        server, _ = start_http_server(settings.worker_metrics_port)
+        port = server.server_port
+    worker.registry_fields = {
+        "name": name,
+        "device": device,
+        "profile": settings.profile,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "metrics_port": port,
+    }
+    worker.announce("loading")
+    stop = threading.Event()
+    background = threading.Thread(
+        target=_background, args=(worker, queue, stop), name="worker-bg", daemon=True
+    )
+    background.start()
+    try:
+        t0 = time.perf_counter()
+        dtype = settings.dtype
+        if dtype == "auto":  # fp16 halves GPU memory; CPUs have no fast fp16 path
+            dtype = "fp16" if device.startswith("cuda") else "fp32"
+        pipe = RestorationPipeline.from_pretrained(
+            settings.profile,
+            device=device,
+            dtype=dtype,
+            weights_dir=settings.weights_dir,
+            max_batch=settings.max_face_batch,
+            max_pixels=settings.max_pixels,
+            download=True,  # first start fetches the real weights (sha256-checked) unless offline
+        )
+        pipe.load_detector()  # fail at start-up, not on the first photo, when detector weights are missing
+        metrics.MODEL_LOAD.set(time.perf_counter() - t0)
+        info = dict(pipe.info)
+        worker.registry_fields.update({"info": info, "real": bool(info.get("real"))})
+        tasks.bind(tasks.Runtime(pipe=pipe, store=store, settings=settings, worker_name=name, device=device))
+        metrics.READY.set(1)
+        worker.announce("ready")
+        log.info("worker %s ready on %s (profile %s)", name, device, settings.profile)
+        worker.work(burst=burst, logging_level="INFO")
+    finally:
+        metrics.READY.set(0)
+        stop.set()
+        background.join(timeout=5)
+        store.unregister_worker(name)
+        _drain_webhooks(timeout=10.0)
+
+
+def _drain_webhooks(timeout: float) -> None:
+    """Give in-flight webhook deliveries a bounded chance to finish before the process exits."""
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t.name.startswith("webhook-"):
+            t.join(max(0.0, deadline - time.monotonic()))
