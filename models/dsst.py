@@ -154,7 +154,10 @@ def build_analytic(
     starts = tuple(int(torch.nonzero(abar * d <= tau * (1.0 - abar))[0]) for d in dist)
     assert all(b >= a for a, b in itertools.pairwise(starts)), starts
     assert starts[-1] == heaviest_start, (starts, heaviest_start)
-    note = ", ".join(f"D({s:g})={d:.4g}" for s, d in zip(sigmas, dist, strict=True))
+    note = (
+        f"tau calibrated so the heaviest level (sigma={sigmas[-1]:g}) starts at index {heaviest_start} of "
+        f"{schedule.spec}; " + ", ".join(f"D({s:g})={d:.4g}" for s, d in zip(sigmas, dist, strict=True))
+    )
     return DSSTable(
         sigmas=sigmas,
         start_indices=starts,

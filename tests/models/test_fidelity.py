@@ -1,0 +1,121 @@
+"""Auto fidelity (method.md §7): eta = clamp(std/10, 0, 1) from a robust noise estimate of the input."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.dsst import default_table
+from models.fidelity import auto_eta, robust_noise_std
+from models.pipeline import RestorationPipeline
+from models.profiles import PROFILES
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+ALIGNED = SHARED / "testdata" / "aligned"
+WEIGHTS = SHARED / "weights"
+needs_faces = pytest.mark.skipif(not ALIGNED.is_dir(), reason=f"shared test faces not found at {ALIGNED}")
+
+
+def _face(name: str) -> np.ndarray:
+    """A real aligned face, uint8 (512, 512, 3)."""
+    return np.array(Image.open(ALIGNED / name).convert("RGB"))
+
+
+def _add_noise(face: np.ndarray, std_8bit: float, seed: int) -> np.ndarray:
+    """Gaussian noise of `std_8bit`, rounded and clipped back to uint8 like a decoded noisy photo."""
+    noise = np.random.default_rng(seed).standard_normal(face.shape) * std_8bit
+    return np.clip(np.round(face + noise), 0, 255).astype(np.uint8)
+
+
+def _to_model(face: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → float64 (3, H, W) in [-1,1], the model convention."""
+    return torch.from_numpy(face).permute(2, 0, 1).to(torch.float64) / 127.5 - 1.0
+
+
+@pytest.mark.parametrize(
+    ("std_8bit", "eta"),
+    [(0.0, 0.0), (0.25, 0.025), (2.5, 0.25), (5.0, 0.5), (10.0, 1.0), (13.0, 1.0), (-1.0, 0.0)],
+)
+def test_auto_eta_is_std_over_ten_clamped_to_unit_interval(std_8bit: float, eta: float) -> None:
+    assert auto_eta(std_8bit) == pytest.approx(eta, abs=1e-12)
+    as_tensor = auto_eta(torch.tensor([std_8bit], dtype=torch.float64))
+    assert isinstance(as_tensor, torch.Tensor)
+    assert float(as_tensor[0]) == pytest.approx(eta, abs=1e-12)
+
+
+@needs_faces
+@pytest.mark.parametrize("name", ["0143.png", "0444.png"])
+def test_robust_noise_std_recovers_noise_added_to_a_real_face(name: str) -> None:
+    """Noise of known std on a real face is read back within 10 % (uint8, rounded and clipped) and
+    3 % (float, the model convention); face edges and texture are not mistaken for noise."""
+    face = _face(name)
+    clean = float(robust_noise_std(torch.from_numpy(face))[0])
+    assert clean < 1.0
+    for k, std_8bit in enumerate((2.0, 5.0, 10.0, 20.0)):
+        noisy_uint8 = _add_noise(face, std_8bit, seed=k)
+        assert float(robust_noise_std(torch.from_numpy(noisy_uint8))[0]) == pytest.approx(std_8bit, rel=0.1)
+        noise = torch.from_numpy(np.random.default_rng(100 + k).standard_normal(face.shape)).permute(2, 0, 1)
+        noisy_float = _to_model(face) + noise * (std_8bit / 127.5)
+        assert float(robust_noise_std(noisy_float)[0]) == pytest.approx(std_8bit, rel=0.03)
+
+
+def test_robust_noise_std_is_near_zero_on_a_clean_smooth_image() -> None:
+    """A plane plus a broad blob has (almost) no second-difference response: std ≈ 0, and only the
+    8-bit rounding remains once it is quantised."""
+    n = torch.arange(128, dtype=torch.float64)
+    yy, xx = torch.meshgrid(n, n, indexing="ij")
+    blob = torch.exp(-((yy - 60) ** 2 + (xx - 70) ** 2) / (2 * 30.0**2))
+    smooth = (0.3 * (xx / 127) - 0.2 * (yy / 127) + 0.5 * blob - 0.1).expand(3, -1, -1)
+    assert float(robust_noise_std(smooth)[0]) < 0.05
+    quantised = torch.round((smooth + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    assert float(robust_noise_std(quantised)[0]) < 0.5
+    noisy = smooth + torch.randn(smooth.shape, generator=torch.Generator().manual_seed(0)) * (3 / 127.5)
+    assert float(robust_noise_std(noisy)[0]) == pytest.approx(3.0, rel=0.05)
+
+
+def test_robust_noise_std_layouts_and_batches_agree() -> None:
+    """uint8 channels-last and float [-1,1] channels-first read the same image identically; a batch
+    gives one value per image, in order."""
+    generator = torch.Generator().manual_seed(1)
+    smooth = torch.linspace(0, 255, 64, dtype=torch.float64).expand(64, 64)[..., None].expand(-1, -1, 3)
+    images = [
+        torch.round(smooth + torch.randn(64, 64, 3, generator=generator, dtype=torch.float64) * s)
+        .clamp(0, 255)
+        .to(torch.uint8)
+        for s in (8.0, 0.0, 3.0)
+    ]
+    batch_uint8 = torch.stack(images)
+    per_image = robust_noise_std(batch_uint8)
+    assert per_image.shape == (3,) and per_image.dtype == torch.float64
+    assert float(per_image[0]) > float(per_image[2]) > float(per_image[1])
+    torch.testing.assert_close(robust_noise_std(images[2]), per_image[2:3])
+    batch_float = batch_uint8.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+    torch.testing.assert_close(robust_noise_std(batch_float), per_image, rtol=0, atol=1e-3)
+    torch.testing.assert_close(robust_noise_std(batch_float[0]), per_image[:1], rtol=0, atol=1e-3)
+
+
+@needs_faces
+def test_pipeline_auto_eta_follows_the_rule_and_a_user_value_overrides_it() -> None:
+    """In the pipeline (fallback DGSA), auto fidelity gives each face clamp(std/10, 0, 1) of its own
+    input's noise std; a user fidelity replaces it for every face. Starts of 1 step keep it fast."""
+    tiny = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
+    table = dataclasses.replace(default_table(), start_indices=(1, 1, 1))
+    pipe = RestorationPipeline(PROFILES["tiny"], tiny.unet, tiny.restorer, dsst=table, weights_dir=WEIGHTS)
+    clean = _face("0143.png")
+    faces = np.stack([clean, _add_noise(clean, 6.0, seed=0)])
+    expected = [float(auto_eta(float(s))) for s in robust_noise_std(torch.from_numpy(faces))]
+    assert expected[0] < 0.1 and 0.5 < expected[1] < 0.7
+
+    auto = pipe.restore_faces(faces, seed=0)
+    assert [f.dgsa for f in auto.facts] == ["fallback", "fallback"]
+    assert [f.eta for f in auto.facts] == pytest.approx(expected, abs=1e-6)
+
+    chosen = pipe.restore_faces(faces[1:], seed=0, fidelity=0.3)
+    assert chosen.facts[0].eta == 0.3
+    with pytest.raises(ValueError):
+        pipe.restore_faces(faces[1:], fidelity=1.5)
