@@ -7,6 +7,7 @@ They run the pipeline in-process (no server, no queue); the entry point that als
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -44,8 +45,13 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     photos.add_argument("--upscale", type=int, default=1, choices=range(1, 5), help="upscale factor 1–4")
     photos.add_argument("--only-center-face", action="store_true")
     photos.add_argument("--detector", choices=["retinaface_resnet50", "retinaface_mobile0.25"], default=None)
+    photos.add_argument("--max-faces", type=int, default=None, help="restore at most N faces (largest first)")
+    photos.add_argument("--min-face-size", type=float, default=0.0, help="ignore faces smaller than N px")
+    photos.add_argument("--color-correction", default="none", choices=["none", "wavelet", "adain"])
     photos.add_argument(
-        "--outputs", default="image", help="comma-separated subset of image,faces,comparison (default image)"
+        "--outputs",
+        default="image",
+        help="comma-separated subset of image,faces,crops,comparison (default image)",
     )
     photos.add_argument("--format", default="same", choices=["png", "jpeg", "webp", "same"])
     photos.add_argument("--on-no-face", default="fail", choices=["fail", "passthrough"])
@@ -97,12 +103,18 @@ def _load_pipeline(args: argparse.Namespace) -> RestorationPipeline:
     return pipe
 
 
-def _image_files(inputs: list[Path]) -> Iterator[Path]:
+def _image_files(inputs: list[Path]) -> Iterator[tuple[Path, Path]]:
+    """(file, output stem relative to the output folder) for every input image.
+
+    Files found in a folder keep their sub-folder, so a/x.jpg and b/x.jpg do not overwrite each
+    other's results; a file named directly is written at the top of the output folder.
+    """
     for path in inputs:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            for p in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+                yield p, p.relative_to(path).with_suffix("")
         else:
-            yield path
+            yield path, Path(path.stem)
 
 
 def _restore_faces(args: argparse.Namespace) -> int:
@@ -116,11 +128,11 @@ def _restore_faces(args: argparse.Namespace) -> int:
     failed = 0
     with tqdm(total=len(files), unit="face") as bar:
         for start in range(0, len(files), pipe.max_batch):
-            batch, names = [], []
-            for path in files[start : start + pipe.max_batch]:
+            batch, stems = [], []
+            for path, stem in files[start : start + pipe.max_batch]:
                 try:
                     batch.append(_read_aligned(path, pipe.max_pixels))
-                    names.append(path)
+                    stems.append(stem)
                 except (OSError, PipelineError) as e:
                     failed += 1
                     tqdm.write(f"skipped {path}: {e}")
@@ -128,9 +140,9 @@ def _restore_faces(args: argparse.Namespace) -> int:
                 result = pipe.restore_faces(
                     np.stack(batch), mode=args.mode, fidelity=args.fidelity, seed=args.seed
                 )
-                for path, face in zip(names, result.faces, strict=True):
+                for stem, face in zip(stems, result.faces, strict=True):
                     data, _ = images.encode_image(face, format="png")
-                    (args.output / f"{path.stem}.png").write_bytes(data)
+                    _write(args.output / f"{stem}.png", data)
             bar.update(len(files[start : start + pipe.max_batch]))
     print(f"restored {len(files) - failed} face(s) into {args.output}; skipped {failed}")
     return 1 if failed else 0
@@ -146,19 +158,29 @@ def _read_aligned(path: Path, max_pixels: int) -> np.ndarray:
     return decoded.rgb
 
 
-def _restore_photos(args: argparse.Namespace) -> int:
-    from models.pipeline import RestoreOptions
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
+
+def _restore_photos(args: argparse.Namespace) -> int:
+    from models.pipeline import OUTPUT_KINDS, RestoreOptions
+
+    # Option errors first: they should not cost a model load.
+    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    unknown = set(outputs) - set(OUTPUT_KINDS)
+    if unknown:
+        choices = ",".join(OUTPUT_KINDS)
+        print(f"error: unknown outputs {sorted(unknown)}; choose from {choices}", file=sys.stderr)
+        return 2
+    if args.max_faces is not None and args.max_faces < 1:
+        print("error: --max-faces must be ≥ 1", file=sys.stderr)
+        return 2
     try:
         pipe = _load_pipeline(args)
     except MissingWeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
-    unknown = set(outputs) - {"image", "faces", "comparison"}
-    if unknown:
-        print(f"error: unknown outputs {sorted(unknown)}", file=sys.stderr)
-        return 2
     options = RestoreOptions(
         mode=args.mode,
         fidelity=args.fidelity,
@@ -170,11 +192,14 @@ def _restore_photos(args: argparse.Namespace) -> int:
         outputs=outputs,
         format=args.format,
         on_no_face=args.on_no_face,
+        max_faces=args.max_faces,
+        min_face_size=args.min_face_size,
+        color_correction=args.color_correction,
     )
     args.output.mkdir(parents=True, exist_ok=True)
     files = list(_image_files(args.inputs))
     failed = 0
-    for path in tqdm(files, unit="photo"):
+    for path, stem in tqdm(files, unit="photo"):
         try:
             result = pipe.restore_photo(path.read_bytes(), options)
         except (OSError, PipelineError) as e:
@@ -182,11 +207,24 @@ def _restore_photos(args: argparse.Namespace) -> int:
             tqdm.write(f"skipped {path}: {getattr(e, 'code', 'unreadable')}: {e}")
             continue
         ext = "." + result.media_type.split("/")[-1]
-        (args.output / f"{path.stem}{ext}").write_bytes(result.image)
-        for k, face in enumerate(result.faces):
-            (args.output / f"{path.stem}_face{k:02d}{ext}").write_bytes(face)
+        out = args.output / stem
+        if "image" in outputs:
+            _write(out.with_name(f"{out.name}{ext}"), result.image)
+        for kind, files_of_kind in (("face", result.faces), ("crop", result.crops)):
+            for k, data in enumerate(files_of_kind):
+                _write(out.with_name(f"{out.name}_{kind}{k:02d}{ext}"), data)
         if result.comparison is not None:
-            (args.output / f"{path.stem}_comparison{ext}").write_bytes(result.comparison)
+            _write(out.with_name(f"{out.name}_comparison{ext}"), result.comparison)
+        # What the API reports per job, so a batch run can be audited face by face.
+        report = {
+            "input": str(path),
+            "faces": [f.to_dict() for f in result.face_reports],
+            "faces_dropped": result.faces_dropped,
+            "seed": result.seed,
+            "timings": result.timings,
+            "warnings": result.warnings,
+        }
+        _write(out.with_name(f"{out.name}.json"), json.dumps(report, indent=1).encode())
         for warning in result.warnings:
             tqdm.write(f"{path}: {warning}")
     print(f"restored {len(files) - failed} photo(s) into {args.output}; skipped {failed}")

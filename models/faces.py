@@ -263,8 +263,15 @@ def upscale_image(img: np.ndarray, factor: float) -> np.ndarray:
     if factor == 1:
         return img.copy()
     h, w = img.shape[:2]
-    size = (max(1, round(w * factor)), max(1, round(h * factor)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+    return resize_to(img, (max(1, round(w * factor)), max(1, round(h * factor))))
+
+
+def resize_to(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Lanczos-resize an RGB (HxWx3) or single-channel (HxW) uint8 image to `size` = (w, h)."""
+    if (img.shape[1], img.shape[0]) == tuple(size):
+        return img.copy()
+    # np.array, not asarray: a writable copy (torch.from_numpy warns on read-only arrays).
+    return np.array(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
 
 
 def _inverse_affine(affine: np.ndarray, upscale: float) -> np.ndarray:

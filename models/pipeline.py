@@ -13,6 +13,7 @@ start (index 100 of ddim250) and sampled without guidance, so the two modes are 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from models.blur import estimate_blur_sigma
 from models.dblm import DBLMNet, fallback_estimates
 from models.dgsa import DGSANet, coherence_scale_map, scale_from_logvar
 from models.dsst import DSSTable, default_table
-from models.errors import Cancelled, InvalidImageError, NoFaceError
+from models.errors import Cancelled, InvalidImageError, NoFaceError, PipelineError
 from models.fidelity import auto_eta, robust_noise_std
 from models.guidance import GaussianGuidance
 from models.profiles import PROFILES, Profile
@@ -46,6 +47,11 @@ STAGES = ("decode", "detect", "dblm", "sample", "paste", "encode")
 # DifFace's default DDIM eta, used by the baseline mode when the caller asks for "auto".
 DIFFACE_DEFAULT_ETA = 0.5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: What `RestoreOptions.outputs` may ask for: the whole photo, the restored aligned faces, the
+#: aligned input crops they came from, and input | output side by side.
+OUTPUT_KINDS = ("image", "faces", "crops", "comparison")
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["dynfacerestore", "difface"]
 ProgressFn = Callable[[str, int, int], None]
@@ -63,9 +69,12 @@ class RestoreOptions:
     upscale: int = 1
     only_center_face: bool = False
     detector: str | None = None  # facexlib model name; None = the profile's default
-    outputs: tuple[str, ...] = ("image",)
+    outputs: tuple[str, ...] = ("image",)  # a subset of OUTPUT_KINDS
     format: str = "png"
     on_no_face: Literal["fail", "passthrough"] = "fail"
+    max_faces: int | None = None  # faces restored per photo (largest first); None = the pipeline's cap
+    min_face_size: float = 0.0  # px, shorter box side; smaller detections are ignored
+    color_correction: Literal["none", "wavelet", "adain"] = "none"  # restored face -> input colours
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,8 @@ class PhotoResult:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     seed: int = 0
+    crops: list[bytes] = field(default_factory=list)  # aligned input faces, when asked for
+    faces_dropped: int = 0  # detected but not restored (over the max_faces cap); also in warnings
 
 
 class StageTimer:
@@ -159,13 +170,13 @@ class RestorationPipeline:
         dtype: str = "fp32",
         max_batch: int = 8,
         max_pixels: int = 36_000_000,
-        color_correction: Literal["wavelet", "adain"] | None = None,
+        max_faces: int = 32,
         weight_versions: dict[str, str] | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if max_batch < 1:
-            raise ValueError("max_batch must be ≥ 1")
+        if max_batch < 1 or max_faces < 1:
+            raise ValueError("max_batch and max_faces must be ≥ 1")
         self.profile = profile
         self.device = torch.device(device)
         self.dtype_name = dtype
@@ -179,7 +190,8 @@ class RestorationPipeline:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
         self.max_batch = max_batch
         self.max_pixels = max_pixels
-        self.color_correction = color_correction
+        # Bounds a job's time on crowd photos; a request may lower it, never raise it.
+        self.max_faces = max_faces
         self.weight_versions = weight_versions or {}
         self._detectors: dict[str, face_ops.FaceDetector] = {}
         self._parser = face_ops.FaceParser.if_available(self.weights_dir, self.device)
@@ -197,18 +209,19 @@ class RestorationPipeline:
         """`"tiny"`: toy networks with seeded random weights (not a restoration, flagged everywhere).
         `"real"` or a directory: DifFace's released prior and restorer from the weights directory
         (a path given here is used as that directory). With `download`, files the profile needs
-        and lacks are fetched first (unless $DYNFACE_OFFLINE); otherwise missing files raise
+        and lacks are fetched first (unless $DYNFACE_OFFLINE), then its optional files (parsing
+        net, other detector) on a best-effort basis; otherwise missing required files raise
         `MissingWeightsError` naming them and the command that fetches them."""
-        if str(name_or_path) == "tiny":
-            profile = PROFILES["tiny"]
-            unet, restorer = _tiny_networks(profile)
-            return cls(profile, unet, restorer, weights_dir=weights_dir, **kwargs)
-        profile = PROFILES["real"]
-        if str(name_or_path) != "real":
+        profile = PROFILES["tiny" if str(name_or_path) == "tiny" else "real"]
+        if str(name_or_path) not in PROFILES:
             weights_dir = Path(name_or_path)
         wdir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
         if download:
             weights.pull(profile.required_weights, wdir)
+            _pull_optional(profile.optional_weights, wdir)
+        if profile.name == "tiny":
+            unet, restorer = _tiny_networks(profile)
+            return cls(profile, unet, restorer, weights_dir=wdir, **kwargs)
         missing = weights.missing_for(profile.required_weights, wdir)
         if missing:
             raise weights.MissingWeightsError([m.name for m in missing], wdir)
@@ -254,9 +267,12 @@ class RestorationPipeline:
             decoded = images.decode_image(data, max_pixels=self.max_pixels)
             warnings += decoded.warnings
 
+        unknown = set(options.outputs) - set(OUTPUT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUT_KINDS}")
         report("detect", 0, 0)
         with timer("detect"):
-            crops, affines, boxes, scores = self._detect_and_align(decoded.rgb, options, warnings)
+            crops, affines, found = self._detect_and_align(decoded.rgb, options, warnings)
 
         if len(crops) == 0:
             if options.on_no_face == "fail":
@@ -276,16 +292,11 @@ class RestorationPipeline:
                 timer=timer,
             )
             restored, facts, seed = result.faces, result.facts, result.seed
-            if self.color_correction:
-                restored = np.stack(
-                    [
-                        face_ops.color_correct(r, c, self.color_correction)
-                        for r, c in zip(restored, crops, strict=True)
-                    ]
-                )
 
         report("paste", 0, 0)
         with timer("paste"):
+            if options.color_correction != "none" and len(restored):
+                restored = face_ops.color_correct(restored, crops, options.color_correction)
             if options.aligned:
                 output = restored[0] if len(restored) else decoded.rgb
                 output = face_ops.upscale_image(output, options.upscale)
@@ -297,7 +308,9 @@ class RestorationPipeline:
                 output = face_ops.upscale_image(decoded.rgb, options.upscale)
             alpha = decoded.alpha
             if alpha is not None and alpha.shape != output.shape[:2]:
-                alpha = face_ops.upscale_image(alpha[..., None].repeat(3, axis=2), options.upscale)[..., 0]
+                # Sized to the output, not scaled by `upscale`: an aligned face that was resized
+                # to 512 first has an output that is not `upscale` times the input.
+                alpha = face_ops.resize_to(alpha, (output.shape[1], output.shape[0]))
 
         report("encode", 0, 0)
         with timer("encode"):
@@ -305,11 +318,12 @@ class RestorationPipeline:
             image, media_type = images.encode_image(
                 output, alpha=alpha, grayscale=decoded.grayscale, format=fmt
             )
-            face_files = (
-                [images.encode_image(f, grayscale=decoded.grayscale, format=fmt)[0] for f in restored]
-                if "faces" in options.outputs
-                else []
-            )
+
+            def encode_all(faces: np.ndarray) -> list[bytes]:
+                return [images.encode_image(f, grayscale=decoded.grayscale, format=fmt)[0] for f in faces]
+
+            face_files = encode_all(restored) if "faces" in options.outputs else []
+            crop_files = encode_all(crops) if "crops" in options.outputs else []
             comparison = None
             if "comparison" in options.outputs:
                 before = (
@@ -320,30 +334,58 @@ class RestorationPipeline:
                 pair = face_ops.comparison_image(before, output)
                 comparison = images.encode_image(pair, grayscale=decoded.grayscale, format=fmt)[0]
 
-        reports = [FaceReport(b, s, f) for b, s, f in zip(boxes, scores, facts, strict=True)]
-        return PhotoResult(image, media_type, face_files, comparison, reports, timer.seconds, warnings, seed)
+        reports = [FaceReport(f.box, f.score, facts) for f, facts in zip(found.faces, facts, strict=True)]
+        return PhotoResult(
+            image,
+            media_type,
+            face_files,
+            comparison,
+            reports,
+            timer.seconds,
+            warnings,
+            seed,
+            crops=crop_files,
+            faces_dropped=found.dropped,
+        )
 
     def _detect_and_align(
         self, rgb: np.ndarray, options: RestoreOptions, warnings: list[str]
-    ) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float, float, float]], list[float]]:
+    ) -> tuple[np.ndarray, np.ndarray, face_ops.Detections]:
+        """Aligned crops (N, 512, 512, 3), their affines and the detections they came from."""
         if options.aligned:
             h, w = rgb.shape[:2]
             if h != w:
                 raise InvalidImageError(f"aligned=true needs a square face crop, got {w}×{h}.")
-            crop = rgb if h == FACE_SIZE else face_ops.upscale_image(rgb, FACE_SIZE / h)
+            crop = rgb if h == FACE_SIZE else face_ops.resize_to(rgb, (FACE_SIZE, FACE_SIZE))
             if h != FACE_SIZE:
                 warnings.append(f"The aligned face was {w}×{h}; it was resized to {FACE_SIZE}×{FACE_SIZE}.")
-            return crop[None], np.empty((1, 2, 3)), [(0.0, 0.0, float(w), float(h))], [1.0]
-        detector = self._detector(options.detector or self.profile.detector)
-        found = detector.detect(rgb, only_center_face=options.only_center_face)
+            whole = face_ops.DetectedFace((0.0, 0.0, float(w), float(h)), 1.0, np.empty((0, 2), np.float32))
+            return crop[None], np.empty((1, 2, 3)), face_ops.Detections([whole])
+        if options.max_faces is not None and options.max_faces < 1:
+            raise ValueError("max_faces must be ≥ 1")
+        cap = self.max_faces if options.max_faces is None else min(options.max_faces, self.max_faces)
+        found = self._detector(options.detector or self.profile.detector).detect(
+            rgb,
+            only_center_face=options.only_center_face,
+            min_face_size=options.min_face_size,
+            max_faces=cap,
+        )
         warnings += found.warnings
         crops, affines = face_ops.align(rgb, found.faces, FACE_SIZE)
-        return crops, affines, [f.box for f in found.faces], [f.score for f in found.faces]
+        return crops, affines, found
 
     def _detector(self, name: str) -> face_ops.FaceDetector:
-        """Detectors are built once per name and kept, so jobs pay no load time."""
+        """Detectors are built once per name and kept, so jobs pay no load time.
+
+        A detector whose weights are absent fails the job with a message naming the file and
+        the command that fetches it (never a download, never an anonymous internal error).
+        """
         if name not in self._detectors:
-            self._detectors[name] = face_ops.FaceDetector(self.weights_dir, name, self.device)  # type: ignore[arg-type]
+            try:
+                detector = face_ops.FaceDetector(self.weights_dir, name, self.device)  # type: ignore[arg-type]
+            except weights.MissingWeightsError as e:
+                raise PipelineError(f"Face detector {name} is not available: {e}") from e
+            self._detectors[name] = detector
         return self._detectors[name]
 
     def load_detector(self) -> None:
@@ -503,6 +545,16 @@ class RestorationPipeline:
 _TINY_WARNING = (
     "Profile 'tiny': small random weights for tests and demos. This output is NOT a face restoration."
 )
+
+
+def _pull_optional(names: Sequence[str], wdir: Path) -> None:
+    """Fetch files the profile works without (better paste masks, the other detector); a failure
+    (offline, no network) is logged, never fatal, since the service runs fine without them."""
+    for name in names:
+        try:
+            weights.pull([name], wdir)
+        except (OSError, ValueError) as e:  # MissingWeightsError and DownloadError are OSErrors
+            log.warning("optional weights %s not fetched: %s", name, e)
 
 
 def _tiny_networks(profile: Profile) -> tuple[IDDPMUNet, SwinIR]:

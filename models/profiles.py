@@ -77,6 +77,9 @@ class Profile:
     detector: str  # facexlib model name used when a request does not pick one
     # Manifest names (models.weights) the profile cannot start without.
     required_weights: tuple[str, ...] = ()
+    # Manifest names it uses when present (fetched best-effort on first start): the face parsing
+    # net for paste masks, the detector a request may pick instead of the default.
+    optional_weights: tuple[str, ...] = ()
     method: MethodConfig = field(default_factory=MethodConfig)
 
     @property
@@ -93,6 +96,15 @@ PROFILES: dict[str, Profile] = {
         REAL_SWINIR,
         detector="retinaface_resnet50",
         required_weights=("difface_prior", "difface_swinir", "retinaface_resnet50"),
+        optional_weights=("parsenet", "retinaface_mobile0.25"),
     ),
-    "tiny": Profile("tiny", False, TINY_UNET, TINY_SWINIR, detector="retinaface_mobile0.25"),
+    # No file is required (its networks are generated), but photos need its small detector.
+    "tiny": Profile(
+        "tiny",
+        False,
+        TINY_UNET,
+        TINY_SWINIR,
+        detector="retinaface_mobile0.25",
+        optional_weights=("retinaface_mobile0.25",),
+    ),
 }

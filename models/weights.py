@@ -14,15 +14,16 @@ This module is torch-free so the API's /readyz can use it.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from tqdm import tqdm
 
 _DIFFACE_RELEASE = "https://github.com/zsyOAOA/DifFace/releases/download/V1.0"
 _FACEXLIB_RELEASE = "https://github.com/xinntao/facexlib/releases/download"
@@ -133,6 +134,9 @@ MANIFEST: tuple[WeightFile, ...] = (
     ),
 )
 
+#: Folder (inside the weights dir) holding unfinished downloads until they are complete and checked.
+PARTIAL_DIR = ".partial"
+
 State = Literal["present", "missing", "corrupt", "unverified"]
 
 
@@ -170,6 +174,10 @@ class MissingWeightsError(FileNotFoundError):
             f"Fetch them with: {pull_command(self.names)} "
             f"(set DYNFACE_WEIGHTS_DIR={self.directory} if that is not the default dir)."
         )
+
+
+class DownloadError(OSError):
+    """A download failed (network, HTTP status, cut short); the final path was not touched."""
 
 
 def weights_dir() -> Path:
@@ -267,12 +275,11 @@ def pull(
 ) -> list[Status]:
     """Download the named (default: all) files that are missing or corrupt; returns their status.
 
-    Release assets go through `pooch.retrieve` (sha256 checked when pinned, tqdm progress bar)
-    into a private staging dir inside `weights_dir`; the size is checked too, and only then is
-    the file renamed to its final name (same filesystem, so atomic). Hub files go through
-    `huggingface_hub.hf_hub_download(..., local_dir=...)`, which stages and renames the same way
-    and resumes its own `.incomplete` files. Release downloads do not resume: pooch has no
-    resume, and a failed download is removed and starts over on the next pull.
+    Release assets are downloaded into `<weights_dir>/.partial/` (resumed there after an
+    interrupted pull, with a tqdm progress bar), checked for size and sha256 where pinned, and
+    only then renamed to their final name (same filesystem, so atomic). Hub files go through
+    `huggingface_hub.hf_hub_download(..., local_dir=...)`, which stages, resumes and renames the
+    same way with its own `.incomplete` files.
     `offline` (default: $DYNFACE_OFFLINE) forbids any download: files still needed raise
     MissingWeightsError naming them and the command to fetch them elsewhere.
     """
@@ -294,28 +301,57 @@ def pull(
     return verify(root, names=[e.name for e in entries], manifest=manifest)
 
 
+def _partial_path(root: Path, entry: WeightFile) -> Path:
+    """Where an unfinished download of `entry` waits to be resumed: outside the final path, under a
+    stable name so the next pull finds it."""
+    return root / PARTIAL_DIR / entry.path
+
+
 def _pull_url(entry: WeightFile, root: Path, progress: bool) -> None:
-    import pooch
+    """Download a release asset with resume, then check it and move it into place atomically.
+
+    huggingface_hub's `http_get` does the HTTP: Range requests to resume (and a restart when a
+    server ignores Range), retries on dropped connections, a tqdm bar, and a size check against
+    Content-Length/Content-Range. It is given our own partial file so an interrupted pull
+    resumes on the next run. A partial file that fails its checksum is deleted (resuming cannot
+    fix it); one cut short by the network is kept for the next pull.
+    """
+    import httpx2
+    from huggingface_hub.file_download import http_get
 
     final = root / entry.path
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pull-", dir=final.parent))
+    partial = _partial_path(root, entry)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    if entry.size is not None and partial.is_file() and partial.stat().st_size > entry.size:
+        partial.unlink()  # longer than the real file: not a prefix of it
+    bar = tqdm if progress else functools.partial(tqdm, disable=True)
     try:
-        fetched = Path(
-            pooch.retrieve(
+        with partial.open("ab") as f:
+            http_get(
                 entry.url,
-                known_hash=f"sha256:{entry.sha256}" if entry.sha256 else None,
-                fname=entry.file_name,
-                path=staging,
-                progressbar=progress,
+                f,
+                resume_size=f.tell(),
+                expected_size=entry.size,
+                displayed_filename=entry.file_name,
+                tqdm_class=bar,  # type: ignore[arg-type]  # a partial is accepted (called with kwargs)
             )
-        )
-        size = fetched.stat().st_size
-        if entry.size is not None and size != entry.size:
-            raise ValueError(f"{entry.name}: downloaded {size} B, expected {entry.size} B")
-        os.replace(fetched, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except (OSError, httpx2.HTTPError) as e:  # httpx2: the transport huggingface_hub 2.x uses
+        kept = partial.stat().st_size if partial.is_file() else 0
+        if kept == 0:
+            partial.unlink(missing_ok=True)
+        resume = f"; {kept} B kept, the next pull resumes" if kept else ""
+        raise DownloadError(f"Could not download {entry.name} from {entry.url}: {e}{resume}") from e
+    size = partial.stat().st_size
+    problem = None
+    if entry.size is not None and size != entry.size:
+        problem = f"downloaded {size} B, expected {entry.size} B"
+    elif entry.sha256 is not None and (actual := _sha256(partial)) != entry.sha256:
+        problem = f"sha256 {actual}, expected {entry.sha256} (hash mismatch)"
+    if problem is not None:
+        partial.unlink()
+        raise ValueError(f"Downloaded {entry.name} is corrupt ({problem}); removed it.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, final)  # same filesystem: the file appears complete or not at all
 
 
 def _pull_hub(entry: WeightFile, root: Path) -> None:
@@ -353,7 +389,7 @@ def add_weights_cli(subparsers: argparse._SubParsersAction) -> argparse.Argument
     v.add_argument("--only", action="append", metavar="NAME", help="only this file (repeatable)")
     v.set_defaults(func=_cli_verify)
 
-    ls = sub.add_parser("list", help="list known weight files and whether they are on disk")
+    ls = sub.add_parser("list", help="list known weight files: present / missing / corrupt (by size)")
     ls.set_defaults(func=_cli_list)
     return weights
 
@@ -385,11 +421,12 @@ def _cli_verify(args: argparse.Namespace) -> int:
 
 
 def _cli_list(args: argparse.Namespace) -> int:
+    """Every manifest file with its state by existence and size (cheap; `verify` also hashes)."""
     root = _resolve_dir(args.dir)
     for e in MANIFEST:
-        on_disk = "on disk" if (root / e.path).is_file() else "absent"
+        state = _check(e, root / e.path, hash_it=False).state
         size = f"{e.size} B" if e.size is not None else "size unknown"
         checksum = "sha256 pinned" if e.sha256 else "no checksum"
-        print(f"{e.name:24} {on_disk:8} {size:>14}  {checksum:14} {e.url}")
+        print(f"{e.name:24} {state:10} {size:>14}  {checksum:14} {e.url}")
         print(f"{'':24} {e.description}")
     return 0

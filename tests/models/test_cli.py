@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from models import pipeline as pipeline_mod
 from models.cli import register_commands
+from models.dsst import default_table
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+PHOTOS = SHARED / "testdata" / "photos"
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared test data not found at {SHARED}")
+
+
+@pytest.fixture(autouse=True)
+def _short_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start steps of 2-4 instead of up to 100: these tests are about files in and out."""
+    table = dataclasses.replace(default_table(), start_indices=(2, 3, 4))
+    monkeypatch.setattr(pipeline_mod, "default_table", lambda: table)
 
 
 def run(*argv: str) -> int:
@@ -22,28 +34,29 @@ def run(*argv: str) -> int:
     return args.func(args)
 
 
-def test_restore_faces_writes_one_png_per_face_and_skips_bad_files(tmp_path: Path, capsys) -> None:
+def test_restore_faces_writes_one_png_per_face_and_skips_bad_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("0143.png", "0240.png"):
         shutil.copy(SHARED / "testdata" / "aligned" / name, inputs / name)
     (inputs / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "out"
-    code = run(
-        "restore-faces", str(inputs), "-o", str(out), "--profile", "tiny", "--mode", "difface", "--seed", "0"
-    )
+    code = run("restore-faces", str(inputs), "-o", str(out), "--profile", "tiny", "--seed", "0")
     assert code == 1  # one input was unreadable: reported, not fatal for the others
     assert sorted(p.name for p in out.iterdir()) == ["0143.png", "0240.png"]
     assert Image.open(out / "0143.png").size == (512, 512)
     captured = capsys.readouterr()
     assert "skipped" in captured.out + captured.err and "broken.png" in captured.out + captured.err
+    assert "3/3" in captured.err  # the progress bar counted every input, skipped ones included
 
 
-def test_restore_photo_with_faces_and_comparison(tmp_path: Path) -> None:
+def test_restore_photo_with_faces_crops_comparison_and_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = run(
         "restore",
-        str(SHARED / "testdata" / "photos" / "04.jpg"),
+        str(PHOTOS / "04.jpg"),
         "-o",
         str(out),
         "--profile",
@@ -51,14 +64,68 @@ def test_restore_photo_with_faces_and_comparison(tmp_path: Path) -> None:
         "--weights-dir",
         str(SHARED / "weights"),
         "--outputs",
-        "image,faces,comparison",
+        "image,faces,crops,comparison",
         "--format",
         "png",
-        "--mode",
-        "difface",
+        "--color-correction",
+        "wavelet",
         "--seed",
         "0",
     )
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["04.png", "04_comparison.png", "04_face00.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "04.json",
+        "04.png",
+        "04_comparison.png",
+        "04_crop00.png",
+        "04_face00.png",
+    ]
     assert Image.open(out / "04.png").size == (225, 225)
+    report = json.loads((out / "04.json").read_text())
+    (face,) = report["faces"]
+    assert len(face["box"]) == 4 and face["score"] >= 0.97 and face["start_step"] in (2, 3, 4)
+    assert 0 <= face["eta"] <= 1 and report["faces_dropped"] == 0 and report["seed"] == 0
+    assert any("NOT a face restoration" in w for w in report["warnings"])
+
+
+def test_restore_folders_keep_structure_skip_unreadable_and_report_extras(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two photos with the same name in different sub-folders, a broken file and a photo without a
+    face: every readable photo is written (none overwrites another), the others are reported."""
+    inputs = tmp_path / "in"
+    for sub in ("a", "b"):
+        (inputs / sub).mkdir(parents=True)
+        shutil.copy(PHOTOS / "04.jpg", inputs / sub / "same.jpg")
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(inputs / "blank.png")
+    (inputs / "notes.txt").write_text("not an image suffix: ignored")
+    out = tmp_path / "out"
+    code = run(
+        "restore",
+        str(inputs),
+        "-o",
+        str(out),
+        "--profile",
+        "tiny",
+        "--weights-dir",
+        str(SHARED / "weights"),
+        "--detector",
+        "retinaface_mobile0.25",
+        "--max-faces",
+        "1",
+        "--seed",
+        "0",
+    )
+    assert code == 1
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["a/same.jpeg", "a/same.json", "b/same.jpeg", "b/same.json"]
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
+    assert "broken.jpg: invalid_image" in said and "blank.png: no_face" in said
+    assert "restored 2 photo(s)" in said and "skipped 2" in said
+
+
+def test_restore_rejects_unknown_outputs_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    code = run("restore", "x.jpg", "-o", "out", "--profile", "real", "--outputs", "image,mask")
+    assert code == 2 and "mask" in capsys.readouterr().err

@@ -7,7 +7,9 @@ photo handling); restoration quality needs the real weights and is not asserted 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from models import faces as face_ops
+from models import pipeline as pipeline_mod
 from models.dblm import DBLMConfig, DBLMNet
 from models.dgsa import DGSANet
-from models.errors import Cancelled, NoFaceError
+from models.dsst import default_table
+from models.errors import Cancelled, NoFaceError, PipelineError
 from models.pipeline import STAGES, RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
 from models.weights import MissingWeightsError
@@ -40,9 +45,35 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+needs_detector = pytest.mark.skipif(
+    not (WEIGHTS / "detection_mobilenet0.25_Final.pth").is_file(), reason="detector weights absent"
+)
+
+
 @pytest.fixture(scope="module")
 def pipe() -> RestorationPipeline:
     return RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, max_batch=4)
+
+
+#: A DSST table with the default's levels but starts of a few steps: photo-level tests check
+#: detection, paste-back and encoding, which do not depend on how long the sampler runs.
+FAST_STARTS = (2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def fast(pipe: RestorationPipeline) -> RestorationPipeline:
+    """The tiny networks with FAST_STARTS (shared with `pipe`, so nothing is built twice)."""
+    return _fast_pipeline(pipe)
+
+
+def _fast_pipeline(pipe: RestorationPipeline, **kwargs: object) -> RestorationPipeline:
+    table = dataclasses.replace(default_table(), start_indices=FAST_STARTS)
+    kwargs.setdefault("weights_dir", WEIGHTS)
+    return RestorationPipeline(PROFILES["tiny"], pipe.unet, pipe.restorer, dsst=table, max_batch=8, **kwargs)
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def test_tiny_profile_is_flagged_not_real(pipe: RestorationPipeline) -> None:
@@ -51,7 +82,8 @@ def test_tiny_profile_is_flagged_not_real(pipe: RestorationPipeline) -> None:
     assert pipe.info["dblm"] == "fallback" and pipe.info["dgsa"] == "fallback"
 
 
-def test_restore_faces_shapes_facts_and_nfe(pipe: RestorationPipeline) -> None:
+def test_restore_faces_shapes_facts_and_nfe(fast: RestorationPipeline) -> None:
+    pipe = fast
     faces = _faces("0143.png", "0240.png", "0342.png")
     result = pipe.restore_faces(faces, seed=3)
     assert result.faces.shape == faces.shape and result.faces.dtype == np.uint8
@@ -69,36 +101,36 @@ def test_restore_faces_shapes_facts_and_nfe(pipe: RestorationPipeline) -> None:
     assert np.abs(result.faces.astype(int) - faces.astype(int)).mean() > 1
 
 
-def test_seed_makes_runs_repeatable(pipe: RestorationPipeline) -> None:
+def test_seed_makes_runs_repeatable(fast: RestorationPipeline) -> None:
     faces = _faces("0345.png")
-    a = pipe.restore_faces(faces, seed=7, fidelity=1.0)
-    b = pipe.restore_faces(faces, seed=7, fidelity=1.0)
-    c = pipe.restore_faces(faces, seed=8, fidelity=1.0)
+    a = fast.restore_faces(faces, seed=7, fidelity=1.0)
+    b = fast.restore_faces(faces, seed=7, fidelity=1.0)
+    c = fast.restore_faces(faces, seed=8, fidelity=1.0)
     assert np.array_equal(a.faces, b.faces)
     assert not np.array_equal(a.faces, c.faces)
     assert a.seed == 7
 
 
 def test_baseline_mode_uses_difface_fixed_start(pipe: RestorationPipeline) -> None:
-    faces = _faces("0368.png", "0412.png")
+    faces = _faces("0368.png")  # one face: 100 steps each call is the slowest thing in this file
     default = pipe.restore_faces(faces, mode="difface", seed=1)
-    assert [f.start_step for f in default.facts] == [100, 100]
-    assert [f.nfe for f in default.facts] == [100, 100]
-    assert [f.eta for f in default.facts] == [0.5, 0.5]  # DifFace's default eta for "auto"
+    assert [f.start_step for f in default.facts] == [100]
+    assert [f.nfe for f in default.facts] == [100]
+    assert [f.eta for f in default.facts] == [0.5]  # DifFace's default eta for "auto"
     assert {f.dblm for f in default.facts} == {"none"}
     chosen = pipe.restore_faces(faces[:1], mode="difface", fidelity=0.2, seed=1)
     assert chosen.facts[0].eta == 0.2
 
 
-def test_user_fidelity_overrides_auto_eta(pipe: RestorationPipeline) -> None:
-    result = pipe.restore_faces(_faces("0444.png"), fidelity=0.3, seed=0)
+def test_user_fidelity_overrides_auto_eta(fast: RestorationPipeline) -> None:
+    result = fast.restore_faces(_faces("0444.png"), fidelity=0.3, seed=0)
     assert result.facts[0].eta == 0.3
 
 
-def test_progress_reports_every_step_and_cancel_stops(pipe: RestorationPipeline) -> None:
+def test_progress_reports_every_step_and_cancel_stops(fast: RestorationPipeline) -> None:
     faces = _faces("0478.png", "0500.png")
     seen: list[tuple[str, int, int]] = []
-    result = pipe.restore_faces(faces, seed=0, progress=lambda *a: seen.append(a))
+    result = fast.restore_faces(faces, seed=0, progress=lambda *a: seen.append(a))
     steps = [s[1:] for s in seen if s[0] == "sample"]
     # Faces sharing (start step, eta) run as one batch: one report per sampler step of each group.
     groups = {(f.start_step, f.eta): f.nfe for f in result.facts}
@@ -107,12 +139,12 @@ def test_progress_reports_every_step_and_cancel_stops(pipe: RestorationPipeline)
 
     calls = {"n": 0}
 
-    def cancel_after_five() -> bool:
+    def cancel_after_two() -> bool:
         calls["n"] += 1
-        return calls["n"] > 5
+        return calls["n"] > 2
 
     with pytest.raises(Cancelled):
-        pipe.restore_faces(faces, seed=0, should_cancel=cancel_after_five)
+        fast.restore_faces(faces, seed=0, should_cancel=cancel_after_two)
 
 
 def test_trained_networks_path_is_reported(pipe: RestorationPipeline) -> None:
@@ -121,8 +153,9 @@ def test_trained_networks_path_is_reported(pipe: RestorationPipeline) -> None:
         torch.manual_seed(0)
         dblm = DBLMNet(DBLMConfig(backbone=profile.swinir, sigmas=profile.method.sigmas))
         dgsa = DGSANet(base_channels=8)
+    table = dataclasses.replace(default_table(), start_indices=FAST_STARTS)
     trained = RestorationPipeline(
-        profile, pipe.unet, pipe.restorer, dblm=dblm, dgsa=dgsa, weights_dir=WEIGHTS
+        profile, pipe.unet, pipe.restorer, dsst=table, dblm=dblm, dgsa=dgsa, weights_dir=WEIGHTS
     )
     result = trained.restore_faces(_faces("0599.png"), seed=0)
     fact = result.facts[0]
@@ -131,9 +164,9 @@ def test_trained_networks_path_is_reported(pipe: RestorationPipeline) -> None:
     assert trained.info["dblm"] == "trained"
 
 
-def test_restore_photo_aligned_input(pipe: RestorationPipeline) -> None:
+def test_restore_photo_aligned_input(fast: RestorationPipeline) -> None:
     data = (ALIGNED / "0717.png").read_bytes()
-    result = pipe.restore_photo(
+    result = fast.restore_photo(
         data, RestoreOptions(aligned=True, seed=1, outputs=("image", "faces", "comparison"))
     )
     out = Image.open(io.BytesIO(result.image))
@@ -145,47 +178,154 @@ def test_restore_photo_aligned_input(pipe: RestorationPipeline) -> None:
     assert len(result.face_reports) == 1 and result.face_reports[0].facts.nfe > 0
 
 
-@pytest.mark.skipif(
-    not (WEIGHTS / "detection_mobilenet0.25_Final.pth").is_file(), reason="detector weights absent"
-)
-def test_restore_photo_whole_photo_restores_every_face(pipe: RestorationPipeline) -> None:
+@needs_detector
+def test_restore_photo_whole_photo_restores_every_face(fast: RestorationPipeline) -> None:
     data = (PHOTOS / "00.jpg").read_bytes()
-    result = pipe.restore_photo(data, RestoreOptions(seed=0, upscale=2, outputs=("image", "faces")))
-    out = Image.open(io.BytesIO(result.image))
-    assert out.size == (491 * 2, 310 * 2)
-    assert len(result.face_reports) == 4 == len(result.faces)  # 00.jpg has 4 faces (weights/SOURCES.md)
-    for report in result.face_reports:
-        x0, y0, x1, y1 = report.box
-        assert 0 <= x0 < x1 <= 491 and 0 <= y0 < y1 <= 310
-        assert report.score >= 0.97
+    everything = ("image", "faces", "crops", "comparison")
+    result = fast.restore_photo(data, RestoreOptions(seed=0, upscale=2, outputs=everything, format="png"))
+    out = _decoded(result.image)
+    assert out.shape == (310 * 2, 491 * 2, 3)
+    # 00.jpg has 4 faces (weights/SOURCES.md); each is aligned, restored and reported.
+    assert len(result.face_reports) == len(result.faces) == len(result.crops) == 4
+    assert result.faces_dropped == 0
+
+    rgb = _decoded(data)
+    found = face_ops.FaceDetector(WEIGHTS, "retinaface_mobile0.25").detect(rgb)
+    crops, affines = face_ops.align(rgb, found.faces)
+    for k, (report, face) in enumerate(zip(result.face_reports, found.faces, strict=True)):
+        assert report.box == face.box and report.score == face.score >= 0.97
+        assert report.facts.start_step in FAST_STARTS and report.facts.nfe == report.facts.start_step
+        assert 0.0 <= report.facts.eta <= 1.0
+        assert set(report.to_dict()) >= {"box", "score", "start_step", "eta", "blur_sigma", "nfe"}
+        # "crops" are the aligned input faces; "faces" what the sampler made of them.
+        np.testing.assert_array_equal(_decoded(result.crops[k]), crops[k])
+        assert _decoded(result.faces[k]).shape == (512, 512, 3)
+        assert not np.array_equal(_decoded(result.faces[k]), crops[k])
+
+    # Paste-back: outside the face masks the output is exactly the upscaled input; inside, it is not.
+    weight = face_ops.paste_mask((out.shape[1], out.shape[0]), affines, 2)
+    background = face_ops.upscale_image(rgb, 2)
+    np.testing.assert_array_equal(out[weight == 0], background[weight == 0])
+    assert np.abs(out[weight > 0.99].astype(int) - background[weight > 0.99]).mean() > 2
+    comparison = _decoded(result.comparison or b"")
+    np.testing.assert_array_equal(comparison, np.concatenate([background, out], axis=1))
     assert set(result.timings) == set(STAGES)
 
 
-@pytest.mark.skipif(
-    not (WEIGHTS / "detection_mobilenet0.25_Final.pth").is_file(), reason="detector weights absent"
-)
-def test_alpha_and_grayscale_survive(pipe: RestorationPipeline) -> None:
-    rgba = pipe.restore_photo((PHOTOS / "02.png").read_bytes(), RestoreOptions(seed=0, format="png"))
+@needs_detector
+def test_max_faces_restores_the_largest_and_reports_the_rest(pipe: RestorationPipeline) -> None:
+    data = (PHOTOS / "00.jpg").read_bytes()
+    capped = _fast_pipeline(pipe, max_faces=1)  # the service's cap; a request may only lower it
+    result = capped.restore_photo(data, RestoreOptions(seed=0, max_faces=3))
+    assert len(result.face_reports) == 1 and result.faces_dropped == 3
+    assert any("4 faces were found; only the 1 largest" in w for w in result.warnings)
+
+    def area(box: tuple[float, float, float, float]) -> float:
+        return (box[2] - box[0]) * (box[3] - box[1])
+
+    everyone = face_ops.FaceDetector(WEIGHTS, "retinaface_mobile0.25").detect(_decoded(data))
+    assert area(result.face_reports[0].box) == max(area(f.box) for f in everyone.faces)
+    with pytest.raises(ValueError):
+        capped.restore_photo(data, RestoreOptions(max_faces=0))
+
+
+@needs_detector
+def test_min_face_size_only_center_face_and_format(fast: RestorationPipeline) -> None:
+    data = (PHOTOS / "00.jpg").read_bytes()
+    with pytest.raises(NoFaceError):
+        fast.restore_photo(data, RestoreOptions(min_face_size=400))
+    center = fast.restore_photo(data, RestoreOptions(seed=0, only_center_face=True, format="webp"))
+    assert len(center.face_reports) == 1 and center.faces_dropped == 0
+    assert center.media_type == "image/webp" and Image.open(io.BytesIO(center.image)).format == "WEBP"
+    with pytest.raises(ValueError, match="unknown outputs"):
+        fast.restore_photo(data, RestoreOptions(outputs=("image", "mask")))
+
+
+@needs_detector
+def test_color_correction_is_applied_to_each_restored_face(fast: RestorationPipeline) -> None:
+    data = (PHOTOS / "04.jpg").read_bytes()
+    outputs = ("faces", "crops")
+    plain = fast.restore_photo(data, RestoreOptions(seed=0, outputs=outputs, format="png"))
+    fixed = fast.restore_photo(
+        data, RestoreOptions(seed=0, outputs=outputs, format="png", color_correction="adain")
+    )
+    crop, before, after = (_decoded(x[0]) for x in (fixed.crops, plain.faces, fixed.faces))
+    # Same seed, same restored face: the corrected one is exactly that face pulled to the input.
+    # (±1: the pipeline's batch is channels-last strided, so float sums may round differently)
+    diff = np.abs(after.astype(int) - face_ops.color_correct(before, crop, "adain"))
+    assert diff.max() <= 1 and diff.mean() < 0.05
+    drift = np.abs(before.mean(axis=(0, 1)) - crop.mean(axis=(0, 1))).max()
+    assert np.abs(after.mean(axis=(0, 1)) - crop.mean(axis=(0, 1))).max() < drift / 5
+
+
+@needs_detector
+def test_alpha_and_grayscale_survive(fast: RestorationPipeline) -> None:
+    rgba = fast.restore_photo(
+        (PHOTOS / "02.png").read_bytes(), RestoreOptions(seed=0, format="png", only_center_face=True)
+    )
     out = Image.open(io.BytesIO(rgba.image))
     assert out.mode == "RGBA" and out.size == (1204, 645)
     src_alpha = np.asarray(Image.open(PHOTOS / "02.png").getchannel("A"))
     assert np.array_equal(np.asarray(out.getchannel("A")), src_alpha)
 
     gray = Image.open(PHOTOS / "04.jpg").convert("L")
-    result = pipe.restore_photo(_png(gray), RestoreOptions(seed=0))
+    result = fast.restore_photo(_png(gray), RestoreOptions(seed=0, outputs=("image", "faces", "crops")))
     assert Image.open(io.BytesIO(result.image)).mode == "L"
     assert len(result.face_reports) == 1
+    assert [Image.open(io.BytesIO(f)).mode for f in result.faces + result.crops] == ["L", "L"]
 
 
-@pytest.mark.skipif(
-    not (WEIGHTS / "detection_mobilenet0.25_Final.pth").is_file(), reason="detector weights absent"
-)
-def test_no_face_fails_or_passes_through(pipe: RestorationPipeline) -> None:
+def test_aligned_face_with_alpha_and_another_size(fast: RestorationPipeline) -> None:
+    """A 256×256 RGBA aligned face: the face is worked on at 512, the alpha follows it there."""
+    face = Image.open(ALIGNED / "0717.png").convert("RGB").resize((256, 256))
+    alpha = np.zeros((256, 256), np.uint8)
+    alpha[32:224, 32:224] = 255
+    rgba = face.copy()
+    rgba.putalpha(Image.fromarray(alpha))
+    result = fast.restore_photo(_png(rgba), RestoreOptions(aligned=True, seed=0, upscale=2))
+    out = Image.open(io.BytesIO(result.image))
+    assert out.mode == "RGBA" and out.size == (1024, 1024)
+    out_alpha = np.asarray(out.getchannel("A"))
+    assert out_alpha[512, 512] == 255 and out_alpha[20, 20] == 0
+    assert any("resized to 512" in w for w in result.warnings)
+
+
+@needs_detector
+def test_exif_rotated_jpeg_same_faces_upright_output_no_metadata(fast: RestorationPipeline) -> None:
+    """A phone JPEG stored sideways (Orientation 6) with camera metadata comes back upright, with
+    the faces of the upright photo, and with no metadata at all (all 8 orientations: test_faces)."""
+    upright = Image.open(PHOTOS / "04.jpg").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    exif[0x010F] = "PhoneMaker"  # Make
+    buf = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=98, exif=exif.tobytes())
+    result = fast.restore_photo(buf.getvalue(), RestoreOptions(seed=0, format="same"))
+    assert result.media_type == "image/jpeg"
+    out = Image.open(io.BytesIO(result.image))
+    assert out.size == upright.size
+    assert not out.getexif() and "exif" not in out.info and "icc_profile" not in out.info
+    (reference,) = face_ops.FaceDetector(WEIGHTS, "retinaface_mobile0.25").detect(np.asarray(upright)).faces
+    (report,) = result.face_reports
+    np.testing.assert_allclose(report.box, reference.box, atol=2.0)
+
+
+def test_detector_without_weights_fails_the_job_clearly(pipe: RestorationPipeline, tmp_path: Path) -> None:
+    bare = _fast_pipeline(pipe, weights_dir=tmp_path)
+    data = (PHOTOS / "04.jpg").read_bytes()
+    with pytest.raises(PipelineError, match=r"detection_Resnet50_Final\.pth") as err:
+        bare.restore_photo(data, RestoreOptions(detector="retinaface_resnet50"))
+    assert "dynface weights pull --only detection_Resnet50_Final.pth" in err.value.message
+    assert list(tmp_path.iterdir()) == []  # facexlib did not download anything there
+
+
+@needs_detector
+def test_no_face_fails_or_passes_through(fast: RestorationPipeline) -> None:
     flat = _png(Image.new("RGB", (300, 200), (120, 130, 140)))
     with pytest.raises(NoFaceError) as err:
-        pipe.restore_photo(flat, RestoreOptions())
+        fast.restore_photo(flat, RestoreOptions())
     assert err.value.code == "no_face"
-    passed = pipe.restore_photo(flat, RestoreOptions(on_no_face="passthrough"))
+    passed = fast.restore_photo(flat, RestoreOptions(on_no_face="passthrough"))
     assert np.array_equal(
         np.asarray(Image.open(io.BytesIO(passed.image))), np.full((200, 300, 3), (120, 130, 140))
     )
@@ -222,3 +362,25 @@ def test_real_profile_download_respects_offline(tmp_path: Path, monkeypatch: pyt
         RestorationPipeline.from_pretrained("real", weights_dir=tmp_path, download=True)
     assert set(err.value.names) == {"difface_prior", "difface_swinir", "retinaface_resnet50"}
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded left behind
+
+
+def test_download_pulls_required_then_optional_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(pipeline_mod.weights, "pull", lambda names, wdir: calls.append(list(names)))
+    with pytest.raises(MissingWeightsError):  # the fake pull fetched nothing
+        RestorationPipeline.from_pretrained("real", weights_dir=tmp_path, download=True)
+    real = PROFILES["real"]
+    assert calls == [list(real.required_weights), *([n] for n in real.optional_weights)]
+    assert "parsenet" in real.optional_weights
+
+
+def test_tiny_download_offline_still_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Optional files that cannot be fetched are logged, not fatal; nothing is written."""
+    monkeypatch.setenv("DYNFACE_OFFLINE", "1")
+    with caplog.at_level(logging.WARNING, logger="models.pipeline"):
+        tiny = RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path, download=True)
+    assert tiny.info["real"] is False and tiny.weights_dir == tmp_path
+    assert "retinaface_mobile0.25" in caplog.text and "dynface weights pull" in caplog.text
+    assert list(tmp_path.iterdir()) == []

@@ -21,25 +21,39 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """/good.bin: the payload; /truncated.bin: promises the payload, sends half, hangs up."""
+    """Serves PAYLOAD under several behaviours:
 
-    requests: ClassVar[list[str]] = []
+    /good.bin      honours Range (206 + Content-Range), as GitHub's release CDN does
+    /norange.bin   ignores Range and always sends the whole file with 200
+    /flaky.bin     the first request promises the payload, sends half and hangs up; later ones are good
+    /truncated.bin always promises what was asked for, sends half of it and hangs up
+    """
+
+    requests: ClassVar[list[tuple[str, str | None]]] = []
 
     def do_GET(self) -> None:
-        type(self).requests.append(self.path)
-        if self.path not in ("/good.bin", "/truncated.bin"):
+        type(self).requests.append((self.path, self.headers.get("Range")))
+        if self.path not in ("/good.bin", "/norange.bin", "/flaky.bin", "/truncated.bin"):
             self.send_error(404)
             return
-        self.send_response(200)
+        first_flaky = self.path == "/flaky.bin" and sum(p == "/flaky.bin" for p, _ in self.requests) == 1
+        start = 0
+        ranged = self.headers.get("Range")
+        if ranged and self.path != "/norange.bin":
+            start = int(ranged.removeprefix("bytes=").split("-")[0])
+        body = PAYLOAD[start:]
+        self.send_response(206 if start else 200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(PAYLOAD)))
+        self.send_header("Content-Length", str(len(body)))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
         self.end_headers()
-        if self.path == "/good.bin":
-            self.wfile.write(PAYLOAD)
-        else:
-            self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+        if self.path == "/truncated.bin" or first_flaky:
+            self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+        else:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:  # keep test output clean
         pass
@@ -57,8 +71,14 @@ def server() -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.file_download
+
     monkeypatch.delenv("DYNFACE_OFFLINE", raising=False)
     monkeypatch.delenv("DYNFACE_WEIGHTS_DIR", raising=False)
+    # huggingface_hub waits 1 s before each of its 5 resume attempts; the local server needs none.
+    monkeypatch.setattr(huggingface_hub.file_download.time, "sleep", lambda seconds: None)
+    # It writes in 10 MB chunks, so a cut 100 KiB test file would leave nothing to resume from.
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 4096)
     _Handler.requests.clear()
 
 
@@ -76,7 +96,8 @@ def entry(
 
 
 def leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    """Every file under `directory`, relative, so a stray partial download anywhere shows up."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
 def test_good_file_is_pulled_and_verified(server: str, tmp_path: Path) -> None:
@@ -84,42 +105,78 @@ def test_good_file_is_pulled_and_verified(server: str, tmp_path: Path) -> None:
     statuses = pull(weights_dir=tmp_path, progress=False, manifest=manifest)
     assert [(s.name, s.state) for s in statuses] == [("good", "present")]
     assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
-    assert leftovers(tmp_path) == ["good.bin"]  # staging dir cleaned up
+    assert leftovers(tmp_path) == ["good.bin"]  # no partial file left behind
     assert verify(tmp_path, manifest=manifest)[0].state == "present"
     # Already present: pulling again does not download again.
     pull(weights_dir=tmp_path, progress=False, manifest=manifest)
-    assert _Handler.requests == ["/good.bin"]
+    assert _Handler.requests == [("/good.bin", None)]
+
+
+def test_progress_bar_is_shown(server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pull(weights_dir=tmp_path, progress=True, manifest=[entry(f"{server}/good.bin")])
+    err = capsys.readouterr().err
+    assert "good.bin" in err and "100%" in err
 
 
 def test_wrong_checksum_leaves_nothing(server: str, tmp_path: Path) -> None:
     manifest = [entry(f"{server}/good.bin", sha="0" * 64)]
-    with pytest.raises(ValueError, match=r"(?i)hash"):
+    with pytest.raises(ValueError, match=r"hash mismatch"):
         pull(weights_dir=tmp_path, progress=False, manifest=manifest)
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []  # a wrong file is not kept for resuming either
     assert verify(tmp_path, manifest=manifest)[0].state == "missing"
 
 
 def test_wrong_size_without_checksum_leaves_nothing(server: str, tmp_path: Path) -> None:
     manifest = [entry(f"{server}/good.bin", sha=None, size=len(PAYLOAD) + 1)]
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(W.DownloadError):
         pull(weights_dir=tmp_path, progress=False, manifest=manifest)
-    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "good.bin").exists()
 
 
 @pytest.mark.parametrize("sha", [PAYLOAD_SHA, None])
-def test_interrupted_download_leaves_nothing(server: str, tmp_path: Path, sha: str | None) -> None:
-    import requests
-
+def test_truncated_download_fails_and_never_reaches_the_final_path(
+    server: str, tmp_path: Path, sha: str | None
+) -> None:
     manifest = [entry(f"{server}/truncated.bin", sha=sha)]
-    with pytest.raises((requests.RequestException, ValueError)):
+    with pytest.raises(W.DownloadError, match="next pull resumes"):
         pull(weights_dir=tmp_path, progress=False, manifest=manifest)
-    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "good.bin").exists()
+    assert verify(tmp_path, manifest=manifest)[0].state == "missing"
+    # What did arrive waits under .partial/ for the next pull; it is a prefix of the real file.
+    (kept,) = leftovers(tmp_path)
+    assert kept.startswith(f"{W.PARTIAL_DIR}/")
+    part = (tmp_path / kept).read_bytes()
+    assert 0 < len(part) < len(PAYLOAD) and PAYLOAD.startswith(part)
 
 
-def test_missing_url_is_an_error(server: str, tmp_path: Path) -> None:
-    import requests
+def test_dropped_connection_is_resumed_with_a_range_request(server: str, tmp_path: Path) -> None:
+    manifest = [entry(f"{server}/flaky.bin")]
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    (first, retry) = _Handler.requests
+    assert first == ("/flaky.bin", None)
+    # The retry asks only for what is missing (what arrived, rounded down to whole chunks).
+    resumed_at = int(retry[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= len(PAYLOAD) // 2
+    assert leftovers(tmp_path) == ["good.bin"]
 
-    with pytest.raises(requests.HTTPError):
+
+@pytest.mark.parametrize("path", ["/good.bin", "/norange.bin"])
+def test_next_pull_resumes_a_partial_file(server: str, tmp_path: Path, path: str) -> None:
+    """A pull interrupted earlier (process killed) left a prefix; the next pull asks only for the
+    rest, and a server that ignores Range still yields the right file (restarted from zero)."""
+    manifest = [entry(f"{server}{path}")]
+    partial = tmp_path / W.PARTIAL_DIR / "good.bin"
+    partial.parent.mkdir()
+    partial.write_bytes(PAYLOAD[:1000])
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests == [(path, "bytes=1000-")]
+    assert leftovers(tmp_path) == ["good.bin"]
+
+
+def test_missing_url_is_a_download_error(server: str, tmp_path: Path) -> None:
+    with pytest.raises(W.DownloadError, match="404"):
         pull(weights_dir=tmp_path, progress=False, manifest=[entry(f"{server}/nope.bin")])
     assert leftovers(tmp_path) == []
 
@@ -237,12 +294,17 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "parsing_parsenet.pth").write_bytes(b"short")
     assert _cli(["weights", "--dir", str(tmp_path), "list"]) == 0
-    out = capsys.readouterr().out
-    assert all(e.name in out for e in MANIFEST) and "absent" in out
+    lines = {
+        line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if line[0] != " "
+    }
+    assert set(lines) == {e.name for e in MANIFEST}
+    assert lines["parsenet"] == "corrupt" and lines["retinaface_resnet50"] == "missing"
 
     assert _cli(["weights", "--dir", str(tmp_path), "verify", "--only", "parsenet"]) == 1
-    assert "missing" in capsys.readouterr().out
+    assert "corrupt" in capsys.readouterr().out
+    (tmp_path / "parsing_parsenet.pth").unlink()
 
     assert _cli(["weights", "--dir", str(tmp_path), "pull", "--offline", "--only", "parsenet"]) == 1
     assert "dynface weights pull --only parsenet" in capsys.readouterr().err
