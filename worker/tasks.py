@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from app.jobs import JobStore
@@ -73,33 +74,17 @@ def restore(job_id: str) -> None:
     if not started:  # canceled (or otherwise finished) while it waited in the queue
         return
     metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
-    if record.get("cancel_requested"):
-        _finish(rt, job_id, "canceled", None)
-        return
-
-    data = store.input(job_id)
-    if data is None:
-        _finish(rt, job_id, "failed", ("internal", "The uploaded image expired before the job ran."))
-        return
-    opts = RestorationOptions.model_validate(record["options"]).pipeline_options()
-    options = RestoreOptions(**{**opts, "outputs": tuple(opts["outputs"])})
-
-    def progress(stage: str, step: int, total: int) -> None:
-        store.update(job_id, {"stage": stage, "step": step, "total": total}, allowed=["processing"])
-
     if rt.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(rt.device)
-    t0 = time.perf_counter()
+    # The mapping covers the whole job, not only the pipeline call: RQ's timeout (SIGALRM) can
+    # strike while results are stored, and an exception escaping to RQ would leave our record
+    # `processing` forever (RQ would retry it as if the worker had been lost).
     try:
-        result = rt.pipe.restore_photo(
-            data, options, progress=progress, should_cancel=lambda: store.cancel_requested(job_id)
-        )
+        _run(rt, job_id, record, now)
     except Cancelled:
         _finish(rt, job_id, "canceled", None)
-        return
     except PipelineError as e:
         _finish(rt, job_id, "failed", (e.code, e.message))
-        return
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         _finish(
@@ -108,18 +93,50 @@ def restore(job_id: str) -> None:
             "failed",
             ("cuda_oom", "The GPU ran out of memory on this photo; try a smaller image or upscale."),
         )
-        return
     except JobTimeoutException:
-        _finish(rt, job_id, "failed", ("timeout", f"The job exceeded {rt.settings.job_timeout_seconds} s."))
-        return
+        job = get_current_job()
+        limit = job.timeout if job is not None and job.timeout else rt.settings.job_timeout_seconds
+        _finish(rt, job_id, "failed", ("timeout", f"The job exceeded its time limit of {limit} s."))
     except Exception:
-        log.exception("job %s: unexpected pipeline failure", job_id)
+        log.exception("job %s: unexpected failure", job_id)
         _finish(rt, job_id, "failed", ("internal", "Internal error while restoring the photo."))
-        return
     finally:
         if rt.device.startswith("cuda"):
             metrics.GPU_PEAK.labels(rt.device).set(torch.cuda.max_memory_allocated(rt.device))
+
+
+def _run(rt: Runtime, job_id: str, record: dict[str, Any], started_at: float) -> None:
+    """The pipeline on the stored input, then results into Redis. Failures raise (see `restore`)."""
+    store = rt.store
+    if record.get("cancel_requested"):
+        raise Cancelled("Canceled before it started.")
+    data = store.input(job_id)
+    if data is None:
+        raise PipelineError("The uploaded image expired before the job ran.")  # code: internal
+    opts = RestorationOptions.model_validate(record["options"]).pipeline_options()
+    options = RestoreOptions(**{**opts, "outputs": tuple(opts["outputs"])})
+    rq_job = get_current_job()
+
+    def progress(stage: str, step: int, total: int) -> None:
+        # `progress` counts diffusion steps only; the other stages report (0, 0) or a face count,
+        # which would make the public step/total jump between units.
+        fields: dict[str, Any] = {"stage": stage}
+        if stage == "sample":
+            fields.update(step=step, total=total)
+        store.update(job_id, fields, allowed=["processing"])
+        if rq_job is not None:  # mirrored into RQ's job meta for RQ's own tools (rq info, dashboards)
+            rq_job.meta.update(fields)
+            rq_job.save_meta()
+
+    t0 = time.perf_counter()
+    result = rt.pipe.restore_photo(
+        data, options, progress=progress, should_cancel=lambda: store.cancel_requested(job_id)
+    )
     inference = time.perf_counter() - t0
+    # A DELETE that arrived after the last diffusion step (paste/encode) still wins: the client was
+    # told "poll until canceled".
+    if store.cancel_requested(job_id):
+        raise Cancelled("Canceled after sampling.")
 
     results: dict[str, bytes] = {}
     produced: dict[str, Any] = {}
@@ -161,7 +178,7 @@ def restore(job_id: str) -> None:
             list(result.warnings),
         ),
         "timings": {
-            "queue_wait_seconds": now - record["created_at"],
+            "queue_wait_seconds": started_at - record["created_at"],
             "inference_seconds": inference,
             "stages": dict(result.timings),
         },

@@ -6,13 +6,18 @@ from fastapi import APIRouter, Request
 
 from app.deps import services
 from app.routers.health import worker_model
-from app.schemas import ModelsResponse, profile_notice
+from app.schemas import ErrorResponse, ModelsResponse, profile_notice
 from app.security import authenticate
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.get("/models", response_model=ModelsResponse, summary="Loaded models")
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    summary="Loaded models",
+    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
 def list_models(request: Request) -> ModelsResponse:
     svc = services(request)
     authenticate(request, svc.settings)

@@ -25,8 +25,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from app import metrics
 from app.deps import services
 from app.errors import UPLOAD_ERROR_STATUS, ApiError
-from app.jobs import TERMINAL, enqueue
+from app.jobs import TERMINAL, JobStore, enqueue
 from app.schemas import (
+    ErrorResponse,
     Restoration,
     RestorationOptions,
     RestorationRequest,
@@ -44,7 +45,28 @@ router = APIRouter(prefix="/v1/restorations", tags=["restorations"])
 _FRAMING_BYTES = 64 * 1024
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[^,;]*)*;base64,", re.ASCII)
 _WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?=$|[,;\s])", re.IGNORECASE)
-_ERR = {"content": {"application/json": {"example": {"error": {"code": "string", "message": "string"}}}}}
+_ERR: dict[str, Any] = {"model": ErrorResponse, "description": "Error (see `error.code`)."}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+}
+_PARAMETERS = [
+    {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "example": "wait=30"},
+        "description": "`wait` or `wait=N` (RFC 7240): wait up to N seconds (at most 60; larger values are "
+        "clamped) for the job to finish. `Preference-Applied` echoes the wait actually used.",
+    },
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "The same key and body within 24 h return the same job (header "
+        "`Idempotent-Replayed: true`); the same key with another body is a 409 `idempotency_conflict`.",
+    },
+]
 
 _OPTIONS_SCHEMA = RestorationOptions.model_json_schema(ref_template="#/components/schemas/{model}")
 _REQUEST_BODY = {
@@ -190,8 +212,10 @@ async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[s
     deadline = time.monotonic() + seconds
     while True:
         record = await anyio.to_thread.run_sync(store.get, job_id)
-        if record is None or record["status"] in TERMINAL or time.monotonic() >= deadline:
-            return record  # type: ignore[return-value]
+        if record is None:  # expired while we waited (only with a record TTL shorter than the wait)
+            raise ApiError(404, "not_found", f"No restoration {job_id!r} (unknown or expired).")
+        if record["status"] in TERMINAL or time.monotonic() >= deadline:
+            return record
         await anyio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
@@ -202,21 +226,27 @@ async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[s
     summary="Submit a photo",
     description=(
         "Multipart `image` file plus option fields, or JSON with `image` as a data URL. Answers 202 "
-        "with the queued job and a Location header. `Prefer: wait[=N]` (N ≤ 60) waits for the result: "
-        "200 with the finished job, or 202 if it is not done in time. `Idempotency-Key`: the same key "
+        "with the queued job and a Location header. `Prefer: wait[=N]` waits for the result (N ≤ 60; a "
+        "larger N is clamped, `Preference-Applied` says the wait used): 200 with the finished job, or 202 "
+        "if it is not done in time. `Idempotency-Key`: the same key "
         "and body within 24 h return the same job; the same key with a different body is a 409."
     ),
-    openapi_extra={"requestBody": _REQUEST_BODY},
+    openapi_extra={"requestBody": _REQUEST_BODY, "parameters": _PARAMETERS},
     responses={
         200: {"model": Restoration, "description": "Finished job (Prefer: wait)."},
+        202: {
+            "description": "Accepted (queued, or not finished within the Prefer: wait time).",
+            "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}},
+        },
         400: _ERR,
         401: _ERR,
         409: _ERR,
         413: _ERR,
         415: _ERR,
         422: _ERR,
-        429: _ERR,
-        503: _ERR,
+        429: {**_ERR, "headers": _RETRY_AFTER},
+        500: _ERR,
+        503: {**_ERR, "headers": _RETRY_AFTER},
     },
 )
 async def create_restoration(request: Request) -> JSONResponse:
@@ -279,10 +309,10 @@ def _submit(
                     "idempotency_conflict",
                     "This Idempotency-Key was used with a different request body.",
                 )
-            record = store.get(earlier["job_id"])
+            record = _bound_record(store, earlier["job_id"])
             if record is None:
                 raise ApiError(
-                    409, "idempotency_conflict", "This Idempotency-Key's job has expired; use a new key."
+                    409, "idempotency_conflict", "This Idempotency-Key's job no longer exists; use a new key."
                 )
             return record, True
     try:
@@ -315,13 +345,27 @@ def _submit(
     return record, False
 
 
+def _bound_record(store: JobStore, job_id: str, patience: float = 2.0) -> dict[str, Any] | None:
+    """The job an Idempotency-Key is bound to. A concurrent request with the same key may have
+    claimed the key a moment ago and not yet written the record, so its absence is retried briefly."""
+    deadline = time.monotonic() + patience
+    while (record := store.get(job_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return record
+
+
 def _profile_warnings(request: Request) -> list[str]:
     """Warn up front when the workers run a non-real (test) profile."""
     notices = {profile_notice(w.get("info") or {}) for w in services(request).store.workers()}
     return sorted(n for n in notices if n)
 
 
-@router.get("/{job_id}", response_model=Restoration, summary="Get a job", responses={401: _ERR, 404: _ERR})
+@router.get(
+    "/{job_id}",
+    response_model=Restoration,
+    summary="Get a job",
+    responses={401: _ERR, 404: _ERR, 422: _ERR, 503: _ERR},
+)
 def get_restoration(job_id: str, request: Request) -> JSONResponse:
     owner = authenticate(request, services(request).settings)
     return _respond(request, _owned(request, job_id, owner), 200)
@@ -333,7 +377,7 @@ def get_restoration(job_id: str, request: Request) -> JSONResponse:
     summary="Cancel a job",
     description="Queued jobs are canceled at once (200). Running jobs stop at the next diffusion step: "
     "202 with the job still `processing`; poll until `canceled`. Finished jobs: 409.",
-    responses={202: {"model": Restoration}, 401: _ERR, 404: _ERR, 409: _ERR},
+    responses={202: {"model": Restoration}, 401: _ERR, 404: _ERR, 409: _ERR, 422: _ERR, 503: _ERR},
 )
 def cancel_restoration(job_id: str, request: Request) -> JSONResponse:
     svc = services(request)
@@ -383,6 +427,8 @@ _BYTES = {
     404: _ERR,
     409: _ERR,
     410: _ERR,
+    422: _ERR,
+    503: _ERR,
 }
 
 

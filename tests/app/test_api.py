@@ -6,15 +6,21 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import subprocess
 import sys
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from app.routers import health, models, restorations
+from app.settings import Settings
 from tests.conftest import ROOT, aligned_png
 
 PNG = aligned_png()
@@ -41,7 +47,7 @@ def error_code(r) -> str:
     return body["error"]["code"]
 
 
-def test_submit_multipart_returns_queued_job(client: TestClient, redis_conn) -> None:
+def test_submit_multipart_returns_queued_job(client: TestClient, redis_conn, settings) -> None:
     r = submit(client, outputs="image,faces")
     assert r.status_code == 202, r.text
     job = r.json()
@@ -54,6 +60,10 @@ def test_submit_multipart_returns_queued_job(client: TestClient, redis_conn) -> 
     # the RQ job holds only the id, JSON-serialised (zlib-compressed by RQ): never a pickle
     raw = redis_conn.hget(f"rq:job:{job['id']}", "data")
     assert json.loads(zlib.decompress(raw)) == ["worker.tasks.restore", None, [job["id"]], {}]
+    # explicit limits on every job, from the settings
+    limits = redis_conn.hmget(f"rq:job:{job['id']}", "timeout", "result_ttl", "failure_ttl", "retries_left")
+    expected = (settings.job_timeout_seconds, settings.result_ttl_seconds, settings.record_ttl_seconds, 2)
+    assert [int(v) for v in limits] == list(expected)
     # results do not exist yet
     for path in ("image", "comparison", "faces/0"):
         assert client.get(f"/v1/restorations/{job['id']}/{path}").status_code == 409
@@ -354,3 +364,145 @@ def test_prometheus_multiprocess_mode(tmp_path, settings) -> None:
     assert float(line.split()[-1]) == 2.0
     assert "dynface_queue_depth" in out
     json.dumps(out)  # plain text, nothing exotic
+
+
+def test_prefer_wait_above_the_cap_is_clamped(make_settings) -> None:
+    """Decision: `wait=N` above DYNFACE_MAX_WAIT_SECONDS is clamped (RFC 7240 lets a server honour a
+    preference in part), and Preference-Applied says which wait was used."""
+    with TestClient(create_app(make_settings(max_wait_seconds=1))) as c:
+        for prefer, applied in (
+            ("wait=600", "wait=1"),
+            ("wait", "wait=1"),
+            ("respond-async, wait=0", "wait=0"),
+        ):
+            start = time.monotonic()
+            r = submit(c, headers={"Prefer": prefer})
+            assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+            assert r.headers["preference-applied"] == applied
+            assert time.monotonic() - start < 5  # not 600 s
+        assert "preference-applied" not in submit(c).headers
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_job(
+    client: TestClient, redis_conn, settings
+) -> None:
+    h = {"Idempotency-Key": "burst-1"}
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: submit(client, headers=h), range(4)))
+    assert [r.status_code for r in responses] == [202] * 4, [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 3
+    assert redis_conn.llen(f"rq:queue:{settings.queue_name}") == 1
+
+
+def test_api_key_is_not_accepted_by_prefix_or_case(make_settings) -> None:
+    with TestClient(create_app(make_settings(api_keys="Key-One,key-two-longer"))) as c:
+        for bad in ("Key-On", "key-one", "Key-One ", "key-two-longer-x", "Key-One,key-two-longer"):
+            r = c.get("/v1/models", headers={"X-API-Key": bad})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", bad
+        for good in ({"X-API-Key": "Key-One"}, {"Authorization": "bearer key-two-longer"}):
+            assert c.get("/v1/models", headers=good).status_code == 200
+
+
+def _doc_default_matches(doc: str, default: object) -> bool:
+    if isinstance(default, bool):
+        return doc == str(default).lower()
+    if isinstance(default, int | float):
+        return float(doc) == default
+    if isinstance(default, list):
+        return [float(v) for v in doc.split(",")] == [float(v) for v in default]
+    return doc == default
+
+
+def test_every_setting_is_documented_with_its_default() -> None:
+    """docs/configuration.md and app.settings.Settings list the same variables with the same defaults."""
+    documented: dict[str, str] = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) < 3:
+            continue
+        for name in re.findall(r"`(DYNFACE_[A-Z0-9_]+)`", cells[0]):
+            documented[name] = cells[1]
+    fields = {f"DYNFACE_{name.upper()}": info for name, info in Settings.model_fields.items()}
+    assert set(documented) == set(fields), (set(fields) - set(documented), set(documented) - set(fields))
+    for env, info in fields.items():
+        default = info.get_default(call_default_factory=True)
+        literal = re.fullmatch(r"`([^`]*)`.*", documented[env])
+        if default is None or default == []:
+            assert literal is None, f"{env}: documented default {documented[env]!r}, actual {default!r}"
+        else:
+            assert literal and _doc_default_matches(literal.group(1), default), (
+                env,
+                documented[env],
+                default,
+            )
+    assert "REDIS_URL" in (ROOT / "docs" / "configuration.md").read_text()  # the un-prefixed alias
+
+
+def test_openapi_documents_every_route_and_the_error_envelope(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    routes = [r for m in (restorations, models, health) for r in m.router.routes if isinstance(r, APIRoute)]
+    assert len(routes) == 10
+    assert set(spec["paths"]) == {r.path for r in routes}
+    for route in routes:
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in spec["paths"].get(route.path, {}), (method, route.path)
+    schemas = spec["components"]["schemas"]
+    assert schemas["ErrorResponse"]["properties"]["error"]["$ref"].endswith("/ErrorInfo")
+    assert set(schemas["ErrorInfo"]["required"]) == {"code", "message"}
+    assert "HTTPValidationError" not in schemas  # FastAPI's own 422 shape is never what we answer
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            for status, resp in op["responses"].items():
+                if int(status) < 400 or path == "/readyz":  # /readyz 503 is the readiness report
+                    continue
+                ref = resp["content"]["application/json"]["schema"]["$ref"]
+                assert ref.endswith("/ErrorResponse"), (method, path, status)
+    post = spec["paths"]["/v1/restorations"]["post"]
+    assert {p["name"] for p in post["parameters"]} == {"Prefer", "Idempotency-Key"}
+    assert "Retry-After" in post["responses"]["429"]["headers"]
+    assert "Retry-After" in post["responses"]["503"]["headers"]
+    assert "Location" in post["responses"]["202"]["headers"]
+    body = post["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["required"] == ["image"]
+    json_props = body["application/json"]["schema"]["properties"]
+    assert {
+        "image",
+        "fidelity",
+        "mode",
+        "aligned",
+        "upscale",
+        "only_center_face",
+        "detector",
+        "outputs",
+    } <= set(json_props)
+    assert {"format", "seed", "on_no_face", "webhook"} <= set(json_props)
+    job = schemas["Restoration"]["properties"]
+    for field in (
+        "id",
+        "status",
+        "stage",
+        "progress",
+        "queue_position",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "timings",
+        "faces",
+        "warnings",
+        "error",
+        "outputs",
+        "urls",
+    ):
+        assert field in job, field
+    assert set(schemas["StageTimings"]["properties"]) == {
+        "decode",
+        "detect",
+        "dblm",
+        "sample",
+        "paste",
+        "encode",
+    }
+    assert {"box", "score", "start_step", "eta"} <= set(schemas["Face"]["properties"])
+    face_bytes = spec["paths"]["/v1/restorations/{job_id}/faces/{k}"]["get"]["responses"]["200"]["content"]
+    assert {"image/png", "image/jpeg", "image/webp"} <= set(face_bytes)

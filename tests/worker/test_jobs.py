@@ -18,6 +18,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from app.jobs import JobStore, connect
 from app.main import create_app
@@ -30,7 +32,8 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 
 @pytest.fixture(scope="module")
 def service(redis_conn, tmp_path_factory) -> Iterator[tuple[Settings, list[WorkerProcess]]]:
-    settings = base_settings(uuid.uuid4().hex[:10])
+    # A non-default face batch, to see the setting reach the worker's pipeline.
+    settings = base_settings(uuid.uuid4().hex[:10], max_face_batch=3)
     workers = start_workers(settings, tmp_path_factory.mktemp("workers"))
     yield settings, workers
     for w in workers:
@@ -69,11 +72,22 @@ def test_round_trip_aligned_face(client: TestClient) -> None:
     assert job["status"] == "succeeded", job
     assert job["error"] is None and job["attempts"] == 1
     assert job["started_at"] and job["completed_at"] and job["stage"] is None
+    assert job["queue_position"] is None
+    assert job["created_at"] <= job["started_at"] <= job["completed_at"]
     t = job["timings"]
     assert t["queue_wait_seconds"] >= 0 and t["inference_seconds"] > 0
-    assert all(t["stages"][s] is not None for s in ("decode", "dblm", "sample", "paste", "encode"))
-    assert len(job["faces"]) == 1 and job["faces"][0]["start_step"] is not None
-    assert 0 <= job["faces"][0]["eta"] <= 1
+    stages = ("decode", "detect", "dblm", "sample", "paste", "encode")
+    assert set(t["stages"]) == set(stages) and all(t["stages"][s] > 0 for s in stages), t
+    assert t["inference_seconds"] >= t["stages"]["sample"]
+    # progress counts diffusion steps and ends complete; the face's start step is that count
+    (face,) = job["faces"]
+    assert face["box"] == [0.0, 0.0, 512.0, 512.0] and face["score"] == 1.0
+    assert face["start_step"] > 0 and 0 <= face["eta"] <= 1
+    assert job["progress"] == {"step": face["start_step"], "total": face["start_step"]}
+    # the same progress is mirrored into RQ's job meta
+    svc = client.app.state.services
+    meta = Job.fetch(job["id"], connection=svc.redis, serializer=JSONSerializer).meta
+    assert meta["step"] == meta["total"] == face["start_step"] and meta["stage"] == "encode"
     # a non-real profile is flagged, exactly once
     assert len([w for w in job["warnings"] if "tiny" in w.lower()]) == 1, job["warnings"]
     assert job["outputs"]["image"] == job["urls"]["result"]
@@ -159,7 +173,9 @@ def test_cancel_running_job(client: TestClient) -> None:
     r = client.delete(f"/v1/restorations/{job_id}")
     assert r.status_code == 202, r.text
     done = poll(client, job_id, lambda j: j["status"] in TERMINAL, timeout=30)
-    assert done["status"] == "canceled" and done["completed_at"]
+    assert done["status"] == "canceled" and done["completed_at"] and done["error"] is None
+    # it stopped between diffusion steps instead of sampling to the end
+    assert done["progress"]["step"] < done["progress"]["total"], done["progress"]
     assert client.get(f"/v1/restorations/{job_id}/image").status_code == 409
 
 
@@ -227,13 +243,16 @@ def test_webhook_signed_and_retried(client: TestClient, service) -> None:
     assert ids == {job["id"]}  # same message id on every retry
 
 
-def test_readyz_and_models_with_worker(client: TestClient, service) -> None:
+def test_readyz_and_models_with_worker(client: TestClient, service, redis_conn) -> None:
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["ready"] and body["auth"] == "open"
     w = body["workers"][0]
     assert w["device"] == "cpu" and w["info"]["profile"] == "tiny" and "weights" in w["info"]
+    assert w["info"]["max_batch"] == service[0].max_face_batch == 3  # DYNFACE_MAX_FACE_BATCH reached it
+    # RQ's worker key outlives the longest job (RQ's requirement for a SimpleWorker)
+    assert redis_conn.ttl(f"rq:worker:{w['worker']}") > service[0].job_timeout_seconds
     models = client.get("/v1/models").json()
     assert models["models"][0]["real"] is False and models["warnings"]
 
@@ -270,3 +289,23 @@ def test_metrics_after_jobs(client: TestClient, service) -> None:
     api = client.get("/metrics").text
     assert 'dynface_workers{state="ready"} 1.0' in api or 'dynface_workers{state="busy"} 1.0' in api
     assert _types(api)["dynface_queue_depth"] == "gauge"
+
+
+def test_job_timeout_fails_with_timeout(client: TestClient, service) -> None:
+    """RQ's job_timeout (1 s here; the API sets it per job) interrupts a real job on the real worker.
+    Upscale 4 with every output makes the job take well over a second even on a fast machine."""
+    settings = service[0].model_copy(update={"job_timeout_seconds": 1})
+    with TestClient(create_app(settings)) as c:
+        job_id = submit(c, upscale=4, outputs="image,faces,comparison", format="png").json()["id"]
+        job = poll(c, job_id, lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
+    assert "1 s" in job["error"]["message"] and job["outputs"] is None and job["attempts"] == 1
+    assert client.get(f"/v1/restorations/{job_id}/image").status_code == 409
+    store = JobStore(connect(service[0]), service[0])
+    assert store.input(job_id) is None  # inputs live only until the job is done
+    worker = store.workers()[0]
+    text = httpx.get(f"http://127.0.0.1:{worker['metrics_port']}/metrics", timeout=5).text
+    assert 'dynface_jobs_total{outcome="failed",reason="timeout"}' in text
+    # a timeout is a job-level failure: not retried, and the worker goes on taking jobs
+    assert wait_for(lambda: store.workers()[0]["state"] == "ready", 10, what="worker ready again")
+    assert all(w.proc.poll() is None for w in service[1])

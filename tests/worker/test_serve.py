@@ -1,5 +1,6 @@
-"""`dynface serve` with no REDIS_URL: embedded real Redis + real uvicorn (2 processes, multiprocess
-metrics) + one real worker, driven over real HTTP."""
+"""`dynface serve`: real uvicorn + one real worker, driven over real HTTP. With no REDIS_URL it
+brings its own embedded Redis (here with 2 API processes and multiprocess metrics); with REDIS_URL it
+uses that Redis instead, still with a worker."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, WEIGHTS, aligned_png, wait_for
+from tests.conftest import ROOT, WEIGHTS, aligned_png, base_settings, purge, settings_env, wait_for
 
 
 def free_port() -> int:
@@ -20,8 +24,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_embedded_serve_round_trip(tmp_path) -> None:
+@contextmanager
+def serving(tmp_path: Path, env: dict[str, str], *args: str) -> Iterator[str]:
+    """Run `dynface serve` until it is ready; yield its base URL; stop it with SIGTERM (must exit 0)."""
     port = free_port()
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "wb")  # noqa: SIM115 (closed below)
+    command = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--profile", "tiny"]
+    command += ["--device", "cpu", "--worker-metrics-port", str(free_port()), *args]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 120, interval=0.5, what="serve ready")
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            log.close()
+    assert rc == 0, log_path.read_text()[-3000:]
+
+
+def round_trip(base: str) -> dict:
+    r = httpx.post(
+        f"{base}/v1/restorations",
+        files={"image": ("f.png", aligned_png(), "image/png")},
+        data={"aligned": "true"},
+        headers={"Prefer": "wait=60"},
+        timeout=70,
+    )
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+    assert r.json()["urls"]["self"].startswith(base)
+    img = httpx.get(r.json()["outputs"]["image"], timeout=5)
+    assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+    return r.json()
+
+
+def test_embedded_serve_round_trip(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
     env.update(
         {
@@ -31,61 +82,28 @@ def test_embedded_serve_round_trip(tmp_path) -> None:
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
         }
     )
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "worker.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--profile",
-            "tiny",
-            "--device",
-            "cpu",
-            "--api-workers",
-            "2",
-            "--worker-metrics-port",
-            str(free_port()),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 120, interval=0.5, what="serve ready")
-        r = httpx.post(
-            f"{base}/v1/restorations",
-            files={"image": ("f.png", aligned_png(), "image/png")},
-            data={"aligned": "true"},
-            headers={"Prefer": "wait=60"},
-            timeout=70,
-        )
-        assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
-        assert r.json()["urls"]["self"].startswith(base)
-        img = httpx.get(r.json()["outputs"]["image"], timeout=5)
-        assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+    with serving(tmp_path, env, "--api-workers", "2") as base:
+        round_trip(base)
         models = httpx.get(f"{base}/v1/models", timeout=5).json()
         assert models["models"][0]["profile"] == "tiny" and models["warnings"]
         metrics = httpx.get(f"{base}/metrics", timeout=5).text
         assert 'dynface_http_requests_total{method="POST",route="/v1/restorations",status="200"}' in metrics
+    assert "embedded Redis" in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_with_redis_url_uses_that_redis(tmp_path, redis_conn) -> None:
+    settings = base_settings(os.urandom(5).hex())
+    env = settings_env(settings)
+    env["REDIS_URL"] = env.pop("DYNFACE_REDIS_URL")  # the un-prefixed spelling ops use
+    try:
+        with serving(tmp_path, env) as base:
+            job = round_trip(base)
+            # the job, its worker and its results are in the given Redis, under the configured prefix
+            assert redis_conn.exists(f"{settings.key_prefix}:job:{job['id']}")
+            assert redis_conn.exists(f"{settings.key_prefix}:result:{job['id']}:image")
+            assert redis_conn.scard(f"{settings.key_prefix}:workers") == 1
+        # SIGTERM to a single-process `serve` (uvicorn re-raises it) still stops its worker cleanly
+        assert redis_conn.scard(f"{settings.key_prefix}:workers") == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        log.close()
-    assert rc == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        purge(redis_conn, settings)
+    assert "embedded Redis" not in (tmp_path / "serve.log").read_text()
