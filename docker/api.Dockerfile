@@ -8,16 +8,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY docker/api_requirements.py docker/
 COPY app app
 COPY worker worker
 COPY models models
-# pyproject.toml has one dependency list for all roles; install every pin but the torch stack,
-# then the package without dependencies (see docker/api_requirements.py for why).
+# The base install is the API's; torch & co. are the `worker` extra, not installed here.
 RUN python -m venv /opt/venv \
- && python docker/api_requirements.py pyproject.toml > /tmp/requirements-api.txt \
- && /opt/venv/bin/pip install --requirement /tmp/requirements-api.txt \
- && /opt/venv/bin/pip install --no-deps .
+ && /opt/venv/bin/pip install .
 
 FROM python:3.11-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \

@@ -33,7 +33,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv libgl1 libglib2.0-0t64 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-# torch first, from the CUDA index, so `pip install .` finds the pin satisfied and does not fetch a
+# torch first, from the CUDA index, so `pip install .[worker]` finds the pin satisfied and does not fetch a
 # different build from PyPI.
 RUN python3 -m venv /opt/venv \
  && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
@@ -43,7 +43,9 @@ COPY pyproject.toml README.md ./
 COPY app app
 COPY worker worker
 COPY models models
-RUN pip install . \
+# The project's own pins (pyproject.toml) apply; hadolint cannot see them through the extra.
+# hadolint ignore=DL3013
+RUN pip install '.[worker]' \
  && python -c "import torch, worker.main; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__"
 
 COPY docker/worker-entrypoint.sh /usr/local/bin/dynface-gpu-worker
