@@ -59,7 +59,8 @@ def rho_at(alpha_bar: float | Tensor, v: float | Tensor) -> float | Tensor:
 
 
 class GaussianGuidance:
-    """Callable `guide(x0_hat, i) -> x0′` for `models.sampler.ddim_sample`.
+    """Callable `guide(x0_hat, i[, rows]) -> x0′` for `models.sampler.ddim_sample` (per-image data
+    is sliced to `rows` when only some images are being sampled, see `models.sampler.Guide`).
 
     Holds ŷ^σ (N, C, H, W) in [-1,1], σ (float or per-image (N,)), the estimate's error variance v
     (float or (N,); [-1,1]² units), a global `scale` and an optional per-pixel map g ∈ [0,1] of shape
@@ -96,10 +97,20 @@ class GaussianGuidance:
         """The per-pixel guidance weight g·scale (or the scalar scale when there is no map)."""
         return self.scale if self.scale_map is None else self.scale * self.scale_map
 
-    def __call__(self, x0_hat: Tensor, index: int) -> Tensor:
-        rho = rho_at(self.schedule.alpha_bar(index), self.v)
-        x_tilde = _solve(x0_hat, self._y_spec, self._otf, rho)
-        g = self.weight()
+    def __call__(self, x0_hat: Tensor, index: int, rows: Tensor | None = None, /) -> Tensor:
+        """x0′ for x0_hat at respaced index `index`; `rows` (int64) says which of the N images held
+        here x0_hat's rows are (None: all N, in order), as the sampler passes when only the faces that
+        have reached their start step are being sampled."""
+        v, y_spec, otf, g = self.v, self._y_spec, self._otf, self.weight()
+        if rows is not None:
+            # Per-image quantities have a leading N axis; a scalar σ's OTF (2h, w+1) is shared.
+            rows = rows.to(y_spec.device)
+            y_spec = y_spec[rows]
+            v = v[rows.to(v.device)] if isinstance(v, Tensor) and v.dim() else v
+            otf = otf[rows] if otf.dim() == 4 else otf
+            g = g[rows.to(g.device)] if isinstance(g, Tensor) else g
+        rho = rho_at(self.schedule.alpha_bar(index), v)
+        x_tilde = _solve(x0_hat, y_spec, otf, rho)
         if isinstance(g, Tensor):
             g = g.to(device=x0_hat.device, dtype=x0_hat.dtype)
         return (x0_hat + g * (x_tilde - x0_hat)).clamp(-1.0, 1.0)

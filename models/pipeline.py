@@ -405,7 +405,11 @@ class RestorationPipeline:
         should_cancel: CancelFn | None = None,
         timer: StageTimer | None = None,
     ) -> FacesResult:
-        """Restore aligned faces (uint8 (N, 512, 512, 3)), `max_batch` at a time through the sampler."""
+        """Restore aligned faces (uint8 (N, 512, 512, 3)), `max_batch` at a time through the sampler.
+
+        Face k's noise comes from its own generator seeded with seed + k, so its result does not depend
+        on the other faces or on how they are batched: restoring it alone with seed + k reproduces it.
+        """
         if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype != np.uint8:
             raise ValueError(
                 f"faces must be uint8 (N, {FACE_SIZE}, {FACE_SIZE}, 3), got {faces.dtype} {faces.shape}"
@@ -418,7 +422,6 @@ class RestorationPipeline:
         report = progress or (lambda stage, step, total: None)
         cancel = should_cancel or (lambda: False)
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
-        generator = torch.Generator(device=self.device).manual_seed(seed)
 
         batches = [faces[i : i + self.max_batch] for i in range(0, len(faces), self.max_batch)]
         out, facts = [], []
@@ -427,18 +430,24 @@ class RestorationPipeline:
             guides = [self._guide(self._to_tensor(b), mode, fidelity) for b in batches]
         if cancel():
             raise Cancelled("Canceled before sampling.")
-        total = sum(_sampler_steps(g) for g in guides)
+        # One batched sampler loop per batch, as long as its latest-starting face; each face makes its
+        # own start's worth of steps (its NFE), joining the loop when it reaches that start.
+        total = sum(max(g.start) for g in guides)
         done = 0
         with timer("sample"):
-            for guide in guides:
-                x0, nfe = self._sample(
-                    guide, generator, lambda step, base=done: report("sample", base + step, total), cancel
+            for b, guide in enumerate(guides):
+                generators = [
+                    _face_generator(seed, b * self.max_batch + k, self.device)
+                    for k in range(len(guide.start))
+                ]
+                x0 = self._sample(
+                    guide, generators, lambda step, base=done: report("sample", base + step, total), cancel
                 )
-                done += _sampler_steps(guide)
+                done += max(guide.start)
                 out.append(x0)
                 facts += [
-                    FaceFacts(s, st, e, n, guide.dblm, guide.dgsa)
-                    for s, st, e, n in zip(guide.sigma, guide.start, guide.eta, nfe, strict=True)
+                    FaceFacts(s, st, e, st, guide.dblm, guide.dgsa)
+                    for s, st, e in zip(guide.sigma, guide.start, guide.eta, strict=True)
                 ]
         restored = torch.cat(out)
         return FacesResult(_to_uint8(restored), facts, timer.seconds, seed)
@@ -493,49 +502,44 @@ class RestorationPipeline:
         return (r.clamp(0, 1) * 2 - 1).contiguous()
 
     def _sample(
-        self, guide: _Guide, generator: torch.Generator, on_step: Callable[[int], None], cancel: CancelFn
-    ) -> tuple[Tensor, list[int]]:
-        """Sample each group of faces that share a start step (and eta) in one batch; returns x0 at 512."""
+        self,
+        guide: _Guide,
+        generators: list[torch.Generator],
+        on_step: Callable[[int], None],
+        cancel: CancelFn,
+    ) -> Tensor:
+        """Sample all faces of `guide` in one DDIM loop, each from its own start step with its own eta
+        (see models.sampler) and drawing noise from its own generator; returns x0 at 512."""
         size = self.profile.image_size
-        result = torch.empty_like(guide.restored)
-        nfe = [0] * len(guide.start)
-        offset = 0
-        for (start, eta), members in _groups(guide.start, guide.eta).items():
-            rows = torch.tensor(members, device=self.device)
-            estimate = _resize(guide.estimate[rows], size)
-            x_start = q_sample(
+        estimate = _resize(guide.estimate, size)
+        # q_sample's noise is each face's first draw, exactly as a one-face batch would take it.
+        shape = (1, *estimate.shape[1:])
+        noise = torch.cat([torch.randn(shape, generator=g, device=self.device) for g in generators])
+        start = torch.tensor(guide.start, dtype=torch.int64)
+        x_start = q_sample(estimate, self.schedule, start, noise)
+        guide_fn = None
+        if guide.scale_map is not None:
+            work_sigma = [s * size / FACE_SIZE for s in guide.sigma]
+            guide_fn = GaussianGuidance(
                 estimate,
+                torch.tensor(work_sigma, device=self.device),
+                self.profile.method.guidance_variance,
                 self.schedule,
-                start,
-                torch.randn(estimate.shape, generator=generator, device=self.device),
+                scale=self.profile.method.guidance_scale,
+                scale_map=_resize(guide.scale_map, size),
             )
-            guide_fn = None
-            if guide.scale_map is not None:
-                work_sigma = [guide.sigma[m] * size / FACE_SIZE for m in members]
-                guide_fn = GaussianGuidance(
-                    estimate,
-                    torch.tensor(work_sigma, device=self.device),
-                    self.profile.method.guidance_variance,
-                    self.schedule,
-                    scale=self.profile.method.guidance_scale,
-                    scale_map=_resize(guide.scale_map[rows], size),
-                )
-            x0 = ddim_sample(
-                self._eps,
-                x_start,
-                self.schedule,
-                start,
-                eta,
-                guide=guide_fn,
-                generator=generator,
-                callback=lambda step, total, base=offset: on_step(base + step),
-                should_cancel=cancel,
-            )
-            offset += start
-            result[rows] = _resize(x0.float(), FACE_SIZE)
-            for m in members:
-                nfe[m] = start
-        return result, nfe
+        x0 = ddim_sample(
+            self._eps,
+            x_start,
+            self.schedule,
+            start,
+            guide.eta,
+            guide=guide_fn,
+            generator=generators,
+            callback=lambda step, total: on_step(step),
+            should_cancel=cancel,
+        )
+        return _resize(x0.float(), FACE_SIZE)
 
     def _eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         """The prior's noise prediction (first 3 of its 6 output channels), in float32."""
@@ -572,16 +576,9 @@ def _tiny_networks(profile: Profile) -> tuple[IDDPMUNet, SwinIR]:
     return unet, restorer
 
 
-def _groups(starts: Sequence[int], etas: Sequence[float]) -> dict[tuple[int, float], list[int]]:
-    groups: dict[tuple[int, float], list[int]] = {}
-    for i, key in enumerate(zip(starts, etas, strict=True)):
-        groups.setdefault(key, []).append(i)
-    return groups
-
-
-def _sampler_steps(guide: _Guide) -> int:
-    """Sampler steps a batch takes: faces sharing (start, eta) are sampled together."""
-    return sum(start for start, _ in _groups(guide.start, guide.eta))
+def _face_generator(seed: int, face: int, device: torch.device) -> torch.Generator:
+    """The generator of the `face`-th face of a call: seeded with seed + face (mod 2⁶⁴, the seed range)."""
+    return torch.Generator(device=device).manual_seed((seed + face) % 2**64)
 
 
 def _first_true_or_last(row: Tensor) -> int:
