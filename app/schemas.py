@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Status = Literal["queued", "processing", "succeeded", "failed", "canceled"]
 Stage = Literal["decode", "detect", "dblm", "sample", "paste", "encode"]
-OutputKind = Literal["image", "faces", "comparison"]
+OutputKind = Literal["image", "faces", "crops", "comparison"]
 Detector = Literal["retinaface_resnet50", "retinaface_mobile0.25"]
 
 
@@ -38,12 +38,30 @@ class RestorationOptions(BaseModel):
     outputs: list[OutputKind] = Field(
         default_factory=lambda: ["image"],
         min_length=1,
-        description="Results to produce: the whole image, restored face crops, a side-by-side comparison.",
+        description="Results to produce: the whole image, the restored aligned faces, the aligned input "
+        "faces they came from (crops), a side-by-side comparison.",
     )
     format: Literal["png", "jpeg", "webp", "same"] = Field(
         "same", description='Output format; "same" follows the input (PNG when it cannot).'
     )
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Sampling seed for reproducible results.")
+    max_faces: int | None = Field(
+        None,
+        ge=1,
+        description="Most faces restored in this photo (the largest are kept; the others are counted in "
+        "`faces_dropped` and a warning). Default and upper bound: the server's limit (DYNFACE_MAX_FACES).",
+    )
+    min_face_size: float = Field(
+        0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Ignore detected faces whose shorter box side is below this many pixels.",
+    )
+    color_correction: Literal["none", "wavelet", "adain"] = Field(
+        "none",
+        description="Match each restored face's colours to the input face: wavelet (low frequencies) "
+        "or adain (per-channel mean and std); none keeps the model's colours.",
+    )
     on_no_face: Literal["fail", "passthrough"] = Field(
         "fail", description="fail: the job fails with no_face; passthrough: return the input (upscaled)."
     )
@@ -118,7 +136,10 @@ class ErrorResponse(BaseModel):
 
 class Outputs(BaseModel):
     image: str | None = None
-    faces: list[str] = Field(default_factory=list)
+    faces: list[str] = Field(default_factory=list, description="Restored aligned faces, in `faces` order.")
+    crops: list[str] = Field(
+        default_factory=list, description="The aligned input faces the restored ones came from."
+    )
     comparison: str | None = None
 
 
@@ -147,21 +168,39 @@ class Restoration(BaseModel):
     options: RestorationOptions
     timings: Timings = Field(default_factory=Timings)
     faces: list[Face] = Field(default_factory=list)
+    faces_dropped: int = Field(
+        0, description="Faces detected but not restored because of `max_faces` (also in `warnings`)."
+    )
     warnings: list[str] = Field(default_factory=list)
     error: ErrorInfo | None = None
     outputs: Outputs | None = Field(None, description="URLs of the results (succeeded jobs only).")
     urls: Urls
 
 
+class MissingWeight(BaseModel):
+    """A weight file a worker needs and lacks, and the command that fetches it."""
+
+    name: str = Field(description="Manifest name (`dynface weights list`).")
+    path: str = Field(description="Where the worker looks for the file.")
+    command: str = Field(description="Shell command that downloads it into that directory.")
+
+
 class ModelInfo(BaseModel):
     """What one live worker has loaded."""
 
     worker: str
-    state: str
+    state: str = Field(description="loading | missing_weights | ready | busy | stopping")
     device: str | None = None
     profile: str | None = None
     real: bool | None = None
     info: dict[str, Any] = Field(default_factory=dict)
+    missing_weights: list[MissingWeight] = Field(
+        default_factory=list,
+        description="State missing_weights: the files it waits for (it retries loading on its own).",
+    )
+    weights_command: str | None = Field(
+        None, description="State missing_weights: the command that fetches all of `missing_weights`."
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -199,6 +238,7 @@ def restoration_view(record: dict[str, Any], queue_position: int | None = None) 
         outputs = Outputs(
             image=f"{base}/image" if "image" in produced else None,
             faces=[f"{base}/faces/{k}" for k in range(len(produced.get("faces", [])))],
+            crops=[f"{base}/crops/{k}" for k in range(len(produced.get("crops", [])))],
             comparison=f"{base}/comparison" if "comparison" in produced else None,
         )
     step, total = record.get("step"), record.get("total")
@@ -215,6 +255,7 @@ def restoration_view(record: dict[str, Any], queue_position: int | None = None) 
         options=RestorationOptions.model_validate(record["options"]),
         timings=Timings.model_validate(record.get("timings") or {}),
         faces=[Face.model_validate(f) for f in record.get("faces") or []],
+        faces_dropped=record.get("faces_dropped") or 0,
         warnings=record.get("warnings") or [],
         error=ErrorInfo.model_validate(record["error"]) if record.get("error") else None,
         outputs=outputs,

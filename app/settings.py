@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     weights_dir: str | None = None
     dtype: str = "auto"
     max_face_batch: int = Field(default=8, ge=1)
+    max_faces: int = Field(default=32, ge=1)
+    offline: bool = False
+    weights_retry_seconds: float = Field(default=30.0, gt=0)
 
     # --- upload limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)

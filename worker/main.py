@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import signal
 import socket
 import threading
 import time
 import uuid
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 from rq import SimpleWorker
@@ -35,7 +38,13 @@ from rq.worker.base import WorkerStatus
 
 from app.jobs import JobStore, connect, make_queue
 from app.settings import Settings
+from models import weights
+from models.errors import PipelineError
+from models.profiles import PROFILES, Profile
 from worker import metrics, tasks
+
+if TYPE_CHECKING:
+    from models.pipeline import RestorationPipeline
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +121,6 @@ def _background(worker: DynfaceWorker, queue: Queue, stop: threading.Event) -> N
 
 def run_worker(settings: Settings, device: str, name: str | None = None, burst: bool = False) -> None:
     """Load the pipeline on ``device``, then take jobs until SIGTERM (or the queue empties if burst)."""
-    from models.pipeline import RestorationPipeline
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Two clients: RQ raises its connection's socket timeout above the blocking dequeue (minutes);
     # our job store keeps short timeouts so progress writes and heartbeats fail fast.
@@ -151,23 +158,14 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
     )
     background.start()
     try:
-        t0 = time.perf_counter()
-        dtype = settings.dtype
-        if dtype == "auto":  # fp16 halves GPU memory; CPUs have no fast fp16 path
-            dtype = "fp16" if device.startswith("cuda") else "fp32"
-        pipe = RestorationPipeline.from_pretrained(
-            settings.profile,
-            device=device,
-            dtype=dtype,
-            weights_dir=settings.weights_dir,
-            max_batch=settings.max_face_batch,
-            max_pixels=settings.max_pixels,
-            download=True,  # first start fetches the real weights (sha256-checked) unless offline
-        )
-        pipe.load_detector()  # fail at start-up, not on the first photo, when detector weights are missing
-        metrics.MODEL_LOAD.set(time.perf_counter() - t0)
+        pipe = _load_pipeline(worker, settings, device)
+        if pipe is None:  # stopped while waiting for weight files
+            return
         info = dict(pipe.info)
-        worker.registry_fields.update({"info": info, "real": bool(info.get("real"))})
+        # Cleared by value: announce() writes fields into the Redis hash, it never deletes any.
+        worker.registry_fields.update(
+            {"info": info, "real": bool(info.get("real")), "missing_weights": [], "weights_command": None}
+        )
         tasks.bind(tasks.Runtime(pipe=pipe, store=store, settings=settings, worker_name=name, device=device))
         metrics.READY.set(1)
         worker.announce("ready")
@@ -179,6 +177,98 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         background.join(timeout=5)
         store.unregister_worker(name)
         _drain_webhooks(timeout=10.0)
+
+
+def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> RestorationPipeline | None:
+    """The pipeline with its default detector loaded, or None if stopped (SIGTERM/SIGINT) first.
+
+    Missing weight files do not end the process: the worker stays registered in state
+    ``missing_weights`` with the files and the command that fetches them (what /readyz reports),
+    and tries again every ``weights_retry_seconds``, so a later `dynface weights pull` makes it
+    ready without a restart. RQ installs its own signal handlers only in ``work()``, so until then
+    a stop signal is turned into an event the wait below sees.
+    """
+    from models.pipeline import RestorationPipeline
+
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    dtype = settings.dtype
+    if dtype == "auto":  # fp16 halves GPU memory; CPUs have no fast fp16 path
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    pipe: RestorationPipeline | None = None
+    build_seconds = 0.0
+    reported: list[dict[str, str]] | None = None
+    try:
+        while not stopping.is_set():
+            try:
+                t0 = time.perf_counter()
+                if pipe is None:  # kept across retries when only the detector was missing
+                    pipe = RestorationPipeline.from_pretrained(
+                        settings.profile,
+                        device=device,
+                        dtype=dtype,
+                        weights_dir=settings.weights_dir,
+                        max_batch=settings.max_face_batch,
+                        max_pixels=settings.max_pixels,
+                        max_faces=settings.max_faces,
+                        # first start fetches the real weights (sha256-checked) unless offline
+                        download=not settings.offline,
+                    )
+                    build_seconds = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                # fail at start-up, not on the first photo, when detector weights are missing
+                pipe.load_detector()
+                metrics.MODEL_LOAD.set(build_seconds + time.perf_counter() - t0)
+                return None if stopping.is_set() else pipe
+            except (weights.MissingWeightsError, weights.DownloadError, PipelineError) as e:
+                # load_detector wraps the detector's MissingWeightsError in a PipelineError.
+                if isinstance(e, PipelineError) and not isinstance(e.__cause__, weights.MissingWeightsError):
+                    raise
+                missing = _missing_weights(settings, e)
+                if missing != reported:  # log changes, not every retry
+                    log.error(
+                        "cannot load the model, retrying every %s s: %s", settings.weights_retry_seconds, e
+                    )
+                    reported = missing
+                worker.registry_fields["missing_weights"] = missing
+                worker.registry_fields["weights_command"] = _pull_command(
+                    [m["name"] for m in missing], _profile_and_dir(settings)[1]
+                )
+                worker.announce("missing_weights")
+            stopping.wait(settings.weights_retry_seconds)
+        return None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _profile_and_dir(settings: Settings) -> tuple[Profile, Path]:
+    """The profile and weights dir the worker loads from, resolved as
+    RestorationPipeline.from_pretrained resolves them (a path profile is a `real` weights dir)."""
+    if settings.profile in PROFILES:
+        root = Path(settings.weights_dir) if settings.weights_dir else weights.weights_dir()
+        return PROFILES[settings.profile], root.expanduser()
+    return PROFILES["real"], Path(settings.profile).expanduser()
+
+
+def _pull_command(names: list[str], root: Path) -> str:
+    """The fetch command with the worker's weights dir spelled out: the operator's shell may not
+    have the worker's DYNFACE_WEIGHTS_DIR."""
+    return f"DYNFACE_WEIGHTS_DIR={shlex.quote(str(root))} {weights.pull_command(names)}"
+
+
+def _missing_weights(settings: Settings, error: BaseException | None = None) -> list[dict[str, str]]:
+    """The weight files the worker's profile needs (its default detector included) and lacks:
+    ``[{name, path, command}]``, as /readyz reports them."""
+    profile, root = _profile_and_dir(settings)
+    needed = list(dict.fromkeys([*profile.required_weights, profile.detector]))
+    found = {m.name: m.path for m in weights.missing_for(needed, root)}
+    # `pull` also rejects files of the right size whose sha256 is wrong, which the size-only probe
+    # above cannot see; the error names them.
+    named = getattr(error, "names", None) or getattr(getattr(error, "__cause__", None), "names", None) or []
+    for entry in weights.select(named):
+        found.setdefault(entry.name, root / entry.path)
+    return [{"name": n, "path": str(path), "command": _pull_command([n], root)} for n, path in found.items()]
 
 
 def _drain_webhooks(timeout: float) -> None:

@@ -143,10 +143,10 @@ def _run(rt: Runtime, job_id: str, record: dict[str, Any], started_at: float) ->
     if "image" in options.outputs:
         results["image"] = result.image
         produced["image"] = result.media_type
-    if "faces" in options.outputs:
-        for k, face in enumerate(result.faces):
-            results[f"face:{k}"] = face
-        produced["faces"] = [result.media_type] * len(result.faces)
+    for kind, key, blobs in (("faces", "face", result.faces), ("crops", "crop", result.crops)):
+        if kind in options.outputs:
+            results.update({f"{key}:{k}": blob for k, blob in enumerate(blobs)})
+            produced[kind] = [result.media_type] * len(blobs)
     if "comparison" in options.outputs and result.comparison is not None:
         results["comparison"] = result.comparison
         produced["comparison"] = result.media_type
@@ -167,6 +167,7 @@ def _run(rt: Runtime, job_id: str, record: dict[str, Any], started_at: float) ->
     metrics.INFERENCE.observe(inference)
     fields = {
         "faces": faces,
+        "faces_dropped": result.faces_dropped,
         "outputs": produced,
         # The pipeline's own profile warning supersedes the provisional one the API added.
         "warnings": _merge(

@@ -25,6 +25,17 @@ def worker_model(w: dict[str, Any]) -> ModelInfo:
         profile=w.get("profile"),
         real=w.get("real"),
         info=w.get("info") or {},
+        missing_weights=w.get("missing_weights") or [],
+        weights_command=w.get("weights_command"),
+    )
+
+
+def _missing_reason(w: ModelInfo) -> str:
+    """Why a worker waits: the exact files and the command that fetches them (it retries itself)."""
+    files = ", ".join(f"{m.name} ({m.path})" for m in w.missing_weights)
+    return (
+        f"worker {w.worker} cannot load its model: missing weight files {files}; "
+        f"fetch them with: {w.weights_command} (the worker retries on its own)"
     )
 
 
@@ -38,7 +49,8 @@ def healthz() -> dict[str, str]:
     response_model=ReadyResponse,
     summary="Readiness",
     description="200 only when Redis answers and at least one worker has its model loaded; "
-    "else 503 with the reasons. Reports each worker's device and weight versions, and whether "
+    "else 503 with the reasons (a worker lacking weight files names them and the `dynface weights pull` "
+    "command that fetches them). Reports each worker's device and weight versions, and whether "
     "the API is open (no API keys configured).",
     responses={503: {"model": ReadyResponse}},
 )
@@ -53,6 +65,7 @@ def readyz(request: Request) -> JSONResponse:
         workers = [worker_model(w) for w in svc.store.workers()]
         if not any(w.state in ("ready", "busy") for w in workers):
             reasons.append("no worker has its model loaded" if workers else "no worker is running")
+            reasons += [_missing_reason(w) for w in workers if w.missing_weights]
     except Exception as e:  # any Redis failure means "not ready", never a 500
         reasons.append(f"redis unreachable: {type(e).__name__}")
     body = ReadyResponse(

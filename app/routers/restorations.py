@@ -109,8 +109,10 @@ def _options_from_form(form: Any) -> dict[str, Any]:
             data[key] = [p.strip() for v in values for p in v.split(",") if p.strip()]
         elif values:
             data[key] = values[-1]
-    if data.get("seed") == "":
-        data.pop("seed")
+    # HTML forms send an empty field for "no value"; for these optional numbers that means the default.
+    for key in ("seed", "max_faces"):
+        if data.get(key) == "":
+            data.pop(key)
     return data
 
 
@@ -406,9 +408,9 @@ def _result(request: Request, job_id: str, name: str, kind: str, index: int | No
         )
     produced = record.get("outputs") or {}
     media_type = produced.get(kind)
-    if kind == "faces":
-        faces = produced.get("faces") or []
-        media_type = faces[index] if index is not None and 0 <= index < len(faces) else None
+    if index is not None:  # a list output (faces, crops): one media type per item
+        items = produced.get(kind) or []
+        media_type = items[index] if 0 <= index < len(items) else None
     if media_type is None:
         raise ApiError(404, "not_found", f"This job has no {name.replace(':', ' ')} output.")
     blob = svc.store.result(job_id, name)
@@ -440,6 +442,17 @@ def get_image(job_id: str, request: Request) -> Response:
 @router.get("/{job_id}/faces/{k}", summary="Restored face crop k", response_class=Response, responses=_BYTES)
 def get_face(job_id: str, k: int, request: Request) -> Response:
     return _result(request, job_id, f"face:{k}", "faces", k)
+
+
+@router.get(
+    "/{job_id}/crops/{k}",
+    summary="Aligned input face k",
+    description="The aligned 512x512 input face that restored face k came from (output `crops`).",
+    response_class=Response,
+    responses=_BYTES,
+)
+def get_crop(job_id: str, k: int, request: Request) -> Response:
+    return _result(request, job_id, f"crop:{k}", "crops", k)
 
 
 @router.get(

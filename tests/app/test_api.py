@@ -442,7 +442,7 @@ def test_every_setting_is_documented_with_its_default() -> None:
 def test_openapi_documents_every_route_and_the_error_envelope(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     routes = [r for m in (restorations, models, health) for r in m.router.routes if isinstance(r, APIRoute)]
-    assert len(routes) == 10
+    assert len(routes) == 11
     assert set(spec["paths"]) == {r.path for r in routes}
     for route in routes:
         for method in route.methods - {"HEAD"}:

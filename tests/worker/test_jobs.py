@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -309,3 +310,40 @@ def test_job_timeout_fails_with_timeout(client: TestClient, service) -> None:
     # a timeout is a job-level failure: not retried, and the worker goes on taking jobs
     assert wait_for(lambda: store.workers()[0]["state"] == "ready", 10, what="worker ready again")
     assert all(w.proc.poll() is None for w in service[1])
+
+
+def test_photo_options_max_faces_min_size_colour_and_crops(client: TestClient) -> None:
+    """00.jpg has 4 faces (shorter box sides 40, 36, 32, 38 px with MobileNet): min_face_size=35
+    ignores the 32 px one, max_faces=1 keeps the largest of the other 3 and reports 2 dropped."""
+    photo = (TESTDATA / "photos" / "00.jpg").read_bytes()
+    r = submit(
+        client,
+        data=photo,
+        aligned="false",
+        max_faces=1,
+        min_face_size=35,
+        color_correction="adain",
+        outputs="image,faces,crops",
+        format="png",
+        seed=1,
+        headers={"Prefer": "wait=60"},
+    )
+    job = r.json()
+    assert r.status_code == 200 and job["status"] == "succeeded", job
+    assert job["options"]["max_faces"] == 1 and job["options"]["color_correction"] == "adain"
+    (face,) = job["faces"]
+    assert 390 <= face["box"][0] <= 398, face  # the largest face (right-most), not the first found
+    assert job["faces_dropped"] == 2
+    assert any("3 faces were found; only the 1 largest" in w for w in job["warnings"]), job["warnings"]
+    assert len(job["outputs"]["crops"]) == len(job["outputs"]["faces"]) == 1
+    crop = client.get(job["outputs"]["crops"][0])
+    assert crop.status_code == 200 and crop.headers["content-type"] == "image/png"
+    restored = client.get(job["outputs"]["faces"][0])
+    crop_px = np.asarray(Image.open(io.BytesIO(crop.content)).convert("RGB"), dtype=np.float64)
+    face_px = np.asarray(Image.open(io.BytesIO(restored.content)).convert("RGB"), dtype=np.float64)
+    assert crop_px.shape == face_px.shape == (512, 512, 3)
+    # adain reached the pipeline: the restored face takes its input crop's per-channel mean and std
+    # (up to clipping at 255 on this bright photo; uncorrected, the tiny model is ~75 levels off)
+    np.testing.assert_allclose(face_px.mean(axis=(0, 1)), crop_px.mean(axis=(0, 1)), atol=8.0)
+    np.testing.assert_allclose(face_px.std(axis=(0, 1)), crop_px.std(axis=(0, 1)), rtol=0.2)
+    assert client.get(f"/v1/restorations/{job['id']}/crops/1").status_code == 404

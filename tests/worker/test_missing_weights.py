@@ -1,0 +1,109 @@
+"""A worker whose weight files are missing stays up, says which files and how to fetch them, and
+becomes ready by itself once they appear (real `python -m worker` processes, offline)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from app.jobs import JobStore, connect
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import WEIGHTS, WorkerProcess, base_settings, purge, wait_for
+
+MOBILENET = "detection_mobilenet0.25_Final.pth"
+
+
+@pytest.fixture(scope="module")
+def waiting_workers(
+    redis_conn: redis.Redis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[Settings, WorkerProcess, dict]]]:
+    """A `real` worker with an empty weights dir and a `tiny` one lacking its detector, both offline,
+    each in its own namespace, started together (process start-up dominates these tests); both
+    are waiting in `missing_weights` when the tests start."""
+    started: dict[str, tuple[Settings, WorkerProcess]] = {}
+    for profile in ("real", "tiny"):
+        tmp = tmp_path_factory.mktemp(profile)
+        (tmp / "weights").mkdir()
+        s = base_settings(
+            uuid.uuid4().hex[:10],
+            profile=profile,
+            weights_dir=str(tmp / "weights"),
+            offline=True,
+            weights_retry_seconds=0.5,
+        )
+        started[profile] = (s, WorkerProcess(s, tmp / "worker.log", f"mw-{profile}-{uuid.uuid4().hex[:6]}"))
+
+    def waiting(s: Settings, worker: WorkerProcess) -> dict | None:
+        assert worker.proc.poll() is None, worker.log()[-3000:]
+        entries = [e for e in JobStore(connect(s), s).workers() if e.get("state") == "missing_weights"]
+        return entries[0] if entries else None
+
+    try:
+        entries = {
+            p: wait_for(lambda s=s, w=w: waiting(s, w), 90, interval=0.2, what=f"{p} missing_weights")
+            for p, (s, w) in started.items()
+        }
+        yield {p: (s, w, entries[p]) for p, (s, w) in started.items()}
+    finally:
+        for s, w in started.values():
+            w.stop(signal.SIGKILL)
+            purge(redis_conn, s)
+
+
+def test_real_profile_without_weights_names_files_and_command(waiting_workers) -> None:
+    s, worker, entry = waiting_workers["real"]
+    empty = Path(s.weights_dir)
+    names = [m["name"] for m in entry["missing_weights"]]
+    assert names == ["difface_prior", "difface_swinir", "retinaface_resnet50"], entry
+    prior = entry["missing_weights"][0]
+    assert prior["path"] == str(empty / "iddpm_ffhq512_ema500000.pth")
+    assert prior["command"] == f"DYNFACE_WEIGHTS_DIR={empty} dynface weights pull --only difface_prior"
+    with TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert body["workers"][0]["state"] == "missing_weights"
+        assert body["workers"][0]["missing_weights"] == entry["missing_weights"]
+        (reason,) = [x for x in body["reasons"] if "missing weight files" in x]
+        assert all(name in reason for name in names)
+        assert str(empty / "swinir_restoration512_L1.pth") in reason
+        assert (
+            f"DYNFACE_WEIGHTS_DIR={empty} dynface weights pull --only difface_prior "
+            "--only difface_swinir --only retinaface_resnet50" in reason
+        )
+        assert c.get("/v1/models").json()["models"][0]["missing_weights"] == entry["missing_weights"]
+    assert not list(empty.iterdir())  # offline: nothing was downloaded, not even partially
+    # it keeps waiting rather than exiting, and a stop signal ends the wait cleanly
+    assert worker.proc.poll() is None
+    assert worker.stop(timeout=10) == 0, worker.log()[-3000:]
+    assert JobStore(connect(s), s).workers() == []
+
+
+def test_tiny_profile_without_detector_becomes_ready_once_it_appears(waiting_workers) -> None:
+    s, worker, entry = waiting_workers["tiny"]
+    wdir = Path(s.weights_dir)
+    assert [m["name"] for m in entry["missing_weights"]] == ["retinaface_mobile0.25"], entry
+    with TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert any(
+            "retinaface_mobile0.25" in x and "dynface weights pull --only retinaface_mobile0.25" in x
+            for x in r.json()["reasons"]
+        ), r.json()
+        # what `dynface weights pull` would leave there; the worker picks it up without a restart
+        os.symlink(WEIGHTS / MOBILENET, wdir / MOBILENET)
+        try:
+            wait_for(lambda: c.get("/readyz").status_code == 200, 30, interval=0.2, what="ready after pull")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; worker log:\n{worker.log()[-3000:]}") from None
+        w = c.get("/readyz").json()["workers"][0]
+        assert w["state"] == "ready" and w["missing_weights"] == [] and w["weights_command"] is None
+        assert w["info"]["profile"] == "tiny"
