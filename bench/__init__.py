@@ -1,0 +1,1 @@
+"""Benchmark scripts (not tests): each run writes its own section of docs/benchmarks.md."""

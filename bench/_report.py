@@ -1,0 +1,91 @@
+"""Shared helpers: machine description and writing one section of docs/benchmarks.md in place.
+
+Each script owns the text between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`; the rest of
+the file (introduction, the list of what was not measured) is hand-written and left alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+FIGURES = ROOT / "docs" / "benchmarks"
+SHARED = ROOT.parent / "shared"
+ALIGNED = SHARED / "testdata" / "aligned"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    """uname -a, CPU model and count, load average, Python/torch versions."""
+    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=False).stdout.strip()
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    try:
+        import torch
+
+        torch_v = f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
+    except ImportError:
+        torch_v = "torch not imported"
+    return (
+        f"`{uname}`; CPU: {cpu_model()} × {os.cpu_count()} logical (shared with other users; "
+        f"load average at start {load}); Python {platform.python_version()}, {torch_v}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
+
+
+def command() -> str:
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return env + ".venv/bin/python -m " + " ".join(shlex.quote(a) for a in [_module(), *sys.argv[1:]])
+
+
+def _module() -> str:
+    path = Path(sys.argv[0]).resolve()
+    try:
+        return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    except ValueError:
+        return str(path)
+
+
+def header(title: str) -> str:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"## {title}\n\n- command: `{command()}`\n- date: {now}\n- machine: {machine()}\n"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) this script's section of docs/benchmarks.md."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
+    DOC.write_text(text, encoding="utf-8")
+    print(f"wrote section {name!r} of {DOC.relative_to(ROOT)}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
+    s = sorted(values)
+    if len(s) == 1:
+        return s[0]
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
