@@ -1,0 +1,315 @@
+"""Faults with real processes and a real Redis: nothing submitted is ever lost.
+
+Every job must end `succeeded`, `failed` with a reason, or `canceled`, with exactly one terminal
+record and exactly one webhook delivery, whatever happens to the workers (kill -9 mid-sampling,
+SIGTERM), to Redis (killed and restarted) or to the job (job_timeout). Timings are shortened via
+settings (heartbeat_ttl 3 s, reaper every 1 s), never by patching the code under test.
+
+The long version (20+ kills, load) is `test_rel_slow.py` and `bench/reliability.py`.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from PIL import Image
+from rel_support import TERMINAL, RedisServer, WebhookSink
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import WorkerProcess, aligned_png, base_settings, purge, start_workers, wait_for
+
+FAST_KILLS = 3
+
+
+class Pool:
+    """Two live workers on one test namespace, replaced as tests kill or stop them."""
+
+    def __init__(self, settings: Settings, tmp: Path) -> None:
+        self.settings = settings
+        self.tmp = tmp
+        self.workers: list[WorkerProcess] = start_workers(settings, tmp, n=2)
+        self.sink = WebhookSink()
+
+    def replace(self, gone: WorkerProcess, wait: bool = False) -> None:
+        """Swap a dead worker for a fresh one. Without ``wait`` the replacement loads its model in
+        the background (the survivor keeps serving meanwhile), so fault loops do not idle."""
+        self.workers.remove(gone)
+        if wait:
+            self.workers.extend(start_workers(self.settings, self.tmp, n=1))
+        else:
+            name = f"w-{uuid.uuid4().hex[:6]}"
+            self.workers.append(WorkerProcess(self.settings, self.tmp / f"{name}.log", name))
+
+    def alive(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.proc.poll() is None]
+
+
+@pytest.fixture(scope="module")
+def pool(redis_conn: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    settings = base_settings(uuid.uuid4().hex[:10])
+    p = Pool(settings, tmp_path_factory.mktemp("rel-faults"))
+    yield p
+    for w in p.workers:
+        w.stop(signal.SIGKILL)
+    p.sink.close()
+    purge(redis_conn, settings)
+
+
+def submit(c: TestClient, data: bytes | None = None, headers: dict[str, str] | None = None, **fields: Any):
+    r = c.post(
+        "/v1/restorations",
+        files={"image": ("f.png", data or aligned_png(), "image/png")},
+        data={"aligned": "true", **fields},
+        headers=headers or {},
+    )
+    return r
+
+
+def submit_ok(c: TestClient, webhook: str | None = None, **fields: Any) -> str:
+    if webhook:
+        fields["webhook"] = webhook
+    r = submit(c, **fields)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def running_on(c: TestClient, job_id: str, workers: list[WorkerProcess]) -> WorkerProcess:
+    """Wait until the job is in the diffusion loop, then return the worker process running it."""
+    store = c.app.state.services.store
+    rec = wait_for(
+        lambda: (
+            (r := store.get(job_id)) and r.get("stage") == "sample" and r.get("status") == "processing" and r
+        ),
+        90,
+        interval=0.02,
+        what=f"job {job_id} at stage=sample",
+    )
+    return next(w for w in workers if w.name == rec["worker"])
+
+
+def terminal(c: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    return wait_for(
+        lambda: (j := c.get(f"/v1/restorations/{job_id}").json())["status"] in TERMINAL and j,
+        timeout,
+        interval=0.1,
+        what=f"job {job_id} terminal",
+    )
+
+
+def assert_one_result(c: TestClient, sink: WebhookSink, job_ids: list[str]) -> None:
+    """Exactly one outcome per job: one webhook delivery each (the worker that finishes a job
+    delivers it once; a killed attempt must not add a second), and a result image for successes."""
+    wait_for(lambda: all(sink.per_job()[j] >= 1 for j in job_ids), 20, what="webhooks delivered")
+    time.sleep(0.5)  # a duplicate would arrive right behind the first delivery
+    counts = sink.per_job()
+    assert {j: counts[j] for j in job_ids} == dict.fromkeys(job_ids, 1)
+    for j in job_ids:
+        if c.get(f"/v1/restorations/{j}").json()["status"] == "succeeded":
+            assert c.get(f"/v1/restorations/{j}/image").status_code == 200
+
+
+def test_kill9_mid_sampling_loses_nothing(pool: Pool) -> None:
+    """kill -9 the worker that is sampling, FAST_KILLS times in a row (2 workers, the victim is
+    replaced each time): every job still succeeds, on its second attempt, exactly once."""
+    jobs: list[str] = []
+    with TestClient(create_app(pool.settings)) as c:
+        for _ in range(FAST_KILLS):
+            job_id = submit_ok(c, webhook=pool.sink.url)
+            jobs.append(job_id)
+            victim = running_on(c, job_id, pool.workers)
+            victim.proc.kill()  # SIGKILL: nothing runs in the victim, as on a host loss
+            victim.proc.wait(10)
+            pool.replace(victim)
+            job = terminal(c, job_id)
+            assert job["status"] == "succeeded", job
+            assert job["attempts"] == 2, job
+            assert any("lost" in w for w in job["warnings"]), job["warnings"]
+        assert_one_result(c, pool.sink, jobs)
+    # Leave two ready workers for the next tests.
+    wait_for(
+        lambda: len([w for w in c.app.state.services.store.workers() if w["state"] == "ready"]) >= 2,
+        120,
+        interval=0.2,
+        what="replacement workers ready",
+    )
+
+
+def test_sigterm_finishes_current_job_and_leaves_the_queue_to_others(pool: Pool) -> None:
+    with TestClient(create_app(pool.settings)) as c:
+        first = submit_ok(c, webhook=pool.sink.url)
+        worker = running_on(c, first, pool.workers)
+        second = submit_ok(c, webhook=pool.sink.url)  # queued while the worker drains
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(60) == 0, worker.log()[-2000:]
+        job = c.get(f"/v1/restorations/{first}").json()
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job
+        assert c.app.state.services.store.get(first)["worker"] == worker.name
+        other = terminal(c, second)
+        assert other["status"] == "succeeded" and other["attempts"] == 1, other
+        assert c.app.state.services.store.get(second)["worker"] != worker.name
+        assert_one_result(c, pool.sink, [first, second])
+    pool.replace(worker, wait=True)
+
+
+def test_job_timeout_fails_with_timeout_and_worker_stays_healthy(pool: Pool) -> None:
+    # job_timeout is fixed per job by the API at submission (RQ job.timeout), so an API with a
+    # 1 s limit makes a ~3 s tiny job time out without touching the workers.
+    strict = pool.settings.model_copy(update={"job_timeout_seconds": 1})
+    with TestClient(create_app(strict)) as c:
+        job_id = submit_ok(c, webhook=pool.sink.url)
+        job = terminal(c, job_id, timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
+    assert job["attempts"] == 1, job  # job-level failures are never retried
+    worker_name = c.app.state.services.store.get(job_id)["worker"]
+    worker = next(w for w in pool.workers if w.name == worker_name)
+    assert worker.proc.poll() is None, worker.log()[-2000:]
+    with TestClient(create_app(pool.settings)) as c:
+        states = {w["name"]: w["state"] for w in c.app.state.services.store.workers()}
+        assert states.get(worker_name) == "ready", states
+        # Both workers take the next two jobs: the one that timed out must run one fine.
+        after = [submit_ok(c, webhook=pool.sink.url) for _ in range(2)]
+        done = [terminal(c, j) for j in after]
+        assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
+        assert_one_result(c, pool.sink, [job_id, *after])
+    assert worker.proc.poll() is None
+
+
+def test_concurrent_duplicate_idempotency_key_runs_one_job(pool: Pool, redis_conn: redis.Redis) -> None:
+    h = {"Idempotency-Key": f"dup-{uuid.uuid4().hex}"}
+    with TestClient(create_app(pool.settings)) as c:
+        barrier = threading.Barrier(8)
+
+        def post(_: int):
+            barrier.wait()  # all eight requests race for the key at once
+            return submit(c, headers=h, webhook=pool.sink.url)
+
+        with ThreadPoolExecutor(8) as ex:
+            responses = list(ex.map(post, range(8)))
+        assert [r.status_code for r in responses] == [202] * 8, [r.text for r in responses]
+        ids = {r.json()["id"] for r in responses}
+        assert len(ids) == 1
+        (job_id,) = ids
+        assert terminal(c, job_id)["status"] == "succeeded"
+        assert_one_result(c, pool.sink, [job_id])
+        # No second RQ job, record or result was ever written for this key.
+        records = list(redis_conn.scan_iter(match=f"{pool.settings.key_prefix}:job:*", count=1000))
+        assert all(c.app.state.services.store.get(k.decode().rsplit(":", 1)[1]) for k in records)
+        idem = list(redis_conn.scan_iter(match=f"{pool.settings.key_prefix}:idem:*", count=1000))
+        assert len(idem) == 1
+
+
+def _exif_oriented(photo: Image.Image, orientation: int) -> bytes:
+    """A JPEG whose pixels are stored so that applying EXIF ``orientation`` restores ``photo``."""
+    inverse = {
+        1: lambda im: im,
+        2: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        3: lambda im: im.transpose(Image.Transpose.ROTATE_180),
+        4: lambda im: im.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+        5: lambda im: im.transpose(Image.Transpose.TRANSPOSE),
+        6: lambda im: im.transpose(Image.Transpose.ROTATE_90),
+        7: lambda im: im.transpose(Image.Transpose.TRANSVERSE),
+        8: lambda im: im.transpose(Image.Transpose.ROTATE_270),
+    }[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    inverse(photo).save(buf, "JPEG", quality=92, exif=exif)
+    return buf.getvalue()
+
+
+def _encoded(im: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_odd_valid_inputs_through_a_real_worker(pool: Pool) -> None:
+    """A sample of the unusual-but-valid uploads, end to end: the worker never crashes, every job
+    ends with a result or a reason, EXIF orientations 1–8 still find the face, alpha is kept and
+    grayscale stays grayscale."""
+    face = Image.open(io.BytesIO(aligned_png())).convert("RGB")
+    small = face.resize((256, 256))
+    frames = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    cases: dict[str, tuple[bytes, dict[str, str]]] = {
+        f"exif{o}": (_exif_oriented(face, o), {"aligned": "false"}) for o in range(1, 9)
+    }
+    la = small.convert("LA")
+    cases |= {
+        "LA": (_encoded(la, "PNG"), {}),
+        "L": (_encoded(small.convert("L"), "PNG"), {}),
+        "CMYK": (_encoded(small.convert("CMYK"), "JPEG"), {}),
+        "I;16": (_encoded(small.convert("L").convert("I;16"), "PNG"), {}),
+        "P": (_encoded(small.convert("P"), "PNG"), {}),
+        "gif-anim": (_encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50), {}),
+        "webp-anim": (_encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=50), {}),
+    }
+    with TestClient(create_app(pool.settings)) as c:
+        ids: dict[str, str] = {}
+        for name, (data, fields) in cases.items():
+            r = submit(c, data=data, webhook=pool.sink.url, **{"aligned": "true", **fields})
+            assert r.status_code == 202, (name, r.text)
+            ids[name] = r.json()["id"]
+        jobs = {name: terminal(c, j, timeout=180) for name, j in ids.items()}
+        for name, job in jobs.items():
+            assert job["status"] == "succeeded", (name, job)
+        for o in range(1, 9):
+            assert len(jobs[f"exif{o}"]["faces"]) == 1, (o, jobs[f"exif{o}"]["faces"])
+        for name in ("gif-anim", "webp-anim"):
+            assert any("first one was used" in w for w in jobs[name]["warnings"]), jobs[name]["warnings"]
+        la_out = Image.open(io.BytesIO(c.get(f"/v1/restorations/{ids['LA']}/image").content))
+        assert la_out.mode == "LA"
+        l_out = Image.open(io.BytesIO(c.get(f"/v1/restorations/{ids['L']}/image").content))
+        assert l_out.mode == "L"
+        assert_one_result(c, pool.sink, list(ids.values()))
+    assert all(w.proc.poll() is None for w in pool.workers), "a worker crashed"
+
+
+def test_redis_killed_and_restarted(tmp_path: Path) -> None:
+    """Redis dies (kill -9) and comes back on the same port with its AOF: meanwhile the API answers
+    503 redis_unavailable fast and without a stack trace; afterwards the API and the idle worker
+    (whose blocking dequeue broke) recover by themselves and the next job completes."""
+    server = RedisServer(tmp_path)
+    server.start()
+    settings = base_settings(uuid.uuid4().hex[:10], redis_url=server.url, redis_timeout_seconds=0.5)
+    workers = start_workers(settings, tmp_path, n=1)
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+            server.stop()  # outage first, so the job queued below waits in Redis across the restart
+            outage_start = time.monotonic()
+            for path in ("/v1/restorations/x", "/v1/models"):
+                t0 = time.monotonic()
+                r = c.get(path)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
+                assert "Traceback" not in r.text and time.monotonic() - t0 < 3
+            t0 = time.monotonic()
+            r = submit(c)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
+            assert time.monotonic() - t0 < 3
+            assert r.headers.get("retry-after")
+            assert c.get("/healthz").status_code == 200  # liveness does not depend on Redis
+            assert c.get("/readyz").status_code == 503
+            time.sleep(max(0.0, 2 - (time.monotonic() - outage_start)))  # outage spans a few RQ polls
+            server.start()
+            # The API's client reconnects on its own (no restart of the app).
+            job_id = wait_for(
+                lambda: (r := submit(c)).status_code == 202 and r.json()["id"], 15, interval=0.2
+            )
+            job = terminal(c, job_id, timeout=120)
+            assert job["status"] == "succeeded", (job, workers[0].log()[-3000:])
+            assert workers[0].proc.poll() is None
+    finally:
+        for w in workers:
+            w.stop(signal.SIGKILL)
+        server.stop()
