@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint
+.PHONY: serve test lint system-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,5 +24,9 @@ serve: $(VENV)/.installed-runtime
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
-test: lint
+# Debian's Chromium (tests/web) and promtool (tests/ops); a no-op once installed.
+system-tools:
+	scripts/setup-system-tools
+
+test: lint system-tools
 	scripts/run-tests $(BIN)

@@ -13,7 +13,7 @@ from rq import Queue
 from app import metrics
 from app.errors import install_error_handlers
 from app.jobs import JobStore, connect, make_queue
-from app.routers import health, models, restorations
+from app.routers import health, models, restorations, web
 from app.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(restorations.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(web.router)
 
     @app.middleware("http")
     async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -1,0 +1,290 @@
+"""The web page at ``/``: headers (TestClient) and end to end in headless Chromium.
+
+The browser tests start a real uvicorn server (in a thread, on a free port) and a real tiny-profile
+worker, and drive Debian's Chromium (``scripts/setup-system-tools`` installs it) with Playwright. They are
+skipped, with the reason, only when no browser or no Playwright is available. Screenshots go to
+``artifacts/web/``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.routers.web import CONTENT_SECURITY_POLICY
+from app.settings import Settings
+from tests.conftest import ROOT, TESTDATA, WorkerProcess, base_settings, purge, start_workers, wait_for
+
+ARTIFACTS = ROOT / "artifacts" / "web"
+FACE = TESTDATA / "aligned" / "0143.png"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+API_KEY = "page-test-key-" + "x" * 16
+
+
+# ---------------------------------------------------------------- plain HTTP (no browser)
+
+
+def test_index_is_served_with_nosniff_and_csp(client: TestClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    csp = dict(part.strip().split(" ", 1) for part in CONTENT_SECURITY_POLICY.split(";"))
+    assert csp["default-src"] == "'none'" and csp["script-src"] == "'self'"
+    assert "unsafe-inline" not in CONTENT_SECURITY_POLICY and "unsafe-eval" not in CONTENT_SECURITY_POLICY
+    assert csp["frame-ancestors"] == "'none'"
+    # no inline script or style: everything the CSP has to allow is our own static files
+    assert "<script>" not in r.text and "<style" not in r.text and " style=" not in r.text
+    assert 'src="/static/app.js"' in r.text and 'href="/static/style.css"' in r.text
+
+    for name, media in [("app.js", "text/javascript"), ("style.css", "text/css")]:
+        s = client.get(f"/static/{name}")
+        assert s.status_code == 200 and s.headers["content-type"].startswith(media), name
+        assert s.headers["x-content-type-options"] == "nosniff"
+    assert not re.search(
+        r"\.(innerHTML|outerHTML)\s*=|insertAdjacentHTML|document\.write", client.get("/static/app.js").text
+    )
+
+
+def test_only_known_static_files_are_served(client: TestClient) -> None:
+    for path in ["/static/nope.js", "/static/..%2F..%2Fmain.py", "/static/%2e%2e/routers/web.py"]:
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert set(r.json()["error"]) == {"code", "message"}
+    assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+# ---------------------------------------------------------------- browser
+
+
+def _chromium() -> str | None:
+    found = os.environ.get("DYNFACE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    return found if Path(found).is_file() and os.access(found, os.X_OK) else None
+
+
+class LiveServer:
+    """The real app under uvicorn, in a thread, on a free port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, what="uvicorn started")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium browser (run scripts/setup-system-tools, or set DYNFACE_CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Playwright is not installed (it comes with the 'test' extra)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def service(redis_conn, tmp_path_factory, browser) -> Iterator[str]:
+    """Open API + one real tiny worker + uvicorn; yields the base URL."""
+    settings = base_settings(uuid.uuid4().hex[:10])
+    workers: list[WorkerProcess] = start_workers(settings, tmp_path_factory.mktemp("web-workers"))
+    try:
+        with LiveServer(settings) as server:
+            yield server.url
+    finally:
+        for w in workers:
+            w.stop()
+        purge(redis_conn, settings)
+
+
+@pytest.fixture
+def page(browser) -> Iterator[Any]:
+    """A fresh browser context per test (its own sessionStorage); fails on page errors."""
+    context = browser.new_context(viewport={"width": 1100, "height": 1400})
+    pg = context.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+    pg.problems = problems
+    yield pg
+    context.close()
+
+
+def _screenshot(pg: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _natural_size(pg: Any, selector: str) -> tuple[int, int]:
+    w, h = pg.eval_on_selector(selector, "img => [img.complete ? img.naturalWidth : 0, img.naturalHeight]")
+    return w, h
+
+
+def _wait_for_message(pg: Any, code: str, name: str) -> str:
+    try:
+        pg.wait_for_selector(f"#message[data-code='{code}']", state="visible", timeout=60_000)
+    finally:
+        _screenshot(pg, name)
+    return pg.inner_text("#message")
+
+
+def _unexpected_console(pg: Any, allowed: tuple[str, ...] = ()) -> list[str]:
+    # A failed fetch (the 4xx we provoke) is logged by Chromium as a console error; nothing else may be.
+    return [p for p in pg.problems if not any(a in p for a in ("status of 4", *allowed))]
+
+
+def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
+    page.goto(service + "/")
+    page.set_input_files("#file", str(FACE))
+    page.check("#aligned")
+    page.select_option("#upscale", "2")
+    page.uncheck("#fidelity-auto")
+    page.eval_on_selector("#fidelity", "el => { el.value = '0.3'; el.dispatchEvent(new Event('input')); }")
+    assert page.inner_text("#fidelity-value") == "0.30"
+
+    page.evaluate(
+        """() => {
+            window.seenStatus = [];
+            const line = document.getElementById("status-line");
+            new MutationObserver(() => window.seenStatus.push(line.textContent))
+                .observe(line, { childList: true, characterData: true, subtree: true });
+        }"""
+    )
+    with page.expect_response(
+        lambda r: r.url.endswith("/v1/restorations") and r.request.method == "POST"
+    ) as sub:
+        page.click("#submit")
+    job = sub.value.json()
+    assert sub.value.status == 202, job
+    assert job["options"]["aligned"] is True and job["options"]["upscale"] == 2
+    assert job["options"]["fidelity"] == 0.3 and job["options"]["outputs"] == ["image", "faces"]
+    page.wait_for_selector("#status-panel", state="visible")
+    _screenshot(page, "progress")
+
+    try:
+        page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=180_000)
+        page.wait_for_function("document.querySelectorAll('#faces img').length === 1", timeout=30_000)
+        page.wait_for_function("[...document.querySelectorAll('#faces img')].every(i => i.naturalWidth > 0)")
+    finally:
+        _screenshot(page, "result")
+
+    assert page.get_attribute("#status-panel", "data-status") == "succeeded"
+    assert page.inner_text("#status-line") == "Done."
+    seen = page.evaluate("window.seenStatus")
+    # live progress: the diffusion steps were shown while the worker sampled
+    assert any(re.fullmatch(r"Processing: diffusion sampling \(step \d+ of \d+\)", t) for t in seen), seen
+    with Image.open(FACE) as im:
+        w, h = im.size
+    assert _natural_size(page, "#after") == (2 * w, 2 * h)  # aligned face, upscaled 2×
+    assert _natural_size(page, "#before") == (w, h)
+    assert _natural_size(page, "#faces img") == (512, 512)
+    assert page.eval_on_selector("#boxes", "c => [c.width, c.height]") == [w, h]
+    href = page.get_attribute("#download-image", "href")
+    assert href.startswith("blob:") and page.get_attribute("#download-image", "download").endswith(".png")
+    assert page.get_attribute("#faces a", "download").startswith("face-1-")
+    assert page.is_hidden("#message") or page.get_attribute("#message", "class") == "message info"
+
+    page.eval_on_selector("#split", "el => { el.value = '20'; el.dispatchEvent(new Event('input')); }")
+    clip = page.eval_on_selector("#after", "img => getComputedStyle(img).clipPath")
+    assert "20%" in clip, clip
+    _screenshot(page, "result-slider")
+    assert _unexpected_console(page) == []
+
+
+def test_bad_file_shows_a_clear_error(service: str, page: Any) -> None:
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"hello"}])
+    page.click("#submit")
+    text = _wait_for_message(page, "invalid_image", "error-bad-file")
+    assert "not an image that can be read" in text
+    assert page.is_hidden("#results")
+    assert page.is_enabled("#submit")  # ready for another try
+    assert _unexpected_console(page) == []
+
+
+def test_photo_without_a_face_shows_no_face(service: str, page: Any) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (128, 128, 128)).save(buf, "PNG")
+    page.goto(service + "/")
+    page.set_input_files(
+        "#file", files=[{"name": "wall.png", "mimeType": "image/png", "buffer": buf.getvalue()}]
+    )
+    page.click("#submit")
+    text = _wait_for_message(page, "no_face", "error-no-face")
+    assert "No face was found" in text
+    assert page.get_attribute("#status-panel", "data-status") == "failed"
+    assert _unexpected_console(page) == []
+
+
+def test_api_key_is_asked_for_and_kept_in_the_session(redis_conn, browser, page: Any) -> None:
+    settings = base_settings(uuid.uuid4().hex[:10], api_keys=[API_KEY])
+    try:
+        with LiveServer(settings) as server:
+            page.goto(server.url + "/")
+            page.wait_for_selector("#key-panel", state="visible")
+            page.set_input_files("#file", str(FACE))
+            page.click("#submit")
+            _wait_for_message(page, "unauthorized", "error-unauthorized")
+
+            page.fill("#api-key", API_KEY)
+            page.click("#key-form button[type=submit]")
+            assert page.evaluate("sessionStorage.getItem('dynface.apiKey')") == API_KEY
+            assert page.evaluate("localStorage.length") == 0
+            assert page.evaluate("document.cookie") == ""
+            # with the key, the same (non-aligned, tiny) submission is accepted and queued/processed
+            with page.expect_response(lambda r: r.url.endswith("/v1/restorations")) as sub:
+                page.click("#submit")
+            assert sub.value.status == 202
+            job_id = sub.value.json()["id"]
+            page.wait_for_selector("#status-panel[data-status='queued']", timeout=10_000)
+            assert "Queued" in page.inner_text("#status-line")
+            _screenshot(page, "queued-with-key")
+            # the key never reaches the job JSON or the page's URL
+            r = httpx.get(f"{server.url}/v1/restorations/{job_id}", headers={"X-API-Key": API_KEY})
+            assert r.status_code == 200 and API_KEY not in r.text and API_KEY not in page.url
+
+            page.click("#forget-key")
+            assert page.evaluate("sessionStorage.getItem('dynface.apiKey')") is None
+    finally:
+        purge(redis_conn, settings)
+    assert _unexpected_console(page, allowed=("status of 503",)) == []  # /readyz: no worker here
