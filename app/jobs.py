@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from redis import Redis
+from redis.sentinel import Sentinel
 from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
@@ -52,15 +53,39 @@ return 1
 
 
 def connect(settings: Settings) -> Redis:
-    """A Redis client with short timeouts, so a dead Redis fails requests fast, not after minutes."""
+    """A Redis client with short timeouts, so a dead Redis fails requests fast, not after minutes.
+
+    With ``redis_sentinels`` the client is redis-py's Sentinel-managed one: it asks the sentinels
+    for the current primary of ``redis_sentinel_master`` and finds the new one after a failover.
+    """
+    timeouts = {
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+        "health_check_interval": 30,
+    }
+    if settings.redis_sentinels:
+        hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in settings.redis_sentinels)]
+        sentinel_password = settings.redis_sentinel_password
+        sentinel = Sentinel(
+            hosts,
+            sentinel_kwargs={
+                "socket_timeout": settings.redis_timeout_seconds,
+                "socket_connect_timeout": settings.redis_timeout_seconds,
+                "password": sentinel_password.get_secret_value() if sentinel_password else None,
+            },
+        )
+        password = settings.redis_password
+        return sentinel.master_for(
+            settings.redis_sentinel_master,
+            password=password.get_secret_value() if password else None,
+            **timeouts,
+        )
     if not settings.redis_url:
-        raise RuntimeError("No Redis configured: set REDIS_URL (or run `dynface serve` for an embedded one).")
-    return Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        health_check_interval=30,
-    )
+        raise RuntimeError(
+            "No Redis configured: set REDIS_URL or DYNFACE_REDIS_SENTINELS "
+            "(or run `dynface serve` for an embedded one)."
+        )
+    return Redis.from_url(settings.redis_url, **timeouts)
 
 
 def make_queue(connection: Redis, settings: Settings) -> Queue:

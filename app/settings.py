@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("DYNFACE_REDIS_URL", "REDIS_URL")
     )
+    # Redis Sentinel (instead of REDIS_URL): the sentinels' host:port list and the monitored primary's
+    # name; clients ask the sentinels for the current primary and follow failovers.
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = "dynface"
+    redis_password: SecretStr | None = None  # the primary's (Sentinel mode; with REDIS_URL it is in the URL)
+    redis_sentinel_password: SecretStr | None = None
     redis_timeout_seconds: float = 2.0
     public_base_url: str | None = None
     key_prefix: str = "dynface"
@@ -67,6 +73,29 @@ class Settings(BaseSettings):
     webhook_retry_delays_seconds: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [5.0, 30.0, 120.0, 600.0]
     )
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value: object) -> object:
+        """Accept ``DYNFACE_REDIS_SENTINELS=host1:26379,host2:26379``; each entry must be host:port."""
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        for entry in value if isinstance(value, list) else []:
+            host, _, port = str(entry).rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"sentinel {entry!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _one_redis(self) -> Settings:
+        if self.redis_url and self.redis_sentinels:
+            raise ValueError("set REDIS_URL or DYNFACE_REDIS_SENTINELS, not both")
+        return self
+
+    @property
+    def redis_configured(self) -> bool:
+        """Whether an external Redis is configured (else `dynface serve` embeds one)."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     @field_validator("api_keys", mode="before")
     @classmethod

