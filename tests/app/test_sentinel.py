@@ -37,7 +37,9 @@ class Servers:
     def __init__(self, tmp: Path) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.primary, self.replica, self.sentinel = _free_port(), _free_port(), _free_port()
+        # --dir: a replica stores the primary's snapshot on disk during sync; keep it out of the repo.
         auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD, "--save", "", "--appendonly", "no"]
+        auth += ["--dir", str(tmp)]
         self._start(tmp, "primary", ["--port", str(self.primary), *auth])
         self._start(
             tmp,
