@@ -41,8 +41,14 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
+#: Headers on every API response: browsers must never sniff a JSON body or a result image into HTML.
+SAFE_HEADERS: dict[str, str] = {"X-Content-Type-Options": "nosniff"}
+
+
 def _respond(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    return JSONResponse(
+        error_body(code, message), status_code=status, headers={**SAFE_HEADERS, **(headers or {})}
+    )
 
 
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}

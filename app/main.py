@@ -55,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             response = await call_next(request)
             status = response.status_code
+            # Browsers must never sniff an API body (JSON, metrics, results) into something runnable.
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
             return response
         finally:
             route = request.scope.get("route")

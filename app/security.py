@@ -81,8 +81,30 @@ def check_rate_limit(store: JobStore, owner: str, per_minute: int) -> None:
         )
 
 
+#: IPv6 ranges whose last 32 bits are an IPv4 address that the network delivers to (NAT64 well-known
+#: prefix, deprecated IPv4-compatible addresses): ``64:ff9b::7f00:1`` reaches 127.0.0.1 behind NAT64.
+_IPV4_SUFFIX_NETS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address tunnels or translates to (mapped, 6to4, Teredo, NAT64)."""
+    found = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if any(ip in net for net in _IPV4_SUFFIX_NETS):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return ip.is_global and not ip.is_multicast
+    """Globally routable unicast, and so is any IPv4 address embedded in an IPv6 one: Python
+    counts e.g. 6to4 ``2002:7f00:1::`` and NAT64 ``64:ff9b::7f00:1`` as global although they
+    lead to 127.0.0.1."""
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        return all(_is_public(v4) for v4 in _embedded_ipv4(ip))
+    return True
 
 
 def check_webhook_url(url: str, settings: Settings) -> None:

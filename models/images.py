@@ -72,7 +72,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
         raise InvalidImageError("The upload is empty.")
     try:
         im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-    except Image.DecompressionBombError as e:
+    # The warning is raised (not just issued) when warnings are errors (python -W error).
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise TooManyPixelsError(f"The image is too large: {e}") from e
     except UnidentifiedImageError as e:
         raise _unidentified(data) from e
@@ -96,7 +97,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
             im.load()
             oriented = _exif_transpose(im, warnings)
             rgb, alpha, grayscale = _to_arrays(oriented)
-        except Image.DecompressionBombError as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise TooManyPixelsError(f"The image is too large: {e}") from e
         except Exception as e:  # truncated data, bad CRC, broken compression stream, ...
             raise InvalidImageError(f"The image could not be decoded: {e}") from e

@@ -24,7 +24,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app import metrics
 from app.deps import services
-from app.errors import UPLOAD_ERROR_STATUS, ApiError
+from app.errors import SAFE_HEADERS, UPLOAD_ERROR_STATUS, ApiError
 from app.jobs import TERMINAL, JobStore, enqueue
 from app.schemas import (
     ErrorResponse,
@@ -125,7 +125,8 @@ async def _read_submission(request: Request, max_bytes: int) -> tuple[bytes, Res
         try:
             form = await parser.parse()
         except MultiPartException as e:
-            raise ApiError(400, "invalid_image", f"Malformed multipart body: {e.message}") from e
+            # The framing is broken (or over a field/part limit), not the image: invalid_request.
+            raise ApiError(400, "invalid_request", f"Malformed multipart body: {e.message}") from e
         try:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
@@ -196,7 +197,9 @@ def _view(request: Request, record: dict[str, Any]) -> Restoration:
 def _respond(request: Request, record: dict[str, Any], status: int, **headers: str) -> JSONResponse:
     view = _view(request, record)
     return JSONResponse(
-        view.model_dump(mode="json"), status_code=status, headers={"Location": view.urls.self, **headers}
+        view.model_dump(mode="json"),
+        status_code=status,
+        headers={**SAFE_HEADERS, "Location": view.urls.self, **headers},
     )
 
 
@@ -420,7 +423,18 @@ def _result(request: Request, job_id: str, name: str, kind: str, index: int | No
             "expired",
             f"The result has expired (results are kept for {svc.settings.result_ttl_seconds} s).",
         )
-    return Response(blob, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+    # nosniff + an explicit inline filename with the image's own extension: a browser shows the
+    # bytes as the declared image type and never renders them as a page.
+    ext = _EXTENSIONS.get(media_type, "bin")
+    headers = {
+        **SAFE_HEADERS,
+        "Cache-Control": "private, max-age=3600",
+        "Content-Disposition": f'inline; filename="{job_id}-{name.replace(":", "-")}.{ext}"',
+    }
+    return Response(blob, media_type=media_type, headers=headers)
+
+
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 _BYTES = {
