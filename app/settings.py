@@ -41,6 +41,17 @@ class Settings(BaseSettings):
     max_faces: int = Field(default=32, ge=1)
     offline: bool = False
     weights_retry_seconds: float = Field(default=30.0, gt=0)
+    # Method tables and trained nets (docs/reproduce.md). RestorationPipeline.from_pretrained reads the
+    # same variables itself (models do not import app/), so the worker and the CLI honour them alike;
+    # declared here so they are validated and documented with every other setting.
+    dsst_table: str | None = None  # `dynface dsst build` JSON; unset = the shipped table
+    dblm_weights: str | None = None  # `dynface train dblm` .safetensors; unset = training-free fallback
+    dgsa_weights: str | None = None  # `dynface train dgsa` .safetensors; unset = training-free fallback
+    # GPU fast path (models/speed.py; equivalence in docs/benchmarks.md, "GPU path").
+    channels_last: bool = True
+    compile: bool = False  # first jobs pay minutes of compilation; opt in per deployment
+    compile_mode: str = Field(default="default", pattern=r"^(default|reduce-overhead|max-autotune)$")
+    pin_memory: bool = True
 
     # --- upload limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
@@ -90,6 +101,18 @@ class Settings(BaseSettings):
     def _one_redis(self) -> Settings:
         if self.redis_url and self.redis_sentinels:
             raise ValueError("set REDIS_URL or DYNFACE_REDIS_SENTINELS, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _records_outlive_jobs(self) -> Settings:
+        # A record (and its input) must outlive every attempt of its job once started, or a running
+        # job would vanish (the TTL is renewed when a worker starts it).
+        longest = (self.max_retries + 1) * self.job_timeout_seconds
+        if self.record_ttl_seconds <= longest:
+            raise ValueError(
+                f"DYNFACE_RECORD_TTL_SECONDS ({self.record_ttl_seconds}) must exceed "
+                f"(max_retries + 1) x job_timeout_seconds = {longest}"
+            )
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""Model-level commands of the `dynface` CLI: restore-faces, restore, weights.
+"""Model-level commands of the `dynface` CLI: restore-faces, restore, weights, train, dsst, eval.
 
 They run the pipeline in-process (no server, no queue); the entry point that also has `serve` and
 `worker` is `worker.cli`.
@@ -7,10 +7,11 @@ They run the pipeline in-process (no server, no queue); the entry point that als
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from models import images
 from models.errors import InvalidImageError, PipelineError
-from models.weights import MissingWeightsError, add_weights_cli
+from models.weights import add_weights_cli
 
 if TYPE_CHECKING:
     from models.pipeline import RestorationPipeline
@@ -28,7 +29,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add restore-faces, restore and weights to the `dynface` parser."""
+    """Add restore-faces, restore, weights, train, dsst and eval to the `dynface` parser."""
     faces = subparsers.add_parser("restore-faces", help="restore aligned 512×512 face crops")
     faces.add_argument("inputs", nargs="+", type=Path, help="aligned face images or folders of them")
     faces.add_argument("-o", "--output", type=Path, required=True, help="output folder")
@@ -58,6 +59,55 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     photos.set_defaults(func=_restore_photos)
 
     add_weights_cli(subparsers)
+    _add_reproduction_commands(subparsers)
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command function imported when the command runs, so `dynface --help` does not import torch."""
+    return lambda args: getattr(importlib.import_module(module), name)(args)
+
+
+def _add_reproduction_commands(subparsers: argparse._SubParsersAction) -> None:
+    """train (models/train.py), dsst build (models/dsst.py), eval (models/evaluate.py)."""
+    train = subparsers.add_parser(
+        "train", help="train DBLM or DGSA (several GPUs: torchrun ... -m worker.cli)"
+    )
+    kinds = train.add_subparsers(dest="train_kind", required=True)
+    for kind, what in (("dblm", "the blur-level mapping net"), ("dgsa", "the guidance-scale net")):
+        q = kinds.add_parser(kind, help=f"train {what}")
+        q.add_argument("config", type=Path, help="YAML or JSON config (fields: models/train.py TrainConfig)")
+        q.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.pt")
+        q.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+        q.set_defaults(func=_lazy("models.train", "cli_train"), train_kind=kind)
+
+    dsst = subparsers.add_parser("dsst", help="build the DSST start-step table")
+    dsst_sub = dsst.add_subparsers(dest="dsst_command", required=True)
+    b = dsst_sub.add_parser(
+        "build", help="analytic table (method.md §4) from clean aligned faces; used via --dsst FILE"
+    )
+    b.add_argument(
+        "--prior",
+        default="real",
+        help="profile whose schedule and blur levels the table is for: real | tiny | a weights dir (= real)",
+    )
+    b.add_argument("--faces", type=Path, required=True, help="folder of clean aligned 512² faces (nested ok)")
+    b.add_argument("--out", type=Path, required=True, help="table to write (JSON)")
+    b.add_argument(
+        "--sigmas", type=float, nargs="+", default=None, help="blur levels in px (default: profile's)"
+    )
+    b.add_argument("--heaviest-start", type=int, default=None, help="heaviest level's start (default: 100)")
+    b.add_argument("--max-faces", type=int, default=None, help="use at most N faces (sorted by path)")
+    b.set_defaults(func=_lazy("models.dsst", "cli_build"))
+
+    e = subparsers.add_parser(
+        "eval", help="PSNR/SSIM/LPIPS/IDS/FID/NIQE/MUSIQ of restored vs ground-truth faces"
+    )
+    e.add_argument("--pred", type=Path, required=True, help="restored faces (folder)")
+    e.add_argument("--gt", type=Path, required=True, help="ground-truth faces, same relative names")
+    e.add_argument("--csv", type=Path, default=None, help="also write the row as CSV here")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    e.add_argument("--weights-dir", type=Path, default=None, help="where the ArcFace weights are (IDS)")
+    e.set_defaults(func=_lazy("models.evaluate", "cli_eval"))
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +121,15 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--weights-dir", type=Path, default=None, help="default $DYNFACE_WEIGHTS_DIR")
     p.add_argument("--max-batch", type=int, default=8, help="faces per sampler batch")
+    p.add_argument(
+        "--dsst", type=Path, default=None, help="DSST table JSON (default $DYNFACE_DSST_TABLE, else shipped)"
+    )
+    p.add_argument(
+        "--dblm-weights", type=Path, default=None, help="trained DBLM .safetensors ($DYNFACE_DBLM_WEIGHTS)"
+    )
+    p.add_argument(
+        "--dgsa-weights", type=Path, default=None, help="trained DGSA .safetensors ($DYNFACE_DGSA_WEIGHTS)"
+    )
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -96,7 +155,14 @@ def _load_pipeline(args: argparse.Namespace) -> RestorationPipeline:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = RestorationPipeline.from_pretrained(
-        args.profile, weights_dir=args.weights_dir, device=device, dtype=args.dtype, max_batch=args.max_batch
+        args.profile,
+        weights_dir=args.weights_dir,
+        device=device,
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        dsst_table=args.dsst,
+        dblm_weights=args.dblm_weights,
+        dgsa_weights=args.dgsa_weights,
     )
     if not pipe.info["real"]:
         print("warning: profile 'tiny' has random weights; outputs are NOT restorations", file=sys.stderr)
@@ -120,7 +186,8 @@ def _image_files(inputs: list[Path]) -> Iterator[tuple[Path, Path]]:
 def _restore_faces(args: argparse.Namespace) -> int:
     try:
         pipe = _load_pipeline(args)
-    except MissingWeightsError as e:
+    # MissingWeightsError (a FileNotFoundError), or a missing or wrong --dsst / trained-weights file
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     args.output.mkdir(parents=True, exist_ok=True)
@@ -178,7 +245,8 @@ def _restore_photos(args: argparse.Namespace) -> int:
         return 2
     try:
         pipe = _load_pipeline(args)
-    except MissingWeightsError as e:
+    # MissingWeightsError (a FileNotFoundError), or a missing or wrong --dsst / trained-weights file
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     options = RestoreOptions(

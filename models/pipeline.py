@@ -14,6 +14,7 @@ start (index 100 of ddim250) and sampled without guidance, so the two modes are 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import faces as face_ops
-from models import images, weights
+from models import images, trained, weights
 from models.blur import estimate_blur_sigma
 from models.dblm import DBLMNet, fallback_estimates
 from models.dgsa import DGSANet, coherence_scale_map, scale_from_logvar
@@ -38,6 +39,7 @@ from models.guidance import GaussianGuidance
 from models.profiles import PROFILES, Profile
 from models.sampler import ddim_sample
 from models.schedule import RespacedSchedule, q_sample
+from models.speed import SpeedOptions, apply_memory_format, compiled, memory_format, to_device
 from models.swinir import SwinIR, swinir_from_checkpoint
 from models.unet import IDDPMUNet
 from models.unet_convert import unet_from_upstream_checkpoint
@@ -172,6 +174,7 @@ class RestorationPipeline:
         max_pixels: int = 36_000_000,
         max_faces: int = 32,
         weight_versions: dict[str, str] | None = None,
+        speed: SpeedOptions | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -185,6 +188,13 @@ class RestorationPipeline:
         self.restorer = restorer.to(self.device, self.dtype).eval()
         self.dblm = dblm.to(self.device, self.dtype).eval() if dblm is not None else None
         self.dgsa = dgsa.to(self.device, self.dtype).eval() if dgsa is not None else None
+        # Fast-path switches (models/speed.py): layout and compilation only, never the arithmetic.
+        self.speed = speed or SpeedOptions()
+        self._memory_format = memory_format(self.speed)
+        apply_memory_format(self.unet, self.speed)
+        apply_memory_format(self.restorer, self.speed)
+        # `self.unet` stays the plain module (state_dict, info, tests); the sampler calls this one.
+        self._unet_call = compiled(self.unet, self.speed)
         self.dsst = dsst or default_table()
         self.schedule = RespacedSchedule.from_spec(profile.method.respacing)
         self.weights_dir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
@@ -204,6 +214,9 @@ class RestorationPipeline:
         *,
         weights_dir: str | Path | None = None,
         download: bool = False,
+        dsst_table: str | Path | None = None,
+        dblm_weights: str | Path | None = None,
+        dgsa_weights: str | Path | None = None,
         **kwargs: Any,
     ) -> RestorationPipeline:
         """`"tiny"`: toy networks with seeded random weights (not a restoration, flagged everywhere).
@@ -211,7 +224,11 @@ class RestorationPipeline:
         (a path given here is used as that directory). With `download`, files the profile needs
         and lacks are fetched first (unless $DYNFACE_OFFLINE), then its optional files (parsing
         net, other detector) on a best-effort basis; otherwise missing required files raise
-        `MissingWeightsError` naming them and the command that fetches them."""
+        `MissingWeightsError` naming them and the command that fetches them.
+        `dsst_table` (a `dynface dsst build` JSON), `dblm_weights` / `dgsa_weights` (`dynface train`
+        .safetensors, their .json beside them) default to $DYNFACE_DSST_TABLE / $DYNFACE_DBLM_WEIGHTS /
+        $DYNFACE_DGSA_WEIGHTS; unset, the shipped table and the training-free fallbacks are used."""
+        kwargs.update(_trained_parts(dsst_table, dblm_weights, dgsa_weights, kwargs.get("dsst")))
         profile = PROFILES["tiny" if str(name_or_path) == "tiny" else "real"]
         if str(name_or_path) not in PROFILES:
             weights_dir = Path(name_or_path)
@@ -246,6 +263,7 @@ class RestorationPipeline:
             "dsst": {"sigmas": list(self.dsst.sigmas), "start_indices": list(self.dsst.start_indices)},
             "default_detector": self.profile.detector,
             "max_batch": self.max_batch,
+            "speed": asdict(self.speed),
         }
 
     # ------------------------------------------------------------------ whole photo
@@ -453,7 +471,8 @@ class RestorationPipeline:
         return FacesResult(_to_uint8(restored), facts, timer.seconds, seed)
 
     def _to_tensor(self, faces: np.ndarray) -> Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device).permute(0, 3, 1, 2)
+        host = torch.from_numpy(np.ascontiguousarray(faces))
+        x = to_device(host, self.device, self.speed).permute(0, 3, 1, 2)
         return x.float() / 127.5 - 1.0
 
     def _guide(self, y: Tensor, mode: Mode, fidelity: float | None) -> _Guide:
@@ -485,9 +504,11 @@ class RestorationPipeline:
         start = [self.dsst.start_index_for(s) for s in sigma]
 
         if self.dgsa is not None:
-            dgsa_logvar = self.dgsa(estimate.to(self.dtype), restored.to(self.dtype)).float()
-            scale_map = scale_from_logvar(dgsa_logvar, c=(method.level_threshold / 255.0) ** 2 * 4)
-            std_bar = (255.0 / 2) * torch.exp(0.5 * dgsa_logvar).mean(dim=(1, 2, 3))
+            # DGSA works in [0,1] like DBLM: its log-variance is in [0,1]² units.
+            unit = [((t + 1) / 2).to(self.dtype) for t in (estimate, restored)]
+            dgsa_logvar = self.dgsa(*unit).float()
+            scale_map = scale_from_logvar(dgsa_logvar, c=(method.level_threshold / 255.0) ** 2)
+            std_bar = 255.0 * torch.exp(0.5 * dgsa_logvar).mean(dim=(1, 2, 3))
             dgsa_kind = "trained"
         else:
             scale_map = coherence_scale_map((estimate + 1) / 2, g_min=method.dgsa_min_scale)
@@ -543,12 +564,42 @@ class RestorationPipeline:
 
     def _eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         """The prior's noise prediction (first 3 of its 6 output channels), in float32."""
-        return self.unet(x_t.to(self.dtype), t)[:, :3].float()
+        x = x_t.to(self.dtype, memory_format=self._memory_format)
+        return self._unet_call(x, t)[:, :3].float()
 
 
 _TINY_WARNING = (
     "Profile 'tiny': small random weights for tests and demos. This output is NOT a face restoration."
 )
+
+
+def _trained_parts(
+    dsst_table: str | Path | None,
+    dblm_weights: str | Path | None,
+    dgsa_weights: str | Path | None,
+    dsst: DSSTable | None,
+) -> dict[str, Any]:
+    """Constructor kwargs for the files given, or named by the environment as `weights_dir()` reads
+    $DYNFACE_WEIGHTS_DIR: the worker builds its pipeline through from_pretrained, so this is where a
+    deployment's setting takes effect. A named file that is missing or wrong raises here, at load time."""
+
+    def named(value: str | Path | None, env: str) -> Path | None:
+        value = value if value is not None else os.environ.get(env) or None
+        return Path(value).expanduser() if value is not None else None
+
+    parts: dict[str, Any] = {}
+    if (table := named(dsst_table, "DYNFACE_DSST_TABLE")) is not None:
+        parts["dsst"] = DSSTable.from_json(table.read_text(encoding="utf-8"))
+    if (path := named(dblm_weights, "DYNFACE_DBLM_WEIGHTS")) is not None:
+        parts["dblm"] = trained.load(path, "dblm")
+        levels = len((parts.get("dsst") or dsst or default_table()).sigmas)
+        if len(parts["dblm"].sigmas) != levels:
+            raise ValueError(
+                f"{path}: DBLM has {len(parts['dblm'].sigmas)} blur levels, the DSST table {levels}"
+            )
+    if (path := named(dgsa_weights, "DYNFACE_DGSA_WEIGHTS")) is not None:
+        parts["dgsa"] = trained.load(path, "dgsa")
+    return parts
 
 
 def _pull_optional(names: Sequence[str], wdir: Path) -> None:

@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     wk.set_defaults(func=cmd_worker)
 
-    register_model_commands(sub)  # restore-faces, restore, weights: the pipeline without the service
+    # restore-faces, restore, weights (the pipeline without the service) and train, dsst, eval (the
+    # method's reproduction; `torchrun --nproc_per_node=N -m worker.cli train ...` for several GPUs)
+    register_model_commands(sub)
     return parser
 
 

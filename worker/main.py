@@ -45,6 +45,7 @@ from worker import metrics, tasks
 
 if TYPE_CHECKING:
     from models.pipeline import RestorationPipeline
+    from models.speed import SpeedOptions
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
                         max_batch=settings.max_face_batch,
                         max_pixels=settings.max_pixels,
                         max_faces=settings.max_faces,
+                        speed=_speed_options(settings),
                         # first start fetches the real weights (sha256-checked) unless offline
                         download=not settings.offline,
                     )
@@ -240,6 +242,18 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _speed_options(settings: Settings) -> SpeedOptions:
+    """The fast-path switches of docs/configuration.md (pinning is used on CUDA devices only)."""
+    from models.speed import SpeedOptions
+
+    return SpeedOptions(
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,  # type: ignore[arg-type]  # pattern-checked by Settings
+        pin_memory=settings.pin_memory,
+    )
 
 
 def _profile_and_dir(settings: Settings) -> tuple[Profile, Path]:

@@ -1,0 +1,228 @@
+"""The GPU fast-path switches (models/speed.py, `DYNFACE_*` in docs/configuration.md): time of one UNet
+forward under each, and how far each one's output is from the plain fp32 path, on the device given.
+
+Also the FLOP lower bound per face: FLOPs of one forward of the real 512 px UNet (counted with
+`torch.utils.flop_counter.FlopCounterMode` on the meta device, batch 1: no weights, no memory) × NFE
+÷ the GPU's peak FLOP/s. A bound, not an estimate: real kernels reach a fraction of the peak, and
+GroupNorm/SiLU/softmax element-wise work is not counted.
+
+On CPU this is only a smoke check of the script (the tiny profile; its timings are CPU timings and say
+nothing about a GPU). On a GPU: `.venv/bin/python -m bench.gpu_path --device cuda --profile real
+--batch 1` (the real profile needs only the UNet architecture here: random weights, since speed and
+layout/precision agreement do not depend on the weight values).
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.gpu_path [--device cpu] [--profile tiny] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench._report import SHARED, header, write_section
+from models.pipeline import DTYPES, _tiny_networks
+from models.profiles import PROFILES
+from models.speed import SpeedOptions, apply_memory_format, compiled, memory_format
+from models.unet import IDDPMUNet
+
+CONFIG_512 = SHARED / "fixtures" / "difface_unet" / "config_512.json"
+#: NFE per face: DifFace's fixed start and the default DSST table's starts (models/data/dsst_default.json).
+NFES = {"difface baseline": 100, "DSST σ=1 px": 24, "DSST σ=2 px": 53, "DSST σ=4 px": 100}
+#: Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, for the bound's example rows only;
+#: pass --peak-tflops for another GPU.
+PEAKS_TFLOPS = {"H100 SXM, BF16/FP16 dense": 989.0, "A100 SXM, BF16/FP16 dense": 312.0}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: str
+    options: SpeedOptions
+
+
+def variants(device: torch.device, with_compile: bool) -> list[Variant]:
+    half = "fp16" if device.type == "cuda" else "bf16"  # CPUs have no fast fp16 path
+    plain = SpeedOptions(channels_last=False, compile=False)
+    out = [
+        Variant("fp32 (reference)", "fp32", plain),
+        Variant("fp32 + channels_last", "fp32", SpeedOptions(channels_last=True)),
+        Variant(half, half, plain),
+        Variant(f"{half} + channels_last", half, SpeedOptions(channels_last=True)),
+    ]
+    if with_compile:
+        out.append(Variant("fp32 + channels_last + compile", "fp32", SpeedOptions(compile=True)))
+        out.append(Variant(f"{half} + channels_last + compile", half, SpeedOptions(compile=True)))
+    return out
+
+
+def unet_flops_512() -> float:
+    """FLOPs of one forward of the real prior at 512 px, batch 1 (meta device: shapes only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = json.loads(CONFIG_512.read_text())["unet"]
+    with torch.device("meta"):
+        model = IDDPMUNet(**config).eval()
+        x, t = torch.randn(1, 3, 512, 512), torch.tensor([500])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return float(counter.get_total_flops())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure(
+    unet_config: dict, state: dict, variant: Variant, x: torch.Tensor, t: torch.Tensor, repeats: int
+) -> tuple[torch.Tensor, list[float], float]:
+    """Output (float32, CPU), seconds per forward after warm-up, and the warm-up (compile) seconds."""
+    device = x.device
+    model = IDDPMUNet(**unet_config)
+    model.load_state_dict(state)
+    model = model.to(device, DTYPES[variant.dtype]).eval()
+    apply_memory_format(model, variant.options)
+    call = compiled(model, variant.options)
+    inp = x.to(DTYPES[variant.dtype], memory_format=memory_format(variant.options))
+    t0 = time.perf_counter()
+    out = call(inp, t)
+    sync(device)
+    warm = time.perf_counter() - t0
+    call(inp, t)  # a second warm-up: cuDNN autotuning, reduce-overhead's graph capture
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        call(inp, t)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return out.float().cpu(), times, warm
+
+
+@torch.inference_mode()
+def restorer_ab(
+    profile_name: str, device: torch.device, rounds: int, repeats: int
+) -> dict[bool, list[float]]:
+    """Restorer (fp32, one 512 px face) NCHW vs channels_last, interleaved rounds so drifting load on a
+    shared machine hits both alike: seconds per forward, the median of each round."""
+    _, restorer = _tiny_networks(PROFILES[profile_name])
+    restorer = restorer.to(device).eval()
+    y = torch.rand(1, 3, 512, 512, device=device)
+    out: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds):
+        for channels_last in (False, True) if r % 2 else (True, False):
+            apply_memory_format(restorer, SpeedOptions(channels_last=channels_last))
+            restorer(y)
+            sync(device)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                restorer(y)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            out[channels_last].append(statistics.median(times))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="this GPU's peak, for the bound")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    head = header("GPU path: fast-path switches and the FLOP lower bound")
+
+    profile = PROFILES[args.profile]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference_model = IDDPMUNet(**profile.unet)
+        for p in reference_model.parameters():  # upstream zero-inits some outputs; keep them live
+            if p.dim() > 1 and not p.any():
+                torch.nn.init.normal_(p, std=1e-2)
+        state = reference_model.state_dict()
+        size = profile.image_size
+        x = torch.randn(args.batch, 3, size, size).to(device)
+        t = torch.full((args.batch,), 500, device=device)
+
+    rows, ref = [], None
+    for variant in variants(device, args.compile):
+        out, times, warm = measure(profile.unet, state, variant, x, t, args.repeats)
+        ref = out if ref is None else ref
+        diff = (out - ref).abs().max().item()
+        rel = ((out - ref).norm() / ref.norm()).item()
+        median = statistics.median(times) * 1000
+        rows.append((variant.name, median, warm, diff, rel))
+        print(
+            f"{variant.name}: {median:.1f} ms/forward, warm-up {warm:.1f} s, "
+            f"max |Δ| {diff:.2e}, rel {rel:.2e}"
+        )
+
+    ab = restorer_ab(args.profile, device, rounds=4, repeats=args.repeats)
+    ab_text = ", ".join(
+        f"{'channels_last' if k else 'NCHW'} " + " / ".join(f"{v * 1000:.0f}" for v in vals) + " ms"
+        for k, vals in ab.items()
+    )
+    print("restorer:", ab_text)
+    flops = unet_flops_512()
+    peaks = dict(PEAKS_TFLOPS)
+    if args.peak_tflops:
+        peaks = {"given --peak-tflops": args.peak_tflops}
+    on_gpu = device.type == "cuda"
+    gpu_name = torch.cuda.get_device_name(device) if on_gpu else None
+    kind = (
+        f"GPU timings ({gpu_name})"
+        if on_gpu
+        else "CPU smoke check: these timings are CPU timings, NOT GPU ones"
+    )
+    table = [
+        f"| variant | ms / UNet forward ({kind}) | first call incl. compile (s) "
+        "| max abs diff vs fp32 | rel. L2 diff |",
+        "|---|---|---|---|---|",
+    ]
+    table += [f"| {n} | {m:.1f} | {w:.1f} | {d:.2e} | {r:.1e} |" for n, m, w, d, r in rows]
+    bound = [
+        "| NFE per face | " + " | ".join(f"{name} ({peak:g} TFLOP/s)" for name, peak in peaks.items()) + " |"
+    ]
+    bound.append("|---|" + "---|" * len(peaks))
+    for label, nfe in NFES.items():
+        cells = " | ".join(f"{flops * nfe / (peak * 1e12) * 1000:.1f} ms" for peak in peaks.values())
+        bound.append(f"| {label}: {nfe} | {cells} |")
+    body = f"""{head}
+- device: `{device}`{f" ({gpu_name})" if gpu_name else ""}; profile `{args.profile}` UNet ({size} px, random
+  weights, seed 0), batch {args.batch}, timestep 500; median of {args.repeats} forwards after 2 warm-ups.
+- The reference is the plain path: fp32, NCHW, eager. SDPA attention is not a row: the UNet always uses
+  `F.scaled_dot_product_attention` (tests/models/test_speed_options.py checks it against upstream's
+  explicit softmax, ≤ 1e-5; the UNet fixtures hold the whole network to 1e-4 of upstream).
+
+{chr(10).join(table)}
+
+Restorer (`{args.profile}` SwinIR, fp32, one 512 px face; {"GPU" if on_gpu else "CPU"}), NCHW vs
+channels_last in 4 interleaved rounds, median of {args.repeats} forwards per round: {ab_text}.
+
+FLOP lower bound per face, real prior (`{CONFIG_512.relative_to(SHARED.parent)}`): one forward at 512 px,
+batch 1 = **{flops / 1e9:.1f} GFLOP** (`FlopCounterMode`, meta device; convolutions, matmuls and attention,
+counted as 2 FLOPs per multiply-add). Bound = {flops / 1e9:.1f} GFLOP × NFE ÷ peak FLOP/s (UNet only; the
+restorer, detector and codecs add to it). Peaks are datasheet dense tensor-core figures, not measured:
+
+{chr(10).join(bound)}
+"""
+    print(body)
+    if not args.no_write:
+        write_section("gpu_path", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""`dynface eval --pred DIR --gt DIR [--csv OUT]`: restoration metrics over two folders of aligned faces.
+
+Columns (in this order; method.md quotes only PSNR and FID of the paper's CelebA-Test figure, so the set
+and order are the usual blind-face-restoration table's, our choice): PSNR↑ SSIM↑ LPIPS↓ IDS↑ FID↓ NIQE↓
+MUSIQ↑, each the mean over images except FID (one value for the folder, against the ground truth folder).
+
+- PSNR (the formula, float64) and SSIM (torchmetrics, its default 11×11 Gaussian window, σ 1.5) on RGB
+  in [0, 1] (data range 1), per image. Identical images give PSNR = inf (reported as inf, never a crash
+  or a clamp) and SSIM = 1.
+- LPIPS (AlexNet), FID (Inception), IDS (ArcFace cosine similarity, facexlib's IR-SE50), NIQE and MUSIQ
+  (pyiqa) need pretrained weights or packages that are not always present, and nothing here downloads:
+  a metric whose package or weights are absent is reported *unavailable* with the reason (what to
+  install or where to put which file), never silently skipped, failed on or estimated.
+
+Pairs are matched by path relative to each folder, without the suffix (x.png ↔ x.jpg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from models import weights
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+#: (name, higher is better)
+COLUMNS: tuple[tuple[str, bool], ...] = (
+    ("PSNR", True),
+    ("SSIM", True),
+    ("LPIPS", False),
+    ("IDS", True),
+    ("FID", False),
+    ("NIQE", False),
+    ("MUSIQ", True),
+)
+ARCFACE_FILE = "recognition_arcface_ir_se50.pth"  # facexlib's release asset name
+# torch-fidelity's FID Inception (the TF-ported network FID is defined with), as cached by torch.hub.
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+class Unavailable(Exception):
+    """A metric cannot be computed here; the message says why and what would make it available."""
+
+
+@dataclass
+class EvalReport:
+    pred: Path
+    gt: Path
+    images: int
+    values: dict[str, float] = field(default_factory=dict)  # metric → mean (or folder value)
+    unavailable: dict[str, str] = field(default_factory=dict)  # metric → reason
+
+    def table(self) -> str:
+        """The paper-style one-row table: header with ↑/↓, values, then the reasons for any n/a."""
+        heads = [f"{name}{'↑' if up else '↓'}" for name, up in COLUMNS]
+        cells = [_fmt(name, self.values.get(name)) for name, _ in COLUMNS]
+        widths = [max(len(h), len(c)) for h, c in zip(heads, cells, strict=True)]
+        lines = [
+            f"{self.images} image pair(s): pred {self.pred}  gt {self.gt}",
+            "| " + " | ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)) + " |",
+            "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|",
+            "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |",
+        ]
+        lines += [f"n/a {name}: {why}" for name, why in self.unavailable.items()]
+        return "\n".join(lines)
+
+    def write_csv(self, path: Path) -> None:
+        """One row in the table's column order; unavailable cells empty, their reasons in `unavailable`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["pred", "gt", "images", *(n for n, _ in COLUMNS), "unavailable"])
+            values = [_csv_value(self.values.get(n)) for n, _ in COLUMNS]
+            reasons = "; ".join(f"{n}: {why}" for n, why in self.unavailable.items())
+            w.writerow([self.pred, self.gt, self.images, *values, reasons])
+
+
+def _fmt(name: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.4f}" if name in ("SSIM", "LPIPS", "IDS") else f"{value:.2f}"
+
+
+def _csv_value(value: float | None) -> str:
+    return "" if value is None else repr(value)  # repr: "inf" for inf, full precision otherwise
+
+
+# ----------------------------------------------------------------------------------------------- pairs
+def matched_pairs(pred: Path, gt: Path) -> list[tuple[Path, Path]]:
+    """(pred file, gt file) by relative path without suffix; any unmatched file on either side is an error."""
+
+    def index(root: Path) -> dict[Path, Path]:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return {p.relative_to(root).with_suffix(""): p for p in files}
+
+    p, g = index(pred), index(gt)
+    if not g:
+        raise ValueError(f"no images under {gt}")
+    only_gt, only_pred = sorted(set(g) - set(p)), sorted(set(p) - set(g))
+    if only_gt or only_pred:
+        raise ValueError(
+            f"folders do not match: {len(only_gt)} gt image(s) without a prediction "
+            f"{[str(k) for k in only_gt[:5]]}, {len(only_pred)} prediction(s) without gt "
+            f"{[str(k) for k in only_pred[:5]]}"
+        )
+    return [(p[k], g[k]) for k in sorted(g)]
+
+
+def load_image(path: Path) -> Tensor:
+    """(1, 3, H, W) float64 in [0, 1]."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB")).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].to(torch.float64) / 255.0
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def psnr(pred: Tensor, gt: Tensor) -> float:
+    """PSNR in dB of [0, 1] images, in float64 (inf when identical: MSE 0 is not clamped)."""
+    mse = float(torch.mean((pred.double() - gt.double()) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(pred: Tensor, gt: Tensor) -> float:
+    """torchmetrics' SSIM (11×11 Gaussian window, σ 1.5), in float32: its float64 convolutions are ~30×
+    slower on CPU for no visible digit. SSIM(x, x) = 1 exactly by definition, so equal images skip it."""
+    if torch.equal(pred, gt):
+        return 1.0
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return float(structural_similarity_index_measure(pred.float(), gt.float(), data_range=1.0))
+
+
+def _hub_file(url: str) -> Path:
+    """Where torch.hub (torchvision) keeps a downloaded checkpoint."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+PairMetric = Callable[[Tensor, Tensor], float]
+
+
+def lpips_metric(device: torch.device) -> PairMetric:
+    """LPIPS-Alex through torchmetrics (its linear layers ship with it; AlexNet's come from torchvision)."""
+    from torchvision.models import AlexNet_Weights
+
+    backbone = _hub_file(AlexNet_Weights.DEFAULT.url)
+    if not backbone.is_file():
+        raise Unavailable(
+            f"AlexNet ImageNet weights not found at {backbone} (torchvision fetches them; no download here)"
+        )
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    net = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).to(device).eval()
+
+    def lpips(pred: Tensor, gt: Tensor) -> float:
+        with torch.no_grad():
+            return float(net(pred.float().to(device), gt.float().to(device)))
+
+    return lpips
+
+
+def identity_metric(device: torch.device, weights_dir: Path) -> PairMetric:
+    """IDS: cosine similarity of ArcFace (facexlib IR-SE50) embeddings of the two aligned faces."""
+    path = weights_dir / ARCFACE_FILE
+    if not path.is_file():
+        raise Unavailable(
+            f"ArcFace weights {ARCFACE_FILE} not found in {weights_dir} (facexlib release v0.1.0)"
+        )
+    from facexlib.recognition.arcface_arch import Backbone
+
+    net = Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    net = net.to(device).eval()
+
+    def embed(x: Tensor) -> Tensor:
+        # ArcFace takes 112×112 RGB in [-1, 1]; the aligned 512 crop is resized whole.
+        x = F.interpolate(x.float().to(device), size=(112, 112), mode="area")
+        return F.normalize(net(x * 2 - 1), dim=1)
+
+    def ids(pred: Tensor, gt: Tensor) -> float:
+        with torch.no_grad():
+            return float((embed(pred) * embed(gt)).sum())
+
+    return ids
+
+
+def pyiqa_metric(name: str, device: torch.device) -> Callable[[Tensor], float]:
+    """A no-reference pyiqa metric (niqe, musiq) on one [0, 1] image."""
+    try:
+        import pyiqa
+    except ImportError as e:
+        raise Unavailable("pyiqa is not installed (pip install pyiqa==0.1.16)") from e
+    try:
+        net = pyiqa.create_metric(name, device=device)
+    except Exception as e:  # pyiqa fetches weights on first use: offline it fails in many ways
+        raise Unavailable(f"pyiqa could not load {name} (its weights are fetched on first use): {e}") from e
+
+    def score(img: Tensor) -> float:
+        with torch.no_grad():
+            return float(net(img.float().to(device)))
+
+    return score
+
+
+def fid(pairs: Sequence[tuple[Path, Path]], device: torch.device) -> float:
+    """FID of the predictions against the ground-truth folder (torchmetrics, torch-fidelity's Inception)."""
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise Unavailable("torch-fidelity is not installed (pip install torch-fidelity==0.4.0)")
+    inception = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not inception.is_file():
+        raise Unavailable(
+            f"Inception weights not found at {inception} (torch-fidelity fetches them; no download)"
+        )
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=2048, normalize=True).to(device)
+    for pred, gt in pairs:
+        metric.update(load_image(gt).float().to(device), real=True)
+        metric.update(load_image(pred).float().to(device), real=False)
+    return float(metric.compute())
+
+
+def evaluate(
+    pred: Path,
+    gt: Path,
+    *,
+    device: str | torch.device | None = None,
+    weights_dir: Path | None = None,
+) -> EvalReport:
+    """Every column of `COLUMNS` over matched pairs; unavailable ones carry their reason."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pairs = matched_pairs(pred, gt)
+    report = EvalReport(pred, gt, len(pairs))
+    wdir = weights_dir or weights.weights_dir()
+
+    paired: dict[str, PairMetric] = {"PSNR": psnr, "SSIM": ssim}
+    loaders: dict[str, Callable[[], PairMetric]] = {
+        "LPIPS": lambda: lpips_metric(dev),
+        "IDS": lambda: identity_metric(dev, wdir),
+    }
+    for name, load in loaders.items():
+        try:
+            paired[name] = load()
+        except Unavailable as e:
+            report.unavailable[name] = str(e)
+    single: dict[str, Callable[[Tensor], float]] = {}
+    for name in ("NIQE", "MUSIQ"):
+        try:
+            single[name] = pyiqa_metric(name.lower(), dev)
+        except Unavailable as e:
+            report.unavailable[name] = str(e)
+
+    sums = dict.fromkeys([*paired, *single], 0.0)
+    for p_file, g_file in pairs:
+        p_img, g_img = load_image(p_file), load_image(g_file)
+        if p_img.shape != g_img.shape:
+            raise ValueError(f"{p_file} is {tuple(p_img.shape[-2:])}, {g_file} is {tuple(g_img.shape[-2:])}")
+        for name, metric in paired.items():
+            sums[name] += metric(p_img, g_img)
+        for name, score in single.items():
+            sums[name] += score(p_img)
+    report.values = {name: total / len(pairs) for name, total in sums.items()}
+    try:
+        report.values["FID"] = fid(pairs, dev)
+    except Unavailable as e:
+        report.unavailable["FID"] = str(e)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def cli_eval(args: argparse.Namespace) -> int:
+    try:
+        report = evaluate(args.pred, args.gt, device=args.device, weights_dir=args.weights_dir)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if args.csv is not None:
+        report.write_csv(args.csv)
+        print(f"wrote {args.csv}")
+    return 0

@@ -1,0 +1,581 @@
+"""Training of DynFaceRestore's two learned nets: `dynface train dblm CONFIG`, `dynface train dgsa CONFIG`.
+
+Data: a folder of aligned 512×512 clean faces (FFHQ layout: any nested *.png / *.jpg), degraded on the fly
+by `models.degradations` (DifFace's ranges), seeded by (seed, epoch, image index) so a run — and a resumed
+run — sees the same inputs. Losses are the ones the networks' modules define (../shared/method.md, "Our
+formulation" §2 and §6):
+
+- DBLM: `models.dblm.dblm_loss` — Σ_k L1 + Gaussian NLL against G_σk * x, the backbone initialised
+  from the restorer R's weights (DifFace's SwinIR) with every level's head starting at R's head.
+- DGSA: `models.dgsa.dgsa_loss` — Gaussian NLL of a frozen trained DBLM's error at every level, with
+  the inputs in exactly the convention `RestorationPipeline._guide` feeds it (estimate and R(y) in
+  [-1, 1], errors in [-1, 1] units), so the trained map means at inference what it meant in training.
+
+Around them: AdamW, an EMA of the weights (what is exported), autocast (CUDA; bf16 on CPU on request),
+checkpoint/resume (model, EMA, optimizer, grad scaler, step, RNG states), DDP under torchrun
+(WORLD_SIZE > 1) with a DistributedSampler, TensorBoard when installed (always metrics.jsonl), tqdm.
+The exported EMA weights are `<out_dir>/<kind>.safetensors` + `<kind>.json` (`models.trained`), loadable
+with `RestorationPipeline.from_pretrained(..., dblm_weights=..., dgsa_weights=...)`, and their
+weights-manifest entry (size + sha256) is printed and written to `<kind>.manifest.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from models import trained, weights
+from models.dblm import DBLMConfig, DBLMNet, blur_levels, dblm_loss
+from models.degradations import DIFFACE_RANGES, SEVERITY_LEVELS, random_degrade
+from models.dgsa import DGSANet, dgsa_loss
+from models.profiles import PROFILES, Profile
+from models.swinir import SwinIR, swinir_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+FACE_SIZE = 512  # the degradation ranges and the σk are defined on 512×512 aligned faces
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+TENSORBOARD_PIN = "tensorboard==2.21.0"
+
+Kind = Literal["dblm", "dgsa"]
+
+
+# ---------------------------------------------------------------------------------------------- config
+class DataConfig(BaseModel):
+    """Where the clean faces are and how they are turned into training pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: Path  # FFHQ aligned 512 (images1024x1024 resized to 512, or the 512 release)
+    # Training resolution. Faces are degraded at 512 (where the ranges are defined) and then resized;
+    # the σk are scaled by size/512. Below 512 only for smoke tests: the nets run at 512 in the pipeline.
+    size: int = Field(default=FACE_SIZE, ge=64)
+    # "difface": DifFace's full ranges (our choice, models/degradations.py; the paper gives none).
+    degradation: Literal["difface", "mild", "moderate", "severe", "extreme"] = "difface"
+    seed: int = 0
+    num_workers: int = Field(default=4, ge=0)
+    max_images: int | None = Field(default=None, ge=1)
+    # Sanity check: train on the first batch over and over (a loss that does not fall then is a bug).
+    overfit_batch: bool = False
+
+
+class TrainConfig(BaseModel):
+    """One training run. The paper (method.md) states no training hyper-parameter: every default here
+    is ours, chosen as usual values for a SwinIR/UNet regressor, and is marked so."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Kind
+    out_dir: Path
+    data: DataConfig
+    # Network sizes: "real" = DifFace's restorer layout (the nets the real pipeline loads), "tiny" = the
+    # toy sizes of the tiny profile (tests).
+    profile: Literal["real", "tiny"] = "real"
+    # Where the real profile's restorer R (difface_swinir) is; default $DYNFACE_WEIGHTS_DIR.
+    weights_dir: Path | None = None
+    # DBLM: start from R's weights (method.md §2 makes DBLM "DifFace's restorer architecture").
+    init_from_restorer: bool = True
+    # DGSA: the trained DBLM whose error it learns to predict (required for kind=dgsa).
+    dblm_weights: Path | None = None
+    dgsa_base_channels: int = Field(default=32, ge=1)  # paper silent; DGSANet's default
+    dgsa_channel_mult: tuple[int, ...] = (1, 2, 4)  # paper silent; DGSANet's default
+
+    batch_size: int = Field(default=4, ge=1)  # per process; paper silent
+    max_steps: int = Field(default=200_000, ge=1)  # paper silent
+    lr: float = Field(default=1e-4, gt=0)  # AdamW; paper silent
+    weight_decay: float = Field(default=0.0, ge=0)  # paper silent
+    betas: tuple[float, float] = (0.9, 0.999)  # paper silent (AdamW's defaults)
+    grad_clip: float | None = Field(default=1.0, gt=0)  # paper silent; guards the NLL's early spikes
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)  # paper silent
+    # Autocast on CUDA; bf16 needs no loss scaling (exp(s) in the NLL overflows fp16 more easily).
+    amp: bool = True
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    cpu_bf16: bool = False  # bf16 autocast on CPU (off: CPU runs are for tests, fp32 is exact)
+    seed: int = 0
+    log_every: int = Field(default=50, ge=1)
+    ckpt_every: int = Field(default=2000, ge=1)
+
+    def train_sigmas(self) -> tuple[float, ...]:
+        """The blur levels in px at the training size (the method's σk are at 512)."""
+        scale = self.data.size / FACE_SIZE
+        return tuple(s * scale for s in self.net_profile().method.sigmas)
+
+    def net_profile(self) -> Profile:
+        return PROFILES[self.profile]
+
+
+def load_config(path: str | Path, kind: Kind, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML or JSON config (by suffix) and validate it; `kind` comes from the subcommand."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    if data.get("kind", kind) != kind:
+        raise ValueError(f"{path} is a {data['kind']!r} config, not {kind!r}")
+    return TrainConfig.model_validate({**data, **(overrides or {}), "kind": kind})
+
+
+# ------------------------------------------------------------------------------------------------ data
+class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
+    """(clean, degraded) pairs in [0, 1], (3, size, size); the degradation of image i in epoch e is
+    seeded by (seed, e, i), so it does not depend on workers, ranks or batch order."""
+
+    def __init__(self, config: DataConfig) -> None:
+        root = config.root
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise FileNotFoundError(f"no *.png / *.jpg faces under {root}")
+        self.paths = paths[: config.max_images]
+        self.size = config.size
+        self.seed = config.seed
+        self.ranges = (
+            DIFFACE_RANGES if config.degradation == "difface" else SEVERITY_LEVELS[config.degradation]
+        )
+        self.epoch = 0  # set before each epoch's DataLoader is built (workers copy it then)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        with Image.open(self.paths[index]) as im:
+            img = im.convert("RGB")
+            if img.size != (FACE_SIZE, FACE_SIZE):
+                img = img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
+            clean = np.asarray(img).copy()
+        degraded, _ = random_degrade(clean, (self.seed, self.epoch, index), self.ranges)
+        pair = torch.stack([_to_tensor(clean), _to_tensor(degraded)])
+        if self.size != FACE_SIZE:
+            pair = F.interpolate(pair, size=(self.size, self.size), mode="area")
+        return pair[0], pair[1]
+
+
+def _to_tensor(image: np.ndarray) -> Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+class _Task:
+    """What differs between DBLM and DGSA training: the net, its frozen helpers, the loss, the export."""
+
+    net: nn.Module
+    arch: dict[str, Any]
+
+    def to(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def loss(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _restorer(config: TrainConfig) -> SwinIR:
+    """R: the tiny profile's seeded toy SwinIR, or DifFace's released restorer from the weights dir."""
+    profile = config.net_profile()
+    if profile.name == "tiny":
+        from models.pipeline import _tiny_networks  # the exact toy R the tiny pipeline uses
+
+        return _tiny_networks(profile)[1].eval()
+    root = config.weights_dir or weights.weights_dir()
+    (entry,) = weights.select(["difface_swinir"])
+    if weights.missing_for(["difface_swinir"], root):
+        raise weights.MissingWeightsError(["difface_swinir"], root)
+    return swinir_from_checkpoint(root / entry.path, profile.swinir)
+
+
+class _DBLMTask(_Task):
+    def __init__(self, config: TrainConfig) -> None:
+        profile = config.net_profile()
+        net_config = DBLMConfig(backbone=profile.swinir, sigmas=profile.method.sigmas)
+        self.net = DBLMNet(net_config)
+        self.arch = trained.dblm_arch(net_config)
+        self.sigmas = config.train_sigmas()
+        if config.init_from_restorer:
+            _init_from_restorer(self.net, _restorer(config))
+
+    def to(self, device: torch.device) -> None:
+        self.net.to(device)
+
+    def loss(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> Tensor:
+        out = net(degraded)
+        return dblm_loss(out.estimates.float(), out.logvar.float(), clean, self.sigmas)
+
+
+def _init_from_restorer(dblm: DBLMNet, restorer: SwinIR) -> None:
+    """Copy R into the backbone; every level's RGB head starts as R's head (ŷ^σk = R(y) at step 0, a
+    close first guess of a blurred clean face), the log-variance head at s = 0."""
+    state = restorer.state_dict()
+    head_w, head_b = state.pop("conv_last.weight"), state.pop("conv_last.bias")
+    missing, unexpected = dblm.backbone.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"conv_last.weight", "conv_last.bias"}:
+        raise ValueError(
+            f"restorer does not match the DBLM backbone: missing {missing}, unexpected {unexpected}"
+        )
+    k = len(dblm.sigmas)
+    with torch.no_grad():
+        last = dblm.backbone.conv_last
+        last.weight.zero_()
+        last.bias.zero_()
+        last.weight[: 3 * k] = head_w.repeat(k, 1, 1, 1)
+        last.bias[: 3 * k] = head_b.repeat(k)
+
+
+class _DGSATask(_Task):
+    def __init__(self, config: TrainConfig) -> None:
+        if config.dblm_weights is None:
+            raise ValueError("kind=dgsa needs dblm_weights: DGSA learns the error of a trained DBLM")
+        self.dblm = trained.load(config.dblm_weights, "dblm").requires_grad_(False)
+        self.restorer = _restorer(config).requires_grad_(False)
+        self.net = DGSANet(config.dgsa_base_channels, config.dgsa_channel_mult)
+        self.arch = trained.dgsa_arch(config.dgsa_base_channels, config.dgsa_channel_mult)
+        self.sigmas = config.train_sigmas()
+        if len(self.dblm.sigmas) != len(self.sigmas):
+            raise ValueError(f"DBLM has {len(self.dblm.sigmas)} levels, the profile {len(self.sigmas)}")
+
+    def to(self, device: torch.device) -> None:
+        for m in (self.net, self.dblm, self.restorer):
+            m.to(device)
+
+    def loss(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> Tensor:
+        # The pipeline's conventions (RestorationPipeline._guide): DGSA sees the DBLM estimate and R(y)
+        # clamped to [0,1], and its log-variance is that of the estimate's error in [0,1]² units.
+        with torch.no_grad():
+            restored = self.restorer(degraded).float().clamp(0, 1)
+            estimates = self.dblm(degraded).estimates.float()
+            targets = blur_levels(clean, self.sigmas)
+        # All levels in one forward (DDP expects one forward per backward); equal-sized levels, so the
+        # mean over the stacked batch is the mean of the per-level losses.
+        k = len(self.sigmas)
+        flat = estimates.flatten(0, 1)
+        logvar = net(flat, restored.repeat_interleave(k, dim=0)).float()
+        return dgsa_loss(logvar, flat, targets.flatten(0, 1))
+
+
+def _task(config: TrainConfig) -> _Task:
+    return _DBLMTask(config) if config.kind == "dblm" else _DGSATask(config)
+
+
+# ------------------------------------------------------------------------------------------ run state
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed() -> _Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise (no process group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _Dist(torch_dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def checkpoint_path(config: TrainConfig) -> Path:
+    return config.out_dir / "checkpoints" / "last.pt"
+
+
+class _Logger:
+    """Scalars to TensorBoard when `torch.utils.tensorboard` imports, and always to metrics.jsonl."""
+
+    def __init__(self, out_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning(
+                "tensorboard is not installed: logging to %s and the console only (pip install %s)",
+                out_dir / "metrics.jsonl",
+                TENSORBOARD_PIN,
+            )
+        else:
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+@dataclass
+class TrainResult:
+    """What a run did: its losses per step (this process's, this invocation only) and its outputs."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    weights: Path | None = None
+    manifest: weights.WeightFile | None = None
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train until `config.max_steps` (continuing from the last checkpoint with `resume`), then export."""
+    dist = _init_distributed()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    torch.manual_seed(config.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
+    task = _task(config)
+    task.to(device)
+    model = task.net.train()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    amp_dtype = torch.bfloat16 if config.amp_dtype == "bf16" else torch.float16
+    use_amp = config.amp and (device.type == "cuda" or config.cpu_bf16)
+    if device.type == "cpu":
+        amp_dtype = torch.bfloat16  # CPU autocast is bf16 only
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+
+    step = 0
+    ckpt = checkpoint_path(config)
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own file: RNG states
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        _set_rng_state(state["rng"])
+        if dist.main:
+            log.info("resumed from %s at step %d", ckpt, step)
+    elif resume and dist.main:
+        log.warning("no checkpoint at %s: starting from step 0", ckpt)
+
+    trained_net: nn.Module = model
+    if dist.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        trained_net = DistributedDataParallel(model, device_ids=ids)
+
+    dataset = FaceFolder(config.data)
+    sampler = DistributedSampler(
+        dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=config.data.seed, drop_last=True
+    )
+    per_epoch = len(sampler) // config.batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} faces cannot fill one batch of {config.batch_size} "
+            f"on each of {dist.world} process(es)"
+        )
+    logger = _Logger(config.out_dir / "logs", dist.main)
+    bar = tqdm(total=config.max_steps, initial=step, disable=not (progress and dist.main), unit="step")
+    result = TrainResult(steps=step)
+    started = time.perf_counter()
+    try:
+        for clean, degraded in _batches(dataset, sampler, config, per_epoch, step, device):
+            if step >= config.max_steps:  # resumed from a finished run: nothing left but the export
+                break
+            autocast: AbstractContextManager[Any] = (
+                torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext()
+            )
+            with autocast:
+                loss = task.loss(trained_net, clean, degraded)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            ema.update_parameters(model)
+            step += 1
+            value = float(loss.detach())
+            result.losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if step % config.log_every == 0 or step == config.max_steps:
+                if dist.world > 1:  # every rank reaches this step: log the mean over all ranks' batches
+                    mean = loss.detach().float().clone()
+                    torch_dist.all_reduce(mean)
+                    value = float(mean) / dist.world
+                rate = len(result.losses) / (time.perf_counter() - started)
+                logger.scalars(
+                    step, {"loss": value, "lr": optimizer.param_groups[0]["lr"], "steps_per_s": rate}
+                )
+            if dist.main and (step % config.ckpt_every == 0 or step == config.max_steps):
+                _save_checkpoint(ckpt, model, ema, optimizer, scaler, step, config)
+            if step >= config.max_steps:  # before fetching another batch
+                break
+    finally:
+        bar.close()
+        logger.close()
+    result.steps = step
+    if dist.main:
+        result.weights, result.manifest = export(config, ema.module, task.arch, step)
+    if dist.world > 1:
+        torch_dist.barrier()
+    return result
+
+
+def _batches(
+    dataset: FaceFolder,
+    sampler: DistributedSampler[int],
+    config: TrainConfig,
+    per_epoch: int,
+    start_step: int,
+    device: torch.device,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches from `start_step` on, forever: epoch e = step // per_epoch uses the sampler's epoch-e order
+    and the dataset's epoch-e degradations, so a resumed run continues with exactly the batches the
+    uninterrupted run would have seen."""
+    if config.data.overfit_batch:
+        first = next(iter(_epoch_batches(dataset, sampler, config, per_epoch, 0, 0)))
+        pair = tuple(t.to(device) for t in first)
+        yield from itertools.repeat(pair)  # type: ignore[misc]
+        return
+    for epoch in itertools.count(start_step // per_epoch):
+        skip = start_step - epoch * per_epoch if epoch == start_step // per_epoch else 0
+        for clean, degraded in _epoch_batches(dataset, sampler, config, per_epoch, epoch, skip):
+            yield clean.to(device, non_blocking=True), degraded.to(device, non_blocking=True)
+
+
+def _epoch_batches(
+    dataset: FaceFolder,
+    sampler: DistributedSampler[int],
+    config: TrainConfig,
+    per_epoch: int,
+    epoch: int,
+    skip: int,
+) -> Iterable[tuple[Tensor, Tensor]]:
+    sampler.set_epoch(epoch)
+    dataset.epoch = epoch
+    order = list(sampler)
+    batches = [order[i * config.batch_size : (i + 1) * config.batch_size] for i in range(skip, per_epoch)]
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=config.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    ema: AveragedModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    config: TrainConfig,
+) -> None:
+    """Everything a resume needs, written to a temp file and renamed (a crash never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "rng": _rng_state(),
+        "config": config.model_dump(mode="json"),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export(
+    config: TrainConfig, net: nn.Module, arch: dict[str, Any], step: int
+) -> tuple[Path, weights.WeightFile]:
+    """Write the EMA weights (`<kind>.safetensors` + `.json`) and their manifest entry; print the entry."""
+    path = config.out_dir / f"{config.kind}.safetensors"
+    trained.save(
+        net,
+        config.kind,
+        arch,
+        path,
+        profile=config.profile,
+        steps=step,
+        train_size=config.data.size,
+        config=config.model_dump(mode="json"),
+    )
+    description = f"dynface {config.kind.upper()} ({config.profile} sizes), EMA weights after {step} steps"
+    entry = trained.manifest_entry(path, f"dynface_{config.kind}", description)
+    text = trained.manifest_json(entry)
+    path.with_suffix(".manifest.json").write_text(text + "\n", encoding="utf-8")
+    print(f"wrote {path} and {trained.config_path(path).name}; manifest entry:\n{text}")
+    return path, entry
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def cli_train(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.train_kind)
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config, resume=args.resume, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:  # missing weights or faces, a DGSA run without a DBLM
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    print(f"trained {config.kind} for {result.steps} steps")
+    return 0

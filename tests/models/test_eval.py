@@ -1,0 +1,122 @@
+"""`dynface eval`: PSNR/SSIM on real faces against independent references; unavailable metrics say why."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import AlexNet_Weights, alexnet
+
+from models import evaluate as evaluate_mod
+from models.evaluate import COLUMNS, evaluate
+from worker.cli import main
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+ALIGNED = SHARED / "testdata" / "aligned"
+pytestmark = pytest.mark.skipif(not ALIGNED.is_dir(), reason=f"shared test data not found at {ALIGNED}")
+
+NAMES = ("0143.png", "0240.png")
+
+
+def _jpeg(path: Path, quality: int) -> np.ndarray:
+    """A real degraded version of a face: its JPEG round trip (uint8 RGB)."""
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, format="JPEG", quality=quality)
+    return np.array(Image.open(buf).convert("RGB"))
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """gt (two real faces, nested), an identical copy, and JPEG-q20 predictions saved as PNG."""
+    gt, same, pred = tmp_path / "gt", tmp_path / "same", tmp_path / "pred"
+    for root in (gt, same, pred):
+        (root / "sub").mkdir(parents=True)
+    for name in NAMES:
+        shutil.copy(ALIGNED / name, gt / "sub" / name)
+        shutil.copy(ALIGNED / name, same / "sub" / name)
+        Image.fromarray(_jpeg(ALIGNED / name, 20)).save(pred / "sub" / name)
+    return gt, same, pred
+
+
+def test_identical_folders_give_psnr_inf_and_ssim_one(
+    folders: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    gt, same, _ = folders
+    report = evaluate(same, gt, device="cpu", weights_dir=tmp_path)
+    assert report.images == 2
+    assert report.values["PSNR"] == math.inf
+    assert report.values["SSIM"] == pytest.approx(1.0, abs=1e-12)
+    # Every column is either computed or reported unavailable with a reason.
+    names = [n for n, _ in COLUMNS]
+    assert sorted(names) == sorted([*report.values, *report.unavailable])
+    assert all(report.unavailable.values())
+    if "LPIPS" in report.values:
+        assert report.values["LPIPS"] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert "alexnet" in report.unavailable["LPIPS"].lower()
+
+
+def test_psnr_matches_the_formula_and_ssim_orders_degradations(folders: tuple[Path, Path, Path]) -> None:
+    gt, _, pred = folders
+    report = evaluate(pred, gt, device="cpu")
+    expected = []
+    for name in NAMES:
+        a = np.asarray(Image.open(pred / "sub" / name), dtype=np.float64)
+        b = np.asarray(Image.open(gt / "sub" / name), dtype=np.float64)
+        expected.append(10 * np.log10(255.0**2 / np.mean((a - b) ** 2)))
+    assert report.values["PSNR"] == pytest.approx(float(np.mean(expected)), abs=1e-9)
+    assert 20 < report.values["PSNR"] < 45
+    # A milder JPEG is closer to the ground truth in SSIM too.
+    for name in NAMES:
+        Image.fromarray(_jpeg(ALIGNED / name, 90)).save(pred / "sub" / name)
+    milder = evaluate(pred, gt, device="cpu")
+    assert report.values["SSIM"] < milder.values["SSIM"] < 1.0
+
+
+def test_lpips_is_computed_when_the_backbone_weights_are_present(
+    folders: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LPIPS path itself, with stand-in AlexNet weights (the ImageNet file cannot be fetched here):
+    LPIPS of identical images is 0 for any backbone, and positive for different ones."""
+    present = tmp_path / "alexnet.pth"
+    present.touch()
+    monkeypatch.setattr(evaluate_mod, "_hub_file", lambda url: present)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        stand_in = alexnet().state_dict()
+    monkeypatch.setattr(AlexNet_Weights, "get_state_dict", lambda self, *a, **k: stand_in)
+    gt, same, pred = folders
+    assert evaluate(same, gt, device="cpu").values["LPIPS"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluate(pred, gt, device="cpu").values["LPIPS"] > 1e-4
+
+
+def test_eval_cli_prints_the_table_and_writes_csv(
+    folders: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gt, same, _ = folders
+    out = tmp_path / "metrics.csv"
+    assert main(["eval", "--pred", str(same), "--gt", str(gt), "--csv", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "PSNR↑" in printed and "SSIM↑" in printed and "LPIPS↓" in printed and "FID↓" in printed
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["PSNR"] == "inf" and float(row["SSIM"]) == pytest.approx(1.0)
+    assert row["images"] == "2"
+    for name in ("FID", "NIQE", "MUSIQ"):  # their packages are not installed here
+        if row[name] == "":
+            assert f"{name}: " in row["unavailable"] and f"n/a {name}: " in printed
+
+
+def test_unmatched_folders_are_an_error(
+    folders: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    gt, same, _ = folders
+    (same / "sub" / NAMES[0]).unlink()
+    assert main(["eval", "--pred", str(same), "--gt", str(gt)]) == 2
+    assert "without a prediction" in capsys.readouterr().err

@@ -1,0 +1,210 @@
+"""`dynface train` (DBLM/DGSA, tiny sizes, real faces), resume, export → pipeline; `dynface dsst build`."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from models.dsst import DSSTable, default_table
+from models.pipeline import RestorationPipeline
+from models.train import TrainConfig, load_config, train
+from worker.cli import main
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+ALIGNED = SHARED / "testdata" / "aligned"
+WEIGHTS = SHARED / "weights"
+pytestmark = pytest.mark.skipif(not ALIGNED.is_dir(), reason=f"shared test data not found at {ALIGNED}")
+
+FACES = ("0143.png", "0240.png")
+#: Sampler starts of a few steps: these tests check which nets are used, not sampling quality.
+FAST_STARTS = (2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real aligned faces in an FFHQ-like nested layout."""
+    root = tmp_path_factory.mktemp("ffhq")
+    for i, name in enumerate(FACES):
+        (root / f"{i:05d}").mkdir()
+        shutil.copy(ALIGNED / name, root / f"{i:05d}" / name)
+    return root
+
+
+def tiny_config(out_dir: Path, faces: Path, **changes: Any) -> TrainConfig:
+    """Tiny profile nets at 64 px, CPU fp32, one process: seconds per run."""
+    data = {"root": faces, "size": 64, "num_workers": 0, **changes.pop("data", {})}
+    values: dict[str, Any] = {
+        "kind": "dblm",
+        "out_dir": out_dir,
+        "profile": "tiny",
+        "data": data,
+        "batch_size": 2,
+        "max_steps": 8,
+        "lr": 1e-3,
+        "ema_decay": 0.5,
+        "log_every": 1,
+        **changes,
+    }
+    return TrainConfig.model_validate(values)
+
+
+@pytest.fixture(scope="module")
+def dblm_run(faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """DBLM trained for 8 steps on one repeated batch (deterministic: fixed seeds, same inputs)."""
+    config = tiny_config(tmp_path_factory.mktemp("dblm"), faces, data={"overfit_batch": True})
+    return train(config, progress=False)
+
+
+def test_dblm_loss_goes_down_on_a_repeated_batch(dblm_run: Any) -> None:
+    losses = dblm_run.losses
+    assert len(losses) == 8 and dblm_run.steps == 8
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+
+
+def test_export_writes_safetensors_config_and_manifest_entry(dblm_run: Any) -> None:
+    path = dblm_run.weights
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["kind"] == "dblm" and meta["steps"] == 8 and meta["arch"]["sigmas"] == [1.0, 2.0, 4.0]
+    entry = dblm_run.manifest
+    assert entry.size == path.stat().st_size
+    assert entry.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert json.loads(path.with_suffix(".manifest.json").read_text())["sha256"] == entry.sha256
+    # The exported tensors are the EMA's, which differ from the raw weights after training.
+    ckpt = torch.load(path.parent / "checkpoints" / "last.pt", weights_only=False)
+    exported = load_file(str(path))
+    key = "backbone.conv_last.weight"
+    assert torch.equal(exported[key], ckpt["ema"][f"module.{key}"])
+    assert not torch.equal(exported[key], ckpt["model"][key])
+
+
+def test_resume_continues_exactly_where_the_run_stopped(faces: Path, tmp_path: Path) -> None:
+    # Batch 1 over 2 faces: step 1 stops mid-epoch, so the resume must also restore the data position.
+    straight = train(tiny_config(tmp_path / "a", faces, batch_size=1, max_steps=3), progress=False)
+    train(tiny_config(tmp_path / "b", faces, batch_size=1, max_steps=1), progress=False)
+    resumed = train(
+        tiny_config(tmp_path / "b", faces, batch_size=1, max_steps=3), resume=True, progress=False
+    )
+    assert resumed.losses == straight.losses[1:]
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    # Resuming a finished run trains no further step and exports the same weights again.
+    again = train(tiny_config(tmp_path / "b", faces, batch_size=1, max_steps=3), resume=True, progress=False)
+    assert (again.steps, again.losses) == (3, [])
+    assert again.manifest is not None and again.manifest.sha256 == resumed.manifest.sha256
+
+
+def test_trained_nets_load_into_the_pipeline_and_are_reported(
+    dblm_run: Any, faces: Path, tmp_path: Path
+) -> None:
+    dgsa = train(
+        tiny_config(
+            tmp_path / "dgsa",
+            faces,
+            kind="dgsa",
+            dblm_weights=dblm_run.weights,
+            dgsa_base_channels=8,
+            max_steps=3,
+            data={"overfit_batch": True},
+        ),
+        progress=False,
+    )
+    assert dgsa.losses[-1] < dgsa.losses[0]
+    table = tmp_path / "fast.json"
+    table.write_text(dataclasses.replace(default_table(), start_indices=FAST_STARTS).to_json())
+    pipe = RestorationPipeline.from_pretrained(
+        "tiny",
+        weights_dir=WEIGHTS,
+        dsst_table=table,
+        dblm_weights=dblm_run.weights,
+        dgsa_weights=dgsa.weights,
+    )
+    assert (pipe.info["dblm"], pipe.info["dgsa"]) == ("trained", "trained")
+    exported = load_file(str(dblm_run.weights))
+    assert all(torch.equal(v, exported[k]) for k, v in pipe.dblm.state_dict().items())
+    face = np.array(Image.open(ALIGNED / FACES[0]).convert("RGB"))[None]
+    fact = pipe.restore_faces(face, seed=0).facts[0]
+    assert (fact.dblm, fact.dgsa) == ("trained", "trained")
+    assert fact.start_step in FAST_STARTS
+
+
+def test_a_dgsa_config_without_a_dblm_is_refused(faces: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dblm_weights"):
+        train(tiny_config(tmp_path, faces, kind="dgsa"), progress=False)
+
+
+def test_config_files_are_validated(tmp_path: Path) -> None:
+    good = {"out_dir": str(tmp_path / "out"), "data": {"root": str(tmp_path)}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(good))
+    config = load_config(tmp_path / "c.yaml", "dblm")
+    assert (config.kind, config.profile, config.data.size) == ("dblm", "real", 512)
+    (tmp_path / "c.json").write_text(json.dumps({**good, "lr": -1}))
+    with pytest.raises(ValidationError, match="lr"):
+        load_config(tmp_path / "c.json", "dblm")
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**good, "learning_rate": 1e-4}))
+    with pytest.raises(ValidationError, match="learning_rate"):
+        load_config(tmp_path / "typo.yaml", "dblm")
+    (tmp_path / "k.yaml").write_text(yaml.safe_dump({**good, "kind": "dgsa"}))
+    with pytest.raises(ValueError, match="not 'dblm'"):
+        load_config(tmp_path / "k.yaml", "dblm")
+
+
+def test_train_cli_runs_a_config(faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tiny_config(tmp_path / "out", faces, max_steps=1).model_dump(mode="json")
+    del config["kind"]
+    (tmp_path / "dblm.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "dblm", str(tmp_path / "dblm.yaml"), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "dblm.safetensors").is_file()
+    assert '"sha256"' in capsys.readouterr().out
+
+
+def test_dsst_build_cli_writes_a_table_the_pipeline_uses(
+    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "dsst.json"
+    args = [
+        "dsst",
+        "build",
+        "--prior",
+        "tiny",
+        "--faces",
+        str(faces),
+        "--out",
+        str(out),
+        "--heaviest-start",
+        "4",
+    ]
+    assert main(args) == 0
+    table = DSSTable.from_json(out.read_text())
+    assert table.sigmas == (1.0, 2.0, 4.0) and table.start_indices[-1] == 4
+    assert "2 aligned 512px faces" in table.provenance
+    # Another P_face than the shipped one's (different faces): the table is really rebuilt.
+    assert not torch.equal(table.face_power_spectrum.power, default_table().face_power_spectrum.power)
+    monkeypatch.setenv("DYNFACE_DSST_TABLE", str(out))  # the worker's way: the setting, not an argument
+    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
+    assert pipe.dsst.start_indices == table.start_indices
+    assert torch.equal(pipe.dsst.face_power_spectrum.power, table.face_power_spectrum.power)
+    assert pipe.info["dsst"]["start_indices"] == list(table.start_indices)
+
+
+def test_dsst_build_cli_rejects_an_empty_folder(tmp_path: Path) -> None:
+    assert main(["dsst", "build", "--faces", str(tmp_path), "--out", str(tmp_path / "t.json")]) == 2
+    assert not (tmp_path / "t.json").exists()
