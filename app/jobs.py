@@ -6,7 +6,7 @@ public contract and lets the API answer status, progress and cancellation from o
 
 Layout (``P`` = settings.key_prefix)::
 
-    P:job:{id}            hash, every field JSON-encoded; TTL record_ttl, renewed at completion
+    P:job:{id}            hash, every field JSON-encoded; TTL record_ttl, renewed at start and completion
     P:input:{id}          upload bytes; deleted when the job ends (TTL record_ttl as a safety net)
     P:result:{id}:{name}  result bytes (image | comparison | face:{k}); TTL result_ttl
     P:idem:{sha256(key)}  {"job_id", "body_sha256"}; TTL record_ttl (the idempotency window)
@@ -162,6 +162,15 @@ class JobStore:
                 pipe.expire(self.key("job", job_id), s.record_ttl_seconds)
                 pipe.execute()
         return done
+
+    def renew(self, job_id: str) -> None:
+        """Restart the record's and input's TTL (when a worker starts the job): a job that waited
+        long in the queue must not expire while it runs."""
+        ttl = self.settings.record_ttl_seconds
+        with self.redis.pipeline() as pipe:
+            pipe.expire(self.key("job", job_id), ttl)
+            pipe.expire(self.key("input", job_id), ttl)
+            pipe.execute()
 
     def input(self, job_id: str) -> bytes | None:
         return self.redis.get(self.key("input", job_id))

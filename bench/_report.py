@@ -1,4 +1,5 @@
-"""Shared helpers: machine description and writing one section of docs/benchmarks.md in place.
+"""Shared helpers: machine description and writing one section of a docs file (docs/benchmarks.md by
+default) in place.
 
 Each script owns the text between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`; the rest of
 the file (introduction, the list of what was not measured) is hand-written and left alone.
@@ -67,17 +68,19 @@ def header(title: str) -> str:
     return f"## {title}\n\n- command: `{command()}`\n- date: {now}\n- machine: {machine()}\n"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) this script's section of docs/benchmarks.md."""
+def write_section(name: str, body: str, doc: Path = DOC) -> None:
+    """Replace (or append) this script's section of ``doc`` (docs/benchmarks.md unless told), so a
+    rerun updates its own figures and leaves the hand-written text and other sections alone."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block = f"{start}\n{body.strip()}\n{end}"
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else f"# {doc.stem.capitalize()}\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     text = (
         pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     )
-    DOC.write_text(text, encoding="utf-8")
-    print(f"wrote section {name!r} of {DOC.relative_to(ROOT)}")
+    doc.write_text(text, encoding="utf-8")
+    shown = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc
+    print(f"wrote section {name!r} of {shown}")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -73,6 +73,7 @@ def restore(job_id: str) -> None:
     )
     if not started:  # canceled (or otherwise finished) while it waited in the queue
         return
+    store.renew(job_id)
     metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
     if rt.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(rt.device)

@@ -506,3 +506,21 @@ def test_openapi_documents_every_route_and_the_error_envelope(client: TestClient
     assert {"box", "score", "start_step", "eta"} <= set(schemas["Face"]["properties"])
     face_bytes = spec["paths"]["/v1/restorations/{job_id}/faces/{k}"]["get"]["responses"]["200"]["content"]
     assert {"image/png", "image/jpeg", "image/webp"} <= set(face_bytes)
+
+
+def test_record_ttl_must_outlive_every_attempt_of_a_job() -> None:
+    with pytest.raises(ValueError, match=r"must exceed \(max_retries \+ 1\) x job_timeout_seconds = 300"):
+        Settings(record_ttl_seconds=300, job_timeout_seconds=100, max_retries=2)
+    assert Settings(record_ttl_seconds=301, job_timeout_seconds=100, max_retries=2).record_ttl_seconds == 301
+
+
+def test_starting_a_job_renews_its_record_and_input_ttl(client: TestClient, settings: Settings) -> None:
+    """A job that waited in the queue must not expire while it runs: renew() (called by the worker
+    when it starts a job) restarts both TTLs."""
+    store = client.app.state.services.store
+    store.create("renew-me", b"bytes", {"status": "queued", "created_at": time.time()})
+    for key in (store.key("job", "renew-me"), store.key("input", "renew-me")):
+        store.redis.expire(key, 5)
+    store.renew("renew-me")
+    for key in (store.key("job", "renew-me"), store.key("input", "renew-me")):
+        assert store.redis.ttl(key) > settings.record_ttl_seconds - 5, key

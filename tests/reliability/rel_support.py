@@ -16,13 +16,20 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
+
+from app.jobs import JobStore, connect
+from app.settings import Settings
+from tests.conftest import WorkerProcess, aligned_png, base_settings, settings_env, start_workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -50,10 +57,11 @@ class RedisServer:
     the shared Redis other engineers' tests use. AOF with fsync on every write, so a restart keeps
     queued jobs exactly as a production Redis with persistence would."""
 
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, appendonly: bool = True) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.password = password
+        self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,7 +81,7 @@ class RedisServer:
             "--save",
             "",
             "--appendonly",
-            "yes",
+            "yes" if self.appendonly else "no",
             "--appendfsync",
             "always",
         ]
@@ -247,3 +255,395 @@ def namespace_keys(r: redis.Redis, key_prefix: str, queue_name: str, job_ids: li
 def env_threads() -> dict[str, str]:
     """Child processes share the machine's few cores with other test runs."""
     return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+# --- Long scenarios: shared by test_rel_slow.py (asserts) and bench/reliability.py (reports) ---------
+
+MiB = 1024 * 1024
+
+
+class Fleet:
+    """The whole service as separate real processes: a private redis-server (so memory figures are
+    ours alone and other engineers' tests never see our keys), the uvicorn API, ``n`` CPU workers on
+    the tiny profile, and a webhook receiver. Killed workers are replaced like a supervisor would."""
+
+    def __init__(self, workdir: Path, workers: int = 2, **overrides: Any) -> None:
+        self.workdir = workdir
+        self.redis = RedisServer(workdir, appendonly=False)
+        self.redis.start()
+        self.settings: Settings = base_settings(uuid.uuid4().hex[:10], redis_url=self.redis.url, **overrides)
+        self.conn = redis.Redis.from_url(self.redis.url)
+        self.store = JobStore(connect(self.settings), self.settings)
+        self.sink = WebhookSink()
+        self.workers: list[WorkerProcess] = []
+        self.api: ApiServer | None = None
+        try:
+            self.api = ApiServer(settings_env(self.settings), workdir / "api.log")
+            self.workers = start_workers(self.settings, workdir, n=workers)
+        except BaseException:
+            self.close()
+            raise
+        self.started_workers = workers
+
+    @property
+    def url(self) -> str:
+        assert self.api is not None
+        return self.api.url
+
+    def replace(self, gone: WorkerProcess) -> WorkerProcess:
+        """Start a fresh worker for a dead one without waiting for its model (see ``wait_ready``)."""
+        self.workers.remove(gone)
+        name = f"w-{uuid.uuid4().hex[:6]}"
+        fresh = WorkerProcess(self.settings, self.workdir / f"{name}.log", name)
+        self.workers.append(fresh)
+        self.started_workers += 1
+        return fresh
+
+    def worker(self, name: str) -> WorkerProcess:
+        return next(w for w in self.workers if w.name == name)
+
+    def wait_ready(self, n: int, timeout: float = 180) -> None:
+        """Until ``n`` live worker processes have their model loaded (a dead one's registry entry
+        lingers for heartbeat_ttl, so only names of running processes count)."""
+
+        def ready() -> bool:
+            alive = {w.name for w in self.workers if w.proc.poll() is None}
+            states = {e["name"]: e["state"] for e in self.store.workers()}
+            return sum(states.get(name) in ("ready", "busy") for name in alive) >= n
+
+        wait_for(ready, timeout, interval=0.2, what=f"{n} workers ready")
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop(signal.SIGKILL)
+        if self.api is not None:
+            self.api.stop()
+        self.sink.close()
+        self.conn.close()
+        self.redis.stop()
+
+
+def submit_http(http: httpx.Client, webhook: str | None = None) -> httpx.Response:
+    """POST one aligned test face, as a client of the real API would."""
+    data = {"aligned": "true", **({"webhook": webhook} if webhook else {})}
+    return http.post("/v1/restorations", files={"image": ("f.png", aligned_png(), "image/png")}, data=data)
+
+
+@dataclass
+class KillLoopResult:
+    """What a kill loop did and how every job it touched ended."""
+
+    kills: int
+    seconds: float
+    killed: list[str]  # jobs whose worker was SIGKILLed while they sampled (one kill each)
+    others: list[str]  # jobs submitted alongside, run by the surviving worker
+    final: dict[str, dict[str, Any]]  # job id → public job JSON at the end
+    webhooks: Counter[str]  # job id → deliveries received
+    images: dict[str, int]  # job id → HTTP status of GET …/image, fetched once it was terminal
+    workers_started: int
+
+    @property
+    def jobs(self) -> list[str]:
+        return [*self.killed, *self.others]
+
+    @property
+    def lost(self) -> list[str]:
+        """Jobs that did not end ``succeeded`` (a kill must cost a retry, never the job)."""
+        return [j for j in self.jobs if self.final.get(j, {}).get("status") != "succeeded"]
+
+
+def kill_loop(
+    fleet: Fleet, kills: int, log: Callable[[str], None] = lambda _: None, finish_timeout: float = 300
+) -> KillLoopResult:
+    """``kills`` rounds of: two ready workers; submit a job plus one for the other worker; when the
+    first is in the diffusion loop (stage=sample, attempt 1), SIGKILL the worker running it and
+    start a replacement. Each job is killed at most once (below max_retries), so every one must
+    end ``succeeded`` exactly once."""
+    t0 = time.monotonic()
+    killed: list[str] = []
+    others: list[str] = []
+    with httpx.Client(base_url=fleet.url, timeout=30) as http:
+        for i in range(kills):
+            fleet.wait_ready(2)
+            responses = [submit_http(http, fleet.sink.url) for _ in range(2)]
+            assert all(r.status_code == 202 for r in responses), [r.text for r in responses]
+            target, other = (r.json()["id"] for r in responses)
+            others.append(other)
+            rec = wait_for(
+                lambda target=target: (
+                    (r := fleet.store.get(target))
+                    and r.get("status") == "processing"
+                    and r.get("stage") == "sample"
+                    and r.get("attempts") == 1
+                    and (r.get("step") or 0) >= max(1, (r.get("total") or 0) // 3)  # well inside the loop
+                    and r
+                ),
+                120,
+                interval=0.02,
+                what=f"job {target} sampling",
+            )
+            victim = fleet.worker(rec["worker"])
+            victim.proc.kill()  # SIGKILL: nothing runs in the victim, as on a host loss
+            victim.proc.wait(10)
+            victim.stop()
+            fleet.replace(victim)
+            killed.append(target)
+            log(f"  kill {i + 1}/{kills}: worker {victim.name} at step {rec.get('step')}/{rec.get('total')}")
+        jobs = [*killed, *others]
+        final: dict[str, dict[str, Any]] = {}
+        images: dict[str, int] = {}
+
+        def all_terminal() -> bool:
+            for j in jobs:
+                if j not in final:
+                    body = http.get(f"/v1/restorations/{j}").json()
+                    if body.get("status") in TERMINAL:
+                        final[j] = body
+                        # fetched at once: a short result_ttl must not read as a missing result
+                        images[j] = http.get(f"/v1/restorations/{j}/image").status_code
+            return len(final) == len(jobs)
+
+        with contextlib.suppress(AssertionError):  # a job that never ends is reported, not raised
+            wait_for(all_terminal, finish_timeout, interval=0.5, what="kill-loop jobs terminal")
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: all(fleet.sink.per_job()[j] >= 1 for j in final), 30, what="webhooks")
+        time.sleep(1.0)  # a duplicate delivery would arrive right behind the first
+    return KillLoopResult(
+        kills=len(killed),
+        seconds=time.monotonic() - t0,
+        killed=killed,
+        others=others,
+        final=final,
+        webhooks=fleet.sink.per_job(),
+        images=images,
+        workers_started=fleet.started_workers,
+    )
+
+
+class Sampler:
+    """Background sampling of RSS (API and workers) and Redis used_memory, for peaks between the
+    start and end snapshots."""
+
+    def __init__(self, fleet: Fleet, interval: float = 0.5) -> None:
+        self.fleet = fleet
+        self.interval = interval
+        self.peak_rss: dict[str, int] = {}
+        self.peak_redis = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for name, rss in process_rss(self.fleet).items():
+                self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self.peak_redis = max(self.peak_redis, used_memory(self.fleet.conn))
+
+
+def process_rss(fleet: Fleet) -> dict[str, int]:
+    """RSS of the API process and each live worker, by name."""
+    procs = {"api": fleet.api.proc} if fleet.api else {}
+    procs |= {w.name: w.proc for w in fleet.workers}
+    out: dict[str, int] = {}
+    for name, proc in procs.items():
+        with contextlib.suppress(OSError):
+            if proc.poll() is None:
+                out[name] = rss_bytes(proc.pid)
+    return out
+
+
+def used_memory(conn: redis.Redis) -> int:
+    return int(conn.info("memory")["used_memory"])
+
+
+@dataclass
+class LoadResult:
+    """Counts and resource figures of one bounded load run."""
+
+    jobs: int
+    clients: int
+    seconds: float
+    http: Counter[int] = field(default_factory=Counter)  # status code → responses (every request)
+    transport_errors: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # submissions not answered 202
+    final: dict[str, str] = field(default_factory=dict)  # job id → terminal status
+    lost: list[str] = field(default_factory=list)  # accepted, never seen terminal (or vanished)
+    lost_why: dict[str, str] = field(default_factory=dict)  # job id → last thing seen of it
+    missing_images: list[str] = field(default_factory=list)  # succeeded but GET …/image ≠ 200
+    webhooks: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)  # submit → terminal, seconds
+    rss_cold: dict[str, int] = field(default_factory=dict)  # right after start-up
+    rss_start: dict[str, int] = field(default_factory=dict)  # after the warm-up jobs
+    rss_peak: dict[str, int] = field(default_factory=dict)
+    rss_end: dict[str, int] = field(default_factory=dict)
+    redis_baseline: int = 0  # used_memory with the fleet up, before any job
+    redis_peak: int = 0
+    redis_after_ttl: int = 0  # once every per-job key has expired
+    keys_baseline: int = 0
+    keys_after_ttl: int = 0
+    job_keys_after_ttl: list[str] = field(default_factory=list)
+    new_keys_after_ttl: list[str] = field(default_factory=list)  # keys absent at baseline, still there
+    ttl_wait_seconds: float = 0.0
+
+    @property
+    def five_xx(self) -> int:
+        return sum(n for code, n in self.http.items() if code >= 500)
+
+
+def _job_keys(conn: redis.Redis, job_ids: set[str]) -> list[str]:
+    """Keys that still name one of ``job_ids`` (our record/input/results, RQ's job, results, executions)."""
+    found = []
+    for key in conn.scan_iter(count=1000):
+        k = key.decode(errors="replace")
+        if any(part in job_ids for part in k.split(":")):
+            found.append(k)
+    return found
+
+
+def load_run(
+    fleet: Fleet,
+    jobs: int,
+    clients: int,
+    *,
+    poll_seconds: float = 0.5,
+    job_deadline: float = 600,
+    ttl_timeout: float = 600,
+    log: Callable[[str], None] = lambda _: None,
+) -> LoadResult:
+    """``clients`` threads, each with its own HTTP connection, share ``jobs`` submissions: submit,
+    poll until terminal, fetch the image, next (a closed loop, so the queue stays ≤ ``clients``
+    deep and no 503 queue_full is expected). Then wait for the record TTL and check Redis has
+    dropped every per-job key and its memory is back near the baseline."""
+    conn = fleet.conn
+    res = LoadResult(jobs=jobs, clients=clients, seconds=0.0)
+    baseline_keys = {k.decode(errors="replace") for k in conn.scan_iter(count=1000)}
+    res.keys_baseline = len(baseline_keys)
+    res.redis_baseline = used_memory(conn)
+    res.rss_cold = process_rss(fleet)
+    lock = threading.Lock()
+    accepted: set[str] = set()
+    counter = iter(range(jobs))
+
+    def one(http: httpx.Client) -> None:
+        t0 = time.monotonic()
+        try:
+            r = submit_http(http, fleet.sink.url)
+        except httpx.HTTPError as e:
+            with lock:
+                res.transport_errors.append(f"submit: {type(e).__name__}: {e}")
+            return
+        with lock:
+            res.http[r.status_code] += 1
+        if r.status_code != 202:
+            with lock:
+                res.rejected.append(f"{r.status_code} {r.text[:200]}")
+            return
+        job_id = r.json()["id"]
+        with lock:
+            accepted.add(job_id)
+        status = None
+        seen = "no poll answered"
+        while time.monotonic() - t0 < job_deadline:
+            time.sleep(poll_seconds)
+            try:
+                r = http.get(f"/v1/restorations/{job_id}")
+            except httpx.HTTPError as e:
+                with lock:
+                    res.transport_errors.append(f"poll: {type(e).__name__}: {e}")
+                continue
+            with lock:
+                res.http[r.status_code] += 1
+            elapsed = time.monotonic() - t0
+            if r.status_code != 200:
+                seen += f"; then HTTP {r.status_code} at {elapsed:.0f} s: {r.text[:120]}"
+                break
+            body = r.json()
+            seen = (
+                f"{body['status']} (stage {body.get('stage')}, try {body.get('attempts')}) at {elapsed:.0f} s"
+            )
+            if body["status"] in TERMINAL:
+                status = body["status"]
+                break
+        if status is None:
+            with lock:
+                res.lost.append(job_id)
+                res.lost_why[job_id] = seen
+            return
+        latency = time.monotonic() - t0
+        try:
+            img = http.get(f"/v1/restorations/{job_id}/image")
+            img_status = img.status_code
+        except httpx.HTTPError as e:
+            img_status = 0
+            with lock:
+                res.transport_errors.append(f"image: {type(e).__name__}: {e}")
+        with lock:
+            res.final[job_id] = status
+            res.latencies.append(latency)
+            if img_status:
+                res.http[img_status] += 1
+            if status == "succeeded" and img_status != 200:
+                res.missing_images.append(job_id)
+
+    def client() -> None:
+        with httpx.Client(base_url=fleet.url, timeout=60) as http:
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                one(http)
+
+    # Warm-up: one job per worker, so lazy imports and first-inference allocations are in "start".
+    with httpx.Client(base_url=fleet.url, timeout=60) as http:
+        warm = [submit_http(http).json()["id"] for _ in fleet.workers]
+        for j in warm:
+            wait_for(
+                lambda j=j: http.get(f"/v1/restorations/{j}").json()["status"] in TERMINAL,
+                300,
+                interval=0.2,
+                what="warm-up job",
+            )
+    res.rss_start = process_rss(fleet)
+    t0 = time.monotonic()
+    with Sampler(fleet) as sampler:
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        last = 0
+        while any(t.is_alive() for t in threads):
+            time.sleep(5)
+            with lock:
+                done = len(res.final) + len(res.lost) + len(res.rejected)
+            if done - last >= max(1, jobs // 10) or not any(t.is_alive() for t in threads):
+                log(f"  load: {done}/{jobs} jobs done, {time.monotonic() - t0:.0f} s")
+                last = done
+        for t in threads:
+            t.join()
+    res.seconds = time.monotonic() - t0
+    res.rss_peak = sampler.peak_rss
+    res.redis_peak = max(sampler.peak_redis, used_memory(conn))
+    res.rss_end = process_rss(fleet)
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: all(fleet.sink.per_job()[j] >= 1 for j in res.final), 30, what="webhooks")
+    time.sleep(1.0)
+    res.webhooks = fleet.sink.per_job()
+    # Every per-job key carries a TTL (record_ttl at most); wait for them all to expire.
+    t_ttl = time.monotonic()
+    ids = accepted | set(warm)
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not _job_keys(conn, ids), ttl_timeout, interval=2.0, what="per-job keys expired")
+    res.ttl_wait_seconds = time.monotonic() - t_ttl
+    res.job_keys_after_ttl = _job_keys(conn, ids)
+    after_keys = {k.decode(errors="replace") for k in conn.scan_iter(count=1000)}
+    res.keys_after_ttl = len(after_keys)
+    res.new_keys_after_ttl = sorted(after_keys - baseline_keys)
+    res.redis_after_ttl = used_memory(conn)
+    return res
