@@ -29,8 +29,9 @@ import pytest
 import redis
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck
+from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from PIL import Image
 from rel_support import TERMINAL, ApiServer
 from schemathesis.checks import not_a_server_error
@@ -50,6 +51,7 @@ MIN_BAD_CASES = 300
 FACE = Image.open(io.BytesIO(aligned_png())).convert("RGB")
 SMALL = FACE.resize((64, 64))
 EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
+CTYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
 
 
 def encoded(im: Image.Image, fmt: str, **kw: Any) -> bytes:
@@ -402,6 +404,76 @@ def test_generated_bad_inputs_get_their_4xx_code_and_queue_nothing(
         assert list(redis_conn.scan_iter(match=f"{s.key_prefix}:job:*")) == []
         assert list(redis_conn.scan_iter(match=f"{s.key_prefix}:input:*")) == []
         assert c.app.state.services.queue.count == 0
+
+
+@pytest.fixture(scope="module")
+def property_client(redis_conn: redis.Redis) -> Iterator[TestClient]:
+    """One app for the hypothesis properties (function-scoped fixtures do not reset between examples);
+    a deep queue so accepted examples never hit queue_full."""
+    settings = base_settings(uuid.uuid4().hex[:10], max_queue_depth=100_000)
+    with TestClient(create_app(settings)) as c:
+        yield c
+    purge(redis_conn, settings)
+
+
+@hsettings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=4096), ext=st.sampled_from(EXTENSIONS), ctype=st.sampled_from(CTYPES))
+def test_property_arbitrary_bytes_are_a_4xx_never_a_5xx(
+    property_client: TestClient, data: bytes, ext: str, ctype: str
+) -> None:
+    """Whatever bytes arrive under an image name and type, the answer is a 4xx error envelope with an
+    upload-related code (arbitrary short bytes are never a decodable image with a face)."""
+    r = property_client.post("/v1/restorations", **multipart(data, f"x.{ext}", ctype))
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
+    assert error_code(r) in {"invalid_image", "unsupported_format", "too_many_pixels", "invalid_request"}
+
+
+_OPTION_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.text(max_size=8), max_size=3),
+)
+_OPTION_NAMES = st.sampled_from(
+    [
+        "fidelity",
+        "mode",
+        "aligned",
+        "upscale",
+        "only_center_face",
+        "detector",
+        "outputs",
+        "format",
+        "seed",
+        "on_no_face",
+        "webhook",
+        "max_faces",
+        "min_face_size",
+        "color_correction",
+        "unknown_option",
+    ]
+)
+
+
+@hsettings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(options=st.dictionaries(_OPTION_NAMES, _OPTION_VALUES, max_size=4))
+def test_property_arbitrary_json_options_are_accepted_or_invalid_option(
+    property_client: TestClient, options: dict[str, Any]
+) -> None:
+    """Any JSON options with a valid image: 202 (then they validate as the schema says) or 422
+    invalid_option naming the problem — never a 5xx, never another code."""
+    body = {"image": data_url(aligned_png()), "aligned": True, **options}
+    r = property_client.post("/v1/restorations", json=body)
+    if r.status_code == 202:
+        job = r.json()
+        for key, value in options.items():
+            if key in ("fidelity", "mode", "format", "detector", "on_no_face", "color_correction"):
+                assert job["options"][key] == value or job["options"][key] == str(value), (key, value, job)
+    else:
+        assert r.status_code == 422 and error_code(r) == "invalid_option", (r.status_code, r.text[:300])
+        assert r.json()["error"]["message"]
 
 
 def test_bomb_between_pillow_thresholds_is_too_many_pixels_when_warnings_are_errors(
