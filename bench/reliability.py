@@ -12,15 +12,23 @@ between the `bench:reliability` markers) straight from this run's own counters.
    image). Counts 5xx and lost jobs; records API/worker RSS (start/peak/end) and Redis used_memory
    (baseline/peak/after every per-job key expired, with short TTLs so that happens within the run).
 
+3. bad inputs (`--inputs`, or alone with `--inputs-only`): every generated malformed request of
+   tests/reliability/test_rel_inputs.py against an in-process API on the local Redis; counts the
+   inputs tried, the answers by status and code, 5xx and answers with the wrong code (own section).
+
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.reliability [--kills 20] [--jobs 2000] [--clients 50]
+       OMP_NUM_THREADS=1 .venv/bin/python -m bench.reliability --inputs-only
 The issue's target scale is the default (2000 jobs, 50 clients); docs/reliability.md says what was run.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 
 from bench._report import ROOT, header, percentile, write_section
@@ -111,6 +119,52 @@ Redis (private redis-server, INFO `used_memory`):
 """
 
 
+def inputs_section() -> tuple[str, bool]:
+    """Run every generated bad input of test_rel_inputs against in-process apps; (section, failed)."""
+    import redis
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import REDIS_URL, base_settings, purge
+
+    sys.path.insert(0, str(ROOT / "tests" / "reliability"))  # test_rel_inputs imports rel_support so
+    from test_rel_inputs import bad_cases, error_code
+
+    head = header("Reliability: generated bad inputs")
+    t0 = time.monotonic()
+    cases = bad_cases()
+    ns = uuid.uuid4().hex[:10]
+    apps = {"default": base_settings(ns), "tiny_pixels": base_settings(ns + "p", max_pixels=64 * 64)}
+    answers: Counter[str] = Counter()
+    wrong: list[str] = []
+    five_xx = 0
+    with TestClient(create_app(apps["default"])) as a, TestClient(create_app(apps["tiny_pixels"])) as b:
+        clients = {"default": a, "tiny_pixels": b}
+        for case in cases:
+            r = clients[case.app].post("/v1/restorations", **case.request)
+            code = error_code(r) if r.headers.get("content-type") == "application/json" else "?"
+            answers[f"{r.status_code} {code}"] += 1
+            five_xx += r.status_code >= 500
+            if (r.status_code, code) != (case.status, case.code):
+                wrong.append(case.name)
+    r = redis.Redis.from_url(REDIS_URL)
+    for settings in apps.values():
+        purge(r, settings)
+    shown = ": " + ", ".join(wrong[:10]) if wrong else ""
+    rows = "\n".join(f"| {answer} | {n} |" for answer, n in sorted(answers.items()))
+    body = f"""{head}
+- inputs: the {len(cases)} malformed requests generated (fixed seed) by `bad_cases()` in
+  tests/reliability/test_rel_inputs.py, posted to an in-process API (local Redis, no worker).
+- inputs tried: **{len(cases)}**; 5xx seen: **{five_xx}**; answered with another status/code than
+  expected: **{len(wrong)}**{shown}; took {time.monotonic() - t0:.1f} s.
+
+| answer (status code) | requests |
+|---|---|
+{rows}
+"""
+    return body, bool(five_xx or wrong)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=20, help="kill -9 rounds (0 skips the kill loop)")
@@ -125,7 +179,16 @@ def main() -> int:
         "system and 2 tiny CPU workers on a busy 2-core machine finish ~0.2 jobs/s",
     )
     p.add_argument("--result-ttl", type=int, default=30, help="result TTL in the load test (s)")
+    p.add_argument("--inputs", action="store_true", help="also run the generated bad inputs")
+    p.add_argument("--inputs-only", action="store_true", help="run only the generated bad inputs")
     args = p.parse_args()
+    inputs_failed = False
+    if args.inputs or args.inputs_only:
+        body, inputs_failed = inputs_section()
+        log(body)
+        write_section("reliability_inputs", body, DOC)
+        if args.inputs_only:
+            return 1 if inputs_failed else 0
     record_ttl = args.record_ttl or max(60 + 6 * args.clients, 150)
     # Tiny CPU jobs take seconds: a short job timeout lets a short record TTL pass the settings check
     # (record TTL > (max_retries + 1) x job timeout).
@@ -137,7 +200,7 @@ def main() -> int:
     head = header("Reliability: kill -9 loop and bounded load")  # machine/load average at the start
     t0 = time.monotonic()
     sections: list[str] = []
-    failed = False
+    failed = inputs_failed
     with tempfile.TemporaryDirectory(prefix="bench-rel-") as tmp:
         if args.kills:
             log(f"kill loop: {args.kills} kills")
