@@ -13,6 +13,7 @@ Layout (``P`` = settings.key_prefix)::
     P:rate:{key_id}:{min} request counter of one API key in one minute; TTL 60 s
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
+    P:done:{id}           pub/sub channel (no key): published once when the job ends
     P:reaper-lock         lock so only one worker at a time re-queues abandoned jobs
 
 This module must stay torch-free: the API imports it.
@@ -160,6 +161,8 @@ class JobStore:
             with self.redis.pipeline() as pipe:
                 pipe.delete(self.key("input", job_id))
                 pipe.expire(self.key("job", job_id), s.record_ttl_seconds)
+                # Wakes the API's `Prefer: wait` requests for this job (app/completions.py).
+                pipe.publish(self.key("done", job_id), fields.get("status", ""))
                 pipe.execute()
         return done
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
@@ -11,6 +12,7 @@ from redis import Redis
 from rq import Queue
 
 from app import metrics
+from app.completions import Completions
 from app.errors import install_error_handlers
 from app.jobs import JobStore, connect, make_queue
 from app.routers import health, models, restorations, web
@@ -33,15 +35,26 @@ class Services:
     redis: Redis
     store: JobStore
     queue: Queue
+    completions: Completions
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API. Tests pass their own Settings; production reads the environment."""
     settings = settings or get_settings()
-    app = FastAPI(title="dynface", version="1.0.0", description=DESCRIPTION)
+    completions = Completions(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        completions.start()
+        try:
+            yield
+        finally:
+            await completions.stop()
+
+    app = FastAPI(title="dynface", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
     redis = connect(settings)
     store = JobStore(redis, settings)
-    app.state.services = Services(settings, redis, store, make_queue(redis, settings))
+    app.state.services = Services(settings, redis, store, make_queue(redis, settings), completions)
     install_error_handlers(app)
     app.include_router(restorations.router)
     app.include_router(models.router)

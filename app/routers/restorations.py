@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -212,23 +213,25 @@ def _owned(request: Request, job_id: str, owner: str) -> dict[str, Any]:
 
 
 async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[str, Any]:
-    """Poll the record until it is terminal or ``seconds`` pass (no thread is held while sleeping).
+    """The record once it is terminal, or after ``seconds`` (no thread is held while waiting).
 
-    The interval starts at 5 ms and grows to 100 ms: fast jobs are answered within a few ms of
-    finishing (the poll interval was most of the service's overhead for them), while long waits cost
-    Redis no more than 10 small reads a second.
+    Woken by the job's completion message (app/completions.py) within ms of its end; between
+    messages the record is re-read on an interval growing from 5 ms to 1 s, so a message lost while
+    the listener reconnects only delays the answer.
     """
-    store = services(request).store
+    svc = services(request)
     deadline = time.monotonic() + seconds
     interval = 0.005
-    while True:
-        record = await anyio.to_thread.run_sync(store.get, job_id)
-        if record is None:  # expired while we waited (only with a record TTL shorter than the wait)
-            raise ApiError(404, "not_found", f"No restoration {job_id!r} (unknown or expired).")
-        if record["status"] in TERMINAL or time.monotonic() >= deadline:
-            return record
-        await anyio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-        interval = min(interval * 1.5, 0.1)
+    with svc.completions.watch(job_id) as ended:
+        while True:
+            record = await anyio.to_thread.run_sync(svc.store.get, job_id)
+            if record is None:  # expired while we waited (only with a record TTL shorter than the wait)
+                raise ApiError(404, "not_found", f"No restoration {job_id!r} (unknown or expired).")
+            if record["status"] in TERMINAL or time.monotonic() >= deadline:
+                return record
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 2, 1.0)
 
 
 @router.post(

@@ -3,6 +3,7 @@ queued-job cancellation, readiness and OpenAPI. Jobs stay queued here (no worker
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -11,8 +12,10 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import anyio
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
@@ -524,3 +527,28 @@ def test_starting_a_job_renews_its_record_and_input_ttl(client: TestClient, sett
     store.renew("renew-me")
     for key in (store.key("job", "renew-me"), store.key("input", "renew-me")):
         assert store.redis.ttl(key) > settings.record_ttl_seconds - 5, key
+
+
+def test_a_job_end_wakes_its_waiting_requests_through_redis(client: TestClient) -> None:
+    """JobStore.finish publishes the job's end; the API's one subscription sets the events of the
+    requests waiting for it (Prefer: wait answers at once instead of at its next poll)."""
+    svc = client.app.state.services
+    assert wait_for_sync(svc.completions.subscribed.is_set)
+    svc.store.create("wake-me", b"x", {"status": "queued", "created_at": time.time()})
+
+    async def ended_by_message() -> bool:
+        with svc.completions.watch("wake-me") as ended, svc.completions.watch("other-job") as unrelated:
+            await anyio.to_thread.run_sync(lambda: svc.store.finish("wake-me", {"status": "canceled"}))
+            await asyncio.wait_for(ended.wait(), 10)
+            return not unrelated.is_set()
+
+    assert client.portal.call(ended_by_message)
+
+
+def wait_for_sync(predicate: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

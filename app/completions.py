@@ -1,0 +1,106 @@
+"""Wake `Prefer: wait` requests the moment their job ends.
+
+`JobStore.finish` publishes on ``P:done:{id}``; each API process keeps one pattern subscription
+(``P:done:*``) and sets the asyncio events of the requests waiting for that job. A waiting request
+still re-reads its record on a growing interval, so a message lost while the listener reconnects
+(Redis restart, failover) only costs latency, never an answer. One subscription per process, not one
+per request: waiters cost no Redis connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _connect(settings: Settings) -> AsyncRedis:
+    """An asyncio client to the same Redis as `app.jobs.connect`, without a read timeout (a
+    subscription waits for messages indefinitely; the health check notices a dead connection)."""
+    options = {"socket_connect_timeout": settings.redis_timeout_seconds, "health_check_interval": 30}
+    if settings.redis_sentinels:
+        hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in settings.redis_sentinels)]
+        sentinel_password = settings.redis_sentinel_password
+        sentinel = AsyncSentinel(
+            hosts,
+            sentinel_kwargs={
+                "socket_timeout": settings.redis_timeout_seconds,
+                "password": sentinel_password.get_secret_value() if sentinel_password else None,
+            },
+        )
+        password = settings.redis_password
+        return sentinel.master_for(
+            settings.redis_sentinel_master,
+            password=password.get_secret_value() if password else None,
+            **options,
+        )
+    assert settings.redis_url is not None  # create_app's sync connect() has already refused None
+    return AsyncRedis.from_url(settings.redis_url, **options)
+
+
+class Completions:
+    """Per-process registry of waiting requests, fed by one Redis pattern subscription."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()  # set while the subscription is live (tests wait on it)
+
+    @staticmethod
+    def channel(prefix: str, job_id: str) -> str:
+        return f"{prefix}:done:{job_id}"
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="dynface-completions")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set when `job_id` ends; register before reading the record so no end is missed."""
+        event = asyncio.Event()
+        self._waiting.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiting.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiting[job_id]
+
+    async def _listen(self) -> None:
+        pattern = self.channel(self.settings.key_prefix, "*")
+        while True:
+            client = _connect(self.settings)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.psubscribe(pattern)
+                    self.subscribed.set()
+                    async for message in pubsub.listen():
+                        if message["type"] != "pmessage":
+                            continue
+                        job_id = message["channel"].decode().rsplit(":", 1)[1]
+                        for event in self._waiting.get(job_id, ()):
+                            event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis down or failing over: waiters fall back to polling
+                log.warning("job completion listener: %s: %s; retrying in 1 s", type(e).__name__, e)
+            finally:
+                self.subscribed.clear()
+                await client.aclose()
+            await asyncio.sleep(1.0)
