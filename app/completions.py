@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
+from app.jobs import sentinel_options
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,21 +28,9 @@ def _connect(settings: Settings) -> AsyncRedis:
     subscription waits for messages indefinitely; the health check notices a dead connection)."""
     options = {"socket_connect_timeout": settings.redis_timeout_seconds, "health_check_interval": 30}
     if settings.redis_sentinels:
-        hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in settings.redis_sentinels)]
-        sentinel_password = settings.redis_sentinel_password
-        sentinel = AsyncSentinel(
-            hosts,
-            sentinel_kwargs={
-                "socket_timeout": settings.redis_timeout_seconds,
-                "password": sentinel_password.get_secret_value() if sentinel_password else None,
-            },
-        )
-        password = settings.redis_password
-        return sentinel.master_for(
-            settings.redis_sentinel_master,
-            password=password.get_secret_value() if password else None,
-            **options,
-        )
+        hosts, sentinel_kwargs, password = sentinel_options(settings)
+        sentinel = AsyncSentinel(hosts, sentinel_kwargs=sentinel_kwargs)
+        return sentinel.master_for(settings.redis_sentinel_master, password=password, **options)
     assert settings.redis_url is not None  # create_app's sync connect() has already refused None
     return AsyncRedis.from_url(settings.redis_url, **options)
 

@@ -53,6 +53,20 @@ return 1
 """
 
 
+def sentinel_options(settings: Settings) -> tuple[list[tuple[str, int]], dict[str, Any], str | None]:
+    """For ``redis_sentinels``: the sentinels' addresses, their own client options and the primary's
+    password — shared by this module's client and the API's asyncio one (app/completions.py)."""
+    hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in settings.redis_sentinels)]
+    sentinel_password = settings.redis_sentinel_password
+    sentinel_kwargs = {
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+        "password": sentinel_password.get_secret_value() if sentinel_password else None,
+    }
+    password = settings.redis_password
+    return hosts, sentinel_kwargs, password.get_secret_value() if password else None
+
+
 def connect(settings: Settings) -> Redis:
     """A Redis client with short timeouts, so a dead Redis fails requests fast, not after minutes.
 
@@ -65,22 +79,9 @@ def connect(settings: Settings) -> Redis:
         "health_check_interval": 30,
     }
     if settings.redis_sentinels:
-        hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in settings.redis_sentinels)]
-        sentinel_password = settings.redis_sentinel_password
-        sentinel = Sentinel(
-            hosts,
-            sentinel_kwargs={
-                "socket_timeout": settings.redis_timeout_seconds,
-                "socket_connect_timeout": settings.redis_timeout_seconds,
-                "password": sentinel_password.get_secret_value() if sentinel_password else None,
-            },
-        )
-        password = settings.redis_password
-        return sentinel.master_for(
-            settings.redis_sentinel_master,
-            password=password.get_secret_value() if password else None,
-            **timeouts,
-        )
+        hosts, sentinel_kwargs, password = sentinel_options(settings)
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
+        return sentinel.master_for(settings.redis_sentinel_master, password=password, **timeouts)
     if not settings.redis_url:
         raise RuntimeError(
             "No Redis configured: set REDIS_URL or DYNFACE_REDIS_SENTINELS "

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import SecretStr
 
 from app.main import create_app
@@ -30,6 +31,20 @@ SHARED = ROOT.parent / "shared"
 TESTDATA = SHARED / "testdata"
 WEIGHTS = SHARED / "weights"
 REDIS_URL = os.environ.get("DYNFACE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+#: How a camera stores an upright picture for each EXIF Orientation value: the inverse of the
+#: transform a viewer (and ImageOps.exif_transpose) applies to display it.
+EXIF_STORED_AS: dict[int, Image.Transpose | None] = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -24,7 +23,7 @@ from PIL import Image
 from app.main import create_app
 from app.routers import health, models, restorations
 from app.settings import Settings
-from tests.conftest import ROOT, aligned_png
+from tests.conftest import ROOT, aligned_png, wait_for
 
 PNG = aligned_png()
 
@@ -533,7 +532,7 @@ def test_a_job_end_wakes_its_waiting_requests_through_redis(client: TestClient) 
     """JobStore.finish publishes the job's end; the API's one subscription sets the events of the
     requests waiting for it (Prefer: wait answers at once instead of at its next poll)."""
     svc = client.app.state.services
-    assert wait_for_sync(svc.completions.subscribed.is_set)
+    wait_for(svc.completions.subscribed.is_set, 10, what="completion listener subscribed")
     svc.store.create("wake-me", b"x", {"status": "queued", "created_at": time.time()})
 
     async def ended_by_message() -> bool:
@@ -543,12 +542,3 @@ def test_a_job_end_wakes_its_waiting_requests_through_redis(client: TestClient) 
             return not unrelated.is_set()
 
     assert client.portal.call(ended_by_message)
-
-
-def wait_for_sync(predicate: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True

@@ -23,6 +23,7 @@ from models.faces import (
 )
 from models.images import decode_image
 from models.weights import MissingWeightsError
+from tests.conftest import EXIF_STORED_AS
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 WEIGHTS = SHARED / "weights"
@@ -108,20 +109,6 @@ def test_align_empty() -> None:
     assert crops.shape == (0, 512, 512, 3) and affines.shape == (0, 2, 3)
 
 
-#: How a camera stores an upright picture for each EXIF Orientation value: the inverse of the
-#: transform a viewer (and ImageOps.exif_transpose) applies to display it.
-_STORED_AS: dict[int, Image.Transpose | None] = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
-
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_oriented_jpeg_gives_same_faces(
     orientation: int, detector: FaceDetector, detections: dict
@@ -129,7 +116,7 @@ def test_exif_oriented_jpeg_gives_same_faces(
     """A phone JPEG stored rotated/mirrored with an Orientation tag is decoded upright and gives
     the faces of the upright photo (re-encoding as JPEG moves boxes by a pixel or so)."""
     upright, reference = detections["00.jpg"]
-    transform = _STORED_AS[orientation]
+    transform = EXIF_STORED_AS[orientation]
     stored = Image.fromarray(upright)
     if transform is not None:
         stored = stored.transpose(transform)

@@ -42,9 +42,18 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.main import create_app
+from app.schemas import RestorationOptions
 from app.settings import Settings
 from models.images import decode_image, encode_image
-from tests.conftest import aligned_png, base_settings, purge, settings_env, start_workers, wait_for
+from tests.conftest import (
+    EXIF_STORED_AS,
+    aligned_png,
+    base_settings,
+    purge,
+    settings_env,
+    start_workers,
+    wait_for,
+)
 
 SEED = 20240606
 MIN_BAD_CASES = 300
@@ -436,25 +445,7 @@ _OPTION_VALUES = st.one_of(
     st.text(max_size=12),
     st.lists(st.text(max_size=8), max_size=3),
 )
-_OPTION_NAMES = st.sampled_from(
-    [
-        "fidelity",
-        "mode",
-        "aligned",
-        "upscale",
-        "only_center_face",
-        "detector",
-        "outputs",
-        "format",
-        "seed",
-        "on_no_face",
-        "webhook",
-        "max_faces",
-        "min_face_size",
-        "color_correction",
-        "unknown_option",
-    ]
-)
+_OPTION_NAMES = st.sampled_from([*RestorationOptions.model_fields, "unknown_option"])
 
 
 @hsettings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
@@ -566,16 +557,7 @@ def test_exif_orientation_is_applied_before_anything_sees_the_pixels(orientation
     """EXIF orientations 1–8: the decoded pixels are the upright photo (lossless PNG with an eXIf
     chunk, so equality is exact), so the detector never sees a sideways face."""
     upright = np.asarray(SMALL.resize((48, 32)))
-    inverse = {
-        1: None,
-        2: Image.Transpose.FLIP_LEFT_RIGHT,
-        3: Image.Transpose.ROTATE_180,
-        4: Image.Transpose.FLIP_TOP_BOTTOM,
-        5: Image.Transpose.TRANSPOSE,
-        6: Image.Transpose.ROTATE_90,
-        7: Image.Transpose.TRANSVERSE,
-        8: Image.Transpose.ROTATE_270,
-    }[orientation]
+    inverse = EXIF_STORED_AS[orientation]
     stored = Image.fromarray(upright) if inverse is None else Image.fromarray(upright).transpose(inverse)
     decoded = decode_image(encoded(stored, "PNG", exif=_exif(orientation)), max_pixels=10**6)
     assert decoded.size == (48, 32)
