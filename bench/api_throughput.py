@@ -54,7 +54,7 @@ import httpx
 import redis
 from PIL import Image
 
-from bench._report import ROOT, SHARED, header, percentile, write_section
+from bench._report import ROOT, SHARED, header, percentile, purge_namespace, write_section
 
 PHOTOS = SHARED / "testdata" / "photos"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -261,20 +261,6 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise SystemExit("API not ready in time")
 
 
-def purge(r: redis.Redis, prefix: str) -> int:
-    """Delete the namespace's keys: PREFIX:*, rq:*PREFIX*, and rq:* keys naming one of its job ids."""
-    ids = {k.decode().rsplit(":", 1)[1] for k in r.scan_iter(match=f"{prefix}:job:*", count=1000)}
-    doomed = [k for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
-    for k in r.scan_iter(match="rq:*", count=1000):
-        name = k.decode()
-        if prefix in name or any(part in ids for part in name.split(":")):
-            doomed.append(k)
-    for i in range(0, len(doomed), 500):
-        r.delete(*doomed[i : i + 500])
-    r.srem("rq:queues", f"rq:queue:{prefix}")
-    return len(doomed)
-
-
 @dataclass
 class Run:
     workers: int
@@ -322,7 +308,7 @@ def serve(workers: int, queue_depth: int, r: redis.Redis, logs: Path, run: Run) 
             proc.kill()
             proc.wait()
         log.close()
-        purged = purge(r, prefix)
+        purged = purge_namespace(r, prefix)
         leftover = sum(1 for _ in r.scan_iter(match=f"*{prefix}*", count=1000))
         run.purged += purged
         run.leftover += leftover

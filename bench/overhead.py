@@ -46,7 +46,7 @@ import httpx
 import redis
 import torch
 
-from bench._report import ALIGNED, ROOT, SHARED, header, percentile, write_section
+from bench._report import ALIGNED, ROOT, SHARED, header, percentile, purge_namespace, write_section
 
 TARGET_MS = 20.0
 WEIGHTS = SHARED / "weights"
@@ -133,14 +133,6 @@ def wait_ready(base: str, procs: list[subprocess.Popen], timeout: float = 180) -
             pass
         time.sleep(0.5)
     raise SystemExit("service not ready in time")
-
-
-def purge(r: redis.Redis, prefix: str) -> None:
-    ids = [k.decode().rsplit(":", 1)[1] for k in r.scan_iter(match=f"{prefix}:job:*", count=1000)]
-    for pattern in (f"{prefix}:*", f"rq:*{prefix}*", *(f"rq:*{i}*" for i in ids)):
-        keys = list(r.scan_iter(match=pattern, count=1000))
-        if keys:
-            r.delete(*keys)
 
 
 def ms(values: list[float], q: float) -> str:
@@ -239,7 +231,7 @@ def main() -> None:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        purge(r, prefix)
+        purge_namespace(r, prefix)
 
     one = rows[0]
     met_total = percentile(one[4], 50) * 1000 <= TARGET_MS
