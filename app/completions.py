@@ -54,8 +54,9 @@ class Completions:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # A cancelled listener can be stuck closing its connection (seen once in CI as a hung
+            # shutdown); app shutdown must not wait on it longer than this.
+            await asyncio.wait({self._task}, timeout=2.0)
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:
