@@ -22,6 +22,8 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_CLOSE_TIMEOUT_SECONDS = 1.0
+
 
 def _connect(settings: Settings) -> AsyncRedis:
     """An asyncio client to the same Redis as `app.jobs.connect`, without a read timeout (a
@@ -42,6 +44,7 @@ class Completions:
         self.settings = settings
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.subscribed = asyncio.Event()  # set while the subscription is live (tests wait on it)
 
     @staticmethod
@@ -52,11 +55,15 @@ class Completions:
         self._task = asyncio.create_task(self._listen(), name="dynface-completions")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            # A cancelled listener can be stuck closing its connection (seen once in CI as a hung
-            # shutdown); app shutdown must not wait on it longer than this.
-            await asyncio.wait({self._task}, timeout=2.0)
+        if self._task is None:
+            return
+        # The flag, not only the cancel, ends the loop: redis-py can turn a cancellation that lands
+        # inside its reconnect path into a ConnectionError, which the retry branch would swallow.
+        self._stopping = True
+        self._task.cancel()
+        done, _ = await asyncio.wait({self._task}, timeout=_CLOSE_TIMEOUT_SECONDS * 2)
+        if not done:
+            log.warning("job completion listener did not stop within %.0f s", _CLOSE_TIMEOUT_SECONDS * 2)
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:
@@ -74,7 +81,7 @@ class Completions:
 
     async def _listen(self) -> None:
         pattern = self.channel(self.settings.key_prefix, "*")
-        while True:
+        while not self._stopping:
             client = _connect(self.settings)
             try:
                 async with client.pubsub() as pubsub:
@@ -89,8 +96,12 @@ class Completions:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis down or failing over: waiters fall back to polling
+                if self._stopping:
+                    return
                 log.warning("job completion listener: %s: %s; retrying in 1 s", type(e).__name__, e)
             finally:
                 self.subscribed.clear()
-                await client.aclose()
+                # Bounded: closing a connection whose peer is gone must not hold up shutdown.
+                with contextlib.suppress(Exception):  # TimeoutError included
+                    await asyncio.wait_for(client.aclose(), _CLOSE_TIMEOUT_SECONDS)
             await asyncio.sleep(1.0)

@@ -1,0 +1,58 @@
+"""The API's job-completion listener (app/completions.py) starts, wakes waiters and always stops.
+
+Stopping matters as much as waking: the listener runs inside the app's lifespan, so a listener that
+ignores its cancellation hangs every API shutdown (seen once in CI before the stop flag existed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from app.completions import Completions
+from app.settings import Settings
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stop_ends_a_live_subscription(settings: Settings) -> None:
+    async def scenario() -> tuple[bool, bool]:
+        completions = Completions(settings)
+        completions.start()
+        await asyncio.wait_for(completions.subscribed.wait(), 10)
+        await completions.stop()
+        task = completions._task
+        assert task is not None
+        return task.done(), completions.subscribed.is_set()
+
+    done, subscribed = asyncio.run(scenario())
+    assert done
+    assert not subscribed
+
+
+def test_stop_ends_the_reconnect_loop_when_redis_is_unreachable(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """With Redis gone the listener sits in its retry loop (connect error, sleep, reconnect);
+    stopping it there must end the task, not leave it retrying."""
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+
+    async def scenario() -> tuple[bool, bool]:
+        completions = Completions(settings)
+        completions.start()
+        await asyncio.sleep(0.2)  # the first connect has failed: it is retrying
+        task = completions._task
+        assert task is not None
+        was_running = not task.done()
+        await completions.stop()
+        return was_running, task.done()
+
+    was_running, done = asyncio.run(scenario())
+    assert was_running
+    assert done
