@@ -83,20 +83,42 @@ def _add_reproduction_commands(subparsers: argparse._SubParsersAction) -> None:
     dsst = subparsers.add_parser("dsst", help="build the DSST start-step table")
     dsst_sub = dsst.add_subparsers(dest="dsst_command", required=True)
     b = dsst_sub.add_parser(
-        "build", help="analytic table (method.md §4) from clean aligned faces; used via --dsst FILE"
+        "build", help="start-step table (method.md §4) from clean aligned faces; used via --dsst FILE"
+    )
+    b.add_argument(
+        "--method",
+        default="analytic",
+        choices=["analytic", "sweep"],
+        help="analytic: closed form over the faces' spectrum; sweep: run the prior's sampler on the faces "
+        "blurred to each level from every candidate start, keep the best PSNR − w·LPIPS",
     )
     b.add_argument(
         "--prior",
         default="real",
-        help="profile whose schedule and blur levels the table is for: real | tiny | a weights dir (= real)",
+        help="profile whose schedule and blur levels the table is for (and whose prior the sweep runs): "
+        "real | tiny | a weights dir (= real)",
     )
     b.add_argument("--faces", type=Path, required=True, help="folder of clean aligned 512² faces (nested ok)")
     b.add_argument("--out", type=Path, required=True, help="table to write (JSON)")
     b.add_argument(
         "--sigmas", type=float, nargs="+", default=None, help="blur levels in px (default: profile's)"
     )
-    b.add_argument("--heaviest-start", type=int, default=None, help="heaviest level's start (default: 100)")
     b.add_argument("--max-faces", type=int, default=None, help="use at most N faces (sorted by path)")
+    b.add_argument(
+        "--heaviest-start", type=int, default=None, help="analytic: heaviest level's start (default: 100)"
+    )
+    b.add_argument(
+        "--candidates", type=int, nargs="+", default=None, help="sweep: start indices (default: 10, 20 … 100)"
+    )
+    b.add_argument("--eta", type=float, default=None, help="sweep: DDIM eta (default: DifFace's 0.5)")
+    b.add_argument("--seed", type=int, default=None, help="sweep: noise seed (default: 0)")
+    b.add_argument(
+        "--lpips-weight",
+        type=float,
+        default=None,
+        help="sweep: dB per LPIPS unit in the score (default: 20; 0 = PSNR only, no AlexNet weights needed)",
+    )
+    b.add_argument("--device", default=None, help="sweep: cpu, cuda, cuda:N (default: cuda if available)")
     b.set_defaults(func=_lazy("models.dsst", "cli_build"))
 
     e = subparsers.add_parser(

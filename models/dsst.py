@@ -3,8 +3,9 @@
 For each blur level σk the table gives the respaced DDIM index to start from: the input ŷ^σk is noised
 with q_sample at that index and denoised down to 0, so NFE = start index. Two builders write the same
 table: `build_analytic` (closed form over the face power spectrum, τ calibrated to DifFace's start) and
-`build_empirical` (sweep on validation pairs with ground truth). The table also carries P_face, the face
-power spectrum that the fallback blur estimate (`models.blur.estimate_blur_sigma`) needs.
+`build_empirical` (sweep on validation pairs with ground truth; `sweep_table` runs it on the pipeline's
+own sampler). The table also carries P_face, the face power spectrum that the fallback blur estimate
+(`models.blur.estimate_blur_sigma`) needs.
 """
 
 from __future__ import annotations
@@ -20,17 +21,24 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from models.blur import RadialSpectrum, gaussian_otf, radial_profiles
+from models.blur import RadialSpectrum, gaussian_blur, gaussian_otf, radial_profiles
 from models.schedule import RespacedSchedule
+
+if TYPE_CHECKING:  # the pipeline imports this module
+    from models.pipeline import RestorationPipeline
 
 DIFFACE_START_INDEX = 100
 """DifFace's fixed start (respaced ddim250 index 100 ≈ t=400): the baseline and the heaviest level's start."""
 
 FORMAT = "dynface-dsst/1"
+
+LPIPS_WEIGHT = 20.0
+"""The empirical score's dB per LPIPS unit (ours: a 0.05 LPIPS change counts like 1 dB of PSNR)."""
 
 
 @dataclass(frozen=True)
@@ -192,32 +200,35 @@ def build_empirical(
     num_timesteps: int = 1000,
     image_size: int = 512,
     perceptual: Callable[[Tensor, Tensor], Tensor] | None = None,
-    perceptual_weight: float = 20.0,
+    perceptual_weight: float = LPIPS_WEIGHT,
     provenance: str = "",
 ) -> DSSTable:
-    """Pick each level's start by sweeping `candidate_indices` on validation pairs (y, x_gt).
+    """Pick each level's start by sweeping `candidate_indices` on validation pairs (y, x_gt), batches
+    of (N, 3, H, W) images in [-1, 1].
 
-    `restore_fn(y, σk, start_index) → restored` runs the whole restoration at that level and start;
-    score = mean PSNR(restored, x_gt) − perceptual_weight · mean perceptual(restored, x_gt). The
-    perceptual term is injected (e.g. LPIPS, lower is better, per-image (N,) tensor); by default it is
-    absent and the score is PSNR only. The weight 20 dB per LPIPS unit makes a 0.05 LPIPS change count
-    like 1 dB. Ties keep the smaller index (fewer NFE). A heavier level never starts earlier than a
-    lighter one (running maximum), so noise in a small sweep cannot invert the table.
+    `restore_fn(y, σk, start_index) → restored` runs the whole restoration at that level and start (it
+    may make the level's input from y itself, as `sweep_table` does);
+    score = mean over images of PSNR(restored, x_gt) − perceptual_weight · perceptual(restored, x_gt).
+    The perceptual term is injected (e.g. LPIPS, lower is better; per image (N,), or the batch's mean);
+    by default it is absent and the score is PSNR only. Ties keep the smaller index (fewer NFE). A
+    heavier level never starts earlier than a lighter one (running maximum), so noise in a small sweep
+    cannot invert the table.
     """
     sigmas = tuple(float(s) for s in sigmas)
     candidates = sorted(int(i) for i in candidate_indices)
+    images = sum(len(x) for _, x in pairs)
     best, lines = [], []
     for sigma in sigmas:
         scores = []
         for start in candidates:
-            per_pair = []
+            per_image = []
             for y, x in pairs:
                 restored = restore_fn(y, sigma, start)
                 score = psnr(restored, x)
                 if perceptual is not None:
                     score = score - perceptual_weight * perceptual(restored, x).double()
-                per_pair.append(score.mean())
-            scores.append(float(torch.stack(per_pair).mean()))
+                per_image.append(score.expand(len(x)))
+            scores.append(float(torch.cat(per_image).mean()))
         best.append(candidates[max(range(len(candidates)), key=lambda k, s=scores: (s[k], -k))])
         lines.append(
             f"sigma={sigma:g}: " + ", ".join(f"{i}:{s:.3f}" for i, s in zip(candidates, scores, strict=True))
@@ -235,7 +246,55 @@ def build_empirical(
         num_timesteps=num_timesteps,
         image_size=image_size,
         method="empirical",
-        provenance=f"{provenance}\nempirical ({len(pairs)} pairs, score {scorer}):\n" + "\n".join(lines),
+        provenance=f"{provenance}\nempirical ({images} validation faces, score {scorer}):\n"
+        + "\n".join(lines),
+    )
+
+
+def sweep_table(
+    pipe: RestorationPipeline,
+    faces: Tensor,
+    sigmas: Sequence[float],
+    candidate_indices: Sequence[int],
+    *,
+    face_power_spectrum: RadialSpectrum,
+    eta: float,
+    seed: int = 0,
+    perceptual: Callable[[Tensor, Tensor], Tensor] | None = None,
+    perceptual_weight: float = LPIPS_WEIGHT,
+    provenance: str = "",
+) -> DSSTable:
+    """The empirical DSST (method.md §4) on the pipeline's own sampler, scored by `build_empirical`.
+
+    For each level σk the clean validation faces x ((N, 3, 512, 512) in [-1, 1]) are blurred to that
+    level, ŷ^σk = G_σk * x with the very Gaussian the guidance assumes (our choice of degradation: an
+    exact DBLM output, so the sweep measures the start step alone, not the DBLM's error), then restored
+    by `pipe.sample_at_level` from every candidate start, `pipe.max_batch` faces at a time, at DDIM
+    `eta`. Face k always draws its noise from seed + k: candidates differ in their start only.
+    """
+
+    def restore(x: Tensor, sigma: float, start: int) -> Tensor:
+        out = []
+        for first in range(0, len(x), pipe.max_batch):
+            chunk = x[first : first + pipe.max_batch].to(pipe.device)
+            estimate = gaussian_blur(chunk, sigma)
+            restored = pipe.sample_at_level(estimate, sigma, start, eta=eta, seed=seed + first)
+            out.append(restored.clamp(-1, 1).cpu())  # what a user gets (the output is 8-bit)
+        return torch.cat(out)
+
+    return build_empirical(
+        restore,
+        [(faces, faces)],
+        sigmas,
+        candidate_indices,
+        face_power_spectrum=face_power_spectrum,
+        schedule_spec=pipe.schedule.spec,
+        num_timesteps=pipe.schedule.num_timesteps,
+        image_size=512,
+        perceptual=perceptual,
+        perceptual_weight=perceptual_weight,
+        provenance=f"{provenance}\nsweep: faces blurred to each level (G_sigma * x), DDIM eta {eta:g}, "
+        f"seed {seed}, the pipeline's sampler and training-free DGSA map".strip(),
     )
 
 
@@ -249,6 +308,26 @@ def default_table() -> DSSTable:
 # ---------------------------------------------------------------- CLI: dynface dsst build
 
 FACE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+#: Options that only the sweep uses (`--method sweep`), by their flag.
+SWEEP_OPTIONS = {
+    "candidates": "--candidates",
+    "eta": "--eta",
+    "seed": "--seed",
+    "lpips_weight": "--lpips-weight",
+    "device": "--device",
+}
+
+
+def load_face(path: Path, image_size: int) -> Tensor:
+    """One aligned image_size² face as (1, 3, S, S) float64 in [-1, 1]; any other size is an error."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        img = im.convert("RGB")
+    if img.size != (image_size, image_size):
+        raise ValueError(f"{path} is {img.size[0]}×{img.size[1]}, expected aligned {image_size}² faces")
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].to(torch.float64) / 127.5 - 1.0
 
 
 def face_power_spectrum(paths: Sequence[Path], image_size: int) -> RadialSpectrum:
@@ -256,19 +335,11 @@ def face_power_spectrum(paths: Sequence[Path], image_size: int) -> RadialSpectru
 
     One face at a time: a 512 face's spectrum is taken on a 1024² grid in float64.
     """
-    import numpy as np
-    from PIL import Image
-
     if not paths:
         raise ValueError("no faces to measure P_face on")
     freqs, total = None, None
     for path in paths:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-        if img.size != (image_size, image_size):
-            raise ValueError(f"{path} is {img.size[0]}×{img.size[1]}, expected aligned {image_size}² faces")
-        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].to(torch.float64) / 127.5 - 1.0
-        freqs, power = radial_profiles(x)
+        freqs, power = radial_profiles(load_face(path, image_size))
         total = power[0] if total is None else total + power[0]
     assert freqs is not None and total is not None
     return RadialSpectrum(freqs=freqs, power=total / len(paths))
@@ -282,41 +353,115 @@ def cli_build(args: argparse.Namespace) -> int:
     if not paths:
         print(f"error: no *.png / *.jpg faces under {args.faces}", file=sys.stderr)
         return 2
+    given = {flag for name, flag in SWEEP_OPTIONS.items() if getattr(args, name) is not None}
+    if args.method == "analytic" and given:
+        print(f"error: {', '.join(sorted(given))} only apply to --method sweep", file=sys.stderr)
+        return 2
+    if args.method == "sweep" and args.heaviest_start is not None:
+        print(
+            "error: --heaviest-start only applies to --method analytic (sweep: --candidates)", file=sys.stderr
+        )
+        return 2
     sigmas = tuple(args.sigmas) if args.sigmas else profile.method.sigmas
-    heaviest = args.heaviest_start if args.heaviest_start is not None else profile.method.baseline_start_index
-    command = shlex.join(
-        [
-            "--prior",
-            args.prior,
-            "--faces",
-            str(args.faces),
-            "--out",
-            str(args.out),
-            "--heaviest-start",
-            str(heaviest),
+    options: list[tuple[str, object]] = [
+        ("--method", args.method),
+        ("--prior", args.prior),
+        ("--faces", args.faces),
+        ("--out", args.out),
+        ("--sigmas", sigmas),
+        ("--max-faces", args.max_faces),
+    ]
+    build: Callable[[RadialSpectrum, str], DSSTable]
+    if args.method == "analytic":
+        heaviest = profile.method.baseline_start_index if args.heaviest_start is None else args.heaviest_start
+        options.append(("--heaviest-start", heaviest))
+        schedule = RespacedSchedule.from_spec(profile.method.respacing)
+
+        def build(spectrum: RadialSpectrum, provenance: str) -> DSSTable:
+            return build_analytic(schedule, spectrum, sigmas, heaviest, image_size=512, provenance=provenance)
+
+    else:
+        # Every 10th index up to DifFace's start: NFE never exceeds the baseline's, as in the analytic table.
+        candidates = tuple(args.candidates or range(10, profile.method.baseline_start_index + 1, 10))
+        options += [
+            ("--candidates", candidates),
+            ("--eta", args.eta),
+            ("--seed", args.seed),
+            ("--lpips-weight", args.lpips_weight),
         ]
-        + ["--sigmas", *map(str, sigmas)]
-        + (["--max-faces", str(args.max_faces)] if args.max_faces else [])
+
+        def build(spectrum: RadialSpectrum, provenance: str) -> DSSTable:
+            return _sweep(args, paths, sigmas, candidates, spectrum, provenance)
+
+    provenance = (
+        f"P_face = mean radial power spectrum of {len(paths)} aligned 512px faces from {args.faces} "
+        f"(prior {args.prior!r}). Built with: dynface dsst build {_command_line(options)}"
     )
     try:
-        spectrum = face_power_spectrum(paths, 512)
-        table = build_analytic(
-            RespacedSchedule.from_spec(profile.method.respacing),
-            spectrum,
-            sigmas,
-            heaviest,
-            image_size=512,
-            provenance=(
-                f"P_face = mean radial power spectrum of {len(paths)} aligned 512px faces from {args.faces} "
-                f"(prior {args.prior!r}). Built with: dynface dsst build {command}"
-            ),
-        )
-    except ValueError as e:
+        table = build(face_power_spectrum(paths, 512), provenance)
+    except ValueError as e:  # faces of the wrong size, bad candidates
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:  # the prior's or LPIPS's weights
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table.to_json() + "\n", encoding="utf-8")
-    print(
-        f"wrote {args.out}: sigmas {table.sigmas} -> start indices {table.start_indices}, tau {table.tau:.4g}"
-    )
+    how = f"tau {table.tau:.4g}" if table.tau is not None else "by the sweep"
+    print(f"wrote {args.out}: sigmas {table.sigmas} -> start indices {table.start_indices} ({how})")
     return 0
+
+
+def _command_line(options: Sequence[tuple[str, object]]) -> str:
+    """The options as a shell command line (tuples as several words; None left out)."""
+    words: list[str] = []
+    for flag, value in options:
+        if value is not None:
+            words += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
+    return shlex.join(words)
+
+
+def _sweep(
+    args: argparse.Namespace,
+    paths: Sequence[Path],
+    sigmas: Sequence[float],
+    candidates: Sequence[int],
+    spectrum: RadialSpectrum,
+    provenance: str,
+) -> DSSTable:
+    """`--method sweep`: the prior's pipeline, the faces, the LPIPS scorer (unless weight 0), the sweep."""
+    from models.evaluate import Unavailable, lpips_metric
+    from models.pipeline import DIFFACE_DEFAULT_ETA, RestorationPipeline
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weight = LPIPS_WEIGHT if args.lpips_weight is None else args.lpips_weight
+    if weight < 0:
+        raise ValueError(f"--lpips-weight must be ≥ 0, got {weight}")
+    perceptual = None
+    if weight > 0:
+        try:
+            metric = lpips_metric(device)  # `dynface eval`'s LPIPS (AlexNet), on [0, 1] images
+        except Unavailable as e:
+            raise FileNotFoundError(
+                f"the sweep's score needs LPIPS: {e}; or --lpips-weight 0 (PSNR only)"
+            ) from e
+
+        def perceptual(restored: Tensor, x: Tensor) -> Tensor:
+            return torch.tensor(metric((restored + 1) / 2, (x + 1) / 2))
+
+    pipe = RestorationPipeline.from_pretrained(args.prior, device=device)
+    if not all(1 <= c < len(pipe.schedule) for c in candidates):
+        raise ValueError(f"--candidates must be start indices in 1..{len(pipe.schedule) - 1}: {candidates}")
+    faces = torch.cat([load_face(p, 512).float() for p in paths])
+    return sweep_table(
+        pipe,
+        faces,
+        sigmas,
+        candidates,
+        face_power_spectrum=spectrum,
+        eta=DIFFACE_DEFAULT_ETA if args.eta is None else args.eta,
+        seed=args.seed or 0,
+        perceptual=perceptual,
+        perceptual_weight=weight,
+        provenance=provenance,
+    )

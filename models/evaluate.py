@@ -143,8 +143,9 @@ def ssim(pred: Tensor, gt: Tensor) -> float:
     return float(structural_similarity_index_measure(pred.float(), gt.float(), data_range=1.0))
 
 
-def _hub_file(url: str) -> Path:
-    """Where torch.hub (torchvision) keeps a downloaded checkpoint."""
+def torch_hub_checkpoint(url: str) -> Path:
+    """Where torch.hub (torchvision, torch-fidelity) keeps the checkpoint downloaded from `url`
+    (a bare file name works too)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
@@ -155,7 +156,7 @@ def lpips_metric(device: torch.device) -> PairMetric:
     """LPIPS-Alex through torchmetrics (its linear layers ship with it; AlexNet's come from torchvision)."""
     from torchvision.models import AlexNet_Weights
 
-    backbone = _hub_file(AlexNet_Weights.DEFAULT.url)
+    backbone = torch_hub_checkpoint(AlexNet_Weights.DEFAULT.url)
     if not backbone.is_file():
         raise Unavailable(
             f"AlexNet ImageNet weights not found at {backbone} (torchvision fetches them; no download here)"
@@ -220,7 +221,7 @@ def fid(pairs: Sequence[tuple[Path, Path]], device: torch.device) -> float:
 
     if not _TORCH_FIDELITY_AVAILABLE:
         raise Unavailable("torch-fidelity is not installed (pip install torch-fidelity==0.4.0)")
-    inception = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    inception = torch_hub_checkpoint(INCEPTION_FILE)
     if not inception.is_file():
         raise Unavailable(
             f"Inception weights not found at {inception} (torch-fidelity fetches them; no download)"

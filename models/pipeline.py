@@ -522,6 +522,20 @@ class RestorationPipeline:
         r = self.restorer(((y + 1) / 2).to(self.dtype)).float()
         return (r.clamp(0, 1) * 2 - 1).contiguous()
 
+    @torch.inference_mode()
+    def sample_at_level(self, estimate: Tensor, sigma: float, start: int, *, eta: float, seed: int) -> Tensor:
+        """The guided sampler alone, at a given level and start (the empirical DSST builder's sweep,
+        models/dsst.py `sweep_table`): ŷ^σ (N, 3, 512, 512) in [-1, 1] → x0 (N, 3, 512, 512) in [-1, 1].
+        Scale map: the training-free DGSA's (a trained DGSA would need R(y), which a sweep on given
+        estimates has not); face k's noise is seeded with seed + k, as in `restore_faces`."""
+        estimate = estimate.to(self.device, torch.float32)
+        n = estimate.shape[0]
+        scale_map = coherence_scale_map((estimate + 1) / 2, g_min=self.profile.method.dgsa_min_scale)
+        levels = ([sigma] * n, [start] * n, [eta] * n)
+        guide = _Guide(estimate, estimate, *levels, scale_map, dblm="given", dgsa="fallback")
+        generators = [_face_generator(seed, k, self.device) for k in range(n)]
+        return self._sample(guide, generators, lambda step: None, lambda: False)
+
     def _sample(
         self,
         guide: _Guide,

@@ -6,14 +6,16 @@ run — sees the same inputs. Losses are the ones the networks' modules define (
 formulation" §2 and §6):
 
 - DBLM: `models.dblm.dblm_loss` — Σ_k L1 + Gaussian NLL against G_σk * x, the backbone initialised
-  from the restorer R's weights (DifFace's SwinIR) with every level's head starting at R's head.
+  from the restorer R's weights (DifFace's SwinIR) with every level's head starting at R's head; plus
+  the optional `lpips_weight` · Σ_k LPIPS(ŷ^σk, G_σk * x) (torchmetrics' LPIPS; off by default, as
+  method.md makes it optional and the paper states no DBLM loss).
 - DGSA: `models.dgsa.dgsa_loss` — Gaussian NLL of a frozen trained DBLM's error at every level, with
   the inputs in exactly the convention `RestorationPipeline._guide` feeds it (estimate and R(y) in
   [-1, 1], errors in [-1, 1] units), so the trained map means at inference what it meant in training.
 
 Around them: AdamW, an EMA of the weights (what is exported), autocast (CUDA; bf16 on CPU on request),
 checkpoint/resume (model, EMA, optimizer, grad scaler, step, RNG states), DDP under torchrun
-(WORLD_SIZE > 1) with a DistributedSampler, TensorBoard when installed (always metrics.jsonl), tqdm.
+(WORLD_SIZE > 1) with a DistributedSampler, TensorBoard scalars in `<out_dir>/logs` (rank 0), tqdm.
 The exported EMA weights are `<out_dir>/<kind>.safetensors` + `<kind>.json` (`models.trained`), loadable
 with `RestorationPipeline.from_pretrained(..., dblm_weights=..., dgsa_weights=...)`, and their
 weights-manifest entry (size + sha256) is printed and written to `<kind>.manifest.json`.
@@ -25,11 +27,12 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +44,12 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from models import trained, weights
@@ -59,7 +63,6 @@ log = logging.getLogger(__name__)
 
 FACE_SIZE = 512  # the degradation ranges and the σk are defined on 512×512 aligned faces
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-TENSORBOARD_PIN = "tensorboard==2.21.0"
 
 Kind = Literal["dblm", "dgsa"]
 
@@ -103,6 +106,11 @@ class TrainConfig(BaseModel):
     dblm_weights: Path | None = None
     dgsa_base_channels: int = Field(default=32, ge=1)  # paper silent; DGSANet's default
     dgsa_channel_mult: tuple[int, ...] = (1, 2, 4)  # paper silent; DGSANet's default
+    # DBLM's optional LPIPS term (method.md §2: "+ LPIPS optional"; the paper states no DBLM loss), so
+    # off by default. Its backbone's ImageNet weights must be in torch.hub's cache: nothing downloads.
+    lpips_weight: float = Field(default=0.0, ge=0)
+    # VGG: what the LPIPS authors recommend for optimisation (AlexNet for evaluation, as `dynface eval`).
+    lpips_net: Literal["vgg", "alex"] = "vgg"
 
     batch_size: int = Field(default=4, ge=1)  # per process; paper silent
     max_steps: int = Field(default=200_000, ge=1)  # paper silent
@@ -118,6 +126,12 @@ class TrainConfig(BaseModel):
     seed: int = 0
     log_every: int = Field(default=50, ge=1)
     ckpt_every: int = Field(default=2000, ge=1)
+
+    @model_validator(mode="after")
+    def _lpips_is_a_dblm_term(self) -> TrainConfig:
+        if self.kind != "dblm" and self.lpips_weight > 0:
+            raise ValueError("lpips_weight is a term of the DBLM loss; a DGSA run has none")
+        return self
 
     def train_sigmas(self) -> tuple[float, ...]:
         """The blur levels in px at the training size (the method's σk are at 512)."""
@@ -188,7 +202,8 @@ class _Task:
     def to(self, device: torch.device) -> None:
         raise NotImplementedError
 
-    def loss(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> Tensor:
+    def loss_terms(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> dict[str, Tensor]:
+        """The loss's weighted terms by name (the loss is their sum; each is logged)."""
         raise NotImplementedError
 
 
@@ -213,15 +228,60 @@ class _DBLMTask(_Task):
         self.net = DBLMNet(net_config)
         self.arch = trained.dblm_arch(net_config)
         self.sigmas = config.train_sigmas()
+        self.lpips_weight = config.lpips_weight
+        # Built (and its weights checked) before any step, so a missing file fails the run at once.
+        self.lpips = lpips_network(config.lpips_net) if config.lpips_weight > 0 else None
         if config.init_from_restorer:
             _init_from_restorer(self.net, _restorer(config))
 
     def to(self, device: torch.device) -> None:
         self.net.to(device)
+        if self.lpips is not None:
+            self.lpips.to(device)
 
-    def loss(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> Tensor:
+    def loss_terms(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> dict[str, Tensor]:
         out = net(degraded)
-        return dblm_loss(out.estimates.float(), out.logvar.float(), clean, self.sigmas)
+        estimates = out.estimates.float()
+        terms = {"l1_nll": dblm_loss(estimates, out.logvar.float(), clean, self.sigmas)}
+        if self.lpips is not None:
+            terms["lpips"] = self.lpips_weight * lpips_term(self.lpips, estimates, clean, self.sigmas)
+        return terms
+
+
+def lpips_network(net_type: Literal["vgg", "alex"]) -> nn.Module:
+    """torchmetrics' LPIPS network (frozen, eval mode) for use as a differentiable loss.
+
+    Its linear layers ship with torchmetrics; the backbone's ImageNet weights are torchvision's file in
+    torch.hub's cache, checked here first so that a missing file is an error naming it, never a
+    download attempt.
+    """
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+    from models.evaluate import torch_hub_checkpoint
+
+    url = {"alex": AlexNet_Weights.DEFAULT.url, "vgg": VGG16_Weights.DEFAULT.url}[net_type]
+    backbone = torch_hub_checkpoint(url)
+    if not backbone.is_file():
+        raise FileNotFoundError(
+            f"lpips_weight > 0 needs the {net_type} LPIPS backbone: torchvision's ImageNet weights "
+            f"{backbone.name} not found at {backbone} (no download here: place the file from {url}, "
+            "or set lpips_weight: 0)"
+        )
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    # The metric object accumulates scores across calls; its `net` is the per-image distance alone.
+    return LearnedPerceptualImagePatchSimilarity(net_type=net_type, normalize=True).net
+
+
+def lpips_term(network: nn.Module, pred: Tensor, clean: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """Σ_k mean_b LPIPS(ŷ^σk, G_σk * x), the same per-level sum of means as `dblm_loss`.
+
+    pred (B, K, 3, H, W) and clean (B, 3, H, W) in [0, 1] (pred not clamped: the gradient must pass).
+    """
+    b, k = pred.shape[:2]
+    target = blur_levels(clean, sigmas).to(pred.dtype)
+    per_image = network(pred.flatten(0, 1), target.flatten(0, 1), normalize=True)
+    return per_image.reshape(b, k).mean(dim=0).sum()
 
 
 def _init_from_restorer(dblm: DBLMNet, restorer: SwinIR) -> None:
@@ -259,7 +319,7 @@ class _DGSATask(_Task):
         for m in (self.net, self.dblm, self.restorer):
             m.to(device)
 
-    def loss(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> Tensor:
+    def loss_terms(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> dict[str, Tensor]:
         # The pipeline's conventions (RestorationPipeline._guide): DGSA sees the DBLM estimate and R(y)
         # clamped to [0,1], and its log-variance is that of the estimate's error in [0,1]² units.
         with torch.no_grad():
@@ -271,7 +331,7 @@ class _DGSATask(_Task):
         k = len(self.sigmas)
         flat = estimates.flatten(0, 1)
         logvar = net(flat, restored.repeat_interleave(k, dim=0)).float()
-        return dgsa_loss(logvar, flat, targets.flatten(0, 1))
+        return {"nll": dgsa_loss(logvar, flat, targets.flatten(0, 1))}
 
 
 def _task(config: TrainConfig) -> _Task:
@@ -319,43 +379,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def checkpoint_path(config: TrainConfig) -> Path:
     return config.out_dir / "checkpoints" / "last.pt"
-
-
-class _Logger:
-    """Scalars to TensorBoard when `torch.utils.tensorboard` imports, and always to metrics.jsonl."""
-
-    def __init__(self, out_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.warning(
-                "tensorboard is not installed: logging to %s and the console only (pip install %s)",
-                out_dir / "metrics.jsonl",
-                TENSORBOARD_PIN,
-            )
-        else:
-            self.writer = SummaryWriter(str(out_dir / "tb"))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            if self.writer is not None:
-                self.writer.close()
 
 
 @dataclass
@@ -421,7 +444,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             f"{len(dataset)} faces cannot fill one batch of {config.batch_size} "
             f"on each of {dist.world} process(es)"
         )
-    logger = _Logger(config.out_dir / "logs", dist.main)
+    # `tensorboard --logdir <out_dir>/logs`. Rank 0 only (the others' scalars are all-reduced into
+    # its). On resume, events after the checkpoint's step (logged by the interrupted run after its
+    # last checkpoint) are purged.
+    purge = step + 1 if resume else None
+    writer = SummaryWriter(str(config.out_dir / "logs"), purge_step=purge) if dist.main else None
     bar = tqdm(total=config.max_steps, initial=step, disable=not (progress and dist.main), unit="step")
     result = TrainResult(steps=step)
     started = time.perf_counter()
@@ -433,12 +460,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext()
             )
             with autocast:
-                loss = task.loss(trained_net, clean, degraded)
+                terms = task.loss_terms(trained_net, clean, degraded)
+                loss = torch.stack(list(terms.values())).sum()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.unscale_(optimizer)
+            # The norm is logged; an infinite limit measures it without clipping.
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
             scaler.step(optimizer)
             scaler.update()
             ema.update_parameters(model)
@@ -448,21 +476,27 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if step % config.log_every == 0 or step == config.max_steps:
+                values = torch.stack([loss.detach(), *(t.detach() for t in terms.values())]).float()
                 if dist.world > 1:  # every rank reaches this step: log the mean over all ranks' batches
-                    mean = loss.detach().float().clone()
-                    torch_dist.all_reduce(mean)
-                    value = float(mean) / dist.world
-                rate = len(result.losses) / (time.perf_counter() - started)
-                logger.scalars(
-                    step, {"loss": value, "lr": optimizer.param_groups[0]["lr"], "steps_per_s": rate}
-                )
+                    torch_dist.all_reduce(values)
+                    values /= dist.world
+                if writer is not None:
+                    total, *parts = values.tolist()
+                    writer.add_scalar("loss/total", total, step)
+                    for name, part in zip(terms, parts, strict=True):
+                        writer.add_scalar(f"loss/{name}", part, step)
+                    writer.add_scalar("optim/lr", optimizer.param_groups[0]["lr"], step)
+                    writer.add_scalar("optim/grad_norm", float(grad_norm), step)
+                    rate = len(result.losses) / (time.perf_counter() - started)
+                    writer.add_scalar("speed/steps_per_s", rate, step)
             if dist.main and (step % config.ckpt_every == 0 or step == config.max_steps):
                 _save_checkpoint(ckpt, model, ema, optimizer, scaler, step, config)
             if step >= config.max_steps:  # before fetching another batch
                 break
     finally:
         bar.close()
-        logger.close()
+        if writer is not None:
+            writer.close()
     result.steps = step
     if dist.main:
         result.weights, result.manifest = export(config, ema.module, task.arch, step)

@@ -191,7 +191,7 @@ def test_empirical_builder_picks_best_start_and_keeps_table_monotone() -> None:
     # to 20 by the running maximum; σ=4: 80, 90, 100 tie → 80.
     assert table.start_indices == (20, 20, 80)
     assert table.method == "empirical" and table.tau is None
-    assert table.provenance.startswith("synthetic") and "1 pairs" in table.provenance
+    assert table.provenance.startswith("synthetic") and "1 validation faces" in table.provenance
 
 
 def test_difface_baseline_start_is_index_100() -> None:

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torchvision.models import AlexNet_Weights, alexnet
 
-from models import evaluate as evaluate_mod
 from models.evaluate import COLUMNS, evaluate
+from tests.models.stand_in_weights import stand_in_alexnet_hub
 from worker.cli import main
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -85,13 +83,7 @@ def test_lpips_is_computed_when_the_backbone_weights_are_present(
 ) -> None:
     """The LPIPS path itself, with stand-in AlexNet weights (the ImageNet file cannot be fetched here):
     LPIPS of identical images is 0 for any backbone, and positive for different ones."""
-    present = tmp_path / "alexnet.pth"
-    present.touch()
-    monkeypatch.setattr(evaluate_mod, "_hub_file", lambda url: present)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        stand_in = alexnet().state_dict()
-    monkeypatch.setattr(AlexNet_Weights, "get_state_dict", lambda self, *a, **k: stand_in)
+    stand_in_alexnet_hub(tmp_path / "hub", monkeypatch)
     gt, same, pred = folders
     assert evaluate(same, gt, device="cpu").values["LPIPS"] == pytest.approx(0.0, abs=1e-6)
     assert evaluate(pred, gt, device="cpu").values["LPIPS"] > 1e-4

@@ -1,4 +1,5 @@
-"""`dynface train` (DBLM/DGSA, tiny sizes, real faces), resume, export → pipeline; `dynface dsst build`."""
+"""`dynface train` (DBLM/DGSA, tiny sizes, real faces): TensorBoard scalars, resume, the optional LPIPS
+term, export → pipeline; `dynface dsst build` (analytic; the sweep is in test_dsst_sweep.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ import yaml
 from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file
+from stand_in_weights import stand_in_alexnet_hub
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from models.dblm import blur_levels
 from models.dsst import DSSTable, default_table
 from models.pipeline import RestorationPipeline
-from models.train import TrainConfig, load_config, train
+from models.train import TrainConfig, load_config, lpips_network, lpips_term, train
 from worker.cli import main
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -67,11 +71,32 @@ def dblm_run(faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     return train(config, progress=False)
 
 
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run's TensorBoard logs, read back by TensorBoard's own reader."""
+    events = EventAccumulator(str(run_dir / "logs"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_dblm_loss_goes_down_on_a_repeated_batch(dblm_run: Any) -> None:
     losses = dblm_run.losses
     assert len(losses) == 8 and dblm_run.steps == 8
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+
+
+def test_tensorboard_event_file_holds_the_runs_scalars(dblm_run: Any) -> None:
+    out_dir = dblm_run.weights.parent
+    assert list((out_dir / "logs").glob("events.out.tfevents.*"))
+    logged = scalars(out_dir)
+    assert set(logged) == {"loss/total", "loss/l1_nll", "optim/lr", "optim/grad_norm", "speed/steps_per_s"}
+    steps, totals = zip(*logged["loss/total"], strict=True)
+    assert steps == tuple(range(1, 9))  # log_every=1
+    assert totals == pytest.approx(dblm_run.losses, rel=1e-6)  # event files hold float32
+    assert sum(totals[-3:]) / 3 < 0.5 * sum(totals[:3]) / 3  # the loss goes down, as read back
+    assert [v for _, v in logged["loss/l1_nll"]] == list(totals)  # no LPIPS term: the only term
+    assert [v for _, v in logged["optim/lr"]] == pytest.approx([1e-3] * 8)
+    assert all(0 < v < float("inf") for _, v in logged["optim/grad_norm"])
 
 
 def test_export_writes_safetensors_config_and_manifest_entry(dblm_run: Any) -> None:
@@ -110,6 +135,10 @@ def test_resume_continues_exactly_where_the_run_stopped(faces: Path, tmp_path: P
     again = train(tiny_config(tmp_path / "b", faces, batch_size=1, max_steps=3), resume=True, progress=False)
     assert (again.steps, again.losses) == (3, [])
     assert again.manifest is not None and again.manifest.sha256 == resumed.manifest.sha256
+    # The interrupted and resumed run's TensorBoard series is the straight run's, each step once (the
+    # no-op resume of the finished run purged nothing).
+    assert scalars(tmp_path / "b")["loss/total"] == scalars(tmp_path / "a")["loss/total"]
+    assert [s for s, _ in scalars(tmp_path / "b")["loss/total"]] == [1, 2, 3]
 
 
 def test_trained_nets_load_into_the_pipeline_and_are_reported(
@@ -165,6 +194,56 @@ def test_config_files_are_validated(tmp_path: Path) -> None:
     (tmp_path / "k.yaml").write_text(yaml.safe_dump({**good, "kind": "dgsa"}))
     with pytest.raises(ValueError, match="not 'dblm'"):
         load_config(tmp_path / "k.yaml", "dblm")
+    assert (config.lpips_weight, config.lpips_net) == (0.0, "vgg")  # optional term: off unless asked
+    (tmp_path / "lp.yaml").write_text(yaml.safe_dump({**good, "lpips_weight": 0.1}))
+    with pytest.raises(ValidationError, match="lpips_weight is a term of the DBLM loss"):
+        load_config(tmp_path / "lp.yaml", "dgsa")
+
+
+def test_lpips_term_plumbing_with_stand_in_alexnet_weights(
+    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plumbing only: a random AlexNet at torchvision's cache path stands in for the ImageNet one.
+    The term is found, loaded, zero on exact targets, positive and differentiable off them, and enters
+    the training loss (logged as its own series)."""
+    stand_in_alexnet_hub(tmp_path / "torch", monkeypatch)
+    network = lpips_network("alex")
+    assert not any(p.requires_grad for p in network.parameters())  # frozen: only the DBLM learns
+    sigmas = (1.0, 2.0, 4.0)
+    clean = torch.from_numpy(np.array(Image.open(ALIGNED / FACES[0]).convert("RGB").resize((64, 64))))
+    clean = clean.permute(2, 0, 1)[None].float() / 255.0
+    exact = blur_levels(clean, sigmas)
+    assert float(lpips_term(network, exact, clean, sigmas)) == pytest.approx(0.0, abs=1e-6)
+    pred = exact + 0.05 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(0))
+    pred.requires_grad_(True)
+    term = lpips_term(network, pred, clean, sigmas)
+    assert float(term.detach()) > 1e-4
+    term.backward()
+    assert pred.grad is not None and bool(torch.isfinite(pred.grad).all())
+    assert float(pred.grad.abs().sum()) > 0
+
+    config = tiny_config(tmp_path / "run", faces, max_steps=2, lpips_weight=0.5, lpips_net="alex")
+    run = train(config, progress=False)
+    logged = scalars(tmp_path / "run")
+    for (_, total), (_, l1_nll), (_, lpips) in zip(
+        logged["loss/total"], logged["loss/l1_nll"], logged["loss/lpips"], strict=True
+    ):
+        assert lpips > 0 and total == pytest.approx(l1_nll + lpips, rel=1e-5)
+    assert [v for _, v in logged["loss/total"]] == pytest.approx(run.losses, rel=1e-6)
+
+
+def test_lpips_without_backbone_weights_fails_before_training_naming_the_file(
+    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    config = tiny_config(tmp_path / "out", faces, lpips_weight=0.1).model_dump(mode="json")
+    del config["kind"]
+    (tmp_path / "dblm.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "dblm", str(tmp_path / "dblm.yaml"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "vgg16-397923af.pth" in err and str(tmp_path / "empty-torch-home") in err
+    assert "lpips_weight: 0" in err
+    assert not (tmp_path / "out").exists()  # failed before any step, log or checkpoint
 
 
 def test_train_cli_runs_a_config(faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
