@@ -23,6 +23,8 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_SECONDS = 1.0
+#: Longest blocking read of the subscription: how soon a stop request is noticed at the latest.
+_READ_TIMEOUT_SECONDS = 1.0
 
 
 def _connect(settings: Settings) -> AsyncRedis:
@@ -57,13 +59,15 @@ class Completions:
     async def stop(self) -> None:
         if self._task is None:
             return
-        # The flag, not only the cancel, ends the loop: redis-py can turn a cancellation that lands
-        # inside its reconnect path into a ConnectionError, which the retry branch would swallow.
+        # The flag, not only the cancel, ends the loop: redis-py can swallow a cancellation that lands
+        # while it reads (seen: a cancel right after subscribing left the task reading on), so the
+        # listener reads with a timeout and checks the flag between reads.
         self._stopping = True
         self._task.cancel()
-        done, _ = await asyncio.wait({self._task}, timeout=_CLOSE_TIMEOUT_SECONDS * 2)
+        limit = _READ_TIMEOUT_SECONDS + _CLOSE_TIMEOUT_SECONDS + 1.0
+        done, _ = await asyncio.wait({self._task}, timeout=limit)
         if not done:
-            log.warning("job completion listener did not stop within %.0f s", _CLOSE_TIMEOUT_SECONDS * 2)
+            log.warning("job completion listener did not stop within %.0f s", limit)
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:
@@ -87,8 +91,9 @@ class Completions:
                 async with client.pubsub() as pubsub:
                     await pubsub.psubscribe(pattern)
                     self.subscribed.set()
-                    async for message in pubsub.listen():
-                        if message["type"] != "pmessage":
+                    while not self._stopping:
+                        message = await pubsub.get_message(timeout=_READ_TIMEOUT_SECONDS)
+                        if message is None or message["type"] != "pmessage":
                             continue
                         job_id = message["channel"].decode().rsplit(":", 1)[1]
                         for event in self._waiting.get(job_id, ()):
@@ -101,7 +106,9 @@ class Completions:
                 log.warning("job completion listener: %s: %s; retrying in 1 s", type(e).__name__, e)
             finally:
                 self.subscribed.clear()
-                # Bounded: closing a connection whose peer is gone must not hold up shutdown.
-                with contextlib.suppress(Exception):  # TimeoutError included
-                    await asyncio.wait_for(client.aclose(), _CLOSE_TIMEOUT_SECONDS)
-            await asyncio.sleep(1.0)
+                # Bounded, and never cancelling the close (asyncio.wait, not wait_for): closing a
+                # connection whose peer is gone must not hold up shutdown.
+                closing = asyncio.ensure_future(client.aclose())
+                await asyncio.wait({closing}, timeout=_CLOSE_TIMEOUT_SECONDS)
+            if not self._stopping:
+                await asyncio.sleep(1.0)

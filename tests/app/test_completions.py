@@ -56,3 +56,23 @@ def test_stop_ends_the_reconnect_loop_when_redis_is_unreachable(
     was_running, done = asyncio.run(scenario())
     assert was_running
     assert done
+
+
+def test_the_stop_flag_alone_ends_a_live_subscription(settings: Settings) -> None:
+    """redis-py can swallow a cancellation that lands while the subscription reads (seen: a cancel
+    just after subscribing left the listener reading on), so `stop` also sets a flag that the
+    listener checks between its bounded reads. Here the flag is set without any cancel at all."""
+
+    async def scenario() -> tuple[bool, bool]:
+        completions = Completions(settings)
+        completions.start()
+        await asyncio.wait_for(completions.subscribed.wait(), 10)
+        task = completions._task
+        assert task is not None
+        completions._stopping = True
+        done, _ = await asyncio.wait({task}, timeout=10)
+        return bool(done), completions.subscribed.is_set()
+
+    done, subscribed = asyncio.run(scenario())
+    assert done
+    assert not subscribed
