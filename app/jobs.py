@@ -28,8 +28,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.sentinel import Sentinel
 from rq import Queue, Retry
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from app.settings import Settings
@@ -39,18 +41,71 @@ ACTIVE = frozenset({"queued", "processing"})
 #: The RQ job function (referenced by name so the API never imports the worker or torch).
 TASK = "worker.tasks.restore"
 
-# Atomically update a record only if its status is one of the allowed ones (ARGV[1] = how many
-# allowed statuses follow, then field/value pairs). Returns 1 when applied, 0 otherwise.
-_TRANSITION = """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return 0 end
-local n = tonumber(ARGV[1])
-local ok = false
-for i = 2, n + 1 do if ARGV[i] == cur then ok = true end end
-if not ok then return 0 end
-for i = n + 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+# Every change to a stored record goes through one of these scripts, each one round trip and atomic. They
+# share `transition`: set fields of record KEYS[1] only if its status is one of the allowed ones.
+# Its arguments come first: ARGV[1] = how many allowed statuses follow, then how many field/value
+# pairs follow, then the pairs (`_transition_args`). It returns the index of the next argument,
+# or nil when the record is gone or its status is not allowed (then nothing is written).
+_PRELUDE = """
+local function transition()
+  local cur = redis.call('HGET', KEYS[1], 'status')
+  if not cur then return nil end
+  local n = tonumber(ARGV[1])
+  local ok = false
+  for i = 2, n + 1 do if ARGV[i] == cur then ok = true end end
+  if not ok then return nil end
+  local last = n + 2 + 2 * tonumber(ARGV[n + 2])
+  for i = n + 3, last, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  return last + 1
+end
+"""
+
+# The transition alone. Returns 1 when applied, 0 otherwise.
+_UPDATE = _PRELUDE + "return transition() and 1 or 0"
+
+# A worker takes the job: the transition, then (if applied) record KEYS[1] and input KEYS[2] get
+# the TTL in the next argument again. Returns 1 when applied, 0 otherwise.
+_START = (
+    _PRELUDE
+    + """
+local at = transition()
+if not at then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[at])
+redis.call('EXPIRE', KEYS[2], ARGV[at])
 return 1
 """
+)
+
+# Progress: the transition, then (if applied, and KEYS[2] is given) the next argument written as
+# field `meta` of hash KEYS[2] (RQ's job: its meta mirrors our progress).
+_PROGRESS = (
+    _PRELUDE
+    + """
+local at = transition()
+if at and KEYS[2] then redis.call('HSET', KEYS[2], 'meta', ARGV[at]) end
+return 0
+"""
+)
+
+# A job's end: the transition, then (if applied) the results KEYS[3..] written with the status flip
+# (a client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else
+# ARGV[at + 3]), the input KEYS[2] dropped, the record's TTL restarted (ARGV[at + 2]) and message
+# ARGV[at + 1] published on channel ARGV[at] (wakes the API's `Prefer: wait` requests,
+# app/completions.py); one blob per result key follows. Returns the final record (flat HGETALL), or
+# false when the job had already moved on (then nothing is written, results included).
+_FINISH = (
+    _PRELUDE
+    + """
+local at = transition()
+if not at then return false end
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl')) or tonumber(ARGV[at + 3])
+for k = 3, #KEYS do redis.call('SET', KEYS[k], ARGV[at + k + 1], 'EX', ttl) end
+redis.call('DEL', KEYS[2])
+redis.call('EXPIRE', KEYS[1], ARGV[at + 2])
+redis.call('PUBLISH', ARGV[at], ARGV[at + 1])
+return redis.call('HGETALL', KEYS[1])
+"""
+)
 
 
 def sentinel_options(settings: Settings) -> tuple[list[tuple[str, int]], dict[str, Any], str | None]:
@@ -99,6 +154,17 @@ def _dump(record: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in record.items()}
 
 
+def _load(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def _transition_args(allowed: Iterable[str], fields: dict[str, Any]) -> list[Any]:
+    """The scripts' leading arguments (see `_PRELUDE`)."""
+    allowed = list(allowed)
+    pairs = [part for item in _dump(fields).items() for part in item]
+    return [len(allowed), *(json.dumps(a) for a in allowed), len(pairs) // 2, *pairs]
+
+
 class JobStore:
     """Typed access to the keys above. One instance per process; the Redis client is thread-safe."""
 
@@ -106,7 +172,12 @@ class JobStore:
         self.redis = redis
         self.settings = settings
         self.prefix = settings.key_prefix
-        self._transition = redis.register_script(_TRANSITION)
+        # Called on the client, never queued in a pipeline: redis-py precedes every pipeline that
+        # holds a script with a SCRIPT EXISTS round trip.
+        self._update = redis.register_script(_UPDATE)
+        self._start = redis.register_script(_START)
+        self._progress = redis.register_script(_PROGRESS)
+        self._finish = redis.register_script(_FINISH)
 
     # --- key names
     def key(self, *parts: str) -> str:
@@ -114,67 +185,73 @@ class JobStore:
         return ":".join((self.prefix, *parts))
 
     # --- records
-    def create(self, job_id: str, data: bytes, record: dict[str, Any]) -> None:
-        """Store the input and a new ``queued`` record (before enqueueing, so a worker always finds both)."""
+    def create(self, job_id: str, data: bytes, record: dict[str, Any], queue: Queue | None = None) -> None:
+        """Store the input and a new ``queued`` record and, given the queue, enqueue the job: one
+        transaction (one round trip), so a worker never finds the job without its record and input."""
         ttl = self.settings.record_ttl_seconds
         with self.redis.pipeline() as pipe:
+            pipe.multi()  # before RQ's commands: RQ opens MULTI itself only on an empty pipeline
             pipe.set(self.key("input", job_id), data, ex=ttl)
             pipe.hset(self.key("job", job_id), mapping=_dump(record))
             pipe.expire(self.key("job", job_id), ttl)
+            if queue is not None:
+                enqueue(queue, self.settings, job_id, pipe)
             pipe.execute()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record, or None when unknown or expired."""
-        raw = self.redis.hgetall(self.key("job", job_id))
-        if not raw:
-            return None
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        return _load(self.redis.hgetall(self.key("job", job_id))) or None
+
+    def get_with_result(self, job_id: str, name: str) -> tuple[dict[str, Any] | None, bytes | None]:
+        """The record and one result's bytes, read in one round trip (a result download needs both)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key("job", job_id))
+            pipe.get(self.key("result", job_id, name))
+            raw, blob = pipe.execute()
+        return _load(raw) or None, blob
 
     def update(self, job_id: str, fields: dict[str, Any], *, allowed: Iterable[str] = ACTIVE) -> bool:
         """Set fields only while the status is one of ``allowed``; False when the job moved on."""
-        allowed = list(allowed)
-        args: list[str] = [str(len(allowed)), *(json.dumps(s) for s in allowed)]
-        for k, v in _dump(fields).items():
-            args += [k, v]
-        return bool(self._transition(keys=[self.key("job", job_id)], args=args))
+        return bool(self._update(keys=[self.key("job", job_id)], args=_transition_args(allowed, fields)))
+
+    def start(self, job_id: str, fields: dict[str, Any]) -> bool:
+        """A worker takes the job: set ``fields`` while it is still active (False when it was canceled or
+        ended while queued) and restart the record's and input's TTL, so a job that waited long in the
+        queue does not expire while it runs. One round trip."""
+        keys = [self.key("job", job_id), self.key("input", job_id)]
+        args = [*_transition_args(ACTIVE, fields), self.settings.record_ttl_seconds]
+        return bool(self._start(keys=keys, args=args))
+
+    def progress(self, job_id: str, fields: dict[str, Any], rq_job: Job | None) -> None:
+        """Progress of a running job, mirrored into RQ's job meta for RQ's own tools (rq info,
+        dashboards): one round trip for both, neither written once the job has ended."""
+        keys, args = [self.key("job", job_id)], _transition_args(["processing"], fields)
+        if rq_job is not None:
+            rq_job.meta.update(fields)
+            keys.append(rq_job.key)
+            args.append(rq_job.serializer.dumps(rq_job.meta))
+        self._progress(keys=keys, args=args)
 
     def finish(
         self,
         job_id: str,
         fields: dict[str, Any],
         results: dict[str, bytes] | None = None,
-        result_ttl: int | None = None,
         allowed: Iterable[str] = ACTIVE,
-    ) -> bool:
-        """Move an active job to a terminal state: store results, drop the input, reset TTLs.
-
-        Results are written before the status flips, so a client that sees ``succeeded`` can
-        always fetch them (until ``result_ttl``: the record's, fixed by the API at submission).
-        """
+    ) -> dict[str, Any] | None:
+        """Move an active job to a terminal state: store results (for the record's result_ttl, fixed
+        by the API at submission), drop the input, reset TTLs, publish the end — atomically, in one
+        round trip (`_FINISH`). Returns the final record, or None when the job had already moved on
+        (then nothing is written)."""
         s = self.settings
-        if results:
-            with self.redis.pipeline() as pipe:
-                for name, blob in results.items():
-                    pipe.set(self.key("result", job_id, name), blob, ex=result_ttl or s.result_ttl_seconds)
-                pipe.execute()
-        done = self.update(job_id, {**fields, "completed_at": time.time()}, allowed=allowed)
-        if done:
-            with self.redis.pipeline() as pipe:
-                pipe.delete(self.key("input", job_id))
-                pipe.expire(self.key("job", job_id), s.record_ttl_seconds)
-                # Wakes the API's `Prefer: wait` requests for this job (app/completions.py).
-                pipe.publish(self.key("done", job_id), fields.get("status", ""))
-                pipe.execute()
-        return done
-
-    def renew(self, job_id: str) -> None:
-        """Restart the record's and input's TTL (when a worker starts the job): a job that waited
-        long in the queue must not expire while it runs."""
-        ttl = self.settings.record_ttl_seconds
-        with self.redis.pipeline() as pipe:
-            pipe.expire(self.key("job", job_id), ttl)
-            pipe.expire(self.key("input", job_id), ttl)
-            pipe.execute()
+        results = results or {}
+        keys = [self.key("job", job_id), self.key("input", job_id)]
+        keys += [self.key("result", job_id, name) for name in results]
+        channel, message = self.key("done", job_id), fields.get("status", "")
+        args = _transition_args(allowed, {**fields, "completed_at": time.time()})
+        args += [channel, message, s.record_ttl_seconds, s.result_ttl_seconds, *results.values()]
+        raw = self._finish(keys=keys, args=args)
+        return _load(dict(zip(raw[::2], raw[1::2], strict=True))) if raw else None
 
     def input(self, job_id: str) -> bytes | None:
         return self.redis.get(self.key("input", job_id))
@@ -232,14 +309,15 @@ class JobStore:
         live = []
         for name, raw in zip(names, rows, strict=True):
             if raw:
-                live.append({k.decode(): json.loads(v) for k, v in raw.items()})
+                live.append(_load(raw))
             else:
                 self.redis.srem(self.key("workers"), name)
         return live
 
 
-def enqueue(queue: Queue, settings: Settings, job_id: str) -> None:
-    """Hand a stored job to the workers. Arguments are just the id (JSON); limits are explicit."""
+def enqueue(queue: Queue, settings: Settings, job_id: str, pipeline: Pipeline) -> None:
+    """Hand a job to the workers when ``pipeline`` executes (`JobStore.create`). Arguments are just
+    the id (JSON); limits are explicit."""
     s = settings
     queue.enqueue(
         TASK,
@@ -250,4 +328,5 @@ def enqueue(queue: Queue, settings: Settings, job_id: str) -> None:
         failure_ttl=s.record_ttl_seconds,
         ttl=s.record_ttl_seconds,
         retry=Retry(max=s.max_retries) if s.max_retries else None,
+        pipeline=pipeline,
     )

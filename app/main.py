@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from redis import Redis
 from rq import Queue
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.completions import Completions
@@ -60,24 +62,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(web.router)
+    app.add_middleware(_Measure)
+    return app
 
-    @app.middleware("http")
-    async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+
+class _Measure:
+    """Request count and duration per route template, and `nosniff` on every answer. Plain ASGI:
+    Starlette's BaseHTTPMiddleware (`@app.middleware`) runs each request in an extra task and pipes
+    the response body through a stream: about 0.8 ms of CPU a request on the 2-core test machine."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
         status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            # Browsers must never sniff an API body (JSON, metrics, results) into something runnable.
-            response.headers.setdefault("X-Content-Type-Options", "nosniff")
-            return response
-        finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            metrics.REQUESTS.labels(template, request.method, str(status)).inc()
-            metrics.REQUEST_SECONDS.labels(template, request.method).observe(time.perf_counter() - start)
 
-    return app
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                # Browsers must never sniff an API body (JSON, metrics, results) into something runnable.
+                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            template = getattr(scope.get("route"), "path", "unmatched")
+            metrics.REQUESTS.labels(template, scope["method"], str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(template, scope["method"]).observe(time.perf_counter() - start)
 
 
 def app_from_env() -> FastAPI:

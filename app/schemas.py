@@ -112,6 +112,11 @@ class Timings(BaseModel):
     queue_wait_seconds: float | None = None
     inference_seconds: float | None = None
     stages: StageTimings = Field(default_factory=StageTimings)
+    batch_jobs: int | None = Field(
+        None,
+        description="Jobs whose faces were restored in one batch with this one's, itself included "
+        "(DYNFACE_WORKER_BATCH_MAX_JOBS); their shared stages (dblm, sample) count in each one's times.",
+    )
 
 
 class Face(BaseModel):

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     compile: bool = False  # first jobs pay minutes of compilation; opt in per deployment
     compile_mode: str = Field(default="default", pattern=r"^(default|reduce-overhead|max-autotune)$")
     pin_memory: bool = True
+    # Background super-resolution for `upscale` > 1 (models/background.py; read by from_pretrained
+    # like the method files above). none = Lanczos resize; else a manifest name of a Real-ESRGAN file.
+    background_model: str = Field(default="none", pattern=r"^(none|realesrgan_x2plus|realesrgan_x4plus)$")
+    background_tile: int = Field(default=512, ge=0)  # input pixels per tile side; 0 = whole photo
+    background_tile_overlap: int = Field(default=32, ge=0)
 
     # --- upload limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
@@ -71,6 +76,13 @@ class Settings(BaseSettings):
     heartbeat_ttl_seconds: int = Field(default=45, ge=1)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
     worker_metrics_port: int | None = 9100
+
+    # --- cross-job batching (worker/main.py `claim_riders`): a worker that takes a job also takes up
+    # to max_jobs - 1 waiting jobs with the same mode and fidelity, their faces in one sampler batch.
+    # 1 = off: on CPU it measured no faster (docs/benchmarks.md, "Batching"), and it makes a photo's
+    # pixels depend (by float rounding) on what it was batched with.
+    worker_batch_max_jobs: int = Field(default=1, ge=1)
+    worker_batch_wait_seconds: float = Field(default=0.05, ge=0, le=10)  # for riders to arrive
 
     # --- auth and rate limiting
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

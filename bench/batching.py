@@ -24,25 +24,52 @@ times, batched and one-at-a-time alternating within a repeat. Reported (p50 over
   for every face of the batch; the one-face call's own wall time one at a time (p50 over all calls);
 - speed-up = batched faces/s ÷ one-at-a-time faces/s.
 
+Across jobs (the worker's cross-job batching, DYNFACE_WORKER_BATCH_MAX_JOBS = B): `--jobs` one-face
+jobs (the first real aligned faces, job k with seed k, the same fidelity, so all may share a batch)
+are submitted through the API (in-process) while no worker runs, into a Redis namespace of their own
+($DYNFACE_TEST_REDIS_URL, default redis://127.0.0.1:6379/0; purged afterwards); then one real worker
+process (`python -m worker`, the same tiny pipeline and DSST table, max_face_batch = the largest B)
+starts and takes them all. B = 1 is batching off. From the job records:
+- faces/s = jobs / (last completion − first start), i.e. while all of them were waiting or running
+  (the worker's start-up is not counted);
+- sampler faces/s and guide-stage faces/s = jobs / the summed `sample` / `dblm` stage time of the
+  batches (a job reports its batch's stage time, so Σ over jobs of stage time ÷ `batch_jobs`);
+- per-face latency = a job's completion − the first start (how long a face waited for its result
+  once the worker began), p50 over all jobs of all repeats;
+- max abs diff = of each job's output image vs the same job's with batching off in the same repeat.
+Configurations alternate within a repeat (one worker process per configuration and repeat).
+
 The real profile (DifFace's 512 px UNet) is not measured: its weights are not on this machine.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.batching [--sizes 1,2,4,8] [--steps 10] [--repeats 3]
+       [--jobs 8] [--worker-sizes 1,2,4,8]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
+import signal
+import tempfile
 import time
+import uuid
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import redis
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.jobs import JobStore, connect
+from app.main import create_app
 from bench._report import ALIGNED, SHARED, header, percentile, write_section
-from models.dsst import default_table
+from models.dsst import DSSTable, default_table
 from models.pipeline import RestorationPipeline
 from models.profiles import PROFILES
+from tests.conftest import REDIS_URL, WorkerProcess, base_settings, purge, wait_for
 
 WEIGHTS = SHARED / "weights"
 
@@ -64,8 +91,13 @@ def load_faces(n: int) -> np.ndarray:
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
 
 
+def steps_table(steps: int) -> DSSTable:
+    """The default table's blur levels, every one starting at `steps` (so NFE = steps per face)."""
+    return dataclasses.replace(default_table(), start_indices=(steps,) * len(default_table().sigmas))
+
+
 def make_pipeline(base: RestorationPipeline, steps: int, max_batch: int) -> RestorationPipeline:
-    table = dataclasses.replace(default_table(), start_indices=(steps,) * len(default_table().sigmas))
+    table = steps_table(steps)
     return RestorationPipeline(
         PROFILES["tiny"], base.unet, base.restorer, dsst=table, max_batch=max_batch, weights_dir=WEIGHTS
     )
@@ -83,15 +115,78 @@ def timed(
     return wall, result.timings["sample"], result.timings["dblm"], result.faces
 
 
+def worker_run(
+    faces: list[Path], max_jobs: int, table: Path, fidelity: float, steps: int, face_batch: int, wait: float
+) -> tuple[Runs, list[np.ndarray], float]:
+    """One worker taking `len(faces)` waiting one-face jobs with up to `max_jobs` per batch: its
+    times, the output images (job order) and the mean jobs per batch."""
+    settings = base_settings(
+        f"bench-batching-{uuid.uuid4().hex[:8]}",
+        dsst_table=str(table),
+        max_face_batch=face_batch,
+        max_queue_depth=len(faces) + 1,
+        worker_batch_max_jobs=max_jobs,
+        worker_batch_wait_seconds=wait,
+        job_timeout_seconds=600,
+    )
+    store = JobStore(connect(settings), settings)
+    worker = None
+    try:
+        with TestClient(create_app(settings)) as client:
+            ids = []
+            for k, face in enumerate(faces):
+                r = client.post(
+                    "/v1/restorations",
+                    files={"image": (face.name, face.read_bytes(), "image/png")},
+                    data={"aligned": "true", "seed": str(k), "fidelity": str(fidelity), "format": "png"},
+                )
+                r.raise_for_status()
+                ids.append(r.json()["id"])
+        log = Path(tempfile.gettempdir()) / f"{settings.key_prefix}.log"
+        worker = WorkerProcess(settings, log, settings.key_prefix)
+
+        def ended() -> list[dict[str, Any]] | None:
+            done = [r for r in (store.get(i) for i in ids) if r is not None and r.get("completed_at")]
+            return done if len(done) == len(ids) else None
+
+        records = wait_for(ended, 1800, interval=0.2, what=f"{len(ids)} jobs with max_jobs={max_jobs}")
+        bad = [(r["id"], r["status"], r.get("error")) for r in records if r["status"] != "succeeded"]
+        if bad:
+            raise RuntimeError(f"jobs did not succeed: {bad}; worker log {log}")
+        nfe = {f["start_step"] for r in records for f in r["faces"]}
+        if nfe != {steps}:
+            raise RuntimeError(f"expected NFE {steps} for every face, got {nfe}")
+        images = [np.asarray(Image.open(io.BytesIO(store.result(i, "image") or b""))) for i in ids]
+    finally:
+        if worker is not None:
+            worker.stop(signal.SIGTERM)
+        purge(redis.Redis.from_url(REDIS_URL), settings)
+    first = min(r["started_at"] for r in records)
+    runs = Runs(
+        wall=[max(r["completed_at"] for r in records) - first],
+        sample=[sum(r["timings"]["stages"]["sample"] / r["timings"]["batch_jobs"] for r in records)],
+        guide=[sum(r["timings"]["stages"]["dblm"] / r["timings"]["batch_jobs"] for r in records)],
+        latency=[r["completed_at"] - first for r in records],
+    )
+    per_batch = len(records) / sum(1 / r["timings"]["batch_jobs"] for r in records)
+    return runs, images, per_batch
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1,2,4,8", help="batch sizes B")
     p.add_argument("--steps", type=int, default=10, help="DSST start for every level (= NFE per face)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--fidelity", type=float, default=0.5, help="fixed eta for every face")
+    p.add_argument("--jobs", type=int, default=8, help="one-face jobs waiting for the worker")
+    p.add_argument("--worker-sizes", default="1,2,4,8", help="DYNFACE_WORKER_BATCH_MAX_JOBS values (1 = off)")
+    p.add_argument("--wait", type=float, default=0.05, help="DYNFACE_WORKER_BATCH_WAIT_SECONDS")
     p.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
     args = p.parse_args()
     sizes = [int(v) for v in args.sizes.split(",")]
+    worker_sizes = [int(v) for v in args.worker_sizes.split(",")]
+    if worker_sizes[0] != 1:
+        raise SystemExit("--worker-sizes must start with 1 (batching off, the reference)")
     head = header("Batching: B faces in one sampler loop vs one at a time (issue 8, item 3)")
     started = time.perf_counter()
 
@@ -129,6 +224,36 @@ def main() -> None:
             f"{b / percentile(separate.wall, 50):.3f} faces/s, max |diff| {max_diff}",
             flush=True,
         )
+
+    # Across jobs: real worker processes; configurations alternate within a repeat.
+    job_faces = sorted(ALIGNED.glob("*.png"))[: args.jobs]
+    if len(job_faces) < args.jobs:
+        raise SystemExit(f"need {args.jobs} aligned faces in {ALIGNED}, found {len(job_faces)}")
+    table_dir = tempfile.TemporaryDirectory()
+    table_file = Path(table_dir.name) / "dsst.json"
+    table_file.write_text(steps_table(args.steps).to_json())
+    across: dict[int, tuple[Runs, int, list[float]]] = {b: (Runs(), 0, []) for b in worker_sizes}
+    for _ in range(args.repeats):
+        reference: list[np.ndarray] = []
+        for b in worker_sizes:
+            run, images, per_batch = worker_run(
+                job_faces, b, table_file, args.fidelity, args.steps, max(worker_sizes), args.wait
+            )
+            reference = reference or images
+            runs, max_diff, batch_sizes = across[b]
+            for name in ("wall", "sample", "guide", "latency"):
+                getattr(runs, name).extend(getattr(run, name))
+            diff = max(
+                int(np.abs(a.astype(int) - r.astype(int)).max())
+                for a, r in zip(images, reference, strict=True)
+            )
+            across[b] = (runs, max(max_diff, diff), [*batch_sizes, per_batch])
+            print(
+                f"worker max_jobs={b}: {args.jobs / run.wall[0]:.3f} faces/s, "
+                f"{per_batch:.1f} jobs per batch, max |diff| vs off {diff}",
+                flush=True,
+            )
+    table_dir.cleanup()
     seconds = time.perf_counter() - started
     load_end = ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -149,6 +274,21 @@ def main() -> None:
         table.append(
             f"| {b} | {b} one-face call(s) | {fps['s']:.3f} | {sfps['s']:.3f} | {gfps['s']:.3f} "
             f"| {percentile(separate.latency, 50):.2f} | 1× | 1× | — |"
+        )
+    across_table = table[:2]
+    off = across[1][0]
+    off_fps, off_sfps = args.jobs / percentile(off.wall, 50), args.jobs / percentile(off.sample, 50)
+    for b, (runs, max_diff, batch_sizes) in across.items():
+        fps, sfps = args.jobs / percentile(runs.wall, 50), args.jobs / percentile(runs.sample, 50)
+        way = (
+            "worker, batching off"
+            if b == 1
+            else f"worker, ≤ {b} jobs per batch ({np.mean(batch_sizes):.1f} on average)"
+        )
+        across_table.append(
+            f"| {b} | {way} | {fps:.3f} | {sfps:.3f} "
+            f"| {args.jobs / percentile(runs.guide, 50):.3f} | {percentile(runs.latency, 50):.2f} "
+            f"| {fps / off_fps:.2f}× | {sfps / off_sfps:.2f}× | {max_diff if b > 1 else '—'} |"
         )
     body = f"""{head}
 - **CPU numbers on the tiny profile** (toy networks with random weights; UNet at
@@ -171,9 +311,19 @@ def main() -> None:
 
 {chr(10).join(table)}
 
-Not implemented: cross-job micro-batching in the worker (issue 8 item 3's second half: faces of
-different queued jobs sharing one sampler loop). The worker runs one job at a time; only the faces of
-one photo are batched (`max_batch`), which is what this table measures.
+### Across jobs: the worker batching waiting jobs (`DYNFACE_WORKER_BATCH_MAX_JOBS` = B)
+
+- {args.jobs} one-face jobs (the first {args.jobs} aligned faces, job k seeded k, fidelity {args.fidelity},
+  the same DSST table) submitted while no worker ran; then one real worker process (`python -m
+  worker`, tiny profile, CPU, `max_face_batch` = {max(worker_sizes)}, batch wait {args.wait} s) took them
+  all. B = 1 is batching off. One worker process per configuration and repeat ({args.repeats} repeats,
+  configurations alternating); its start-up is not counted. faces/s = jobs / (last completion − first
+  start); sampler and guide-stage faces/s = jobs / the batches' summed `sample` / `dblm` stage times;
+  per-face latency = a job's completion − the first start (p50 over all jobs); max abs diff = each
+  output image vs the same job's with batching off in the same repeat (float rounding of batched
+  kernels).
+
+{chr(10).join(across_table)}
 """
     print(body)
     if not args.no_write:

@@ -14,6 +14,9 @@ then runs the ordinary `run_worker`).
 One job = POST /v1/restorations (multipart, aligned 512 face, `Prefer: wait=60`) until the 200 with
 the finished job, then GET of the result image: what a client needs to hold the result. Direct =
 `pipe.restore_photo(same bytes, same options)` in this process, returning the same encoded image.
+The direct calls alternate with the jobs of the 1-client level (one after each job, the service
+idle meanwhile), so both see the same machine: on a shared machine, direct calls timed in a block
+of their own, minutes away from the jobs, were seen tens of ms off.
 
 Reported per concurrency level (clients each running jobs back to back):
 - e2e: client-observed latency of one job;
@@ -24,6 +27,23 @@ Reported per concurrency level (clients each running jobs back to back):
   which also counts the per-step progress writes): API, Redis and result-transfer cost of one job,
   which does not grow with the queue.
 
+And per hop (p50 per level; `HOPS`), from the client's clock, the job record's timestamps and RQ's
+(all processes on one machine, so one clock); the hops add up to e2e:
+- upload + API check: POST sent → record's created_at (HTTP upload, multipart parse, the full
+  decode check of the image, queue-depth check);
+- enqueue: created_at → RQ's enqueued_at (worker profile notice, building the RQ job);
+- dequeue (+ queue wait): enqueued_at → RQ's started_at (the transaction storing record, input and
+  RQ job; the worker's wake-up from its blocking pop, RQ's fetch, heartbeat and registry writes;
+  with more clients than workers, mostly waiting behind other jobs);
+- job start: RQ's started_at → record's started_at (record read, move to `processing`);
+- pipeline in worker − direct: the record's inference_seconds − direct p50 (progress writes and
+  cancel checks between stages and steps, contention);
+- worker bookkeeping: started_at → completed_at, less inference_seconds (input read, options,
+  result assembly, last cancel check);
+- store + wake + answer: completed_at → the POST's answer (the finishing script storing the results,
+  pub/sub wake of the waiting request, record read, JSON);
+- GET result: the image download.
+
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead [--levels 1,10,50] [--jobs 20,40,100]
 """
 
@@ -32,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import os
 import signal
 import socket
@@ -39,12 +60,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 import torch
+from rq.job import Job as RQJob
+from rq.serializers import JSONSerializer
 
 from bench._report import ALIGNED, ROOT, SHARED, header, percentile, purge_namespace, write_section
 
@@ -83,14 +107,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+HOPS = (
+    "upload + API check",
+    "enqueue",
+    "dequeue (+ queue wait)",
+    "job start",
+    "pipeline in worker − direct",
+    "worker bookkeeping",
+    "store + wake + answer",
+    "GET result",
+)
+
+
 @dataclasses.dataclass
 class Job:
     e2e: float
     queue_wait: float
     inference: float
+    #: Wall-clock instants (time.time()): POST sent, POST answered, image received.
+    sent: float
+    answered: float
+    received: float
+    body: dict[str, Any]
+
+    def hops(self, rq_job: RQJob, direct_p50: float) -> dict[str, float]:
+        """Seconds per hop of HOPS (see the module docstring); they add up to e2e."""
+        created, started, completed = (
+            _instant(self.body[f"{k}_at"]) for k in ("created", "started", "completed")
+        )
+        assert rq_job.enqueued_at is not None and rq_job.started_at is not None
+        enqueued, rq_started = rq_job.enqueued_at.timestamp(), rq_job.started_at.timestamp()
+        values = (
+            created - self.sent,
+            enqueued - created,
+            rq_started - enqueued,
+            started - rq_started,
+            self.inference - direct_p50,
+            completed - started - self.inference,
+            self.answered - completed,
+            self.received - self.answered,
+        )
+        return dict(zip(HOPS, values, strict=True))
 
 
-async def run_level(base: str, data: bytes, clients: int, jobs: int) -> list[Job]:
+def _instant(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+async def run_level(
+    base: str, data: bytes, clients: int, jobs: int, after_job: Callable[[], None] | None = None
+) -> list[Job]:
+    """``jobs`` jobs from ``clients`` concurrent clients; ``after_job`` runs after each job (1 client)."""
     counter = iter(range(jobs))
     done: list[Job] = []
     limits = httpx.Limits(max_connections=clients + 5, max_keepalive_connections=clients + 5)
@@ -98,23 +165,25 @@ async def run_level(base: str, data: bytes, clients: int, jobs: int) -> list[Job
 
         async def client() -> None:
             for _ in counter:
-                t0 = time.perf_counter()
+                sent, t0 = time.time(), time.perf_counter()
                 r = await http.post(
                     f"{base}/v1/restorations",
                     files={"image": ("face.png", data, "image/png")},
                     data=OPTIONS,
                     headers={"Prefer": "wait=60"},
                 )
+                answered = time.time()
                 body = r.json()
                 if r.status_code != 200 or body["status"] != "succeeded":
                     raise RuntimeError(f"job did not succeed: {r.status_code} {r.text[:500]}")
                 img = await http.get(body["outputs"]["image"])
                 img.raise_for_status()
-                e2e = time.perf_counter() - t0
-                timings = body["timings"]
-                done.append(
-                    Job(e2e, float(timings["queue_wait_seconds"]), float(timings["inference_seconds"]))
-                )
+                e2e, received = time.perf_counter() - t0, time.time()
+                queue_wait = float(body["timings"]["queue_wait_seconds"])
+                inference = float(body["timings"]["inference_seconds"])
+                done.append(Job(e2e, queue_wait, inference, sent, answered, received, body))
+                if after_job is not None:
+                    after_job()
 
         await asyncio.gather(*(client() for _ in range(clients)))
     return done
@@ -146,7 +215,9 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--levels", default="1,10,50", help="concurrent clients per level")
     parser.add_argument("--jobs", default="20,40,100", help="jobs per level (bounded run time)")
-    parser.add_argument("--direct", type=int, default=20, help="direct pipeline calls")
+    parser.add_argument(
+        "--direct", type=int, default=20, help="direct pipeline calls (after the 1-client level's jobs)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
     args = parser.parse_args()
     if args.worker:
@@ -192,36 +263,33 @@ def main() -> None:
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
         wait_ready(base, procs)
 
-        # Direct calls first, with the service idle (same construction, same bytes and options).
+        # Direct calls (same construction, same bytes and options) in this process, with the
+        # service idle: one after each job of the 1-client level; any left (no such level, or a
+        # shorter one) after the levels.
         from models.pipeline import RestoreOptions
 
         pipe = bench_pipeline(device="cpu")
         options = RestoreOptions(aligned=True, seed=0, mode="difface")
         pipe.restore_photo(data, options)  # warm-up
         direct: list[float] = []
-        for _ in range(args.direct):
-            t0 = time.perf_counter()
-            pipe.restore_photo(data, options)
-            direct.append(time.perf_counter() - t0)
-        direct_p50 = percentile(direct, 50)
-        print(f"direct: p50 {direct_p50 * 1000:.1f} ms p95 {ms(direct, 95)} ms")
+
+        def direct_call() -> None:
+            if len(direct) < args.direct:
+                t0 = time.perf_counter()
+                pipe.restore_photo(data, options)
+                direct.append(time.perf_counter() - t0)
 
         asyncio.run(run_level(base, data, 1, 3))  # warm-up: worker's first job, connections
-        rows = []
+        measured = []
         for clients, jobs in zip(levels, counts, strict=True):
-            t0 = time.perf_counter()
-            done = asyncio.run(run_level(base, data, clients, jobs))
-            wall = time.perf_counter() - t0
-            e2e = [j.e2e for j in done]
-            over = [j.e2e - direct_p50 for j in done]
-            wait = [j.queue_wait for j in done]
-            service = [j.e2e - j.queue_wait - j.inference for j in done]
-            rows.append((clients, jobs, wall, e2e, over, wait, service))
-            print(
-                f"c={clients}: e2e p50 {ms(e2e, 50)} ms, overhead p50 {ms(over, 50)} p95 {ms(over, 95)} ms, "
-                f"queue wait p50 {ms(wait, 50)} ms, service overhead p50 {ms(service, 50)} "
-                f"p95 {ms(service, 95)} ms ({jobs} jobs in {wall:.1f} s)"
-            )
+            t0, calls = time.perf_counter(), len(direct)
+            done = asyncio.run(run_level(base, data, clients, jobs, direct_call if clients == 1 else None))
+            wall = time.perf_counter() - t0 - sum(direct[calls:])  # jobs/s without the direct calls
+            # RQ's own timestamps of these jobs, read before the namespace is purged.
+            rq_jobs = RQJob.fetch_many([j.body["id"] for j in done], connection=r, serializer=JSONSerializer)
+            measured.append((clients, jobs, wall, done, rq_jobs))
+        while len(direct) < args.direct:
+            direct_call()
     finally:
         for p in procs:
             if p.poll() is None:
@@ -232,6 +300,25 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
         purge_namespace(r, prefix)
+
+    direct_p50 = percentile(direct, 50)
+    print(f"direct: p50 {direct_p50 * 1000:.1f} ms p95 {ms(direct, 95)} ms")
+    rows = []
+    hop_rows: list[dict[str, list[float]]] = []
+    for clients, jobs, wall, done, rq_jobs in measured:
+        e2e = [j.e2e for j in done]
+        over = [j.e2e - direct_p50 for j in done]
+        wait = [j.queue_wait for j in done]
+        service = [j.e2e - j.queue_wait - j.inference for j in done]
+        rows.append((clients, jobs, wall, e2e, over, wait, service))
+        per_job = [j.hops(rq_job, direct_p50) for j, rq_job in zip(done, rq_jobs, strict=True)]
+        hop_rows.append({hop: [h[hop] for h in per_job] for hop in HOPS})
+        print(
+            f"c={clients}: e2e p50 {ms(e2e, 50)} ms, overhead p50 {ms(over, 50)} p95 {ms(over, 95)} ms, "
+            f"queue wait p50 {ms(wait, 50)} ms, service overhead p50 {ms(service, 50)} "
+            f"p95 {ms(service, 95)} ms ({jobs} jobs in {wall:.1f} s)"
+        )
+        print("  hops p50 (ms): " + ", ".join(f"{hop} {ms(hop_rows[-1][hop], 50)}" for hop in HOPS))
 
     one = rows[0]
     met_total = percentile(one[4], 50) * 1000 <= TARGET_MS
@@ -246,10 +333,21 @@ def main() -> None:
             f"| {clients} | {jobs} | {ms(e2e, 50)} / {ms(e2e, 95)} | {ms(over, 50)} / {ms(over, 95)} "
             f"| {ms(wait, 50)} | {ms(service, 50)} / {ms(service, 95)} | {jobs / wall:.1f} |"
         )
+    breakdown = [
+        "| hop, p50 (ms) | "
+        + " | ".join(f"{row[0]} client{'s' if row[0] > 1 else ''}" for row in rows)
+        + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for hop in HOPS:
+        breakdown.append(f"| {hop} | " + " | ".join(ms(h[hop], 50) for h in hop_rows) + " |")
+    sums = [sum(percentile(h[hop], 50) for hop in HOPS) * 1000 for h in hop_rows]
+    breakdown.append("| sum of the hops' p50 | " + " | ".join(f"{v:.1f}" for v in sums) + " |")
     body = f"""{head}
 - pipeline (both sides): tiny profile, identity restorer, mode `difface` with start 1 (1 UNet call at
   64 px), one aligned 512×512 PNG face (`{face.relative_to(SHARED.parent)}`, {len(data)} bytes), PNG out.
-  Direct `restore_photo` on it: p50 {direct_p50 * 1000:.1f} ms, p95 {ms(direct, 95)} ms ({args.direct} calls).
+  Direct `restore_photo` on it: p50 {direct_p50 * 1000:.1f} ms, p95 {ms(direct, 95)} ms ({len(direct)} calls,
+  each after one of the 1-client level's jobs).
 - service: 1 uvicorn process, 1 RQ worker process (CPU), Redis `{REDIS_URL}`, all on loopback; clients are
   asyncio httpx in the bench process, each running its jobs back to back (POST with `Prefer: wait=60`,
   then GET of the result image). Run took {time.perf_counter() - started:.0f} s. API, worker, clients
@@ -259,6 +357,11 @@ def main() -> None:
   `bench/overhead.py` docstring.
 
 {chr(10).join(table)}
+
+Where a job's time goes, per hop (definitions: `bench/overhead.py` docstring; each from the client's
+clock, the job record's and RQ's timestamps; they add up to e2e, their p50s roughly to the overhead p50):
+
+{chr(10).join(breakdown)}
 
 Target (issue 8): p50 overhead ≤ {TARGET_MS:.0f} ms on loopback. At 1 client (no queueing): p50
 overhead {ms(one[4], 50)} ms — **{"met" if met_total else "not met"}**. Service overhead p50 at every

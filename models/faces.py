@@ -13,6 +13,7 @@ facexlib downloads missing weights at run time; every model here is loaded throu
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -257,8 +258,8 @@ class FaceParser:
 def upscale_image(img: np.ndarray, factor: float) -> np.ndarray:
     """Resize an RGB (HxWx3) or single-channel (HxW) uint8 image by `factor` with Lanczos.
 
-    This is the background upscaler: no learned background model (e.g. Real-ESRGAN) is part
-    of dynface yet, so everything outside the faces is a high-quality plain resize.
+    The default background upscaler (everything outside the faces); a learned one
+    (models/background.py) replaces it when a background model is configured.
     """
     if factor == 1:
         return img.copy()
@@ -355,10 +356,12 @@ def paste_faces(
     upscale: float = 1,
     *,
     parser: FaceParser | None = None,
+    upscale_background: Callable[[np.ndarray, float], np.ndarray] = upscale_image,
 ) -> np.ndarray:
     """Blend restored aligned faces (N, S, S, 3) back into the photo, upscaled by `upscale`.
 
-    `background_rgb` is the original-resolution photo (upscaled here with `upscale_image`);
+    `background_rgb` is the original-resolution photo (upscaled here with `upscale_background`,
+    which must return exactly `upscale` times its size: the face warps assume it);
     `affines` are the ones `align` returned. With a `parser` the masks follow each restored
     face's outline. Faces are blended in order, so where two masks overlap the later face
     wins, as in facexlib. Pixels outside every mask are exactly the upscaled background.
@@ -366,7 +369,7 @@ def paste_faces(
     _check_rgb(background_rgb)
     if len(restored_faces) != len(affines):
         raise ValueError(f"{len(restored_faces)} faces but {len(affines)} affines")
-    background = upscale_image(background_rgb, upscale)
+    background = upscale_background(background_rgb, upscale)
     out = background.astype(np.float32)
     h_up, w_up = out.shape[:2]
     for face, affine in zip(restored_faces, affines, strict=True):

@@ -3,7 +3,8 @@
     decode → detect/align → DBLM (ŷ^σ, blur level) → DSST start step → guided DDIM sampling (× DGSA)
     → paste back → encode
 
-`restore_photo` runs the whole figure on an uploaded file; `restore_faces` is the face-level core
+`restore_photo` runs the whole figure on an uploaded file (`restore_photos` on several, their faces
+sharing the sampler: the worker's cross-job batching); `restore_faces` is the face-level core
 (DBLM → DSST → sampling) on aligned 512×512 crops. Every stage is timed. The method and the choices
 that are ours (not the paper's) are in ../shared/method.md and docs/method.md.
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import background as bg
 from models import faces as face_ops
 from models import images, trained, weights
 from models.blur import estimate_blur_sigma
@@ -79,6 +81,27 @@ class RestoreOptions:
     color_correction: Literal["none", "wavelet", "adain"] = "none"  # restored face -> input colours
 
 
+#: The `RestoreOptions` one sampler batch shares (the arguments of `restore_faces` besides the seed):
+#: photos that agree on them can have their faces restored together (`restore_photos`); every other
+#: option, the seed included, is per photo.
+SAMPLER_OPTIONS = ("mode", "fidelity")
+
+
+def sampler_key(options: RestoreOptions) -> tuple[Any, ...]:
+    """What photos must have in common for `restore_photos` to batch their faces."""
+    return tuple(getattr(options, name) for name in SAMPLER_OPTIONS)
+
+
+@dataclass(frozen=True)
+class PhotoRequest:
+    """One photo of a `restore_photos` call, with its own progress and cancel callbacks."""
+
+    data: bytes
+    options: RestoreOptions
+    progress: ProgressFn | None = None
+    should_cancel: CancelFn | None = None
+
+
 @dataclass(frozen=True)
 class FaceFacts:
     """What the method decided for one face."""
@@ -123,6 +146,10 @@ class PhotoResult:
     faces_dropped: int = 0  # detected but not restored (over the max_faces cap); also in warnings
 
 
+#: How one photo of `restore_photos` ended: its result, or the error of that photo alone.
+PhotoOutcome = PhotoResult | PipelineError | ValueError
+
+
 class StageTimer:
     """Wall-clock seconds per pipeline stage (synchronising CUDA so GPU time lands in its stage)."""
 
@@ -155,6 +182,22 @@ class _Guide:
     dgsa: str
 
 
+@dataclass
+class _Photo:
+    """One photo of `restore_photos` between detection and paste-back."""
+
+    options: RestoreOptions
+    report: ProgressFn
+    should_cancel: CancelFn
+    timer: StageTimer  # its own stages; the shared ones (dblm, sample) are added when it is pasted
+    warnings: list[str]
+    decoded: images.DecodedImage
+    crops: np.ndarray  # aligned faces (N, 512, 512, 3); N = 0 when none was found (passthrough)
+    affines: np.ndarray
+    found: face_ops.Detections
+    seed: int
+
+
 class RestorationPipeline:
     """The restoration networks plus the method's tables and knobs, ready to run on one device."""
 
@@ -175,6 +218,7 @@ class RestorationPipeline:
         max_faces: int = 32,
         weight_versions: dict[str, str] | None = None,
         speed: SpeedOptions | None = None,
+        background: bg.BackgroundUpscaler | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -195,6 +239,8 @@ class RestorationPipeline:
         apply_memory_format(self.restorer, self.speed)
         # `self.unet` stays the plain module (state_dict, info, tests); the sampler calls this one.
         self._unet_call = compiled(self.unet, self.speed)
+        # Upscales what lies outside the faces; None = Lanczos resize (models/background.py).
+        self.background = background.to(self.device, self.dtype, self.speed) if background else None
         self.dsst = dsst or default_table()
         self.schedule = RespacedSchedule.from_spec(profile.method.respacing)
         self.weights_dir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
@@ -217,6 +263,7 @@ class RestorationPipeline:
         dsst_table: str | Path | None = None,
         dblm_weights: str | Path | None = None,
         dgsa_weights: str | Path | None = None,
+        background_config: bg.BackgroundConfig | None = None,
         **kwargs: Any,
     ) -> RestorationPipeline:
         """`"tiny"`: toy networks with seeded random weights (not a restoration, flagged everywhere).
@@ -227,26 +274,33 @@ class RestorationPipeline:
         `MissingWeightsError` naming them and the command that fetches them.
         `dsst_table` (a `dynface dsst build` JSON), `dblm_weights` / `dgsa_weights` (`dynface train`
         .safetensors, their .json beside them) default to $DYNFACE_DSST_TABLE / $DYNFACE_DBLM_WEIGHTS /
-        $DYNFACE_DGSA_WEIGHTS; unset, the shipped table and the training-free fallbacks are used."""
+        $DYNFACE_DGSA_WEIGHTS; unset, the shipped table and the training-free fallbacks are used.
+        `background_config` (default: $DYNFACE_BACKGROUND_MODEL and its tiling variables) picks the
+        background super-resolution model: one more required file for the real profile; the tiny
+        profile gets a seeded random toy version of it and never reads or fetches the real file."""
         kwargs.update(_trained_parts(dsst_table, dblm_weights, dgsa_weights, kwargs.get("dsst")))
+        background_config = background_config or bg.BackgroundConfig.from_env()
         profile = PROFILES["tiny" if str(name_or_path) == "tiny" else "real"]
         if str(name_or_path) not in PROFILES:
             weights_dir = Path(name_or_path)
         wdir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
+        required = [*profile.required_weights, *(background_config.weight_names if profile.real else ())]
         if download:
-            weights.pull(profile.required_weights, wdir)
+            weights.pull(required, wdir)
             _pull_optional(profile.optional_weights, wdir)
         if profile.name == "tiny":
             unet, restorer = _tiny_networks(profile)
-            return cls(profile, unet, restorer, weights_dir=wdir, **kwargs)
-        missing = weights.missing_for(profile.required_weights, wdir)
+            background = bg.tiny(background_config)
+            return cls(profile, unet, restorer, weights_dir=wdir, background=background, **kwargs)
+        missing = weights.missing_for(required, wdir)
         if missing:
             raise weights.MissingWeightsError([m.name for m in missing], wdir)
         prior, restorer_file = (wdir / e.path for e in weights.select(["difface_prior", "difface_swinir"]))
         unet = unet_from_upstream_checkpoint(prior, profile.unet)
         restorer = swinir_from_checkpoint(restorer_file, profile.swinir)
         versions = {"prior": prior.name, "restorer": restorer_file.name}
-        return cls(profile, unet, restorer, weights_dir=wdir, weight_versions=versions, **kwargs)
+        kwargs.update(weight_versions=versions, background=bg.load(background_config, wdir))
+        return cls(profile, unet, restorer, weights_dir=wdir, **kwargs)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -262,6 +316,7 @@ class RestorationPipeline:
             "dgsa": "trained" if self.dgsa is not None else "fallback",
             "dsst": {"sigmas": list(self.dsst.sigmas), "start_indices": list(self.dsst.start_indices)},
             "default_detector": self.profile.detector,
+            "background": self.background.info if self.background is not None else {"model": bg.NONE},
             "max_batch": self.max_batch,
             "speed": asdict(self.speed),
         }
@@ -274,15 +329,84 @@ class RestorationPipeline:
         progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
     ) -> PhotoResult:
+        """One uploaded file through the whole figure: the one-photo case of `restore_photos`."""
+        (outcome,) = self.restore_photos([PhotoRequest(data, options, progress, should_cancel)])
+        if isinstance(outcome, PhotoResult):
+            return outcome
+        raise outcome
+
+    def restore_photos(self, requests: Sequence[PhotoRequest]) -> list[PhotoOutcome]:
+        """Several uploaded files whose faces share the sampler: each photo is decoded, detected,
+        pasted back and encoded on its own; the faces of all of them go through one `restore_faces`
+        batch (in `max_batch` chunks). Photo j's face k draws its noise from seed_j + k exactly as
+        when photo j is restored alone, so what a photo gets does not depend on its companions (up to
+        the float rounding of batched kernels, as between the faces of one photo).
+
+        The photos must agree on `SAMPLER_OPTIONS`. Returns, in order, each photo's result or the
+        `PipelineError` / `ValueError` that ended that photo alone (bad file, no face, bad options);
+        such an error in the shared stages (dblm, sample) ends the photos in them, so `Cancelled` ends
+        the photos with faces once every one of them asks to stop. Other exceptions (out of memory,
+        a bug) propagate and end them all. Progress and cancellation are per photo: the shared stages
+        report to each photo in them, and their times are in each one's timings.
+        """
+        if len({sampler_key(r.options) for r in requests}) > 1:
+            raise ValueError(f"photos restored together must agree on {SAMPLER_OPTIONS}")
+        outcomes: dict[int, PhotoOutcome] = {}
+        photos: dict[int, _Photo] = {}
+        for i, request in enumerate(requests):
+            try:
+                photos[i] = self._start_photo(request)
+            except (PipelineError, ValueError) as e:
+                outcomes[i] = e
+
+        with_faces = [i for i, photo in photos.items() if len(photo.crops)]
+        restored = {i: photos[i].crops for i in photos}  # passthrough photos keep their (no) faces
+        facts: dict[int, list[FaceFacts]] = {i: [] for i in photos}
+        shared = StageTimer(self.device)
+        if with_faces:
+            batch = [photos[i] for i in with_faces]
+
+            def report(stage: str, step: int, total: int) -> None:
+                for photo in batch:
+                    photo.report(stage, step, total)
+
+            try:
+                faces, face_facts = self._restore_faces(
+                    np.concatenate([p.crops for p in batch]),
+                    [_face_generator(p.seed, k, self.device) for p in batch for k in range(len(p.crops))],
+                    mode=batch[0].options.mode,
+                    fidelity=batch[0].options.fidelity,
+                    progress=report,
+                    should_cancel=lambda: all(p.should_cancel() for p in batch),
+                    timer=shared,
+                )
+            except (PipelineError, ValueError) as e:
+                outcomes.update({i: e for i in with_faces})
+            else:
+                ends = np.cumsum([len(p.crops) for p in batch])
+                for i, first, end in zip(with_faces, [0, *ends[:-1]], ends, strict=True):
+                    restored[i], facts[i] = faces[first:end], face_facts[first:end]
+
+        for i, photo in photos.items():
+            if i not in outcomes:
+                try:
+                    outcomes[i] = self._finish_photo(photo, restored[i], facts[i], shared.seconds)
+                except (PipelineError, ValueError) as e:
+                    outcomes[i] = e
+        return [outcomes[i] for i in range(len(requests))]
+
+    def _start_photo(self, request: PhotoRequest) -> _Photo:
+        """Decode and detect/align one photo (its faces not yet restored)."""
+        options = request.options
         timer = StageTimer(self.device)
-        report = progress or (lambda stage, step, total: None)
+        report = request.progress or (lambda stage, step, total: None)
         warnings: list[str] = []
         if not self.profile.real:
             warnings.append(_TINY_WARNING)
 
         report("decode", 0, 0)
         with timer("decode"):
-            decoded = images.decode_image(data, max_pixels=self.max_pixels)
+            decoded = images.decode_image(request.data, max_pixels=self.max_pixels)
             warnings += decoded.warnings
 
         unknown = set(options.outputs) - set(OUTPUT_KINDS)
@@ -296,34 +420,40 @@ class RestorationPipeline:
             if options.on_no_face == "fail":
                 raise NoFaceError("No face was found in the image.")
             warnings.append("No face was found; the image is returned without restoration.")
-            restored = crops
-            facts: list[FaceFacts] = []
             seed = options.seed or 0
         else:
-            result = self.restore_faces(
-                crops,
-                mode=options.mode,
-                fidelity=options.fidelity,
-                seed=options.seed,
-                progress=report,
-                should_cancel=should_cancel,
-                timer=timer,
-            )
-            restored, facts, seed = result.faces, result.facts, result.seed
+            seed = _draw_seed() if options.seed is None else options.seed
+        cancel = request.should_cancel or (lambda: False)
+        return _Photo(options, report, cancel, timer, warnings, decoded, crops, affines, found, seed)
+
+    def _finish_photo(
+        self, photo: _Photo, restored: np.ndarray, facts: list[FaceFacts], shared: dict[str, float]
+    ) -> PhotoResult:
+        """Paste one photo's restored faces back and encode what it asked for."""
+        options, decoded, crops, affines = photo.options, photo.decoded, photo.crops, photo.affines
+        found, timer, report = photo.found, photo.timer, photo.report
+        warnings, seed = photo.warnings, photo.seed
+        if len(crops):  # the shared stages' time is this photo's time in them
+            timer.seconds.update(shared)
 
         report("paste", 0, 0)
         with timer("paste"):
             if options.color_correction != "none" and len(restored):
                 restored = face_ops.color_correct(restored, crops, options.color_correction)
-            if options.aligned:
+            if options.aligned:  # the whole picture is the face: there is no background
                 output = restored[0] if len(restored) else decoded.rgb
                 output = face_ops.upscale_image(output, options.upscale)
             elif len(restored):
                 output = face_ops.paste_faces(
-                    decoded.rgb, restored, affines, options.upscale, parser=self._parser
+                    decoded.rgb,
+                    restored,
+                    affines,
+                    options.upscale,
+                    parser=self._parser,
+                    upscale_background=self._upscale_background,
                 )
             else:
-                output = face_ops.upscale_image(decoded.rgb, options.upscale)
+                output = self._upscale_background(decoded.rgb, options.upscale)
             alpha = decoded.alpha
             if alpha is not None and alpha.shape != output.shape[:2]:
                 # Sized to the output, not scaled by `upscale`: an aligned face that was resized
@@ -410,8 +540,13 @@ class RestorationPipeline:
         """Load the profile's default detector now (workers call this before taking jobs)."""
         self._detector(self.profile.detector)
 
+    def _upscale_background(self, rgb: np.ndarray, factor: float) -> np.ndarray:
+        """The photo behind the pasted faces: the background model's output, or a Lanczos resize."""
+        if self.background is None:
+            return face_ops.upscale_image(rgb, factor)
+        return self.background.upscale(rgb, factor)
+
     # ------------------------------------------------------------------ aligned faces
-    @torch.inference_mode()
     def restore_faces(
         self,
         faces: np.ndarray,
@@ -421,13 +556,39 @@ class RestorationPipeline:
         seed: int | None = None,
         progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
-        timer: StageTimer | None = None,
     ) -> FacesResult:
         """Restore aligned faces (uint8 (N, 512, 512, 3)), `max_batch` at a time through the sampler.
 
         Face k's noise comes from its own generator seeded with seed + k, so its result does not depend
         on the other faces or on how they are batched: restoring it alone with seed + k reproduces it.
         """
+        timer = StageTimer(self.device)
+        seed = _draw_seed() if seed is None else seed
+        generators = [_face_generator(seed, k, self.device) for k in range(len(faces))]
+        restored, facts = self._restore_faces(
+            faces,
+            generators,
+            mode=mode,
+            fidelity=fidelity,
+            progress=progress,
+            should_cancel=should_cancel,
+            timer=timer,
+        )
+        return FacesResult(restored, facts, timer.seconds, seed)
+
+    @torch.inference_mode()
+    def _restore_faces(
+        self,
+        faces: np.ndarray,
+        generators: list[torch.Generator],
+        *,
+        mode: Mode,
+        fidelity: float | None,
+        progress: ProgressFn | None,
+        should_cancel: CancelFn | None,
+        timer: StageTimer,
+    ) -> tuple[np.ndarray, list[FaceFacts]]:
+        """`restore_faces` (and `restore_photos`) with face i's noise drawn from generators[i]."""
         if faces.ndim != 4 or faces.shape[1:] != (FACE_SIZE, FACE_SIZE, 3) or faces.dtype != np.uint8:
             raise ValueError(
                 f"faces must be uint8 (N, {FACE_SIZE}, {FACE_SIZE}, 3), got {faces.dtype} {faces.shape}"
@@ -436,10 +597,10 @@ class RestorationPipeline:
             raise ValueError(f"unknown mode {mode!r}")
         if fidelity is not None and not 0.0 <= fidelity <= 1.0:
             raise ValueError(f"fidelity must be in [0, 1], got {fidelity}")
-        timer = timer or StageTimer(self.device)
+        if len(generators) != len(faces):
+            raise ValueError(f"{len(generators)} generators for {len(faces)} faces")
         report = progress or (lambda stage, step, total: None)
         cancel = should_cancel or (lambda: False)
-        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
 
         batches = [faces[i : i + self.max_batch] for i in range(0, len(faces), self.max_batch)]
         out, facts = [], []
@@ -454,12 +615,11 @@ class RestorationPipeline:
         done = 0
         with timer("sample"):
             for b, guide in enumerate(guides):
-                generators = [
-                    _face_generator(seed, b * self.max_batch + k, self.device)
-                    for k in range(len(guide.start))
-                ]
                 x0 = self._sample(
-                    guide, generators, lambda step, base=done: report("sample", base + step, total), cancel
+                    guide,
+                    generators[b * self.max_batch : (b + 1) * self.max_batch],
+                    lambda step, base=done: report("sample", base + step, total),
+                    cancel,
                 )
                 done += max(guide.start)
                 out.append(x0)
@@ -467,11 +627,11 @@ class RestorationPipeline:
                     FaceFacts(s, st, e, st, guide.dblm, guide.dgsa)
                     for s, st, e in zip(guide.sigma, guide.start, guide.eta, strict=True)
                 ]
-        restored = torch.cat(out)
-        return FacesResult(_to_uint8(restored), facts, timer.seconds, seed)
+        return _to_uint8(torch.cat(out)), facts
 
     def _to_tensor(self, faces: np.ndarray) -> Tensor:
-        host = torch.from_numpy(np.ascontiguousarray(faces))
+        # torch cannot wrap a read-only array safely: copy only such (or a strided) input.
+        host = torch.from_numpy(np.require(faces, requirements=("C", "W")))
         x = to_device(host, self.device, self.speed).permute(0, 3, 1, 2)
         return x.float() / 127.5 - 1.0
 
@@ -639,6 +799,11 @@ def _tiny_networks(profile: Profile) -> tuple[IDDPMUNet, SwinIR]:
             if p.dim() > 1 and not p.any():
                 torch.nn.init.normal_(p, std=1e-2)
     return unet, restorer
+
+
+def _draw_seed() -> int:
+    """A seed for a call that gave none (reported back, so the result can be reproduced)."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
 def _face_generator(seed: int, face: int, device: torch.device) -> torch.Generator:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 _DIFFACE_RELEASE = "https://github.com/zsyOAOA/DifFace/releases/download/V1.0"
 _FACEXLIB_RELEASE = "https://github.com/xinntao/facexlib/releases/download"
+_REALESRGAN_RELEASE = "https://github.com/xinntao/Real-ESRGAN/releases/download"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class WeightFile:
 #: Face files have no published checksums we could check offline: size and sha256 are None,
 #: except the two small Hub JSON files whose exact byte sizes the Hub's file listing shows.
 #: The Hub revision is unpinned ("main"): the full commit hash was not available offline.
+#: Real-ESRGAN's RRDBNet files (the optional background model, models/background.py) are the
+#: release assets its own inference script downloads; no checksum we could check offline either.
 MANIFEST: tuple[WeightFile, ...] = (
     WeightFile(
         name="difface_prior",
@@ -132,6 +135,22 @@ MANIFEST: tuple[WeightFile, ...] = (
         sha256="3d558d8d0e42c20224f13cf5a29c79eba2d59913419f945545d8cf7b72920de2",
         description="Face parsing net for paste-back masks (facexlib; optional)",
     ),
+    WeightFile(
+        name="realesrgan_x2plus",
+        path="RealESRGAN_x2plus.pth",
+        url=f"{_REALESRGAN_RELEASE}/v0.2.1/RealESRGAN_x2plus.pth",
+        size=None,  # unknown offline
+        sha256=None,  # unknown offline
+        description="Real-ESRGAN x2 RRDBNet background upscaler (only with DYNFACE_BACKGROUND_MODEL)",
+    ),
+    WeightFile(
+        name="realesrgan_x4plus",
+        path="RealESRGAN_x4plus.pth",
+        url=f"{_REALESRGAN_RELEASE}/v0.1.0/RealESRGAN_x4plus.pth",
+        size=None,  # unknown offline
+        sha256=None,  # unknown offline
+        description="Real-ESRGAN x4 RRDBNet background upscaler (only with DYNFACE_BACKGROUND_MODEL)",
+    ),
 )
 
 #: Folder (inside the weights dir) holding unfinished downloads until they are complete and checked.
@@ -177,7 +196,15 @@ class MissingWeightsError(FileNotFoundError):
 
 
 class DownloadError(OSError):
-    """A download failed (network, HTTP status, cut short); the final path was not touched."""
+    """A download failed (network, HTTP status, cut short); the final path was not touched.
+
+    `names` are the manifest names not fetched, as MissingWeightsError has them, so a worker can
+    report a failed file that its profile alone does not list (e.g. a configured background model).
+    """
+
+    def __init__(self, message: str, names: Sequence[str]) -> None:
+        super().__init__(message)
+        self.names = list(names)
 
 
 def weights_dir() -> Path:
@@ -340,7 +367,8 @@ def _pull_url(entry: WeightFile, root: Path, progress: bool) -> None:
         if kept == 0:
             partial.unlink(missing_ok=True)
         resume = f"; {kept} B kept, the next pull resumes" if kept else ""
-        raise DownloadError(f"Could not download {entry.name} from {entry.url}: {e}{resume}") from e
+        message = f"Could not download {entry.name} from {entry.url}: {e}{resume}"
+        raise DownloadError(message, [entry.name]) from e
     size = partial.stat().st_size
     problem = None
     if entry.size is not None and size != entry.size:

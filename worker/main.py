@@ -12,6 +12,12 @@ Why these choices:
   `fail_lost` mirrors that decision into our job record.
 - The RQ worker key TTL is longer than the longest job, as RQ requires for SimpleWorker.
 - SIGTERM: RQ's warm shutdown finishes the current job; we then wait briefly for webhooks.
+- Batching (DYNFACE_WORKER_BATCH_MAX_JOBS > 1): the job RQ dequeued claims compatible waiting jobs
+  ("riders", `claim_riders`) and runs their faces in its sampler batch. A claim is one Redis
+  transaction (WATCH on the queue, then LREM + RQ's own execution bookkeeping in MULTI/EXEC), so a
+  job is either still queued or started by exactly one worker, with an execution in the
+  StartedJobRegistry that the heartbeat keeps alive: a worker lost mid-batch has every rider
+  re-queued or failed by the reaper exactly like the job it dequeued.
 """
 
 from __future__ import annotations
@@ -24,16 +30,21 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
+from redis.client import Pipeline
+from redis.exceptions import WatchError
 from rq import SimpleWorker
 from rq.exceptions import AbandonedJobError
+from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import as_text, now
 from rq.worker.base import WorkerStatus
 
 from app.jobs import JobStore, connect, make_queue
@@ -50,39 +61,149 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: Queue entries looked at per free batch slot when claiming riders: bounds the Redis work of a
+#: claim; compatible jobs further back wait for a later batch.
+_SCAN_PER_SLOT = 4
+#: How often a batch that is not full looks at the queue again while it waits for riders.
+_CLAIM_POLL_SECONDS = 0.01
+#: Claim transactions retried when the queue changed under them (another worker or a submission).
+_CLAIM_ATTEMPTS = 3
+
+
+@dataclass
+class _Batch:
+    """The jobs one `execute_job` runs: the one RQ dequeued first, then the riders claimed for it."""
+
+    queue: Queue
+    members: list[tuple[Job, Execution]]
+
+
 class DynfaceWorker(SimpleWorker):
-    """SimpleWorker with a short execution TTL refreshed by a heartbeat thread during each job."""
+    """SimpleWorker with a short execution TTL refreshed by a heartbeat thread during each job, and
+    cross-job batching (`claim_riders`)."""
 
     def __init__(self, *args: Any, settings: Settings, store: JobStore, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings
         self.store = store
         self.registry_fields: dict[str, Any] = {}
+        self._batch: _Batch | None = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.settings.heartbeat_ttl_seconds
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's worker heartbeat in one round trip: RQ sends its three writes one by one when given
+        no pipeline, and beats three times per job (once between dequeuing and starting it)."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with self.connection.pipeline() as pipe:
+            super().heartbeat(timeout, pipe)
+            pipe.execute()
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         self.announce("busy")
+        batch = self._batch = _Batch(queue, [(job, execution)])
         done = threading.Event()
 
         def beat() -> None:
             while not done.wait(self.settings.heartbeat_interval_seconds):
-                try:
-                    self.maintain_heartbeats(job, execution)
-                except Exception as e:  # a missed beat is retried; only a long outage loses the job
-                    log.warning("heartbeat failed: %s", e)
+                for member, member_execution in list(batch.members):  # riders join while it runs
+                    try:
+                        self.maintain_heartbeats(member, member_execution)
+                    except Exception as e:  # a missed beat is retried; only a long outage loses the job
+                        log.warning("heartbeat failed: %s", e)
 
         thread = threading.Thread(target=beat, name="job-heartbeat", daemon=True)
         thread.start()
         try:
-            self.perform_job(job, queue, execution)
+            ok = self.perform_job(job, queue, execution)
+            for rider, rider_execution in batch.members[1:]:
+                self._finalize_rider(rider, queue, rider_execution, ok)
         finally:
+            self._batch = None
             done.set()
             thread.join()
         self.set_state(WorkerStatus.IDLE)
         self.announce("stopping" if self._stop_requested else "ready")
+
+    def claim_riders(self, key: tuple[Any, ...]) -> list[Job]:
+        """Up to worker_batch_max_jobs − 1 waiting jobs whose `tasks.batch_key` is `key`, taken from
+        the queue for the running job's batch; waits up to worker_batch_wait_seconds for them.
+        Incompatible, canceled and expired jobs are left where they are, in order."""
+        s = self.settings
+        batch = self._batch
+        wanted = s.worker_batch_max_jobs - 1
+        if batch is None or wanted <= 0:
+            return []
+        deadline = time.monotonic() + s.worker_batch_wait_seconds
+        claimed: list[Job] = []
+        keys: dict[str, tuple[Any, ...] | None] = {}  # batch keys read so far (options never change)
+        while True:
+            claimed += self._claim(batch, key, wanted - len(claimed), keys)
+            left = deadline - time.monotonic()
+            if len(claimed) >= wanted or left <= 0 or self._stop_requested:
+                return claimed
+            time.sleep(min(left, _CLAIM_POLL_SECONDS))
+
+    def _claim(
+        self, batch: _Batch, key: tuple[Any, ...], n: int, keys: dict[str, tuple[Any, ...] | None]
+    ) -> list[Job]:
+        """One look at the front of the queue: claim up to `n` compatible jobs, all or none."""
+        queue = batch.queue
+        for _ in range(_CLAIM_ATTEMPTS):
+            with self.connection.pipeline() as pipe:
+                try:
+                    pipe.watch(queue.key)
+                    waiting = [as_text(i) for i in pipe.lrange(queue.key, 0, n * _SCAN_PER_SLOT - 1)]
+                    for i in waiting:
+                        if i not in keys:
+                            keys[i] = tasks.batch_key(self.store.get(i))
+                    chosen = [i for i in waiting if keys[i] == key][:n]
+                    jobs = Job.fetch_many(chosen, connection=self.connection, serializer=self.serializer)
+                    jobs = [j for j in jobs if j is not None]
+                    if not jobs:
+                        return []
+                    pipe.multi()
+                    executions = [self._start_rider(pipe, queue, job) for job in jobs]
+                    pipe.execute()
+                except WatchError:  # the queue changed meanwhile (a job added or taken): look again
+                    continue
+            for job, execution in zip(jobs, executions, strict=True):
+                self.executions[execution.id] = execution
+                batch.members.append((job, execution))
+            return jobs
+        return []
+
+    def _start_rider(self, pipe: Pipeline, queue: Queue, job: Job) -> Execution:
+        """Queued → started, as RQ does for the job it dequeues (prepare_execution and
+        prepare_job_execution), inside the claim's transaction."""
+        ttl = self.get_heartbeat_ttl(job)
+        pipe.lrem(queue.key, 1, job.id)
+        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+        job.heartbeat(now(), ttl, pipeline=pipe)
+        job.prepare_for_execution(self.name, pipeline=pipe)
+        pipe.persist(job.key)
+        return execution
+
+    def _finalize_rider(self, job: Job, queue: Queue, execution: Execution, batch_ok: bool) -> None:
+        """RQ's end of a rider: as its batch's job ended in RQ (finished, or failed and so retried
+        while it has retries), except a rider the batch never started (the batch ended first: time
+        limit, Redis error), which goes back to the front of the queue with its retries untouched."""
+        record = self.store.get(job.id)
+        if record is not None and record.get("status") == "queued":
+            with self.connection.pipeline() as pipe:  # one transaction: never out of both places
+                pipe.multi()  # before any command: enqueue_job opens MULTI itself only on an empty one
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                queue.enqueue_job(job, pipeline=pipe, at_front=True)
+                pipe.execute()
+        elif batch_ok:
+            self._finalize_success(job, queue, execution, None)  # RQ's own path for a returned job
+        else:
+            self.handle_execution_ended(job, queue, job.failure_callback_timeout)
+            self.handle_job_failure(job, queue, exc_string="The batch it ran in failed.", execution=execution)
 
     def announce(self, state: str) -> None:
         """Publish this worker's state and model info for /readyz, /v1/models and metrics."""
@@ -167,7 +288,16 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         worker.registry_fields.update(
             {"info": info, "real": bool(info.get("real")), "missing_weights": [], "weights_command": None}
         )
-        tasks.bind(tasks.Runtime(pipe=pipe, store=store, settings=settings, worker_name=name, device=device))
+        tasks.bind(
+            tasks.Runtime(
+                pipe=pipe,
+                store=store,
+                settings=settings,
+                worker_name=name,
+                device=device,
+                claim_riders=worker.claim_riders,
+            )
+        )
         metrics.READY.set(1)
         worker.announce("ready")
         log.info("worker %s ready on %s (profile %s)", name, device, settings.profile)

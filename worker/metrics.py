@@ -27,6 +27,11 @@ STAGE = Histogram("dynface_stage_seconds", "Pipeline stage duration.", ["stage"]
 JOBS = Counter(
     "dynface_jobs_total", "Finished jobs by outcome and reason (error code, or 'ok').", ["outcome", "reason"]
 )
+BATCH_JOBS = Histogram(
+    "dynface_jobs_per_batch",
+    "Jobs whose faces one pipeline batch restored together (1 = alone; DYNFACE_WORKER_BATCH_MAX_JOBS).",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+)
 FACES = Histogram("dynface_faces_per_image", "Faces restored per photo.", buckets=(0, 1, 2, 4, 8, 16, 32, 64))
 NFE = Histogram(
     "dynface_diffusion_steps_per_face",

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from rq import get_current_job
+from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from app.jobs import JobStore
@@ -21,7 +23,7 @@ from app.schemas import RestorationOptions, profile_notice
 from app.settings import Settings
 from app.webhooks import notify
 from models.errors import Cancelled, PipelineError
-from models.pipeline import RestorationPipeline, RestoreOptions
+from models.pipeline import PhotoRequest, PhotoResult, RestorationPipeline, RestoreOptions, sampler_key
 from worker import metrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,9 @@ class Runtime:
     settings: Settings
     worker_name: str
     device: str
+    #: Takes waiting jobs with this batch key from the queue to run in the starting job's batch
+    #: (worker.main `DynfaceWorker.claim_riders`); none without a worker (tests call `restore`).
+    claim_riders: Callable[[tuple[Any, ...]], list[Job]] = lambda key: []
 
 
 _runtime: Runtime | None = None
@@ -48,18 +53,56 @@ def bind(runtime: Runtime) -> None:
 
 
 def restore(job_id: str) -> None:
-    """Run one job. Never raises for job-level failures: they are recorded in our job record so
-    RQ's Retry is spent only on lost workers (a no_face photo would fail the same way again)."""
+    """Run one job, together with the jobs the worker claimed to batch with it (`Runtime.claim_riders`):
+    their faces share the sampler, and each job still ends on its own (one's bad photo does not fail
+    the others). Never raises for job-level failures: they are recorded in our job record so RQ's
+    Retry is spent only on lost workers (a no_face photo would fail the same way again)."""
     rt = _runtime
     if rt is None:
         raise RuntimeError("worker.tasks.restore called outside a dynface worker (no pipeline bound)")
+    first = _start(rt, job_id, get_current_job())
+    if first is None:
+        return
+    jobs = [first]
+    if rt.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    # The mapping covers the whole batch, not only the pipeline call: RQ's timeout (SIGALRM) can
+    # strike while results are stored, and an exception escaping to RQ would leave our records
+    # `processing` forever (RQ would retry the job as if the worker had been lost). Jobs that
+    # already ended are left alone by `_finish`.
+    try:
+        for rider in rt.claim_riders(sampler_key(_options(first.record))):
+            if (job := _start(rt, rider.id, rider)) is not None:
+                jobs.append(job)  # one at a time: a started job is always in `jobs` for the mapping
+        _run(rt, jobs)
+    except Exception as e:
+        for job in jobs:
+            _fail(rt, job.id, e)
+    finally:
+        if rt.device.startswith("cuda"):
+            metrics.GPU_PEAK.labels(rt.device).set(torch.cuda.max_memory_allocated(rt.device))
+
+
+@dataclass
+class _Job:
+    """A job of the running batch, moved to `processing`."""
+
+    id: str
+    record: dict[str, Any]  # as it was when the job was taken
+    started_at: float
+    rq_job: Job | None  # for mirroring progress into RQ's job meta
+
+
+def _start(rt: Runtime, job_id: str, rq_job: Job | None) -> _Job | None:
+    """Move a taken job to `processing`; None when it will not run (record expired, or canceled or
+    otherwise finished while it waited in the queue)."""
     store = rt.store
     record = store.get(job_id)
     if record is None:
         log.warning("job %s: record expired before it ran", job_id)
-        return
+        return None
     now = time.time()
-    started = store.update(
+    started = store.start(
         job_id,
         {
             "status": "processing",
@@ -71,52 +114,46 @@ def restore(job_id: str) -> None:
             "worker": rt.worker_name,
         },
     )
-    if not started:  # canceled (or otherwise finished) while it waited in the queue
-        return
-    store.renew(job_id)
+    if not started:
+        return None
     metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
-    if rt.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    # The mapping covers the whole job, not only the pipeline call: RQ's timeout (SIGALRM) can
-    # strike while results are stored, and an exception escaping to RQ would leave our record
-    # `processing` forever (RQ would retry it as if the worker had been lost).
-    try:
-        _run(rt, job_id, record, now)
-    except Cancelled:
-        _finish(rt, job_id, "canceled", None)
-    except PipelineError as e:
-        _finish(rt, job_id, "failed", (e.code, e.message))
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        _finish(
-            rt,
-            job_id,
-            "failed",
-            ("cuda_oom", "The GPU ran out of memory on this photo; try a smaller image or upscale."),
-        )
-    except JobTimeoutException:
-        job = get_current_job()
-        limit = job.timeout if job is not None and job.timeout else rt.settings.job_timeout_seconds
-        _finish(rt, job_id, "failed", ("timeout", f"The job exceeded its time limit of {limit} s."))
-    except Exception:
-        log.exception("job %s: unexpected failure", job_id)
-        _finish(rt, job_id, "failed", ("internal", "Internal error while restoring the photo."))
-    finally:
-        if rt.device.startswith("cuda"):
-            metrics.GPU_PEAK.labels(rt.device).set(torch.cuda.max_memory_allocated(rt.device))
+    return _Job(job_id, record, now, rq_job)
 
 
-def _run(rt: Runtime, job_id: str, record: dict[str, Any], started_at: float) -> None:
-    """The pipeline on the stored input, then results into Redis. Failures raise (see `restore`)."""
+def _run(rt: Runtime, jobs: list[_Job]) -> None:
+    """The pipeline on the jobs' stored inputs, then each job's results into Redis. Job-level
+    failures end that job; anything else raises (see `restore`)."""
+    requests: list[PhotoRequest] = []
+    running: list[_Job] = []
+    for job in jobs:
+        try:
+            requests.append(_request(rt, job))
+            running.append(job)
+        except PipelineError as e:
+            _fail(rt, job.id, e)
+    if not running:
+        return
+    metrics.BATCH_JOBS.observe(len(running))
+    t0 = time.perf_counter()
+    outcomes = rt.pipe.restore_photos(requests)
+    inference = time.perf_counter() - t0
+    for job, outcome in zip(running, outcomes, strict=True):
+        if isinstance(outcome, PhotoResult):
+            _succeed(rt, job, outcome, inference, len(running))
+        else:
+            _fail(rt, job.id, outcome)
+
+
+def _request(rt: Runtime, job: _Job) -> PhotoRequest:
+    """The job's photo, options and callbacks for the pipeline."""
     store = rt.store
-    if record.get("cancel_requested"):
+    job_id = job.id
+    if job.record.get("cancel_requested"):
         raise Cancelled("Canceled before it started.")
     data = store.input(job_id)
     if data is None:
         raise PipelineError("The uploaded image expired before the job ran.")  # code: internal
-    opts = RestorationOptions.model_validate(record["options"]).pipeline_options()
-    options = RestoreOptions(**{**opts, "outputs": tuple(opts["outputs"])})
-    rq_job = get_current_job()
+    rq_job = job.rq_job
 
     def progress(stage: str, step: int, total: int) -> None:
         # `progress` counts diffusion steps only; the other stages report (0, 0) or a face count,
@@ -124,20 +161,35 @@ def _run(rt: Runtime, job_id: str, record: dict[str, Any], started_at: float) ->
         fields: dict[str, Any] = {"stage": stage}
         if stage == "sample":
             fields.update(step=step, total=total)
-        store.update(job_id, fields, allowed=["processing"])
-        if rq_job is not None:  # mirrored into RQ's job meta for RQ's own tools (rq info, dashboards)
-            rq_job.meta.update(fields)
-            rq_job.save_meta()
+        store.progress(job_id, fields, rq_job)
 
-    t0 = time.perf_counter()
-    result = rt.pipe.restore_photo(
-        data, options, progress=progress, should_cancel=lambda: store.cancel_requested(job_id)
-    )
-    inference = time.perf_counter() - t0
+    return PhotoRequest(data, _options(job.record), progress, lambda: store.cancel_requested(job_id))
+
+
+def _options(record: dict[str, Any]) -> RestoreOptions:
+    """The pipeline options of a job record (validated as the API validated them)."""
+    opts = RestorationOptions.model_validate(record["options"]).pipeline_options()
+    return RestoreOptions(**{**opts, "outputs": tuple(opts["outputs"])})
+
+
+def batch_key(record: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    """What a waiting job must share with another to run in its batch (`sampler_key` of its
+    options); None for a job that will not run (record expired, canceled, no longer queued)."""
+    if record is None or record.get("status") != "queued" or record.get("cancel_requested"):
+        return None
+    return sampler_key(_options(record))
+
+
+def _succeed(rt: Runtime, job: _Job, result: PhotoResult, inference: float, batch_jobs: int) -> None:
+    """Store a finished photo's results and metrics, unless its job was canceled meanwhile."""
+    store = rt.store
+    job_id, record, started_at = job.id, job.record, job.started_at
+    options = _options(record)
     # A DELETE that arrived after the last diffusion step (paste/encode) still wins: the client was
     # told "poll until canceled".
     if store.cancel_requested(job_id):
-        raise Cancelled("Canceled after sampling.")
+        _fail(rt, job_id, Cancelled("Canceled after sampling."))
+        return
 
     results: dict[str, bytes] = {}
     produced: dict[str, Any] = {}
@@ -183,9 +235,33 @@ def _run(rt: Runtime, job_id: str, record: dict[str, Any], started_at: float) ->
             "queue_wait_seconds": started_at - record["created_at"],
             "inference_seconds": inference,
             "stages": dict(result.timings),
+            "batch_jobs": batch_jobs,
         },
     }
     _finish(rt, job_id, "succeeded", None, fields, results)
+
+
+def _fail(rt: Runtime, job_id: str, error: Exception) -> None:
+    """End a job that did not succeed, with the outcome its error maps to."""
+    if isinstance(error, Cancelled):
+        _finish(rt, job_id, "canceled", None)
+    elif isinstance(error, PipelineError):
+        _finish(rt, job_id, "failed", (error.code, error.message))
+    elif isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        _finish(
+            rt,
+            job_id,
+            "failed",
+            ("cuda_oom", "The GPU ran out of memory on this photo; try a smaller image or upscale."),
+        )
+    elif isinstance(error, JobTimeoutException):
+        job = get_current_job()
+        limit = job.timeout if job is not None and job.timeout else rt.settings.job_timeout_seconds
+        _finish(rt, job_id, "failed", ("timeout", f"The job exceeded its time limit of {limit} s."))
+    else:
+        log.error("job %s: unexpected failure", job_id, exc_info=error)
+        _finish(rt, job_id, "failed", ("internal", "Internal error while restoring the photo."))
 
 
 def _merge(warnings: list[str], extra: list[str]) -> list[str]:
@@ -208,15 +284,13 @@ def _finish(
         "stage": None,
         "error": {"code": error[0], "message": error[1]} if error else None,
     }
-    record = rt.store.get(job_id) or {}
-    if not rt.store.finish(job_id, body, results, result_ttl=record.get("result_ttl")):
+    record = rt.store.finish(job_id, body, results)
+    if record is None:
         return
-    record = rt.store.get(job_id)
     reason = error[0] if error else ("ok" if status == "succeeded" else status)
     metrics.JOBS.labels(status, reason).inc()
-    if record is not None:
-        metrics.END_TO_END.observe(max(0.0, record["completed_at"] - record["created_at"]))
-        notify(record, rt.settings)
+    metrics.END_TO_END.observe(max(0.0, record["completed_at"] - record["created_at"]))
+    notify(record, rt.settings)
 
 
 def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: int) -> None:
@@ -245,7 +319,7 @@ def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: in
             allowed=["processing"],
         )
         return
-    if store.finish(
+    final = store.finish(
         job_id,
         {
             "status": "failed",
@@ -255,8 +329,7 @@ def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: in
                 "message": f"The worker running this job was lost {attempt} time(s); giving up.",
             },
         },
-    ):
+    )
+    if final is not None:
         metrics.JOBS.labels("failed", "worker_lost").inc()
-        final = store.get(job_id)
-        if final is not None:
-            notify(final, settings)
+        notify(final, settings)

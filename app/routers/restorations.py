@@ -26,7 +26,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from app import metrics
 from app.deps import services
 from app.errors import SAFE_HEADERS, UPLOAD_ERROR_STATUS, ApiError
-from app.jobs import TERMINAL, JobStore, enqueue
+from app.jobs import TERMINAL, JobStore
 from app.schemas import (
     ErrorResponse,
     Restoration,
@@ -38,7 +38,7 @@ from app.schemas import (
 from app.security import authenticate, check_rate_limit, check_webhook_url
 from app.webhooks import notify
 from models.errors import PipelineError
-from models.images import decode_image
+from models.images import check_image
 
 router = APIRouter(prefix="/v1/restorations", tags=["restorations"])
 
@@ -47,6 +47,8 @@ _FRAMING_BYTES = 64 * 1024
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[^,;]*)*;base64,", re.ASCII)
 _WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?=$|[,;\s])", re.IGNORECASE)
 _ERR: dict[str, Any] = {"model": ErrorResponse, "description": "Error (see `error.code`)."}
+#: Longest pause between re-reads of a record that a `Prefer: wait` request waits on.
+_MAX_POLL_SECONDS = 1.0
 _RETRY_AFTER = {
     "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
 }
@@ -206,7 +208,10 @@ def _respond(request: Request, record: dict[str, Any], status: int, **headers: s
 
 def _owned(request: Request, job_id: str, owner: str) -> dict[str, Any]:
     """The caller's job or 404 (other keys' jobs are indistinguishable from unknown ones)."""
-    record = services(request).store.get(job_id)
+    return _own(services(request).store.get(job_id), job_id, owner)
+
+
+def _own(record: dict[str, Any] | None, job_id: str, owner: str) -> dict[str, Any]:
     if record is None or record.get("owner") != owner:
         raise ApiError(404, "not_found", f"No restoration {job_id!r} (unknown or expired).")
     return record
@@ -215,9 +220,10 @@ def _owned(request: Request, job_id: str, owner: str) -> dict[str, Any]:
 async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[str, Any]:
     """The record once it is terminal, or after ``seconds`` (no thread is held while waiting).
 
-    Woken by the job's completion message (app/completions.py) within ms of its end; between
-    messages the record is re-read on an interval growing from 5 ms to 1 s, so a message lost while
-    the listener reconnects only delays the answer.
+    Woken by the job's completion message (app/completions.py) within ms of its end. The record is
+    also re-read every second while the listener is subscribed, and on an interval growing from
+    5 ms to 1 s while it is not (reconnecting), so a message lost in a reconnect only delays the
+    answer; re-reading more often while subscribed would only cost the API and Redis work.
     """
     svc = services(request)
     deadline = time.monotonic() + seconds
@@ -229,9 +235,10 @@ async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[s
                 raise ApiError(404, "not_found", f"No restoration {job_id!r} (unknown or expired).")
             if record["status"] in TERMINAL or time.monotonic() >= deadline:
                 return record
+            pause = _MAX_POLL_SECONDS if svc.completions.subscribed.is_set() else interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 2, 1.0)
+                await asyncio.wait_for(ended.wait(), min(pause, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 2, _MAX_POLL_SECONDS)
 
 
 @router.post(
@@ -278,25 +285,17 @@ async def _create(request: Request) -> JSONResponse:
     owner = authenticate(request, s)
     await anyio.to_thread.run_sync(check_rate_limit, svc.store, owner, s.rate_limit_per_minute)
     data, options = await _read_submission(request, s.max_upload_bytes)
-    try:
-        decoded = await anyio.to_thread.run_sync(lambda: decode_image(data, max_pixels=s.max_pixels))
-    except PipelineError as e:
-        raise ApiError(UPLOAD_ERROR_STATUS.get(e.code, 400), e.code, e.message) from e
-    if options.webhook is not None:
-        try:
-            await anyio.to_thread.run_sync(check_webhook_url, options.webhook, s)
-        except ValueError as e:
-            raise ApiError(422, "invalid_option", f"webhook: {e}") from e
-    return await _submit_and_wait(request, owner, data, options, decoded.warnings)
+    return await _submit_and_wait(request, owner, data, options)
 
 
 async def _submit_and_wait(
-    request: Request, owner: str, data: bytes, options: RestorationOptions, warnings: list[str]
+    request: Request, owner: str, data: bytes, options: RestorationOptions
 ) -> JSONResponse:
     svc = services(request)
     s = svc.settings
     wait = _wait_seconds(request.headers.get("prefer"), s.max_wait_seconds)
-    record, replayed = await anyio.to_thread.run_sync(_submit, request, owner, data, options, warnings)
+    # One worker-thread hop for all the blocking work: image check, webhook DNS, Redis.
+    record, replayed = await anyio.to_thread.run_sync(_submit, request, owner, data, options)
     extra = {"Idempotent-Replayed": "true"} if replayed else {}
     if wait is not None:
         extra["Preference-Applied"] = f"wait={wait}"
@@ -306,11 +305,22 @@ async def _submit_and_wait(
 
 
 def _submit(
-    request: Request, owner: str, data: bytes, options: RestorationOptions, warnings: list[str]
+    request: Request, owner: str, data: bytes, options: RestorationOptions
 ) -> tuple[dict[str, Any], bool]:
-    """Idempotency, queue limit, then store + enqueue. Returns (record, replayed)."""
+    """Upload and webhook checks, idempotency, queue limit, then store + enqueue. Returns (record,
+    replayed)."""
     svc = services(request)
     s, store = svc.settings, svc.store
+    try:
+        # Every pixel is decoded, as the worker will: a broken upload is a 4xx now, not a failed job.
+        warnings = check_image(data, max_pixels=s.max_pixels)
+    except PipelineError as e:
+        raise ApiError(UPLOAD_ERROR_STATUS.get(e.code, 400), e.code, e.message) from e
+    if options.webhook is not None:
+        try:
+            check_webhook_url(options.webhook, s)
+        except ValueError as e:
+            raise ApiError(422, "invalid_option", f"webhook: {e}") from e
     job_id = uuid.uuid4().hex
     idem = request.headers.get("idempotency-key")
     if idem is not None:
@@ -349,8 +359,7 @@ def _submit(
             "warnings": warnings + _profile_warnings(request),
             "attempts": 0,
         }
-        store.create(job_id, data, record)
-        enqueue(svc.queue, s, job_id)
+        store.create(job_id, data, record, svc.queue)
     except BaseException:
         if idem is not None:
             store.release_idempotency(f"{owner}:{idem}")
@@ -399,12 +408,12 @@ def cancel_restoration(job_id: str, request: Request) -> JSONResponse:
     owner = authenticate(request, svc.settings)
     record = _owned(request, job_id, owner)
     store = svc.store
-    if store.finish(job_id, {"status": "canceled"}, allowed=["queued"]):
+    canceled = store.finish(job_id, {"status": "canceled"}, allowed=["queued"])
+    if canceled is not None:
         with contextlib.suppress(NoSuchJobError):
             Job.fetch(job_id, connection=svc.redis, serializer=svc.queue.serializer).cancel()
-        record = store.get(job_id) or record
-        notify(record, svc.settings)
-        return _respond(request, record, 200)
+        notify(canceled, svc.settings)
+        return _respond(request, canceled, 200)
     if store.update(job_id, {"cancel_requested": True}, allowed=["processing"]):
         return _respond(request, store.get(job_id) or record, 202)
     record = store.get(job_id) or record
@@ -414,7 +423,8 @@ def cancel_restoration(job_id: str, request: Request) -> JSONResponse:
 def _result(request: Request, job_id: str, name: str, kind: str, index: int | None = None) -> Response:
     svc = services(request)
     owner = authenticate(request, svc.settings)
-    record = _owned(request, job_id, owner)
+    found, blob = svc.store.get_with_result(job_id, name)  # one round trip for both
+    record = _own(found, job_id, owner)
     if record["status"] != "succeeded":
         raise ApiError(
             409, "not_ready", f"The job is {record['status']}; results exist only once it succeeded."
@@ -426,7 +436,6 @@ def _result(request: Request, job_id: str, name: str, kind: str, index: int | No
         media_type = items[index] if 0 <= index < len(items) else None
     if media_type is None:
         raise ApiError(404, "not_found", f"This job has no {name.replace(':', ' ')} output.")
-    blob = svc.store.result(job_id, name)
     if blob is None:
         raise ApiError(
             410,

@@ -517,13 +517,14 @@ def test_record_ttl_must_outlive_every_attempt_of_a_job() -> None:
 
 
 def test_starting_a_job_renews_its_record_and_input_ttl(client: TestClient, settings: Settings) -> None:
-    """A job that waited in the queue must not expire while it runs: renew() (called by the worker
-    when it starts a job) restarts both TTLs."""
+    """A job that waited in the queue must not expire while it runs: start() (called by the worker
+    when it takes a job) restarts both TTLs."""
     store = client.app.state.services.store
     store.create("renew-me", b"bytes", {"status": "queued", "created_at": time.time()})
     for key in (store.key("job", "renew-me"), store.key("input", "renew-me")):
         store.redis.expire(key, 5)
-    store.renew("renew-me")
+    assert store.start("renew-me", {"status": "processing"})
+    assert store.get("renew-me")["status"] == "processing"
     for key in (store.key("job", "renew-me"), store.key("input", "renew-me")):
         assert store.redis.ttl(key) > settings.record_ttl_seconds - 5, key
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models.errors import InvalidImageError, TooManyPixelsError, UnsupportedFormatError
-from models.images import decode_image, encode_image, resolve_format
+from models.images import check_image, decode_image, encode_image, resolve_format
 
 MAX = 10_000_000
 
@@ -371,3 +371,40 @@ def test_png_round_trip_is_lossless(h: int, w: int, with_alpha: bool, seed: int)
         assert d.alpha is None
     else:
         np.testing.assert_array_equal(d.alpha, alpha)
+
+
+# ---------------------------------------------------------------- check_image (the API's check)
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        np.random.default_rng(3).bytes(4096),
+        _good_jpeg()[: len(_good_jpeg()) // 2],
+        _good_png()[:-30],
+        _png_declaring(3000, 3000),
+        _save(Image.fromarray(_rgb_pattern(16, 16)), "ICO"),
+        _good_png(),
+        _with_orientation(STORED[6], 6, "JPEG"),
+        _animated_gif(),
+    ],
+    ids=["empty", "random", "jpeg-half", "png-tail", "huge", "ico", "png", "exif-jpeg", "animated"],
+)
+def test_check_image_refuses_and_warns_as_decode_image(data: bytes) -> None:
+    """The API checks uploads with check_image (no arrays built); it must refuse exactly what the
+    worker's decode_image refuses, with the same error, and warn the same."""
+    try:
+        warnings = decode_image(data, max_pixels=1_000_000).warnings
+    except (InvalidImageError, TooManyPixelsError, UnsupportedFormatError) as e:
+        with pytest.raises(type(e)):
+            check_image(data, max_pixels=1_000_000)
+    else:
+        assert check_image(data, max_pixels=1_000_000) == warnings

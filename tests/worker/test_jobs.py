@@ -275,6 +275,7 @@ def test_metrics_after_jobs(client: TestClient, service) -> None:
         "dynface_stage_seconds": "histogram",
         "dynface_jobs_total": "counter",
         "dynface_faces_per_image": "histogram",
+        "dynface_jobs_per_batch": "histogram",
         "dynface_diffusion_steps_per_face": "histogram",
         "dynface_gpu_peak_memory_bytes": "gauge",
         "dynface_model_load_seconds": "gauge",
@@ -284,6 +285,10 @@ def test_metrics_after_jobs(client: TestClient, service) -> None:
     for name, kind in expected.items():
         assert types.get(name) == kind, (name, types.get(name))
     assert 'dynface_stage_seconds_count{stage="sample"}' in text
+    samples = [line.split(" ") for line in text.splitlines() if line.startswith("dynface_jobs_per_batch")]
+    batches = {name: float(value) for name, value in samples}
+    # batching is off by default: every job ran alone
+    assert batches['dynface_jobs_per_batch_bucket{le="1.0"}'] == batches["dynface_jobs_per_batch_count"] > 0
     assert 'dynface_jobs_total{outcome="succeeded",reason="ok"}' in text
     assert 'le="600.0"' in text
     assert "dynface_worker_ready 1.0" in text

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from app.jobs import JobStore, connect
 from app.main import create_app
 from app.settings import Settings
-from models.pipeline import PhotoResult, RestorationPipeline
+from models.pipeline import PhotoOutcome, RestorationPipeline
 from tests.conftest import WEIGHTS, aligned_png
 from worker import tasks
 
@@ -92,14 +92,14 @@ def test_unexpected_error_maps_to_internal_without_details(
 def test_cancel_after_sampling_still_cancels(runtime: tasks.Runtime, settings: Settings, monkeypatch) -> None:
     """A DELETE answered 202 while the job was past its last diffusion step ends as canceled."""
     job_id = _queued_job(settings)
-    real = runtime.pipe.restore_photo
+    real = runtime.pipe.restore_photos
 
-    def restore_then_cancel(*args: Any, **kwargs: Any) -> PhotoResult:
-        result = real(*args, **kwargs)
+    def restore_then_cancel(*args: Any, **kwargs: Any) -> list[PhotoOutcome]:
+        outcomes = real(*args, **kwargs)
         runtime.store.update(job_id, {"cancel_requested": True}, allowed=["processing"])
-        return result
+        return outcomes
 
-    monkeypatch.setattr(runtime.pipe, "restore_photo", restore_then_cancel)
+    monkeypatch.setattr(runtime.pipe, "restore_photos", restore_then_cancel)
     tasks.restore(job_id)
     record = runtime.store.get(job_id)
     assert record["status"] == "canceled" and record.get("outputs") is None, record

@@ -1,0 +1,140 @@
+"""The job store's batched Redis operations (app/jobs.py), on the real Redis: each is one round trip
+now, and each must still do everything the separate calls did, atomically where it matters."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from fastapi.testclient import TestClient
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app.completions import Completions
+from app.jobs import JobStore, connect, make_queue
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import aligned_png
+from worker.main import DynfaceWorker
+
+
+def _record(job_id: str, **extra: object) -> dict[str, object]:
+    return {"id": job_id, "status": "queued", "owner": "anonymous", "created_at": time.time(), **extra}
+
+
+def test_create_with_queue_stores_and_enqueues_together(settings: Settings) -> None:
+    store = JobStore(connect(settings), settings)
+    queue = make_queue(store.redis, settings)
+    store.create("j1", b"input bytes", _record("j1"), queue)
+    assert store.get("j1")["status"] == "queued"
+    assert store.redis.get(store.key("input", "j1")) == b"input bytes"
+    assert queue.job_ids == ["j1"]
+    job = Job.fetch("j1", connection=store.redis, serializer=JSONSerializer)
+    assert job.get_status() == "queued" and job.args == ["j1"] and job.func_name == "worker.tasks.restore"
+    assert job.timeout == settings.job_timeout_seconds
+
+
+def test_start_moves_a_queued_job_and_refuses_an_ended_one(settings: Settings) -> None:
+    store = JobStore(connect(settings), settings)
+    store.create("run", b"x", _record("run"))
+    assert store.start("run", {"status": "processing", "attempts": 1})
+    assert store.get("run")["status"] == "processing" and store.get("run")["attempts"] == 1
+    store.create("gone", b"x", _record("gone"))
+    assert store.finish("gone", {"status": "canceled"}, allowed=["queued"]) is not None
+    assert not store.start("gone", {"status": "processing"})
+    assert store.get("gone")["status"] == "canceled"
+
+
+def test_progress_writes_the_record_and_rq_meta_while_processing(settings: Settings) -> None:
+    store = JobStore(connect(settings), settings)
+    store.create("p", b"x", _record("p"), make_queue(store.redis, settings))
+    store.start("p", {"status": "processing"})
+    rq_job = Job.fetch("p", connection=store.redis, serializer=JSONSerializer)
+    store.progress("p", {"stage": "sample", "step": 2, "total": 5}, rq_job)
+    record = store.get("p")
+    assert (record["stage"], record["step"], record["total"]) == ("sample", 2, 5)
+    meta = Job.fetch("p", connection=store.redis, serializer=JSONSerializer).meta
+    assert meta == {"stage": "sample", "step": 2, "total": 5}
+    store.finish("p", {"status": "succeeded", "stage": None})
+    store.progress("p", {"stage": "encode"}, None)  # a late write never reopens an ended job
+    assert store.get("p")["stage"] is None and store.get("p")["status"] == "succeeded"
+
+
+def test_finish_writes_results_drops_input_and_returns_the_final_record(settings: Settings) -> None:
+    store = JobStore(connect(settings), settings)
+    store.create("f", b"x", _record("f", result_ttl=123))
+    pubsub = store.redis.pubsub()
+    pubsub.subscribe(store.key("done", "f"))
+    pubsub.get_message(timeout=5)  # the subscribe confirmation
+    final = store.finish("f", {"status": "succeeded", "outputs": {"image": "image/png"}}, {"image": b"png"})
+    assert (
+        final is not None and final["status"] == "succeeded" and final["completed_at"] >= final["created_at"]
+    )
+    assert final == store.get("f")
+    result_key = store.key("result", "f", "image")
+    assert store.redis.get(result_key) == b"png"
+    assert 100 < store.redis.ttl(result_key) <= 123  # the record's result_ttl, not the default
+    assert store.redis.exists(store.key("input", "f")) == 0
+    assert store.redis.ttl(store.key("job", "f")) > settings.record_ttl_seconds - 10
+    message = pubsub.get_message(timeout=5)
+    assert message is not None and message["data"] == b"succeeded"
+    pubsub.close()
+    # Already ended: nothing is written, not even results.
+    assert store.finish("f", {"status": "failed"}, {"comparison": b"late"}) is None
+    assert store.get("f")["status"] == "succeeded"
+    assert store.redis.exists(store.key("result", "f", "comparison")) == 0
+
+
+def test_get_with_result(settings: Settings) -> None:
+    store = JobStore(connect(settings), settings)
+    store.create("g", b"x", _record("g"))
+    store.finish("g", {"status": "succeeded"}, {"image": b"bytes"})
+    record, blob = store.get_with_result("g", "image")
+    assert record is not None and record["status"] == "succeeded" and blob == b"bytes"
+    assert store.get_with_result("g", "face:0") == (record, None)
+    assert store.get_with_result("unknown", "image") == (None, None)
+
+
+def test_worker_heartbeat_writes_rq_worker_keys(settings: Settings) -> None:
+    """DynfaceWorker sends RQ's heartbeat as one pipeline; the writes must be RQ's own."""
+    redis = connect(settings)
+    store = JobStore(redis, settings)
+    worker = DynfaceWorker(
+        [make_queue(redis, settings)],
+        name=f"{settings.queue_name}-beat",
+        connection=redis,
+        serializer=JSONSerializer,
+        settings=settings,
+        store=store,
+    )
+    worker.heartbeat(timeout=77)
+    assert redis.hget(worker.key, "last_heartbeat")
+    assert 0 < redis.ttl(worker.key) <= 77
+
+
+def test_prefer_wait_answers_without_the_completion_listener(settings: Settings) -> None:
+    """With the listener down (Redis reconnecting: not subscribed, no message arrives), a waiting
+    request still sees its job end by re-reading the record."""
+    with TestClient(create_app(settings)) as client:
+        svc = client.app.state.services
+        svc.completions = Completions(settings)  # never started: what requests see while it reconnects
+        submitted: list[str] = []
+
+        def cancel_soon() -> None:
+            while not svc.queue.job_ids:
+                time.sleep(0.01)
+            submitted.append(svc.queue.job_ids[0])
+            time.sleep(0.3)
+            svc.store.finish(submitted[0], {"status": "canceled"}, allowed=["queued"])
+
+        canceller = threading.Thread(target=cancel_soon)
+        canceller.start()
+        r = client.post(
+            "/v1/restorations",
+            files={"image": ("face.png", aligned_png(), "image/png")},
+            data={"aligned": "true"},
+            headers={"Prefer": "wait=20"},
+        )
+        canceller.join()
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == submitted[0] and r.json()["status"] == "canceled"

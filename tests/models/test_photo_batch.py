@@ -1,0 +1,130 @@
+"""`RestorationPipeline.restore_photos`: several photos, their faces in one sampler batch (the
+worker's cross-job batching), each photo ending as it would alone. Tiny profile, real photos.
+
+"As it would alone" is exact for everything the method decides (faces, levels, start steps, etas,
+NFE, seeds, formats, sizes) and for pixels up to one 8-bit level: the UNet's batched kernels round
+differently from its one-sample kernels (about 1e-6 per call on this CPU), as between the faces of
+one photo (tests/models/test_pipeline.py `test_faces_of_a_batch_do_not_depend_on_each_other`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.dsst import default_table
+from models.errors import Cancelled, InvalidImageError, NoFaceError
+from models.pipeline import PhotoRequest, PhotoResult, RestorationPipeline, RestoreOptions
+from models.profiles import PROFILES
+from tests.conftest import TESTDATA, WEIGHTS
+
+ALIGNED = TESTDATA / "aligned"
+PHOTOS = TESTDATA / "photos"
+
+pytestmark = pytest.mark.skipif(not TESTDATA.is_dir(), reason=f"shared test data not found at {TESTDATA}")
+
+
+@pytest.fixture(scope="module")
+def fast() -> RestorationPipeline:
+    """Tiny networks, starts of 2–4 steps, and a face batch of 3 so a batch of photos' faces
+    (1 + 4 + 1 below) straddles sampler chunks."""
+    base = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
+    table = dataclasses.replace(default_table(), start_indices=(2, 3, 4))
+    return RestorationPipeline(
+        PROFILES["tiny"], base.unet, base.restorer, dsst=table, max_batch=3, weights_dir=WEIGHTS
+    )
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data))).astype(int)
+
+
+def _assert_same_photo(alone: PhotoResult, together: PhotoResult) -> None:
+    assert together.media_type == alone.media_type and together.seed == alone.seed
+    assert together.face_reports == alone.face_reports  # boxes, scores and every FaceFacts field
+    assert together.warnings == alone.warnings and together.faces_dropped == alone.faces_dropped
+    assert list(together.timings) == list(alone.timings)
+    assert len(together.faces) == len(alone.faces)
+    for a, b in zip([alone.image, *alone.faces], [together.image, *together.faces], strict=True):
+        pa, pb = _pixels(a), _pixels(b)
+        assert pa.shape == pb.shape
+        assert np.abs(pa - pb).max() <= 1  # batched vs one-sample kernels round apart (docstring)
+
+
+def test_photos_restored_together_are_what_each_gives_alone(fast: RestorationPipeline) -> None:
+    """Different seeds, face counts (1, 4, 1) and per-photo options; face k of photo j draws from
+    seed_j + k, so no face takes another's noise (which would change its pixels by far more than 1)."""
+    requests = [
+        PhotoRequest((ALIGNED / "0143.png").read_bytes(), RestoreOptions(aligned=True, seed=3)),
+        PhotoRequest(
+            (PHOTOS / "00.jpg").read_bytes(),
+            RestoreOptions(seed=11, outputs=("image", "faces"), format="png", upscale=2),
+        ),
+        PhotoRequest(
+            (ALIGNED / "0240.png").read_bytes(),
+            RestoreOptions(aligned=True, seed=3, format="png", color_correction="adain"),
+        ),
+    ]
+    seen: dict[int, list[str]] = {j: [] for j in range(len(requests))}
+    requests = [
+        dataclasses.replace(r, progress=lambda stage, step, total, j=j: seen[j].append(stage))
+        for j, r in enumerate(requests)
+    ]
+    together = fast.restore_photos(requests)
+    assert all(isinstance(t, PhotoResult) for t in together), together
+    assert [len(t.face_reports) for t in together] == [1, 4, 1]
+    for j, request in enumerate(requests):
+        # Each photo hears its own stages and the shared ones, in the pipeline's order.
+        assert list(dict.fromkeys(seen[j])) == ["decode", "detect", "dblm", "sample", "paste", "encode"]
+        alone = fast.restore_photo(request.data, request.options)
+        _assert_same_photo(alone, together[j])  # type: ignore[arg-type]
+
+
+def test_a_failing_photo_ends_alone(fast: RestorationPipeline) -> None:
+    """A bad file and a photo without a face fail by themselves; a passthrough photo needs no
+    sampling; the photo with a face is restored as alone."""
+    flat = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 200, 200)).save(flat, "PNG")
+    face = PhotoRequest((ALIGNED / "0342.png").read_bytes(), RestoreOptions(aligned=True, seed=1))
+    requests = [
+        PhotoRequest(b"not an image", RestoreOptions(seed=1)),
+        face,
+        PhotoRequest(flat.getvalue(), RestoreOptions(seed=1)),
+        PhotoRequest(flat.getvalue(), RestoreOptions(seed=1, on_no_face="passthrough")),
+    ]
+    bad, restored, no_face, passed = fast.restore_photos(requests)
+    assert isinstance(bad, InvalidImageError) and isinstance(no_face, NoFaceError)
+    assert isinstance(passed, PhotoResult) and passed.face_reports == [] and "sample" not in passed.timings
+    _assert_same_photo(fast.restore_photo(face.data, face.options), restored)  # type: ignore[arg-type]
+    with pytest.raises(InvalidImageError):  # the one-photo case raises what ended it
+        fast.restore_photo(b"not an image", RestoreOptions())
+
+
+def test_cancel_stops_the_batch_only_when_every_photo_asks(fast: RestorationPipeline) -> None:
+    data = (ALIGNED / "0345.png").read_bytes()
+    options = RestoreOptions(aligned=True, seed=0)
+    flat = io.BytesIO()
+    Image.new("RGB", (96, 64), (10, 10, 10)).save(flat, "PNG")
+    passthrough = PhotoRequest(flat.getvalue(), RestoreOptions(seed=0, on_no_face="passthrough"))
+    stop = PhotoRequest(data, options, should_cancel=lambda: True)
+    both = fast.restore_photos([stop, stop, passthrough])
+    assert [type(o) for o in both] == [Cancelled, Cancelled, PhotoResult]  # the faceless one goes on
+    # One photo still wants its result: the batch samples on (the worker then ends the other as
+    # canceled, since its cancel is still requested after sampling).
+    one = fast.restore_photos([stop, PhotoRequest(data, options)])
+    assert all(isinstance(o, PhotoResult) for o in one), one
+
+
+def test_photos_must_share_the_sampler_options(fast: RestorationPipeline) -> None:
+    data = (ALIGNED / "0345.png").read_bytes()
+    with pytest.raises(ValueError, match="must agree on"):
+        fast.restore_photos(
+            [
+                PhotoRequest(data, RestoreOptions(aligned=True, fidelity=0.5)),
+                PhotoRequest(data, RestoreOptions(aligned=True, fidelity=0.6)),
+            ]
+        )

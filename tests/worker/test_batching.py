@@ -1,0 +1,251 @@
+"""Cross-job batching with real worker processes, real Redis and the real `tiny` pipeline.
+
+Jobs are submitted before the worker starts, so the queue holds them all when the worker takes its
+first job: which jobs ride along is then decided by their options, not by timing. A DSST table with
+starts of 2–4 steps keeps the jobs short where the batch need not outlast a kill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from app.jobs import JobStore, connect, make_queue
+from app.main import create_app
+from app.schemas import RestorationOptions
+from app.settings import Settings
+from models.dsst import default_table
+from models.pipeline import RestorationPipeline, RestoreOptions
+from tests.conftest import TESTDATA, WEIGHTS, WorkerProcess, aligned_png, start_workers, wait_for
+from worker import tasks
+from worker.main import DynfaceWorker
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+@pytest.fixture(scope="module")
+def fast_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dsst") / "fast.json"
+    path.write_text(dataclasses.replace(default_table(), start_indices=(2, 3, 4)).to_json())
+    return path
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    """Worker processes a test starts (appended to this list) are stopped at its end."""
+    started: list[WorkerProcess] = []
+    yield started
+    for w in started:
+        w.stop(signal.SIGKILL)
+
+
+def submit(c: TestClient, data: bytes, **fields: Any) -> str:
+    r = c.post(
+        "/v1/restorations",
+        files={"image": ("in.png", data, "image/png")},
+        data={k: str(v) for k, v in fields.items()},
+    )
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def flat_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (160, 120), (200, 200, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def terminal(c: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    return wait_for(
+        lambda: (j := c.get(f"/v1/restorations/{job_id}").json())["status"] in TERMINAL and j,
+        timeout,
+        interval=0.1,
+        what=f"job {job_id} terminal",
+    )
+
+
+def pipeline_options(store: JobStore, job_id: str) -> RestoreOptions:
+    """The options the worker gives the pipeline for this job (as the API stored them)."""
+    opts = RestorationOptions.model_validate(store.get(job_id)["options"]).pipeline_options()
+    return RestoreOptions(**{**opts, "outputs": tuple(opts["outputs"])})
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data))).astype(int)
+
+
+def test_riders_run_in_one_batch_and_each_ends_on_its_own(
+    make_settings: Callable[..., Settings], workers: list[WorkerProcess], tmp_path: Path, fast_table: Path
+) -> None:
+    """Queue: A (1 face, seed 3) · B (difface: incompatible) · C (no face: fails) · D (canceled) ·
+    E (record expired) · F (photo with 4 faces, seed 11). The worker takes A and claims C and F
+    (B, D, E stay behind); C's failure does not touch A and F, which are what they are alone; B then
+    runs by itself, and E is dropped as an expired job is."""
+    batching = make_settings(
+        dsst_table=str(fast_table), worker_batch_max_jobs=4, worker_batch_wait_seconds=0.3
+    )
+    photo = (TESTDATA / "photos" / "00.jpg").read_bytes()
+    with TestClient(create_app(batching)) as c:
+        svc = c.app.state.services
+        store: JobStore = svc.store
+        a = submit(c, aligned_png("0143.png"), aligned="true", seed=3)
+        b = submit(c, aligned_png("0240.png"), aligned="true", seed=3, mode="difface")
+        cc = submit(c, flat_png(), seed=1)
+        d = submit(c, aligned_png("0342.png"), aligned="true")
+        e = submit(c, aligned_png("0345.png"), aligned="true")
+        f = submit(c, photo, seed=11, outputs="image,faces", format="png")
+        assert c.delete(f"/v1/restorations/{d}").json()["status"] == "canceled"
+        svc.redis.delete(store.key("job", e))
+        queue = make_queue(svc.redis, batching)
+        assert queue.job_ids == [a, b, cc, e, f]
+
+        # Not start_workers: it waits for the worker to be idle, i.e. for the batch to be over.
+        workers.append(WorkerProcess(batching, tmp_path / "worker.log", f"w-{uuid.uuid4().hex[:6]}"))
+        # While the batch runs, its riders are started RQ jobs (recoverable like A) and out of the
+        # queue; the jobs it skipped wait in it in their order.
+        wait_for(lambda: store.get(f)["status"] == "processing", 120, interval=0.02, what="F running")
+        assert set(StartedJobRegistry(queue=queue).get_job_ids(cleanup=False)) == {a, cc, f}
+        assert queue.job_ids == [b, e]
+
+        jobs = {k: terminal(c, v) for k, v in {"a": a, "b": b, "c": cc, "f": f}.items()}
+        assert jobs["c"]["status"] == "failed" and jobs["c"]["error"]["code"] == "no_face", jobs["c"]
+        for k in ("a", "b", "f"):
+            assert jobs[k]["status"] == "succeeded" and jobs[k]["attempts"] == 1, jobs[k]
+        assert [jobs[k]["timings"]["batch_jobs"] for k in ("a", "f")] == [3, 3]  # A, C and F
+        assert jobs["b"]["timings"]["batch_jobs"] == 1
+        assert jobs["b"]["started_at"] >= max(jobs[k]["completed_at"] for k in ("a", "f"))
+        assert c.get(f"/v1/restorations/{d}").json()["attempts"] == 0  # canceled jobs never run
+        assert store.get(e) is None
+
+        # Each batched job got what it gets alone (same seed, same options), up to the ±1 rounding
+        # of batched kernels (tests/models/test_photo_batch.py).
+        pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, dsst_table=fast_table)
+        for job_id, data in ((a, aligned_png("0143.png")), (f, photo)):
+            alone = pipe.restore_photo(data, pipeline_options(store, job_id))
+            job = jobs["a" if job_id == a else "f"]
+            assert [(x["start_step"], x["eta"]) for x in job["faces"]] == [
+                (r.facts.start_step, r.facts.eta) for r in alone.face_reports
+            ]
+            got = [c.get(u).content for u in (job["outputs"]["image"], *job["outputs"].get("faces", []))]
+            for batched, single in zip(got, [alone.image, *alone.faces], strict=True):
+                assert np.abs(pixels(batched) - pixels(single)).max() <= 1
+        assert len(jobs["f"]["faces"]) == 4
+
+        # RQ's view: every job ended (E too: its worker call returned), none is left started.
+        wait_for(lambda: queue.count == 0, 30, what="queue drained")
+        assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+        for job_id in (a, b, cc, e, f):
+            assert Job.fetch(job_id, svc.redis, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+
+
+def test_worker_killed_mid_batch_has_every_job_recovered(
+    make_settings: Callable[..., Settings], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """kill -9 while three jobs run as one batch: the reaper (in a worker started afterwards)
+    re-queues each of them, the rider ones exactly like the job the dead worker dequeued. The
+    shipped DSST table (starts of 24–100 steps) keeps the batch running long enough to be killed."""
+    batching = make_settings(worker_batch_max_jobs=4, worker_batch_wait_seconds=0.3)
+    with TestClient(create_app(batching)) as c:
+        store: JobStore = c.app.state.services.store
+        faces = ("0143.png", "0240.png", "0342.png")
+        ids = [submit(c, aligned_png(n), aligned="true", seed=k) for k, n in enumerate(faces)]
+        # Not start_workers: it waits for the worker to be idle, i.e. for the batch to be over.
+        victim = WorkerProcess(batching, tmp_path / "victim.log", f"victim-{uuid.uuid4().hex[:6]}")
+        workers.append(victim)
+        wait_for(
+            lambda: all(store.get(i)["status"] == "processing" for i in ids),
+            120,
+            interval=0.02,
+            what="the three jobs running",
+        )
+        assert {store.get(i)["worker"] for i in ids} == {victim.name}
+        victim.proc.kill()  # SIGKILL: nothing of the batch is cleaned up by the victim
+        victim.proc.wait(10)
+        workers += start_workers(batching, tmp_path)
+        for job_id in ids:
+            job = terminal(c, job_id)
+            assert job["status"] == "succeeded" and job["attempts"] == 2, job
+            assert any("lost" in w for w in job["warnings"]), job["warnings"]
+
+
+def test_worker_killed_mid_batch_without_retries_fails_every_job_with_a_reason(
+    make_settings: Callable[..., Settings], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    settings = make_settings(worker_batch_max_jobs=3, worker_batch_wait_seconds=0.3, max_retries=0)
+    with TestClient(create_app(settings)) as c:
+        store: JobStore = c.app.state.services.store
+        ids = [submit(c, aligned_png(n), aligned="true") for n in ("0143.png", "0240.png", "0342.png")]
+        victim = WorkerProcess(settings, tmp_path / "victim.log", f"victim-{uuid.uuid4().hex[:6]}")
+        workers.append(victim)
+        wait_for(
+            lambda: all(store.get(i)["status"] == "processing" for i in ids),
+            120,
+            interval=0.02,
+            what="the three jobs running",
+        )
+        victim.proc.kill()
+        victim.proc.wait(10)
+        workers += start_workers(settings, tmp_path)  # its reaper notices the loss
+        for job_id in ids:
+            job = terminal(c, job_id)
+            assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
+
+
+def test_a_rider_the_batch_never_started_goes_back_to_the_queue(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch ends between claiming a rider and starting it (here an error right after the
+    claim, as a Redis failure or the time limit could cause): the dequeued job fails with a reason,
+    and the rider is neither lost nor started but back at the head of the queue. Real RQ worker code,
+    in this process (the pipeline is never reached)."""
+    settings = make_settings(worker_batch_max_jobs=2, worker_batch_wait_seconds=0)
+    with TestClient(create_app(settings)) as c:
+        first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
+    rq_redis = connect(settings)
+    store = JobStore(connect(settings), settings)
+    queue = make_queue(rq_redis, settings)
+    worker = DynfaceWorker(
+        [queue],
+        name=f"{settings.queue_name}-w",  # inside the test's namespace, so it is purged with it
+        connection=rq_redis,
+        serializer=JSONSerializer,
+        settings=settings,
+        store=store,
+    )
+
+    def claim_then_fail(key: tuple[Any, ...]) -> list[Job]:
+        assert [j.id for j in worker.claim_riders(key)] == [rider]
+        raise RuntimeError("connection lost")
+
+    runtime = tasks.Runtime(
+        pipe=None,  # type: ignore[arg-type]  # never reached
+        store=store,
+        settings=settings,
+        worker_name=worker.name,
+        device="cpu",
+        claim_riders=claim_then_fail,
+    )
+    monkeypatch.setattr(tasks, "_runtime", runtime)
+    dequeued = Queue.dequeue_any([queue], None, connection=rq_redis, serializer=JSONSerializer)
+    assert dequeued is not None and dequeued[0].id == first
+    worker.execute_job(*dequeued)
+
+    assert store.get(first)["status"] == "failed" and store.get(first)["error"]["code"] == "internal"
+    assert store.get(rider)["status"] == "queued" and store.get(rider)["attempts"] == 0
+    assert queue.job_ids == [rider]
+    assert Job.fetch(rider, rq_redis, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
