@@ -2,9 +2,10 @@
 worker's cross-job batching), each photo ending as it would alone. Tiny profile, real photos.
 
 "As it would alone" is exact for everything the method decides (faces, levels, start steps, etas,
-NFE, seeds, formats, sizes) and for pixels up to one 8-bit level: the UNet's batched kernels round
-differently from its one-sample kernels (about 1e-6 per call on this CPU), as between the faces of
-one photo (tests/models/test_pipeline.py `test_faces_of_a_batch_do_not_depend_on_each_other`).
+NFE, seeds, formats, sizes) and for pixels up to rounding (tests.conftest.assert_same_up_to_rounding):
+the UNet's batched kernels round differently from its one-sample kernels (about 1e-6 per call on
+this CPU), as between the faces of one photo (tests/models/test_pipeline.py
+`test_faces_of_a_batch_do_not_depend_on_each_other`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from models.dsst import default_table
 from models.errors import Cancelled, InvalidImageError, NoFaceError
 from models.pipeline import PhotoRequest, PhotoResult, RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
-from tests.conftest import TESTDATA, WEIGHTS
+from tests.conftest import TESTDATA, WEIGHTS, assert_same_up_to_rounding
 
 ALIGNED = TESTDATA / "aligned"
 PHOTOS = TESTDATA / "photos"
@@ -50,9 +51,7 @@ def _assert_same_photo(alone: PhotoResult, together: PhotoResult) -> None:
     assert list(together.timings) == list(alone.timings)
     assert len(together.faces) == len(alone.faces)
     for a, b in zip([alone.image, *alone.faces], [together.image, *together.faces], strict=True):
-        pa, pb = _pixels(a), _pixels(b)
-        assert pa.shape == pb.shape
-        assert np.abs(pa - pb).max() <= 1  # batched vs one-sample kernels round apart (docstring)
+        assert_same_up_to_rounding(_pixels(a), _pixels(b))  # batched vs one-sample kernels (docstring)
 
 
 def test_photos_restored_together_are_what_each_gives_alone(fast: RestorationPipeline) -> None:
