@@ -23,6 +23,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 FIGURES = ROOT / "docs" / "benchmarks"
 SHARED = ROOT.parent / "shared"
 ALIGNED = SHARED / "testdata" / "aligned"
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def cpu_model() -> str:
@@ -94,6 +95,26 @@ def percentile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def service_env(prefix: str, **settings: str) -> dict[str, str]:
+    """Environment for a dynface process under test: this one's without any DYNFACE_* or REDIS_URL
+    (so the bench never inherits a deployment's settings), on REDIS_URL in namespace and queue
+    `prefix`, tiny profile, offline, no rate limit, plus `settings` (DYNFACE_* names)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
+    env.update(
+        {
+            "DYNFACE_REDIS_URL": REDIS_URL,
+            "DYNFACE_KEY_PREFIX": prefix,
+            "DYNFACE_QUEUE_NAME": prefix,
+            "DYNFACE_PROFILE": "tiny",
+            "DYNFACE_OFFLINE": "true",
+            "DYNFACE_RATE_LIMIT_PER_MINUTE": "0",
+            "PYTHONPATH": str(ROOT),
+            **settings,
+        }
+    )
+    return env
 
 
 def purge_namespace(r: redis.Redis, prefix: str) -> int:

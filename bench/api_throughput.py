@@ -54,10 +54,18 @@ import httpx
 import redis
 from PIL import Image
 
-from bench._report import ROOT, SHARED, header, percentile, purge_namespace, write_section
+from bench._report import (
+    REDIS_URL,
+    ROOT,
+    SHARED,
+    header,
+    percentile,
+    purge_namespace,
+    service_env,
+    write_section,
+)
 
 PHOTOS = SHARED / "testdata" / "photos"
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 TARGET_BYTES = 200_000
 CHUNK = 16 * 1024
 HOLD_TAIL = 4 * 1024
@@ -278,19 +286,7 @@ def serve(workers: int, queue_depth: int, r: redis.Redis, logs: Path, run: Run) 
     prefix = f"bench-apitp-{uuid.uuid4().hex[:8]}"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
-    env.update(
-        {
-            "DYNFACE_REDIS_URL": REDIS_URL,
-            "DYNFACE_KEY_PREFIX": prefix,
-            "DYNFACE_QUEUE_NAME": prefix,
-            "DYNFACE_PROFILE": "tiny",
-            "DYNFACE_OFFLINE": "true",
-            "DYNFACE_RATE_LIMIT_PER_MINUTE": "0",
-            "DYNFACE_MAX_QUEUE_DEPTH": str(queue_depth),
-            "PYTHONPATH": str(ROOT),
-        }
-    )
+    env = service_env(prefix, DYNFACE_MAX_QUEUE_DEPTH=str(queue_depth))
     cmd = [sys.executable, "-m", "uvicorn", "app.main:app_from_env", "--factory", "--workers", str(workers)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
     log = open(logs / f"{prefix}.log", "wb")  # noqa: SIM115 (child owns it until exit)

@@ -70,11 +70,20 @@ import torch
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
-from bench._report import ALIGNED, ROOT, SHARED, header, percentile, purge_namespace, write_section
+from bench._report import (
+    ALIGNED,
+    REDIS_URL,
+    ROOT,
+    SHARED,
+    header,
+    percentile,
+    purge_namespace,
+    service_env,
+    write_section,
+)
 
 TARGET_MS = 20.0
 WEIGHTS = SHARED / "weights"
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 OPTIONS = {"aligned": "true", "seed": "0", "mode": "difface"}
 
 
@@ -235,20 +244,11 @@ def main() -> None:
     prefix = f"bench-overhead-{uuid.uuid4().hex[:8]}"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
-    env.update(
-        {
-            "DYNFACE_REDIS_URL": REDIS_URL,
-            "DYNFACE_KEY_PREFIX": prefix,
-            "DYNFACE_QUEUE_NAME": prefix,
-            "DYNFACE_PROFILE": "tiny",
-            "DYNFACE_WEIGHTS_DIR": str(WEIGHTS),
-            "DYNFACE_OFFLINE": "true",
-            "DYNFACE_RATE_LIMIT_PER_MINUTE": "0",
-            "DYNFACE_WORKER_METRICS_PORT": "0",
-            "DYNFACE_MAX_QUEUE_DEPTH": str(max(levels) * 2 + 10),
-            "PYTHONPATH": str(ROOT),
-        }
+    env = service_env(
+        prefix,
+        DYNFACE_WEIGHTS_DIR=str(WEIGHTS),
+        DYNFACE_WORKER_METRICS_PORT="0",
+        DYNFACE_MAX_QUEUE_DEPTH=str(max(levels) * 2 + 10),
     )
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / prefix
     logs.mkdir(parents=True, exist_ok=True)
