@@ -24,11 +24,10 @@ from models.dblm import blur_levels
 from models.dsst import DSSTable, default_table
 from models.pipeline import RestorationPipeline
 from models.train import TrainConfig, load_config, lpips_network, lpips_term, train
+from tests.conftest import TESTDATA, WEIGHTS
 from worker.cli import main
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-ALIGNED = SHARED / "testdata" / "aligned"
-WEIGHTS = SHARED / "weights"
+ALIGNED = TESTDATA / "aligned"
 pytestmark = pytest.mark.skipif(not ALIGNED.is_dir(), reason=f"shared test data not found at {ALIGNED}")
 
 FACES = ("0143.png", "0240.png")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,6 +13,7 @@ import pytest
 
 from models import weights as W
 from models.weights import MANIFEST, MissingWeightsError, WeightFile, missing_for, pull, verify
+from tests.conftest import http_server
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 PAYLOAD = bytes(range(256)) * 400  # 100 KiB
@@ -61,12 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(_Handler) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

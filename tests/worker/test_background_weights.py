@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from app.jobs import JobStore, connect
 from app.main import create_app
 from models import weights
 from models.profiles import PROFILES
-from tests.conftest import WorkerProcess, base_settings, purge, wait_for
+from tests.conftest import WorkerProcess, base_settings, http_server, purge, wait_for
 from worker.main import _missing_weights
 
 BACKGROUND = "realesrgan_x2plus"
@@ -56,12 +55,8 @@ class _NotFound(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def not_found_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/RealESRGAN_x2plus.pth"
-    server.shutdown()
-    thread.join()
+    with http_server(_NotFound) as base:
+        yield f"{base}/RealESRGAN_x2plus.pth"
 
 
 def test_a_failed_background_download_is_reported_by_name(tmp_path: Path, not_found_url: str) -> None:
