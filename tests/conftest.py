@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
+from app.jobs import TERMINAL
 from app.main import create_app
 from app.settings import Settings
 
@@ -85,6 +86,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def wait_terminal(client: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    """The job as the API shows it once it has ended (succeeded, failed or canceled)."""
+    return wait_for(
+        lambda: (j := client.get(f"/v1/restorations/{job_id}").json())["status"] in TERMINAL and j,
+        timeout,
+        interval=0.1,
+        what=f"job {job_id} ended",
+    )
 
 
 def base_settings(namespace: str, **overrides: Any) -> Settings:

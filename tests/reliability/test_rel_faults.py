@@ -24,11 +24,19 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image
-from rel_support import TERMINAL, RedisServer, WebhookSink
+from rel_support import RedisServer, WebhookSink
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import WorkerProcess, aligned_png, base_settings, purge, start_workers, wait_for
+from tests.conftest import (
+    WorkerProcess,
+    aligned_png,
+    base_settings,
+    purge,
+    start_workers,
+    wait_for,
+    wait_terminal,
+)
 
 FAST_KILLS = 3
 
@@ -99,15 +107,6 @@ def running_on(c: TestClient, job_id: str, workers: list[WorkerProcess]) -> Work
     return next(w for w in workers if w.name == rec["worker"])
 
 
-def terminal(c: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    return wait_for(
-        lambda: (j := c.get(f"/v1/restorations/{job_id}").json())["status"] in TERMINAL and j,
-        timeout,
-        interval=0.1,
-        what=f"job {job_id} terminal",
-    )
-
-
 def assert_one_result(c: TestClient, sink: WebhookSink, job_ids: list[str]) -> None:
     """Exactly one outcome per job: one webhook delivery each (the worker that finishes a job
     delivers it once; a killed attempt must not add a second), and a result image for successes."""
@@ -132,7 +131,7 @@ def test_kill9_mid_sampling_loses_nothing(pool: Pool) -> None:
             victim.proc.kill()  # SIGKILL: nothing runs in the victim, as on a host loss
             victim.proc.wait(10)
             pool.replace(victim)
-            job = terminal(c, job_id)
+            job = wait_terminal(c, job_id)
             assert job["status"] == "succeeded", job
             assert job["attempts"] == 2, job
             assert any("lost" in w for w in job["warnings"]), job["warnings"]
@@ -156,7 +155,7 @@ def test_sigterm_finishes_current_job_and_leaves_the_queue_to_others(pool: Pool)
         job = c.get(f"/v1/restorations/{first}").json()
         assert job["status"] == "succeeded" and job["attempts"] == 1, job
         assert c.app.state.services.store.get(first)["worker"] == worker.name
-        other = terminal(c, second)
+        other = wait_terminal(c, second)
         assert other["status"] == "succeeded" and other["attempts"] == 1, other
         assert c.app.state.services.store.get(second)["worker"] != worker.name
         assert_one_result(c, pool.sink, [first, second])
@@ -169,7 +168,7 @@ def test_job_timeout_fails_with_timeout_and_worker_stays_healthy(pool: Pool) -> 
     strict = pool.settings.model_copy(update={"job_timeout_seconds": 1})
     with TestClient(create_app(strict)) as c:
         job_id = submit_ok(c, webhook=pool.sink.url)
-        job = terminal(c, job_id, timeout=60)
+        job = wait_terminal(c, job_id, timeout=60)
     assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
     assert job["attempts"] == 1, job  # job-level failures are never retried
     worker_name = c.app.state.services.store.get(job_id)["worker"]
@@ -180,7 +179,7 @@ def test_job_timeout_fails_with_timeout_and_worker_stays_healthy(pool: Pool) -> 
         assert states.get(worker_name) == "ready", states
         # Both workers take the next two jobs: the one that timed out must run one fine.
         after = [submit_ok(c, webhook=pool.sink.url) for _ in range(2)]
-        done = [terminal(c, j) for j in after]
+        done = [wait_terminal(c, j) for j in after]
         assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
         assert_one_result(c, pool.sink, [job_id, *after])
     assert worker.proc.poll() is None
@@ -201,7 +200,7 @@ def test_concurrent_duplicate_idempotency_key_runs_one_job(pool: Pool, redis_con
         ids = {r.json()["id"] for r in responses}
         assert len(ids) == 1
         (job_id,) = ids
-        assert terminal(c, job_id)["status"] == "succeeded"
+        assert wait_terminal(c, job_id)["status"] == "succeeded"
         assert_one_result(c, pool.sink, [job_id])
         # No second RQ job, record or result was ever written for this key.
         records = list(redis_conn.scan_iter(match=f"{pool.settings.key_prefix}:job:*", count=1000))
@@ -261,7 +260,7 @@ def test_odd_valid_inputs_through_a_real_worker(pool: Pool) -> None:
             r = submit(c, data=data, webhook=pool.sink.url, **{"aligned": "true", **fields})
             assert r.status_code == 202, (name, r.text)
             ids[name] = r.json()["id"]
-        jobs = {name: terminal(c, j, timeout=180) for name, j in ids.items()}
+        jobs = {name: wait_terminal(c, j, timeout=180) for name, j in ids.items()}
         for name, job in jobs.items():
             assert job["status"] == "succeeded", (name, job)
         for o in range(1, 9):
@@ -306,7 +305,7 @@ def test_redis_killed_and_restarted(tmp_path: Path) -> None:
             job_id = wait_for(
                 lambda: (r := submit(c)).status_code == 202 and r.json()["id"], 15, interval=0.2
             )
-            job = terminal(c, job_id, timeout=120)
+            job = wait_terminal(c, job_id, timeout=120)
             assert job["status"] == "succeeded", (job, workers[0].log()[-3000:])
             assert workers[0].proc.poll() is None
     finally:

@@ -38,11 +38,10 @@ from tests.conftest import (
     assert_same_up_to_rounding,
     start_workers,
     wait_for,
+    wait_terminal,
 )
 from worker import tasks
 from worker.main import DynfaceWorker
-
-TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +74,6 @@ def flat_png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (160, 120), (200, 200, 200)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def terminal(c: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    return wait_for(
-        lambda: (j := c.get(f"/v1/restorations/{job_id}").json())["status"] in TERMINAL and j,
-        timeout,
-        interval=0.1,
-        what=f"job {job_id} terminal",
-    )
 
 
 def pipeline_options(store: JobStore, job_id: str) -> RestoreOptions:
@@ -129,7 +119,7 @@ def test_riders_run_in_one_batch_and_each_ends_on_its_own(
         assert set(StartedJobRegistry(queue=queue).get_job_ids(cleanup=False)) == {a, cc, f}
         assert queue.job_ids == [b, e]
 
-        jobs = {k: terminal(c, v) for k, v in {"a": a, "b": b, "c": cc, "f": f}.items()}
+        jobs = {k: wait_terminal(c, v) for k, v in {"a": a, "b": b, "c": cc, "f": f}.items()}
         assert jobs["c"]["status"] == "failed" and jobs["c"]["error"]["code"] == "no_face", jobs["c"]
         for k in ("a", "b", "f"):
             assert jobs[k]["status"] == "succeeded" and jobs[k]["attempts"] == 1, jobs[k]
@@ -185,7 +175,7 @@ def test_worker_killed_mid_batch_has_every_job_recovered(
         victim.proc.wait(10)
         workers += start_workers(batching, tmp_path)
         for job_id in ids:
-            job = terminal(c, job_id)
+            job = wait_terminal(c, job_id)
             assert job["status"] == "succeeded" and job["attempts"] == 2, job
             assert any("lost" in w for w in job["warnings"]), job["warnings"]
 
@@ -209,7 +199,7 @@ def test_worker_killed_mid_batch_without_retries_fails_every_job_with_a_reason(
         victim.proc.wait(10)
         workers += start_workers(settings, tmp_path)  # its reaper notices the loss
         for job_id in ids:
-            job = terminal(c, job_id)
+            job = wait_terminal(c, job_id)
             assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
 
 

@@ -13,9 +13,15 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import WorkerProcess, aligned_png, base_settings, purge, start_workers, wait_for
-
-TERMINAL = {"succeeded", "failed", "canceled"}
+from tests.conftest import (
+    WorkerProcess,
+    aligned_png,
+    base_settings,
+    purge,
+    start_workers,
+    wait_for,
+    wait_terminal,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +55,6 @@ def running_on(c: TestClient, job_id: str, workers: list[WorkerProcess]) -> Work
     return next(w for w in workers if w.name == rec["worker"])
 
 
-def poll_terminal(c: TestClient, job_id: str, timeout: float = 90) -> dict:
-    return wait_for(
-        lambda: (j := c.get(f"/v1/restorations/{job_id}").json())["status"] in TERMINAL and j,
-        timeout,
-        interval=0.1,
-        what="terminal status",
-    )
-
-
 def test_kill9_mid_job_is_requeued_to_another_worker(pool) -> None:
     settings, workers, _ = pool
     with TestClient(create_app(settings)) as c:
@@ -65,7 +62,7 @@ def test_kill9_mid_job_is_requeued_to_another_worker(pool) -> None:
         victim = running_on(c, job_id, workers)
         victim.proc.kill()  # SIGKILL: no cleanup runs in the victim
         victim.proc.wait(10)
-        job = poll_terminal(c, job_id)
+        job = wait_terminal(c, job_id, timeout=90)
         assert job["status"] == "succeeded", job
         assert job["attempts"] == 2
         assert any("lost" in w for w in job["warnings"]), job["warnings"]
@@ -88,7 +85,7 @@ def test_kill9_without_retries_left_fails_with_reason(pool) -> None:
         victim = running_on(c, job_id, workers)
         victim.proc.kill()
         victim.proc.wait(10)
-        job = poll_terminal(c, job_id)
+        job = wait_terminal(c, job_id, timeout=90)
         assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
     workers.remove(victim)
 
