@@ -14,7 +14,7 @@ from app.completions import Completions
 from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import aligned_png
+from tests.conftest import aligned_png, wait_for
 from worker.main import DynfaceWorker
 
 
@@ -120,14 +120,14 @@ def test_prefer_wait_answers_without_the_completion_listener(settings: Settings)
         svc.completions = Completions(settings)  # never started: what requests see while it reconnects
         submitted: list[str] = []
 
-        def cancel_soon() -> None:
-            while not svc.queue.job_ids:
-                time.sleep(0.01)
-            submitted.append(svc.queue.job_ids[0])
-            time.sleep(0.3)
-            svc.store.finish(submitted[0], {"status": "canceled"}, allowed=["queued"])
+        def cancel_while_it_waits() -> None:
+            job_id = wait_for(lambda: next(iter(svc.queue.job_ids), None), 20, what="job queued")
+            submitted.append(job_id)
+            # The request has registered its wake-up event: it is in its wait loop, not before it.
+            wait_for(lambda: job_id in svc.completions._waiting, 20, what="request waiting")
+            svc.store.finish(job_id, {"status": "canceled"}, allowed=["queued"])
 
-        canceller = threading.Thread(target=cancel_soon)
+        canceller = threading.Thread(target=cancel_while_it_waits)
         canceller.start()
         r = client.post(
             "/v1/restorations",
