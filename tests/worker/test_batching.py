@@ -150,6 +150,26 @@ def test_riders_run_in_one_batch_and_each_ends_on_its_own(
             assert Job.fetch(job_id, svc.redis, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
 
 
+def _kill_the_worker_mid_batch(
+    settings: Settings, store: JobStore, ids: list[str], workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """One worker takes all of `ids` into one batch and is SIGKILLed while they run (nothing of the
+    batch is cleaned up by it); then a fresh worker starts, whose reaper notices the loss."""
+    # Not start_workers: it waits for the worker to be idle, i.e. for the batch to be over.
+    victim = WorkerProcess(settings, tmp_path / "victim.log", f"victim-{uuid.uuid4().hex[:6]}")
+    workers.append(victim)
+    wait_for(
+        lambda: all(store.get(i)["status"] == "processing" for i in ids),
+        120,
+        interval=0.02,
+        what="the jobs running",
+    )
+    assert {store.get(i)["worker"] for i in ids} == {victim.name}
+    victim.proc.kill()
+    victim.proc.wait(10)
+    workers += start_workers(settings, tmp_path)
+
+
 def test_worker_killed_mid_batch_has_every_job_recovered(
     make_settings: Callable[..., Settings], workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
@@ -161,19 +181,7 @@ def test_worker_killed_mid_batch_has_every_job_recovered(
         store: JobStore = c.app.state.services.store
         faces = ("0143.png", "0240.png", "0342.png")
         ids = [submit(c, aligned_png(n), aligned="true", seed=k) for k, n in enumerate(faces)]
-        # Not start_workers: it waits for the worker to be idle, i.e. for the batch to be over.
-        victim = WorkerProcess(batching, tmp_path / "victim.log", f"victim-{uuid.uuid4().hex[:6]}")
-        workers.append(victim)
-        wait_for(
-            lambda: all(store.get(i)["status"] == "processing" for i in ids),
-            120,
-            interval=0.02,
-            what="the three jobs running",
-        )
-        assert {store.get(i)["worker"] for i in ids} == {victim.name}
-        victim.proc.kill()  # SIGKILL: nothing of the batch is cleaned up by the victim
-        victim.proc.wait(10)
-        workers += start_workers(batching, tmp_path)
+        _kill_the_worker_mid_batch(batching, store, ids, workers, tmp_path)
         for job_id in ids:
             job = wait_terminal(c, job_id)
             assert job["status"] == "succeeded" and job["attempts"] == 2, job
@@ -187,17 +195,7 @@ def test_worker_killed_mid_batch_without_retries_fails_every_job_with_a_reason(
     with TestClient(create_app(settings)) as c:
         store: JobStore = c.app.state.services.store
         ids = [submit(c, aligned_png(n), aligned="true") for n in ("0143.png", "0240.png", "0342.png")]
-        victim = WorkerProcess(settings, tmp_path / "victim.log", f"victim-{uuid.uuid4().hex[:6]}")
-        workers.append(victim)
-        wait_for(
-            lambda: all(store.get(i)["status"] == "processing" for i in ids),
-            120,
-            interval=0.02,
-            what="the three jobs running",
-        )
-        victim.proc.kill()
-        victim.proc.wait(10)
-        workers += start_workers(settings, tmp_path)  # its reaper notices the loss
+        _kill_the_worker_mid_batch(settings, store, ids, workers, tmp_path)
         for job_id in ids:
             job = wait_terminal(c, job_id)
             assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
