@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import platform
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from oracle import GaussianPrior
@@ -24,8 +26,9 @@ needs_fixture = pytest.mark.skipif(
 
 
 #: CPU threads the fixture's loop reproduces under. The loop is chaotic (see below) and the thread
-#: count changes the reduction order inside the convolutions: measured on this project's CPUs, 2 and 4
-#: threads reproduce the fixture exactly (max diff 0.0), 1 and 3 threads end up ~1.8 away.
+#: count changes the reduction order inside the convolutions: measured on AMD EPYC CPUs, 2 and 4
+#: threads reproduce the fixture exactly (max diff 0.0), 1 and 3 threads end up ~1.8 away. On an Intel
+#: Xeon no thread count does (1.7–1.9 away): its float32 convolutions round differently.
 FIXTURE_THREADS = 2
 
 
@@ -79,30 +82,120 @@ def test_q_sample_matches_fixture_and_formula(loop: dict[str, torch.Tensor]) -> 
         torch.testing.assert_close(out[k], a.sqrt() * x0[k] + (1 - a).sqrt() * noise[k])
 
 
-@needs_fixture
-@pytest.mark.parametrize(("eta", "key"), [(0.0, "out_eta0"), (0.5, "out_eta05")])
-def test_sampler_reproduces_upstream_loop(
-    loop: dict[str, torch.Tensor], eta: float, key: str, fixture_threads: None
-) -> None:
+def upstream_ddim_loop(
+    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loop: dict[str, torch.Tensor],
+    start: int,
+    eta: float,
+) -> torch.Tensor:
+    """Upstream DifFace's restoration loop transcribed op for op (its GaussianDiffusion tables in
+    float64 numpy, `_extract_into_tensor` casting each to float32, `ddim_sample` with clip_denoised and
+    the raw ε; fixtures/README.md), on the fixture's own tables and noise draws — none of our
+    schedule or sampler code."""
+    ac = loop["alphas_cumprod_respaced"].numpy()
+    ac_prev = np.append(1.0, ac[:-1])
+    sqrt_recip, sqrt_recipm1 = np.sqrt(1.0 / ac), np.sqrt(1.0 / ac - 1)
+
+    def extract(arr: np.ndarray, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        res = torch.from_numpy(arr)[t].float()
+        while res.dim() < len(shape):
+            res = res[..., None]
+        return res.expand(shape)
+
+    x = loop["y_start"]
+    for k, i in enumerate(range(start - 1, -1, -1)):
+        t = torch.tensor([i] * x.shape[0])
+        eps = eps_model(x, loop["timestep_map"][t])
+        x0 = (extract(sqrt_recip, t, x.shape) * x - extract(sqrt_recipm1, t, x.shape) * eps).clamp(-1, 1)
+        alpha_bar, alpha_bar_prev = extract(ac, t, x.shape), extract(ac_prev, t, x.shape)
+        sigma = (
+            eta
+            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
+        mean_pred = x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
+        x = mean_pred + nonzero_mask * sigma * loop["ddim_noise_draws"][k]
+    return x
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+@pytest.fixture(scope="module")
+def tiny_unet() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     unet_convert = pytest.importorskip("models.unet_convert")
     config = json.loads((UNET_DIR / "tiny_config.json").read_text())
     net = unet_convert.unet_from_upstream_checkpoint(UNET_DIR / "tiny_unet.safetensors", config).eval()
-    s = RespacedSchedule.from_spec("ddim250")
+    return lambda x, t: net(x, t)[:, :3]
+
+
+def sample_like_upstream(
+    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loop: dict[str, torch.Tensor], eta: float
+) -> tuple[torch.Tensor, list[int]]:
+    """Our `ddim_sample` on the fixture's loop: noised at index 100, the fixture's draws. Returns
+    (output, the steps its callback saw)."""
     steps: list[int] = []
     with torch.no_grad():
         out = ddim_sample(
-            lambda x, t: net(x, t)[:, :3],
+            eps_model,
             loop["y_start"],
-            s,
+            RespacedSchedule.from_spec("ddim250"),
             100,
             eta,
             noise=lambda k: loop["ddim_noise_draws"][k],
             callback=lambda step, total: steps.append(step),
         )
-    # The tiny random UNet makes this loop chaotic (1e-6 input noise moves pixels by ~0.1), so this
-    # passing at all means op-for-op identical arithmetic with upstream.
-    assert (out - loop[key]).abs().max() <= 1e-3
+    return out, steps
+
+
+# The tiny random UNet makes this loop chaotic (a 1e-6 change of the input moves pixels by ~0.1,
+# measured; a wrong convention such as starting one step late moves them no further), so agreement to
+# 1e-3 means op-for-op identical arithmetic, and only a CPU that rounds the UNet's float32 convolutions
+# as the fixture's machine did can reproduce the fixture at all.
+
+
+@needs_fixture
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_sampler_matches_upstream_loop_transcription(
+    loop: dict[str, torch.Tensor], tiny_unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], eta: float
+) -> None:
+    """The same UNet on both sides, so this holds on any CPU and thread count."""
+    out, steps = sample_like_upstream(tiny_unet, loop, eta)
+    with torch.no_grad():
+        reference = upstream_ddim_loop(tiny_unet, loop, 100, eta)
+    assert (out - reference).abs().max() <= 1e-3
     assert steps == list(range(1, 101))  # NFE = start index
+
+
+@needs_fixture
+@pytest.mark.parametrize(("eta", "key"), [(0.0, "out_eta0"), (0.5, "out_eta05")])
+def test_sampler_reproduces_upstream_fixture(
+    loop: dict[str, torch.Tensor],
+    tiny_unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    eta: float,
+    key: str,
+    fixture_threads: None,
+) -> None:
+    """Where the transcription above reproduces upstream's own output, so must our sampler. Elsewhere
+    the CPU's rounding decides the result, not the sampler, and the check cannot be made (the test
+    above still compares the arithmetic)."""
+    with torch.no_grad():
+        reference_gap = float((upstream_ddim_loop(tiny_unet, loop, 100, eta) - loop[key]).abs().max())
+    if reference_gap > 1e-3:
+        pytest.skip(
+            f"this CPU ({cpu_name()}, {FIXTURE_THREADS} threads) does not "
+            f"round the tiny UNet as the fixture's machine did: upstream's loop transcribed ends "
+            f"{reference_gap:.2f} from upstream's output here (0.0 on AMD EPYC)"
+        )
+    out, _ = sample_like_upstream(tiny_unet, loop, eta)
+    assert (out - loop[key]).abs().max() <= 1e-3
 
 
 def test_callback_cancel_and_noise_draws() -> None:
