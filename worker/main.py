@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 from redis.client import Pipeline
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 from rq import SimpleWorker
 from rq.exceptions import AbandonedJobError
 from rq.executions import Execution
@@ -55,6 +55,8 @@ from models.profiles import PROFILES, Profile
 from worker import metrics, tasks
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from models.pipeline import RestorationPipeline
     from models.speed import SpeedOptions
 
@@ -88,6 +90,14 @@ class DynfaceWorker(SimpleWorker):
         self.store = store
         self.registry_fields: dict[str, Any] = {}
         self._batch: _Batch | None = None
+        self.stop_requested = False
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """RQ's warm shutdown (SIGTERM/SIGINT), remembered: RQ records it only when a job is running
+        (an idle worker just leaves its loop), and the loop that resumes RQ after a Redis outage
+        must tell a requested stop from a lost connection."""
+        self.stop_requested = True
+        super().request_stop(signum, frame)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.settings.heartbeat_ttl_seconds
@@ -127,7 +137,7 @@ class DynfaceWorker(SimpleWorker):
             done.set()
             thread.join()
         self.set_state(WorkerStatus.IDLE)
-        self.announce("stopping" if self._stop_requested else "ready")
+        self.announce("stopping" if self.stop_requested else "ready")
 
     def claim_riders(self, key: tuple[Any, ...]) -> list[Job]:
         """Up to worker_batch_max_jobs − 1 waiting jobs whose `tasks.batch_key` is `key`, taken from
@@ -144,7 +154,7 @@ class DynfaceWorker(SimpleWorker):
         while True:
             claimed += self._claim(batch, key, wanted - len(claimed), keys)
             left = deadline - time.monotonic()
-            if len(claimed) >= wanted or left <= 0 or self._stop_requested:
+            if len(claimed) >= wanted or left <= 0 or self.stop_requested:
                 return claimed
             time.sleep(min(left, _CLAIM_POLL_SECONDS))
 
@@ -206,10 +216,15 @@ class DynfaceWorker(SimpleWorker):
             self.handle_job_failure(job, queue, exc_string="The batch it ran in failed.", execution=execution)
 
     def announce(self, state: str) -> None:
-        """Publish this worker's state and model info for /readyz, /v1/models and metrics."""
+        """Publish this worker's state and model info for /readyz, /v1/models and metrics. Without
+        Redis the state is kept for the background thread's next beat, which publishes it: a blip
+        must not end a worker that has just loaded its model."""
         self.registry_fields["state"] = state
         self.registry_fields["heartbeat_at"] = time.time()
-        self.store.register_worker(self.name, self.registry_fields)
+        try:
+            self.store.register_worker(self.name, self.registry_fields)
+        except RedisError as e:
+            log.warning("worker %s could not publish state %s: %s", self.name, state, e)
 
 
 def _on_abandoned(store: JobStore, settings: Settings):
@@ -301,13 +316,56 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         metrics.READY.set(1)
         worker.announce("ready")
         log.info("worker %s ready on %s (profile %s)", name, device, settings.profile)
-        worker.work(burst=burst, logging_level="INFO")
+        _work(worker, burst)
     finally:
         metrics.READY.set(0)
         stop.set()
         background.join(timeout=5)
-        store.unregister_worker(name)
+        try:
+            store.unregister_worker(name)
+        except RedisError as e:  # its registry entry expires by itself
+            log.warning("worker %s could not unregister: %s", name, e)
         _drain_webhooks(timeout=10.0)
+
+
+#: Pause between pings while the worker waits for Redis to come back before resuming RQ's loop.
+_REDIS_RETRY_SECONDS = 1.0
+
+
+def _work(worker: DynfaceWorker, burst: bool) -> None:
+    """RQ's work loop until a stop is requested (or, with ``burst``, the queue is empty), resumed
+    after it ends on a Redis outage.
+
+    RQ rides out an outage during its blocking dequeue, but a connection error anywhere else (its
+    registration as it starts, the suspension check, the bookkeeping around a job) ends `work()`:
+    raised while starting, logged as "unhandled exception, quitting" otherwise. A worker holding a
+    loaded model must not be lost to a Redis restart, so it waits for Redis, marks its old
+    registration dead (RQ refuses a new one under a live name), drops the old pub/sub thread and
+    starts the loop again.
+    """
+    while True:
+        try:
+            worker.work(burst=burst, logging_level="INFO")
+        except RedisError as e:
+            log.warning("worker %s lost Redis while starting or stopping its loop: %s", worker.name, e)
+        if burst or worker.stop_requested:
+            return
+        log.warning(
+            "worker %s: RQ's loop ended without a stop request; resuming once Redis answers", worker.name
+        )
+        while not worker.stop_requested:
+            try:
+                worker.connection.ping()
+                worker.register_death()
+                break
+            except RedisError:
+                time.sleep(_REDIS_RETRY_SECONDS)
+        if worker.pubsub_thread is not None:  # RQ's teardown may have failed before stopping it
+            worker.pubsub_thread.stop()
+            worker.pubsub.close()
+            worker.pubsub_thread = None
+        if worker.stop_requested:
+            return
 
 
 def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> RestorationPipeline | None:

@@ -305,10 +305,58 @@ def test_redis_killed_and_restarted(tmp_path: Path) -> None:
             job_id = wait_for(
                 lambda: (r := submit(c)).status_code == 202 and r.json()["id"], 15, interval=0.2
             )
-            job = wait_terminal(c, job_id, timeout=120)
+            try:
+                job = wait_terminal(c, job_id, timeout=120)
+            except AssertionError as e:
+                raise AssertionError(f"{e}; worker log:\n{workers[0].log()[-3000:]}") from e
             assert job["status"] == "succeeded", (job, workers[0].log()[-3000:])
             assert workers[0].proc.poll() is None
     finally:
         for w in workers:
             w.stop(signal.SIGKILL)
+        server.stop()
+
+
+def test_redis_killed_while_a_job_runs(tmp_path: Path) -> None:
+    """Redis dies mid-job: the job fails on its next progress write and RQ's bookkeeping after it
+    fails too, which ends RQ's own work loop. The worker stays up and resumes once Redis is back;
+    the job, whose end could not be recorded, is re-run once its heartbeat lapses and succeeds,
+    and the next job runs."""
+    server = RedisServer(tmp_path)
+    server.start()
+    settings = base_settings(uuid.uuid4().hex[:10], redis_url=server.url, redis_timeout_seconds=0.5)
+    (worker,) = start_workers(settings, tmp_path, n=1)
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+            job_id = submit(c).json()["id"]
+            wait_for(
+                lambda: (
+                    (j := c.get(f"/v1/restorations/{job_id}").json())["status"] == "processing"
+                    and j["stage"] == "sample"
+                ),
+                60,
+                interval=0.02,
+                what="job sampling",
+            )
+            server.stop()
+            # The job's next progress write fails, then RQ's bookkeeping after it: its loop ends.
+            wait_for(
+                lambda: "resuming once Redis answers" in worker.log() or worker.proc.poll() is not None,
+                60,
+                interval=0.1,
+                what="the worker to lose Redis after the job",
+            )
+            server.start()
+            for jid in (job_id, submit(c).json()["id"]):
+                try:
+                    job = wait_terminal(c, jid, timeout=120)
+                except AssertionError as e:
+                    raise AssertionError(f"{e}; worker log:\n{worker.log()[-3000:]}") from e
+                assert job["status"] == "succeeded", (job, worker.log()[-3000:])
+            assert worker.proc.poll() is None
+            # The resumed loop still ends on a plain SIGTERM (RQ records an idle worker's stop
+            # nowhere; the resume must not take it for a lost connection).
+            assert worker.stop(signal.SIGTERM) == 0, worker.log()[-3000:]
+    finally:
+        worker.stop(signal.SIGKILL)
         server.stop()
