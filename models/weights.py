@@ -398,8 +398,21 @@ def _pull_hub(entry: WeightFile, root: Path) -> None:
 # ---------------------------------------------------------------- CLI
 
 
+def service_weights() -> list[str]:
+    """What a worker on the real profile uses: its required and optional files and the configured
+    background model's ($DYNFACE_BACKGROUND_MODEL). The default set of `weights pull` and `verify`;
+    the Hub copy of the prior (another format of the same network) and an unconfigured background
+    model are fetched only when named or with `--all`."""
+    from models.background import BackgroundConfig  # torch: only this command needs it
+    from models.profiles import PROFILES
+
+    real = PROFILES["real"]
+    names = [*real.required_weights, *real.optional_weights, *BackgroundConfig.from_env().weight_names]
+    return list(dict.fromkeys(names))
+
+
 def add_weights_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `weights pull [--only NAME]... | verify [--only NAME]... | list`.
+    """Register `weights pull [--only NAME]... | [--all]`, `verify` (the same choice) and `list`.
 
     Each leaf parser sets `func(args) -> int` (the exit code) for the entry point to call.
     """
@@ -407,19 +420,32 @@ def add_weights_cli(subparsers: argparse._SubParsersAction) -> argparse.Argument
     weights.add_argument("--dir", type=Path, default=None, help="weights dir (default: $DYNFACE_WEIGHTS_DIR)")
     sub = weights.add_subparsers(dest="weights_command", required=True)
 
-    p = sub.add_parser("pull", help="download missing or corrupt weight files")
-    p.add_argument("--only", action="append", metavar="NAME", help="only this file (repeatable)")
+    p = sub.add_parser("pull", help="download missing or corrupt weight files (default: the service's)")
+    _add_choice(p)
     p.add_argument("--offline", action="store_true", default=None, help="never download")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli_pull)
 
-    v = sub.add_parser("verify", help="check sizes and checksums")
-    v.add_argument("--only", action="append", metavar="NAME", help="only this file (repeatable)")
+    v = sub.add_parser("verify", help="check sizes and checksums (default: the service's files)")
+    _add_choice(v)
     v.set_defaults(func=_cli_verify)
 
     ls = sub.add_parser("list", help="list known weight files: present / missing / corrupt (by size)")
     ls.set_defaults(func=_cli_list)
     return weights
+
+
+def _add_choice(parser: argparse.ArgumentParser) -> None:
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--only", action="append", metavar="NAME", help="only this file (repeatable)")
+    choice.add_argument(
+        "--all", action="store_true", help="every manifest file, not only those the service uses"
+    )
+
+
+def _chosen(args: argparse.Namespace) -> list[str] | None:
+    """--only's names, None (everything) for --all, else the files the service uses."""
+    return args.only or (None if args.all else service_weights())
 
 
 def _print_statuses(statuses: Sequence[Status]) -> None:
@@ -430,7 +456,7 @@ def _print_statuses(statuses: Sequence[Status]) -> None:
 
 def _cli_pull(args: argparse.Namespace) -> int:
     try:
-        statuses = pull(args.only, args.dir, offline=args.offline, progress=not args.quiet)
+        statuses = pull(_chosen(args), args.dir, offline=args.offline, progress=not args.quiet)
     except (MissingWeightsError, KeyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -440,7 +466,7 @@ def _cli_pull(args: argparse.Namespace) -> int:
 
 def _cli_verify(args: argparse.Namespace) -> int:
     try:
-        statuses = verify(args.dir, names=args.only)
+        statuses = verify(args.dir, names=_chosen(args))
     except KeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

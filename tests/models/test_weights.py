@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -309,3 +310,29 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         argv = ["weights", "--dir", str(SHARED / "weights"), "verify", "--only", "retinaface_mobile0.25"]
         assert _cli(argv) == 0
         assert "present" in capsys.readouterr().out
+
+
+def test_cli_pulls_the_service_files_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Plain `pull`/`verify` cover what a real-profile worker uses (with the configured background
+    model); the Hub copy of the prior and unconfigured background models need --only or --all."""
+
+    def missing_named(argv: list[str]) -> set[str]:
+        assert _cli(argv) == 1
+        err = capsys.readouterr().err
+        return set(re.search(r"Missing weights in [^:]+: (.+?)\. Fetch them", err).group(1).split(", "))
+
+    pull = ["weights", "--dir", str(tmp_path), "pull", "--offline"]
+    monkeypatch.delenv("DYNFACE_BACKGROUND_MODEL", raising=False)
+    service = {"difface_prior", "difface_swinir", "retinaface_resnet50", "parsenet", "retinaface_mobile0.25"}
+    assert missing_named(pull) == service
+    monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "realesrgan_x2plus")
+    assert missing_named(pull) == service | {"realesrgan_x2plus"}
+    assert missing_named([*pull, "--all"]) == {e.name for e in MANIFEST}
+    with pytest.raises(SystemExit):  # --only and --all exclude each other
+        _cli([*pull, "--all", "--only", "parsenet"])
+
+    assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 1
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert listed == service | {"realesrgan_x2plus"}
