@@ -141,9 +141,11 @@ def _unidentified(data: bytes) -> InvalidImageError | UnsupportedFormatError:
 
 
 def _exif_transpose(im: Image.Image, warnings: list[str]) -> Image.Image:
-    """Apply the EXIF Orientation tag; a malformed EXIF block only costs a warning."""
+    """Apply the EXIF Orientation tag; a malformed EXIF block only costs a warning. In place: the
+    image is ours and read once, and an upright image is then not copied (1 ms at 512 px)."""
     try:
-        return ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)
+        return im
     except Exception:
         warnings.append("The EXIF data could not be read; the orientation tag was ignored.")
         return im
