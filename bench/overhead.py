@@ -11,8 +11,12 @@ the worker and the direct call build it with `bench_pipeline` below (the worker 
 as `python -m bench.overhead --worker`, which patches `RestorationPipeline.from_pretrained` to it and
 then runs the ordinary `run_worker`).
 
-One job = POST /v1/restorations (multipart, aligned 512 face, `Prefer: wait=60`) until the 200 with
-the finished job, then GET of the result image: what a client needs to hold the result. Direct =
+One job = what a client needs to hold the result, in each of the API's two synchronous flows:
+- two requests: POST /v1/restorations (multipart, aligned 512 face, `Prefer: wait=60`) until the 200
+  with the finished job, then GET of the result image;
+- one request: the same POST with `Accept: image/*`, answered with the image itself (the job JSON,
+  for the timestamps below, is read after the clock stops).
+Each level runs both flows, one after the other, on the same service. Direct =
 `pipe.restore_photo(same bytes, same options)` in this process, returning the same encoded image.
 The direct calls alternate with the jobs of the 1-client level (one after each job, the service
 idle meanwhile), so both see the same machine: on a shared machine, direct calls timed in a block
@@ -42,7 +46,8 @@ And per hop (p50 per level; `HOPS`), from the client's clock, the job record's t
   result assembly, last cancel check);
 - store + wake + answer: completed_at → the POST's answer (the finishing script storing the results,
   pub/sub wake of the waiting request, record read, JSON);
-- GET result: the image download.
+- GET result: the image download (two-request flow; 0 in the one-request flow, whose answer is the
+  image).
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead [--levels 1,10,50] [--jobs 20,40,100]
 """
@@ -133,7 +138,8 @@ class Job:
     e2e: float
     queue_wait: float
     inference: float
-    #: Wall-clock instants (time.time()): POST sent, POST answered, image received.
+    #: Wall-clock instants (time.time()): POST sent, POST answered, image received (= answered in
+    #: the one-request flow).
     sent: float
     answered: float
     received: float
@@ -163,8 +169,16 @@ def _instant(iso: str) -> float:
     return dt.datetime.fromisoformat(iso).timestamp()
 
 
+FLOWS = ("two requests", "one request")
+
+
 async def run_level(
-    base: str, data: bytes, clients: int, jobs: int, after_job: Callable[[], None] | None = None
+    base: str,
+    data: bytes,
+    clients: int,
+    jobs: int,
+    one_request: bool,
+    after_job: Callable[[], None] | None = None,
 ) -> list[Job]:
     """``jobs`` jobs from ``clients`` concurrent clients; ``after_job`` runs after each job (1 client)."""
     counter = iter(range(jobs))
@@ -179,15 +193,21 @@ async def run_level(
                     f"{base}/v1/restorations",
                     files={"image": ("face.png", data, "image/png")},
                     data=OPTIONS,
-                    headers={"Prefer": "wait=60"},
+                    headers={"Prefer": "wait=60", **({"Accept": "image/*"} if one_request else {})},
                 )
                 answered = time.time()
-                body = r.json()
-                if r.status_code != 200 or body["status"] != "succeeded":
-                    raise RuntimeError(f"job did not succeed: {r.status_code} {r.text[:500]}")
-                img = await http.get(body["outputs"]["image"])
-                img.raise_for_status()
-                e2e, received = time.perf_counter() - t0, time.time()
+                if one_request:
+                    if r.status_code != 200 or r.headers["content-type"] != "image/png":
+                        raise RuntimeError(f"no image answer: {r.status_code} {r.text[:500]}")
+                    e2e, received = time.perf_counter() - t0, answered
+                    body = (await http.get(r.headers["location"])).json()
+                else:
+                    body = r.json()
+                    if r.status_code != 200 or body["status"] != "succeeded":
+                        raise RuntimeError(f"job did not succeed: {r.status_code} {r.text[:500]}")
+                    img = await http.get(body["outputs"]["image"])
+                    img.raise_for_status()
+                    e2e, received = time.perf_counter() - t0, time.time()
                 queue_wait = float(body["timings"]["queue_wait_seconds"])
                 inference = float(body["timings"]["inference_seconds"])
                 done.append(Job(e2e, queue_wait, inference, sent, answered, received, body))
@@ -225,7 +245,7 @@ def main() -> None:
     parser.add_argument("--levels", default="1,10,50", help="concurrent clients per level")
     parser.add_argument("--jobs", default="20,40,100", help="jobs per level (bounded run time)")
     parser.add_argument(
-        "--direct", type=int, default=20, help="direct pipeline calls (after the 1-client level's jobs)"
+        "--direct", type=int, default=40, help="direct pipeline calls (after the 1-client levels' jobs)"
     )
     parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
     args = parser.parse_args()
@@ -264,7 +284,7 @@ def main() -> None:
         wait_ready(base, procs)
 
         # Direct calls (same construction, same bytes and options) in this process, with the
-        # service idle: one after each job of the 1-client level; any left (no such level, or a
+        # service idle: one after each job of the 1-client levels; any left (no such level, or a
         # shorter one) after the levels.
         from models.pipeline import RestoreOptions
 
@@ -279,15 +299,19 @@ def main() -> None:
                 pipe.restore_photo(data, options)
                 direct.append(time.perf_counter() - t0)
 
-        asyncio.run(run_level(base, data, 1, 3))  # warm-up: worker's first job, connections
+        for one_request in (False, True):  # warm-up: worker's first job, connections
+            asyncio.run(run_level(base, data, 1, 3, one_request))
         measured = []
         for clients, jobs in zip(levels, counts, strict=True):
-            t0, calls = time.perf_counter(), len(direct)
-            done = asyncio.run(run_level(base, data, clients, jobs, direct_call if clients == 1 else None))
-            wall = time.perf_counter() - t0 - sum(direct[calls:])  # jobs/s without the direct calls
-            # RQ's own timestamps of these jobs, read before the namespace is purged.
-            rq_jobs = RQJob.fetch_many([j.body["id"] for j in done], connection=r, serializer=JSONSerializer)
-            measured.append((clients, jobs, wall, done, rq_jobs))
+            for flow, one_request in zip(FLOWS, (False, True), strict=True):
+                t0, calls = time.perf_counter(), len(direct)
+                after = direct_call if clients == 1 else None
+                done = asyncio.run(run_level(base, data, clients, jobs, one_request, after))
+                wall = time.perf_counter() - t0 - sum(direct[calls:])  # jobs/s without the direct calls
+                # RQ's own timestamps of these jobs, read before the namespace is purged.
+                ids = [j.body["id"] for j in done]
+                rq_jobs = RQJob.fetch_many(ids, connection=r, serializer=JSONSerializer)
+                measured.append((flow, clients, jobs, wall, done, rq_jobs))
         while len(direct) < args.direct:
             direct_call()
     finally:
@@ -305,37 +329,46 @@ def main() -> None:
     print(f"direct: p50 {direct_p50 * 1000:.1f} ms p95 {ms(direct, 95)} ms")
     rows = []
     hop_rows: list[dict[str, list[float]]] = []
-    for clients, jobs, wall, done, rq_jobs in measured:
+    for flow, clients, jobs, wall, done, rq_jobs in measured:
         e2e = [j.e2e for j in done]
         over = [j.e2e - direct_p50 for j in done]
         wait = [j.queue_wait for j in done]
         service = [j.e2e - j.queue_wait - j.inference for j in done]
-        rows.append((clients, jobs, wall, e2e, over, wait, service))
+        rows.append((flow, clients, jobs, wall, e2e, over, wait, service))
         per_job = [j.hops(rq_job, direct_p50) for j, rq_job in zip(done, rq_jobs, strict=True)]
         hop_rows.append({hop: [h[hop] for h in per_job] for hop in HOPS})
         print(
-            f"c={clients}: e2e p50 {ms(e2e, 50)} ms, overhead p50 {ms(over, 50)} p95 {ms(over, 95)} ms, "
+            f"{flow}, c={clients}: e2e p50 {ms(e2e, 50)} ms, "
+            f"overhead p50 {ms(over, 50)} p95 {ms(over, 95)} ms, "
             f"queue wait p50 {ms(wait, 50)} ms, service overhead p50 {ms(service, 50)} "
             f"p95 {ms(service, 95)} ms ({jobs} jobs in {wall:.1f} s)"
         )
         print("  hops p50 (ms): " + ", ".join(f"{hop} {ms(hop_rows[-1][hop], 50)}" for hop in HOPS))
 
-    one = rows[0]
-    met_total = percentile(one[4], 50) * 1000 <= TARGET_MS
-    met_service = all(percentile(row[6], 50) * 1000 <= TARGET_MS for row in rows)
+    verdicts = []
+    for flow in FLOWS:
+        flow_rows = [row for row in rows if row[0] == flow]
+        one = percentile(flow_rows[0][5], 50) * 1000
+        service_met = all(percentile(row[7], 50) * 1000 <= TARGET_MS for row in flow_rows)
+        verdicts.append(
+            f"- {flow}: p50 overhead at {flow_rows[0][1]} client(s) {one:.1f} ms — "
+            f"**{'met' if one <= TARGET_MS else 'not met'}**; service overhead p50 ≤ {TARGET_MS:.0f} ms "
+            f"at every level: **{'met' if service_met else 'not met'}**."
+        )
     table = [
-        "| clients | jobs | e2e p50 / p95 (ms) | overhead p50 / p95 (ms) | queue wait p50 (ms) "
+        "| flow | clients | jobs | e2e p50 / p95 (ms) | overhead p50 / p95 (ms) | queue wait p50 (ms) "
         "| service overhead p50 / p95 (ms) | jobs/s |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for clients, jobs, wall, e2e, over, wait, service in rows:
+    for flow, clients, jobs, wall, e2e, over, wait, service in rows:
         table.append(
-            f"| {clients} | {jobs} | {ms(e2e, 50)} / {ms(e2e, 95)} | {ms(over, 50)} / {ms(over, 95)} "
+            f"| {flow} | {clients} | {jobs} | {ms(e2e, 50)} / {ms(e2e, 95)} "
+            f"| {ms(over, 50)} / {ms(over, 95)} "
             f"| {ms(wait, 50)} | {ms(service, 50)} / {ms(service, 95)} | {jobs / wall:.1f} |"
         )
     breakdown = [
         "| hop, p50 (ms) | "
-        + " | ".join(f"{row[0]} client{'s' if row[0] > 1 else ''}" for row in rows)
+        + " | ".join(f"{row[0]}, {row[1]} client{'s' if row[1] > 1 else ''}" for row in rows)
         + " |",
         "|---|" + "---|" * len(rows),
     ]
@@ -347,10 +380,11 @@ def main() -> None:
 - pipeline (both sides): tiny profile, identity restorer, mode `difface` with start 1 (1 UNet call at
   64 px), one aligned 512×512 PNG face (`{face.relative_to(SHARED.parent)}`, {len(data)} bytes), PNG out.
   Direct `restore_photo` on it: p50 {direct_p50 * 1000:.1f} ms, p95 {ms(direct, 95)} ms ({len(direct)} calls,
-  each after one of the 1-client level's jobs).
+  each after one of the 1-client levels' jobs).
 - service: 1 uvicorn process, 1 RQ worker process (CPU), Redis `{REDIS_URL}`, all on loopback; clients are
-  asyncio httpx in the bench process, each running its jobs back to back (POST with `Prefer: wait=60`,
-  then GET of the result image). Run took {time.perf_counter() - started:.0f} s. API, worker, clients
+  asyncio httpx in the bench process, each running its jobs back to back, in two flows: POST with
+  `Prefer: wait=60` then GET of the result image (two requests), or the POST with `Accept: image/*` too,
+  answered with the image (one request). Run took {time.perf_counter() - started:.0f} s. API, worker, clients
   and the other users of this machine share its CPUs, so contention is part of these numbers.
 - overhead = e2e − direct p50 (includes waiting behind other clients' jobs: there is one worker);
   service overhead = e2e − queue wait − worker inference (does not grow with the queue). Definitions:
@@ -363,9 +397,10 @@ clock, the job record's and RQ's timestamps; they add up to e2e, their p50s roug
 
 {chr(10).join(breakdown)}
 
-Target (issue 8): p50 overhead ≤ {TARGET_MS:.0f} ms on loopback. At 1 client (no queueing): p50
-overhead {ms(one[4], 50)} ms — **{"met" if met_total else "not met"}**. Service overhead p50 at every
-level ≤ {TARGET_MS:.0f} ms: **{"met" if met_service else "not met"}**. With more than one client the
+Target (issue 8): p50 overhead ≤ {TARGET_MS:.0f} ms on loopback, at 1 client (no queueing):
+{chr(10).join(verdicts)}
+
+With more than one client the
 one worker serialises the jobs, so the overhead column there is mostly queueing behind other jobs
 (capacity, not per-job cost).
 """

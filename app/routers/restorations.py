@@ -250,12 +250,20 @@ async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[s
         "Multipart `image` file plus option fields, or JSON with `image` as a data URL. Answers 202 "
         "with the queued job and a Location header. `Prefer: wait[=N]` waits for the result (N ≤ 60; a "
         "larger N is clamped, `Preference-Applied` says the wait used): 200 with the finished job, or 202 "
-        "if it is not done in time. `Idempotency-Key`: the same key "
+        "if it is not done in time. With `Prefer: wait` and an `Accept` that rates the result's image "
+        "type above JSON (`Accept: image/*`), a succeeded job is answered with the restored photo itself "
+        "(200, image bytes; `Location` is the job) — one request instead of two; any other outcome is the "
+        "job JSON as above, so check `Content-Type`. `Idempotency-Key`: the same key "
         "and body within 24 h return the same job; the same key with a different body is a 409."
     ),
     openapi_extra={"requestBody": _REQUEST_BODY, "parameters": _PARAMETERS},
     responses={
-        200: {"model": Restoration, "description": "Finished job (Prefer: wait)."},
+        200: {
+            "model": Restoration,
+            "description": "Finished job (Prefer: wait); the restored photo itself when `Accept` prefers it.",
+            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}},
+        },
         202: {
             "description": "Accepted (queued, or not finished within the Prefer: wait time).",
             "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}},
@@ -300,8 +308,63 @@ async def _submit_and_wait(
     if wait is not None:
         extra["Preference-Applied"] = f"wait={wait}"
         record = await _await_terminal(request, record["id"], wait)
+        image = await _image_answer(request, record, extra)
+        if image is not None:
+            return image
     status = 200 if record["status"] in TERMINAL else 202
     return _respond(request, record, status, **extra)
+
+
+async def _image_answer(request: Request, record: dict[str, Any], headers: dict[str, str]) -> Response | None:
+    """The restored photo itself as the answer to a `Prefer: wait` submission whose `Accept` prefers
+    its image type to JSON: one request instead of two for a synchronous client. None (answer with
+    the job JSON) when the job did not succeed in time, has no `image` output, or it has expired."""
+    media_type = (record.get("outputs") or {}).get("image")
+    if record["status"] != "succeeded" or media_type is None:
+        return None
+    if not prefers_over_json(request.headers.get("accept"), media_type):
+        return None
+    blob = await anyio.to_thread.run_sync(services(request).store.result, record["id"], "image")
+    if blob is None:
+        return None
+    job_url = restoration_view(record).urls.self
+    return Response(
+        blob,
+        media_type=media_type,
+        headers={
+            **_image_headers(record["id"], "image", media_type),
+            "Location": job_url,
+            "Content-Location": f"{job_url}/image",
+            **headers,
+        },
+    )
+
+
+def prefers_over_json(accept: str | None, media_type: str) -> bool:
+    """Whether an `Accept` header (RFC 9110 §12.5.1) rates ``media_type`` above `application/json`:
+    each type takes the q of its most specific matching range; a tie (no header, `*/*`) is JSON's."""
+
+    def quality(wanted: str) -> float:
+        kind = wanted.split("/")[0]
+        best: tuple[int, float] = (-1, 0.0)  # (specificity, q)
+        for part in (accept or "").split(","):
+            media_range, *params = (p.strip() for p in part.split(";"))
+            specificity = {wanted: 2, f"{kind}/*": 1, "*/*": 0}.get(media_range.lower())
+            if specificity is None or specificity <= best[0]:
+                continue
+            q = 1.0
+            for param in params:
+                name, _, value = param.partition("=")
+                if name.strip().lower() == "q":
+                    try:
+                        q = min(max(float(value), 0.0), 1.0)
+                    except ValueError:
+                        q = 0.0
+            best = (specificity, q)
+        return best[1]
+
+    image_q = quality(media_type)
+    return image_q > 0 and image_q > quality("application/json")
 
 
 def _submit(
@@ -442,15 +505,18 @@ def _result(request: Request, job_id: str, name: str, kind: str, index: int | No
             "expired",
             f"The result has expired (results are kept for {svc.settings.result_ttl_seconds} s).",
         )
+    return Response(blob, media_type=media_type, headers=_image_headers(job_id, name, media_type))
+
+
+def _image_headers(job_id: str, name: str, media_type: str) -> dict[str, str]:
     # nosniff + an explicit inline filename with the image's own extension: a browser shows the
     # bytes as the declared image type and never renders them as a page.
     ext = _EXTENSIONS.get(media_type, "bin")
-    headers = {
+    return {
         **SAFE_HEADERS,
         "Cache-Control": "private, max-age=3600",
         "Content-Disposition": f'inline; filename="{job_id}-{name.replace(":", "-")}.{ext}"',
     }
-    return Response(blob, media_type=media_type, headers=headers)
 
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}

@@ -279,6 +279,27 @@ def test_prefer_wait_times_out_with_202(client: TestClient) -> None:
     assert r.headers["preference-applied"] == "wait=1"
 
 
+@pytest.mark.parametrize(
+    ("accept", "image"),
+    [
+        (None, False),  # no header: the job JSON, as always
+        ("*/*", False),  # a tie is JSON's
+        ("image/*", True),
+        ("image/png", True),
+        ("IMAGE/PNG;q=0.5", True),
+        ("image/jpeg", False),  # another image type is not this one
+        ("application/json, image/*", False),
+        ("application/json;q=0.5, image/png", True),
+        ("image/*;q=0.8, */*;q=0.9", False),  # JSON only through */*, but rated higher
+        ("image/png;q=0, image/*", False),  # the most specific range decides: refused
+        ("image/*, text/html", True),
+        ("image/png;q=oops", False),  # an unreadable q counts as 0
+    ],
+)
+def test_accept_decides_image_or_json(accept: str | None, image: bool) -> None:
+    assert restorations.prefers_over_json(accept, "image/png") is image
+
+
 def test_readyz_without_workers(client: TestClient) -> None:
     r = client.get("/readyz")
     assert r.status_code == 503

@@ -116,6 +116,29 @@ def test_round_trip_json_jpeg(client: TestClient) -> None:
     assert client.get(f"/v1/restorations/{r.json()['id']}/comparison").status_code == 404
 
 
+def test_prefer_wait_with_accept_image_answers_with_the_photo(client: TestClient) -> None:
+    """One request for a synchronous client: the photo itself when Accept prefers its type, else the
+    job JSON (a failed job, a result type the client did not ask for)."""
+    wait = {"Prefer": "wait=60"}
+    r = submit(client, format="png", seed=3, headers={**wait, "Accept": "image/*"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text[:200]
+    assert r.headers["preference-applied"] == "wait=60"
+    job = client.get(r.headers["location"]).json()
+    assert job["status"] == "succeeded" and r.headers["content-location"] == job["outputs"]["image"]
+    assert r.content == client.get(job["outputs"]["image"]).content
+    assert Image.open(io.BytesIO(r.content)).size == (512, 512)
+
+    other_type = submit(client, format="jpeg", headers={**wait, "Accept": "image/png"})
+    assert other_type.status_code == 200 and other_type.json()["status"] == "succeeded"
+    assert other_type.json()["outputs"]["image"].endswith("/image")
+
+    buf = io.BytesIO()
+    Image.new("RGB", (160, 120), (200, 200, 200)).save(buf, "PNG")
+    failed = submit(client, data=buf.getvalue(), aligned="false", headers={**wait, "Accept": "image/*"})
+    assert failed.status_code == 200 and failed.headers["content-type"] == "application/json"
+    assert failed.json()["error"]["code"] == "no_face"
+
+
 def test_whole_photo_with_detector(client: TestClient) -> None:
     photo = (TESTDATA / "photos" / "04.jpg").read_bytes()
     r = submit(
