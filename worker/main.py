@@ -38,7 +38,7 @@ from prometheus_client import start_http_server
 from redis.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 from rq import SimpleWorker
-from rq.exceptions import AbandonedJobError
+from rq.exceptions import AbandonedJobError, StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -342,30 +342,43 @@ def _work(worker: DynfaceWorker, burst: bool) -> None:
     loaded model must not be lost to a Redis restart, so it waits for Redis, marks its old
     registration dead (RQ refuses a new one under a live name), drops the old pub/sub thread and
     starts the loop again.
+
+    RQ's stop handler stays installed between loops and raises wherever the signal lands:
+    StopRequested, or the Redis error of its own state query while Redis is down. After a stop
+    request either one just ends the worker.
     """
     while True:
         try:
             worker.work(burst=burst, logging_level="INFO")
-        except RedisError as e:
-            log.warning("worker %s lost Redis while starting or stopping its loop: %s", worker.name, e)
+        except (RedisError, StopRequested) as e:
+            log.warning("worker %s left RQ's loop on %s: %s", worker.name, type(e).__name__, e)
         if burst or worker.stop_requested:
             return
         log.warning(
             "worker %s: RQ's loop ended without a stop request; resuming once Redis answers", worker.name
         )
-        while not worker.stop_requested:
-            try:
-                worker.connection.ping()
-                worker.register_death()
-                break
-            except RedisError:
-                time.sleep(_REDIS_RETRY_SECONDS)
-        if worker.pubsub_thread is not None:  # RQ's teardown may have failed before stopping it
-            worker.pubsub_thread.stop()
-            worker.pubsub.close()
-            worker.pubsub_thread = None
+        try:
+            _reset_after_outage(worker)
+        except (RedisError, StopRequested):
+            if not worker.stop_requested:
+                raise
         if worker.stop_requested:
             return
+
+
+def _reset_after_outage(worker: DynfaceWorker) -> None:
+    """Wait for Redis (or a stop request), then clear what the ended loop left behind."""
+    while not worker.stop_requested:
+        try:
+            worker.connection.ping()
+            worker.register_death()
+            break
+        except RedisError:
+            time.sleep(_REDIS_RETRY_SECONDS)
+    if worker.pubsub_thread is not None:  # RQ's teardown may have failed before stopping it
+        worker.pubsub_thread.stop()
+        worker.pubsub.close()
+        worker.pubsub_thread = None
 
 
 def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> RestorationPipeline | None:

@@ -317,6 +317,29 @@ def test_redis_killed_and_restarted(tmp_path: Path) -> None:
         server.stop()
 
 
+def _lose_redis_mid_job(c: TestClient, server: RedisServer, worker: WorkerProcess) -> str:
+    """Submit a job, kill Redis while it samples, and wait until the worker has left RQ's loop (the
+    job's next progress write fails, then RQ's bookkeeping after it). Returns the job id."""
+    job_id = submit(c).json()["id"]
+    wait_for(
+        lambda: (
+            (j := c.get(f"/v1/restorations/{job_id}").json())["status"] == "processing"
+            and j["stage"] == "sample"
+        ),
+        60,
+        interval=0.02,
+        what="job sampling",
+    )
+    server.stop()
+    wait_for(
+        lambda: "resuming once Redis answers" in worker.log() or worker.proc.poll() is not None,
+        60,
+        interval=0.1,
+        what="the worker to lose Redis after the job",
+    )
+    return job_id
+
+
 def test_redis_killed_while_a_job_runs(tmp_path: Path) -> None:
     """Redis dies mid-job: the job fails on its next progress write and RQ's bookkeeping after it
     fails too, which ends RQ's own work loop. The worker stays up and resumes once Redis is back;
@@ -328,24 +351,7 @@ def test_redis_killed_while_a_job_runs(tmp_path: Path) -> None:
     (worker,) = start_workers(settings, tmp_path, n=1)
     try:
         with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-            job_id = submit(c).json()["id"]
-            wait_for(
-                lambda: (
-                    (j := c.get(f"/v1/restorations/{job_id}").json())["status"] == "processing"
-                    and j["stage"] == "sample"
-                ),
-                60,
-                interval=0.02,
-                what="job sampling",
-            )
-            server.stop()
-            # The job's next progress write fails, then RQ's bookkeeping after it: its loop ends.
-            wait_for(
-                lambda: "resuming once Redis answers" in worker.log() or worker.proc.poll() is not None,
-                60,
-                interval=0.1,
-                what="the worker to lose Redis after the job",
-            )
+            job_id = _lose_redis_mid_job(c, server, worker)
             server.start()
             for jid in (job_id, submit(c).json()["id"]):
                 try:
@@ -357,6 +363,25 @@ def test_redis_killed_while_a_job_runs(tmp_path: Path) -> None:
             # The resumed loop still ends on a plain SIGTERM (RQ records an idle worker's stop
             # nowhere; the resume must not take it for a lost connection).
             assert worker.stop(signal.SIGTERM) == 0, worker.log()[-3000:]
+    finally:
+        worker.stop(signal.SIGKILL)
+        server.stop()
+
+
+def test_worker_stopped_while_waiting_for_redis(tmp_path: Path) -> None:
+    """SIGTERM while the worker waits for Redis to come back: it exits cleanly (RQ's stop handler,
+    still installed, asks the unreachable Redis for the worker's state), and the job it lost stays
+    recorded for a later worker."""
+    server = RedisServer(tmp_path)
+    server.start()
+    settings = base_settings(uuid.uuid4().hex[:10], redis_url=server.url, redis_timeout_seconds=0.5)
+    (worker,) = start_workers(settings, tmp_path, n=1)
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+            job_id = _lose_redis_mid_job(c, server, worker)
+            assert worker.stop(signal.SIGTERM) == 0, worker.log()[-3000:]
+            server.start()
+            assert c.get(f"/v1/restorations/{job_id}").json()["status"] == "processing"
     finally:
         worker.stop(signal.SIGKILL)
         server.stop()
