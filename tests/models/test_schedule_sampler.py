@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from oracle import GaussianPrior
 from safetensors.torch import load_file
 
+from bench._report import cpu_model
 from models.errors import Cancelled
 from models.sampler import ddim_sample
 from models.schedule import RespacedSchedule, linear_betas, q_sample, space_timesteps
@@ -119,15 +119,6 @@ def upstream_ddim_loop(
     return x
 
 
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
-
-
 @pytest.fixture(scope="module")
 def tiny_unet() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     unet_convert = pytest.importorskip("models.unet_convert")
@@ -190,7 +181,7 @@ def test_sampler_reproduces_upstream_fixture(
         reference_gap = float((upstream_ddim_loop(tiny_unet, loop, 100, eta) - loop[key]).abs().max())
     if reference_gap > 1e-3:
         pytest.skip(
-            f"this CPU ({cpu_name()}, {FIXTURE_THREADS} threads) does not "
+            f"this CPU ({cpu_model()}, {FIXTURE_THREADS} threads) does not "
             f"round the tiny UNet as the fixture's machine did: upstream's loop transcribed ends "
             f"{reference_gap:.2f} from upstream's output here (0.0 on AMD EPYC)"
         )
