@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     background_model: str = Field(default="none", pattern=r"^(none|realesrgan_x2plus|realesrgan_x4plus)$")
     background_tile: int = Field(default=512, ge=0)  # input pixels per tile side; 0 = whole photo
     background_tile_overlap: int = Field(default=32, ge=0)
+    # zlib level of PNG results: time on the worker vs bytes, never pixels (models.images.PNG_COMPRESS_LEVEL).
+    png_compress_level: int = Field(default=3, ge=0, le=9)
 
     # --- upload limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)

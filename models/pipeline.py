@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,11 +220,14 @@ class RestorationPipeline:
         weight_versions: dict[str, str] | None = None,
         speed: SpeedOptions | None = None,
         background: bg.BackgroundUpscaler | None = None,
+        png_compress_level: int = images.PNG_COMPRESS_LEVEL,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if max_batch < 1 or max_faces < 1:
             raise ValueError("max_batch and max_faces must be ≥ 1")
+        if not 0 <= png_compress_level <= 9:
+            raise ValueError(f"png_compress_level must be in 0..9, got {png_compress_level}")
         self.profile = profile
         self.device = torch.device(device)
         self.dtype_name = dtype
@@ -249,6 +253,7 @@ class RestorationPipeline:
         # Bounds a job's time on crowd photos; a request may lower it, never raise it.
         self.max_faces = max_faces
         self.weight_versions = weight_versions or {}
+        self.png_compress_level = png_compress_level
         self._detectors: dict[str, face_ops.FaceDetector] = {}
         self._parser = face_ops.FaceParser.if_available(self.weights_dir, self.device)
 
@@ -463,12 +468,16 @@ class RestorationPipeline:
         report("encode", 0, 0)
         with timer("encode"):
             fmt = images.resolve_format(options.format, decoded.format)
-            image, media_type = images.encode_image(
-                output, alpha=alpha, grayscale=decoded.grayscale, format=fmt
+            encode = partial(
+                images.encode_image,
+                grayscale=decoded.grayscale,
+                format=fmt,
+                png_compress_level=self.png_compress_level,
             )
+            image, media_type = encode(output, alpha=alpha)
 
             def encode_all(faces: np.ndarray) -> list[bytes]:
-                return [images.encode_image(f, grayscale=decoded.grayscale, format=fmt)[0] for f in faces]
+                return [encode(f)[0] for f in faces]
 
             face_files = encode_all(restored) if "faces" in options.outputs else []
             crop_files = encode_all(crops) if "crops" in options.outputs else []
@@ -480,7 +489,7 @@ class RestorationPipeline:
                     else decoded.rgb
                 )
                 pair = face_ops.comparison_image(before, output)
-                comparison = images.encode_image(pair, grayscale=decoded.grayscale, format=fmt)[0]
+                comparison = encode(pair)[0]
 
         reports = [FaceReport(f.box, f.score, facts) for f, facts in zip(found.faces, facts, strict=True)]
         return PhotoResult(

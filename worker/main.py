@@ -414,6 +414,7 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
                         max_pixels=settings.max_pixels,
                         max_faces=settings.max_faces,
                         speed=_speed_options(settings),
+                        png_compress_level=settings.png_compress_level,
                         # first start fetches the real weights (sha256-checked) unless offline
                         download=not settings.offline,
                     )

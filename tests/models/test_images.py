@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from app.settings import Settings
 from models.errors import InvalidImageError, TooManyPixelsError, UnsupportedFormatError
-from models.images import check_image, decode_image, encode_image, resolve_format
+from models.images import PNG_COMPRESS_LEVEL, check_image, decode_image, encode_image, resolve_format
+from tests.conftest import aligned_png
 
 MAX = 10_000_000
 
@@ -339,6 +341,20 @@ def test_encode_rejects_bad_arrays() -> None:
         encode_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError):
         encode_image(np.zeros((4, 4, 3), np.uint8), alpha=np.zeros((3, 4), np.uint8))
+    for level in (-1, 10):
+        with pytest.raises(ValueError, match="png_compress_level"):
+            encode_image(np.zeros((4, 4, 3), np.uint8), png_compress_level=level)
+
+
+def test_png_compress_level_changes_bytes_not_pixels() -> None:
+    """Level 0 stores the scanlines (never smaller than them); the default compresses; same pixels."""
+    face = decode_image(aligned_png(), max_pixels=MAX).rgb
+    stored, _ = encode_image(face, format="png", png_compress_level=0)
+    default, _ = encode_image(face, format="png")
+    assert len(stored) >= face.shape[0] * (face.shape[1] * 3 + 1) > 2 * len(default)
+    for data in (stored, default):
+        np.testing.assert_array_equal(decode_image(data, max_pixels=MAX).rgb, face)
+    assert Settings().png_compress_level == PNG_COMPRESS_LEVEL  # the service's default is the library's
 
 
 def test_resolve_format() -> None:

@@ -200,6 +200,21 @@ def test_restore_photo_aligned_input(fast: RestorationPipeline) -> None:
     assert len(result.face_reports) == 1 and result.face_reports[0].facts.nfe > 0
 
 
+def test_png_compress_level_changes_bytes_not_pixels(
+    pipe: RestorationPipeline, fast: RestorationPipeline
+) -> None:
+    data = (ALIGNED / "0717.png").read_bytes()
+    options = RestoreOptions(aligned=True, seed=1, outputs=("image", "comparison"))
+    stored = _fast_pipeline(pipe, png_compress_level=0).restore_photo(data, options)
+    default = fast.restore_photo(data, options)
+    for name in ("image", "comparison"):
+        a, b = getattr(stored, name), getattr(default, name)
+        np.testing.assert_array_equal(_decoded(a), _decoded(b))
+        assert len(a) > len(b), name
+    with pytest.raises(ValueError, match="png_compress_level"):
+        _fast_pipeline(pipe, png_compress_level=10)
+
+
 @needs_detector
 def test_restore_photo_whole_photo_restores_every_face(fast: RestorationPipeline) -> None:
     data = (PHOTOS / "00.jpg").read_bytes()

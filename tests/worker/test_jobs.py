@@ -33,8 +33,8 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 
 @pytest.fixture(scope="module")
 def service(redis_conn, tmp_path_factory) -> Iterator[tuple[Settings, list[WorkerProcess]]]:
-    # A non-default face batch, to see the setting reach the worker's pipeline.
-    settings = base_settings(uuid.uuid4().hex[:10], max_face_batch=3)
+    # A non-default face batch and PNG level, to see the settings reach the worker's pipeline.
+    settings = base_settings(uuid.uuid4().hex[:10], max_face_batch=3, png_compress_level=0)
     workers = start_workers(settings, tmp_path_factory.mktemp("workers"))
     yield settings, workers
     for w in workers:
@@ -96,7 +96,10 @@ def test_round_trip_aligned_face(client: TestClient) -> None:
     for url in (job["outputs"]["image"], job["outputs"]["faces"][0], job["outputs"]["comparison"]):
         got = client.get(url)
         assert got.status_code == 200 and got.headers["content-type"] == "image/png"
-        Image.open(io.BytesIO(got.content)).verify()
+        with Image.open(io.BytesIO(got.content)) as png:
+            png.verify()
+            # DYNFACE_PNG_COMPRESS_LEVEL=0 stores the scanlines: never smaller than them
+            assert len(got.content) >= png.height * (png.width * 3 + 1), (url, png.size)
     assert client.get(f"/v1/restorations/{job['id']}/faces/1").status_code == 404
     # the input is gone once the job is done
     store = JobStore(connect(client.app.state.services.settings), client.app.state.services.settings)
