@@ -28,7 +28,10 @@ The direct calls alternate with the jobs of the 1-client runs (one after each jo
 idle meanwhile), so both see the same machine: on a shared machine, direct calls timed in a block
 of their own, minutes away from the jobs, were seen tens of ms off.
 
-Reported per concurrency level (clients each running jobs back to back):
+Reported per concurrency level (clients each running jobs back to back), over its steady state: with
+several clients, each client's first job is left out (all clients upload at once when a level starts,
+so that round measures a burst of simultaneous uploads, not the level's steady load; jobs/s counts
+every job):
 - e2e: client-observed latency of one job;
 - overhead = e2e − direct p50 (the service's total cost per job, including waiting behind other
   clients' jobs, since there is one worker);
@@ -55,7 +58,7 @@ And per hop (p50 per level; `HOPS`), from the client's clock, the job record's t
 - GET result: the image download (two-request flow; 0 in the one-request flow, whose answer is the
   image).
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead [--levels 1,10,50] [--jobs 20,40,100]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead [--levels 1,10,50] [--jobs 20,60,300]
 """
 
 from __future__ import annotations
@@ -185,6 +188,8 @@ class Job:
     answered: float
     received: float
     body: dict[str, Any]
+    #: A client's first job with several clients: all of them upload at once then (see `steady`).
+    ramp_up: bool
 
     def hops(self, rq_job: RQJob, direct_p50: float) -> dict[str, float]:
         """Seconds per hop of HOPS (see the module docstring); they add up to e2e."""
@@ -228,7 +233,7 @@ async def run_level(
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
 
         async def client() -> None:
-            for _ in counter:
+            for n, _ in enumerate(counter):
                 sent, t0 = time.time(), time.perf_counter()
                 r = await http.post(
                     f"{base}/v1/restorations",
@@ -251,7 +256,8 @@ async def run_level(
                     e2e, received = time.perf_counter() - t0, time.time()
                 queue_wait = float(body["timings"]["queue_wait_seconds"])
                 inference = float(body["timings"]["inference_seconds"])
-                done.append(Job(e2e, queue_wait, inference, sent, answered, received, body))
+                ramp_up = n == 0 and clients > 1
+                done.append(Job(e2e, queue_wait, inference, sent, answered, received, body, ramp_up))
                 if after_job is not None:
                     after_job()
 
@@ -285,7 +291,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--direct-process", type=Path, metavar="FACE", help=argparse.SUPPRESS)
     parser.add_argument("--levels", default="1,10,50", help="concurrent clients per level")
-    parser.add_argument("--jobs", default="20,40,100", help="jobs per level (bounded run time)")
+    parser.add_argument("--jobs", default="20,60,300", help="jobs per level (bounded run time)")
     parser.add_argument(
         "--direct", type=int, default=40, help="direct pipeline calls (after the 1-client levels' jobs)"
     )
@@ -369,7 +375,8 @@ def main() -> None:
                 # RQ's own timestamps of these jobs, read before the namespace is purged.
                 ids = [j.body["id"] for j in done]
                 rq_jobs = RQJob.fetch_many(ids, connection=r, serializer=JSONSerializer)
-                measured.append((upload.name, flow, clients, jobs, wall, done, rq_jobs))
+                steady = [(j, rq) for j, rq in zip(done, rq_jobs, strict=True) if not j.ramp_up]
+                measured.append((upload.name, flow, clients, jobs, wall, steady))
         for upload in (png, jpeg):
             while len(direct[upload.name]) < args.direct:
                 direct_call(upload)
@@ -389,20 +396,21 @@ def main() -> None:
         print(f"direct {name}: p50 {direct_p50[name] * 1000:.1f} ms p95 {ms(calls, 95)} ms")
     rows = []
     hop_rows: list[dict[str, list[float]]] = []
-    for name, flow, clients, jobs, wall, done, rq_jobs in measured:
+    for name, flow, clients, jobs, wall, steady in measured:
+        done = [j for j, _ in steady]
         e2e = [j.e2e for j in done]
         over = [j.e2e - direct_p50[name] for j in done]
         wait = [j.queue_wait for j in done]
         service = [j.e2e - j.queue_wait - j.inference for j in done]
         paired = [j.e2e - j.inference for j in done]
-        rows.append((name, flow, clients, jobs, wall, e2e, over, wait, service, paired))
-        per_job = [j.hops(rq_job, direct_p50[name]) for j, rq_job in zip(done, rq_jobs, strict=True)]
+        rows.append((name, flow, clients, (jobs, len(done)), wall, e2e, over, wait, service, paired))
+        per_job = [j.hops(rq_job, direct_p50[name]) for j, rq_job in steady]
         hop_rows.append({hop: [h[hop] for h in per_job] for hop in HOPS})
         print(
             f"{name}, {flow}, c={clients}: e2e p50 {ms(e2e, 50)} ms, "
             f"overhead p50 {ms(over, 50)} p95 {ms(over, 95)} ms, "
             f"queue wait p50 {ms(wait, 50)} ms, service overhead p50 {ms(service, 50)} "
-            f"p95 {ms(service, 95)} ms ({jobs} jobs in {wall:.1f} s)"
+            f"p95 {ms(service, 95)} ms ({len(done)} of {jobs} jobs counted; {jobs} in {wall:.1f} s)"
         )
         print("  hops p50 (ms): " + ", ".join(f"{hop} {ms(hop_rows[-1][hop], 50)}" for hop in HOPS))
 
@@ -422,13 +430,14 @@ def main() -> None:
             f"**{'met' if service_met else 'not met'}**."
         )
     table = [
-        "| upload | flow | clients | jobs | e2e p50 / p95 (ms) | overhead p50 / p95 (ms) "
+        "| upload | flow | clients | jobs counted (+ ramp-up) | e2e p50 / p95 (ms) | overhead p50 / p95 (ms) "
         "| queue wait p50 (ms) | service overhead p50 / p95 (ms) | jobs/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, flow, clients, jobs, wall, e2e, over, wait, service, _ in rows:
+    for name, flow, clients, (jobs, counted), wall, e2e, over, wait, service, _ in rows:
+        ramp = f" (+ {jobs - counted})" if jobs > counted else ""
         table.append(
-            f"| {name} | {flow} | {clients} | {jobs} | {ms(e2e, 50)} / {ms(e2e, 95)} "
+            f"| {name} | {flow} | {clients} | {counted}{ramp} | {ms(e2e, 50)} / {ms(e2e, 95)} "
             f"| {ms(over, 50)} / {ms(over, 95)} "
             f"| {ms(wait, 50)} | {ms(service, 50)} / {ms(service, 95)} | {jobs / wall:.1f} |"
         )
@@ -459,6 +468,8 @@ def main() -> None:
   `Prefer: wait=60` then GET of the result image (two requests), or the POST with `Accept: image/*` too,
   answered with the image (one request). Run took {time.perf_counter() - started:.0f} s. API, worker, clients
   and the other users of this machine share its CPUs, so contention is part of these numbers.
+- with 10 and 50 clients each client's first job is not counted (the start-up burst: every client
+  uploads at once); jobs/s counts all jobs.
 - overhead = e2e − direct p50 (includes waiting behind other clients' jobs: there is one worker);
   service overhead = e2e − queue wait − worker inference (does not grow with the queue). Definitions:
   `bench/overhead.py` docstring.
