@@ -468,7 +468,7 @@ def main() -> None:
   `Prefer: wait=60` then GET of the result image (two requests), or the POST with `Accept: image/*` too,
   answered with the image (one request). Run took {time.perf_counter() - started:.0f} s. API, worker, clients
   and the other users of this machine share its CPUs, so contention is part of these numbers.
-- with 10 and 50 clients each client's first job is not counted (the start-up burst: every client
+- with more than one client, each client's first job is not counted (the start-up burst: every client
   uploads at once); jobs/s counts all jobs.
 - overhead = e2e − direct p50 (includes waiting behind other clients' jobs: there is one worker);
   service overhead = e2e − queue wait − worker inference (does not grow with the queue). Definitions:
