@@ -43,7 +43,10 @@ def machine() -> str:
     try:
         import torch
 
-        torch_v = f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"
+        torch_v = (
+            f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()} CPU kernels), "
+            f"{torch.get_num_threads()} intra-op thread(s)"
+        )
     except ImportError:
         torch_v = "torch not imported"
     return (

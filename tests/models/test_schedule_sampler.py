@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +28,21 @@ needs_fixture = pytest.mark.skipif(
 )
 
 
-#: CPU threads the fixture's loop reproduces under. The loop is chaotic (see below) and the thread
-#: count changes the reduction order inside the convolutions: measured on AMD EPYC CPUs, 2 and 4
-#: threads reproduce the fixture exactly (max diff 0.0), 1 and 3 threads end up ~1.8 away. On an Intel
-#: Xeon no thread count does (1.7–1.9 away): its float32 convolutions round differently.
+#: How the fixture's loop is reproduced: with torch's AVX2 kernels (ATen's and oneDNN's; set before
+#: torch starts, so in a child process) and 2 threads. The loop is chaotic (see below), so kernel choice
+#: and thread count (the reduction order inside the convolutions) decide the result: measured on an
+#: AMD EPYC with AVX-512, its default AVX-512 kernels end 1.76–1.99 from the fixture at any thread count;
+#: with AVX2 kernels 2 and 4 threads reproduce it exactly (max diff 0.0), 1 and 3 threads end ~1.8 away.
+#: Earlier AVX2-only AMD EPYC machines reproduced it at 2 threads; an Intel Xeon (kernels not forced
+#: then) at no thread count.
+FIXTURE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 FIXTURE_THREADS = 2
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def loop() -> dict[str, torch.Tensor]:
     return load_file(UNET_DIR / "tiny_ddim250_loop.safetensors")
-
-
-@pytest.fixture
-def fixture_threads() -> Iterator[None]:
-    """Run the test with FIXTURE_THREADS intra-op threads (whatever OMP_NUM_THREADS says), then restore."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(FIXTURE_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_linear_betas() -> None:
@@ -165,28 +162,62 @@ def test_sampler_matches_upstream_loop_transcription(
     assert steps == list(range(1, 101))  # NFE = start index
 
 
-@needs_fixture
-@pytest.mark.parametrize(("eta", "key"), [(0.0, "out_eta0"), (0.5, "out_eta05")])
-def test_sampler_reproduces_upstream_fixture(
-    loop: dict[str, torch.Tensor],
-    tiny_unet: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    eta: float,
-    key: str,
-    fixture_threads: None,
-) -> None:
-    """Where the transcription above reproduces upstream's own output, so must our sampler. Elsewhere
-    the CPU's rounding decides the result, not the sampler, and the check cannot be made (the test
-    above still compares the arithmetic)."""
+def fixture_gaps() -> dict[str, object]:
+    """Max abs difference from upstream's output, per fixture output, of upstream's loop transcribed
+    and of our sampler, with this process's kernels and threads (run by the test below in a child)."""
+    loop = load_file(UNET_DIR / "tiny_ddim250_loop.safetensors")
+    config = json.loads((UNET_DIR / "tiny_config.json").read_text())
+    from models.unet_convert import unet_from_upstream_checkpoint
+
+    net = unet_from_upstream_checkpoint(UNET_DIR / "tiny_unet.safetensors", config).eval()
+    gaps = {}
     with torch.no_grad():
-        reference_gap = float((upstream_ddim_loop(tiny_unet, loop, 100, eta) - loop[key]).abs().max())
+        for eta, key in ((0.0, "out_eta0"), (0.5, "out_eta05")):
+            reference = upstream_ddim_loop(lambda x, t: net(x, t)[:, :3], loop, 100, eta)
+            ours, _ = sample_like_upstream(lambda x, t: net(x, t)[:, :3], loop, eta)
+            gaps[key] = [float((reference - loop[key]).abs().max()), float((ours - loop[key]).abs().max())]
+    return {"kernels": torch.backends.cpu.get_cpu_capability(), "gaps": gaps}
+
+
+_FIXTURE_CHILD = """
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import test_schedule_sampler
+print(json.dumps(test_schedule_sampler.fixture_gaps()))
+"""
+
+
+@needs_fixture
+def test_sampler_reproduces_upstream_fixture() -> None:
+    """Where the transcription above reproduces upstream's own output, so must our sampler. That needs
+    the fixture machine's rounding: a child process with FIXTURE_ENV and FIXTURE_THREADS. On a CPU
+    where even then the transcription does not reproduce it (no AVX2, or other rounding), the CPU decides
+    the result, not the sampler: skipped, naming the CPU (the test above still compares the arithmetic)."""
+    env = {
+        **os.environ,
+        **FIXTURE_ENV,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)]),
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", _FIXTURE_CHILD, str(FIXTURE_THREADS)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.splitlines()[-1])
+    reference_gap = max(gap for gap, _ in result["gaps"].values())
     if reference_gap > 1e-3:
         pytest.skip(
-            f"this CPU ({cpu_model()}, {FIXTURE_THREADS} threads) does not "
-            f"round the tiny UNet as the fixture's machine did: upstream's loop transcribed ends "
-            f"{reference_gap:.2f} from upstream's output here (0.0 on AMD EPYC)"
+            f"this CPU ({cpu_model()}, torch kernels {result['kernels']} with {FIXTURE_ENV}, "
+            f"{FIXTURE_THREADS} threads) does not round the tiny UNet as the fixture's machine did: "
+            f"upstream's loop transcribed ends {reference_gap:.2f} from upstream's output here"
         )
-    out, _ = sample_like_upstream(tiny_unet, loop, eta)
-    assert (out - loop[key]).abs().max() <= 1e-3
+    for key, (_, ours_gap) in result["gaps"].items():
+        assert ours_gap <= 1e-3, (key, result)
 
 
 def test_callback_cancel_and_noise_draws() -> None:
