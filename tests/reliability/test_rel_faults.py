@@ -10,6 +10,7 @@ The long version (20+ kills, load) is `test_rel_slow.py` and `bench/reliability.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
 import threading
@@ -275,46 +276,55 @@ def test_odd_valid_inputs_through_a_real_worker(pool: Pool) -> None:
     assert all(w.proc.poll() is None for w in pool.workers), "a worker crashed"
 
 
+@contextlib.contextmanager
+def _service_on_own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerProcess, TestClient]]:
+    """A Redis server of the test's own (so it can be killed), one worker and the API on it."""
+    server = RedisServer(tmp_path)
+    server.start()
+    settings = base_settings(uuid.uuid4().hex[:10], redis_url=server.url, redis_timeout_seconds=0.5)
+    (worker,) = start_workers(settings, tmp_path, n=1)
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+            yield server, worker, c
+    finally:
+        worker.stop(signal.SIGKILL)
+        server.stop()
+
+
+def _assert_succeeds(c: TestClient, job_id: str, worker: WorkerProcess) -> None:
+    """The job ends `succeeded`; on failure or timeout, the worker's log is in the message."""
+    try:
+        job = wait_terminal(c, job_id, timeout=120)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; worker log:\n{worker.log()[-3000:]}") from e
+    assert job["status"] == "succeeded", (job, worker.log()[-3000:])
+
+
 def test_redis_killed_and_restarted(tmp_path: Path) -> None:
     """Redis dies (kill -9) and comes back on the same port with its AOF: meanwhile the API answers
     503 redis_unavailable fast and without a stack trace; afterwards the API and the idle worker
     (whose blocking dequeue broke) recover by themselves and the next job completes."""
-    server = RedisServer(tmp_path)
-    server.start()
-    settings = base_settings(uuid.uuid4().hex[:10], redis_url=server.url, redis_timeout_seconds=0.5)
-    workers = start_workers(settings, tmp_path, n=1)
-    try:
-        with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-            server.stop()  # outage first, so the job queued below waits in Redis across the restart
-            outage_start = time.monotonic()
-            for path in ("/v1/restorations/x", "/v1/models"):
-                t0 = time.monotonic()
-                r = c.get(path)
-                assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
-                assert "Traceback" not in r.text and time.monotonic() - t0 < 3
+    with _service_on_own_redis(tmp_path) as (server, worker, c):
+        server.stop()  # outage first, so the job queued below waits in Redis across the restart
+        outage_start = time.monotonic()
+        for path in ("/v1/restorations/x", "/v1/models"):
             t0 = time.monotonic()
-            r = submit(c)
+            r = c.get(path)
             assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
-            assert time.monotonic() - t0 < 3
-            assert r.headers.get("retry-after")
-            assert c.get("/healthz").status_code == 200  # liveness does not depend on Redis
-            assert c.get("/readyz").status_code == 503
-            time.sleep(max(0.0, 2 - (time.monotonic() - outage_start)))  # outage spans a few RQ polls
-            server.start()
-            # The API's client reconnects on its own (no restart of the app).
-            job_id = wait_for(
-                lambda: (r := submit(c)).status_code == 202 and r.json()["id"], 15, interval=0.2
-            )
-            try:
-                job = wait_terminal(c, job_id, timeout=120)
-            except AssertionError as e:
-                raise AssertionError(f"{e}; worker log:\n{workers[0].log()[-3000:]}") from e
-            assert job["status"] == "succeeded", (job, workers[0].log()[-3000:])
-            assert workers[0].proc.poll() is None
-    finally:
-        for w in workers:
-            w.stop(signal.SIGKILL)
-        server.stop()
+            assert "Traceback" not in r.text and time.monotonic() - t0 < 3
+        t0 = time.monotonic()
+        r = submit(c)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
+        assert time.monotonic() - t0 < 3
+        assert r.headers.get("retry-after")
+        assert c.get("/healthz").status_code == 200  # liveness does not depend on Redis
+        assert c.get("/readyz").status_code == 503
+        time.sleep(max(0.0, 2 - (time.monotonic() - outage_start)))  # outage spans a few RQ polls
+        server.start()
+        # The API's client reconnects on its own (no restart of the app).
+        job_id = wait_for(lambda: (r := submit(c)).status_code == 202 and r.json()["id"], 15, interval=0.2)
+        _assert_succeeds(c, job_id, worker)
+        assert worker.proc.poll() is None
 
 
 def _lose_redis_mid_job(c: TestClient, server: RedisServer, worker: WorkerProcess) -> str:
@@ -345,43 +355,23 @@ def test_redis_killed_while_a_job_runs(tmp_path: Path) -> None:
     fails too, which ends RQ's own work loop. The worker stays up and resumes once Redis is back;
     the job, whose end could not be recorded, is re-run once its heartbeat lapses and succeeds,
     and the next job runs."""
-    server = RedisServer(tmp_path)
-    server.start()
-    settings = base_settings(uuid.uuid4().hex[:10], redis_url=server.url, redis_timeout_seconds=0.5)
-    (worker,) = start_workers(settings, tmp_path, n=1)
-    try:
-        with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-            job_id = _lose_redis_mid_job(c, server, worker)
-            server.start()
-            for jid in (job_id, submit(c).json()["id"]):
-                try:
-                    job = wait_terminal(c, jid, timeout=120)
-                except AssertionError as e:
-                    raise AssertionError(f"{e}; worker log:\n{worker.log()[-3000:]}") from e
-                assert job["status"] == "succeeded", (job, worker.log()[-3000:])
-            assert worker.proc.poll() is None
-            # The resumed loop still ends on a plain SIGTERM (RQ records an idle worker's stop
-            # nowhere; the resume must not take it for a lost connection).
-            assert worker.stop(signal.SIGTERM) == 0, worker.log()[-3000:]
-    finally:
-        worker.stop(signal.SIGKILL)
-        server.stop()
+    with _service_on_own_redis(tmp_path) as (server, worker, c):
+        job_id = _lose_redis_mid_job(c, server, worker)
+        server.start()
+        for jid in (job_id, submit(c).json()["id"]):
+            _assert_succeeds(c, jid, worker)
+        assert worker.proc.poll() is None
+        # The resumed loop still ends on a plain SIGTERM (RQ records an idle worker's stop
+        # nowhere; the resume must not take it for a lost connection).
+        assert worker.stop(signal.SIGTERM) == 0, worker.log()[-3000:]
 
 
 def test_worker_stopped_while_waiting_for_redis(tmp_path: Path) -> None:
     """SIGTERM while the worker waits for Redis to come back: it exits cleanly (RQ's stop handler,
     still installed, asks the unreachable Redis for the worker's state), and the job it lost stays
     recorded for a later worker."""
-    server = RedisServer(tmp_path)
-    server.start()
-    settings = base_settings(uuid.uuid4().hex[:10], redis_url=server.url, redis_timeout_seconds=0.5)
-    (worker,) = start_workers(settings, tmp_path, n=1)
-    try:
-        with TestClient(create_app(settings), raise_server_exceptions=False) as c:
-            job_id = _lose_redis_mid_job(c, server, worker)
-            assert worker.stop(signal.SIGTERM) == 0, worker.log()[-3000:]
-            server.start()
-            assert c.get(f"/v1/restorations/{job_id}").json()["status"] == "processing"
-    finally:
-        worker.stop(signal.SIGKILL)
-        server.stop()
+    with _service_on_own_redis(tmp_path) as (server, worker, c):
+        job_id = _lose_redis_mid_job(c, server, worker)
+        assert worker.stop(signal.SIGTERM) == 0, worker.log()[-3000:]
+        server.start()
+        assert c.get(f"/v1/restorations/{job_id}").json()["status"] == "processing"
