@@ -19,6 +19,7 @@ from bench._report import cpu_model
 from models.errors import Cancelled
 from models.sampler import ddim_sample
 from models.schedule import RespacedSchedule, linear_betas, q_sample, space_timesteps
+from models.unet_convert import unet_from_upstream_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 UNET_DIR = SHARED / "fixtures" / "difface_unet"
@@ -40,9 +41,20 @@ FIXTURE_THREADS = 2
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def load_loop() -> dict[str, torch.Tensor]:
+    return load_file(UNET_DIR / "tiny_ddim250_loop.safetensors")
+
+
+def load_tiny_unet() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The fixture's tiny UNet as an ε model (its first three output channels)."""
+    config = json.loads((UNET_DIR / "tiny_config.json").read_text())
+    net = unet_from_upstream_checkpoint(UNET_DIR / "tiny_unet.safetensors", config).eval()
+    return lambda x, t: net(x, t)[:, :3]
+
+
 @pytest.fixture(scope="module")
 def loop() -> dict[str, torch.Tensor]:
-    return load_file(UNET_DIR / "tiny_ddim250_loop.safetensors")
+    return load_loop()
 
 
 def test_linear_betas() -> None:
@@ -118,10 +130,7 @@ def upstream_ddim_loop(
 
 @pytest.fixture(scope="module")
 def tiny_unet() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    unet_convert = pytest.importorskip("models.unet_convert")
-    config = json.loads((UNET_DIR / "tiny_config.json").read_text())
-    net = unet_convert.unet_from_upstream_checkpoint(UNET_DIR / "tiny_unet.safetensors", config).eval()
-    return lambda x, t: net(x, t)[:, :3]
+    return load_tiny_unet()
 
 
 def sample_like_upstream(
@@ -165,16 +174,12 @@ def test_sampler_matches_upstream_loop_transcription(
 def fixture_gaps() -> dict[str, object]:
     """Max abs difference from upstream's output, per fixture output, of upstream's loop transcribed
     and of our sampler, with this process's kernels and threads (run by the test below in a child)."""
-    loop = load_file(UNET_DIR / "tiny_ddim250_loop.safetensors")
-    config = json.loads((UNET_DIR / "tiny_config.json").read_text())
-    from models.unet_convert import unet_from_upstream_checkpoint
-
-    net = unet_from_upstream_checkpoint(UNET_DIR / "tiny_unet.safetensors", config).eval()
+    loop, eps_model = load_loop(), load_tiny_unet()
     gaps = {}
     with torch.no_grad():
         for eta, key in ((0.0, "out_eta0"), (0.5, "out_eta05")):
-            reference = upstream_ddim_loop(lambda x, t: net(x, t)[:, :3], loop, 100, eta)
-            ours, _ = sample_like_upstream(lambda x, t: net(x, t)[:, :3], loop, eta)
+            reference = upstream_ddim_loop(eps_model, loop, 100, eta)
+            ours, _ = sample_like_upstream(eps_model, loop, eta)
             gaps[key] = [float((reference - loop[key]).abs().max()), float((ours - loop[key]).abs().max())]
     return {"kernels": torch.backends.cpu.get_cpu_capability(), "gaps": gaps}
 
