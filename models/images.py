@@ -188,6 +188,11 @@ def _to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), None, False
 
 
+def check_png_compress_level(level: int) -> None:
+    if not 0 <= level <= 9:
+        raise ValueError(f"png_compress_level must be in 0..9, got {level}")
+
+
 def resolve_format(requested: str, source_format: str) -> OutputFormat:
     """Map an output-format option ("png" | "jpeg" | "webp" | "same") to a concrete format.
 
@@ -233,8 +238,7 @@ def encode_image(
         raise ValueError(f"alpha must be uint8 {rgb.shape[:2]}, got {alpha.dtype} {alpha.shape}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
-    if not 0 <= png_compress_level <= 9:
-        raise ValueError(f"png_compress_level must be in 0..9, got {png_compress_level}")
+    check_png_compress_level(png_compress_level)
 
     im = Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
     if fmt == "jpeg" and alpha is not None:

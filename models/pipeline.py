@@ -226,8 +226,7 @@ class RestorationPipeline:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if max_batch < 1 or max_faces < 1:
             raise ValueError("max_batch and max_faces must be ≥ 1")
-        if not 0 <= png_compress_level <= 9:
-            raise ValueError(f"png_compress_level must be in 0..9, got {png_compress_level}")
+        images.check_png_compress_level(png_compress_level)  # at construction, not at the first job
         self.profile = profile
         self.device = torch.device(device)
         self.dtype_name = dtype
