@@ -218,6 +218,23 @@ def _instant(iso: str) -> float:
 FLOWS = ("two requests", "one request")
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One (upload, flow, clients) run: its series in seconds over the counted (steady) jobs."""
+
+    name: str
+    flow: str
+    clients: int
+    jobs: int  # every job run, ramp-up included (jobs/s counts them all)
+    wall: float
+    e2e: list[float]
+    over: list[float]  # e2e − direct p50
+    wait: list[float]
+    service: list[float]  # e2e − queue wait − inference
+    paired: list[float]  # e2e − inference
+    hops: dict[str, list[float]]
+
+
 async def run_level(
     base: str,
     upload: Upload,
@@ -394,37 +411,43 @@ def main() -> None:
     direct_p50 = {name: percentile(calls, 50) for name, calls in direct.items()}
     for name, calls in direct.items():
         print(f"direct {name}: p50 {direct_p50[name] * 1000:.1f} ms p95 {ms(calls, 95)} ms")
-    rows = []
-    hop_rows: list[dict[str, list[float]]] = []
+    rows: list[Run] = []
     for name, flow, clients, jobs, wall, steady in measured:
         done = [j for j, _ in steady]
-        e2e = [j.e2e for j in done]
-        over = [j.e2e - direct_p50[name] for j in done]
-        wait = [j.queue_wait for j in done]
-        service = [j.e2e - j.queue_wait - j.inference for j in done]
-        paired = [j.e2e - j.inference for j in done]
-        rows.append((name, flow, clients, (jobs, len(done)), wall, e2e, over, wait, service, paired))
         per_job = [j.hops(rq_job, direct_p50[name]) for j, rq_job in steady]
-        hop_rows.append({hop: [h[hop] for h in per_job] for hop in HOPS})
-        print(
-            f"{name}, {flow}, c={clients}: e2e p50 {ms(e2e, 50)} ms, "
-            f"overhead p50 {ms(over, 50)} p95 {ms(over, 95)} ms, "
-            f"queue wait p50 {ms(wait, 50)} ms, service overhead p50 {ms(service, 50)} "
-            f"p95 {ms(service, 95)} ms ({len(done)} of {jobs} jobs counted; {jobs} in {wall:.1f} s)"
+        row = Run(
+            name,
+            flow,
+            clients,
+            jobs,
+            wall,
+            e2e=[j.e2e for j in done],
+            over=[j.e2e - direct_p50[name] for j in done],
+            wait=[j.queue_wait for j in done],
+            service=[j.e2e - j.queue_wait - j.inference for j in done],
+            paired=[j.e2e - j.inference for j in done],
+            hops={hop: [h[hop] for h in per_job] for hop in HOPS},
         )
-        print("  hops p50 (ms): " + ", ".join(f"{hop} {ms(hop_rows[-1][hop], 50)}" for hop in HOPS))
+        rows.append(row)
+        print(
+            f"{name}, {flow}, c={clients}: e2e p50 {ms(row.e2e, 50)} ms, "
+            f"overhead p50 {ms(row.over, 50)} p95 {ms(row.over, 95)} ms, "
+            f"queue wait p50 {ms(row.wait, 50)} ms, service overhead p50 {ms(row.service, 50)} "
+            f"p95 {ms(row.service, 95)} ms ({len(done)} of {jobs} jobs counted; {jobs} in {wall:.1f} s)"
+        )
+        print("  hops p50 (ms): " + ", ".join(f"{hop} {ms(row.hops[hop], 50)}" for hop in HOPS))
 
     verdicts = []
-    for name, flow, clients, _, _, _, over, _, _, paired in rows:
-        if clients == 1:
-            one, own = percentile(over, 50) * 1000, percentile(paired, 50) * 1000
+    for row in rows:
+        if row.clients == 1:
+            one, own = percentile(row.over, 50) * 1000, percentile(row.paired, 50) * 1000
             verdicts.append(
-                f"- {name} upload, {flow}: e2e − direct p50 {one:.1f} ms — "
+                f"- {row.name} upload, {row.flow}: e2e − direct p50 {one:.1f} ms — "
                 f"**{'met' if one <= TARGET_MS else 'not met'}**; e2e − the job's own pipeline time "
                 f"p50 {own:.1f} ms — **{'met' if own <= TARGET_MS else 'not met'}**."
             )
     for flow in FLOWS:
-        service_met = all(percentile(row[8], 50) * 1000 <= TARGET_MS for row in rows if row[1] == flow)
+        service_met = all(percentile(row.service, 50) * 1000 <= TARGET_MS for row in rows if row.flow == flow)
         verdicts.append(
             f"- {flow}: service overhead p50 ≤ {TARGET_MS:.0f} ms in every run: "
             f"**{'met' if service_met else 'not met'}**."
@@ -434,22 +457,24 @@ def main() -> None:
         "| queue wait p50 (ms) | service overhead p50 / p95 (ms) | jobs/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, flow, clients, (jobs, counted), wall, e2e, over, wait, service, _ in rows:
-        ramp = f" (+ {jobs - counted})" if jobs > counted else ""
+    for row in rows:
+        counted = len(row.e2e)
+        ramp = f" (+ {row.jobs - counted})" if row.jobs > counted else ""
         table.append(
-            f"| {name} | {flow} | {clients} | {counted}{ramp} | {ms(e2e, 50)} / {ms(e2e, 95)} "
-            f"| {ms(over, 50)} / {ms(over, 95)} "
-            f"| {ms(wait, 50)} | {ms(service, 50)} / {ms(service, 95)} | {jobs / wall:.1f} |"
+            f"| {row.name} | {row.flow} | {row.clients} | {counted}{ramp} "
+            f"| {ms(row.e2e, 50)} / {ms(row.e2e, 95)} | {ms(row.over, 50)} / {ms(row.over, 95)} "
+            f"| {ms(row.wait, 50)} | {ms(row.service, 50)} / {ms(row.service, 95)} "
+            f"| {row.jobs / row.wall:.1f} |"
         )
     breakdown = [
         "| upload, flow, clients | " + " | ".join(HOPS) + " | sum |",
         "|---|" + "---|" * (len(HOPS) + 1),
     ]
-    for row, hops in zip(rows, hop_rows, strict=True):
-        total = sum(percentile(hops[hop], 50) for hop in HOPS) * 1000
+    for row in rows:
+        total = sum(percentile(row.hops[hop], 50) for hop in HOPS) * 1000
         breakdown.append(
-            f"| {row[0]}, {row[1]}, {row[2]} | "
-            + " | ".join(ms(hops[hop], 50) for hop in HOPS)
+            f"| {row.name}, {row.flow}, {row.clients} | "
+            + " | ".join(ms(row.hops[hop], 50) for hop in HOPS)
             + f" | {total:.1f} |"
         )
     directs = "; ".join(
