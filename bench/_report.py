@@ -16,8 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import redis
-
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 FIGURES = ROOT / "docs" / "benchmarks"
@@ -118,17 +116,3 @@ def service_env(prefix: str, **settings: str) -> dict[str, str]:
         }
     )
     return env
-
-
-def purge_namespace(r: redis.Redis, prefix: str) -> int:
-    """Delete the namespace's keys: PREFIX:*, rq:*PREFIX*, and rq:* keys naming one of its job ids."""
-    ids = {k.decode().rsplit(":", 1)[1] for k in r.scan_iter(match=f"{prefix}:job:*", count=1000)}
-    doomed = [k for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
-    for k in r.scan_iter(match="rq:*", count=1000):
-        name = k.decode()
-        if prefix in name or any(part in ids for part in name.split(":")):
-            doomed.append(k)
-    for i in range(0, len(doomed), 500):
-        r.delete(*doomed[i : i + 500])
-    r.srem("rq:queues", f"rq:queue:{prefix}")
-    return len(doomed)

@@ -54,16 +54,17 @@ import httpx
 import redis
 from PIL import Image
 
+from app.settings import Settings
 from bench._report import (
     REDIS_URL,
     ROOT,
     SHARED,
     header,
     percentile,
-    purge_namespace,
     service_env,
     write_section,
 )
+from tests.conftest import purge
 
 PHOTOS = SHARED / "testdata" / "photos"
 TARGET_BYTES = 200_000
@@ -304,7 +305,7 @@ def serve(workers: int, queue_depth: int, r: redis.Redis, logs: Path, run: Run) 
             proc.kill()
             proc.wait()
         log.close()
-        purged = purge_namespace(r, prefix)
+        purged = purge(r, Settings(key_prefix=prefix, queue_name=prefix))
         leftover = sum(1 for _ in r.scan_iter(match=f"*{prefix}*", count=1000))
         run.purged += purged
         run.leftover += leftover

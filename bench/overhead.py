@@ -85,6 +85,7 @@ import torch
 from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 
+from app.settings import Settings
 from bench._report import (
     ALIGNED,
     REDIS_URL,
@@ -92,10 +93,10 @@ from bench._report import (
     SHARED,
     header,
     percentile,
-    purge_namespace,
     service_env,
     write_section,
 )
+from tests.conftest import purge
 
 TARGET_MS = 20.0
 WEIGHTS = SHARED / "weights"
@@ -151,7 +152,6 @@ def direct_main(face: Path) -> None:
 
 def worker_main() -> None:
     """The worker process: the ordinary run_worker with the bench pipeline."""
-    from app.settings import Settings
     from models.pipeline import RestorationPipeline
     from worker.main import run_worker
 
@@ -406,7 +406,7 @@ def main() -> None:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        purge_namespace(r, prefix)
+        purge(r, Settings(key_prefix=prefix, queue_name=prefix))
 
     direct_p50 = {name: percentile(calls, 50) for name, calls in direct.items()}
     for name, calls in direct.items():
