@@ -16,25 +16,11 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.blur import RadialSpectrum, radial_profiles  # noqa: E402
-from models.dsst import DIFFACE_START_INDEX, build_analytic  # noqa: E402
+from models.dsst import DIFFACE_START_INDEX, FACE_SUFFIXES, build_analytic, face_power_spectrum  # noqa: E402
 from models.schedule import RespacedSchedule  # noqa: E402
-
-
-def load_face(path: Path, size: int) -> torch.Tensor:
-    """One aligned face as (1, 3, size, size) float64 in [-1,1]."""
-    img = Image.open(path).convert("RGB")
-    if img.size != (size, size):
-        raise ValueError(f"{path} is {img.size}, expected aligned {size}x{size} faces")
-    arr = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
-    return arr.to(torch.float64) / 127.5 - 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,14 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    paths = sorted(p for p in args.faces.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    paths = sorted(p for p in args.faces.iterdir() if p.suffix.lower() in FACE_SUFFIXES)
     if not paths:
         raise SystemExit(f"no face images in {args.faces}")
-    freqs, total = None, None
-    for path in paths:  # one at a time: a 512 face's 1024² spectrum is large
-        freqs, power = radial_profiles(load_face(path, args.size))
-        total = power[0] if total is None else total + power[0]
-    spectrum = RadialSpectrum(freqs=freqs, power=total / len(paths))
+    spectrum = face_power_spectrum(paths, args.size)
 
     command = "python scripts/build_dsst_default.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     provenance = (
