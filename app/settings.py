@@ -41,9 +41,7 @@ class Settings(BaseSettings):
     max_faces: int = Field(default=32, ge=1)
     offline: bool = False
     weights_retry_seconds: float = Field(default=30.0, gt=0)
-    # Method tables and trained nets (docs/reproduce.md). RestorationPipeline.from_pretrained reads the
-    # same variables itself (models do not import app/), so the worker and the CLI honour them alike;
-    # declared here so they are validated and documented with every other setting.
+    # Method tables and trained nets (docs/reproduce.md); the worker hands them to from_pretrained.
     dsst_table: str | None = None  # `dynface dsst build` JSON; unset = the shipped table
     dblm_weights: str | None = None  # `dynface train dblm` .safetensors; unset = training-free fallback
     dgsa_weights: str | None = None  # `dynface train dgsa` .safetensors; unset = training-free fallback
@@ -52,8 +50,8 @@ class Settings(BaseSettings):
     compile: bool = False  # first jobs pay minutes of compilation; opt in per deployment
     compile_mode: str = Field(default="default", pattern=r"^(default|reduce-overhead|max-autotune)$")
     pin_memory: bool = True
-    # Background super-resolution for `upscale` > 1 (models/background.py; read by from_pretrained
-    # like the method files above). none = Lanczos resize; else a manifest name of a Real-ESRGAN file.
+    # Background super-resolution for `upscale` > 1 (models/background.py). none = Lanczos resize;
+    # else a manifest name of a Real-ESRGAN file.
     background_model: str = Field(default="none", pattern=r"^(none|realesrgan_x2plus|realesrgan_x4plus)$")
     background_tile: int = Field(default=512, ge=0)  # input pixels per tile side; 0 = whole photo
     background_tile_overlap: int = Field(default=32, ge=0)
@@ -133,6 +131,12 @@ class Settings(BaseSettings):
     def redis_configured(self) -> bool:
         """Whether an external Redis is configured (else `dynface serve` embeds one)."""
         return bool(self.redis_url or self.redis_sentinels)
+
+    @field_validator("dsst_table", "dblm_weights", "dgsa_weights", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object) -> object:
+        """``DYNFACE_DSST_TABLE=`` (an empty line in an env file) means unset, not the current folder."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -127,7 +127,8 @@ def bench_pipeline(**kwargs: Any) -> Any:
     tiny = PROFILES["tiny"]
     profile = dataclasses.replace(tiny, method=dataclasses.replace(tiny.method, baseline_start_index=1))
     unet, _ = _tiny_networks(tiny)
-    kwargs.pop("download", None)
+    for name in ("download", "dsst_table", "dblm_weights", "dgsa_weights", "background_config"):
+        kwargs.pop(name, None)  # from_pretrained's files: the bench pipeline is built from none of them
     kwargs["weights_dir"] = kwargs.get("weights_dir") or WEIGHTS
     return RestorationPipeline(profile, unet, torch.nn.Identity(), **kwargs)
 

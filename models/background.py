@@ -66,8 +66,9 @@ class BackgroundConfig:
 
     @classmethod
     def from_env(cls) -> BackgroundConfig:
-        """$DYNFACE_BACKGROUND_MODEL, $DYNFACE_BACKGROUND_TILE, $DYNFACE_BACKGROUND_TILE_OVERLAP: read
-        here, as the pipeline reads its other model settings, because models/ does not import app/."""
+        """$DYNFACE_BACKGROUND_MODEL, $DYNFACE_BACKGROUND_TILE, $DYNFACE_BACKGROUND_TILE_OVERLAP, for the
+        CLI (`dynface restore`, `dynface weights pull`): models/ does not import app/'s Settings, which
+        the worker reads them from."""
         default = cls()
         return cls(
             model=os.environ.get("DYNFACE_BACKGROUND_MODEL") or default.model,

@@ -144,14 +144,29 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-dir", type=Path, default=None, help="default $DYNFACE_WEIGHTS_DIR")
     p.add_argument("--max-batch", type=int, default=8, help="faces per sampler batch")
     p.add_argument(
-        "--dsst", type=Path, default=None, help="DSST table JSON (default $DYNFACE_DSST_TABLE, else shipped)"
+        "--dsst",
+        type=Path,
+        default=_env_path("DYNFACE_DSST_TABLE"),
+        help="DSST table JSON (default $DYNFACE_DSST_TABLE, else shipped)",
     )
     p.add_argument(
-        "--dblm-weights", type=Path, default=None, help="trained DBLM .safetensors ($DYNFACE_DBLM_WEIGHTS)"
+        "--dblm-weights",
+        type=Path,
+        default=_env_path("DYNFACE_DBLM_WEIGHTS"),
+        help="trained DBLM .safetensors (default $DYNFACE_DBLM_WEIGHTS, else the training-free fallback)",
     )
     p.add_argument(
-        "--dgsa-weights", type=Path, default=None, help="trained DGSA .safetensors ($DYNFACE_DGSA_WEIGHTS)"
+        "--dgsa-weights",
+        type=Path,
+        default=_env_path("DYNFACE_DGSA_WEIGHTS"),
+        help="trained DGSA .safetensors (default $DYNFACE_DGSA_WEIGHTS, else the training-free fallback)",
     )
+
+
+def _env_path(name: str) -> Path | None:
+    """The service's setting as a CLI default, so `dynface restore` loads what the worker loads."""
+    value = os.environ.get(name, "").strip()
+    return Path(value) if value else None
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -173,6 +188,7 @@ def _load_pipeline(args: argparse.Namespace) -> RestorationPipeline:
     """torch is imported here, not at module import, so `dynface --help` stays fast."""
     import torch
 
+    from models.background import BackgroundConfig
     from models.pipeline import RestorationPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,6 +201,7 @@ def _load_pipeline(args: argparse.Namespace) -> RestorationPipeline:
         dsst_table=args.dsst,
         dblm_weights=args.dblm_weights,
         dgsa_weights=args.dgsa_weights,
+        background_config=BackgroundConfig.from_env(),
     )
     if not pipe.info["real"]:
         print("warning: profile 'tiny' has random weights; outputs are NOT restorations", file=sys.stderr)

@@ -15,7 +15,6 @@ start (index 100 of ddim250) and sampled without guidance, so the two modes are 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -277,13 +276,13 @@ class RestorationPipeline:
         net, other detector) on a best-effort basis; otherwise missing required files raise
         `MissingWeightsError` naming them and the command that fetches them.
         `dsst_table` (a `dynface dsst build` JSON), `dblm_weights` / `dgsa_weights` (`dynface train`
-        .safetensors, their .json beside them) default to $DYNFACE_DSST_TABLE / $DYNFACE_DBLM_WEIGHTS /
-        $DYNFACE_DGSA_WEIGHTS; unset, the shipped table and the training-free fallbacks are used.
-        `background_config` (default: $DYNFACE_BACKGROUND_MODEL and its tiling variables) picks the
-        background super-resolution model: one more required file for the real profile; the tiny
-        profile gets a seeded random toy version of it and never reads or fetches the real file."""
+        .safetensors, their .json beside them): unset, the shipped table and the training-free fallbacks
+        are used. `background_config` (default: none, a Lanczos resize) picks the background
+        super-resolution model: one more required file for the real profile; the tiny profile gets a
+        seeded random toy version of it and never reads or fetches the real file. These come only from
+        the arguments: the worker passes its Settings, the CLI its flags and DYNFACE_* variables."""
         kwargs.update(_trained_parts(dsst_table, dblm_weights, dgsa_weights, kwargs.get("dsst")))
-        background_config = background_config or bg.BackgroundConfig.from_env()
+        background_config = background_config or bg.BackgroundConfig()
         profile = PROFILES["tiny" if str(name_or_path) == "tiny" else "real"]
         if str(name_or_path) not in PROFILES:
             weights_dir = Path(name_or_path)
@@ -761,26 +760,21 @@ def _trained_parts(
     dgsa_weights: str | Path | None,
     dsst: DSSTable | None,
 ) -> dict[str, Any]:
-    """Constructor kwargs for the files given, or named by the environment as `weights_dir()` reads
-    $DYNFACE_WEIGHTS_DIR: the worker builds its pipeline through from_pretrained, so this is where a
-    deployment's setting takes effect. A named file that is missing or wrong raises here, at load time."""
-
-    def named(value: str | Path | None, env: str) -> Path | None:
-        value = value if value is not None else os.environ.get(env) or None
-        return Path(value).expanduser() if value is not None else None
-
+    """Constructor kwargs for the files given. A named file that is missing or wrong raises here, at
+    load time."""
     parts: dict[str, Any] = {}
-    if (table := named(dsst_table, "DYNFACE_DSST_TABLE")) is not None:
-        parts["dsst"] = DSSTable.from_json(table.read_text(encoding="utf-8"))
-    if (path := named(dblm_weights, "DYNFACE_DBLM_WEIGHTS")) is not None:
+    if dsst_table is not None:
+        parts["dsst"] = DSSTable.from_json(Path(dsst_table).expanduser().read_text(encoding="utf-8"))
+    if dblm_weights is not None:
+        path = Path(dblm_weights).expanduser()
         parts["dblm"] = trained.load(path, "dblm")
         levels = len((parts.get("dsst") or dsst or default_table()).sigmas)
         if len(parts["dblm"].sigmas) != levels:
             raise ValueError(
                 f"{path}: DBLM has {len(parts['dblm'].sigmas)} blur levels, the DSST table {levels}"
             )
-    if (path := named(dgsa_weights, "DYNFACE_DGSA_WEIGHTS")) is not None:
-        parts["dgsa"] = trained.load(path, "dgsa")
+    if dgsa_weights is not None:
+        parts["dgsa"] = trained.load(Path(dgsa_weights).expanduser(), "dgsa")
     return parts
 
 

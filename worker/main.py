@@ -57,6 +57,7 @@ from worker import metrics, tasks
 if TYPE_CHECKING:
     from types import FrameType
 
+    from models.background import BackgroundConfig
     from models.pipeline import RestorationPipeline
     from models.speed import SpeedOptions
 
@@ -390,13 +391,8 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
     ready without a restart. RQ installs its own signal handlers only in ``work()``, so until then
     a stop signal is turned into an event the wait below sees.
     """
-    from models.pipeline import RestorationPipeline
-
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    dtype = settings.dtype
-    if dtype == "auto":  # fp16 halves GPU memory; CPUs have no fast fp16 path
-        dtype = "fp16" if device.startswith("cuda") else "fp32"
     pipe: RestorationPipeline | None = None
     build_seconds = 0.0
     reported: list[dict[str, str]] | None = None
@@ -405,19 +401,7 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
             try:
                 t0 = time.perf_counter()
                 if pipe is None:  # kept across retries when only the detector was missing
-                    pipe = RestorationPipeline.from_pretrained(
-                        settings.profile,
-                        device=device,
-                        dtype=dtype,
-                        weights_dir=settings.weights_dir,
-                        max_batch=settings.max_face_batch,
-                        max_pixels=settings.max_pixels,
-                        max_faces=settings.max_faces,
-                        speed=_speed_options(settings),
-                        png_compress_level=settings.png_compress_level,
-                        # first start fetches the real weights (sha256-checked) unless offline
-                        download=not settings.offline,
-                    )
+                    pipe = pipeline_from_settings(settings, device)
                     build_seconds = time.perf_counter() - t0
                     t0 = time.perf_counter()
                 # fail at start-up, not on the first photo, when detector weights are missing
@@ -446,6 +430,33 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
             signal.signal(sig, handler)
 
 
+def pipeline_from_settings(settings: Settings, device: str) -> RestorationPipeline:
+    """The worker's pipeline: every model setting of docs/configuration.md handed to from_pretrained,
+    which reads none of them from the environment itself. The first start fetches the real weights
+    (sha256-checked) unless offline."""
+    from models.pipeline import RestorationPipeline
+
+    dtype = settings.dtype
+    if dtype == "auto":  # fp16 halves GPU memory; CPUs have no fast fp16 path
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    return RestorationPipeline.from_pretrained(
+        settings.profile,
+        device=device,
+        dtype=dtype,
+        weights_dir=settings.weights_dir,
+        max_batch=settings.max_face_batch,
+        max_pixels=settings.max_pixels,
+        max_faces=settings.max_faces,
+        speed=_speed_options(settings),
+        png_compress_level=settings.png_compress_level,
+        dsst_table=settings.dsst_table,
+        dblm_weights=settings.dblm_weights,
+        dgsa_weights=settings.dgsa_weights,
+        background_config=_background_config(settings),
+        download=not settings.offline,
+    )
+
+
 def _speed_options(settings: Settings) -> SpeedOptions:
     """The fast-path switches of docs/configuration.md (pinning is used on CUDA devices only)."""
     from models.speed import SpeedOptions
@@ -455,6 +466,17 @@ def _speed_options(settings: Settings) -> SpeedOptions:
         compile=settings.compile,
         compile_mode=settings.compile_mode,  # type: ignore[arg-type]  # pattern-checked by Settings
         pin_memory=settings.pin_memory,
+    )
+
+
+def _background_config(settings: Settings) -> BackgroundConfig:
+    """The background super-resolution model and its tiling (docs/configuration.md)."""
+    from models.background import BackgroundConfig
+
+    return BackgroundConfig(
+        model=settings.background_model,
+        tile=settings.background_tile,
+        overlap=settings.background_tile_overlap,
     )
 
 

@@ -290,24 +290,37 @@ def test_tiny_profile_never_reads_the_real_file(tmp_path: Path, monkeypatch: pyt
     assert sorted(p.name for p in tmp_path.iterdir()) == [FILES["realesrgan_x2plus"]]  # nothing fetched
 
 
-def test_configuration_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path).info["background"] == {
-        "model": "none"
-    }
-    monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "realesrgan_x4plus")
-    monkeypatch.setenv("DYNFACE_BACKGROUND_TILE", "128")
-    monkeypatch.setenv("DYNFACE_BACKGROUND_TILE_OVERLAP", "8")
-    info = RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path).info["background"]
-    assert info == {
+def test_the_library_reads_no_service_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_pretrained takes its files and background model from its arguments only (the worker hands
+    it Settings, the CLI its flags): DYNFACE_* variables that would break the load change nothing."""
+    monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "esrgan")
+    monkeypatch.setenv("DYNFACE_BACKGROUND_TILE", "not a number")
+    for name in ("DYNFACE_DSST_TABLE", "DYNFACE_DBLM_WEIGHTS", "DYNFACE_DGSA_WEIGHTS"):
+        monkeypatch.setenv(name, str(tmp_path / "missing"))
+    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path)
+    assert pipe.info["background"] == {"model": "none"}
+    assert pipe.info["dblm"] == pipe.info["dgsa"] == "fallback"
+    assert pipe.dsst == default_table()
+    config = bg.BackgroundConfig("realesrgan_x4plus", tile=128, overlap=8)
+    info = RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path, background_config=config).info
+    assert info["background"] == {
         "model": "realesrgan_x4plus",
         "scale": 4,
         "weights": "random (tiny profile)",
         "tile": 128,
         "tile_overlap": 8,
     }
+
+
+def test_cli_configuration_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bg.BackgroundConfig.from_env() == bg.BackgroundConfig()
+    monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "realesrgan_x4plus")
+    monkeypatch.setenv("DYNFACE_BACKGROUND_TILE", "128")
+    monkeypatch.setenv("DYNFACE_BACKGROUND_TILE_OVERLAP", "8")
+    assert bg.BackgroundConfig.from_env() == bg.BackgroundConfig("realesrgan_x4plus", tile=128, overlap=8)
     monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "esrgan")
     with pytest.raises(ValueError, match="Unknown background model"):
-        RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path)
+        bg.BackgroundConfig.from_env()
 
 
 def test_real_profile_lists_a_missing_background_file_with_its_command(

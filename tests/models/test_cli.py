@@ -126,6 +126,25 @@ def test_restore_folders_keep_structure_skip_unreadable_and_report_extras(
     assert "restored 2 photo(s)" in said and "skipped 2" in said
 
 
+def test_unflagged_files_come_from_the_service_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --dsst / --dblm-weights / --dgsa-weights the CLI loads what a worker with the same
+    DYNFACE_* variables loads (the library itself reads none); an empty variable is unset."""
+    face = str(SHARED / "testdata" / "aligned" / "0143.png")
+    for name in ("DYNFACE_DSST_TABLE", "DYNFACE_DBLM_WEIGHTS", "DYNFACE_DGSA_WEIGHTS"):
+        monkeypatch.setenv(name, str(tmp_path / f"{name}.missing"))
+        assert run("restore-faces", face, "-o", str(tmp_path / "out"), "--profile", "tiny") == 1
+        assert f"{name}.missing" in capsys.readouterr().err
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "esrgan")
+    assert run("restore", face, "-o", str(tmp_path / "out"), "--profile", "tiny") == 1
+    assert "Unknown background model 'esrgan'" in capsys.readouterr().err
+    monkeypatch.delenv("DYNFACE_BACKGROUND_MODEL")
+    assert run("restore-faces", face, "-o", str(tmp_path / "out"), "--profile", "tiny", "--seed", "0") == 0
+    assert (tmp_path / "out" / "0143.png").is_file()
+
+
 def test_restore_rejects_unknown_outputs_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
     code = run("restore", "x.jpg", "-o", "out", "--profile", "real", "--outputs", "image,mask")
     assert code == 2 and "mask" in capsys.readouterr().err

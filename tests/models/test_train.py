@@ -254,9 +254,7 @@ def test_train_cli_runs_a_config(faces: Path, tmp_path: Path, capsys: pytest.Cap
     assert '"sha256"' in capsys.readouterr().out
 
 
-def test_dsst_build_cli_writes_a_table_the_pipeline_uses(
-    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_dsst_build_cli_writes_a_table_the_pipeline_uses(faces: Path, tmp_path: Path) -> None:
     out = tmp_path / "dsst.json"
     args = [
         "dsst",
@@ -276,8 +274,7 @@ def test_dsst_build_cli_writes_a_table_the_pipeline_uses(
     assert "2 aligned 512px faces" in table.provenance
     # Another P_face than the shipped one's (different faces): the table is really rebuilt.
     assert not torch.equal(table.face_power_spectrum.power, default_table().face_power_spectrum.power)
-    monkeypatch.setenv("DYNFACE_DSST_TABLE", str(out))  # the worker's way: the setting, not an argument
-    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
+    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, dsst_table=out)
     assert pipe.dsst.start_indices == table.start_indices
     assert torch.equal(pipe.dsst.face_power_spectrum.power, table.face_power_spectrum.power)
     assert pipe.info["dsst"]["start_indices"] == list(table.start_indices)

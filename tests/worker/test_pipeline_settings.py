@@ -1,0 +1,59 @@
+"""The worker's pipeline is built from its Settings alone (worker.main.pipeline_from_settings)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from app.settings import Settings
+from models.dsst import default_table
+from tests.conftest import WEIGHTS, base_settings
+from worker.main import pipeline_from_settings
+
+
+def test_every_model_setting_reaches_the_pipeline(tmp_path: Path) -> None:
+    """Settings made in code, not read from the environment, still decide what the worker loads."""
+    table = dataclasses.replace(default_table(), start_indices=(3, 5, 7))
+    path = tmp_path / "dsst.json"
+    path.write_text(table.to_json(), encoding="utf-8")
+    settings = base_settings(
+        "pipeline-settings",
+        weights_dir=str(WEIGHTS),
+        offline=True,
+        dsst_table=str(path),
+        background_model="realesrgan_x4plus",
+        background_tile=128,
+        background_tile_overlap=8,
+        max_face_batch=3,
+        max_faces=5,
+        png_compress_level=0,
+    )
+    pipe = pipeline_from_settings(settings, "cpu")
+    assert pipe.dsst.start_indices == (3, 5, 7)
+    assert pipe.info["dsst"]["start_indices"] == [3, 5, 7]
+    assert pipe.info["background"] == {
+        "model": "realesrgan_x4plus",
+        "scale": 4,
+        "weights": "random (tiny profile)",
+        "tile": 128,
+        "tile_overlap": 8,
+    }
+    assert (pipe.max_batch, pipe.max_faces, pipe.png_compress_level) == (3, 5, 0)
+    assert pipe.info["dtype"] == "fp32"  # "auto" on a CPU
+
+
+def test_a_named_trained_file_that_is_missing_fails_the_load(tmp_path: Path) -> None:
+    for field in ("dsst_table", "dblm_weights", "dgsa_weights"):
+        settings = base_settings("pipeline-settings", offline=True, **{field: str(tmp_path / "missing")})
+        with pytest.raises(FileNotFoundError, match="missing"):
+            pipeline_from_settings(settings, "cpu")
+
+
+def test_an_empty_file_setting_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`DYNFACE_DSST_TABLE=` in an env file is no table (the shipped one), not the current folder."""
+    for name in ("DYNFACE_DSST_TABLE", "DYNFACE_DBLM_WEIGHTS", "DYNFACE_DGSA_WEIGHTS"):
+        monkeypatch.setenv(name, " ")
+    settings = Settings()
+    assert (settings.dsst_table, settings.dblm_weights, settings.dgsa_weights) == (None, None, None)
