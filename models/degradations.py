@@ -163,17 +163,27 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x[0].clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+def _kernel_blur(image: np.ndarray, params: DegradationParams) -> torch.Tensor:
+    """uint8 (H, W, 3) ⊛ the params' kernel, as (1, 3, H, W) float in [0, 1]."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    x = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0
+    return _blur(x, gaussian_kernel(params.sigma_x, params.sigma_y, params.theta, params.kernel_size))
+
+
+def blur_only(image: np.ndarray, params: DegradationParams) -> np.ndarray:
+    """The first step of `degrade` alone: uint8 (H, W, 3) ⊛ the params' kernel, rounded to uint8 (no
+    resampling, noise or JPEG; `degrade` with quality 100 still adds JPEG's block error)."""
+    return _to_uint8(_kernel_blur(image, params))
+
+
 def degrade(image: np.ndarray, params: DegradationParams, seed: int) -> np.ndarray:
     """Apply `params` to uint8 (H, W, 3): blur → down-sample by r → noise (seeded) → JPEG → back to H×W.
 
     Deterministic: the same image, params and seed give the same bytes. Returns uint8 (H, W, 3).
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
-    x = torch.tensor(image).permute(2, 0, 1)[None].float() / 255.0
-    kernel = gaussian_kernel(params.sigma_x, params.sigma_y, params.theta, params.kernel_size)
-    x = _blur(x, kernel)
+    x = _kernel_blur(image, params)
     small_h = max(1, int(h / params.downsample))
     small_w = max(1, int(w / params.downsample))
     x = _resize(x, small_h, small_w)

@@ -7,9 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models import degradations as d
+from models.blur import gaussian_blur
 from tests.conftest import TESTDATA
 
 ALIGNED = TESTDATA / "aligned"
@@ -168,6 +170,22 @@ def test_gray_output_has_equal_channels(small_face: np.ndarray) -> None:
     p = d.DegradationParams("iso", 1.0, 1.0, 0.0, 1.0, 0.0, 90, gray=True)
     out = d.degrade(small_face, p, 0)
     assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+
+
+def test_blur_only_is_the_kernel_step_without_jpeg(face: np.ndarray) -> None:
+    """blur_only is degrade's first step alone: the Gaussian blur (models.blur's FFT blur agrees away
+    from the borders, where the two paddings differ), and no JPEG, which degrade adds even at quality
+    100 with nothing else (and whose block error the blur estimator reads as detail)."""
+    params = d.DegradationParams("iso", 3.0, 3.0, 0.0, 1.0, 0.0, 100)
+    out = d.blur_only(face, params)
+    assert out.dtype == np.uint8 and out.shape == face.shape
+    x = torch.from_numpy(face.copy()).permute(2, 0, 1)[None].double()
+    ref = gaussian_blur(x, 3.0)[0].permute(1, 2, 0).round().clamp(0, 255).numpy()
+    inner = np.s_[24:-24, 24:-24]
+    assert np.abs(out[inner].astype(float) - ref[inner]).max() <= 1
+    assert not np.array_equal(out, d.degrade(face, params, 0))
+    with pytest.raises(ValueError, match="uint8"):
+        d.blur_only(face.astype(np.float32), params)
 
 
 def test_psnr_identical_is_inf(small_face: np.ndarray) -> None:
