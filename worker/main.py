@@ -431,9 +431,10 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
 
 
 def pipeline_from_settings(settings: Settings, device: str) -> RestorationPipeline:
-    """The worker's pipeline: every model setting of docs/configuration.md handed to from_pretrained,
-    which reads none of them from the environment itself. The first start fetches the real weights
-    (sha256-checked) unless offline."""
+    """The worker's pipeline, built from its model settings (docs/configuration.md): from_pretrained
+    takes the method files and the background model only from these arguments; an unset weights_dir
+    is the weights store's default. The first start fetches the real weights (sha256-checked) unless
+    offline."""
     from models.pipeline import RestorationPipeline
 
     dtype = settings.dtype
