@@ -182,8 +182,8 @@ def degrade(image: np.ndarray, params: DegradationParams, seed: int) -> np.ndarr
 
     Deterministic: the same image, params and seed give the same bytes. Returns uint8 (H, W, 3).
     """
+    x = _kernel_blur(image, params)  # checks the image first
     h, w = image.shape[:2]
-    x = _kernel_blur(image, params)
     small_h = max(1, int(h / params.downsample))
     small_w = max(1, int(w / params.downsample))
     x = _resize(x, small_h, small_w)
