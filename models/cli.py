@@ -105,6 +105,11 @@ def _add_reproduction_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--max-faces", type=int, default=None, help="use at most N faces (sorted by path)")
     b.add_argument(
+        "--note",
+        default=None,
+        help="caveats about the faces (e.g. not clean FFHQ), written first in the table's provenance",
+    )
+    b.add_argument(
         "--heaviest-start", type=int, default=None, help="analytic: heaviest level's start (default: 100)"
     )
     b.add_argument(

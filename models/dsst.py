@@ -300,7 +300,7 @@ def sweep_table(
 
 @lru_cache(maxsize=1)
 def default_table() -> DSSTable:
-    """The shipped table, models/data/dsst_default.json (built by scripts/build_dsst_default.py)."""
+    """The shipped table, models/data/dsst_default.json (its provenance holds the command that built it)."""
     text = resources.files("models").joinpath("data", "dsst_default.json").read_text(encoding="utf-8")
     return DSSTable.from_json(text)
 
@@ -370,6 +370,7 @@ def cli_build(args: argparse.Namespace) -> int:
         ("--out", args.out),
         ("--sigmas", sigmas),
         ("--max-faces", args.max_faces),
+        ("--note", args.note),
     ]
     build: Callable[[RadialSpectrum, str], DSSTable]
     if args.method == "analytic":
@@ -394,7 +395,8 @@ def cli_build(args: argparse.Namespace) -> int:
             return _sweep(args, paths, sigmas, candidates, spectrum, provenance)
 
     provenance = (
-        f"P_face = mean radial power spectrum of {len(paths)} aligned 512px faces from {args.faces} "
+        (f"{args.note} " if args.note else "")
+        + f"P_face = mean radial power spectrum of {len(paths)} aligned 512px faces from {args.faces} "
         f"(prior {args.prior!r}). Built with: dynface dsst build {_command_line(options)}"
     )
     try:

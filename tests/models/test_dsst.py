@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from models.dsst import (
 )
 from models.profiles import PROFILES, MethodConfig
 from models.schedule import RespacedSchedule
+from worker.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -123,7 +122,7 @@ def test_default_table_matches_method_config() -> None:
     assert bool((spectrum.power[spectrum.freqs <= 0.5] > 0).all())
     assert float(spectrum.freqs[-1]) >= 0.5  # covers every frequency of the 512 grid's rings
     # provenance: says what the spectrum was made from, that it is not clean FFHQ, and the command
-    assert "scripts/build_dsst_default.py" in table.provenance
+    assert "Built with: dynface dsst build --method analytic" in table.provenance
     assert "LOW-QUALITY" in table.provenance and "NOT clean FFHQ" in table.provenance
     assert "not validated by the empirical builder" in table.provenance
     # the shipped numbers are what the analytic builder gives for the shipped spectrum
@@ -133,16 +132,20 @@ def test_default_table_matches_method_config() -> None:
 
 
 @needs_faces
-def test_build_script_reproduces_the_shipped_table(tmp_path: Path) -> None:
-    """scripts/build_dsst_default.py on the shared faces rewrites models/data/dsst_default.json byte for
-    byte: the shipped spectrum and starts are what its provenance says they were built from."""
+def test_provenance_command_reproduces_the_shipped_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `dynface dsst build` command recorded in the shipped table's provenance, run from the repo
+    root on the shared faces, rewrites models/data/dsst_default.json byte for byte."""
+    shipped_path = "models/data/dsst_default.json"
+    shipped = (ROOT / shipped_path).read_text(encoding="utf-8")
+    command = DSSTable.from_json(shipped).provenance.split("Built with: dynface ")[1].split("\n")[0]
+    argv = shlex.split(command)
     out = tmp_path / "dsst.json"
-    script = ROOT / "scripts" / "build_dsst_default.py"
-    subprocess.run([sys.executable, str(script), "--faces", str(ALIGNED), "--out", str(out)], check=True)
-    shipped = (ROOT / "models" / "data" / "dsst_default.json").read_text(encoding="utf-8")
-    # the provenance records the command as given; the shipped file was built with the defaults
-    given = " " + shlex.join(["--faces", str(ALIGNED), "--out", str(out)])
-    rebuilt = out.read_text(encoding="utf-8").replace(given, "")
+    argv[argv.index("--out") + 1] = str(out)
+    monkeypatch.chdir(ROOT)
+    assert cli_main(argv) == 0
+    rebuilt = out.read_text(encoding="utf-8").replace(shlex.quote(str(out)), shipped_path)
     assert rebuilt == shipped
 
 
