@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +272,13 @@ class IDDPMUNet(ModelMixin, ConfigMixin):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
+
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        """``nn.Module.to``. diffusers' ``ModelMixin.to`` (0.42) logs "modules that should be kept in
+        float32 ... can lead to inconsistent results" on every dtype cast, even to fp32 and with no such
+        module (its empty list is never None); this model keeps no module in fp32, and a worker should not
+        log a false alarm at every start."""
+        return nn.Module.to(self, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
         """Predict (eps ‖ variance values) for ``x`` at unscaled ``timesteps`` (N,) or a scalar.
