@@ -14,7 +14,10 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -116,3 +119,19 @@ def service_env(prefix: str, **settings: str) -> dict[str, str]:
         }
     )
     return env
+
+
+def wait_until_ok(url: str, procs: list[subprocess.Popen], timeout: float) -> None:
+    """Poll `url` until it answers 200; give up when any of the service's processes exits or in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise SystemExit(f"a service process exited early (rc {p.returncode}); see its log")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{url} did not answer 200 within {timeout:.0f} s")

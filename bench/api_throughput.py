@@ -62,6 +62,7 @@ from bench._report import (
     header,
     percentile,
     service_env,
+    wait_until_ok,
     write_section,
 )
 from tests.conftest import purge
@@ -255,21 +256,6 @@ async def memory_level(base: str, pid: int, body: bytes, ctype: str, c: int) -> 
     return Memory(c, idle, loaded, statuses)
 
 
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """/healthz (not /readyz: with no worker running the API is deliberately 'not ready')."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"uvicorn exited early (rc {proc.returncode}); see its log")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("API not ready in time")
-
-
 @dataclass
 class Run:
     workers: int
@@ -293,7 +279,8 @@ def serve(workers: int, queue_depth: int, r: redis.Redis, logs: Path, run: Run) 
     log = open(logs / f"{prefix}.log", "wb")  # noqa: SIM115 (child owns it until exit)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_ready(base, proc)
+        # /healthz, not /readyz: with no worker running the API is deliberately 'not ready'.
+        wait_until_ok(f"{base}/healthz", [proc], timeout=120)
         time.sleep(2.0 if workers > 1 else 0.5)  # every worker process up, not just the first
         yield base, proc.pid
     finally:

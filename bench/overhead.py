@@ -94,6 +94,7 @@ from bench._report import (
     header,
     percentile,
     service_env,
+    wait_until_ok,
     write_section,
 )
 from tests.conftest import purge
@@ -283,21 +284,6 @@ async def run_level(
     return done
 
 
-def wait_ready(base: str, procs: list[subprocess.Popen], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise SystemExit(f"a service process exited early (rc {p.returncode}); see its log")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("service not ready in time")
-
-
 def ms(values: list[float], q: float) -> str:
     return f"{percentile(values, q) * 1000:.1f}"
 
@@ -353,7 +339,7 @@ def main() -> None:
         for name, cmd in (("api", api_cmd), ("worker", worker_cmd)):
             out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 (child owns it until exit)
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
-        wait_ready(base, procs)
+        wait_until_ok(f"{base}/readyz", procs, timeout=180)
 
         # Direct calls (same construction, same bytes and options) in their own process, with the
         # service idle: one after each job of the 1-client runs of that upload; any left (no such
