@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     # --- model
     profile: str = "real"
     weights_dir: str | None = None
-    dtype: str = "auto"
+    dtype: str = Field(default="auto", pattern=r"^(auto|fp32|fp16|bf16)$")  # auto: fp16 on CUDA, else fp32
     max_face_batch: int = Field(default=8, ge=1)
     max_faces: int = Field(default=32, ge=1)
     offline: bool = False

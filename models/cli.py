@@ -145,7 +145,12 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "(default: $DYNFACE_PROFILE, else real)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument(
+        "--dtype",
+        default=os.environ.get("DYNFACE_DTYPE", "auto"),
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto = fp16 on CUDA, else fp32 (default: $DYNFACE_DTYPE, else auto)",
+    )
     p.add_argument("--weights-dir", type=Path, default=None, help="default $DYNFACE_WEIGHTS_DIR")
     p.add_argument("--max-batch", type=int, default=8, help="faces per sampler batch")
     p.add_argument(

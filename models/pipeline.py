@@ -51,6 +51,8 @@ STAGES = ("decode", "detect", "dblm", "sample", "paste", "encode")
 # DifFace's default DDIM eta, used by the baseline mode when the caller asks for "auto".
 DIFFACE_DEFAULT_ETA = 0.5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: What `dtype` may be: a DTYPES name, or "auto" (`auto_dtype`).
+DTYPE_CHOICES = ("auto", *DTYPES)
 #: What `RestoreOptions.outputs` may ask for: the whole photo, the restored aligned faces, the
 #: aligned input crops they came from, and input | output side by side.
 OUTPUT_KINDS = ("image", "faces", "crops", "comparison")
@@ -60,6 +62,12 @@ log = logging.getLogger(__name__)
 Mode = Literal["dynfacerestore", "difface"]
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
+
+
+def auto_dtype(device: torch.device) -> str:
+    """dtype "auto": fp16 on CUDA (half the memory, tensor cores; held to fp32 in docs/benchmarks.md,
+    "GPU path"), fp32 elsewhere (CPUs have no fast fp16 path)."""
+    return "fp16" if device.type == "cuda" else "fp32"
 
 
 @dataclass(frozen=True)
@@ -221,15 +229,15 @@ class RestorationPipeline:
         background: bg.BackgroundUpscaler | None = None,
         png_compress_level: int = images.PNG_COMPRESS_LEVEL,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
         if max_batch < 1 or max_faces < 1:
             raise ValueError("max_batch and max_faces must be ≥ 1")
         images.check_png_compress_level(png_compress_level)  # at construction, not at the first job
         self.profile = profile
         self.device = torch.device(device)
-        self.dtype_name = dtype
-        self.dtype = DTYPES[dtype]
+        self.dtype_name = auto_dtype(self.device) if dtype == "auto" else dtype
+        self.dtype = DTYPES[self.dtype_name]
         self.unet = unet.to(self.device, self.dtype).eval()
         self.restorer = restorer.to(self.device, self.dtype).eval()
         self.dblm = dblm.to(self.device, self.dtype).eval() if dblm is not None else None

@@ -437,13 +437,10 @@ def pipeline_from_settings(settings: Settings, device: str) -> RestorationPipeli
     offline."""
     from models.pipeline import RestorationPipeline
 
-    dtype = settings.dtype
-    if dtype == "auto":  # fp16 halves GPU memory; CPUs have no fast fp16 path
-        dtype = "fp16" if device.startswith("cuda") else "fp32"
     return RestorationPipeline.from_pretrained(
         settings.profile,
         device=device,
-        dtype=dtype,
+        dtype=settings.dtype,
         weights_dir=settings.weights_dir,
         max_batch=settings.max_face_batch,
         max_pixels=settings.max_pixels,

@@ -129,8 +129,8 @@ def test_restore_folders_keep_structure_skip_unreadable_and_report_extras(
 def test_unflagged_files_come_from_the_service_variables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Without --dsst / --dblm-weights / --dgsa-weights the CLI loads what a worker with the same
-    DYNFACE_* variables loads (the library itself reads none); an empty variable is unset."""
+    """Without --dsst / --dblm-weights / --dgsa-weights / --dtype the CLI loads what a worker with the
+    same DYNFACE_* variables loads (the library itself reads none); an empty variable is unset."""
     face = str(SHARED / "testdata" / "aligned" / "0143.png")
     for name in ("DYNFACE_DSST_TABLE", "DYNFACE_DBLM_WEIGHTS", "DYNFACE_DGSA_WEIGHTS"):
         monkeypatch.setenv(name, str(tmp_path / f"{name}.missing"))
@@ -141,6 +141,10 @@ def test_unflagged_files_come_from_the_service_variables(
     assert run("restore", face, "-o", str(tmp_path / "out"), "--profile", "tiny") == 1
     assert "Unknown background model 'esrgan'" in capsys.readouterr().err
     monkeypatch.delenv("DYNFACE_BACKGROUND_MODEL")
+    monkeypatch.setenv("DYNFACE_DTYPE", "fp64")
+    assert run("restore-faces", face, "-o", str(tmp_path / "out"), "--profile", "tiny") == 1
+    assert "dtype must be one of" in capsys.readouterr().err
+    monkeypatch.delenv("DYNFACE_DTYPE")
     assert run("restore-faces", face, "-o", str(tmp_path / "out"), "--profile", "tiny", "--seed", "0") == 0
     assert (tmp_path / "out" / "0143.png").is_file()
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from app.settings import Settings
 from models import speed
 from models.dsst import default_table
-from models.pipeline import RestorationPipeline, _tiny_networks
+from models.pipeline import RestorationPipeline, _tiny_networks, auto_dtype
 from models.profiles import PROFILES
 from models.speed import SpeedOptions
 from models.unet import AttentionBlock
@@ -87,6 +87,18 @@ def test_settings_reach_the_options() -> None:
         Settings(compile_mode="fastest")
     with pytest.raises(ValueError, match="compile_mode"):
         SpeedOptions(compile_mode="fastest")  # type: ignore[arg-type]
+
+
+def test_auto_precision_is_fp16_on_cuda_only_and_settings_reject_other_names() -> None:
+    """dtype "auto" (the worker's and the CLI's default) is resolved by the pipeline itself."""
+    assert auto_dtype(torch.device("cuda", 1)) == "fp16" and auto_dtype(torch.device("cpu")) == "fp32"
+    pipe = _pipe(PLAIN, dtype="auto")
+    assert pipe.dtype == torch.float32 and pipe.info["dtype"] == "fp32"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        _pipe(PLAIN, dtype="fp64")
+    assert Settings(dtype="bf16").dtype == "bf16"
+    with pytest.raises(ValidationError):
+        Settings(dtype="fp64")
 
 
 def test_channels_last_is_applied_and_equivalent(face: np.ndarray, reference: dict) -> None:
