@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 
 from app.settings import Settings
@@ -56,6 +58,68 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signum)
 
 
+class _WorkerPool:
+    """`serve`'s worker processes. Each runs in its own session, so a Ctrl-C on the terminal reaches
+    only `serve`, which then stops them warmly (a second signal would make RQ abandon the job
+    mid-run). One that exits while `serve` runs (a crash, an OOM kill) is started again: otherwise
+    jobs would wait for a worker forever, and the new one's reaper re-queues the dead one's job."""
+
+    RESTART_DELAY = 1.0  # seconds; doubled (up to MAX_RESTART_DELAY) while a worker keeps dying at start
+    MAX_RESTART_DELAY = 60.0
+    STABLE_AFTER = 30.0  # a worker that ran this long was not crash-looping
+
+    def __init__(self, commands: list[list[str]], env: dict[str, str]) -> None:
+        self._commands = commands
+        self._env = env
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._started: list[float] = []
+        self._delays = [self.RESTART_DELAY] * len(commands)
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
+
+    def start(self) -> None:
+        for command in self._commands:
+            self._procs.append(self._spawn(command))
+            self._started.append(time.monotonic())
+        if self._procs:
+            self._watcher.start()
+
+    def _spawn(self, command: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env=self._env, start_new_session=True)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.5):
+            for i, proc in enumerate(self._procs):
+                if (code := proc.poll()) is None:
+                    continue
+                if time.monotonic() - self._started[i] >= self.STABLE_AFTER:
+                    self._delays[i] = self.RESTART_DELAY
+                delay = self._delays[i]
+                self._delays[i] = min(2 * delay, self.MAX_RESTART_DELAY)
+                print(f"dynface: worker {i} exited with code {code}; restarting in {delay:g} s", flush=True)
+                if self._stopping.wait(delay):
+                    return
+                self._procs[i] = self._spawn(self._commands[i])
+                self._started[i] = time.monotonic()
+
+    def stop(self, timeout: float) -> None:
+        """Warm shutdown: each worker finishes its current job within `timeout`, else it is killed."""
+        self._stopping.set()
+        if self._watcher.is_alive():
+            self._watcher.join()
+        if self._procs:
+            print("dynface: stopping workers (each finishes its current job)", flush=True)
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -63,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedded = None
     settings = Settings()
     tmp = tempfile.mkdtemp(prefix="dynface-")
-    workers: list[subprocess.Popen[bytes]] = []
+    pool: _WorkerPool | None = None
     # A single-process uvicorn re-raises the stop signal after its graceful shutdown; with the
     # default handlers that would kill this process before the cleanup below, orphaning the
     # workers and the embedded Redis. Our handler turns it into an exception the cleanup sees.
@@ -84,10 +148,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device = ["--device", args.device] if args.device else []  # else the worker picks (no torch here)
         # Workers serve their own /metrics; in the API's multiprocess dir they would be counted twice.
         worker_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        for i in range(args.workers):
-            port = str(args.worker_metrics_port + i)
-            command = [sys.executable, "-m", "worker", *device, "--metrics-port", port]
-            workers.append(subprocess.Popen(command, env=worker_env))
+        pool = _WorkerPool(
+            [
+                [sys.executable, "-m", "worker", *device, "--metrics-port", str(args.worker_metrics_port + i)]
+                for i in range(args.workers)
+            ],
+            worker_env,
+        )
+        pool.start()
         uvicorn.run(
             "app.main:app_from_env",
             factory=True,
@@ -102,15 +170,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Another signal must not cut the workers' warm shutdown short (SIGKILL still works).
         for sig in stop_signals:
             signal.signal(sig, signal.SIG_IGN)
-        if workers:
-            print("dynface: stopping workers (each finishes its current job)", flush=True)
-        for w in workers:
-            w.send_signal(signal.SIGTERM)  # warm shutdown: the current job finishes
-        for w in workers:
-            try:
-                w.wait(timeout=args.shutdown_timeout)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        if pool is not None:
+            pool.stop(args.shutdown_timeout)
         if embedded is not None:
             embedded.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

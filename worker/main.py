@@ -140,6 +140,25 @@ class DynfaceWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
         self.announce("stopping" if self.stop_requested else "ready")
 
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: StartedJobRegistry | None = None,
+        exc_string: str = "",
+        execution: Execution | None = None,
+    ) -> None:
+        """RQ ends a job that failed in its eyes: mirror that into our record first (back to `queued`
+        while RQ retries it, else failed with `worker_lost`). `tasks.restore` records job-level
+        failures itself and returns, so this runs only for what escaped it: a forced stop, a Redis
+        error around the job, the batch a rider ran in, a job stuck in RQ's intermediate queue.
+        Without it the record would stay `processing` until it expired."""
+        try:
+            tasks.fail_lost(self.store, self.settings, job.id, job.retries_left or 0)
+        except RedisError as e:
+            log.warning("job %s: could not record its failure: %s", job.id, e)
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
     def claim_riders(self, key: tuple[Any, ...]) -> list[Job]:
         """Up to worker_batch_max_jobs − 1 waiting jobs whose `tasks.batch_key` is `key`, taken from
         the queue for the running job's batch; waits up to worker_batch_wait_seconds for them.
@@ -279,7 +298,14 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
     worker.push_exc_handler(_on_abandoned(store, settings))
     port = None
     if settings.worker_metrics_port is not None:
-        server, _ = start_http_server(settings.worker_metrics_port)
+        try:
+            server, _ = start_http_server(settings.worker_metrics_port)
+        except OSError as e:
+            raise SystemExit(
+                f"dynface worker: cannot serve metrics on port {settings.worker_metrics_port} "
+                f"({e.strerror}); set DYNFACE_WORKER_METRICS_PORT (dynface serve: --worker-metrics-port) "
+                "to a free port, or 0 for any free port"
+            ) from e
         port = server.server_port
     worker.registry_fields = {
         "name": name,

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from worker.cli import build_parser
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS_YML = ROOT / "docker" / "prometheus" / "prometheus.yml"
@@ -155,6 +157,15 @@ def test_stop_grace_period_outlasts_the_longest_job(resolved: dict[str, dict[str
         job_timeout = int(w["environment"]["DYNFACE_JOB_TIMEOUT_SECONDS"])
         # + 10 s for webhooks (worker/main.py drains them after the last job)
         assert _seconds(w["stop_grace_period"]) > job_timeout + 10, (profile, w["stop_grace_period"])
+
+
+@needs_compose
+def test_api_container_runs_the_api_alone(resolved: dict[str, dict[str, Any]]) -> None:
+    """The API image has no torch: its `dynface serve` must not start a worker of its own."""
+    for profile in ("gpu", "cpu"):
+        command = resolved[profile]["services"]["api"]["command"]
+        assert command[:2] == ["dynface", "serve"], command
+        assert build_parser().parse_args(command[1:]).workers == 0, f"profile {profile}: {command}"
 
 
 @needs_compose

@@ -8,6 +8,7 @@ distributions blocked, and the entrypoint's GPU claim run against stub `dynface`
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from worker.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -101,6 +104,14 @@ def test_base_install_leaves_out_the_model_stack() -> None:
     assert {"torch", "torchvision", "diffusers", "facexlib"} <= {distribution(r) for r in extras["worker"]}
     assert {"fastapi", "uvicorn", "redis", "rq", "prometheus-client", "pillow", "numpy"} <= names
     assert all("==" in r for r in base + extras["worker"]), "every dependency is pinned"
+
+
+def test_api_image_runs_the_api_alone() -> None:
+    """The API image has no torch: its default `dynface serve` must not start a worker of its own."""
+    (cmd,) = re.findall(r"^CMD (\[.*\])$", (DOCKER / "api.Dockerfile").read_text(), flags=re.M)
+    command = json.loads(cmd)
+    assert command[:2] == ["dynface", "serve"], command
+    assert build_parser().parse_args(command[1:]).workers == 0, command
 
 
 def test_api_imports_without_the_model_stack() -> None:

@@ -16,6 +16,7 @@ import yaml
 from rq import Queue
 
 from app.settings import Settings
+from worker.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
@@ -116,5 +117,8 @@ def test_weights_job_pulls_then_verifies_into_the_shared_claim() -> None:
 def test_api_probes_use_healthz() -> None:
     (c,) = one("api.yaml", "Deployment")["spec"]["template"]["spec"]["containers"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # The API image has no torch: its `dynface serve` must not start a worker of its own.
+    assert c["command"][:2] == ["dynface", "serve"]
+    assert build_parser().parse_args(c["command"][1:]).workers == 0, c["command"]
     svc = one("api.yaml", "Service")
     assert svc["spec"]["selector"] == one("api.yaml", "Deployment")["spec"]["selector"]["matchLabels"]

@@ -245,3 +245,56 @@ def test_a_rider_the_batch_never_started_goes_back_to_the_queue(
     assert queue.job_ids == [rider]
     assert Job.fetch(rider, rq_redis, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
+class _ForcedStop:
+    """A pipeline interrupted as RQ's cold shutdown (a second stop signal) interrupts a job: by
+    raising SystemExit where the job is, which `tasks.restore` does not catch."""
+
+    def restore_photos(self, requests: list[Any]) -> list[Any]:
+        raise SystemExit
+
+
+@pytest.mark.parametrize("max_retries", [2, 0])
+def test_a_batch_interrupted_past_restore_leaves_no_job_processing(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, max_retries: int
+) -> None:
+    """What escapes `restore` ends in RQ (retried, or failed once retries are spent) and our records
+    follow it, the rider's included: queued again, or failed with `worker_lost` — never left
+    `processing` until they expire. Real RQ worker code, in this process."""
+    settings = make_settings(worker_batch_max_jobs=2, worker_batch_wait_seconds=0, max_retries=max_retries)
+    with TestClient(create_app(settings)) as c:
+        first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
+    rq_redis = connect(settings)
+    store = JobStore(connect(settings), settings)
+    queue = make_queue(rq_redis, settings)
+    worker = DynfaceWorker(
+        [queue],
+        name=f"{settings.queue_name}-w",  # inside the test's namespace, so it is purged with it
+        connection=rq_redis,
+        serializer=JSONSerializer,
+        settings=settings,
+        store=store,
+    )
+    runtime = tasks.Runtime(
+        pipe=_ForcedStop(),  # type: ignore[arg-type]
+        store=store,
+        settings=settings,
+        worker_name=worker.name,
+        device="cpu",
+        claim_riders=worker.claim_riders,
+    )
+    monkeypatch.setattr(tasks, "_runtime", runtime)
+    dequeued = Queue.dequeue_any([queue], None, connection=rq_redis, serializer=JSONSerializer)
+    assert dequeued is not None and dequeued[0].id == first
+    worker.execute_job(*dequeued)
+
+    for job_id in (first, rider):
+        record = store.get(job_id)
+        assert record["attempts"] == 1, record  # the rider did run in the batch
+        if max_retries:
+            assert record["status"] == "queued" and any("lost" in w for w in record["warnings"]), record
+        else:
+            assert record["status"] == "failed" and record["error"]["code"] == "worker_lost", record
+    assert sorted(queue.job_ids) == (sorted([first, rider]) if max_retries else [])
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []

@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import ROOT, WEIGHTS, aligned_png, base_settings, purge, settings_env, wait_for
+from worker.main import run_worker
 
 
 def free_port() -> int:
@@ -72,6 +74,16 @@ def round_trip(base: str) -> dict:
     return r.json()
 
 
+def ready_workers(base: str) -> set[str]:
+    workers = httpx.get(f"{base}/readyz", timeout=5).json()["workers"]
+    return {w["worker"] for w in workers if w["state"] == "ready"}
+
+
+def worker_pid(name: str) -> int:
+    """A worker's default name is host.pid.device.random (worker.main.run_worker)."""
+    return int(name.split(".")[-3])
+
+
 def test_embedded_serve_round_trip(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
     env.update(
@@ -88,7 +100,18 @@ def test_embedded_serve_round_trip(tmp_path) -> None:
         assert models["models"][0]["profile"] == "tiny" and models["warnings"]
         metrics = httpx.get(f"{base}/metrics", timeout=5).text
         assert 'dynface_http_requests_total{method="POST",route="/v1/restorations",status="200"}' in metrics
-    assert "embedded Redis" in (tmp_path / "serve.log").read_text()
+
+        # The worker has its own session (a terminal's Ctrl-C reaches only `serve`, which stops it
+        # warmly), and one that dies is started again.
+        (first,) = ready_workers(base)
+        pid = worker_pid(first)
+        assert os.getsid(pid) == pid != os.getsid(0)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: ready_workers(base) - {first}, 120, interval=0.5, what="restarted worker ready")
+        round_trip(base)
+    log = (tmp_path / "serve.log").read_text()
+    assert "embedded Redis" in log
+    assert f"worker 0 exited with code {-signal.SIGKILL}; restarting" in log
 
 
 def test_serve_with_redis_url_uses_that_redis(tmp_path, redis_conn) -> None:
@@ -107,3 +130,12 @@ def test_serve_with_redis_url_uses_that_redis(tmp_path, redis_conn) -> None:
     finally:
         purge(redis_conn, settings)
     assert "embedded Redis" not in (tmp_path / "serve.log").read_text()
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_which_setting_to_change(make_settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        settings = make_settings(worker_metrics_port=taken.getsockname()[1])
+        with pytest.raises(SystemExit, match="DYNFACE_WORKER_METRICS_PORT"):
+            run_worker(settings, "cpu", burst=True)
