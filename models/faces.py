@@ -50,6 +50,17 @@ FFHQ_TEMPLATE_512 = np.array(
 #: Fill for crop pixels that fall outside the photo (facexlib's grey, here in RGB order).
 CROP_BORDER_RGB = (132, 133, 135)
 
+#: DifFace detects with facexlib's `get_face_landmarks_5(resize=640, eye_dist_threshold=5)`: RetinaFace
+#: runs on the photo Lanczos-resized to a 640 px shorter side, and faces whose eyes are under 5 px
+#: apart in the photo (profiles, specks) are dropped. RetinaFace's smallest anchor is 16 px, so small
+#: photos lose their faces without the enlargement. We enlarge only: facexlib also shrinks bigger
+#: photos, which would lose the small faces of large group photos.
+DETECT_SHORT_SIDE = 640
+MIN_EYE_DISTANCE = 5.0
+#: Bound on the enlarged detection image (an 8:1 panorama still reaches 640 px), so a long thin
+#: upload cannot make it huge.
+DETECT_MAX_PIXELS = 8 * DETECT_SHORT_SIDE**2
+
 #: Face-parsing labels that count as face for the paste mask (facexlib's choice: everything
 #: but background (0), neck (14), cloth (16), hair (17) and hat (18)).
 _PARSE_FACE_LABELS = np.array([label not in (0, 14, 16, 17, 18) for label in range(19)])
@@ -134,27 +145,38 @@ class FaceDetector:
     ) -> Detections:
         """Detect faces, ordered left to right (then top to bottom) for stable face indices.
 
-        `min_face_size` is the shorter box side in pixels; smaller faces are ignored (they are
-        too small to restore meaningfully). `only_center_face` keeps the face whose box centre
-        is nearest the image centre. `max_faces` keeps the largest faces and reports the rest in
-        `Detections.dropped` and a warning.
+        A photo with a shorter side under `DETECT_SHORT_SIDE` is enlarged for detection (as DifFace
+        does); boxes and landmarks are always in the photo's own pixels. Faces whose eyes are less
+        than `MIN_EYE_DISTANCE` px apart are ignored. `min_face_size` is the shorter box side in
+        pixels; smaller faces are ignored (they are too small to restore meaningfully).
+        `only_center_face` keeps the face whose box centre is nearest the image centre. `max_faces`
+        keeps the largest faces and reports the rest in `Detections.dropped` and a warning.
         """
         _check_rgb(rgb)
         h, w = rgb.shape[:2]
+        factor = max(1.0, min(DETECT_SHORT_SIDE / min(h, w), np.sqrt(DETECT_MAX_PIXELS / (h * w))))
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        if size != (w, h):
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_LANCZOS4)
         with self._lock, torch.inference_mode():
             raw = self._net.detect_faces(bgr, self.threshold, self.nms_threshold)
+        raw = np.asarray(raw, dtype=np.float64).reshape(-1, 15)
+        # Back to photo pixels: x and y columns (box corners, then landmark pairs) by their own ratio.
+        raw[:, [0, 2, 5, 7, 9, 11, 13]] *= w / size[0]
+        raw[:, [1, 3, 6, 8, 10, 12, 14]] *= h / size[1]
         faces = []
-        for row in np.asarray(raw, dtype=np.float64):
+        for row in raw:
             x0, y0 = float(np.clip(row[0], 0, w)), float(np.clip(row[1], 0, h))
             x1, y1 = float(np.clip(row[2], 0, w)), float(np.clip(row[3], 0, h))
             if min(x1 - x0, y1 - y0) < max(min_face_size, 1e-6):
                 continue
+            landmarks = row[5:15].reshape(5, 2)
+            if np.hypot(*(landmarks[0] - landmarks[1])) < MIN_EYE_DISTANCE:
+                continue
             faces.append(
                 DetectedFace(
-                    box=(x0, y0, x1, y1),
-                    score=float(row[4]),
-                    landmarks=row[5:15].reshape(5, 2).astype(np.float32),
+                    box=(x0, y0, x1, y1), score=float(row[4]), landmarks=landmarks.astype(np.float32)
                 )
             )
         if only_center_face and faces:

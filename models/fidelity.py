@@ -3,11 +3,18 @@
 The authors set eta per sample as "std/10"; without a trained DGSA we read std as the input's noise
 standard deviation in 8-bit units, measured robustly so that face edges and texture do not count as
 noise: Immerkær's noise-estimation mask (a product of two second differences, which annihilates
-constant and linear intensity) followed by the median absolute deviation.
+constant and linear intensity), then a scale estimate from the smaller half of the responses.
+
+Where it is measured matters as much as how: resampling smooths noise away (a bilinear 4× enlargement
+is piecewise linear, which the mask annihilates), so the pipeline measures each face on its source
+pixels at native resolution (`box_noise_std`), never on the 512 crop it was enlarged to.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,8 +23,12 @@ from torch import Tensor
 # s·‖M‖₂ = s·√36 = 6s.
 _MASK = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
 _MASK_NORM = 6.0
-# MAD → std for a Gaussian: 1/Φ⁻¹(3/4).
-_MAD_TO_STD = 1.4826
+# For d = s·|Z| (Z standard normal) the smaller half is |Z| ≤ q = Φ⁻¹(3/4), whose mean is
+# E[|Z| | |Z| ≤ q] = 4·(φ(0) − φ(q)) = 2·√(2/π)·(1 − exp(−q²/2)) ≈ 0.3247: mean / that = s.
+_Q = 0.6744897501960817
+_HALF_MEAN = 2.0 * math.sqrt(2.0 / math.pi) * (1.0 - math.exp(-(_Q**2) / 2.0))
+#: The mask needs a 3×3 neighbourhood.
+_MIN_SIDE = 3
 
 
 def robust_noise_std(images: Tensor) -> Tensor:
@@ -25,9 +36,11 @@ def robust_noise_std(images: Tensor) -> Tensor:
 
     Accepts uint8 images channels-last (N, H, W, C) or (H, W, C) as decoded (the project's uint8
     convention), or float images in [-1,1] channels-first (N, C, H, W) or (C, H, W) (the model
-    convention). Each channel is filtered with the Immerkær mask (valid region, no padding), and
-    std = 1.4826 · median(|r − median r|) / 6 over all channels' responses: the median ignores the
-    minority of pixels on edges, where the response is structure rather than noise.
+    convention); at least 3×3. Each channel is filtered with the Immerkær mask (valid region, no
+    padding); with d = |r − median r| over all channels' responses, std = mean(smaller half of d) /
+    (6 · 0.3247). Like the MAD (the median of d) it ignores the upper half, where edges put structure
+    rather than noise; unlike the MAD it averages instead of picking one value, and on 8-bit input
+    (integer responses) the MAD moves in steps of 1.4826/6 ≈ 0.25 and never reads below that step.
     """
     if images.dtype == torch.uint8:
         x = images.unsqueeze(0) if images.dim() == 3 else images
@@ -36,10 +49,24 @@ def robust_noise_std(images: Tensor) -> Tensor:
         x = images.unsqueeze(0) if images.dim() == 3 else images
         x = (x.to(torch.float64) + 1.0) * 127.5
     n, c, h, w = x.shape
+    if min(h, w) < _MIN_SIDE:
+        raise ValueError(f"noise estimation needs at least {_MIN_SIDE}×{_MIN_SIDE} pixels, got {w}×{h}")
     mask = _MASK.to(device=x.device, dtype=torch.float64).view(1, 1, 3, 3)
     r = F.conv2d(x.reshape(n * c, 1, h, w), mask).reshape(n, -1)
-    mad = (r - r.median(dim=1, keepdim=True).values).abs().median(dim=1).values
-    return (_MAD_TO_STD * mad / _MASK_NORM).cpu()
+    d = (r - r.median(dim=1, keepdim=True).values).abs()
+    smaller_half = d.sort(dim=1).values[:, : max(1, d.shape[1] // 2)]
+    return (smaller_half.mean(dim=1) / (_HALF_MEAN * _MASK_NORM)).cpu()
+
+
+def box_noise_std(rgb: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    """Noise std (8-bit) of a face's source pixels: the box (x0, y0, x1, y1) of a uint8 (H, W, 3)
+    photo, widened to whole pixels (and to 3×3 where the photo allows)."""
+    h, w = rgb.shape[:2]
+    x0, y0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x1, y1 = min(w, math.ceil(box[2])), min(h, math.ceil(box[3]))
+    x0, y0 = max(0, min(x0, x1 - _MIN_SIDE)), max(0, min(y0, y1 - _MIN_SIDE))
+    x1, y1 = min(w, max(x1, x0 + _MIN_SIDE)), min(h, max(y1, y0 + _MIN_SIDE))
+    return float(robust_noise_std(torch.from_numpy(np.ascontiguousarray(rgb[y0:y1, x0:x1])))[0])
 
 
 def auto_eta(std_8bit: float | Tensor) -> float | Tensor:

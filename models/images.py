@@ -164,11 +164,20 @@ def _to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
     lose their transparency unless converted to RGBA.
     """
     mode = im.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
+    if mode.startswith("I;16") or mode == "I":
         # Pillow represents 16-bit PNG/TIFF samples as I;16* or I; we assume the 16-bit range
-        # (0..65535) for I and F too, and scale with rounding: 65535 -> 255, 257 -> 1.
+        # (0..65535) for I too, and scale with rounding: 65535 -> 255, 257 -> 1.
         wide = np.asarray(im, dtype=np.float64)
         gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), None, True
+    if mode == "F":
+        # Float samples (32-bit float TIFF) have no fixed range: the usual one is [0, 1], read as
+        # 0..255; finite values outside it mean 8-bit levels, clipped. NaN reads as 0, ±inf as 255/0.
+        wide = np.asarray(im, dtype=np.float64)
+        finite = wide[np.isfinite(wide)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            wide = wide * 255.0
+        gray = np.clip(np.rint(np.nan_to_num(wide, nan=0.0)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2), None, True
     if mode in ("1", "L"):
         gray = np.asarray(im.convert("L"), dtype=np.uint8)

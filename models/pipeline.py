@@ -15,6 +15,7 @@ start (index 100 of ddim250) and sampled without guidance, so the two modes are 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from models.dblm import DBLMNet, fallback_estimates
 from models.dgsa import DGSANet, coherence_scale_map, scale_from_logvar
 from models.dsst import DSSTable, default_table
 from models.errors import Cancelled, InvalidImageError, NoFaceError, PipelineError
-from models.fidelity import auto_eta, robust_noise_std
+from models.fidelity import auto_eta, box_noise_std, robust_noise_std
 from models.guidance import GaussianGuidance
 from models.profiles import PROFILES, Profile
 from models.sampler import ddim_sample
@@ -114,7 +115,7 @@ class PhotoRequest:
 class FaceFacts:
     """What the method decided for one face."""
 
-    blur_sigma: float  # chosen DBLM level σk (px at 512); the baseline reports its own estimate
+    blur_sigma: float  # chosen DBLM level σk (px at 512); 0.0 in the baseline, which picks no level
     start_step: int  # respaced start index (the DSST entry, or 100 in the baseline)
     eta: float
     nfe: int  # UNet evaluations spent on this face
@@ -203,6 +204,7 @@ class _Photo:
     crops: np.ndarray  # aligned faces (N, 512, 512, 3); N = 0 when none was found (passthrough)
     affines: np.ndarray
     found: face_ops.Detections
+    noise_std: list[float]  # per face, on its source pixels (auto fidelity)
     seed: int
 
 
@@ -253,6 +255,7 @@ class RestorationPipeline:
         self.background = background.to(self.device, self.dtype, self.speed) if background else None
         self.dsst = dsst or default_table()
         self.schedule = RespacedSchedule.from_spec(profile.method.respacing)
+        _check_parts(profile, self.dsst, self.dblm)
         self.weights_dir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
         self.max_batch = max_batch
         self.max_pixels = max_pixels
@@ -289,9 +292,10 @@ class RestorationPipeline:
         super-resolution model: one more required file for the real profile; the tiny profile gets a
         seeded random toy version of it and never reads or fetches the real file. These come only from
         the arguments: the worker passes its Settings, the CLI its flags and DYNFACE_* variables."""
-        kwargs.update(_trained_parts(dsst_table, dblm_weights, dgsa_weights, kwargs.get("dsst")))
-        background_config = background_config or bg.BackgroundConfig()
         profile = PROFILES["tiny" if str(name_or_path) == "tiny" else "real"]
+        # Before the big networks load, so a mismatched file fails at once.
+        kwargs.update(_trained_parts(profile, dsst_table, dblm_weights, dgsa_weights, kwargs.get("dsst")))
+        background_config = background_config or bg.BackgroundConfig()
         if str(name_or_path) not in PROFILES:
             weights_dir = Path(name_or_path)
         wdir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
@@ -387,6 +391,7 @@ class RestorationPipeline:
                     [_face_generator(p.seed, k, self.device) for p in batch for k in range(len(p.crops))],
                     mode=batch[0].options.mode,
                     fidelity=batch[0].options.fidelity,
+                    noise_std=[s for p in batch for s in p.noise_std],
                     progress=report,
                     should_cancel=lambda: all(p.should_cancel() for p in batch),
                     timer=shared,
@@ -425,7 +430,7 @@ class RestorationPipeline:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUT_KINDS}")
         report("detect", 0, 0)
         with timer("detect"):
-            crops, affines, found = self._detect_and_align(decoded.rgb, options, warnings)
+            crops, affines, found, noise_std = self._detect_and_align(decoded.rgb, options, warnings)
 
         if len(crops) == 0:
             if options.on_no_face == "fail":
@@ -435,7 +440,9 @@ class RestorationPipeline:
         else:
             seed = _draw_seed() if options.seed is None else options.seed
         cancel = request.should_cancel or (lambda: False)
-        return _Photo(options, report, cancel, timer, warnings, decoded, crops, affines, found, seed)
+        return _Photo(
+            options, report, cancel, timer, warnings, decoded, crops, affines, found, noise_std, seed
+        )
 
     def _finish_photo(
         self, photo: _Photo, restored: np.ndarray, facts: list[FaceFacts], shared: dict[str, float]
@@ -513,8 +520,10 @@ class RestorationPipeline:
 
     def _detect_and_align(
         self, rgb: np.ndarray, options: RestoreOptions, warnings: list[str]
-    ) -> tuple[np.ndarray, np.ndarray, face_ops.Detections]:
-        """Aligned crops (N, 512, 512, 3), their affines and the detections they came from."""
+    ) -> tuple[np.ndarray, np.ndarray, face_ops.Detections, list[float]]:
+        """Aligned crops (N, 512, 512, 3), their affines, the detections they came from, and each
+        face's noise std measured on its source pixels at native resolution (the input for `aligned`,
+        else the detected box): the crops are mostly enlarged, which smooths the noise away."""
         if options.aligned:
             h, w = rgb.shape[:2]
             if h != w:
@@ -523,7 +532,12 @@ class RestorationPipeline:
             if h != FACE_SIZE:
                 warnings.append(f"The aligned face was {w}×{h}; it was resized to {FACE_SIZE}×{FACE_SIZE}.")
             whole = face_ops.DetectedFace((0.0, 0.0, float(w), float(h)), 1.0, np.empty((0, 2), np.float32))
-            return crop[None], np.empty((1, 2, 3)), face_ops.Detections([whole])
+            return (
+                crop[None],
+                np.empty((1, 2, 3)),
+                face_ops.Detections([whole]),
+                [box_noise_std(rgb, whole.box)],
+            )
         if options.max_faces is not None and options.max_faces < 1:
             raise ValueError("max_faces must be ≥ 1")
         cap = self.max_faces if options.max_faces is None else min(options.max_faces, self.max_faces)
@@ -535,7 +549,7 @@ class RestorationPipeline:
         )
         warnings += found.warnings
         crops, affines = face_ops.align(rgb, found.faces, FACE_SIZE)
-        return crops, affines, found
+        return crops, affines, found, [box_noise_std(rgb, face.box) for face in found.faces]
 
     def _detector(self, name: str) -> face_ops.FaceDetector:
         """Detectors are built once per name and kept, so jobs pay no load time.
@@ -569,10 +583,15 @@ class RestorationPipeline:
         mode: Mode = "dynfacerestore",
         fidelity: float | None = None,
         seed: int | None = None,
+        noise_std: Sequence[float] | None = None,
         progress: ProgressFn | None = None,
         should_cancel: CancelFn | None = None,
     ) -> FacesResult:
         """Restore aligned faces (uint8 (N, 512, 512, 3)), `max_batch` at a time through the sampler.
+
+        `noise_std` (8-bit units, one per face) feeds auto fidelity without a trained DGSA: give it
+        when the crops were resampled from their source (measure there, `models.fidelity.box_noise_std`);
+        None measures it on `faces` themselves, right when they are the native pixels.
 
         Face k's noise comes from its own generator seeded with seed + k, so its result does not depend
         on the other faces or on how they are batched: restoring it alone with seed + k reproduces it.
@@ -585,6 +604,7 @@ class RestorationPipeline:
             generators,
             mode=mode,
             fidelity=fidelity,
+            noise_std=noise_std,
             progress=progress,
             should_cancel=should_cancel,
             timer=timer,
@@ -599,6 +619,7 @@ class RestorationPipeline:
         *,
         mode: Mode,
         fidelity: float | None,
+        noise_std: Sequence[float] | None,
         progress: ProgressFn | None,
         should_cancel: CancelFn | None,
         timer: StageTimer,
@@ -614,14 +635,21 @@ class RestorationPipeline:
             raise ValueError(f"fidelity must be in [0, 1], got {fidelity}")
         if len(generators) != len(faces):
             raise ValueError(f"{len(generators)} generators for {len(faces)} faces")
+        if noise_std is not None and len(noise_std) != len(faces):
+            raise ValueError(f"{len(noise_std)} noise stds for {len(faces)} faces")
         report = progress or (lambda stage, step, total: None)
         cancel = should_cancel or (lambda: False)
 
-        batches = [faces[i : i + self.max_batch] for i in range(0, len(faces), self.max_batch)]
+        firsts = range(0, len(faces), self.max_batch)
+        batches = [faces[i : i + self.max_batch] for i in firsts]
+        noise = [None if noise_std is None else noise_std[i : i + self.max_batch] for i in firsts]
         out, facts = [], []
         report("dblm", 0, len(faces))
         with timer("dblm"):
-            guides = [self._guide(self._to_tensor(b), mode, fidelity) for b in batches]
+            guides = [
+                self._guide(self._to_tensor(b), mode, fidelity, s)
+                for b, s in zip(batches, noise, strict=True)
+            ]
         if cancel():
             raise Cancelled("Canceled before sampling.")
         # One batched sampler loop per batch, as long as its latest-starting face; each face makes its
@@ -650,8 +678,11 @@ class RestorationPipeline:
         x = to_device(host, self.device, self.speed).permute(0, 3, 1, 2)
         return x.float() / 127.5 - 1.0
 
-    def _guide(self, y: Tensor, mode: Mode, fidelity: float | None) -> _Guide:
-        """DBLM → level σk → DSST start; DGSA map; eta. All at 512, in float32."""
+    def _guide(
+        self, y: Tensor, mode: Mode, fidelity: float | None, noise_std: Sequence[float] | None
+    ) -> _Guide:
+        """DBLM → level σk → DSST start; DGSA map; eta. All at 512, in float32. `noise_std`: per
+        face, measured on its source pixels (None: on y itself)."""
         method = self.profile.method
         restored = self._restore(y)
         n = y.shape[0]
@@ -687,7 +718,7 @@ class RestorationPipeline:
             dgsa_kind = "trained"
         else:
             scale_map = coherence_scale_map((estimate + 1) / 2, g_min=method.dgsa_min_scale)
-            std_bar = torch.as_tensor(robust_noise_std(y))
+            std_bar = robust_noise_std(y) if noise_std is None else torch.tensor(noise_std)
             dgsa_kind = "fallback"
         eta = [float(auto_eta(float(s))) for s in std_bar] if fidelity is None else [fidelity] * n
         return _Guide(restored, estimate, sigma, start, eta, scale_map, dblm_kind, dgsa_kind)
@@ -763,27 +794,51 @@ _TINY_WARNING = (
 
 
 def _trained_parts(
+    profile: Profile,
     dsst_table: str | Path | None,
     dblm_weights: str | Path | None,
     dgsa_weights: str | Path | None,
     dsst: DSSTable | None,
 ) -> dict[str, Any]:
-    """Constructor kwargs for the files given. A named file that is missing or wrong raises here, at
-    load time."""
+    """Constructor kwargs for the files given. A named file that is missing or wrong (or does not fit
+    the profile or the table, `_check_parts`) raises here, at load time."""
     parts: dict[str, Any] = {}
+    named: list[str] = []
     if dsst_table is not None:
+        named.append(str(dsst_table))
         parts["dsst"] = DSSTable.from_json(Path(dsst_table).expanduser().read_text(encoding="utf-8"))
     if dblm_weights is not None:
-        path = Path(dblm_weights).expanduser()
-        parts["dblm"] = trained.load(path, "dblm")
-        levels = len((parts.get("dsst") or dsst or default_table()).sigmas)
-        if len(parts["dblm"].sigmas) != levels:
-            raise ValueError(
-                f"{path}: DBLM has {len(parts['dblm'].sigmas)} blur levels, the DSST table {levels}"
-            )
+        named.append(str(dblm_weights))
+        parts["dblm"] = trained.load(Path(dblm_weights).expanduser(), "dblm")
     if dgsa_weights is not None:
         parts["dgsa"] = trained.load(Path(dgsa_weights).expanduser(), "dgsa")
+    try:
+        _check_parts(profile, parts.get("dsst") or dsst or default_table(), parts.get("dblm"))
+    except ValueError as e:
+        raise ValueError(f"{', '.join(named)}: {e}" if named else str(e)) from e
     return parts
+
+
+def _check_parts(profile: Profile, dsst: DSSTable, dblm: DBLMNet | None) -> None:
+    """Refuse a DSST table or trained DBLM that does not fit: the table's start indices are indices of
+    its own schedule and its σk are px at its image size (the pipeline's: `profile`'s schedule, σ at
+    FACE_SIZE), and DBLM output k is read as the table's level k."""
+    schedule = RespacedSchedule.from_spec(profile.method.respacing)
+    have = (dsst.schedule_spec, dsst.num_timesteps, dsst.image_size)
+    want = (schedule.spec, schedule.num_timesteps, FACE_SIZE)
+    if have != want:
+        raise ValueError(
+            "the DSST table is for schedule {} of {} timesteps with σ in px at {}; profile {!r} needs "
+            "{} of {} with σ at {}".format(*have, profile.name, *want)
+        )
+    if dblm is not None and (
+        len(dblm.sigmas) != len(dsst.sigmas)
+        or not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(dblm.sigmas, dsst.sigmas, strict=True))
+    ):
+        raise ValueError(
+            f"the DBLM's blur levels {dblm.sigmas} are not the DSST table's {dsst.sigmas} "
+            "(the DBLM's output k is used as the table's level k)"
+        )
 
 
 def _pull_optional(names: Sequence[str], wdir: Path) -> None:

@@ -160,6 +160,84 @@ def test_only_center_face_and_min_face_size(detector: FaceDetector, detections: 
     assert len(detector.detect(rgb, min_face_size=max(h, w))) == 0
 
 
+def _matching(face: faces_mod.DetectedFace, reference: list[faces_mod.DetectedFace], scale: float) -> None:
+    """`face` is one of the `reference` faces of the full photo, scaled by `scale` (to ±1.5 px)."""
+    nearest = min(reference, key=lambda r: abs(r.box[0] * scale - face.box[0]))
+    np.testing.assert_allclose(face.box, np.array(nearest.box) * scale, atol=1.5)
+    np.testing.assert_allclose(face.landmarks, nearest.landmarks * scale, atol=1.5)
+
+
+@pytest.mark.parametrize("width", [160, 245])
+def test_small_photos_are_enlarged_for_detection(
+    width: int, detector: FaceDetector, detections: dict
+) -> None:
+    """As DifFace (facexlib, resize=640), RetinaFace runs on the photo enlarged to a 640 px shorter
+    side: small copies of 00.jpg keep their faces (at their own size RetinaFace finds 0 at 160 px
+    wide, 2 at 245), reported in the small photo's pixels. At 160 px one face has its eyes under 5 px
+    apart and is dropped, as facexlib's eye_dist_threshold=5 does."""
+    rgb, reference = detections["00.jpg"]
+    h, w = rgb.shape[:2]
+    small = np.asarray(Image.fromarray(rgb).resize((width, round(h * width / w)), Image.Resampling.LANCZOS))
+    found = detector.detect(small)
+    assert len(found) >= (3 if width == 160 else 4)
+    for face in found.faces:
+        _matching(face, reference.faces, width / w)
+        assert np.hypot(*(face.landmarks[0] - face.landmarks[1])) >= faces_mod.MIN_EYE_DISTANCE
+
+
+class _FixedNet:
+    """Stands in for RetinaFace: records the image it is given, answers fixed rows in its pixels
+    (box, score, then eyes, nose and mouth corners as x, y pairs)."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        self.rows = np.array(rows, dtype=np.float32).reshape(-1, 15)
+        self.shapes: list[tuple[int, ...]] = []
+
+    def detect_faces(self, bgr: np.ndarray, threshold: float, nms_threshold: float) -> np.ndarray:
+        self.shapes.append(bgr.shape)
+        return self.rows.copy()
+
+
+def _row(box: tuple[float, float, float, float], eye_gap: float) -> list[float]:
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    eyes = [cx - eye_gap / 2, cy, cx + eye_gap / 2, cy]
+    return [*box, 0.99, *eyes, cx, cy + 5, cx - 5, cy + 10, cx + 5, cy + 10]
+
+
+def test_detection_scale_mapping_and_eye_distance(
+    detector: FaceDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 100×50 photo is detected at 1280×640 (×12.8); boxes and landmarks come back divided by 12.8;
+    a face with eyes 4.7 px apart in the photo is dropped, one with 6.25 px kept."""
+    net = _FixedNet([_row((128, 128, 512, 512), 60), _row((640, 128, 1152, 512), 80)])
+    monkeypatch.setattr(detector, "_net", net)
+    found = detector.detect(np.zeros((50, 100, 3), np.uint8))
+    assert net.shapes == [(640, 1280, 3)]
+    assert len(found) == 1
+    np.testing.assert_allclose(found.faces[0].box, (50, 10, 90, 40))
+    np.testing.assert_allclose(found.faces[0].landmarks[:2], [[66.875, 25], [73.125, 25]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "seen"),
+    [((700, 800, 3), (700, 800, 3)), ((640, 640, 3), (640, 640, 3)), ((20, 2000, 3), (181, 18102, 3))],
+)
+def test_large_photos_are_not_resized_and_thin_ones_are_bounded(
+    shape: tuple[int, int, int],
+    seen: tuple[int, int, int],
+    detector: FaceDetector,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Photos with a 640 px shorter side or more are detected as they are (shrinking would lose small
+    faces); a long thin one is enlarged only up to DETECT_MAX_PIXELS."""
+    net = _FixedNet([])
+    monkeypatch.setattr(detector, "_net", net)
+    assert len(detector.detect(np.zeros(shape, np.uint8))) == 0
+    assert net.shapes == [seen]
+    assert seen[0] * seen[1] <= max(shape[0] * shape[1], faces_mod.DETECT_MAX_PIXELS)
+
+
 @pytest.mark.parametrize("upscale", [1, 2])
 def test_paste_of_unmodified_crops_is_local_and_near_identity(upscale: int, detections: dict) -> None:
     rgb, found = detections["00.jpg"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,14 +13,20 @@ import torch
 from PIL import Image
 
 from models.dsst import default_table
-from models.fidelity import auto_eta, robust_noise_std
-from models.pipeline import RestorationPipeline
+from models.fidelity import auto_eta, box_noise_std, robust_noise_std
+from models.images import decode_image
+from models.pipeline import RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 ALIGNED = SHARED / "testdata" / "aligned"
+PHOTOS = SHARED / "testdata" / "photos"
 WEIGHTS = SHARED / "weights"
 needs_faces = pytest.mark.skipif(not ALIGNED.is_dir(), reason=f"shared test faces not found at {ALIGNED}")
+needs_detector = pytest.mark.skipif(
+    not (PHOTOS.is_dir() and (WEIGHTS / "detection_mobilenet0.25_Final.pth").is_file()),
+    reason=f"shared test photos or RetinaFace MobileNet weights not found under {SHARED}",
+)
 
 
 def _face(name: str) -> np.ndarray:
@@ -76,6 +84,91 @@ def test_robust_noise_std_is_near_zero_on_a_clean_smooth_image() -> None:
     assert float(robust_noise_std(quantised)[0]) < 0.5
     noisy = smooth + torch.randn(smooth.shape, generator=torch.Generator().manual_seed(0)) * (3 / 127.5)
     assert float(robust_noise_std(noisy)[0]) == pytest.approx(3.0, rel=0.05)
+
+
+def test_robust_noise_std_resolves_noise_below_one_8bit_level() -> None:
+    """On 8-bit input the high-pass responses are integers; the estimate still varies continuously
+    with the noise (a median of them would step by 1.4826/6 ≈ 0.25 and never read below that).
+    Rounding adds its own noise of std 1/√12, so the truth is √(s² + 1/12)."""
+    n = torch.arange(128, dtype=torch.float64)
+    yy, xx = torch.meshgrid(n, n, indexing="ij")
+    # Irrational-looking slopes: rounding a plane with slope 1/2 would leave a regular pattern.
+    smooth = (60 + 0.37 * xx + 0.23 * yy)[..., None].expand(-1, -1, 3)
+    generator = torch.Generator().manual_seed(0)
+    for s in (0.35, 0.5, 0.8, 1.2, 2.0):
+        noisy = smooth + torch.randn(smooth.shape, generator=generator, dtype=torch.float64) * s
+        quantised = torch.round(noisy).clamp(0, 255).to(torch.uint8)
+        truth = (s**2 + 1 / 12) ** 0.5
+        assert float(robust_noise_std(quantised)[0]) == pytest.approx(truth, rel=0.06), s
+
+
+def test_box_noise_std_reads_whole_pixels_of_the_box() -> None:
+    """The box is widened to whole pixels, kept inside the photo and grown to the 3×3 the mask needs."""
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[5:15, 10:20] = np.random.default_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    inside = float(robust_noise_std(torch.from_numpy(rgb[5:15, 10:20]))[0])
+    assert box_noise_std(rgb, (10.4, 5.2, 19.6, 14.9)) == pytest.approx(inside)
+    assert box_noise_std(rgb, (-5.0, -5.0, 8.0, 4.0)) == 0.0  # clipped to the flat corner
+    assert box_noise_std(rgb, (29.5, 19.5, 30.0, 20.0)) == 0.0  # grown to 3×3 inside the photo
+
+
+def _noisy(rgb: np.ndarray, std_8bit: float, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).standard_normal(rgb.shape) * std_8bit
+    return np.clip(np.round(rgb + noise), 0, 255).astype(np.uint8)
+
+
+@needs_faces
+def test_an_enlarged_aligned_input_is_measured_at_its_own_size() -> None:
+    """A 128 px aligned face is enlarged 4× to 512 before the networks; its noise is read on the
+    128 px input (the enlarged crop has almost none left: interpolation smooths it away)."""
+    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
+    small = np.asarray(Image.fromarray(_face("0143.png")).resize((128, 128), Image.Resampling.LANCZOS))
+    for k, std_8bit in enumerate((0.0, 5.0, 15.0, 25.0)):
+        noisy = _noisy(small, std_8bit, seed=k)
+        crops, _, _, noise = pipe._detect_and_align(noisy, RestoreOptions(aligned=True), [])
+        if std_8bit == 0:
+            assert noise[0] < 0.5
+        else:
+            assert noise[0] == pytest.approx(std_8bit, rel=0.05)
+            assert float(robust_noise_std(torch.from_numpy(crops))[0]) < 0.1 * std_8bit
+
+
+@needs_detector
+def test_small_faces_of_a_photo_are_measured_on_their_own_pixels() -> None:
+    """00.jpg's four faces are 32-43 px wide and enlarged about 12× by alignment. Noise added to the
+    photo is read back on each face's box: within 10 % plus the face's own clean reading (the photo's
+    JPEG artefacts and grain, under 3)."""
+    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
+    photo = decode_image((PHOTOS / "00.jpg").read_bytes(), max_pixels=10_000_000).rgb
+    *_, clean = pipe._detect_and_align(photo, RestoreOptions(), [])
+    assert len(clean) == 4 and max(clean) < 3.0
+    for k, std_8bit in enumerate((5.0, 15.0, 25.0)):
+        *_, noise = pipe._detect_and_align(_noisy(photo, std_8bit, seed=k), RestoreOptions(), [])
+        assert len(noise) == 4
+        for measured, own in zip(noise, clean, strict=True):
+            assert 0.9 * std_8bit <= measured <= 1.1 * std_8bit + own
+
+
+@needs_detector
+def test_restore_photo_auto_eta_follows_the_photos_noise() -> None:
+    """End to end: noise of std 5 in a photo of small faces gives each face eta ≈ 0.5 (clamp(std/10));
+    the same for a small aligned input; a user fidelity still overrides it."""
+    tiny = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
+    table = dataclasses.replace(default_table(), start_indices=(1, 1, 1))
+    pipe = RestorationPipeline(PROFILES["tiny"], tiny.unet, tiny.restorer, dsst=table, weights_dir=WEIGHTS)
+
+    def etas(rgb: np.ndarray, **options: Any) -> list[float]:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        result = pipe.restore_photo(buf.getvalue(), RestoreOptions(seed=0, **options))
+        return [r.facts.eta for r in result.face_reports]
+
+    photo = decode_image((PHOTOS / "00.jpg").read_bytes(), max_pixels=10_000_000).rgb
+    assert all(0.45 <= eta <= 0.8 for eta in etas(_noisy(photo, 5.0, seed=0)))
+    small = np.asarray(Image.fromarray(_face("0143.png")).resize((128, 128), Image.Resampling.LANCZOS))
+    assert etas(_noisy(small, 5.0, seed=0), aligned=True) == [pytest.approx(0.5, abs=0.03)]
+    assert etas(small, aligned=True) == [pytest.approx(0.0, abs=0.05)]
+    assert etas(_noisy(small, 5.0, seed=0), aligned=True, fidelity=0.2) == [0.2]
 
 
 def test_robust_noise_std_layouts_and_batches_agree() -> None:

@@ -131,6 +131,22 @@ def test_32bit_integer_mode_i_uses_16bit_range() -> None:
     assert d.grayscale and d.rgb[0, :, 0].tolist() == [0, 1, 255, 255]
 
 
+@pytest.mark.parametrize(
+    ("values", "levels"),
+    [
+        ([0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),  # the usual float range [0, 1]
+        ([0.0, 127.6, 300.0, -4.0], [0, 128, 255, 0]),  # anything else: 8-bit levels, clipped
+        ([float("nan"), float("inf"), float("-inf"), 0.5], [0, 255, 0, 128]),  # range from finite values
+    ],
+)
+def test_float_mode_f_tiff_is_read_by_its_range(values: list[float], levels: list[int]) -> None:
+    im = Image.fromarray(np.array([values], dtype=np.float32))
+    data = _save(im, "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "F"
+    d = decode_image(data, max_pixels=MAX)
+    assert d.grayscale and d.rgb[0, :, 0].tolist() == levels
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_allowed_formats_report_their_name(fmt: str) -> None:
     d = decode_image(_save(Image.fromarray(_rgb_pattern()), fmt), max_pixels=MAX)

@@ -19,6 +19,7 @@ from PIL import Image, ImageFilter
 
 from models import faces as face_ops
 from models import pipeline as pipeline_mod
+from models import trained
 from models.dblm import DBLMConfig, DBLMNet
 from models.dgsa import DGSANet
 from models.dsst import default_table
@@ -140,6 +141,7 @@ def test_baseline_mode_uses_difface_fixed_start(pipe: RestorationPipeline) -> No
     assert [f.nfe for f in default.facts] == [100]
     assert [f.eta for f in default.facts] == [0.5]  # DifFace's default eta for "auto"
     assert {f.dblm for f in default.facts} == {"none"}
+    assert [f.blur_sigma for f in default.facts] == [0.0]  # the baseline picks no blur level
     chosen = pipe.restore_faces(faces[:1], mode="difface", fidelity=0.2, seed=1)
     assert chosen.facts[0].eta == 0.2
 
@@ -184,6 +186,56 @@ def test_trained_networks_path_is_reported(pipe: RestorationPipeline) -> None:
     assert (fact.dblm, fact.dgsa) == ("trained", "trained")
     assert fact.blur_sigma in profile.method.sigmas and fact.nfe == fact.start_step
     assert trained.info["dblm"] == "trained"
+
+
+def _tiny_dblm(sigmas: tuple[float, ...]) -> DBLMNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return DBLMNet(DBLMConfig(backbone=PROFILES["tiny"].swinir, sigmas=sigmas))
+
+
+def test_a_dblm_must_have_the_dsst_tables_blur_levels(pipe: RestorationPipeline, tmp_path: Path) -> None:
+    """DBLM output k is used as the table's level k: the same count of other levels is refused, in the
+    constructor and when loading files; levels equal up to float rounding are accepted."""
+    tiny = PROFILES["tiny"]
+    other = _tiny_dblm((1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match=r"blur levels \(1.0, 2.0, 3.0\) are not the DSST table's"):
+        RestorationPipeline(tiny, pipe.unet, pipe.restorer, dblm=other, weights_dir=WEIGHTS)
+    path = trained.save(other, "dblm", trained.dblm_arch(other.config), tmp_path / "dblm.safetensors")
+    with pytest.raises(ValueError, match=rf"{path}: the DBLM's blur levels"):
+        RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, dblm_weights=path)
+
+    rounded = _tiny_dblm((1.0, 2.0, 4.0 + 1e-9))
+    loaded = RestorationPipeline(tiny, pipe.unet, pipe.restorer, dblm=rounded, weights_dir=WEIGHTS)
+    assert loaded.info["dblm"] == "trained"
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"schedule_spec": "ddim100"}, "ddim100"),
+        ({"num_timesteps": 2000}, "2000"),
+        ({"image_size": 256}, "256"),
+    ],
+)
+def test_a_dsst_table_for_another_schedule_or_size_is_refused(
+    pipe: RestorationPipeline, tmp_path: Path, change: dict[str, object], what: str
+) -> None:
+    """The table's start indices index its own schedule and its σ are px at its image size: one made
+    for another schedule or size is refused, built directly or loaded from a file."""
+    table = dataclasses.replace(default_table(), **change)
+    with pytest.raises(ValueError, match=f"DSST table is for .*{what}"):
+        RestorationPipeline(PROFILES["tiny"], pipe.unet, pipe.restorer, dsst=table, weights_dir=WEIGHTS)
+    path = tmp_path / "table.json"
+    path.write_text(table.to_json())
+    with pytest.raises(ValueError, match=f"{path}: the DSST table is for .*{what}"):
+        RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, dsst_table=path)
+
+
+def test_the_shipped_dsst_table_fits_both_profiles() -> None:
+    table = default_table()
+    for profile in PROFILES.values():
+        pipeline_mod._check_parts(profile, table, None)
 
 
 def test_restore_photo_aligned_input(fast: RestorationPipeline) -> None:

@@ -344,14 +344,15 @@ def test_job_timeout_fails_with_timeout(client: TestClient, service) -> None:
 
 
 def test_photo_options_max_faces_min_size_colour_and_crops(client: TestClient) -> None:
-    """00.jpg has 4 faces (shorter box sides 40, 36, 32, 38 px with MobileNet): min_face_size=35
-    ignores the 32 px one, max_faces=1 keeps the largest of the other 3 and reports 2 dropped."""
+    """00.jpg has 4 faces (shorter box sides 43, 35, 32, 39 px with MobileNet, left to right):
+    min_face_size=35 ignores the 32 px one, max_faces=2 keeps the largest two of the other 3 (the
+    outer ones, not the first two) and reports 1 dropped."""
     photo = (TESTDATA / "photos" / "00.jpg").read_bytes()
     r = submit(
         client,
         data=photo,
         aligned="false",
-        max_faces=1,
+        max_faces=2,
         min_face_size=35,
         color_correction="adain",
         outputs="image,faces,crops",
@@ -361,12 +362,12 @@ def test_photo_options_max_faces_min_size_colour_and_crops(client: TestClient) -
     )
     job = r.json()
     assert r.status_code == 200 and job["status"] == "succeeded", job
-    assert job["options"]["max_faces"] == 1 and job["options"]["color_correction"] == "adain"
-    (face,) = job["faces"]
-    assert 390 <= face["box"][0] <= 398, face  # the largest face (right-most), not the first found
-    assert job["faces_dropped"] == 2
-    assert any("3 faces were found; only the 1 largest" in w for w in job["warnings"]), job["warnings"]
-    assert len(job["outputs"]["crops"]) == len(job["outputs"]["faces"]) == 1
+    assert job["options"]["max_faces"] == 2 and job["options"]["color_correction"] == "adain"
+    left, right = job["faces"]
+    assert 53 <= left["box"][0] <= 61 and 389 <= right["box"][0] <= 397, job["faces"]
+    assert job["faces_dropped"] == 1
+    assert any("3 faces were found; only the 2 largest" in w for w in job["warnings"]), job["warnings"]
+    assert len(job["outputs"]["crops"]) == len(job["outputs"]["faces"]) == 2
     crop = client.get(job["outputs"]["crops"][0])
     assert crop.status_code == 200 and crop.headers["content-type"] == "image/png"
     restored = client.get(job["outputs"]["faces"][0])
@@ -377,4 +378,4 @@ def test_photo_options_max_faces_min_size_colour_and_crops(client: TestClient) -
     # (up to clipping at 255 on this bright photo; uncorrected, the tiny model is ~75 levels off)
     np.testing.assert_allclose(face_px.mean(axis=(0, 1)), crop_px.mean(axis=(0, 1)), atol=8.0)
     np.testing.assert_allclose(face_px.std(axis=(0, 1)), crop_px.std(axis=(0, 1)), rtol=0.2)
-    assert client.get(f"/v1/restorations/{job['id']}/crops/1").status_code == 404
+    assert client.get(f"/v1/restorations/{job['id']}/crops/2").status_code == 404
