@@ -93,6 +93,17 @@ return 0
 # ARGV[at + 1] published on channel ARGV[at] (wakes the API's `Prefer: wait` requests,
 # app/completions.py); one blob per result key follows. Returns the final record (flat HGETALL), or
 # false when the job had already moved on (then nothing is written, results included).
+# KEYS: idem key; ARGV: job id it must still be bound to, new binding, ttl. Returns the binding that
+# stands instead, or nil once rebound (also when the key had gone).
+_REBIND_IDEMPOTENCY = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['job_id'] ~= ARGV[1] then
+  return raw
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+return false
+"""
+
 _FINISH = (
     _PRELUDE
     + """
@@ -178,6 +189,7 @@ class JobStore:
         self._start = redis.register_script(_START)
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
+        self._rebind_idem = redis.register_script(_REBIND_IDEMPOTENCY)
 
     # --- key names
     def key(self, *parts: str) -> str:
@@ -271,6 +283,18 @@ class JobStore:
         if self.redis.set(k, value, nx=True, ex=self.settings.record_ttl_seconds):
             return None
         raw = self.redis.get(k)
+        return json.loads(raw) if raw else None
+
+    def rebind_idempotency(
+        self, key: str, dead_job_id: str, job_id: str, body_sha256: str
+    ) -> dict[str, str] | None:
+        """Take over a key still bound to ``dead_job_id``, a job that was never created (its submission
+        failed after the claim), or no longer bound at all; returns the binding that stands instead
+        when another request rebound it first."""
+        value = json.dumps({"job_id": job_id, "body_sha256": body_sha256})
+        raw = self._rebind_idem(
+            keys=[self._idem_key(key)], args=[dead_job_id, value, self.settings.record_ttl_seconds]
+        )
         return json.loads(raw) if raw else None
 
     def release_idempotency(self, key: str) -> None:

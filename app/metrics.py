@@ -45,6 +45,16 @@ UPLOAD_BYTES = Histogram(
 )
 JOBS_SUBMITTED = Counter("dynface_jobs_submitted_total", "Jobs accepted into the queue.")
 JOBS_REJECTED = Counter("dynface_jobs_rejected_total", "Submissions refused, by error code.", ["reason"])
+#: The workers' `dynface_jobs_total` (worker.metrics.JOBS), for the jobs that end in the API: those
+#: canceled while queued never reach a worker. Summed over targets, it counts every ended job. Kept out
+#: of the default registry, where the worker's metric of the same name lives when one process imports
+#: both (`render` registers it).
+JOBS_ENDED = Counter(
+    "dynface_jobs_total",
+    "Finished jobs by outcome and reason (error code, or 'ok').",
+    ["outcome", "reason"],
+    registry=None,
+)
 
 WORKER_STATES = ("loading", "ready", "busy", "stopping")
 
@@ -97,7 +107,7 @@ def render(store: JobStore, queue_name: str) -> bytes:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
     else:
-        for collector in (REQUESTS, REQUEST_SECONDS, UPLOAD_BYTES, JOBS_SUBMITTED, JOBS_REJECTED):
+        for collector in (REQUESTS, REQUEST_SECONDS, UPLOAD_BYTES, JOBS_SUBMITTED, JOBS_REJECTED, JOBS_ENDED):
             registry.register(collector)
     registry.register(RedisStateCollector(store, queue_name))
     return generate_latest(registry)

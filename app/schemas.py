@@ -150,7 +150,11 @@ class Outputs(BaseModel):
 
 class Urls(BaseModel):
     self: str
-    result: str
+    result: str | None = Field(
+        description="The main result: the restored photo, else the comparison, else the first face, else "
+        "the first crop — the first of these the job asked for in `outputs` (once it succeeded: that it "
+        "produced); null when there is none (e.g. only `faces` and no face was found)."
+    )
     cancel: str
 
 
@@ -234,6 +238,20 @@ def _ts(value: float | None) -> dt.datetime | None:
     return None if value is None else dt.datetime.fromtimestamp(value, tz=dt.UTC)
 
 
+#: Single results before list ones: the whole photo is what most clients want.
+_MAIN_RESULT = (("image", "image"), ("comparison", "comparison"), ("faces", "faces/0"), ("crops", "crops/0"))
+
+
+def _main_result(record: dict[str, Any], requested: list[str], base: str) -> str | None:
+    """The URL for `urls.result`: the first output that exists once the job succeeded (a list one
+    only when non-empty), or that was requested before then (fetching it says `not_ready`)."""
+    if record["status"] == "succeeded":
+        have = {k for k, v in (record.get("outputs") or {}).items() if v}
+    else:
+        have = set(requested)
+    return next((f"{base}/{path}" for kind, path in _MAIN_RESULT if kind in have), None)
+
+
 def restoration_view(record: dict[str, Any], queue_position: int | None = None) -> Restoration:
     """Render a Redis record as the public job JSON (API responses and webhook bodies)."""
     base = f"{record['base_url'].rstrip('/')}/v1/restorations/{record['id']}"
@@ -247,6 +265,7 @@ def restoration_view(record: dict[str, Any], queue_position: int | None = None) 
             comparison=f"{base}/comparison" if "comparison" in produced else None,
         )
     step, total = record.get("step"), record.get("total")
+    options = RestorationOptions.model_validate(record["options"])
     return Restoration(
         id=record["id"],
         status=record["status"],
@@ -257,12 +276,12 @@ def restoration_view(record: dict[str, Any], queue_position: int | None = None) 
         started_at=_ts(record.get("started_at")),
         completed_at=_ts(record.get("completed_at")),
         attempts=record.get("attempts", 0),
-        options=RestorationOptions.model_validate(record["options"]),
+        options=options,
         timings=Timings.model_validate(record.get("timings") or {}),
         faces=[Face.model_validate(f) for f in record.get("faces") or []],
         faces_dropped=record.get("faces_dropped") or 0,
         warnings=record.get("warnings") or [],
         error=ErrorInfo.model_validate(record["error"]) if record.get("error") else None,
         outputs=outputs,
-        urls=Urls(self=base, result=f"{base}/image", cancel=base),
+        urls=Urls(self=base, result=_main_result(record, options.outputs, base), cancel=base),
     )

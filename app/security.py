@@ -107,10 +107,14 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
-def check_webhook_url(url: str, settings: Settings) -> None:
+def check_webhook_url(url: str, settings: Settings) -> list[str]:
     """Refuse webhook targets that could reach our own network (SSRF): non-https, or a host that
     resolves to a loopback/private/link-local address. Called at submission and again before each
     delivery (DNS can change in between). The allow settings exist for tests and local development.
+
+    Returns the checked addresses in resolver order: delivery must connect to one of these, not
+    resolve the name again, or a rebinding DNS answer (TTL 0) could swap in a private address after
+    the check. Empty when ``webhook_allow_private`` skips the lookup.
 
     Raises ValueError with a human-readable reason.
     """
@@ -121,12 +125,16 @@ def check_webhook_url(url: str, settings: Settings) -> None:
     if parts.username or parts.password:
         raise ValueError("webhook URL must not contain credentials")
     if settings.webhook_allow_private:
-        return
+        return []
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as e:
         raise ValueError(f"webhook host {parts.hostname!r} does not resolve") from e
+    addresses: list[str] = []
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
         if not _is_public(ip):
             raise ValueError("webhook host resolves to a private or loopback address")
+        if str(ip) not in addresses:
+            addresses.append(str(ip))
+    return addresses

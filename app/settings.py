@@ -6,6 +6,8 @@ and the CLI all read this one class so a value can never mean different things i
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from typing import Annotated
 
@@ -16,7 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     """All knobs of the API and the worker. Defaults suit one GPU box behind a reverse proxy."""
 
-    model_config = SettingsConfigDict(env_prefix="DYNFACE_", extra="ignore")
+    # Inputs stay out of error messages: they hold secrets (API keys, passwords, the webhook secret).
+    model_config = SettingsConfigDict(env_prefix="DYNFACE_", extra="ignore", hide_input_in_errors=True)
 
     # --- connections and naming
     redis_url: str | None = Field(
@@ -144,6 +147,21 @@ class Settings(BaseSettings):
         """Accept ``DYNFACE_API_KEYS=k1,k2`` (what people write in env files) as well as lists."""
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec_is_base64(cls, value: SecretStr | None) -> SecretStr | None:
+        """A ``whsec_`` secret is base64 after the prefix; refuse a broken one at start-up, since
+        signing with it would fail only later, on a delivery thread."""
+        raw = value.get_secret_value() if value is not None else ""
+        if raw.startswith("whsec_"):
+            try:
+                key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                key = b""
+            if not key:
+                raise ValueError("DYNFACE_WEBHOOK_SECRET: after 'whsec_' must come non-empty base64")
         return value
 
     @field_validator("webhook_retry_delays_seconds", mode="before")

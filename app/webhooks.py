@@ -47,19 +47,53 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_seconds:
     return any(hmac.compare_digest(expected, s.encode()) for s in headers["webhook-signature"].split())
 
 
+def _post(
+    url: str, addresses: list[str], body: bytes, headers: dict[str, str], timeout: float
+) -> httpx.Response:
+    """POST to the first of the checked ``addresses`` that takes the connection (by name when none
+    were checked, i.e. ``webhook_allow_private``), never following redirects.
+
+    The URL's host is replaced by the address; ``Host`` and, for https, the TLS server name (SNI
+    and certificate check, httpcore's ``sni_hostname``) stay the original name.
+    """
+    target = httpx.URL(url)
+    name = target.raw_host.decode("ascii")  # IDNA-encoded; IPv6 without brackets, as TLS wants it
+    # An explicit transport keeps environment proxies out: a proxy would resolve the name again.
+    with httpx.Client(transport=httpx.HTTPTransport(), timeout=timeout, follow_redirects=False) as client:
+        if not addresses:
+            return client.post(target, content=body, headers=headers)
+
+        def pinned(ip: str) -> httpx.Request:
+            return client.build_request(
+                "POST",
+                target.copy_with(host=ip),
+                content=body,
+                headers={**headers, "host": target.netloc.decode("ascii")},
+                extensions={"sni_hostname": name} if target.scheme == "https" else {},
+            )
+
+        for ip in addresses[:-1]:
+            try:
+                return client.send(pinned(ip))
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                pass  # as a connect by name does: the next address (e.g. IPv4 when IPv6 has no route)
+        return client.send(pinned(addresses[-1]))
+
+
 def deliver(
     url: str, msg_id: str, body: bytes, settings: Settings, sleep: Callable[[float], None] = time.sleep
 ) -> bool:
     """POST ``body`` until a 2xx answer, sleeping the configured delays between attempts.
 
     Each attempt is freshly timestamped and signed and the destination is re-checked (DNS may
-    have changed). Returns whether the receiver accepted it.
+    have changed), then sent to exactly the addresses that check saw. Returns whether the
+    receiver accepted it.
     """
     delays = [0.0, *settings.webhook_retry_delays_seconds]
     for attempt, delay in enumerate(delays, start=1):
         sleep(delay)
         try:
-            check_webhook_url(url, settings)
+            addresses = check_webhook_url(url, settings)
         except ValueError as e:
             log.warning("webhook %s to %s refused: %s", msg_id, url, e)
             return False
@@ -68,13 +102,7 @@ def deliver(
         if settings.webhook_secret is not None:
             headers["webhook-signature"] = sign(settings.webhook_secret.get_secret_value(), msg_id, ts, body)
         try:
-            r = httpx.post(
-                url,
-                content=body,
-                headers=headers,
-                timeout=settings.webhook_timeout_seconds,
-                follow_redirects=False,
-            )
+            r = _post(url, addresses, body, headers, settings.webhook_timeout_seconds)
             if 200 <= r.status_code < 300:
                 return True
             log.warning("webhook %s attempt %d: HTTP %d", msg_id, attempt, r.status_code)
@@ -83,10 +111,19 @@ def deliver(
     return False
 
 
+def _deliver_logged(url: str, msg_id: str, body: bytes, settings: Settings) -> None:
+    """`deliver`, with any unexpected error logged: uncaught, it would only end the thread, with
+    a bare traceback on stderr (threading.excepthook) and no log record naming the job."""
+    try:
+        deliver(url, msg_id, body, settings)
+    except Exception:
+        log.exception("webhook %s to %s: delivery failed", msg_id, url)
+
+
 def deliver_in_background(url: str, msg_id: str, body: bytes, settings: Settings) -> threading.Thread:
     """Start `deliver` on a daemon thread (retries can take minutes)."""
     t = threading.Thread(
-        target=deliver, args=(url, msg_id, body, settings), name=f"webhook-{msg_id}", daemon=True
+        target=_deliver_logged, args=(url, msg_id, body, settings), name=f"webhook-{msg_id}", daemon=True
     )
     t.start()
     return t

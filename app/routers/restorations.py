@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -40,12 +41,15 @@ from app.webhooks import notify
 from models.errors import PipelineError
 from models.images import check_image
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1/restorations", tags=["restorations"])
 
 #: Room for multipart headers/boundaries and JSON framing on top of the image itself.
 _FRAMING_BYTES = 64 * 1024
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[^,;]*)*;base64,", re.ASCII)
-_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?=$|[,;\s])", re.IGNORECASE)
+#: RFC 7240 `wait` preference: bare, or with a token or quoted-string value (`wait=10`, `wait="10"`).
+_WAIT = re.compile(r'(?:^|[,;\s])wait(?:\s*=\s*(?:"([0-9]+)"|([0-9]+)))?(?=$|[,;\s])', re.IGNORECASE)
 _ERR: dict[str, Any] = {"model": ErrorResponse, "description": "Error (see `error.code`)."}
 #: Longest pause between re-reads of a record that a `Prefer: wait` request waits on.
 _MAX_POLL_SECONDS = 1.0
@@ -58,15 +62,17 @@ _PARAMETERS = [
         "in": "header",
         "required": False,
         "schema": {"type": "string", "example": "wait=30"},
-        "description": "`wait` or `wait=N` (RFC 7240): wait up to N seconds (at most 60; larger values are "
-        "clamped) for the job to finish. `Preference-Applied` echoes the wait actually used.",
+        "description": "`wait` or `wait=N` (RFC 7240): wait up to N seconds (at most the server's limit, "
+        "DYNFACE_MAX_WAIT_SECONDS; larger values are clamped) for the job to finish. `Preference-Applied` "
+        "echoes the wait actually used.",
     },
     {
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
         "schema": {"type": "string"},
-        "description": "The same key and body within 24 h return the same job (header "
+        "description": "The same key and body within the idempotency window (the job record's lifetime, "
+        "DYNFACE_RECORD_TTL_SECONDS) return the same job (header "
         "`Idempotent-Replayed: true`); the same key with another body is a 409 `idempotency_conflict`.",
     },
 ]
@@ -107,15 +113,14 @@ def _options_from_form(form: Any) -> dict[str, Any]:
     for key in form:
         if key == "image":
             continue
-        values = [v for v in form.getlist(key) if isinstance(v, str)]
+        # HTML forms send an empty field for "no value"; every option is optional, so "" is its default.
+        values = [v for v in form.getlist(key) if isinstance(v, str) and v != ""]
+        if not values:
+            continue
         if key == "outputs":
             data[key] = [p.strip() for v in values for p in v.split(",") if p.strip()]
-        elif values:
+        else:
             data[key] = values[-1]
-    # HTML forms send an empty field for "no value"; for these optional numbers that means the default.
-    for key in ("seed", "max_faces"):
-        if data.get(key) == "":
-            data.pop(key)
     return data
 
 
@@ -175,14 +180,20 @@ def _invalid(e: ValidationError) -> ApiError:
     return ApiError(422, "invalid_option", "; ".join(parts))
 
 
-def _wait_seconds(prefer: str | None, cap: int) -> int | None:
-    """``Prefer: wait`` → cap; ``wait=N`` → min(N, cap); absent → None (RFC 7240 preferences)."""
-    if not prefer:
-        return None
-    m = _WAIT.search(prefer)
+def _wait_seconds(prefer: list[str], cap: int) -> int | None:
+    """``Prefer: wait`` → cap; ``wait=N`` → min(N, cap); absent → None (RFC 7240 preferences).
+
+    ``prefer`` holds every `Prefer` header line: RFC 7240 lets a client split its preferences over
+    several, and the first `wait` in order counts."""
+    m = _WAIT.search(", ".join(prefer))
     if not m:
         return None
-    return cap if m.group(1) is None else min(int(m.group(1)), cap)
+    digits = m.group(1) or m.group(2)
+    if digits is None:
+        return cap
+    # A value longer than the cap could ever be is clamped unparsed: int() refuses over 4300 digits.
+    digits = digits.lstrip("0") or "0"
+    return cap if len(digits) > len(str(cap)) else min(int(digits), cap)
 
 
 def _base_url(request: Request) -> str:
@@ -197,8 +208,7 @@ def _view(request: Request, record: dict[str, Any]) -> Restoration:
     return restoration_view(record, position)
 
 
-def _respond(request: Request, record: dict[str, Any], status: int, **headers: str) -> JSONResponse:
-    view = _view(request, record)
+def _respond(view: Restoration, status: int, **headers: str) -> JSONResponse:
     return JSONResponse(
         view.model_dump(mode="json"),
         status_code=status,
@@ -248,13 +258,15 @@ async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[s
     summary="Submit a photo",
     description=(
         "Multipart `image` file plus option fields, or JSON with `image` as a data URL. Answers 202 "
-        "with the queued job and a Location header. `Prefer: wait[=N]` waits for the result (N ≤ 60; a "
-        "larger N is clamped, `Preference-Applied` says the wait used): 200 with the finished job, or 202 "
+        "with the queued job and a Location header. `Prefer: wait[=N]` waits for the result (N up to "
+        "DYNFACE_MAX_WAIT_SECONDS; a larger N is clamped, `Preference-Applied` says the wait used): 200 "
+        "with the finished job, or 202 "
         "if it is not done in time. With `Prefer: wait` and an `Accept` that rates the result's image "
         "type above JSON (`Accept: image/*`), a succeeded job is answered with the restored photo itself "
         "(200, image bytes; `Location` is the job) — one request instead of two; any other outcome is the "
         "job JSON as above, so check `Content-Type`. `Idempotency-Key`: the same key "
-        "and body within 24 h return the same job; the same key with a different body is a 409."
+        "and body within the idempotency window (DYNFACE_RECORD_TTL_SECONDS) return the same job; the "
+        "same key with a different body is a 409."
     ),
     openapi_extra={"requestBody": _REQUEST_BODY, "parameters": _PARAMETERS},
     responses={
@@ -301,9 +313,15 @@ async def _submit_and_wait(
 ) -> JSONResponse:
     svc = services(request)
     s = svc.settings
-    wait = _wait_seconds(request.headers.get("prefer"), s.max_wait_seconds)
+    wait = _wait_seconds(request.headers.getlist("prefer"), s.max_wait_seconds)
+
+    def submit() -> tuple[dict[str, Any], bool, Restoration | None]:
+        record, replayed = _submit(request, owner, data, options)
+        # Without a wait this record is the answer: its queue position is read in the same hop.
+        return record, replayed, None if wait is not None else _view(request, record)
+
     # One worker-thread hop for all the blocking work: image check, webhook DNS, Redis.
-    record, replayed = await anyio.to_thread.run_sync(_submit, request, owner, data, options)
+    record, replayed, view = await anyio.to_thread.run_sync(submit)
     extra = {"Idempotent-Replayed": "true"} if replayed else {}
     if wait is not None:
         extra["Preference-Applied"] = f"wait={wait}"
@@ -311,8 +329,10 @@ async def _submit_and_wait(
         image = await _image_answer(request, record, extra)
         if image is not None:
             return image
+        view = await anyio.to_thread.run_sync(_view, request, record)  # queue position: a Redis call
+    assert view is not None  # set by one of the two branches above
     status = 200 if record["status"] in TERMINAL else 202
-    return _respond(request, record, status, **extra)
+    return _respond(view, status, **extra)
 
 
 async def _image_answer(request: Request, record: dict[str, Any], headers: dict[str, str]) -> Response | None:
@@ -390,7 +410,7 @@ def _submit(
         canonical = json.dumps(options.model_dump(mode="json"), sort_keys=True).encode()
         body_hash = hashlib.sha256(hashlib.sha256(data).digest() + canonical).hexdigest()
         earlier = store.claim_idempotency(f"{owner}:{idem}", job_id, body_hash)
-        if earlier is not None:
+        while earlier is not None:
             if earlier["body_sha256"] != body_hash:
                 raise ApiError(
                     409,
@@ -398,11 +418,11 @@ def _submit(
                     "This Idempotency-Key was used with a different request body.",
                 )
             record = _bound_record(store, earlier["job_id"])
-            if record is None:
-                raise ApiError(
-                    409, "idempotency_conflict", "This Idempotency-Key's job no longer exists; use a new key."
-                )
-            return record, True
+            if record is not None:
+                return record, True
+            # The submission that claimed the key never created its job (it failed, perhaps with
+            # the outcome unknown to its client): this retry takes the key over.
+            earlier = store.rebind_idempotency(f"{owner}:{idem}", earlier["job_id"], job_id, body_hash)
     try:
         if svc.queue.count >= s.max_queue_depth:
             raise ApiError(
@@ -423,7 +443,10 @@ def _submit(
             "attempts": 0,
         }
         store.create(job_id, data, record, svc.queue)
-    except BaseException:
+    except ApiError:
+        # A definite refusal: no job exists, so the key is free for a retry. After any other error
+        # (a Redis timeout, say) the job may exist: the key stays bound, and a retry either finds
+        # the job or, when there is none, takes the key over (above).
         if idem is not None:
             store.release_idempotency(f"{owner}:{idem}")
         raise
@@ -455,7 +478,7 @@ def _profile_warnings(request: Request) -> list[str]:
 )
 def get_restoration(job_id: str, request: Request) -> JSONResponse:
     owner = authenticate(request, services(request).settings)
-    return _respond(request, _owned(request, job_id, owner), 200)
+    return _respond(_view(request, _owned(request, job_id, owner)), 200)
 
 
 @router.delete(
@@ -463,7 +486,8 @@ def get_restoration(job_id: str, request: Request) -> JSONResponse:
     response_model=Restoration,
     summary="Cancel a job",
     description="Queued jobs are canceled at once (200). Running jobs stop at the next diffusion step: "
-    "202 with the job still `processing`; poll until `canceled`. Finished jobs: 409.",
+    "202 with the job still `processing`; poll until `canceled`. Already canceled jobs: 200 again (a "
+    "retried DELETE is safe). Succeeded or failed jobs: 409 `not_cancelable`.",
     responses={202: {"model": Restoration}, 401: _ERR, 404: _ERR, 409: _ERR, 422: _ERR, 503: _ERR},
 )
 def cancel_restoration(job_id: str, request: Request) -> JSONResponse:
@@ -473,14 +497,29 @@ def cancel_restoration(job_id: str, request: Request) -> JSONResponse:
     store = svc.store
     canceled = store.finish(job_id, {"status": "canceled"}, allowed=["queued"])
     if canceled is not None:
-        with contextlib.suppress(NoSuchJobError):
-            Job.fetch(job_id, connection=svc.redis, serializer=svc.queue.serializer).cancel()
+        metrics.JOBS_ENDED.labels("canceled", "canceled").inc()
+        # The record is the truth and now says canceled: tell the webhook before anything can fail.
         notify(canceled, svc.settings)
-        return _respond(request, canceled, 200)
+        _drop_queued(request, job_id)
+        return _respond(_view(request, canceled), 200)
     if store.update(job_id, {"cancel_requested": True}, allowed=["processing"]):
-        return _respond(request, store.get(job_id) or record, 202)
+        return _respond(_view(request, store.get(job_id) or record), 202)
     record = store.get(job_id) or record
+    if record["status"] == "canceled":  # a retried DELETE (or one racing another): same answer
+        return _respond(_view(request, record), 200)
     raise ApiError(409, "not_cancelable", f"The job is already {record['status']}.")
+
+
+def _drop_queued(request: Request, job_id: str) -> None:
+    """Best-effort removal of a canceled job's RQ job from the queue. Failure is harmless: a worker
+    that dequeues it finds the record canceled and skips it (worker.tasks._start)."""
+    svc = services(request)
+    try:
+        Job.fetch(job_id, connection=svc.redis, serializer=svc.queue.serializer).cancel()
+    except NoSuchJobError:
+        pass  # already gone: nothing to remove
+    except Exception as e:  # RQ's own errors, Redis down: the cancel has happened anyway
+        log.warning("job %s: canceled, but its RQ job was not removed from the queue: %s", job_id, e)
 
 
 def _result(request: Request, job_id: str, name: str, kind: str, index: int | None = None) -> Response:

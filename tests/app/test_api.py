@@ -13,17 +13,21 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import anyio
 import pytest
+import redis
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
 from app.routers import health, models, restorations
+from app.schemas import RestorationOptions, restoration_view
 from app.settings import Settings
-from tests.conftest import ROOT, aligned_png, wait_for
+from tests.conftest import ROOT, aligned_png, http_server, wait_for
 
 PNG = aligned_png()
 
@@ -249,16 +253,88 @@ def test_idempotency(client: TestClient, redis_conn, settings) -> None:
     assert fresh.json()["id"] != first.json()["id"]
 
 
+@pytest.mark.parametrize("job_was_created", [True, False])
+def test_idempotent_retry_after_an_unknown_outcome(
+    client: TestClient, redis_conn, settings, monkeypatch: pytest.MonkeyPatch, job_was_created: bool
+) -> None:
+    """A Redis timeout while the job is stored leaves its outcome unknown (503): the client's retry
+    with the same key gets the job if it was stored, else a new one — never two jobs, never a 409."""
+    store_type = type(client.app.state.services.store)
+    create = store_type.create
+
+    def create_then_time_out(self, *args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(store_type, "create", create)  # only the first submission fails
+        if job_was_created:
+            create(self, *args, **kwargs)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(store_type, "create", create_then_time_out)
+    h = {"Idempotency-Key": "order-unknown"}
+    first = submit(client, headers=h)
+    assert first.status_code == 503 and error_code(first) == "redis_unavailable", first.text
+    retry = submit(client, headers=h)
+    assert retry.status_code == 202, retry.text
+    assert (retry.headers.get("idempotent-replayed") == "true") == job_was_created
+    assert redis_conn.llen(f"rq:queue:{settings.queue_name}") == 1
+    assert submit(client, headers=h).json()["id"] == retry.json()["id"]  # and the key now holds it
+
+
+def canceled_total(client: TestClient) -> float:
+    line = 'dynface_jobs_total{outcome="canceled",reason="canceled"} '
+    found = [ln for ln in client.get("/metrics").text.splitlines() if ln.startswith(line)]
+    return float(found[0].removeprefix(line)) if found else 0.0
+
+
 def test_cancel_queued_job(client: TestClient, redis_conn, settings) -> None:
+    before = canceled_total(client)
     job = submit(client).json()
     r = client.delete(f"/v1/restorations/{job['id']}")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     assert r.json()["completed_at"] is not None
     assert redis_conn.llen(f"rq:queue:{settings.queue_name}") == 0
     assert not redis_conn.exists(f"{settings.key_prefix}:input:{job['id']}")
-    again = client.delete(f"/v1/restorations/{job['id']}")
-    assert again.status_code == 409 and error_code(again) == "not_cancelable"
+    again = client.delete(f"/v1/restorations/{job['id']}")  # a retried DELETE: the same answer
+    assert again.status_code == 200 and again.json() == r.json()
     assert client.get(f"/v1/restorations/{job['id']}/image").status_code == 409
+    # No worker ever sees it, so the API counts its end (once, though DELETE came twice).
+    assert canceled_total(client) == before + 1
+
+
+def test_cancel_of_a_finished_job_is_409(client: TestClient) -> None:
+    job_id = submit(client).json()["id"]
+    client.app.state.services.store.finish(job_id, {"status": "failed"})
+    r = client.delete(f"/v1/restorations/{job_id}")
+    assert r.status_code == 409 and error_code(r) == "not_cancelable" and "failed" in r.text
+
+
+def test_cancel_survives_a_failing_rq_cleanup(client: TestClient, monkeypatch) -> None:
+    """The record says canceled before RQ's job is touched: a Redis or RQ failure there must not turn
+    the cancel into a 5xx, lose its webhook, or make the retried DELETE a 409."""
+    hooks: list[dict[str, Any]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hooks.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    def redis_down(*args: Any, **kwargs: Any) -> None:
+        raise redis.exceptions.ConnectionError("connection lost")
+
+    with http_server(Receiver) as base:
+        job_id = submit(client, webhook=f"{base}/hook").json()["id"]
+        monkeypatch.setattr(restorations.Job, "fetch", redis_down)
+        r = client.delete(f"/v1/restorations/{job_id}")
+        assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+        wait_for(lambda: hooks, 10, what="webhook")
+        assert hooks[0]["id"] == job_id and hooks[0]["status"] == "canceled"
+        again = client.delete(f"/v1/restorations/{job_id}")
+        assert again.status_code == 200 and again.json() == r.json()
+        time.sleep(0.3)  # a retried DELETE changes nothing, so it sends nothing
+        assert len(hooks) == 1
 
 
 def test_unknown_job_is_404(client: TestClient) -> None:
@@ -271,6 +347,95 @@ def test_unknown_job_is_404(client: TestClient) -> None:
     ):
         r = client.request(method, f"/v1/restorations/nope{path}")
         assert r.status_code == 404 and error_code(r) == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("prefer", "wait"),
+    [
+        ([], None),
+        (["respond-async"], None),
+        (["wait"], 30),
+        (["wait=7"], 7),
+        (['wait="7"'], 7),  # RFC 7240 allows a quoted-string value
+        (["WAIT = 7"], 7),
+        (["wait=" + "9" * 5000], 30),  # beyond int()'s 4300-digit limit: clamped, never parsed
+        (["wait=" + "0" * 5000 + "7"], 7),
+        (["respond-async", "wait=7"], 7),  # preferences spread over several header lines
+        (["wait=7", "wait=9"], 7),  # the first one counts
+        (['wait="7'], None),  # unbalanced quote: not a wait preference
+    ],
+)
+def test_prefer_wait_parsing(prefer: list[str], wait: int | None) -> None:
+    assert restorations._wait_seconds(prefer, 30) == wait
+
+
+def test_prefer_wait_huge_or_on_several_lines_is_applied(make_settings) -> None:
+    with TestClient(create_app(make_settings(max_wait_seconds=1))) as c:
+        for headers, applied in (
+            ({"Prefer": "wait=" + "9" * 5000}, "wait=1"),  # was a 500 (int() digit limit)
+            ([("Prefer", "respond-async"), ("Prefer", 'wait="0"')], "wait=0"),
+        ):
+            r = submit(c, headers=headers)
+            assert r.status_code == 202 and r.headers["preference-applied"] == applied, r.text
+
+
+def test_queue_position_is_read_off_the_event_loop(client: TestClient, monkeypatch) -> None:
+    """get_job_position is a blocking Redis call: it must run in a worker thread, never on the loop."""
+    queue = client.app.state.services.queue
+    real = queue.get_job_position
+    on_loop: list[bool] = []
+
+    def spy(job_id: str) -> int | None:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no running loop: a worker thread
+            on_loop.append(False)
+        return real(job_id)
+
+    monkeypatch.setattr(queue, "get_job_position", spy)
+    for headers in ({}, {"Prefer": "wait=0"}):
+        r = submit(client, headers=headers)
+        assert r.status_code == 202 and r.json()["queue_position"] is not None
+    assert on_loop == [False, False]
+
+
+def test_empty_form_fields_mean_the_defaults(client: TestClient) -> None:
+    """An HTML form sends "" for a field left blank: every option then takes its default."""
+    fields = {name: "" for name in RestorationOptions.model_fields}
+    r = client.post("/v1/restorations", files={"image": ("x.png", PNG, "image/png")}, data=fields)
+    assert r.status_code == 202, r.text
+    assert r.json()["options"] == RestorationOptions().model_dump(mode="json")
+
+
+def test_result_url_points_to_an_output_the_job_has(client: TestClient) -> None:
+    for outputs, path in (
+        ("image,faces", "/image"),
+        ("faces,comparison", "/comparison"),
+        ("crops", "/crops/0"),
+    ):
+        job = submit(client, outputs=outputs).json()
+        assert job["urls"]["result"] == job["urls"]["self"] + path, outputs
+    record = {
+        "id": "j",
+        "status": "succeeded",
+        "base_url": "http://h",
+        "created_at": 0.0,
+        "options": RestorationOptions(outputs=["faces"]).model_dump(mode="json"),
+    }
+    produced = restoration_view({**record, "outputs": {"faces": ["image/png"]}})
+    assert produced.urls.result == "http://h/v1/restorations/j/faces/0"
+    assert restoration_view({**record, "outputs": {"faces": []}}).urls.result is None  # no face found
+
+
+def test_openapi_texts_do_not_hard_code_settings(make_settings) -> None:
+    """The wait cap and the idempotency window are settings: the docs name them, not their defaults."""
+    with TestClient(create_app(make_settings(max_wait_seconds=5, record_ttl_seconds=3600))) as c:
+        post = c.get("/openapi.json").json()["paths"]["/v1/restorations"]["post"]
+    texts = [post["description"], *(p["description"] for p in post["parameters"])]
+    for text in texts:
+        assert not re.search(r"24 h|≤ 60|at most 60", text), text
+    assert "DYNFACE_MAX_WAIT_SECONDS" in texts[0] and "DYNFACE_RECORD_TTL_SECONDS" in texts[0]
 
 
 def test_prefer_wait_times_out_with_202(client: TestClient) -> None:
@@ -437,15 +602,43 @@ def _doc_default_matches(doc: str, default: object) -> bool:
     return doc == default
 
 
-def test_every_setting_is_documented_with_its_default() -> None:
-    """docs/configuration.md and app.settings.Settings list the same variables with the same defaults."""
-    documented: dict[str, str] = {}
+def _documented_variables() -> tuple[dict[str, str], set[str]]:
+    """docs/configuration.md's variables → documented default: dynface's settings, and the names
+    in its deployment section (read by compose and the worker image, not by dynface)."""
+    settings: dict[str, str] = {}
+    deployment: set[str] = set()
+    section = ""
     for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        if line.startswith("## "):
+            section = line
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if not line.startswith("| `") or len(cells) < 3:
             continue
         for name in re.findall(r"`(DYNFACE_[A-Z0-9_]+)`", cells[0]):
-            documented[name] = cells[1]
+            if section.startswith("## Deployment"):
+                deployment.add(name)
+            else:
+                settings[name] = cells[1]
+    return settings, deployment
+
+
+def test_every_deployment_variable_is_documented() -> None:
+    """Every DYNFACE_* name compose, the env example or the worker entrypoint reads that is not a
+    setting has a row in the deployment section (docker/env.example points there for all)."""
+    settings, deployment = _documented_variables()
+    used = set()
+    for path in (
+        ROOT / "docker-compose.yml",
+        ROOT / "docker" / "env.example",
+        ROOT / "docker" / "worker-entrypoint.sh",
+    ):
+        used |= set(re.findall(r"\b(DYNFACE_[A-Z0-9_]+)", path.read_text()))
+    assert used - set(settings) == deployment
+
+
+def test_every_setting_is_documented_with_its_default() -> None:
+    """docs/configuration.md and app.settings.Settings list the same variables with the same defaults."""
+    documented, _ = _documented_variables()
     fields = {f"DYNFACE_{name.upper()}": info for name, info in Settings.model_fields.items()}
     assert set(documented) == set(fields), (set(fields) - set(documented), set(documented) - set(fields))
     for env, info in fields.items():

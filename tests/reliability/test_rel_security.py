@@ -9,11 +9,18 @@ refactor cannot quietly weaken it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import io
 import json
+import logging
+import socket
+import ssl
+import subprocess
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +29,14 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import SecretStr, ValidationError
 from rel_support import RedisServer, WebhookSink, namespace_keys, pickled_values
 
 from app import security
 from app.main import create_app
 from app.security import check_webhook_url
 from app.settings import Settings
-from app.webhooks import deliver
+from app.webhooks import deliver, deliver_in_background
 
 KEYS = ("key-alpha-0001", "key-bravo-0002", "key-charlie-03")
 
@@ -252,6 +260,126 @@ def test_webhook_delivery_rechecks_the_target(
         assert sink.per_job() == {"job-ok": 1}
     finally:
         sink.close()
+
+
+@contextlib.contextmanager
+def recording_server(
+    host: str, port: int = 0, status: int = 204, extra: dict[str, str] | None = None, tls: Path | None = None
+) -> Iterator[tuple[int, list[dict[str, str | None]]]]:
+    """A server on ``host`` answering every POST with ``status`` (plus ``extra`` headers), over TLS
+    with ``tls``/cert.pem + key.pem if given; yields its port and what it saw (Host, SNI)."""
+    seen: list[dict[str, str | None]] = []
+    sni: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            seen.append({"host": self.headers.get("host"), "sni": sni[-1] if sni else None})
+            self.send_response(status)
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    if tls is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls / "cert.pem", tls / "key.pem")
+        ctx.sni_callback = lambda _sock, name, _ctx: sni.append(name)  # type: ignore[assignment,func-returns-value]
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_port, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_webhook_delivery_connects_to_the_checked_address(
+    scheme: str,
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DNS rebinding: a name that answers a public address to the check and then loopback (TTL 0)
+    must not get the POST to loopback. Delivery connects to the checked address, with the original
+    name as Host and, for https, as SNI and certificate name (the certificate is for the name)."""
+    checked, internal = "127.0.0.2", "127.0.0.1"
+    # Stands in for a public address: loopback alias 127.0.0.2 is what this machine can serve on.
+    monkeypatch.setattr(security, "_is_public", lambda ip: str(ip) == checked)
+    real_getaddrinfo = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "hook.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        ip = checked if len(lookups) == 1 else internal
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port or 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    tls = None
+    if scheme == "https":
+        tls = tmp_path
+        cert = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=hook.test"
+        san = ["-addext", "subjectAltName=DNS:hook.test"]
+        files = ["-keyout", str(tls / "key.pem"), "-out", str(tls / "cert.pem")]
+        subprocess.run([*cert.split(), *san, *files], check=True, capture_output=True)
+        monkeypatch.setenv("SSL_CERT_FILE", str(tls / "cert.pem"))  # read by httpx's default context
+    s = make_settings(webhook_allow_private=False, webhook_allow_http=True)
+    with (
+        recording_server(checked, tls=tls) as (port, at_checked),
+        recording_server(internal, port, tls=tls) as (_, at_internal),
+    ):
+        url = f"{scheme}://hook.test:{port}/hook"
+        assert deliver(url, "job-rebind", b"{}", s, sleep=lambda _: None) is True
+    assert at_internal == []
+    sni = "hook.test" if scheme == "https" else None
+    assert at_checked == [{"host": f"hook.test:{port}", "sni": sni}]
+    assert lookups == ["hook.test"]  # resolved once, by the check; never again for the connection
+
+
+def test_webhook_redirects_are_not_followed(make_settings: Callable[..., Settings]) -> None:
+    """A receiver answering 307 to another address does not get the POST forwarded there (that
+    address was never checked): the attempt counts as failed."""
+    with recording_server("127.0.0.1") as (port, elsewhere):
+        to = {"location": f"http://127.0.0.1:{port}/internal"}
+        with recording_server("127.0.0.1", status=307, extra=to) as (hook_port, at_hook):
+            url = f"http://127.0.0.1:{hook_port}/hook"
+            assert deliver(url, "job-redirect", b"{}", make_settings(), sleep=lambda _: None) is False
+    assert len(at_hook) == 3 and elsewhere == []  # first attempt + the two configured retries
+
+
+def test_malformed_webhook_secret_is_refused_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``whsec_`` must be followed by base64 (signing would otherwise fail on every delivery): the
+    settings refuse it naming the variable, without echoing the secret."""
+    for bad in ("whsec_notbase64!", "whsec_", "whsec_abc"):
+        monkeypatch.setenv("DYNFACE_WEBHOOK_SECRET", bad)
+        with pytest.raises(ValidationError, match="DYNFACE_WEBHOOK_SECRET") as e:
+            Settings()
+        tail = bad.removeprefix("whsec_")
+        assert not tail or tail not in str(e.value)
+    for good in ("whsec_dGVzdA==", "any string!"):
+        monkeypatch.setenv("DYNFACE_WEBHOOK_SECRET", good)
+        assert Settings().webhook_secret == SecretStr(good)
+
+
+def test_webhook_delivery_error_is_logged(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error on the delivery thread (here signing with a secret that bypassed the
+    settings check) is logged with the job id, not lost with the thread."""
+    s = make_settings()
+    s.webhook_secret = SecretStr("whsec_notbase64!")
+    with caplog.at_level(logging.ERROR, logger="app.webhooks"):
+        deliver_in_background("http://127.0.0.1:9/hook", "job-broken", b"{}", s).join(10)
+    assert [r.exc_info is not None for r in caplog.records if "job-broken" in r.getMessage()] == [True]
 
 
 # --- what goes into Redis -----------------------------------------------------------------------------
