@@ -411,7 +411,8 @@ def main() -> None:
 - upload: `{jpeg.source.relative_to(SHARED.parent)}` re-encoded by Pillow at quality {jpeg.quality},
   {jpeg.size[0]}×{jpeg.size[1]}: **{len(jpeg.data)} bytes** (multipart body {len(body)} bytes,
   default options).
-- service: `uvicorn app.main:app_from_env --factory --workers N` (h11, asyncio loop) on loopback,
+- service: `uvicorn app.main:app_from_env --factory --workers N` (uvicorn's auto choice: httptools
+  parser and uvloop, both pinned in pyproject) on loopback,
   Redis `{REDIS_URL}`, own key prefix and queue, rate limit off, queue limit above the submission
   count, **no worker**: accepted jobs just queue, so this is the API's cost alone (multipart parse,
   image decode check, input + record to Redis, RQ enqueue). Keys purged afterwards

@@ -25,14 +25,22 @@ from dataclasses import dataclass
 import torch
 
 from bench._report import SHARED, header, write_section
+from models.dsst import default_table
 from models.pipeline import DTYPES, _tiny_networks
 from models.profiles import PROFILES
 from models.speed import SpeedOptions, apply_memory_format, compiled, memory_format
 from models.unet import IDDPMUNet
 
 CONFIG_512 = SHARED / "fixtures" / "difface_unet" / "config_512.json"
-#: NFE per face: DifFace's fixed start and the default DSST table's starts (models/data/dsst_default.json).
-NFES = {"difface baseline": 100, "DSST σ=1 px": 24, "DSST σ=2 px": 53, "DSST σ=4 px": 100}
+
+
+def nfes() -> dict[str, int]:
+    """NFE per face: DifFace's fixed start and the shipped DSST table's starts."""
+    table = default_table()
+    starts = {f"DSST σ={s:g} px": i for s, i in zip(table.sigmas, table.start_indices, strict=True)}
+    return {"difface baseline": PROFILES["real"].method.baseline_start_index, **starts}
+
+
 #: Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, for the bound's example rows only;
 #: pass --peak-tflops for another GPU.
 PEAKS_TFLOPS = {"H100 SXM, BF16/FP16 dense": 989.0, "A100 SXM, BF16/FP16 dense": 312.0}
@@ -43,15 +51,23 @@ class Variant:
     name: str
     dtype: str
     options: SpeedOptions
+    #: TF32 for fp32 convolutions and matmuls (CUDA only). PyTorch enables it for cuDNN convolutions by
+    #: default, so an unqualified "fp32" on a GPU is mostly TF32; the reference row turns it off.
+    tf32: bool = False
 
 
-def variants(with_compile: bool) -> list[Variant]:
+def variants(with_compile: bool, cuda: bool) -> list[Variant]:
     """fp32 and both half precisions, each NCHW and channels_last: fp16 is the worker's default on CUDA,
-    bf16 the alternative (its range cannot overflow); compile rows for fp32 and the default fp16."""
+    bf16 the alternative (its range cannot overflow); on CUDA also PyTorch's default TF32 fp32; compile
+    rows for fp32 and the default fp16."""
     plain = SpeedOptions(channels_last=False, compile=False)
     out = []
     for dtype in ("fp32", "fp16", "bf16"):
-        out.append(Variant("fp32 (reference)" if dtype == "fp32" else dtype, dtype, plain))
+        out.append(Variant("fp32 (reference, TF32 off)" if dtype == "fp32" else dtype, dtype, plain))
+        if dtype == "fp32" and cuda:
+            out.append(
+                Variant("fp32 with TF32 (PyTorch's CUDA default for convolutions)", dtype, plain, True)
+            )
         out.append(Variant(f"{dtype} + channels_last", dtype, SpeedOptions(channels_last=True)))
     if with_compile:
         out += [
@@ -84,6 +100,7 @@ def measure(
 ) -> tuple[torch.Tensor, list[float], float]:
     """Output (float32, CPU), seconds per forward after warm-up, and the warm-up (compile) seconds."""
     device = x.device
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = variant.tf32
     model = IDDPMUNet(**unet_config)
     model.load_state_dict(state)
     model = model.to(device, DTYPES[variant.dtype]).eval()
@@ -158,7 +175,7 @@ def main() -> None:
         t = torch.full((args.batch,), 500, device=device)
 
     rows, ref = [], None
-    for variant in variants(args.compile):
+    for variant in variants(args.compile, device.type == "cuda"):
         out, times, warm = measure(profile.unet, state, variant, x, t, args.repeats)
         ref = out if ref is None else ref
         diff = (out - ref).abs().max().item()
@@ -197,15 +214,15 @@ def main() -> None:
         "| NFE per face | " + " | ".join(f"{name} ({peak:g} TFLOP/s)" for name, peak in peaks.items()) + " |"
     ]
     bound.append("|---|" + "---|" * len(peaks))
-    for label, nfe in NFES.items():
+    for label, nfe in nfes().items():
         cells = " | ".join(f"{flops * nfe / (peak * 1e12) * 1000:.1f} ms" for peak in peaks.values())
         bound.append(f"| {label}: {nfe} | {cells} |")
     body = f"""{head}
 - device: `{device}`{f" ({gpu_name})" if gpu_name else ""}; profile `{args.profile}` UNet ({size} px, random
   weights, seed 0), batch {args.batch}, timestep 500; median of {args.repeats} forwards after 2 warm-ups.
-- The reference is the plain path: fp32, NCHW, eager. SDPA attention is not a row: the UNet always uses
-  `F.scaled_dot_product_attention` (tests/models/test_speed_options.py checks it against upstream's
-  explicit softmax, ≤ 1e-5; the UNet fixtures hold the whole network to 1e-4 of upstream).
+- The reference is the plain path: fp32 (TF32 off), NCHW, eager. SDPA attention is not a row: the UNet
+  always uses `F.scaled_dot_product_attention` (tests/models/test_speed_options.py checks it against
+  upstream's explicit softmax, ≤ 1e-5; the UNet fixtures hold the whole network to 1e-4 of upstream).
 
 {chr(10).join(table)}
 
