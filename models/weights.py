@@ -14,11 +14,13 @@ This module is torch-free so the API's /readyz can use it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
+import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -196,7 +198,8 @@ class MissingWeightsError(FileNotFoundError):
 
 
 class DownloadError(OSError):
-    """A download failed (network, HTTP status, cut short); the final path was not touched.
+    """A download failed (network, HTTP status, cut short, wrong size or sha256, the weights dir not
+    writable); the final path holds no unchecked file.
 
     `names` are the manifest names not fetched, as MissingWeightsError has them, so a worker can
     report a failed file that its profile alone does not list (e.g. a configured background model).
@@ -303,8 +306,9 @@ def pull(
     """Download the named (default: all) files that are missing or corrupt; returns their status.
 
     Release assets are downloaded into `<weights_dir>/.partial/` (resumed there after an
-    interrupted pull, with a tqdm progress bar), checked for size and sha256 where pinned, and
-    only then renamed to their final name (same filesystem, so atomic). Hub files go through
+    interrupted pull from the same source, with a tqdm progress bar; one process at a time per
+    file), checked for size and sha256 where pinned, and only then renamed to their final name
+    (same filesystem, so atomic); a failure, a mismatch included, raises DownloadError. Hub files go through
     `huggingface_hub.hf_hub_download(..., local_dir=...)`, which stages, resumes and renames the
     same way with its own `.incomplete` files.
     `offline` (default: $DYNFACE_OFFLINE) forbids any download: files still needed raise
@@ -324,62 +328,172 @@ def pull(
         status = _check(entry, root / entry.path, hash_it=True)
         if status.state == "corrupt":
             (root / entry.path).unlink()
-            raise ValueError(f"Downloaded {entry.name} is corrupt ({status.detail}); removed it.")
+            raise _corrupt_error(entry, status.detail)
     return verify(root, names=[e.name for e in entries], manifest=manifest)
+
+
+def _corrupt_error(entry: WeightFile, problem: str) -> DownloadError:
+    """A DownloadError, like a network failure, so a worker reports `missing_weights` and retries."""
+    return DownloadError(
+        f"Downloaded {entry.name} ({entry.file_name}) from {entry.url} is corrupt ({problem}); removed it. "
+        f"`{pull_command([entry.name])}` fetches it again; if it keeps failing, the upstream file no "
+        "longer matches the manifest.",
+        [entry.name],
+    )
 
 
 def _partial_path(root: Path, entry: WeightFile) -> Path:
     """Where an unfinished download of `entry` waits to be resumed: outside the final path, under a
-    stable name so the next pull finds it."""
+    stable name so the next pull finds it. Beside it: `<partial>.json`, the URL and validator it came
+    from, and `<partial>.lock`."""
     return root / PARTIAL_DIR / entry.path
+
+
+def _beside(partial: Path, suffix: str) -> Path:
+    return partial.with_name(partial.name + suffix)
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (created if needed), so that processes pulling the
+    same file (`serve --workers 2` on a fresh machine) take turns instead of appending to one partial
+    file together. The lock file stays: deleting it would let a process that opened it just before
+    lock a file the next one no longer finds."""
+    import fcntl  # POSIX, like the worker; imported here so that the API imports this module anywhere
+
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def _pull_url(entry: WeightFile, root: Path, progress: bool) -> None:
     """Download a release asset with resume, then check it and move it into place atomically.
 
-    huggingface_hub's `http_get` does the HTTP: Range requests to resume (and a restart when a
-    server ignores Range), retries on dropped connections, a tqdm bar, and a size check against
-    Content-Length/Content-Range. It is given our own partial file so an interrupted pull
-    resumes on the next run. A partial file that fails its checksum is deleted (resuming cannot
-    fix it); one cut short by the network is kept for the next pull.
+    Under a per-file lock: a process that waited for it finds the file already there and stops.
+    OS errors writing the weights dir (read-only, full, not a directory) become DownloadErrors
+    naming the file, which a worker reports as `missing_weights` and retries.
     """
-    import httpx2
-    from huggingface_hub.file_download import http_get
-
     final = root / entry.path
     partial = _partial_path(root, entry)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    if entry.size is not None and partial.is_file() and partial.stat().st_size > entry.size:
-        partial.unlink()  # longer than the real file: not a prefix of it
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(_beside(partial, ".lock")):
+            if _check(entry, final, hash_it=True).state not in ("missing", "corrupt"):
+                return  # another process fetched it while this one waited for the lock
+            _download(entry, partial, progress)
+            size = partial.stat().st_size
+            problem = None
+            if entry.size is not None and size != entry.size:
+                problem = f"downloaded {size} B, expected {entry.size} B"
+            elif entry.sha256 is not None and (actual := _sha256(partial)) != entry.sha256:
+                problem = f"sha256 {actual}, expected {entry.sha256} (hash mismatch)"
+            if problem is not None:
+                _discard(partial)
+                raise _corrupt_error(entry, problem)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, final)  # same filesystem: the file appears complete or not at all
+            _beside(partial, ".json").unlink()
+    except DownloadError:
+        raise
+    except OSError as e:
+        raise DownloadError(
+            f"Cannot write {entry.name} ({entry.file_name}) into the weights dir {root}: {e}. Make it "
+            "writable (or set DYNFACE_WEIGHTS_DIR to a writable dir), then run "
+            f"`{pull_command([entry.name])}`.",
+            [entry.name],
+        ) from e
+
+
+def _discard(partial: Path) -> None:
+    partial.unlink(missing_ok=True)
+    _beside(partial, ".json").unlink(missing_ok=True)
+
+
+def _validator(url: str) -> str | None:
+    """The server's strong ETag for `url`, else its Last-Modified (what If-Range accepts); None where
+    it sends neither or the HEAD fails (resuming then relies on the URL alone)."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        response = get_session().head(url, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    except (OSError, httpx2.HTTPError):
+        return None
+    if not response.is_success:
+        return None
+    etag = response.headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+
+
+def _range_total(content_range: str | None) -> int | None:
+    """The full length in a 416's `Content-Range: bytes */N`, if it states one."""
+    try:
+        return int((content_range or "").rsplit("/", 1)[-1])
+    except ValueError:
+        return None
+
+
+def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
+    """Fetch `entry` into `partial`, resuming what an earlier pull left there if it came from the
+    same URL and, where the server names a version (ETag/Last-Modified), the same version.
+
+    huggingface_hub's `http_get` does the HTTP: Range requests to resume (and a restart when a
+    server ignores Range, as it must when If-Range names another version), retries on dropped
+    connections, a tqdm bar, and a size check against Content-Length/Content-Range. A partial file
+    cut short by the network is kept, with its source in `<partial>.json`, for the next pull.
+    """
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+
+    source = _beside(partial, ".json")
+    current = _validator(entry.url)
+    try:
+        origin = json.loads(source.read_text()) if partial.is_file() else None
+    except (OSError, ValueError):
+        origin = None  # no record of where it came from: not safe to append to
+    stale = (
+        origin is None
+        or origin.get("url") != entry.url
+        or (None not in (origin.get("validator"), current) and origin["validator"] != current)
+        or (entry.size is not None and partial.stat().st_size > entry.size)  # not a prefix of it
+    )
+    if stale:
+        _discard(partial)
+        origin = {"url": entry.url, "validator": current}
+        source.write_text(json.dumps(origin))
+    validator = origin["validator"]
     bar = tqdm if progress else functools.partial(tqdm, disable=True)
     try:
         with partial.open("ab") as f:
-            http_get(
-                entry.url,
-                f,
-                resume_size=f.tell(),
-                expected_size=entry.size,
-                displayed_filename=entry.file_name,
-                tqdm_class=bar,  # type: ignore[arg-type]  # a partial is accepted (called with kwargs)
-            )
+            resume = f.tell()
+            try:
+                http_get(
+                    entry.url,
+                    f,
+                    resume_size=resume,
+                    headers={"If-Range": validator} if resume and validator else None,
+                    expected_size=entry.size,
+                    displayed_filename=entry.file_name,
+                    tqdm_class=bar,  # type: ignore[arg-type]  # a partial is accepted (called with kwargs)
+                )
+            except HfHubHTTPError as e:
+                if e.response.status_code != 416:
+                    raise
+                # 416 to `Range: bytes=N-`: the file has no byte N. If it is N bytes long, an earlier
+                # pull downloaded all of it and stopped before the rename; else the partial is no
+                # prefix of it and is dropped, so that the next pull starts over.
+                if _range_total(e.response.headers.get("Content-Range")) != resume:
+                    f.truncate(0)
+                    raise
     except (OSError, httpx2.HTTPError) as e:  # httpx2: the transport huggingface_hub 2.x uses
         kept = partial.stat().st_size if partial.is_file() else 0
         if kept == 0:
-            partial.unlink(missing_ok=True)
-        resume = f"; {kept} B kept, the next pull resumes" if kept else ""
-        message = f"Could not download {entry.name} from {entry.url}: {e}{resume}"
+            _discard(partial)
+        resume_note = f"; {kept} B kept, the next pull resumes" if kept else ""
+        message = f"Could not download {entry.name} from {entry.url}: {e}{resume_note}"
         raise DownloadError(message, [entry.name]) from e
-    size = partial.stat().st_size
-    problem = None
-    if entry.size is not None and size != entry.size:
-        problem = f"downloaded {size} B, expected {entry.size} B"
-    elif entry.sha256 is not None and (actual := _sha256(partial)) != entry.sha256:
-        problem = f"sha256 {actual}, expected {entry.sha256} (hash mismatch)"
-    if problem is not None:
-        partial.unlink()
-        raise ValueError(f"Downloaded {entry.name} is corrupt ({problem}); removed it.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, final)  # same filesystem: the file appears complete or not at all
 
 
 def _pull_hub(entry: WeightFile, root: Path) -> None:

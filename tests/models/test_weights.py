@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
@@ -14,45 +17,83 @@ import pytest
 
 from models import weights as W
 from models.weights import MANIFEST, MissingWeightsError, WeightFile, missing_for, pull, verify
-from tests.conftest import http_server
+from tests.conftest import http_server, wait_for
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 PAYLOAD = bytes(range(256)) * 400  # 100 KiB
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
+PATHS = ("/good.bin", "/norange.bin", "/flaky.bin", "/truncated.bin", "/slow.bin")
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Serves PAYLOAD under several behaviours:
 
-    /good.bin      honours Range (206 + Content-Range), as GitHub's release CDN does
+    /good.bin      honours Range (206 + Content-Range), as GitHub's release CDN does; a Range past
+                   the end gets 416 with `Content-Range: bytes */<size>`
     /norange.bin   ignores Range and always sends the whole file with 200
     /flaky.bin     the first request promises the payload, sends half and hangs up; later ones are good
     /truncated.bin always promises what was asked for, sends half of it and hangs up
+    /slow.bin      the first request sends half, then waits until another request arrives (or 1 s)
+
+    With `etag` set, HEAD and GET send it as the ETag and a Range whose If-Range names another
+    version is ignored (RFC 9110 13.1.5). `requests` logs GETs: (path, Range, If-Range).
     """
 
-    requests: ClassVar[list[tuple[str, str | None]]] = []
+    requests: ClassVar[list[tuple[str, str | None, str | None]]] = []
+    etag: ClassVar[str | None] = None
+    another_request: ClassVar[threading.Event] = threading.Event()
 
-    def do_GET(self) -> None:
-        type(self).requests.append((self.path, self.headers.get("Range")))
-        if self.path not in ("/good.bin", "/norange.bin", "/flaky.bin", "/truncated.bin"):
+    def do_HEAD(self) -> None:
+        if self.path not in PATHS:
             self.send_error(404)
             return
-        first_flaky = self.path == "/flaky.bin" and sum(p == "/flaky.bin" for p, _ in self.requests) == 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAYLOAD)))
+        if self.etag:
+            self.send_header("ETag", self.etag)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        type(self).requests.append((self.path, self.headers.get("Range"), self.headers.get("If-Range")))
+        if self.path not in PATHS:
+            self.send_error(404)
+            return
+        first = sum(p == self.path for p, _, _ in self.requests) == 1
+        if not first:
+            self.another_request.set()
         start = 0
         ranged = self.headers.get("Range")
-        if ranged and self.path != "/norange.bin":
+        if_range = self.headers.get("If-Range")
+        if ranged and self.path != "/norange.bin" and (if_range is None or if_range == self.etag):
             start = int(ranged.removeprefix("bytes=").split("-")[0])
+        if start >= len(PAYLOAD):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = PAYLOAD[start:]
         self.send_response(206 if start else 200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
+        if self.etag:
+            self.send_header("ETag", self.etag)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
         self.end_headers()
-        if self.path == "/truncated.bin" or first_flaky:
+        if self.path == "/truncated.bin" or (first and self.path == "/flaky.bin"):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
+        elif first and self.path == "/slow.bin":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            # A second pull that does not wait for this one asks now, and both stream at once; one
+            # that waits never asks while this download runs, so after 1 s it completes.
+            self.another_request.wait(timeout=1.0)
+            self.wfile.write(body[len(body) // 2 :])
         else:
             self.wfile.write(body)
 
@@ -77,24 +118,38 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # It writes in 10 MB chunks, so a cut 100 KiB test file would leave nothing to resume from.
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 4096)
     _Handler.requests.clear()
+    _Handler.etag = None
+    _Handler.another_request = threading.Event()
 
 
 def entry(
-    url: str, *, name: str = "good", sha: str | None = PAYLOAD_SHA, size: int | None = None
+    url: str, *, name: str = "good", sha: str | None = PAYLOAD_SHA, size: int | None = len(PAYLOAD)
 ) -> WeightFile:
     return WeightFile(
         name=name,
         path=f"{name}.bin",
         url=url,
-        size=len(PAYLOAD) if size is None else size,
+        size=size,
         sha256=sha,
         description="test file",
     )
 
 
 def leftovers(directory: Path) -> list[str]:
-    """Every file under `directory`, relative, so a stray partial download anywhere shows up."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    """Every file under `directory`, relative, so a stray partial download anywhere shows up; but the
+    empty lock files, which stay by design."""
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.suffix != ".lock"
+    )
+
+
+def leave_partial(directory: Path, data: bytes, url: str, validator: str | None = None) -> Path:
+    """What an interrupted pull of `url` leaves: the bytes so far, and where they came from."""
+    partial = directory / W.PARTIAL_DIR / "good.bin"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(data)
+    (partial.parent / "good.bin.json").write_text(json.dumps({"url": url, "validator": validator}))
+    return partial
 
 
 def test_good_file_is_pulled_and_verified(server: str, tmp_path: Path) -> None:
@@ -106,7 +161,7 @@ def test_good_file_is_pulled_and_verified(server: str, tmp_path: Path) -> None:
     assert verify(tmp_path, manifest=manifest)[0].state == "present"
     # Already present: pulling again does not download again.
     pull(weights_dir=tmp_path, progress=False, manifest=manifest)
-    assert _Handler.requests == [("/good.bin", None)]
+    assert _Handler.requests == [("/good.bin", None, None)]
 
 
 def test_progress_bar_is_shown(server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,17 +171,21 @@ def test_progress_bar_is_shown(server: str, tmp_path: Path, capsys: pytest.Captu
 
 
 def test_wrong_checksum_leaves_nothing(server: str, tmp_path: Path) -> None:
+    """A DownloadError naming the file, as a network failure is, so a worker reports it in
+    `missing_weights` and retries instead of exiting."""
     manifest = [entry(f"{server}/good.bin", sha="0" * 64)]
-    with pytest.raises(ValueError, match=r"hash mismatch"):
+    with pytest.raises(W.DownloadError, match=r"good \(good.bin\).*hash mismatch.*--only good") as err:
         pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    assert err.value.names == ["good"]
     assert leftovers(tmp_path) == []  # a wrong file is not kept for resuming either
     assert verify(tmp_path, manifest=manifest)[0].state == "missing"
 
 
 def test_wrong_size_without_checksum_leaves_nothing(server: str, tmp_path: Path) -> None:
     manifest = [entry(f"{server}/good.bin", sha=None, size=len(PAYLOAD) + 1)]
-    with pytest.raises(W.DownloadError):
+    with pytest.raises(W.DownloadError) as err:
         pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    assert err.value.names == ["good"]
     assert not (tmp_path / "good.bin").exists()
 
 
@@ -139,9 +198,11 @@ def test_truncated_download_fails_and_never_reaches_the_final_path(
         pull(weights_dir=tmp_path, progress=False, manifest=manifest)
     assert not (tmp_path / "good.bin").exists()
     assert verify(tmp_path, manifest=manifest)[0].state == "missing"
-    # What did arrive waits under .partial/ for the next pull; it is a prefix of the real file.
-    (kept,) = leftovers(tmp_path)
-    assert kept.startswith(f"{W.PARTIAL_DIR}/")
+    # What did arrive waits under .partial/ for the next pull, beside where it came from; it is a
+    # prefix of the real file.
+    kept = f"{W.PARTIAL_DIR}/good.bin"
+    assert leftovers(tmp_path) == [kept, f"{kept}.json"]
+    assert json.loads((tmp_path / f"{kept}.json").read_text())["url"] == manifest[0].url
     part = (tmp_path / kept).read_bytes()
     assert 0 < len(part) < len(PAYLOAD) and PAYLOAD.startswith(part)
 
@@ -151,7 +212,7 @@ def test_dropped_connection_is_resumed_with_a_range_request(server: str, tmp_pat
     assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
     assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
     (first, retry) = _Handler.requests
-    assert first == ("/flaky.bin", None)
+    assert first == ("/flaky.bin", None, None)
     # The retry asks only for what is missing (what arrived, rounded down to whole chunks).
     resumed_at = int(retry[1].removeprefix("bytes=").removesuffix("-"))
     assert 0 < resumed_at <= len(PAYLOAD) // 2
@@ -163,12 +224,84 @@ def test_next_pull_resumes_a_partial_file(server: str, tmp_path: Path, path: str
     """A pull interrupted earlier (process killed) left a prefix; the next pull asks only for the
     rest, and a server that ignores Range still yields the right file (restarted from zero)."""
     manifest = [entry(f"{server}{path}")]
-    partial = tmp_path / W.PARTIAL_DIR / "good.bin"
-    partial.parent.mkdir()
-    partial.write_bytes(PAYLOAD[:1000])
+    leave_partial(tmp_path, PAYLOAD[:1000], manifest[0].url)
     assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
     assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
-    assert _Handler.requests == [(path, "bytes=1000-")]
+    assert _Handler.requests == [(path, "bytes=1000-", None)]
+    assert leftovers(tmp_path) == ["good.bin"]
+
+
+@pytest.mark.parametrize("origin", ["other url", "no record"])
+def test_partial_file_from_elsewhere_is_discarded(server: str, tmp_path: Path, origin: str) -> None:
+    """A partial file from another URL (the manifest changed) or of unknown origin is not a prefix
+    of this file: appending to it would install garbage, unnoticed where no checksum is pinned."""
+    manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
+    partial = leave_partial(tmp_path, b"x" * 1000, f"{server}/old.bin")
+    if origin == "no record":
+        (partial.parent / "good.bin.json").unlink()
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests == [("/good.bin", None, None)]
+    assert leftovers(tmp_path) == ["good.bin"]
+
+
+@pytest.mark.parametrize("then", ['"v1"', '"v2"'])
+def test_partial_file_resumes_only_the_same_version(server: str, tmp_path: Path, then: str) -> None:
+    """The version (ETag) the partial file began with is kept beside it; the next pull resumes it
+    only if the server still has that version, and says so with If-Range."""
+    _Handler.etag = '"v2"'
+    manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
+    stale = b"x" * 1000  # what v1 began with, in this test
+    leave_partial(tmp_path, PAYLOAD[:1000] if then == '"v2"' else stale, manifest[0].url, then)
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    expected = ("bytes=1000-", '"v2"') if then == '"v2"' else (None, None)
+    assert _Handler.requests == [("/good.bin", *expected)]
+
+
+def test_if_range_restarts_a_replaced_file(server: str, tmp_path: Path) -> None:
+    """Where the version cannot be checked first (the HEAD failed), If-Range still makes a server
+    that has replaced the file send all of it, which replaces the old prefix."""
+    manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
+    leave_partial(tmp_path, b"x" * 1000, manifest[0].url, '"v1"')
+    _Handler.etag = '"v2"'  # GET only: HEAD's 501 below
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_Handler, "do_HEAD", lambda self: self.send_error(501))
+        assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests == [("/good.bin", "bytes=1000-", '"v1"')]
+
+
+@pytest.mark.parametrize("extra", [b"", b"x"])
+def test_range_not_satisfiable(server: str, tmp_path: Path, extra: bytes) -> None:
+    """A file of unknown size downloaded whole before the process died (before the rename): the
+    server answers the resume with 416 and the full size, which is the partial's, so it is done.
+    A partial longer than the file is no prefix of it: dropped, and the next pull starts over."""
+    manifest = [entry(f"{server}/good.bin", size=None)]
+    leave_partial(tmp_path, PAYLOAD + extra, manifest[0].url)
+    if extra:
+        with pytest.raises(W.DownloadError, match="416") as err:
+            pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+        assert "next pull resumes" not in str(err.value)
+        assert leftovers(tmp_path) == []
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert leftovers(tmp_path) == ["good.bin"]
+
+
+def test_concurrent_pulls_of_one_file_take_turns(server: str, tmp_path: Path) -> None:
+    """Two workers starting on a fresh machine pull the same file at once: one downloads it, the
+    other waits for it and downloads nothing; no interleaved bytes, no failed rename. No size or
+    checksum pinned, as for the DifFace prior, so a mixed-up file would be installed "unverified"."""
+    manifest = [entry(f"{server}/slow.bin", sha=None, size=None)]
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(pull, weights_dir=tmp_path, progress=False, manifest=manifest)
+        wait_for(lambda: _Handler.requests, timeout=10, what="the first download started")
+        second = pool.submit(pull, weights_dir=tmp_path, progress=False, manifest=manifest)
+        results = [first.result(timeout=30), second.result(timeout=30)]
+    assert [[s.state for s in r] for r in results] == [["unverified"], ["unverified"]]
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests == [("/slow.bin", None, None)]
     assert leftovers(tmp_path) == ["good.bin"]
 
 
@@ -255,6 +388,33 @@ def test_hub_files_use_hf_hub_download(tmp_path: Path, monkeypatch: pytest.Monke
     statuses = pull(["hf_difface_config"], tmp_path, progress=False)
     assert calls == [("OAOA/DifFace", "config.json", "main", tmp_path / "OAOA-DifFace")]
     assert statuses[0].state == "unverified"  # right size, but no pinned checksum
+
+
+def test_corrupt_hub_file_is_a_download_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def short_download(repo_id: str, filename: str, *, revision: str, local_dir: Path) -> str:
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / filename).write_bytes(b"{}")
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", short_download)
+    with pytest.raises(W.DownloadError, match=r"hf_difface_config .*size 2 B, expected 975 B") as err:
+        pull(["hf_difface_config"], tmp_path, progress=False)
+    assert err.value.names == ["hf_difface_config"]
+    assert not (tmp_path / "OAOA-DifFace" / "config.json").exists()
+
+
+def test_unwritable_weights_dir_is_a_download_error(server: str, tmp_path: Path) -> None:
+    """An OS error writing the weights dir (here: a file where a folder should be; read-only and
+    full disks alike) names the file, so a worker waits in `missing_weights` instead of exiting."""
+    (tmp_path / "file").write_bytes(b"")
+    root = tmp_path / "file" / "weights"
+    with pytest.raises(W.DownloadError, match=r"Cannot write good \(good.bin\) into the weights dir") as err:
+        pull(weights_dir=root, progress=False, manifest=[entry(f"{server}/good.bin")])
+    assert err.value.names == ["good"]
+    assert "--only good" in str(err.value)
+    assert _Handler.requests == []
 
 
 def test_default_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
