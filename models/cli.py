@@ -10,8 +10,9 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -232,7 +233,49 @@ def _image_files(inputs: list[Path]) -> Iterator[tuple[Path, Path]]:
             yield path, Path(path.stem)
 
 
+#: What `restore` appends to a photo's stem for each extra output it writes (a regex), by output kind.
+_EXTRA_NAMES = {"faces": r"face\d+", "crops": r"crop\d+", "comparison": "comparison"}
+
+
+def _output_clashes(files: Sequence[tuple[Path, Path]], extras: Sequence[str] = ()) -> list[str]:
+    """Inputs whose outputs would overwrite each other's, one line per clash (empty when none).
+
+    Two inputs with one output stem (a/x.png and b/x.png given as folders a/ b/, or x.jpg and x.png)
+    clash. `extras` are the suffixes the run appends for extra outputs (`_EXTRA_NAMES`): an input
+    x_face00.png clashes with x.png's first face, although the number of faces is only known after
+    the run; refusing is the safe side of that guess.
+    """
+    by_stem: dict[Path, list[Path]] = {}
+    for path, stem in files:
+        by_stem.setdefault(stem, []).append(path)
+    clashes = [f"{stem}: {', '.join(map(str, paths))}" for stem, paths in by_stem.items() if len(paths) > 1]
+    if extras:
+        derived = re.compile(rf"(.+)_(?:{'|'.join(extras)})")
+        for stem, paths in by_stem.items():
+            match = derived.fullmatch(stem.name)
+            owner = stem.with_name(match[1]) if match else None
+            if owner in by_stem:
+                clashes.append(f"{stem}: {paths[0]} and the outputs of {by_stem[owner][0]}")
+    return clashes
+
+
+def _refuse_clashes(clashes: list[str], output: Path) -> bool:
+    """Print the clashes as a usage error; True when there were any."""
+    if clashes:
+        lines = "\n".join(f"  {c}" for c in clashes)
+        print(
+            f"error: these inputs would overwrite each other's outputs in {output} (rename them, or "
+            f"restore them into separate output folders):\n{lines}",
+            file=sys.stderr,
+        )
+    return bool(clashes)
+
+
 def _restore_faces(args: argparse.Namespace) -> int:
+    # Before the model load, so that a usage error costs none.
+    files = list(_image_files(args.inputs))
+    if _refuse_clashes(_output_clashes(files), args.output):
+        return 2
     try:
         pipe = _load_pipeline(args)
     # MissingWeightsError (a FileNotFoundError), or a missing or wrong --dsst / trained-weights file
@@ -240,7 +283,6 @@ def _restore_faces(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     args.output.mkdir(parents=True, exist_ok=True)
-    files = list(_image_files(args.inputs))
     failed = 0
     with tqdm(total=len(files), unit="face") as bar:
         for start in range(0, len(files), pipe.max_batch):
@@ -292,6 +334,11 @@ def _restore_photos(args: argparse.Namespace) -> int:
     if args.max_faces is not None and args.max_faces < 1:
         print("error: --max-faces must be ≥ 1", file=sys.stderr)
         return 2
+    files = list(_image_files(args.inputs))
+    # Every photo writes <stem>.json, so a shared stem always clashes, whatever the image format.
+    extras = [_EXTRA_NAMES[kind] for kind in outputs if kind in _EXTRA_NAMES]
+    if _refuse_clashes(_output_clashes(files, extras), args.output):
+        return 2
     try:
         pipe = _load_pipeline(args)
     # MissingWeightsError (a FileNotFoundError), or a missing or wrong --dsst / trained-weights file
@@ -314,7 +361,6 @@ def _restore_photos(args: argparse.Namespace) -> int:
         color_correction=args.color_correction,
     )
     args.output.mkdir(parents=True, exist_ok=True)
-    files = list(_image_files(args.inputs))
     failed = 0
     for path, stem in tqdm(files, unit="photo"):
         try:

@@ -129,6 +129,16 @@ class DSSTable:
         )
 
 
+def check_sigmas(sigmas: Sequence[float]) -> tuple[float, ...]:
+    """The blur levels as floats; ValueError unless they are finite, positive and strictly increasing."""
+    sigmas = tuple(float(s) for s in sigmas)
+    if not sigmas or not all(math.isfinite(s) and s > 0 for s in sigmas):
+        raise ValueError(f"blur levels must be positive numbers of px, got {sigmas}")
+    if any(b <= a for a, b in itertools.pairwise(sigmas)):
+        raise ValueError(f"blur levels must be strictly increasing, got {sigmas}")
+    return sigmas
+
+
 def blur_distortion(face_power_spectrum: RadialSpectrum, sigma: float, image_size: int) -> float:
     """E_ω[|1 − F G_σ(ω)|² P_face(ω)] over the 2S×2S grid of an S×S image (the boundary rule's grid).
 
@@ -155,15 +165,18 @@ def build_analytic(
     the geometric middle of the admissible interval [D_max·snr_h, D_max·snr_{h−1}), so no rounding can
     move it. Lighter levels have smaller D and hence start earlier; NFE never exceeds the baseline.
     """
-    sigmas = tuple(float(s) for s in sigmas)
+    sigmas = check_sigmas(sigmas)
     if not 1 <= heaviest_start < len(schedule):
         raise ValueError(f"heaviest_start must be in 1..{len(schedule) - 1}")
     abar = schedule.alphas_cumprod
     snr = abar / (1.0 - abar)
     dist = [blur_distortion(face_power_spectrum, s, image_size) for s in sigmas]
     d_max = max(dist)
+    if d_max <= 0:  # τ would be 0 and every level start at 0
+        raise ValueError("the faces' spectrum has no power that a blur removes (flat images?)")
     tau = d_max * math.sqrt(float(snr[heaviest_start]) * float(snr[heaviest_start - 1]))
     starts = tuple(int(torch.nonzero(abar * d <= tau * (1.0 - abar))[0]) for d in dist)
+    # Invariants, not input checks: D grows with σ (sigmas checked above) and τ is calibrated on it.
     assert all(b >= a for a, b in itertools.pairwise(starts)), starts
     assert starts[-1] == heaviest_start, (starts, heaviest_start)
     note = (
@@ -214,7 +227,7 @@ def build_empirical(
     heavier level never starts earlier than a lighter one (running maximum), so noise in a small sweep
     cannot invert the table.
     """
-    sigmas = tuple(float(s) for s in sigmas)
+    sigmas = check_sigmas(sigmas)  # before the sweep, which the table's own check would follow
     candidates = sorted(int(i) for i in candidate_indices)
     images = sum(len(x) for _, x in pairs)
     best, lines = [], []
@@ -349,10 +362,7 @@ def cli_build(args: argparse.Namespace) -> int:
     from models.profiles import PROFILES
 
     profile = PROFILES["tiny" if args.prior == "tiny" else "real"]
-    paths = sorted(p for p in args.faces.rglob("*") if p.suffix.lower() in FACE_SUFFIXES)[: args.max_faces]
-    if not paths:
-        print(f"error: no *.png / *.jpg faces under {args.faces}", file=sys.stderr)
-        return 2
+    schedule = RespacedSchedule.from_spec(profile.method.respacing)
     given = {flag for name, flag in SWEEP_OPTIONS.items() if getattr(args, name) is not None}
     if args.method == "analytic" and given:
         print(f"error: {', '.join(sorted(given))} only apply to --method sweep", file=sys.stderr)
@@ -361,6 +371,14 @@ def cli_build(args: argparse.Namespace) -> int:
         print(
             "error: --heaviest-start only applies to --method analytic (sweep: --candidates)", file=sys.stderr
         )
+        return 2
+    problem = _bad_numbers(args, len(schedule))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    paths = sorted(p for p in args.faces.rglob("*") if p.suffix.lower() in FACE_SUFFIXES)[: args.max_faces]
+    if not paths:
+        print(f"error: no *.png / *.jpg faces under {args.faces}", file=sys.stderr)
         return 2
     sigmas = tuple(args.sigmas) if args.sigmas else profile.method.sigmas
     options: list[tuple[str, object]] = [
@@ -376,7 +394,6 @@ def cli_build(args: argparse.Namespace) -> int:
     if args.method == "analytic":
         heaviest = profile.method.baseline_start_index if args.heaviest_start is None else args.heaviest_start
         options.append(("--heaviest-start", heaviest))
-        schedule = RespacedSchedule.from_spec(profile.method.respacing)
 
         def build(spectrum: RadialSpectrum, provenance: str) -> DSSTable:
             return build_analytic(schedule, spectrum, sigmas, heaviest, image_size=512, provenance=provenance)
@@ -401,7 +418,7 @@ def cli_build(args: argparse.Namespace) -> int:
     )
     try:
         table = build(face_power_spectrum(paths, 512), provenance)
-    except ValueError as e:  # faces of the wrong size, bad candidates
+    except ValueError as e:  # faces of the wrong size, or flat ones
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # the prior's or LPIPS's weights
@@ -412,6 +429,28 @@ def cli_build(args: argparse.Namespace) -> int:
     how = f"tau {table.tau:.4g}" if table.tau is not None else "by the sweep"
     print(f"wrote {args.out}: sigmas {table.sigmas} -> start indices {table.start_indices} ({how})")
     return 0
+
+
+def _bad_numbers(args: argparse.Namespace, schedule_length: int) -> str | None:
+    """What is wrong with `dsst build`'s numeric options (None if nothing), checked before any face is
+    read or any model loaded; a start index is one of the prior's schedule, 1..schedule_length − 1."""
+    starts = f"1..{schedule_length - 1}"
+    if args.sigmas is not None:
+        try:
+            check_sigmas(args.sigmas)
+        except ValueError as e:
+            return f"--sigmas: {e}"
+    if args.max_faces is not None and args.max_faces < 1:
+        return f"--max-faces must be ≥ 1, got {args.max_faces}"
+    if args.heaviest_start is not None and not 1 <= args.heaviest_start < schedule_length:
+        return f"--heaviest-start must be a start index in {starts}, got {args.heaviest_start}"
+    if args.candidates is not None and not all(1 <= c < schedule_length for c in args.candidates):
+        return f"--candidates must be start indices in {starts}, got {args.candidates}"
+    if args.eta is not None and not 0 <= args.eta <= 1:  # DDIM's eta; NaN fails too
+        return f"--eta must be in [0, 1], got {args.eta}"
+    if args.lpips_weight is not None and not (math.isfinite(args.lpips_weight) and args.lpips_weight >= 0):
+        return f"--lpips-weight must be a number ≥ 0, got {args.lpips_weight}"
+    return None
 
 
 def _command_line(options: Sequence[tuple[str, object]]) -> str:
@@ -437,8 +476,6 @@ def _sweep(
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weight = LPIPS_WEIGHT if args.lpips_weight is None else args.lpips_weight
-    if weight < 0:
-        raise ValueError(f"--lpips-weight must be ≥ 0, got {weight}")
     perceptual = None
     if weight > 0:
         try:
@@ -452,8 +489,6 @@ def _sweep(
             return torch.tensor(metric((restored + 1) / 2, (x + 1) / 2))
 
     pipe = RestorationPipeline.from_pretrained(args.prior, device=device)
-    if not all(1 <= c < len(pipe.schedule) for c in candidates):
-        raise ValueError(f"--candidates must be start indices in 1..{len(pipe.schedule) - 1}: {candidates}")
     faces = torch.cat([load_face(p, 512).float() for p in paths])
     return sweep_table(
         pipe,

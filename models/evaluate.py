@@ -217,6 +217,8 @@ def pyiqa_metric(name: str, device: torch.device) -> Callable[[Tensor], float]:
 
 def fid(pairs: Sequence[tuple[Path, Path]], device: torch.device) -> float:
     """FID of the predictions against the ground-truth folder (torchmetrics, torch-fidelity's Inception)."""
+    if len(pairs) < 2:  # torchmetrics raises: a covariance needs two samples
+        raise Unavailable(f"FID needs at least 2 image pairs, got {len(pairs)}")
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
     if not _TORCH_FIDELITY_AVAILABLE:

@@ -381,6 +381,45 @@ def checkpoint_path(config: TrainConfig) -> Path:
     return config.out_dir / "checkpoints" / "last.pt"
 
 
+#: Config fields a resume may change: they do not alter the trained weights, so the exported config
+#: (which records the resumed run's values) still describes how they were made. max_steps extends (or
+#: ends) the run; log_every, ckpt_every and num_workers only change when things are written or how
+#: fast batches load (each face's degradation is seeded by its index, not by the worker); out_dir is
+#: where the checkpoint was found. Every other field shapes the run (an edited lr, say, would be
+#: overwritten by the checkpoint's optimizer state; an edited batch_size or data root would move the
+#: data position), so a difference is refused rather than silently ignored or half applied.
+RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "ckpt_every", "data.num_workers", "out_dir"})
+
+
+def check_resume_config(config: TrainConfig, saved: dict[str, Any], ckpt: Path) -> None:
+    """Raise ValueError naming every field (other than `RESUMABLE_CHANGES`) in which `config` differs
+    from `saved`, the config stored in the checkpoint `ckpt`."""
+    now, then = _flatten(config.model_dump(mode="json")), _flatten(saved)
+    differ = sorted(
+        k for k in now.keys() | then.keys() if k not in RESUMABLE_CHANGES and now.get(k) != then.get(k)
+    )
+    if differ:
+        changes = "; ".join(
+            f"{k} (checkpoint {then.get(k, '(absent)')!r}, config {now.get(k, '(absent)')!r})" for k in differ
+        )
+        raise ValueError(
+            f"cannot resume from {ckpt}: the config differs from the checkpoint's in {changes}. Restore "
+            f"those values (only {', '.join(sorted(RESUMABLE_CHANGES))} may change on a resume), or "
+            "start a new run in another out_dir"
+        )
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"data": {"root": r}} → {"data.root": r}, so a difference names the nested field."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 @dataclass
 class TrainResult:
     """What a run did: its losses per step (this process's, this invocation only) and its outputs."""
@@ -400,6 +439,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    ckpt = checkpoint_path(config)
+    state = None
+    if resume and ckpt.is_file():  # checked before the nets are built: a refused resume costs nothing
+        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own file: RNG states
+        check_resume_config(config, state["config"], ckpt)
     torch.manual_seed(config.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     task = _task(config)
     task.to(device)
@@ -415,9 +459,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
     step = 0
-    ckpt = checkpoint_path(config)
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own file: RNG states
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])

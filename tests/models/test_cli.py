@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from models import cli as cli_mod
 from models import pipeline as pipeline_mod
 from models.cli import register_commands
 from models.dsst import default_table
@@ -152,3 +153,64 @@ def test_unflagged_files_come_from_the_service_variables(
 def test_restore_rejects_unknown_outputs_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
     code = run("restore", "x.jpg", "-o", "out", "--profile", "real", "--outputs", "image,mask")
     assert code == 2 and "mask" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model load that fails at once: exit 1 and "model loaded" mean the inputs were accepted."""
+
+    def load(args: argparse.Namespace) -> None:
+        raise FileNotFoundError("model loaded")
+
+    monkeypatch.setattr(cli_mod, "_load_pipeline", load)
+
+
+@pytest.mark.parametrize(
+    ("command", "files", "extra", "clash"),
+    [
+        # Folders a/ and b/ both hold x.png: both would be written to out/x.png.
+        ("restore-faces", ("a/x.png", "b/x.png"), (), "x: {in}/a/x.png, {in}/b/x.png"),
+        # One folder, x.jpg and x.png: one x.json report (and under --format png one x.png image).
+        ("restore", ("a/x.jpg", "a/x.png"), ("--format", "png"), "x: {in}/a/x.jpg, {in}/a/x.png"),
+        ("restore", ("a/x.jpg", "a/x.png"), (), "x: {in}/a/x.jpg, {in}/a/x.png"),
+        # x.png's first face is x_face00.png, the name of another input's image.
+        (
+            "restore",
+            ("a/x.png", "a/x_face00.png"),
+            ("--outputs", "image,faces"),
+            "x_face00: {in}/a/x_face00.png",
+        ),
+    ],
+)
+def test_inputs_whose_outputs_would_overwrite_each_other_are_refused_before_the_model_loads(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model: None,
+    command: str,
+    files: tuple[str, ...],
+    extra: tuple[str, ...],
+    clash: str,
+) -> None:
+    inputs = tmp_path / "in"
+    for name in files:
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHARED / "testdata" / "aligned" / "0143.png", inputs / name)
+    folders = sorted({str(inputs / Path(name).parent) for name in files})
+    out = tmp_path / "out"
+    assert run(command, *folders, "-o", str(out), *extra) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite each other's outputs" in err and clash.format(**{"in": inputs}) in err
+    assert "model loaded" not in err and not out.exists()
+
+
+def test_distinct_output_names_pass_the_clash_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None
+) -> None:
+    """Same names in sub-folders of one input folder, and x_face00.png when no faces are written."""
+    inputs = tmp_path / "in"
+    for name in ("a/x.png", "b/x.png", "x.png", "x_face00.png"):
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHARED / "testdata" / "aligned" / "0143.png", inputs / name)
+    for command in ("restore-faces", "restore"):
+        assert run(command, str(inputs), "-o", str(tmp_path / "out")) == 1
+        assert "model loaded" in capsys.readouterr().err

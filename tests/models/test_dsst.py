@@ -172,6 +172,28 @@ def test_table_rejects_inconsistent_levels() -> None:
 
 
 @pytest.mark.parametrize(
+    "sigmas", [(4.0, 2.0, 1.0), (1.0, 1.0, 2.0), (0.0, 1.0), (-1.0, 1.0), (1.0, float("nan")), ()]
+)
+def test_builders_refuse_bad_blur_levels_with_a_value_error(
+    ddim250: RespacedSchedule, sigmas: tuple[float, ...]
+) -> None:
+    """A real check, not an assert (which python -O would skip): decreasing levels used to trip one."""
+    spectrum = GaussianPrior().radial_spectrum()
+    with pytest.raises(ValueError, match="blur levels must be"):
+        build_analytic(ddim250, spectrum, sigmas, image_size=64)
+    with pytest.raises(ValueError, match="blur levels must be"):
+        build_empirical(lambda y, s, i: y, [], sigmas, (1,), face_power_spectrum=spectrum)
+
+
+def test_analytic_builder_refuses_faces_without_detail(ddim250: RespacedSchedule) -> None:
+    """Flat faces: no power for a blur to remove, so τ = 0 could place no level (it tripped an assert)."""
+    spectrum = GaussianPrior().radial_spectrum()
+    flat = dataclasses.replace(spectrum, power=torch.zeros_like(spectrum.power))
+    with pytest.raises(ValueError, match="no power that a blur removes"):
+        build_analytic(ddim250, flat, (1.0, 2.0), image_size=64)
+
+
+@pytest.mark.parametrize(
     ("sigma_hat", "level", "start"),
     [
         (0.0, 1.0, 24),

@@ -125,6 +125,8 @@ def test_sweep_without_alexnet_weights_names_the_file_and_writes_nothing(
         ["--method", "sweep", "--heaviest-start", "50"],  # an analytic option with the sweep
         ["--method", "sweep", "--candidates", "0", "3", "--lpips-weight", "0", "--device", "cpu"],  # 0 steps
         ["--method", "sweep", "--lpips-weight", "-1", "--device", "cpu"],
+        ["--method", "sweep", "--eta", "1.5"],
+        ["--method", "analytic", "--heaviest-start", "0"],
     ],
 )
 def test_build_refuses_options_of_the_other_method_and_bad_values(

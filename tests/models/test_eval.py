@@ -112,3 +112,14 @@ def test_unmatched_folders_are_an_error(
     (same / "sub" / NAMES[0]).unlink()
     assert main(["eval", "--pred", str(same), "--gt", str(gt)]) == 2
     assert "without a prediction" in capsys.readouterr().err
+
+
+def test_fid_of_a_single_pair_is_unavailable_with_the_reason(tmp_path: Path) -> None:
+    """FID's covariance needs two samples: one pair reports why instead of failing the whole run."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for root in (gt, pred):
+        root.mkdir()
+        shutil.copy(ALIGNED / NAMES[0], root / NAMES[0])
+    report = evaluate(pred, gt, device="cpu", weights_dir=tmp_path)
+    assert report.images == 1 and report.values["PSNR"] == math.inf
+    assert report.unavailable["FID"] == "FID needs at least 2 image pairs, got 1"

@@ -174,6 +174,34 @@ def test_trained_nets_load_into_the_pipeline_and_are_reported(
     assert fact.start_step in FAST_STARTS
 
 
+def test_resume_refuses_a_config_that_changes_the_run(
+    faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An edited lr would be overwritten by the checkpoint's optimizer state and an edited batch size or
+    data root would move the data position: the resume stops and names them. Steps, logging and
+    checkpoint intervals may change (extending a run is what --resume is for)."""
+    out = tmp_path / "out"
+    train(tiny_config(out, faces, batch_size=1, max_steps=1), progress=False)
+    ckpt = out / "checkpoints" / "last.pt"
+
+    def resume_cli(**changes: Any) -> int:
+        config = tiny_config(out, faces, **{"batch_size": 1, **changes}).model_dump(mode="json")
+        del config["kind"]
+        (tmp_path / "dblm.yaml").write_text(yaml.safe_dump(config))
+        return main(["train", "dblm", str(tmp_path / "dblm.yaml"), "--resume", "--no-progress"])
+
+    other_faces = shutil.copytree(faces, tmp_path / "other_faces")
+    assert resume_cli(max_steps=2, lr=2e-3, batch_size=2, data={"root": other_faces}) == 1
+    err = capsys.readouterr().err
+    assert f"cannot resume from {ckpt}" in err and "Traceback" not in err
+    assert "lr (checkpoint 0.001, config 0.002)" in err and "batch_size (checkpoint 1, config 2)" in err
+    assert f"data.root (checkpoint {str(faces)!r}, config {str(other_faces)!r})" in err
+    assert "max_steps (" not in err  # an allowed change is not listed
+    assert torch.load(ckpt, weights_only=False)["step"] == 1  # nothing trained
+    assert resume_cli(max_steps=2, log_every=2, ckpt_every=5) == 0
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+
+
 def test_a_dgsa_config_without_a_dblm_is_refused(faces: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dblm_weights"):
         train(tiny_config(tmp_path, faces, kind="dgsa"), progress=False)
@@ -278,6 +306,26 @@ def test_dsst_build_cli_writes_a_table_the_pipeline_uses(faces: Path, tmp_path: 
     assert pipe.dsst.start_indices == table.start_indices
     assert torch.equal(pipe.dsst.face_power_spectrum.power, table.face_power_spectrum.power)
     assert pipe.info["dsst"]["start_indices"] == list(table.start_indices)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sigmas", "4", "2", "1"], "--sigmas: blur levels must be strictly increasing"),
+        (["--sigmas", "0", "1"], "--sigmas: blur levels must be positive"),
+        (["--max-faces", "-19"], "--max-faces must be ≥ 1, got -19"),
+        (["--max-faces", "0"], "--max-faces must be ≥ 1, got 0"),
+        (["--heaviest-start", "250"], "--heaviest-start must be a start index in 1..249, got 250"),
+    ],
+)
+def test_dsst_build_cli_refuses_bad_numbers_without_a_traceback(
+    faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    out = tmp_path / "t.json"
+    assert main(["dsst", "build", "--faces", str(faces), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_dsst_build_cli_rejects_an_empty_folder(tmp_path: Path) -> None:
