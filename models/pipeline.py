@@ -14,6 +14,7 @@ start (index 100 of ddim250) and sampled without guidance, so the two modes are 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -45,7 +46,7 @@ from models.schedule import RespacedSchedule, q_sample
 from models.speed import SpeedOptions, apply_memory_format, compiled, memory_format, to_device
 from models.swinir import SwinIR, swinir_from_checkpoint
 from models.unet import IDDPMUNet
-from models.unet_convert import unet_from_upstream_checkpoint
+from models.unet_convert import unet_from_hf_difface, unet_from_upstream_checkpoint
 
 FACE_SIZE = 512
 STAGES = ("decode", "detect", "dblm", "sample", "paste", "encode")
@@ -299,7 +300,15 @@ class RestorationPipeline:
         if str(name_or_path) not in PROFILES:
             weights_dir = Path(name_or_path)
         wdir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
-        required = [*profile.required_weights, *(background_config.weight_names if profile.real else ())]
+        prior = prior_weights(wdir) if profile.real else ()
+        required = [
+            *(
+                n
+                for name in profile.required_weights
+                for n in (prior if name == "difface_prior" else (name,))
+            ),
+            *(background_config.weight_names if profile.real else ()),
+        ]
         if download:
             weights.pull(required, wdir)
             _pull_optional(profile.optional_weights, wdir)
@@ -310,10 +319,10 @@ class RestorationPipeline:
         missing = weights.missing_for(required, wdir)
         if missing:
             raise weights.MissingWeightsError([m.name for m in missing], wdir)
-        prior, restorer_file = (wdir / e.path for e in weights.select(["difface_prior", "difface_swinir"]))
-        unet = unet_from_upstream_checkpoint(prior, profile.unet)
-        restorer = swinir_from_checkpoint(restorer_file, profile.swinir)
-        versions = {"prior": prior.name, "restorer": restorer_file.name}
+        unet, prior_file = _load_prior(wdir, prior, profile.unet)
+        (restorer_entry,) = weights.select(["difface_swinir"])
+        restorer = swinir_from_checkpoint(wdir / restorer_entry.path, profile.swinir)
+        versions = {"prior": prior_file, "restorer": restorer_entry.file_name}
         kwargs.update(weight_versions=versions, background=bg.load(background_config, wdir))
         return cls(profile, unet, restorer, weights_dir=wdir, **kwargs)
 
@@ -839,6 +848,35 @@ def _check_parts(profile: Profile, dsst: DSSTable, dblm: DBLMNet | None) -> None
             f"the DBLM's blur levels {dblm.sigmas} are not the DSST table's {dsst.sigmas} "
             "(the DBLM's output k is used as the table's level k)"
         )
+
+
+#: The prior's other published format, the Hugging Face copy (OAOA/DifFace).
+HF_PRIOR = ("hf_difface_unet", "hf_difface_config")
+
+
+def prior_weights(weights_dir: Path) -> tuple[str, ...]:
+    """Manifest names of the prior a real pipeline loads: upstream's checkpoint (what `weights pull`
+    fetches), or the Hugging Face copy where only that is present (`dynface weights pull --only
+    hf_difface_unet hf_difface_config`, e.g. where GitHub's release host is unreachable)."""
+    if weights.missing_for(["difface_prior"], weights_dir) and not weights.missing_for(HF_PRIOR, weights_dir):
+        return HF_PRIOR
+    return ("difface_prior",)
+
+
+def _load_prior(weights_dir: Path, names: tuple[str, ...], config: dict[str, Any]) -> tuple[IDDPMUNet, str]:
+    """The prior UNet from the files `prior_weights` chose, and the file it came from (for `info`). The
+    Hub copy carries its own config: it must be the profile's, so both formats load the same network."""
+    if names != HF_PRIOR:
+        (entry,) = weights.select(["difface_prior"])
+        return unet_from_upstream_checkpoint(weights_dir / entry.path, config), entry.file_name
+    (entry,) = weights.select(["hf_difface_unet"])
+    unet = unet_from_hf_difface((weights_dir / entry.path).parent)
+    found = json.loads(json.dumps({key: unet.config[key] for key in config}))
+    if found != json.loads(json.dumps(config)):
+        raise ValueError(
+            f"The Hugging Face prior in {weights_dir / entry.path} is not this profile's UNet: {found}"
+        )
+    return unet, entry.path
 
 
 def _pull_optional(names: Sequence[str], wdir: Path) -> None:

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models import weights
+from models.pipeline import HF_PRIOR, _load_prior, prior_weights
 from models.unet import IDDPMUNet
 from models.unet_convert import (
     hf_to_upstream_state_dict,
@@ -241,6 +243,38 @@ def test_hf_difface_round_trip(tmp_path: Path, tiny_hf_sd: dict, tiny_config: di
     model = unet_from_hf_difface(tmp_path)
     assert dict(model.config)["num_res_blocks"] == tiny_config["num_res_blocks"]
     assert max_err_first_sample(model, io) <= 1e-4
+
+
+def write_hub_prior(directory: Path, hf_sd: dict, config: dict) -> None:
+    """The OAOA/DifFace files where `weights pull` puts them; config.json padded with trailing
+    whitespace (still JSON) to the byte size the manifest pins for the Hub's file."""
+    (entry,) = weights.select(["hf_difface_config"])
+    folder = (directory / entry.path).parent
+    folder.mkdir(parents=True)
+    torch.save(hf_sd, folder / "diffusion_pytorch_model.bin")
+    text = json.dumps(tiny_hf_config(config))
+    assert entry.size is not None and len(text) <= entry.size
+    (folder / "config.json").write_text(text.ljust(entry.size))
+
+
+def test_the_pipeline_loads_the_prior_from_either_published_format(
+    tmp_path: Path, tiny_sd: dict, tiny_hf_sd: dict, tiny_config: dict, io: dict
+) -> None:
+    """Upstream's checkpoint is what `weights pull` fetches; where only the Hub copy is present, the
+    pipeline loads that instead of asking for the other 640 MB."""
+    assert prior_weights(tmp_path) == ("difface_prior",)  # nothing there: upstream's is the one to fetch
+    write_hub_prior(tmp_path, tiny_hf_sd, tiny_config)
+    assert prior_weights(tmp_path) == HF_PRIOR
+    unet, source = _load_prior(tmp_path, HF_PRIOR, tiny_config)
+    assert source == "OAOA-DifFace/diffusion_pytorch_model.bin"
+    assert max_err_first_sample(unet, io) <= 1e-4
+    other = {**tiny_config, "num_head_channels": tiny_config["num_head_channels"] * 2}
+    with pytest.raises(ValueError, match="not this profile's UNet"):
+        _load_prior(tmp_path, HF_PRIOR, other)
+    torch.save(tiny_sd, tmp_path / "iddpm_ffhq512_ema500000.pth")
+    assert prior_weights(tmp_path) == ("difface_prior",)  # both there: upstream's is preferred
+    unet, source = _load_prior(tmp_path, ("difface_prior",), tiny_config)
+    assert source == "iddpm_ffhq512_ema500000.pth" and max_err_first_sample(unet, io) <= 1e-4
 
 
 def test_hf_difface_rejects_missing_key(tmp_path: Path, tiny_hf_sd: dict, tiny_config: dict) -> None:
