@@ -4,9 +4,20 @@
 "use strict";
 
 const KEY_STORAGE = "dynface.apiKey";
-const POLL_MS = 500;
-const MAX_POLL_FAILURES = 10;
+// What an HTTP header value can carry and the server can match; anything else makes fetch() throw.
+const API_KEY_PATTERN = /^[\x21-\x7e]+$/;
+const JOB_ID_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+
+// Poll cadence: fast only while the worker reports steps; a queued GET reads the queue position from
+// Redis, so back off there; a background tab has nobody watching.
+const POLL_PROCESSING_MS = 500;
+const POLL_QUEUED_MS = [1000, 2000, 4000];
+const POLL_HIDDEN_MS = 10000;
+// Outages (network, 5xx, 429): retry with backoff (or Retry-After) for this long before giving up.
+const RETRY_BASE_MS = 500;
+const RETRY_CAP_MS = 10000;
+const RETRY_BUDGET_MS = 120000;
 
 // A clear sentence for every error code the API (or a failed job) can report.
 const ERROR_TEXT = {
@@ -33,6 +44,10 @@ const ERROR_TEXT = {
   worker_lost: "The worker processing this photo stopped. Submit it again.",
   redis_unavailable: "The job store is unavailable. Try again shortly.",
   internal: "Something went wrong on the server. Try again later.",
+  reconnecting: "The server is not answering right now. Still retrying…",
+  lost_contact: "The server did not answer for two minutes, so the page stopped watching the job. " +
+    "Reload the page to look at it again (it is remembered in the address).",
+  invalid_key: "That is not a valid API key: it must be printable ASCII with no spaces or accents.",
 };
 
 const STAGE_TEXT = {
@@ -47,19 +62,20 @@ const STAGE_TEXT = {
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  file: null,
+  file: null, // the photo picked for the next submission
   inputUrl: null,
-  jobId: null,
-  timer: null,
-  failures: 0,
+  // The submission being watched (see startRun). Every async continuation checks it is still this
+  // object, so a stale response or poll can never act on a newer submission.
+  run: null,
   blobUrls: [],
 };
 
 class ApiFailure extends Error {
-  constructor(code, message, retryAfter = null) {
+  constructor(code, message, retryAfter = null, status = 0) {
     super(message);
     this.code = code;
     this.retryAfter = retryAfter;
+    this.status = status; // 0: no HTTP response
   }
 }
 
@@ -67,14 +83,16 @@ class ApiFailure extends Error {
 
 function authHeaders() {
   const key = sessionStorage.getItem(KEY_STORAGE);
-  return key ? { Authorization: `Bearer ${key}` } : {};
+  // a key fetch() cannot send would fail as "unreachable": send none and let the server ask for one
+  return key && API_KEY_PATTERN.test(key) ? { Authorization: `Bearer ${key}` } : {};
 }
 
 async function api(path, options = {}) {
   let response;
   try {
     response = await fetch(path, { ...options, headers: { ...authHeaders(), ...options.headers } });
-  } catch {
+  } catch (err) {
+    if (err.name === "AbortError") throw err; // a superseded submission: its caller ignores it
     throw new ApiFailure("network", "No response from the server.");
   }
   if (response.ok) return response;
@@ -89,11 +107,11 @@ async function api(path, options = {}) {
   } catch {
     // not our JSON error shape: keep the HTTP status
   }
-  throw new ApiFailure(code, message, response.headers.get("Retry-After"));
+  throw new ApiFailure(code, message, response.headers.get("Retry-After"), response.status);
 }
 
-async function blobUrl(path) {
-  const blob = await (await api(path)).blob();
+async function blobUrl(path, signal) {
+  const blob = await (await api(path, { signal })).blob();
   const url = URL.createObjectURL(blob);
   state.blobUrls.push(url);
   return { url, type: blob.type };
@@ -153,12 +171,17 @@ async function checkService() {
 
 function setFile(file) {
   if (!file) return;
-  if (state.inputUrl) URL.revokeObjectURL(state.inputUrl);
+  // the running job keeps showing its own photo as "before": revoke only a URL no run uses
+  if (state.inputUrl && state.inputUrl !== (state.run && state.run.inputUrl)) {
+    URL.revokeObjectURL(state.inputUrl);
+  }
   state.file = file;
   state.inputUrl = URL.createObjectURL(file);
   $("drop-text").textContent = `${file.name} (${Math.ceil(file.size / 1024)} KB)`;
-  $("submit").disabled = false;
-  clearMessage();
+  // A photo may be picked while a job runs, but it is only submitted once that job has ended: one job
+  // and one poll loop at a time, and Cancel always means the job on screen.
+  updateControls();
+  if (!running()) clearMessage();
 }
 
 function formData() {
@@ -174,61 +197,179 @@ function formData() {
 
 // ---------------------------------------------------------------- job lifecycle
 
+function running() {
+  return Boolean(state.run && !state.run.done);
+}
+
+function isCurrent(run) {
+  return run === state.run;
+}
+
+function updateControls() {
+  $("submit").disabled = running() || !state.file;
+  $("cancel").hidden = !running();
+}
+
 function resetResults() {
-  clearTimeout(state.timer);
   state.blobUrls.forEach((url) => URL.revokeObjectURL(url));
   state.blobUrls = [];
   $("results").hidden = true;
+  delete $("results").dataset.loaded;
   $("faces").replaceChildren();
   $("after").removeAttribute("src");
+  $("before").removeAttribute("src");
+  $("boxes").width = 0;
   $("compare").classList.remove("no-before");
 }
 
-function setBusy(busy) {
-  $("submit").disabled = busy || !state.file;
-  $("cancel").hidden = !busy;
+// Supersede whatever was watched before: its timer is cleared and its requests aborted, and being no
+// longer state.run, none of its pending continuations will act.
+function startRun(inputUrl, jobId = null) {
+  const old = state.run;
+  if (old) {
+    clearTimeout(old.timer);
+    old.abort.abort();
+    if (old.inputUrl && old.inputUrl !== state.inputUrl) URL.revokeObjectURL(old.inputUrl);
+  }
+  resetResults();
+  state.run = {
+    jobId,
+    inputUrl, // null when resumed after a reload: there is no "before" photo then
+    abort: new AbortController(),
+    timer: null,
+    inFlight: false,
+    done: false,
+    queuedPolls: 0,
+    failingSince: null,
+    retries: 0,
+    cancelRequested: false,
+    stoppedBy: null, // the error code that ended polling, if one did
+  };
+  updateControls();
+  return state.run;
+}
+
+function finishRun(run) {
+  run.done = true;
+  clearTimeout(run.timer);
+  updateControls();
+}
+
+// The job id lives in the address (#job=…) so a reload resumes watching it.
+function rememberJob(id) {
+  history.replaceState(null, "", `#job=${encodeURIComponent(id)}`);
+}
+
+function forgetJob() {
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+function jobFromAddress() {
+  const match = /^#job=(.+)$/.exec(location.hash);
+  return match && JOB_ID_PATTERN.test(match[1]) ? match[1] : null;
+}
+
+function jobPath(id) {
+  return `/v1/restorations/${encodeURIComponent(id)}`;
 }
 
 async function submit() {
-  if (!state.file) return;
-  resetResults();
+  if (!state.file || running()) return;
   clearMessage();
-  setBusy(true);
-  try {
-    const job = await (await api("/v1/restorations", { method: "POST", body: formData() })).json();
-    state.jobId = job.id;
-    state.failures = 0;
-    renderStatus(job);
-    schedulePoll();
-  } catch (err) {
-    setBusy(false);
-    $("status-panel").hidden = true;
-    showFailure(err);
-  }
-}
-
-function schedulePoll() {
-  state.timer = setTimeout(poll, POLL_MS);
-}
-
-async function poll() {
-  const id = state.jobId;
+  $("status-panel").hidden = true;
+  forgetJob(); // until the new job has an id, a reload must not resume the previous one
+  const run = startRun(state.inputUrl);
   let job;
   try {
-    job = await (await api(`/v1/restorations/${encodeURIComponent(id)}`)).json();
+    const form = formData();
+    job = await (await api("/v1/restorations", { method: "POST", body: form, signal: run.abort.signal })).json();
   } catch (err) {
-    if (id !== state.jobId) return;
-    if (err.code === "network" && ++state.failures < MAX_POLL_FAILURES) return schedulePoll();
-    setBusy(false);
+    if (!isCurrent(run)) return;
+    finishRun(run);
     return showFailure(err);
   }
-  if (id !== state.jobId) return; // a newer submission took over
-  state.failures = 0;
+  if (!isCurrent(run)) return;
+  run.jobId = job.id;
+  rememberJob(job.id);
+  if (run.cancelRequested) cancel();
+  handleJob(run, job);
+}
+
+function resumeFromAddress() {
+  const id = jobFromAddress();
+  if (!id || running()) return;
+  poll(startRun(null, id));
+}
+
+function schedulePoll(run, delay) {
+  clearTimeout(run.timer);
+  run.timer = setTimeout(() => poll(run), delay);
+}
+
+async function poll(run) {
+  run.timer = null;
+  run.inFlight = true;
+  let job;
+  try {
+    job = await (await api(jobPath(run.jobId), { signal: run.abort.signal })).json();
+  } catch (err) {
+    if (!isCurrent(run)) return;
+    run.inFlight = false;
+    return pollFailed(run, err instanceof ApiFailure ? err : new ApiFailure("network", String(err)));
+  }
+  if (!isCurrent(run)) return;
+  run.inFlight = false;
+  if (run.failingSince !== null) {
+    run.failingSince = null;
+    run.retries = 0;
+    if ($("message").dataset.code === "reconnecting") clearMessage();
+  }
+  handleJob(run, job);
+}
+
+function pollDelay(run, job) {
+  let delay = POLL_PROCESSING_MS;
+  if (job.status === "queued") {
+    delay = POLL_QUEUED_MS[Math.min(run.queuedPolls, POLL_QUEUED_MS.length - 1)];
+    run.queuedPolls += 1;
+  }
+  return document.hidden ? Math.max(delay, POLL_HIDDEN_MS) : delay;
+}
+
+function retryAfterMs(value) {
+  if (value == null) return null;
+  if (/^\d+$/.test(value.trim())) return Number(value) * 1000;
+  const date = Date.parse(value);
+  return Number.isNaN(date) ? null : Math.max(0, date - Date.now());
+}
+
+function pollFailed(run, err) {
+  const now = Date.now();
+  if (run.failingSince === null) run.failingSince = now;
+  const left = RETRY_BUDGET_MS - (now - run.failingSince);
+  // an outage (no answer, a proxy's 502/504, redis_unavailable, a restart, rate limiting) passes
+  const transient = err.code === "network" || err.status === 429 || err.status >= 500;
+  if (transient && left > 0) {
+    const backoff = Math.min(RETRY_CAP_MS, RETRY_BASE_MS * 2 ** run.retries);
+    run.retries += 1;
+    showMessage("reconnecting", err.message, null, "info");
+    return schedulePoll(run, Math.min(left, retryAfterMs(err.retryAfter) ?? backoff));
+  }
+  finishRun(run);
+  run.stoppedBy = err.code;
+  if (err.code === "not_found") forgetJob();
+  if (transient) showMessage("lost_contact", err.message);
+  else showFailure(err);
+}
+
+function handleJob(run, job) {
   renderStatus(job);
-  if (!TERMINAL.has(job.status)) return schedulePoll();
-  setBusy(false);
+  if (!TERMINAL.has(job.status)) return schedulePoll(run, pollDelay(run, job));
+  finishRun(run);
   if (job.status === "succeeded") {
-    await showResults(job).catch(showFailure);
+    showResults(run, job).catch((err) => {
+      if (isCurrent(run) && err.name !== "AbortError") showFailure(err);
+    });
   } else if (job.status === "canceled") {
     showMessage("canceled", "", null, "info");
   } else {
@@ -238,12 +379,20 @@ async function poll() {
 }
 
 async function cancel() {
-  if (!state.jobId) return;
-  try {
-    await api(`/v1/restorations/${encodeURIComponent(state.jobId)}`, { method: "DELETE" });
-  } catch (err) {
-    showFailure(err);
+  const run = state.run;
+  if (!running()) return;
+  if (!run.jobId) {
+    run.cancelRequested = true; // still uploading: cancel as soon as the job has an id
+    return;
   }
+  try {
+    await api(jobPath(run.jobId), { method: "DELETE", signal: run.abort.signal });
+  } catch (err) {
+    if (isCurrent(run) && err.name !== "AbortError") showFailure(err);
+    return;
+  }
+  // show the outcome now rather than at the next (possibly slow, queued) poll
+  if (isCurrent(run) && !run.done && !run.inFlight) schedulePoll(run, 0);
 }
 
 function renderStatus(job) {
@@ -290,24 +439,32 @@ function loadImage(img, src) {
   });
 }
 
-async function showResults(job) {
-  const base = `/v1/restorations/${encodeURIComponent(job.id)}`;
-  const image = await blobUrl(`${base}/image`);
+async function showResults(run, job) {
+  const base = jobPath(job.id);
+  const signal = run.abort.signal;
+  const image = await blobUrl(`${base}/image`, signal);
+  if (!isCurrent(run)) return;
   const link = $("download-image");
   link.href = image.url;
   link.download = `restored-${job.id}.${extension(image.type)}`;
   $("results").hidden = false;
 
   const before = $("before");
-  const beforeLoaded = loadImage(before, state.inputUrl).catch(() => null);
+  const beforeLoaded = run.inputUrl ? loadImage(before, run.inputUrl).catch(() => null) : null;
   await loadImage($("after"), image.url);
+  if (!isCurrent(run)) return;
   $("results").dataset.loaded = "true";
-  if (await beforeLoaded) drawBoxes(before, job.faces || []);
-  else $("compare").classList.add("no-before"); // e.g. a format this browser cannot show
+  if (await beforeLoaded) {
+    if (!isCurrent(run)) return;
+    drawBoxes(before, job.faces || []);
+  } else {
+    $("compare").classList.add("no-before"); // resumed after a reload, or a format this browser cannot show
+  }
 
   const count = job.outputs && Array.isArray(job.outputs.faces) ? job.outputs.faces.length : 0;
   for (let k = 0; k < count; k++) {
-    const face = await blobUrl(`${base}/faces/${k}`);
+    const face = await blobUrl(`${base}/faces/${k}`, signal);
+    if (!isCurrent(run)) return;
     $("faces").append(faceItem(job.id, k, face));
   }
 }
@@ -346,15 +503,25 @@ function drawBoxes(img, faces) {
 
 // ---------------------------------------------------------------- wiring
 
+function hasFiles(e) {
+  return Boolean(e.dataTransfer) && Array.from(e.dataTransfer.types).includes("Files");
+}
+
 function init() {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => setFile(e.target.files[0]));
-  drop.addEventListener("dragover", (e) => {
+  // A file dropped anywhere on the page is taken as the photo: the browser's default would open it
+  // and leave the page (losing the job being watched). Text drags keep their default (e.g. into inputs).
+  document.addEventListener("dragover", (e) => {
+    if (!hasFiles(e)) return;
     e.preventDefault();
     drop.classList.add("over");
   });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (e) => {
+  document.addEventListener("dragleave", (e) => {
+    if (!e.relatedTarget) drop.classList.remove("over"); // left the window
+  });
+  document.addEventListener("drop", (e) => {
+    if (!hasFiles(e)) return;
     e.preventDefault();
     drop.classList.remove("over");
     setFile(e.dataTransfer.files[0]);
@@ -375,12 +542,25 @@ function init() {
   $("submit").addEventListener("click", submit);
   $("cancel").addEventListener("click", cancel);
 
+  // back in view: poll now instead of waiting out the slow background-tab delay
+  document.addEventListener("visibilitychange", () => {
+    const run = state.run;
+    if (!document.hidden && running() && run.timer !== null && !run.inFlight) schedulePoll(run, 0);
+  });
+
   $("key-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    const key = $("api-key").value.trim();
+    if (!API_KEY_PATTERN.test(key)) {
+      showMessage("invalid_key", "");
+      return;
+    }
+    sessionStorage.setItem(KEY_STORAGE, key);
     $("api-key").value = "";
     showKeyPanel();
     clearMessage();
+    // watch again a job (e.g. from the address after a reload) that the missing key stopped
+    if (state.run && state.run.stoppedBy === "unauthorized") resumeFromAddress();
   });
   $("forget-key").addEventListener("click", () => {
     sessionStorage.removeItem(KEY_STORAGE);
@@ -389,6 +569,7 @@ function init() {
 
   if (sessionStorage.getItem(KEY_STORAGE)) showKeyPanel();
   checkService();
+  resumeFromAddress();
 }
 
 init();

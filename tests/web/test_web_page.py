@@ -266,6 +266,15 @@ def test_api_key_is_asked_for_and_kept_in_the_session(redis_conn, browser, page:
             page.click("#submit")
             _wait_for_message(page, "unauthorized", "error-unauthorized")
 
+            # a key fetch() could not put in a header is refused when saved, not sent as "unreachable"
+            for bad in ["clé-€", "two words", "tab\tkey"]:
+                page.fill("#api-key", bad)
+                page.click("#key-form button[type=submit]")
+                assert "not a valid API key" in _wait_for_message(page, "invalid_key", "error-invalid-key")
+                assert page.evaluate("sessionStorage.getItem('dynface.apiKey')") is None
+                page.click("#submit")
+                _wait_for_message(page, "unauthorized", "error-unauthorized")
+
             page.fill("#api-key", API_KEY)
             page.click("#key-form button[type=submit]")
             assert page.evaluate("sessionStorage.getItem('dynface.apiKey')") == API_KEY
@@ -288,3 +297,251 @@ def test_api_key_is_asked_for_and_kept_in_the_session(redis_conn, browser, page:
     finally:
         purge(redis_conn, settings)
     assert _unexpected_console(page, allowed=("status of 503",)) == []  # /readyz: no worker here
+
+
+# ---------------------------------------------------------------- job watching (API faked for timing)
+
+FAKE_ID = "f" * 32
+CLOCK_START = 1_900_000_000_000  # ms since the epoch, for the paused fake clock
+JOB_URL = re.compile(r"/v1/restorations/[0-9a-f]{32}$")  # the job itself, not /image or /faces/k
+# Counts the page's GETs of a job as they are made (synchronously, unlike route handlers), so that with
+# a paused fake clock "no poll yet" can be checked without waiting.
+COUNT_JOB_GETS = r"""(() => {
+  window.jobGets = 0;
+  const realFetch = window.fetch;
+  window.fetch = (input, init = {}) => {
+    if (/\/v1\/restorations\/[0-9a-f]{32}$/.test(String(input)) && !init.method) window.jobGets += 1;
+    return realFetch(input, init);
+  };
+})();"""
+
+
+def _fake_job(status: str, **fields: Any) -> dict[str, Any]:
+    return {"id": FAKE_ID, "status": status, "warnings": [], **fields}
+
+
+def _job_gets(pg: Any) -> int:
+    return pg.evaluate("window.jobGets")
+
+
+def _wait_status_line(pg: Any, text: str) -> None:
+    pg.wait_for_function(
+        "t => document.getElementById('status-line').textContent === t", arg=text, timeout=10_000
+    )
+
+
+def test_picking_a_photo_mid_job_does_not_enable_restore(service: str, page: Any) -> None:
+    job = _fake_job("queued", queue_position=2)
+    deleted: list[str] = []
+
+    def handle(route: Any) -> None:
+        request = route.request
+        if request.method == "POST":
+            route.fulfill(status=202, json=job)
+        elif request.method == "DELETE":
+            deleted.append(request.url)
+            job.update(status="canceled", queue_position=None)
+            route.fulfill(json=job)
+        else:
+            route.fulfill(json=job)
+
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.goto(service + "/")
+    page.set_input_files("#file", str(FACE))
+    page.click("#submit")
+    page.wait_for_selector("#status-panel[data-status='queued']")
+    assert page.is_disabled("#submit") and page.is_visible("#cancel")
+
+    page.set_input_files("#file", files=[{"name": "next.png", "mimeType": "image/png", "buffer": b"x"}])
+    assert "next.png" in page.inner_text("#drop-text")
+    # one job (and one poll loop) at a time: Restore waits for the running job to end
+    assert page.is_disabled("#submit") and page.is_visible("#cancel")
+
+    page.click("#cancel")
+    _wait_for_message(page, "canceled", "mid-job-pick-canceled")
+    assert deleted == [f"{service}/v1/restorations/{FAKE_ID}"]
+    assert page.is_enabled("#submit") and page.is_hidden("#cancel")  # now the picked photo can go
+    assert _unexpected_console(page) == []
+
+
+def test_polling_rides_out_a_short_outage(service: str, page: Any) -> None:
+    outage = [
+        {
+            "status": 503,
+            "headers": {"Retry-After": "1"},
+            "json": {"error": {"code": "redis_unavailable", "message": "down"}},
+        },
+        {"status": 502, "body": "Bad Gateway", "content_type": "text/plain"},
+        {"status": 504, "body": "Gateway Timeout", "content_type": "text/plain"},
+    ]
+    injected: list[int] = []
+
+    def handle(route: Any) -> None:
+        if route.request.method != "GET" or not outage:
+            route.fallback()
+            return
+        answer = outage.pop(0)
+        injected.append(answer["status"])
+        route.fulfill(**answer)
+
+    page.route(lambda url: bool(JOB_URL.search(url)), handle)
+    page.goto(service + "/")
+    page.set_input_files("#file", str(FACE))
+    page.check("#aligned")
+    page.click("#submit")
+    page.wait_for_selector("#message[data-code='reconnecting']", state="visible", timeout=30_000)
+    try:
+        page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=180_000)
+    finally:
+        _screenshot(page, "after-outage")
+    assert injected == [503, 502, 504]
+    assert page.get_attribute("#status-panel", "data-status") == "succeeded"
+    assert page.get_attribute("#message", "data-code") != "reconnecting"  # cleared once answered again
+    assert _unexpected_console(page, allowed=("status of 5",)) == []
+
+
+def test_reload_resumes_watching_the_job(service: str, page: Any) -> None:
+    page.goto(service + "/")
+    page.set_input_files("#file", str(FACE))
+    page.check("#aligned")
+    with page.expect_response(lambda r: r.url.endswith("/v1/restorations")) as sub:
+        page.click("#submit")
+    job_id = sub.value.json()["id"]
+    page.wait_for_function("id => location.hash === '#job=' + id", arg=job_id)
+
+    page.reload()
+    try:
+        page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=180_000)
+        page.wait_for_function("document.querySelectorAll('#faces img').length === 1", timeout=30_000)
+    finally:
+        _screenshot(page, "resumed-after-reload")
+    assert page.get_attribute("#status-panel", "data-status") == "succeeded"
+    assert page.get_attribute("#download-image", "download").startswith(f"restored-{job_id}.")
+    assert page.eval_on_selector("#compare", "c => c.classList.contains('no-before')")  # photo not kept
+    assert _natural_size(page, "#after")[0] > 0
+    assert page.evaluate("location.hash") == f"#job={job_id}"
+    assert _unexpected_console(page) == []
+
+
+def test_polling_gives_up_after_two_minutes_of_outage(service: str, page: Any) -> None:
+    gets: list[int] = []
+
+    def handle(route: Any) -> None:
+        gets.append(1)
+        # a distinct message per answer shows (in the page) when each failure has been handled
+        route.fulfill(status=502, json={"error": {"code": "bad_gateway", "message": f"outage {len(gets)}"}})
+
+    page.route(lambda url: bool(JOB_URL.search(url)), handle)
+    # fake time, paused: it moves only by run_for, so "two minutes" takes no real time
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
+    page.goto(f"{service}/#job={FAKE_ID}")
+    advanced = 0
+    for n in range(1, 40):
+        page.wait_for_function(
+            "n => document.getElementById('message-detail').textContent === 'Details: outage ' + n"
+            " || document.getElementById('message').dataset.code === 'lost_contact'",
+            arg=n,
+            timeout=10_000,
+        )
+        if page.get_attribute("#message", "data-code") == "lost_contact":
+            break
+        assert page.get_attribute("#message", "data-code") == "reconnecting"
+        page.clock.run_for(10_000)  # ≥ every retry delay (capped at 10 s): the next GET is due
+        advanced += 10_000
+    _screenshot(page, "gave-up")
+    assert page.get_attribute("#message", "data-code") == "lost_contact"
+    assert 120_000 <= advanced <= 130_000, advanced  # retried for about two minutes, then stopped
+    assert "Reload the page" in page.inner_text("#message")
+    assert page.evaluate("location.hash") == f"#job={FAKE_ID}"  # so a reload can look again
+    assert page.is_hidden("#cancel")
+    assert _unexpected_console(page, allowed=("status of 502",)) == []
+
+
+def test_polling_slows_down_while_queued_and_in_a_background_tab(service: str, page: Any) -> None:
+    answers: list[dict[str, Any]] = []
+    phase = {"status": "queued"}
+
+    def handle(route: Any) -> None:
+        n = len(answers) + 1
+        # every answer differs, so the page shows when it has handled each one
+        if phase["status"] == "queued":
+            job = _fake_job("queued", queue_position=20 - n)
+        else:
+            job = _fake_job("processing", stage="sample", progress={"step": n, "total": 100})
+        answers.append(job)
+        route.fulfill(json=job)
+
+    def line(job: dict[str, Any]) -> str:
+        if job["status"] == "queued":
+            return f"Queued: {job['queue_position']} ahead of you."
+        return f"Processing: diffusion sampling (step {job['progress']['step']} of 100)"
+
+    def next_poll_after(delay_ms: int) -> None:
+        """No GET until ``delay_ms`` of (fake) time has passed since the last answer, then one."""
+        before = _job_gets(page)
+        page.clock.run_for(delay_ms - 1)
+        assert _job_gets(page) == before, f"polled before {delay_ms} ms"
+        page.clock.run_for(1)
+        assert _job_gets(page) == before + 1, f"no poll at {delay_ms} ms"
+        page.wait_for_function("n => window.jobGets === n", arg=before + 1)
+        _wait_status_line(page, line(wait_for(lambda: len(answers) == before + 1 and answers[-1], 10)))
+
+    page.add_init_script(COUNT_JOB_GETS)
+    page.route(lambda url: bool(JOB_URL.search(url)), handle)
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
+    page.goto(f"{service}/#job={FAKE_ID}")  # resumes watching the job at once
+    _wait_status_line(page, "Queued: 19 ahead of you.")
+    assert _job_gets(page) == 1
+
+    for delay in (1000, 2000, 4000, 4000):  # queued: back off, capped
+        next_poll_after(delay)
+    phase["status"] = "processing"
+    next_poll_after(4000)  # answers "processing"
+    next_poll_after(500)  # live steps: fast
+
+    page.evaluate(
+        "() => { Object.defineProperty(document, 'hidden', { value: true, configurable: true });"
+        " document.dispatchEvent(new Event('visibilitychange')); }"
+    )
+    next_poll_after(500)  # scheduled while visible; its answer is handled in the background
+    next_poll_after(10_000)  # background tab: slow
+    page.clock.run_for(5000)
+    before = _job_gets(page)
+    page.evaluate("() => { delete document.hidden; document.dispatchEvent(new Event('visibilitychange')); }")
+    page.clock.run_for(1)
+    assert _job_gets(page) == before + 1  # back in view: polled at once
+    assert _unexpected_console(page) == []
+
+
+def test_fidelity_slider_has_an_accessible_name(service: str, page: Any) -> None:
+    page.goto(service + "/")
+    slider = page.get_by_role("slider", name="Fidelity", exact=True)
+    assert slider.get_attribute("id") == "fidelity"
+    assert page.get_by_label("Fidelity", exact=True).get_attribute("id") == "fidelity"
+
+
+def test_a_photo_dropped_anywhere_is_picked_not_opened(service: str, page: Any) -> None:
+    page.goto(service + "/")
+    # Returns, per event, whether the page canceled the browser's default (opening the file / leaving).
+    prevented = page.evaluate(
+        """() => {
+            const send = (type, target, dataTransfer) => !target.dispatchEvent(
+                new DragEvent(type, { dataTransfer, bubbles: true, cancelable: true }));
+            const files = new DataTransfer();
+            files.items.add(new File(["x"], "dropped.png", { type: "image/png" }));
+            const text = new DataTransfer();
+            text.setData("text/plain", "hello");
+            const outside = document.querySelector("header h1");
+            return {
+                fileOver: send("dragover", outside, files),
+                fileDrop: send("drop", outside, files),
+                textOver: send("dragover", outside, text),
+            };
+        }"""
+    )
+    assert prevented == {"fileOver": True, "fileDrop": True, "textOver": False}
+    assert "dropped.png" in page.inner_text("#drop-text")
+    assert page.is_enabled("#submit")
+    assert page.evaluate("location.pathname") == "/"
