@@ -66,7 +66,9 @@ class RestorationOptions(BaseModel):
         "fail", description="fail: the job fails with no_face; passthrough: return the input (upscaled)."
     )
     webhook: str | None = Field(
-        None, description="https URL that receives the final job JSON (POST, Standard Webhooks signature)."
+        None,
+        description="https URL that receives the final job JSON (POST; signed as Standard Webhooks when "
+        "the server has a webhook secret).",
     )
 
     @field_validator("fidelity")
@@ -128,7 +130,8 @@ class Face(BaseModel):
 
 class ErrorInfo(BaseModel):
     code: str = Field(
-        description="Stable machine-readable code, e.g. invalid_image, no_face, cuda_oom, timeout."
+        description="Stable machine-readable code, e.g. invalid_image, no_face, cuda_oom, timeout "
+        "(all codes with their HTTP status: docs/design.md, 'API error codes')."
     )
     message: str = Field(description="Human-readable explanation.")
 

@@ -857,7 +857,7 @@ HF_PRIOR = ("hf_difface_unet", "hf_difface_config")
 def prior_weights(weights_dir: Path) -> tuple[str, ...]:
     """Manifest names of the prior a real pipeline loads: upstream's checkpoint (what `weights pull`
     fetches), or the Hugging Face copy where only that is present (`dynface weights pull --only
-    hf_difface_unet hf_difface_config`, e.g. where GitHub's release host is unreachable)."""
+    hf_difface_unet --only hf_difface_config`, e.g. where GitHub's release host is unreachable)."""
     if weights.missing_for(["difface_prior"], weights_dir) and not weights.missing_for(HF_PRIOR, weights_dir):
         return HF_PRIOR
     return ("difface_prior",)

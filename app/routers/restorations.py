@@ -71,8 +71,8 @@ _PARAMETERS = [
         "in": "header",
         "required": False,
         "schema": {"type": "string"},
-        "description": "The same key and body within the idempotency window (the job record's lifetime, "
-        "DYNFACE_RECORD_TTL_SECONDS) return the same job (header "
+        "description": "The same key and body within the idempotency window (DYNFACE_RECORD_TTL_SECONDS "
+        "from the first submission) return the same job (header "
         "`Idempotent-Replayed: true`); the same key with another body is a 409 `idempotency_conflict`.",
     },
 ]
@@ -272,7 +272,8 @@ async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[s
     responses={
         200: {
             "model": Restoration,
-            "description": "Finished job (Prefer: wait); the restored photo itself when `Accept` prefers it.",
+            "description": "Finished job (Prefer: wait, or an Idempotency-Key replay of a job that has "
+            "ended); the restored photo itself when `Accept` prefers it.",
             "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
             "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}},
         },

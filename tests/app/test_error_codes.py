@@ -1,0 +1,51 @@
+"""Every error code the service can answer or end a job with is documented (docs/design.md, 'API error
+codes'), so clients can branch on all of them. The codes are read from the code itself."""
+
+from __future__ import annotations
+
+import re
+
+from app import errors
+from models import errors as pipeline_errors
+from tests.conftest import ROOT
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start : end if end != -1 else None]
+
+
+def _emitted_codes() -> set[str]:
+    app_source = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
+    codes = set(re.findall(r'(?:ApiError|_respond)\(\s*\d+,\s*"([a-z_]+)"', app_source))
+    codes |= set(errors._HTTP_CODES.values()) | set(errors.UPLOAD_ERROR_STATUS) | {"http_error"}
+    codes |= {
+        cls.code
+        for cls in vars(pipeline_errors).values()
+        if isinstance(cls, type)
+        and issubclass(cls, pipeline_errors.PipelineError)
+        and cls is not pipeline_errors.Cancelled  # a canceled job has status canceled and no error
+    }
+    worker_source = (ROOT / "worker" / "tasks.py").read_text()
+    codes |= set(re.findall(r'"failed",\s*\(\s*"([a-z_]+)"', worker_source))
+    codes |= set(re.findall(r'"code":\s*"([a-z_]+)"', worker_source))
+    return codes
+
+
+def test_every_error_code_is_documented() -> None:
+    documented = set(
+        re.findall(r"`([a-z_]+)`", _section((ROOT / "docs" / "design.md").read_text(), "## API error codes"))
+    )
+    emitted = _emitted_codes()
+    # The scan must see the codes of every source (a broken regex would make this test vacuous).
+    assert {
+        "not_found",
+        "redis_unavailable",
+        "no_face",
+        "cuda_oom",
+        "timeout",
+        "worker_lost",
+        "http_error",
+    } <= emitted
+    assert emitted - documented == set()
