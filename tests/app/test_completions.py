@@ -7,8 +7,11 @@ ignores its cancellation hangs every API shutdown (seen once in CI before the st
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
+
+import pytest
 
 from app.completions import Completions
 from app.settings import Settings
@@ -37,16 +40,24 @@ def test_stop_ends_a_live_subscription(settings: Settings) -> None:
 
 
 def test_stop_ends_the_reconnect_loop_when_redis_is_unreachable(
-    make_settings: Callable[..., Settings],
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
     """With Redis gone the listener sits in its retry loop (connect error, sleep, reconnect);
     stopping it there must end the task, not leave it retrying."""
     settings = make_settings(redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+    caplog.set_level(logging.WARNING, logger="app.completions")
+
+    def retrying() -> bool:
+        return any("retrying" in r.getMessage() for r in caplog.records if r.name == "app.completions")
 
     async def scenario() -> tuple[bool, bool]:
         completions = Completions(settings)
         completions.start()
-        await asyncio.sleep(0.2)  # the first connect has failed: it is retrying
+        # The first connect has failed and the listener said it retries: it is in its retry sleep.
+        deadline = asyncio.get_running_loop().time() + 10
+        while not retrying():
+            assert asyncio.get_running_loop().time() < deadline, "the listener never reported a retry"
+            await asyncio.sleep(0.01)
         task = completions._task
         assert task is not None
         was_running = not task.done()

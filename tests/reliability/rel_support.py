@@ -112,15 +112,21 @@ class WebhookSink:
     def __init__(self) -> None:
         self.deliveries: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._taken = 0  # requests whose handling began
+        self._answered = 0  # requests answered 204 (their sender's attempt succeeded: no retry follows)
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                with sink._lock:
+                    sink._taken += 1
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with sink._lock:
                     sink.deliveries.append(json.loads(body))
                 self.send_response(204)
                 self.end_headers()
+                with sink._lock:
+                    sink._answered += 1
 
             def log_message(self, *args: Any) -> None:  # keep pytest output clean
                 pass
@@ -132,6 +138,11 @@ class WebhookSink:
     def per_job(self) -> Counter[str]:
         with self._lock:
             return Counter(d["id"] for d in self.deliveries)
+
+    def idle(self) -> bool:
+        """No request in flight: every one taken has been recorded and answered."""
+        with self._lock:
+            return self._taken == self._answered
 
     def close(self) -> None:
         self.server.shutdown()

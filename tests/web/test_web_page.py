@@ -1,9 +1,9 @@
 """The web page at ``/``: headers (TestClient) and end to end in headless Chromium.
 
 The browser tests start a real uvicorn server (in a thread, on a free port) and a real tiny-profile
-worker, and drive Debian's Chromium (``scripts/setup-system-tools`` installs it) with Playwright. They are
-skipped, with the reason, only when no browser or no Playwright is available. Screenshots go to
-``artifacts/web/``.
+worker, and drive Debian's Chromium (``scripts/setup-system-tools`` installs it) with Playwright (the
+'test' extra). They are skipped, with the reason, only when no Chromium is available. Screenshots go
+to ``artifacts/web/``.
 """
 
 from __future__ import annotations
@@ -110,13 +110,13 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    # Playwright comes with the `test` extra (pip): missing is a broken install, a failure. Chromium
+    # is Debian's, which setup-system-tools may be unable to install: its absence skips.
+    from playwright.sync_api import sync_playwright
+
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no Chromium browser (run scripts/setup-system-tools, or set DYNFACE_CHROMIUM)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("Playwright is not installed (it comes with the 'test' extra)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS, headless=True)
         yield b
