@@ -64,7 +64,8 @@ class DBLMNet(nn.Module):
 
     def forward(self, y: Tensor) -> DBLMOutput:
         k = len(self.sigmas)
-        raw = self.backbone.reconstruct(y)
+        # In float32 even under autocast: bf16 would round the estimates to ~1 8-bit level.
+        raw = self.backbone.reconstruct(y).float()
         b, _, h, w = raw.shape
         # Same de-normalisation as the restorer's output, per level.
         mean = self.backbone.rgb_mean(raw).unsqueeze(1)

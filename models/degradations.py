@@ -194,11 +194,13 @@ def degrade(image: np.ndarray, params: DegradationParams, seed: int) -> np.ndarr
     x = torch.from_numpy(small).permute(2, 0, 1)[None].float() / 255.0
     x = _resize(x, h, w)
     out = _to_uint8(x)
-    if params.gray:
-        # ITU-R 601 luma, as cv2's RGB→GRAY, repeated over the three channels.
-        luma = out.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        out = np.repeat(np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-    return out
+    return to_gray(out) if params.gray else out
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma, as cv2's RGB→GRAY, repeated over the three channels (uint8 HxWx3)."""
+    luma = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return np.repeat(np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
 def random_degrade(

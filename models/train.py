@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from models import trained, weights
 from models.dblm import DBLMConfig, DBLMNet, blur_levels, dblm_loss
-from models.degradations import DIFFACE_RANGES, SEVERITY_LEVELS, random_degrade
+from models.degradations import DIFFACE_RANGES, SEVERITY_LEVELS, random_degrade, to_gray
 from models.dgsa import DGSANet, dgsa_loss
 from models.profiles import PROFILES, Profile
 from models.swinir import SwinIR, swinir_from_checkpoint
@@ -181,7 +181,9 @@ class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
             if img.size != (FACE_SIZE, FACE_SIZE):
                 img = img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
             clean = np.asarray(img).copy()
-        degraded, _ = random_degrade(clean, (self.seed, self.epoch, index), self.ranges)
+        degraded, params = random_degrade(clean, (self.seed, self.epoch, index), self.ranges)
+        if params.gray:  # a grey input's target is grey too (DifFace's gt_gray): colour cannot be inferred
+            clean = to_gray(clean)
         pair = torch.stack([_to_tensor(clean), _to_tensor(degraded)])
         if self.size != FACE_SIZE:
             pair = F.interpolate(pair, size=(self.size, self.size), mode="area")
@@ -442,7 +444,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     ckpt = checkpoint_path(config)
     state = None
     if resume and ckpt.is_file():  # checked before the nets are built: a refused resume costs nothing
-        state = torch.load(ckpt, map_location=device, weights_only=False)  # our own file: RNG states
+        # On the CPU: torch.set_rng_state takes only a CPU tensor; load_state_dict moves the rest.
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: RNG states
         check_resume_config(config, state["config"], ckpt)
     torch.manual_seed(config.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     task = _task(config)

@@ -185,3 +185,18 @@ def test_dgsa_loss_minimised_at_squared_error() -> None:
     s_grid = torch.linspace(-8, 0, 161)
     losses = torch.stack([dgsa_loss(torch.full((1, 1, 8, 8), float(s)), estimate, target) for s in s_grid])
     assert s_grid[losses.argmin()].item() == pytest.approx(math.log(0.01), abs=0.05)
+
+
+@needs_shared
+def test_dblm_estimates_stay_float32_under_bf16_autocast() -> None:
+    """Training runs the DBLM under bf16 autocast; its de-normalised estimates must not be rounded to
+    bf16 (a step of ~1 8-bit level in [0.5, 1)), or the L1/NLL targets are missed by that much."""
+    net = tiny_dblm((1.0, 2.0))
+    y = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = net(y).estimates
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(y)
+    assert out.estimates.dtype == torch.float32
+    assert not torch.equal(out.estimates, out.estimates.to(torch.bfloat16).float())  # not bf16 in disguise
+    assert torch.allclose(out.estimates, reference, atol=0.05)

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from models.dblm import blur_levels
 from models.dsst import DSSTable, default_table
 from models.pipeline import RestorationPipeline
-from models.train import TrainConfig, load_config, lpips_network, lpips_term, train
+from models.train import FaceFolder, TrainConfig, load_config, lpips_network, lpips_term, train
 from tests.conftest import TESTDATA, WEIGHTS
 from worker.cli import main
 
@@ -331,3 +331,15 @@ def test_dsst_build_cli_refuses_bad_numbers_without_a_traceback(
 def test_dsst_build_cli_rejects_an_empty_folder(tmp_path: Path) -> None:
     assert main(["dsst", "build", "--faces", str(tmp_path), "--out", str(tmp_path / "t.json")]) == 2
     assert not (tmp_path / "t.json").exists()
+
+
+def test_a_grey_training_input_has_a_grey_target(faces: Path, tmp_path: Path) -> None:
+    """DifFace's gt_gray: a pair whose input was turned grey (gray_prob) gets a grey target, since the
+    colour of a grey input cannot be inferred; other pairs keep their colour target."""
+    folder = FaceFolder(tiny_config(tmp_path, faces).data)
+    colour_clean, _ = folder[0]
+    folder.ranges = dataclasses.replace(folder.ranges, gray_prob=1.0)
+    clean, degraded = folder[0]
+    for image in (clean, degraded):
+        assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    assert not torch.equal(colour_clean[0], colour_clean[1])
