@@ -11,7 +11,7 @@ formulation" §2 and §6):
   method.md makes it optional and the paper states no DBLM loss).
 - DGSA: `models.dgsa.dgsa_loss` — Gaussian NLL of a frozen trained DBLM's error at every level, with
   the inputs in exactly the convention `RestorationPipeline._guide` feeds it (estimate and R(y) in
-  [-1, 1], errors in [-1, 1] units), so the trained map means at inference what it meant in training.
+  [0, 1], errors in [0, 1] units), so the trained map means at inference what it meant in training.
 
 Around them: AdamW, an EMA of the weights (what is exported), autocast (CUDA; bf16 on CPU on request),
 checkpoint/resume (model, EMA, optimizer, grad scaler, step, RNG states), DDP under torchrun
@@ -314,16 +314,23 @@ class _DGSATask(_Task):
         self.net = DGSANet(config.dgsa_base_channels, config.dgsa_channel_mult)
         self.arch = trained.dgsa_arch(config.dgsa_base_channels, config.dgsa_channel_mult)
         self.sigmas = config.train_sigmas()
-        if len(self.dblm.sigmas) != len(self.sigmas):
-            raise ValueError(f"DBLM has {len(self.dblm.sigmas)} levels, the profile {len(self.sigmas)}")
+        # The targets are the profile's levels: a DBLM made for other levels has other errors to learn.
+        levels = config.net_profile().method.sigmas
+        if len(levels) != len(self.dblm.sigmas) or not all(
+            math.isclose(a, b, rel_tol=1e-6) for a, b in zip(self.dblm.sigmas, levels, strict=True)
+        ):
+            raise ValueError(
+                f"the DBLM's blur levels {self.dblm.sigmas} are not the profile's {tuple(levels)}"
+            )
 
     def to(self, device: torch.device) -> None:
         for m in (self.net, self.dblm, self.restorer):
             m.to(device)
 
     def loss_terms(self, net: nn.Module, clean: Tensor, degraded: Tensor) -> dict[str, Tensor]:
-        # The pipeline's conventions (RestorationPipeline._guide): DGSA sees the DBLM estimate and R(y)
-        # clamped to [0,1], and its log-variance is that of the estimate's error in [0,1]² units.
+        # The pipeline's conventions (RestorationPipeline._guide): DGSA sees R(y) clamped to [0,1] and the
+        # DBLM estimate as it is (not clamped), and its log-variance is that of the estimate's error in
+        # [0,1]² units.
         with torch.no_grad():
             restored = self.restorer(degraded).float().clamp(0, 1)
             estimates = self.dblm(degraded).estimates.float()

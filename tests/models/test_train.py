@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from stand_in_weights import stand_in_alexnet_hub
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from models.dblm import blur_levels
+from models import trained
+from models.dblm import DBLMConfig, DBLMNet, blur_levels
 from models.dsst import DSSTable, default_table
 from models.pipeline import RestorationPipeline
+from models.profiles import PROFILES
 from models.train import FaceFolder, TrainConfig, load_config, lpips_network, lpips_term, train
 from tests.conftest import TESTDATA, WEIGHTS
 from worker.cli import main
@@ -205,6 +207,15 @@ def test_resume_refuses_a_config_that_changes_the_run(
 def test_a_dgsa_config_without_a_dblm_is_refused(faces: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="dblm_weights"):
         train(tiny_config(tmp_path, faces, kind="dgsa"), progress=False)
+
+
+def test_a_dgsa_config_with_a_dblm_for_other_levels_is_refused(faces: Path, tmp_path: Path) -> None:
+    """DGSA learns the DBLM's error at the profile's levels: a DBLM made for others (same count) is
+    refused before training, naming both."""
+    config = DBLMConfig(backbone=PROFILES["tiny"].swinir, sigmas=(1.0, 2.0, 3.0))
+    path = trained.save(DBLMNet(config), "dblm", trained.dblm_arch(config), tmp_path / "dblm.safetensors")
+    with pytest.raises(ValueError, match=r"blur levels \(1\.0, 2\.0, 3\.0\) are not the profile's"):
+        train(tiny_config(tmp_path / "run", faces, kind="dgsa", dblm_weights=path), progress=False)
 
 
 def test_config_files_are_validated(tmp_path: Path) -> None:
