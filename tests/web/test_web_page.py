@@ -462,13 +462,14 @@ def test_polling_slows_down_while_queued_and_in_a_background_tab(service: str, p
     answers: list[dict[str, Any]] = []
     phase = {"status": "queued"}
 
-    def handle(route: Any) -> None:
-        n = len(answers) + 1
+    def answer(n: int) -> dict[str, Any]:
         # every answer differs, so the page shows when it has handled each one
         if phase["status"] == "queued":
-            job = _fake_job("queued", queue_position=20 - n)
-        else:
-            job = _fake_job("processing", stage="sample", progress={"step": n, "total": 100})
+            return _fake_job("queued", queue_position=20 - n)
+        return _fake_job("processing", stage="sample", progress={"step": n, "total": 100})
+
+    def handle(route: Any) -> None:
+        job = answer(len(answers) + 1)
         answers.append(job)
         route.fulfill(json=job)
 
@@ -484,8 +485,10 @@ def test_polling_slows_down_while_queued_and_in_a_background_tab(service: str, p
         assert _job_gets(page) == before, f"polled before {delay_ms} ms"
         page.clock.run_for(1)
         assert _job_gets(page) == before + 1, f"no poll at {delay_ms} ms"
-        page.wait_for_function("n => window.jobGets === n", arg=before + 1)
-        _wait_status_line(page, line(wait_for(lambda: len(answers) == before + 1 and answers[-1], 10)))
+        # Waited for in the page, not with a Python sleep: the sync API runs the route handler only
+        # while a Playwright call is waiting.
+        _wait_status_line(page, line(answer(before + 1)))
+        assert len(answers) == before + 1
 
     page.add_init_script(COUNT_JOB_GETS)
     page.route(lambda url: bool(JOB_URL.search(url)), handle)
