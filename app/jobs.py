@@ -9,7 +9,7 @@ Layout (``P`` = settings.key_prefix)::
     P:job:{id}            hash, every field JSON-encoded; TTL record_ttl, renewed at start and completion
     P:input:{id}          upload bytes; deleted when the job ends (TTL record_ttl as a safety net)
     P:result:{id}:{name}  result bytes (image | comparison | face:{k}); TTL result_ttl
-    P:idem:{sha256(key)}  {"job_id", "body_sha256"}; TTL record_ttl (the idempotency window)
+    P:idem:{sha256(key)}  {"job_id", "body_sha256", "claimed_at"}; TTL record_ttl (the idempotency window)
     P:rate:{key_id}:{min} request counter of one API key in one minute; TTL 60 s
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
@@ -87,14 +87,10 @@ return 0
 """
 )
 
-# A job's end: the transition, then (if applied) the results KEYS[3..] written with the status flip
-# (a client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else
-# ARGV[at + 3]), the input KEYS[2] dropped, the record's TTL restarted (ARGV[at + 2]) and message
-# ARGV[at + 1] published on channel ARGV[at] (wakes the API's `Prefer: wait` requests,
-# app/completions.py); one blob per result key follows. Returns the final record (flat HGETALL), or
-# false when the job had already moved on (then nothing is written, results included).
-# KEYS: idem key; ARGV: job id it must still be bound to, new binding, ttl. Returns the binding that
-# stands instead, or nil once rebound (also when the key had gone).
+# Idempotency keys, compare-and-set on the job id they are bound to. Rebind — KEYS: idem key; ARGV: job
+# id it must still be bound to, new binding, ttl; returns the binding that stands instead, or nil once
+# rebound (also when the key had gone). Release — KEYS: idem key; ARGV: job id; deletes the key only
+# while it is bound to that job (a retry may have taken it over meanwhile).
 _REBIND_IDEMPOTENCY = """
 local raw = redis.call('GET', KEYS[1])
 if raw and cjson.decode(raw)['job_id'] ~= ARGV[1] then
@@ -103,7 +99,20 @@ end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
 return false
 """
+_RELEASE_IDEMPOTENCY = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['job_id'] == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
+# A job's end: the transition, then (if applied) the results KEYS[3..] written with the status flip
+# (a client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else
+# ARGV[at + 3]), the input KEYS[2] dropped, the record's TTL restarted (ARGV[at + 2]) and message
+# ARGV[at + 1] published on channel ARGV[at] (wakes the API's `Prefer: wait` requests,
+# app/completions.py); one blob per result key follows. Returns the final record (flat HGETALL), or
+# false when the job had already moved on (then nothing is written, results included).
 _FINISH = (
     _PRELUDE
     + """
@@ -176,6 +185,11 @@ def _transition_args(allowed: Iterable[str], fields: dict[str, Any]) -> list[Any
     return [len(allowed), *(json.dumps(a) for a in allowed), len(pairs) // 2, *pairs]
 
 
+def _binding(job_id: str, body_sha256: str) -> str:
+    """An Idempotency-Key's value: its job, the request it was made for, and when it was claimed."""
+    return json.dumps({"job_id": job_id, "body_sha256": body_sha256, "claimed_at": time.time()})
+
+
 class JobStore:
     """Typed access to the keys above. One instance per process; the Redis client is thread-safe."""
 
@@ -190,6 +204,7 @@ class JobStore:
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
         self._rebind_idem = redis.register_script(_REBIND_IDEMPOTENCY)
+        self._release_idem = redis.register_script(_RELEASE_IDEMPOTENCY)
 
     # --- key names
     def key(self, *parts: str) -> str:
@@ -276,30 +291,29 @@ class JobStore:
         return self.redis.hget(self.key("job", job_id), "cancel_requested") == b"true"
 
     # --- idempotency
-    def claim_idempotency(self, key: str, job_id: str, body_sha256: str) -> dict[str, str] | None:
-        """Bind an Idempotency-Key to a job (SET NX); returns the earlier binding if there is one."""
+    def claim_idempotency(self, key: str, job_id: str, body_sha256: str) -> dict[str, Any] | None:
+        """Bind an Idempotency-Key to a job (SET NX); returns the earlier binding if there is one
+        (`job_id`, `body_sha256`, `claimed_at`)."""
         k = self._idem_key(key)
-        value = json.dumps({"job_id": job_id, "body_sha256": body_sha256})
-        if self.redis.set(k, value, nx=True, ex=self.settings.record_ttl_seconds):
+        if self.redis.set(k, _binding(job_id, body_sha256), nx=True, ex=self.settings.record_ttl_seconds):
             return None
         raw = self.redis.get(k)
         return json.loads(raw) if raw else None
 
     def rebind_idempotency(
         self, key: str, dead_job_id: str, job_id: str, body_sha256: str
-    ) -> dict[str, str] | None:
+    ) -> dict[str, Any] | None:
         """Take over a key still bound to ``dead_job_id``, a job that was never created (its submission
         failed after the claim), or no longer bound at all; returns the binding that stands instead
         when another request rebound it first."""
-        value = json.dumps({"job_id": job_id, "body_sha256": body_sha256})
-        raw = self._rebind_idem(
-            keys=[self._idem_key(key)], args=[dead_job_id, value, self.settings.record_ttl_seconds]
-        )
+        args = [dead_job_id, _binding(job_id, body_sha256), self.settings.record_ttl_seconds]
+        raw = self._rebind_idem(keys=[self._idem_key(key)], args=args)
         return json.loads(raw) if raw else None
 
-    def release_idempotency(self, key: str) -> None:
-        """Undo a claim when the submission failed before a job existed (so a retry can succeed)."""
-        self.redis.delete(self._idem_key(key))
+    def release_idempotency(self, key: str, job_id: str) -> None:
+        """Undo this submission's claim when it failed before its job existed (so a retry can succeed);
+        a key another request has taken over meanwhile is left alone."""
+        self._release_idem(keys=[self._idem_key(key)], args=[job_id])
 
     def _idem_key(self, key: str) -> str:
         """Keys are hashed: clients may send anything, and it must not become a Redis key verbatim."""

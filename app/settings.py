@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     def _whsec_is_base64(cls, value: SecretStr | None) -> SecretStr | None:
         """A ``whsec_`` secret is base64 after the prefix; refuse a broken one at start-up, since
         signing with it would fail only later, on a delivery thread."""
-        raw = value.get_secret_value() if value is not None else ""
+        raw = value.get_secret_value().strip() if value is not None else ""  # a secret file's newline
         if raw.startswith("whsec_"):
             try:
                 key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)

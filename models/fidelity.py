@@ -29,6 +29,8 @@ _Q = 0.6744897501960817
 _HALF_MEAN = 2.0 * math.sqrt(2.0 / math.pi) * (1.0 - math.exp(-(_Q**2) / 2.0))
 #: The mask needs a 3×3 neighbourhood.
 _MIN_SIDE = 3
+#: `box_noise_std` measures at most this many pixels a side, centred in the box.
+BOX_MAX_SIDE = 1024
 
 
 def robust_noise_std(images: Tensor) -> Tensor:
@@ -54,18 +56,29 @@ def robust_noise_std(images: Tensor) -> Tensor:
     mask = _MASK.to(device=x.device, dtype=torch.float64).view(1, 1, 3, 3)
     r = F.conv2d(x.reshape(n * c, 1, h, w), mask).reshape(n, -1)
     d = (r - r.median(dim=1, keepdim=True).values).abs()
-    smaller_half = d.sort(dim=1).values[:, : max(1, d.shape[1] // 2)]
-    return (smaller_half.mean(dim=1) / (_HALF_MEAN * _MASK_NORM)).cpu()
+    half = max(1, d.shape[1] // 2)
+    # The smaller half's sum without a full sort: everything below the half-th value, plus as many
+    # copies of that value as fill the half (ties at integer responses are common).
+    kth = d.kthvalue(half, dim=1, keepdim=True).values
+    below = d < kth
+    total = (d * below).sum(dim=1) + (half - below.sum(dim=1)) * kth.squeeze(1)
+    return (total / half / (_HALF_MEAN * _MASK_NORM)).cpu()
 
 
 def box_noise_std(rgb: np.ndarray, box: tuple[float, float, float, float]) -> float:
     """Noise std (8-bit) of a face's source pixels: the box (x0, y0, x1, y1) of a uint8 (H, W, 3)
-    photo, widened to whole pixels (and to 3×3 where the photo allows)."""
+    photo, widened to whole pixels (and to 3×3 where the photo allows), at most its central
+    `BOX_MAX_SIDE`² pixels (noise is stationary: ~3 M responses are plenty, and a close-up portrait's
+    box can be 4000² px). 0.0 for a photo too small to measure (under 3 px a side)."""
     h, w = rgb.shape[:2]
+    if min(h, w) < _MIN_SIDE:
+        return 0.0
     x0, y0 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
     x1, y1 = min(w, math.ceil(box[2])), min(h, math.ceil(box[3]))
     x0, y0 = max(0, min(x0, x1 - _MIN_SIDE)), max(0, min(y0, y1 - _MIN_SIDE))
     x1, y1 = min(w, max(x1, x0 + _MIN_SIDE)), min(h, max(y1, y0 + _MIN_SIDE))
+    dx, dy = max(0, (x1 - x0 - BOX_MAX_SIDE) // 2), max(0, (y1 - y0 - BOX_MAX_SIDE) // 2)
+    x0, x1, y0, y1 = x0 + dx, min(x1, x0 + dx + BOX_MAX_SIDE), y0 + dy, min(y1, y0 + dy + BOX_MAX_SIDE)
     return float(robust_noise_std(torch.from_numpy(np.ascontiguousarray(rgb[y0:y1, x0:x1])))[0])
 
 

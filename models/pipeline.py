@@ -205,7 +205,7 @@ class _Photo:
     crops: np.ndarray  # aligned faces (N, 512, 512, 3); N = 0 when none was found (passthrough)
     affines: np.ndarray
     found: face_ops.Detections
-    noise_std: list[float]  # per face, on its source pixels (auto fidelity)
+    noise_std: list[float] | None  # per face, on its source pixels (auto fidelity); None: unused
     seed: int
 
 
@@ -300,13 +300,8 @@ class RestorationPipeline:
         if str(name_or_path) not in PROFILES:
             weights_dir = Path(name_or_path)
         wdir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
-        prior = prior_weights(wdir) if profile.real else ()
         required = [
-            *(
-                n
-                for name in profile.required_weights
-                for n in (prior if name == "difface_prior" else (name,))
-            ),
+            *profile_weights(profile, wdir),
             *(background_config.weight_names if profile.real else ()),
         ]
         if download:
@@ -319,7 +314,7 @@ class RestorationPipeline:
         missing = weights.missing_for(required, wdir)
         if missing:
             raise weights.MissingWeightsError([m.name for m in missing], wdir)
-        unet, prior_file = _load_prior(wdir, prior, profile.unet)
+        unet, prior_file = _load_prior(wdir, prior_weights(wdir), profile.unet)
         (restorer_entry,) = weights.select(["difface_swinir"])
         restorer = swinir_from_checkpoint(wdir / restorer_entry.path, profile.swinir)
         versions = {"prior": prior_file, "restorer": restorer_entry.file_name}
@@ -400,7 +395,10 @@ class RestorationPipeline:
                     [_face_generator(p.seed, k, self.device) for p in batch for k in range(len(p.crops))],
                     mode=batch[0].options.mode,
                     fidelity=batch[0].options.fidelity,
-                    noise_std=[s for p in batch for s in p.noise_std],
+                    # A batch shares mode and fidelity, so its photos all have noise_std or none does.
+                    noise_std=None
+                    if any(p.noise_std is None for p in batch)
+                    else [s for p in batch for s in p.noise_std],
                     progress=report,
                     should_cancel=lambda: all(p.should_cancel() for p in batch),
                     timer=shared,
@@ -439,7 +437,8 @@ class RestorationPipeline:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUT_KINDS}")
         report("detect", 0, 0)
         with timer("detect"):
-            crops, affines, found, noise_std = self._detect_and_align(decoded.rgb, options, warnings)
+            crops, affines, found = self._detect_and_align(decoded.rgb, options, warnings)
+            noise_std = self._source_noise(decoded.rgb, found, options)
 
         if len(crops) == 0:
             if options.on_no_face == "fail":
@@ -529,10 +528,8 @@ class RestorationPipeline:
 
     def _detect_and_align(
         self, rgb: np.ndarray, options: RestoreOptions, warnings: list[str]
-    ) -> tuple[np.ndarray, np.ndarray, face_ops.Detections, list[float]]:
-        """Aligned crops (N, 512, 512, 3), their affines, the detections they came from, and each
-        face's noise std measured on its source pixels at native resolution (the input for `aligned`,
-        else the detected box): the crops are mostly enlarged, which smooths the noise away."""
+    ) -> tuple[np.ndarray, np.ndarray, face_ops.Detections]:
+        """Aligned crops (N, 512, 512, 3), their affines and the detections they came from."""
         if options.aligned:
             h, w = rgb.shape[:2]
             if h != w:
@@ -541,12 +538,7 @@ class RestorationPipeline:
             if h != FACE_SIZE:
                 warnings.append(f"The aligned face was {w}×{h}; it was resized to {FACE_SIZE}×{FACE_SIZE}.")
             whole = face_ops.DetectedFace((0.0, 0.0, float(w), float(h)), 1.0, np.empty((0, 2), np.float32))
-            return (
-                crop[None],
-                np.empty((1, 2, 3)),
-                face_ops.Detections([whole]),
-                [box_noise_std(rgb, whole.box)],
-            )
+            return crop[None], np.empty((1, 2, 3)), face_ops.Detections([whole])
         if options.max_faces is not None and options.max_faces < 1:
             raise ValueError("max_faces must be ≥ 1")
         cap = self.max_faces if options.max_faces is None else min(options.max_faces, self.max_faces)
@@ -558,7 +550,18 @@ class RestorationPipeline:
         )
         warnings += found.warnings
         crops, affines = face_ops.align(rgb, found.faces, FACE_SIZE)
-        return crops, affines, found, [box_noise_std(rgb, face.box) for face in found.faces]
+        return crops, affines, found
+
+    def _source_noise(
+        self, rgb: np.ndarray, found: face_ops.Detections, options: RestoreOptions
+    ) -> list[float] | None:
+        """Each face's noise std on its source pixels at native resolution (the input itself for
+        `aligned`, else the detected box), for auto fidelity with the fallback DGSA: the crops are mostly
+        enlarged, which smooths the noise away. None when nothing would use it (a given fidelity, the
+        baseline, a trained DGSA)."""
+        if options.fidelity is not None or options.mode != "dynfacerestore" or self.dgsa is not None:
+            return None
+        return [box_noise_std(rgb, face.box) for face in found.faces]
 
     def _detector(self, name: str) -> face_ops.FaceDetector:
         """Detectors are built once per name and kept, so jobs pay no load time.
@@ -861,6 +864,16 @@ def prior_weights(weights_dir: Path) -> tuple[str, ...]:
     if weights.missing_for(["difface_prior"], weights_dir) and not weights.missing_for(HF_PRIOR, weights_dir):
         return HF_PRIOR
     return ("difface_prior",)
+
+
+def profile_weights(profile: Profile, weights_dir: Path) -> list[str]:
+    """Manifest names of the files `profile` requires, with the prior in the format `prior_weights`
+    picks (the background model's file, a setting, comes on top)."""
+    return [
+        n
+        for name in profile.required_weights
+        for n in (prior_weights(weights_dir) if name == "difface_prior" else (name,))
+    ]
 
 
 def _load_prior(weights_dir: Path, names: tuple[str, ...], config: dict[str, Any]) -> tuple[IDDPMUNet, str]:

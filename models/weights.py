@@ -453,6 +453,8 @@ def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
         origin = json.loads(source.read_text()) if partial.is_file() else None
     except (OSError, ValueError):
         origin = None  # no record of where it came from: not safe to append to
+    if not isinstance(origin, dict):
+        origin = None
     stale = (
         origin is None
         or origin.get("url") != entry.url

@@ -155,9 +155,10 @@ class DynfaceWorker(SimpleWorker):
         Without it the record would stay `processing` until it expired."""
         try:
             tasks.fail_lost(self.store, self.settings, job.id, job.retries_left or 0)
-        except RedisError as e:
+        except Exception as e:  # RQ's own failure handling must run whatever happens here
             log.warning("job %s: could not record its failure: %s", job.id, e)
-        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        finally:
+            super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def claim_riders(self, key: tuple[Any, ...]) -> list[Job]:
         """Up to worker_batch_max_jobs − 1 waiting jobs whose `tasks.batch_key` is `key`, taken from
@@ -522,8 +523,10 @@ def _pull_command(names: list[str], root: Path) -> str:
 def _missing_weights(settings: Settings, error: BaseException | None = None) -> list[dict[str, str]]:
     """The weight files the worker's profile needs (its default detector included) and lacks:
     ``[{name, path, command}]``, as /readyz reports them."""
+    from models.pipeline import profile_weights
+
     profile, root = _profile_and_dir(settings)
-    needed = list(dict.fromkeys([*profile.required_weights, profile.detector]))
+    needed = list(dict.fromkeys([*profile_weights(profile, root), profile.detector]))
     found = {m.name: m.path for m in weights.missing_for(needed, root)}
     # `pull` also rejects files of the right size whose sha256 is wrong, which the size-only probe
     # above cannot see; the error names them.

@@ -51,6 +51,10 @@ _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[^,;]*)*;base64,", re.ASCI
 #: RFC 7240 `wait` preference: bare, or with a token or quoted-string value (`wait=10`, `wait="10"`).
 _WAIT = re.compile(r'(?:^|[,;\s])wait(?:\s*=\s*(?:"([0-9]+)"|([0-9]+)))?(?=$|[,;\s])', re.IGNORECASE)
 _ERR: dict[str, Any] = {"model": ErrorResponse, "description": "Error (see `error.code`)."}
+#: Age after which an Idempotency-Key bound to a job that does not exist is taken over by a retry:
+#: longer than any submission takes between claiming the key and storing its job (image check,
+#: webhook DNS, Redis round trips with their timeouts), so the claimer is known to have failed.
+IDEMPOTENCY_TAKEOVER_SECONDS = 60.0
 #: Longest pause between re-reads of a record that a `Prefer: wait` request waits on.
 _MAX_POLL_SECONDS = 1.0
 _RETRY_AFTER = {
@@ -73,7 +77,9 @@ _PARAMETERS = [
         "schema": {"type": "string"},
         "description": "The same key and body within the idempotency window (DYNFACE_RECORD_TTL_SECONDS "
         "from the first submission) return the same job (header "
-        "`Idempotent-Replayed: true`); the same key with another body is a 409 `idempotency_conflict`.",
+        "`Idempotent-Replayed: true`); the same key with another body is a 409 `idempotency_conflict`; a "
+        "retry while the first request is still storing its job is a 409 `idempotency_in_progress` "
+        "(`Retry-After`).",
     },
 ]
 
@@ -421,6 +427,15 @@ def _submit(
             record = _bound_record(store, earlier["job_id"])
             if record is not None:
                 return record, True
+            if time.time() - earlier.get("claimed_at", 0.0) < IDEMPOTENCY_TAKEOVER_SECONDS:
+                # The request that claimed the key may still be creating its job: taking the key
+                # over now could make a second one.
+                raise ApiError(
+                    409,
+                    "idempotency_in_progress",
+                    "A request with this Idempotency-Key is still being processed; retry shortly.",
+                    {"Retry-After": "5"},
+                )
             # The submission that claimed the key never created its job (it failed, perhaps with
             # the outcome unknown to its client): this retry takes the key over.
             earlier = store.rebind_idempotency(f"{owner}:{idem}", earlier["job_id"], job_id, body_hash)
@@ -449,7 +464,7 @@ def _submit(
         # (a Redis timeout, say) the job may exist: the key stays bound, and a retry either finds
         # the job or, when there is none, takes the key over (above).
         if idem is not None:
-            store.release_idempotency(f"{owner}:{idem}")
+            store.release_idempotency(f"{owner}:{idem}", job_id)
         raise
     metrics.JOBS_SUBMITTED.inc()
     metrics.UPLOAD_BYTES.observe(len(data))

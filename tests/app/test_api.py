@@ -259,7 +259,8 @@ def test_idempotent_retry_after_an_unknown_outcome(
     client: TestClient, redis_conn, settings, monkeypatch: pytest.MonkeyPatch, job_was_created: bool
 ) -> None:
     """A Redis timeout while the job is stored leaves its outcome unknown (503): the client's retry
-    with the same key gets the job if it was stored, else a new one — never two jobs, never a 409."""
+    with the same key gets the job if it was stored; else, once the claim is older than any submission
+    takes (before that: 409 idempotency_in_progress), a new one — never two jobs."""
     store_type = type(client.app.state.services.store)
     create = store_type.create
 
@@ -273,11 +274,46 @@ def test_idempotent_retry_after_an_unknown_outcome(
     h = {"Idempotency-Key": "order-unknown"}
     first = submit(client, headers=h)
     assert first.status_code == 503 and error_code(first) == "redis_unavailable", first.text
+    if not job_was_created:
+        early = submit(client, headers=h)
+        assert early.status_code == 409 and error_code(early) == "idempotency_in_progress", early.text
+        assert early.headers["retry-after"]
+        monkeypatch.setattr(restorations, "IDEMPOTENCY_TAKEOVER_SECONDS", 0.0)  # the claim is now old
     retry = submit(client, headers=h)
     assert retry.status_code == 202, retry.text
     assert (retry.headers.get("idempotent-replayed") == "true") == job_was_created
     assert redis_conn.llen(f"rq:queue:{settings.queue_name}") == 1
     assert submit(client, headers=h).json()["id"] == retry.json()["id"]  # and the key now holds it
+
+
+def test_a_retry_while_the_first_request_still_stores_its_job_makes_no_second_job(
+    client: TestClient, redis_conn, settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request has claimed the key but is slow to store its job (a Redis failover, say): a
+    retry meanwhile is told to come back (409 idempotency_in_progress) instead of taking the key over;
+    the first then finishes, and the key replays its job."""
+    store_type = type(client.app.state.services.store)
+    create = store_type.create
+    release = threading.Event()
+
+    def slow_create(self, *args: Any, **kwargs: Any) -> None:
+        assert release.wait(30)
+        create(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_type, "create", slow_create)
+    h = {"Idempotency-Key": "order-slow"}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(submit, client, headers=h)
+        wait_for(lambda: redis_conn.keys(f"{settings.key_prefix}:idem:*"), 10, what="the key claimed")
+        retry = submit(client, headers=h)
+        release.set()
+        assert retry.status_code == 409 and error_code(retry) == "idempotency_in_progress", retry.text
+        assert first.result(30).status_code == 202
+    assert redis_conn.llen(f"rq:queue:{settings.queue_name}") == 1
+    replay = submit(client, headers=h)
+    assert (
+        replay.json()["id"] == first.result().json()["id"] and replay.headers["idempotent-replayed"] == "true"
+    )
 
 
 def canceled_total(client: TestClient) -> float:

@@ -138,3 +138,15 @@ def test_prefer_wait_answers_without_the_completion_listener(settings: Settings)
         canceller.join()
         assert r.status_code == 200, r.text
         assert r.json()["id"] == submitted[0] and r.json()["status"] == "canceled"
+
+
+def test_idempotency_release_leaves_a_key_taken_over_by_another_request(settings: Settings) -> None:
+    """A submission releases its claim only while the key is still bound to its own job: a retry that
+    took the key over keeps it."""
+    store = JobStore(connect(settings), settings)
+    assert store.claim_idempotency("owner:k", "job-a", "hash") is None
+    assert store.rebind_idempotency("owner:k", "job-a", "job-b", "hash") is None
+    store.release_idempotency("owner:k", "job-a")  # A failed late: must not drop B's binding
+    assert store.claim_idempotency("owner:k", "job-c", "hash")["job_id"] == "job-b"
+    store.release_idempotency("owner:k", "job-b")
+    assert store.claim_idempotency("owner:k", "job-c", "hash") is None

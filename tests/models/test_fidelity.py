@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from models.dsst import default_table
-from models.fidelity import auto_eta, box_noise_std, robust_noise_std
+from models.faces import DetectedFace, Detections
+from models.fidelity import BOX_MAX_SIDE, auto_eta, box_noise_std, robust_noise_std
 from models.images import decode_image
 from models.pipeline import RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
@@ -110,6 +111,16 @@ def test_box_noise_std_reads_whole_pixels_of_the_box() -> None:
     assert box_noise_std(rgb, (10.4, 5.2, 19.6, 14.9)) == pytest.approx(inside)
     assert box_noise_std(rgb, (-5.0, -5.0, 8.0, 4.0)) == 0.0  # clipped to the flat corner
     assert box_noise_std(rgb, (29.5, 19.5, 30.0, 20.0)) == 0.0  # grown to 3×3 inside the photo
+    assert box_noise_std(rgb[:2, :2], (0.0, 0.0, 2.0, 2.0)) == 0.0  # too small to measure: no error
+
+
+def test_box_noise_std_measures_a_large_box_on_its_centre() -> None:
+    """A close-up portrait's box can be 4000² px: only its central BOX_MAX_SIDE² pixels are read."""
+    side = BOX_MAX_SIDE + 200
+    rgb = np.zeros((side, side, 3), np.uint8)
+    rgb[100:-100, 100:-100] = np.random.default_rng(0).integers(0, 256, (BOX_MAX_SIDE, BOX_MAX_SIDE, 3))
+    centre = float(robust_noise_std(torch.from_numpy(rgb[100:-100, 100:-100]))[0])
+    assert box_noise_std(rgb, (0.0, 0.0, float(side), float(side))) == pytest.approx(centre)
 
 
 def _noisy(rgb: np.ndarray, std_8bit: float, seed: int) -> np.ndarray:
@@ -125,7 +136,10 @@ def test_an_enlarged_aligned_input_is_measured_at_its_own_size() -> None:
     small = np.asarray(Image.fromarray(_face("0143.png")).resize((128, 128), Image.Resampling.LANCZOS))
     for k, std_8bit in enumerate((0.0, 5.0, 15.0, 25.0)):
         noisy = _noisy(small, std_8bit, seed=k)
-        crops, _, _, noise = pipe._detect_and_align(noisy, RestoreOptions(aligned=True), [])
+        options = RestoreOptions(aligned=True)
+        crops, _, found = pipe._detect_and_align(noisy, options, [])
+        noise = pipe._source_noise(noisy, found, options)
+        assert noise is not None
         if std_8bit == 0:
             assert noise[0] < 0.5
         else:
@@ -140,10 +154,17 @@ def test_small_faces_of_a_photo_are_measured_on_their_own_pixels() -> None:
     JPEG artefacts and grain, under 3)."""
     pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
     photo = decode_image((PHOTOS / "00.jpg").read_bytes(), max_pixels=10_000_000).rgb
-    *_, clean = pipe._detect_and_align(photo, RestoreOptions(), [])
+
+    def noise_of(rgb: np.ndarray) -> list[float]:
+        *_, found = pipe._detect_and_align(rgb, RestoreOptions(), [])
+        noise = pipe._source_noise(rgb, found, RestoreOptions())
+        assert noise is not None
+        return noise
+
+    clean = noise_of(photo)
     assert len(clean) == 4 and max(clean) < 3.0
     for k, std_8bit in enumerate((5.0, 15.0, 25.0)):
-        *_, noise = pipe._detect_and_align(_noisy(photo, std_8bit, seed=k), RestoreOptions(), [])
+        noise = noise_of(_noisy(photo, std_8bit, seed=k))
         assert len(noise) == 4
         for measured, own in zip(noise, clean, strict=True):
             assert 0.9 * std_8bit <= measured <= 1.1 * std_8bit + own
@@ -169,6 +190,16 @@ def test_restore_photo_auto_eta_follows_the_photos_noise() -> None:
     assert etas(_noisy(small, 5.0, seed=0), aligned=True) == [pytest.approx(0.5, abs=0.03)]
     assert etas(small, aligned=True) == [pytest.approx(0.0, abs=0.05)]
     assert etas(_noisy(small, 5.0, seed=0), aligned=True, fidelity=0.2) == [0.2]
+
+
+def test_source_noise_is_measured_only_where_auto_fidelity_uses_it() -> None:
+    """A given fidelity or the baseline (which never reads it) skip the measurement."""
+    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    found = Detections([DetectedFace((0.0, 0.0, 64.0, 64.0), 1.0, np.empty((0, 2), np.float32))])
+    assert pipe._source_noise(rgb, found, RestoreOptions()) is not None
+    assert pipe._source_noise(rgb, found, RestoreOptions(fidelity=0.3)) is None
+    assert pipe._source_noise(rgb, found, RestoreOptions(mode="difface")) is None
 
 
 def test_robust_noise_std_layouts_and_batches_agree() -> None:

@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +37,7 @@ from app import security
 from app.main import create_app
 from app.security import check_webhook_url
 from app.settings import Settings
-from app.webhooks import deliver, deliver_in_background
+from app.webhooks import deliver, deliver_in_background, sign, verify
 
 KEYS = ("key-alpha-0001", "key-bravo-0002", "key-charlie-03")
 
@@ -356,6 +357,15 @@ def test_webhook_redirects_are_not_followed(make_settings: Callable[..., Setting
     assert len(at_hook) == 3 and elsewhere == []  # first attempt + the two configured retries
 
 
+def _signed_headers(secret: str) -> dict[str, str]:
+    ts = int(time.time())
+    return {
+        "webhook-id": "msg",
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(secret, "msg", ts, b"{}"),
+    }
+
+
 def test_malformed_webhook_secret_is_refused_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """``whsec_`` must be followed by base64 (signing would otherwise fail on every delivery): the
     settings refuse it naming the variable, without echoing the secret."""
@@ -365,9 +375,11 @@ def test_malformed_webhook_secret_is_refused_at_start_up(monkeypatch: pytest.Mon
             Settings()
         tail = bad.removeprefix("whsec_")
         assert not tail or tail not in str(e.value)
-    for good in ("whsec_dGVzdA==", "any string!"):
+    # A secret read from a file (a Kubernetes secret made --from-file) ends with a newline.
+    for good in ("whsec_dGVzdA==", "whsec_dGVzdA==\n", "any string!"):
         monkeypatch.setenv("DYNFACE_WEBHOOK_SECRET", good)
         assert Settings().webhook_secret == SecretStr(good)
+    assert verify("whsec_dGVzdA==", _signed_headers("whsec_dGVzdA==\n"), b"{}")
 
 
 def test_webhook_delivery_error_is_logged(

@@ -298,3 +298,42 @@ def test_a_batch_interrupted_past_restore_leaves_no_job_processing(
             assert record["status"] == "failed" and record["error"]["code"] == "worker_lost", record
     assert sorted(queue.job_ids) == (sorted([first, rider]) if max_retries else [])
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
+def test_rq_ends_the_job_even_when_recording_its_failure_fails(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mirroring the failure into our record must never stop RQ's own failure handling: with
+    `fail_lost` raising, RQ still re-queues the job (here: retries left) and frees its execution."""
+    settings = make_settings()
+    with TestClient(create_app(settings)) as c:
+        job_id = submit(c, aligned_png(), aligned="true")
+    rq_redis = connect(settings)
+    store = JobStore(connect(settings), settings)
+    queue = make_queue(rq_redis, settings)
+    worker = DynfaceWorker(
+        [queue],
+        name=f"{settings.queue_name}-w",
+        connection=rq_redis,
+        serializer=JSONSerializer,
+        settings=settings,
+        store=store,
+    )
+    runtime = tasks.Runtime(
+        pipe=_ForcedStop(),  # type: ignore[arg-type]
+        store=store,
+        settings=settings,
+        worker_name=worker.name,
+        device="cpu",
+    )
+    monkeypatch.setattr(tasks, "_runtime", runtime)
+
+    def broken(*args: Any) -> None:
+        raise ValueError("an odd record")
+
+    monkeypatch.setattr(tasks, "fail_lost", broken)
+    dequeued = Queue.dequeue_any([queue], None, connection=rq_redis, serializer=JSONSerializer)
+    assert dequeued is not None
+    worker.execute_job(*dequeued)
+    assert queue.job_ids == [job_id]
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
