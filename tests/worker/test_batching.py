@@ -201,16 +201,9 @@ def test_worker_killed_mid_batch_without_retries_fails_every_job_with_a_reason(
             assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
 
 
-def test_a_rider_the_batch_never_started_goes_back_to_the_queue(
-    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The batch ends between claiming a rider and starting it (here an error right after the
-    claim, as a Redis failure or the time limit could cause): the dequeued job fails with a reason,
-    and the rider is neither lost nor started but back at the head of the queue. Real RQ worker code,
-    in this process (the pipeline is never reached)."""
-    settings = make_settings(worker_batch_max_jobs=2, worker_batch_wait_seconds=0)
-    with TestClient(create_app(settings)) as c:
-        first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
+def in_process_worker(settings: Settings) -> tuple[JobStore, Queue, DynfaceWorker]:
+    """Real RQ worker code in this process, on the test's queue (the pipeline is whatever the test
+    binds as `tasks._runtime`)."""
     rq_redis = connect(settings)
     store = JobStore(connect(settings), settings)
     queue = make_queue(rq_redis, settings)
@@ -222,6 +215,28 @@ def test_a_rider_the_batch_never_started_goes_back_to_the_queue(
         settings=settings,
         store=store,
     )
+    return store, queue, worker
+
+
+def run_next_job(worker: DynfaceWorker, queue: Queue) -> str:
+    """Dequeue the next job as RQ's loop does and run it; its id."""
+    dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
+    assert dequeued is not None
+    worker.execute_job(*dequeued)
+    return dequeued[0].id
+
+
+def test_a_rider_the_batch_never_started_goes_back_to_the_queue(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch ends between claiming a rider and starting it (here an error right after the
+    claim, as a Redis failure or the time limit could cause): the dequeued job fails with a reason,
+    and the rider is neither lost nor started but back at the head of the queue. Real RQ worker code,
+    in this process (the pipeline is never reached)."""
+    settings = make_settings(worker_batch_max_jobs=2, worker_batch_wait_seconds=0)
+    with TestClient(create_app(settings)) as c:
+        first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
+    store, queue, worker = in_process_worker(settings)
 
     def claim_then_fail(key: tuple[Any, ...]) -> list[Job]:
         assert [j.id for j in worker.claim_riders(key)] == [rider]
@@ -236,14 +251,12 @@ def test_a_rider_the_batch_never_started_goes_back_to_the_queue(
         claim_riders=claim_then_fail,
     )
     monkeypatch.setattr(tasks, "_runtime", runtime)
-    dequeued = Queue.dequeue_any([queue], None, connection=rq_redis, serializer=JSONSerializer)
-    assert dequeued is not None and dequeued[0].id == first
-    worker.execute_job(*dequeued)
+    assert run_next_job(worker, queue) == first
 
     assert store.get(first)["status"] == "failed" and store.get(first)["error"]["code"] == "internal"
     assert store.get(rider)["status"] == "queued" and store.get(rider)["attempts"] == 0
     assert queue.job_ids == [rider]
-    assert Job.fetch(rider, rq_redis, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+    assert Job.fetch(rider, queue.connection, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
 
 
@@ -265,17 +278,7 @@ def test_a_batch_interrupted_past_restore_leaves_no_job_processing(
     settings = make_settings(worker_batch_max_jobs=2, worker_batch_wait_seconds=0, max_retries=max_retries)
     with TestClient(create_app(settings)) as c:
         first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
-    rq_redis = connect(settings)
-    store = JobStore(connect(settings), settings)
-    queue = make_queue(rq_redis, settings)
-    worker = DynfaceWorker(
-        [queue],
-        name=f"{settings.queue_name}-w",  # inside the test's namespace, so it is purged with it
-        connection=rq_redis,
-        serializer=JSONSerializer,
-        settings=settings,
-        store=store,
-    )
+    store, queue, worker = in_process_worker(settings)
     runtime = tasks.Runtime(
         pipe=_ForcedStop(),  # type: ignore[arg-type]
         store=store,
@@ -285,9 +288,7 @@ def test_a_batch_interrupted_past_restore_leaves_no_job_processing(
         claim_riders=worker.claim_riders,
     )
     monkeypatch.setattr(tasks, "_runtime", runtime)
-    dequeued = Queue.dequeue_any([queue], None, connection=rq_redis, serializer=JSONSerializer)
-    assert dequeued is not None and dequeued[0].id == first
-    worker.execute_job(*dequeued)
+    assert run_next_job(worker, queue) == first
 
     for job_id in (first, rider):
         record = store.get(job_id)
@@ -308,17 +309,7 @@ def test_rq_ends_the_job_even_when_recording_its_failure_fails(
     settings = make_settings()
     with TestClient(create_app(settings)) as c:
         job_id = submit(c, aligned_png(), aligned="true")
-    rq_redis = connect(settings)
-    store = JobStore(connect(settings), settings)
-    queue = make_queue(rq_redis, settings)
-    worker = DynfaceWorker(
-        [queue],
-        name=f"{settings.queue_name}-w",
-        connection=rq_redis,
-        serializer=JSONSerializer,
-        settings=settings,
-        store=store,
-    )
+    store, queue, worker = in_process_worker(settings)
     runtime = tasks.Runtime(
         pipe=_ForcedStop(),  # type: ignore[arg-type]
         store=store,
@@ -332,8 +323,6 @@ def test_rq_ends_the_job_even_when_recording_its_failure_fails(
         raise ValueError("an odd record")
 
     monkeypatch.setattr(tasks, "fail_lost", broken)
-    dequeued = Queue.dequeue_any([queue], None, connection=rq_redis, serializer=JSONSerializer)
-    assert dequeued is not None
-    worker.execute_job(*dequeued)
+    assert run_next_job(worker, queue) == job_id
     assert queue.job_ids == [job_id]
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
