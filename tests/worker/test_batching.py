@@ -218,6 +218,25 @@ def in_process_worker(settings: Settings) -> tuple[JobStore, Queue, DynfaceWorke
     return store, queue, worker
 
 
+def bind_runtime(
+    monkeypatch: pytest.MonkeyPatch,
+    worker: DynfaceWorker,
+    pipe: Any,
+    claim_riders: Callable[[tuple[Any, ...]], list[Job]] | None = None,
+) -> None:
+    """What worker.main binds at start-up, for `worker`, with `pipe` standing in for the pipeline
+    and the worker's own rider claims unless `claim_riders` replaces them."""
+    runtime = tasks.Runtime(
+        pipe=pipe,
+        store=worker.store,
+        settings=worker.settings,
+        worker_name=worker.name,
+        device="cpu",
+        claim_riders=claim_riders or worker.claim_riders,
+    )
+    monkeypatch.setattr(tasks, "_runtime", runtime)
+
+
 def run_next_job(worker: DynfaceWorker, queue: Queue) -> str:
     """Dequeue the next job as RQ's loop does and run it; its id."""
     dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
@@ -242,15 +261,7 @@ def test_a_rider_the_batch_never_started_goes_back_to_the_queue(
         assert [j.id for j in worker.claim_riders(key)] == [rider]
         raise RuntimeError("connection lost")
 
-    runtime = tasks.Runtime(
-        pipe=None,  # type: ignore[arg-type]  # never reached
-        store=store,
-        settings=settings,
-        worker_name=worker.name,
-        device="cpu",
-        claim_riders=claim_then_fail,
-    )
-    monkeypatch.setattr(tasks, "_runtime", runtime)
+    bind_runtime(monkeypatch, worker, None, claim_then_fail)  # the pipeline is never reached
     assert run_next_job(worker, queue) == first
 
     assert store.get(first)["status"] == "failed" and store.get(first)["error"]["code"] == "internal"
@@ -279,15 +290,7 @@ def test_a_batch_interrupted_past_restore_leaves_no_job_processing(
     with TestClient(create_app(settings)) as c:
         first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
     store, queue, worker = in_process_worker(settings)
-    runtime = tasks.Runtime(
-        pipe=_ForcedStop(),  # type: ignore[arg-type]
-        store=store,
-        settings=settings,
-        worker_name=worker.name,
-        device="cpu",
-        claim_riders=worker.claim_riders,
-    )
-    monkeypatch.setattr(tasks, "_runtime", runtime)
+    bind_runtime(monkeypatch, worker, _ForcedStop())
     assert run_next_job(worker, queue) == first
 
     for job_id in (first, rider):
@@ -309,15 +312,8 @@ def test_rq_ends_the_job_even_when_recording_its_failure_fails(
     settings = make_settings()
     with TestClient(create_app(settings)) as c:
         job_id = submit(c, aligned_png(), aligned="true")
-    store, queue, worker = in_process_worker(settings)
-    runtime = tasks.Runtime(
-        pipe=_ForcedStop(),  # type: ignore[arg-type]
-        store=store,
-        settings=settings,
-        worker_name=worker.name,
-        device="cpu",
-    )
-    monkeypatch.setattr(tasks, "_runtime", runtime)
+    _, queue, worker = in_process_worker(settings)
+    bind_runtime(monkeypatch, worker, _ForcedStop())
 
     def broken(*args: Any) -> None:
         raise ValueError("an odd record")
