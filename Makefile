@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 .PHONY: serve test lint system-tools
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "dynface needs Python >= 3.11 ($(PYTHON) is missing or older): run make PYTHON=python3.11 (or newer)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 

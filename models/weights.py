@@ -515,15 +515,21 @@ def _pull_hub(entry: WeightFile, root: Path) -> None:
 
 
 def service_weights() -> list[str]:
-    """What a worker on the real profile uses: its required and optional files and the configured
-    background model's ($DYNFACE_BACKGROUND_MODEL). The default set of `weights pull` and `verify`;
-    the Hub copy of the prior (another format of the same network) and an unconfigured background
-    model are fetched only when named or with `--all`."""
+    """What a worker on the configured profile ($DYNFACE_PROFILE, default real; a path is a real
+    weights dir) uses: its required and optional files, its detector and the configured background
+    model's ($DYNFACE_BACKGROUND_MODEL). The default set of `weights pull` and `verify` — for the
+    tiny profile only its small detector; the Hub copy of the prior (another format of the same
+    network) and an unconfigured background model are fetched only when named or with `--all`."""
     from models.background import BackgroundConfig  # torch: only this command needs it
     from models.profiles import PROFILES
 
-    real = PROFILES["real"]
-    names = [*real.required_weights, *real.optional_weights, *BackgroundConfig.from_env().weight_names]
+    profile = PROFILES.get(os.environ.get("DYNFACE_PROFILE") or "real", PROFILES["real"])
+    names = [
+        *profile.required_weights,
+        profile.detector,
+        *profile.optional_weights,
+        *BackgroundConfig.from_env().weight_names,
+    ]
     return list(dict.fromkeys(names))
 
 

@@ -475,8 +475,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_pulls_the_service_files_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Plain `pull`/`verify` cover what a real-profile worker uses (with the configured background
-    model); the Hub copy of the prior and unconfigured background models need --only or --all."""
+    """Plain `pull`/`verify` cover what the configured profile's worker uses (with the configured
+    background model); the Hub copy of the prior and unconfigured background models need --only or
+    --all. The tiny profile's worker needs only its small detector (a tiny demo pulls 1.8 MB)."""
 
     def missing_named(argv: list[str]) -> set[str]:
         assert _cli(argv) == 1
@@ -485,8 +486,13 @@ def test_cli_pulls_the_service_files_by_default(
 
     pull = ["weights", "--dir", str(tmp_path), "pull", "--offline"]
     monkeypatch.delenv("DYNFACE_BACKGROUND_MODEL", raising=False)
+    monkeypatch.setenv("DYNFACE_PROFILE", "tiny")
+    assert missing_named(pull) == {"retinaface_mobile0.25"}
+    monkeypatch.setenv("DYNFACE_PROFILE", str(tmp_path))  # a path profile is a real weights dir
+    real = missing_named(pull)
+    monkeypatch.delenv("DYNFACE_PROFILE")
     service = {"difface_prior", "difface_swinir", "retinaface_resnet50", "parsenet", "retinaface_mobile0.25"}
-    assert missing_named(pull) == service
+    assert missing_named(pull) == service == real
     monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "realesrgan_x2plus")
     assert missing_named(pull) == service | {"realesrgan_x2plus"}
     assert missing_named([*pull, "--all"]) == {e.name for e in MANIFEST}

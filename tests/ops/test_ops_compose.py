@@ -167,6 +167,9 @@ def test_weights_are_pulled_and_verified_by_an_init_step(resolved: dict[str, dic
     assert "dynface weights pull" in script and "dynface weights verify" in script
     assert init["restart"] == "no"
     assert any(v["target"] == "/weights" and not v.get("read_only") for v in init["volumes"])
+    # it pulls the files of the workers' profile (tiny: just its detector)
+    worker = resolved["gpu"]["services"]["worker"]
+    assert init["environment"]["DYNFACE_PROFILE"] == worker["environment"]["DYNFACE_PROFILE"]
 
 
 def test_healthchecks(resolved: dict[str, dict[str, Any]]) -> None:

@@ -107,6 +107,8 @@ def test_weights_job_pulls_then_verifies_into_the_shared_claim() -> None:
     job = one("weights.yaml", "Job")["spec"]["template"]["spec"]
     script = " ".join(job["containers"][0]["command"])
     assert "dynface weights pull" in script and "dynface weights verify" in script
+    # the Job reads the workers' ConfigMap, so it pulls the files their `verify` init container checks
+    assert job["containers"][0]["envFrom"] == [{"configMapRef": {"name": "dynface-config"}}]
     claim = one("weights.yaml", "PersistentVolumeClaim")["metadata"]["name"]
     assert job["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
     worker = one("worker.yaml", "Deployment")["spec"]["template"]["spec"]
@@ -121,3 +123,18 @@ def test_api_probes_use_healthz() -> None:
     assert build_parser().parse_args(c["command"][1:]).workers == 0, c["command"]
     svc = one("api.yaml", "Service")
     assert svc["spec"]["selector"] == one("api.yaml", "Deployment")["spec"]["selector"]["matchLabels"]
+
+
+def test_pod_monitor_labels_targets_like_the_compose_prometheus() -> None:
+    """The alert rules (`up{job=~"dynface-api|dynface-worker"}`) and the dashboard select on the job
+    names of docker/prometheus/prometheus.yml; the operator's default job and per-pod labels would
+    leave the target-down alert silent and count the API's gauges once per pod."""
+    prometheus = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {c["job_name"] for c in prometheus["scrape_configs"]}
+    ports = {"http": "dynface-api", "metrics": "dynface-worker"}
+    for endpoint in one("monitoring.yaml", "PodMonitor")["spec"]["podMetricsEndpoints"]:
+        rules = endpoint["relabelings"]
+        assert {"targetLabel": "job", "replacement": ports[endpoint["port"]]} in rules
+        assert ports[endpoint["port"]] in jobs
+        dropped = [r["regex"] for r in rules if r.get("action") == "labeldrop"]
+        assert dropped and all(label in dropped[0].split("|") for label in ("pod", "container"))
