@@ -51,8 +51,8 @@ def machine() -> str:
     except ImportError:
         torch_v = "torch not imported"
     return (
-        f"`{uname}`; CPU: {cpu_model()} × {os.cpu_count()} logical (shared with other users; "
-        f"load average at start {load}); Python {platform.python_version()}, {torch_v}; "
+        f"`{uname}`; CPU: {cpu_model()} × {os.cpu_count()} logical (load average at start {load}); "
+        f"Python {platform.python_version()}, {torch_v}; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
     )
 

@@ -1,7 +1,8 @@
 """API submission throughput and memory per in-flight upload (issue 8, item 5).
 
 What is measured: how many `POST /v1/restorations` submissions per second the API accepts for a
-~200 KB JPEG, and how much API process memory one upload costs while its body is still arriving.
+~200 KB JPEG, and how much API process memory one upload costs while its body is still arriving
+(before the API has it all, so before the decode check: not the upload's peak cost).
 
 How: a real `uvicorn app.main:app_from_env --factory --workers N` subprocess (N = 1 and 2 by default)
 on a free loopback port, with its own DYNFACE_KEY_PREFIX / DYNFACE_QUEUE_NAME namespace on the Redis at
@@ -17,8 +18,8 @@ searched for a file of about 200 KB; its exact size and dimensions are reported.
 - throughput: asyncio httpx clients in this process (32 by default) post the same pre-built multipart
   body back to back until a fixed number of submissions is done (after an untimed warm-up). Reported:
   submissions/s over the timed phase, p50/p95 latency of one submission (request start to response
-  read), and the count of every status code (202 expected; anything else is listed, with transport
-  errors, never dropped).
+  read), the count of every status code (202 expected; anything else is listed, with transport
+  errors, never dropped), and the peak API RSS during the timed phase (sampled every 0.1 s).
 - memory: API RSS (psutil; summed over the uvicorn process and all its children, so the supervisor of
   `--workers 2` is in both readings) at idle vs while C uploads are in flight (C = 1, 16, 64 by
   default). Each level runs on a fresh server (same command, new namespace) after 8 sequential
@@ -46,9 +47,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import redis
@@ -72,6 +74,8 @@ TARGET_BYTES = 200_000
 CHUNK = 16 * 1024
 HOLD_TAIL = 4 * 1024
 MEMORY_WARMUP = 8
+LOGGED_FAILURES = 50  # non-202 answers and transport errors printed per phase; all are counted
+PEAK_EVERY = 0.1  # seconds between RSS samples for the throughput phase's peak
 
 
 @dataclass
@@ -167,6 +171,29 @@ async def sample_rss(pid: int, n: int = 7, every: float = 0.15) -> int:
     return int(statistics.median(values))
 
 
+T = TypeVar("T")
+
+
+async def with_peak_rss(work: Awaitable[T], pid: int, every: float = PEAK_EVERY) -> tuple[T, int]:
+    """`work`'s result and the largest RSS of pid's tree sampled while it ran."""
+    peak = tree_rss(pid)
+
+    async def sampler() -> None:
+        nonlocal peak
+        while True:
+            await asyncio.sleep(every)
+            peak = max(peak, tree_rss(pid))
+
+    task = asyncio.create_task(sampler())
+    try:
+        result = await work
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return result, peak
+
+
 @dataclass
 class Throughput:
     submissions: int
@@ -186,14 +213,16 @@ async def throughput(base: str, body: bytes, ctype: str, clients: int, total: in
         async def client() -> None:
             for _ in counter:
                 t0 = time.perf_counter()
+                logged = sum(v for k, v in result.statuses.items() if k != "202")
                 try:
                     r = await http.post(f"{base}/v1/restorations", content=body, headers=headers)
                     status = str(r.status_code)
-                    if r.status_code != 202 and len(result.statuses) < 50:
+                    if r.status_code != 202 and logged < LOGGED_FAILURES:
                         print(f"  non-202: {r.status_code} {r.text[:300]}")
                 except httpx.HTTPError as e:
                     status = f"error:{type(e).__name__}"
-                    print(f"  transport error: {e!r}")
+                    if logged < LOGGED_FAILURES:
+                        print(f"  transport error: {e!r}")
                 result.latencies.append(time.perf_counter() - t0)
                 result.statuses[status] += 1
 
@@ -264,6 +293,7 @@ class Run:
     purged: int = 0
     leftover: int = 0
     rss_before: int = 0
+    rss_peak: int = 0  # during the timed throughput phase
     rss_after: int = 0
 
 
@@ -277,7 +307,10 @@ def serve(workers: int, queue_depth: int, r: redis.Redis, logs: Path, run: Run) 
     cmd = [sys.executable, "-m", "uvicorn", "app.main:app_from_env", "--factory", "--workers", str(workers)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
     log = open(logs / f"{prefix}.log", "wb")  # noqa: SIM115 (child owns it until exit)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # A session (process group) of its own: the last resort below kills the --workers children too.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         # /healthz, not /readyz: with no worker running the API is deliberately 'not ready'.
         wait_until_ok(f"{base}/healthz", [proc], timeout=120)
@@ -289,10 +322,11 @@ def serve(workers: int, queue_depth: int, r: redis.Redis, logs: Path, run: Run) 
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-        purged = purge(r, Settings(key_prefix=prefix, queue_name=prefix))
+        # model_construct: only the names are needed; validating would read this process's DYNFACE_*.
+        purged = purge(r, Settings.model_construct(key_prefix=prefix, queue_name=prefix))
         leftover = sum(1 for _ in r.scan_iter(match=f"*{prefix}*", count=1000))
         run.purged += purged
         run.leftover += leftover
@@ -308,7 +342,9 @@ def run_workers(
     with serve(workers, depth, r, logs, run) as (base, pid):
         asyncio.run(throughput(base, body, ctype, min(args.clients, args.warmup), args.warmup))
         run.rss_before = asyncio.run(sample_rss(pid))
-        tp = asyncio.run(throughput(base, body, ctype, args.clients, args.submissions))
+        tp, run.rss_peak = asyncio.run(
+            with_peak_rss(throughput(base, body, ctype, args.clients, args.submissions), pid)
+        )
         run.tp = tp
         time.sleep(1.0)
         run.rss_after = asyncio.run(sample_rss(pid))
@@ -348,6 +384,10 @@ def main() -> None:
     if args.submissions > 5000:
         raise SystemExit("--submissions is bounded at 5000 (each stores ~200 KB in Redis)")
     head = header("API submission throughput and memory per in-flight upload")
+    # Before the first server starts: the code those servers run (the tree may change during the run).
+    rev = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
     load_start = os.getloadavg()
     started = time.perf_counter()
     jpeg = make_jpeg()
@@ -362,9 +402,6 @@ def main() -> None:
     runs = [run_workers(w, body, ctype, args, r, logs) for w in args.workers]
     duration = time.perf_counter() - started
     load_end = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    rev = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
 
     def ms(values: list[float], q: float) -> str:
         return f"{percentile(values, q) * 1000:.1f}"
@@ -374,12 +411,12 @@ def main() -> None:
 
     tp_table = [
         "| uvicorn workers | clients | submissions | submissions/s | p50 / p95 latency (ms) | statuses "
-        "| API RSS before / after (MiB) |",
+        "| API RSS before / peak during / after (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
     mem_table = [
-        "| uvicorn workers | uploads in flight (C) | RSS idle (MiB) | RSS loaded (MiB) "
-        "| (loaded − idle) / C (KiB) | statuses |",
+        "| uvicorn workers | uploads in flight (C) | RSS idle (MiB) | RSS with C bodies arriving (MiB) "
+        "| per upload while its body is arriving: (loaded − idle) / C (KiB) | statuses |",
         "|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -387,7 +424,7 @@ def main() -> None:
         tp_table.append(
             f"| {run.workers} | {tp.clients} | {tp.submissions} | {tp.submissions / tp.wall:.1f} "
             f"| {ms(tp.latencies, 50)} / {ms(tp.latencies, 95)} | {statuses(tp.statuses)} "
-            f"| {run.rss_before / 2**20:.1f} / {run.rss_after / 2**20:.1f} |"
+            f"| {run.rss_before / 2**20:.1f} / {run.rss_peak / 2**20:.1f} / {run.rss_after / 2**20:.1f} |"
         )
         for m in run.memory:
             mem_table.append(
@@ -417,24 +454,27 @@ def main() -> None:
   count, **no worker**: accepted jobs just queue, so this is the API's cost alone (multipart parse,
   image decode check, input + record to Redis, RQ enqueue). Keys purged afterwards
   ({cleanup}). Whole run took {duration:.0f} s; load average at the end {load_end}. API code:
-  `git describe --always --dirty` = `{rev}` (the working tree as it was when each server started).
+  `git describe --always --dirty` = `{rev}` (the working tree when the run started, before the first
+  server).
 - throughput: {args.clients} asyncio httpx clients in the bench process posting the same body back to
   back, {args.warmup} untimed warm-up submissions first; latency = one POST until its response is read
   (with {args.clients} clients it is mostly waiting behind the other clients' requests in the server).
   Non-202 responses over the whole run (throughput and memory phases): **{non_202}**. API RSS
-  (uvicorn process + children) sampled after the warm-up and 1 s after the timed phase.
+  (uvicorn process + children): median of 7 samples after the warm-up and 1 s after the timed phase;
+  peak = the largest of the samples taken every {PEAK_EVERY} s during the timed phase.
 
 {chr(10).join(tp_table)}
 
-- memory per in-flight upload: API RSS (uvicorn process + children, median of 7 samples) at idle vs
-  while C uploads are held with all but their last {HOLD_TAIL // 1024} KiB sent (16 KiB chunks, 10 ms
-  apart); each level on a fresh server after {MEMORY_WARMUP} sequential submissions, idle sampled right
-  before the level.
+- memory per in-flight upload **while its body is arriving**: API RSS (uvicorn process + children,
+  median of 7 samples) at idle vs while C uploads are held with all but their last {HOLD_TAIL // 1024}
+  KiB sent (16 KiB chunks, 10 ms apart), i.e. before the API has the whole body and decodes it, so the
+  decode check's memory is not in it (the throughput phase's peak RSS above includes it); each level on
+  a fresh server after {MEMORY_WARMUP} sequential submissions, idle sampled right before the level.
 
 {chr(10).join(mem_table)}
 
 Notes: this machine has {ncpu} logical CPUs, shared by the API process(es), the clients (one Python
-process on the same machine), Redis and other users, so the submissions/s are lower bounds for the API
+process on the same machine), Redis and any other users, so the submissions/s are lower bounds for the API
 alone. With 2 uvicorn workers on {ncpu} cores, the second worker competes with the clients and Redis
 for the same cores rather than getting one of its own. The RSS delta is a whole-process figure
 (allocator reuse and arena growth included), so small deltas, especially at C = 1, are within noise.{warning}

@@ -20,8 +20,9 @@ loop alone). After one untimed warm-up call per pipeline, each configuration is 
 times, batched and one-at-a-time alternating within a repeat. Reported (p50 over repeats):
 - faces/s = B / wall time of the B faces (one batched call, or the sum of the B one-face calls);
 - sampler faces/s = B / sampling-stage time; guide-stage faces/s = B / the call's `timings["dblm"]`;
-- per-face latency = time from the call until that face's result exists: the batched call's wall time
-  for every face of the batch; the one-face call's own wall time one at a time (p50 over all calls);
+- per-face latency = time from when all B faces are ready until that face's result exists: the batched
+  call's wall time for every face of the batch; one at a time, the walls of the one-face calls up to
+  and including that face's (face k waits for the k − 1 before it); p50 over all faces;
 - speed-up = batched faces/s ÷ one-at-a-time faces/s.
 
 Across jobs (the worker's cross-job batching, DYNFACE_WORKER_BATCH_MAX_JOBS = B): `--jobs` one-face
@@ -81,7 +82,7 @@ class Runs:
     wall: list[float] = dataclasses.field(default_factory=list)  # the B faces, per repeat
     sample: list[float] = dataclasses.field(default_factory=list)  # sampler stage, per repeat
     guide: list[float] = dataclasses.field(default_factory=list)  # R, σ̂, DGSA map ("dblm" stage)
-    latency: list[float] = dataclasses.field(default_factory=list)  # per face-call
+    latency: list[float] = dataclasses.field(default_factory=list)  # per face
 
 
 def load_faces(n: int) -> np.ndarray:
@@ -215,7 +216,8 @@ def main() -> None:
             separate.wall.append(sum(walls))
             separate.sample.append(sum(samples))
             separate.guide.append(sum(guides))
-            separate.latency += walls
+            # One at a time, face k's result exists only after the k − 1 calls before its own.
+            separate.latency += np.cumsum(walls).tolist()
             diff = np.abs(out_b.astype(int) - np.concatenate(outs).astype(int)).max()
             max_diff = max(max_diff, int(diff))
         results[b] = (batched, separate, max_diff)
@@ -304,10 +306,12 @@ def main() -> None:
   gives face k). {args.repeats} repeats after a warm-up; p50 over repeats. faces/s = B / wall time of the
   whole call(s) (restorer, blur estimate, DGSA map, sampling); sampler faces/s = B / the `sample` stage
   only; guide-stage faces/s = B / the `dblm` stage (restorer R at 512, blur estimate, DGSA map).
-  Per-face latency: batched, every face waits for the whole call; one at a time, one call. Run took
-  {seconds:.0f} s on a shared 2-CPU machine; load average at the end {load_end} (other jobs ran on
-  it during the run, so later rows (larger B) may see more contention than earlier ones). At B = 1
-  both rows run the same work (one face, one call), so their gap shows this run's timing noise.
+  Per-face latency = from when all B faces are ready until that face's result exists (p50 over
+  faces): batched, every face waits for the whole call; one at a time, face k waits for its own call
+  and the k − 1 before it. Run took {seconds:.0f} s on a {os.cpu_count()}-CPU machine; load average at
+  the end {load_end} (a load above the CPU count means other jobs competed during the run, and later
+  rows (larger B) may then see more contention than earlier ones). At B = 1 both rows run the same
+  work (one face, one call), so their gap shows this run's timing noise.
 
 {chr(10).join(table)}
 

@@ -4,7 +4,9 @@ forward under each, and how far each one's output is from the plain fp32 path, o
 Also the FLOP lower bound per face: FLOPs of one forward of the real 512 px UNet (counted with
 `torch.utils.flop_counter.FlopCounterMode` on the meta device, batch 1: no weights, no memory) × NFE
 ÷ the GPU's peak FLOP/s. A bound, not an estimate: real kernels reach a fraction of the peak, and
-GroupNorm/SiLU/softmax element-wise work is not counted.
+GroupNorm/SiLU/softmax element-wise work is not counted. Each row also gets its speed-up vs the fp32
+reference and its measured time ÷ that bound; the peak is `--peak-tflops`, else the datasheet BF16/FP16
+dense peak looked up from the GPU's name (`GPU_PEAKS_TFLOPS`); on CPU there is none unless given.
 
 On CPU this is only a smoke check of the script (the tiny profile; its timings are CPU timings and say
 nothing about a GPU). On a GPU: `.venv/bin/python -m bench.gpu_path --device cuda --profile real
@@ -12,6 +14,7 @@ nothing about a GPU). On a GPU: `.venv/bin/python -m bench.gpu_path --device cud
 layout/precision agreement do not depend on the weight values).
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.gpu_path [--device cpu] [--profile tiny] [--compile]
+       [--peak-tflops T] [--no-write]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +45,32 @@ def nfes() -> dict[str, int]:
     return {"difface baseline": PROFILES["real"].method.baseline_start_index, **starts}
 
 
-#: Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, for the bound's example rows only;
-#: pass --peak-tflops for another GPU.
+#: Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, for the bound's example rows when
+#: this run has no peak of its own.
 PEAKS_TFLOPS = {"H100 SXM, BF16/FP16 dense": 989.0, "A100 SXM, BF16/FP16 dense": 312.0}
+
+#: BF16/FP16 dense peaks (TFLOP/s, NVIDIA datasheets) by a substring of `torch.cuda.get_device_name`,
+#: first match wins: the PCIe/NVL boards share the SXM part's name but have lower clocks and power.
+GPU_PEAKS_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),  # SXM
+    ("A100", 312.0),  # SXM and PCIe alike
+)
+
+
+def peak_tflops(gpu_name: str | None, given: float | None) -> tuple[str, float] | None:
+    """(what it is, TFLOP/s) of the peak the bound uses: the given one, else the datasheet one of a
+    known GPU; None on CPU or an unknown GPU (a CPU has no comparable tensor-core peak)."""
+    if given:
+        return "given with --peak-tflops", given
+    if gpu_name:
+        for part, tflops in GPU_PEAKS_TFLOPS:
+            if part in gpu_name:
+                return f"{part} BF16/FP16 dense, datasheet, matched from `{gpu_name}`", tflops
+    return None
 
 
 @dataclass(frozen=True)
@@ -51,23 +78,25 @@ class Variant:
     name: str
     dtype: str
     options: SpeedOptions
-    #: TF32 for fp32 convolutions and matmuls (CUDA only). PyTorch enables it for cuDNN convolutions by
-    #: default, so an unqualified "fp32" on a GPU is mostly TF32; the reference row turns it off.
-    tf32: bool = False
+    #: TF32 off for fp32 convolutions and matmuls (CUDA only), for this row alone: PyTorch enables it for
+    #: cuDNN convolutions by default, so an unqualified "fp32" on a GPU is mostly TF32. Other rows run
+    #: with the process's flags, as the worker (which never sets them) does.
+    tf32_off: bool = False
 
 
 def variants(with_compile: bool, cuda: bool) -> list[Variant]:
     """fp32 and both half precisions, each NCHW and channels_last: fp16 is the worker's default on CUDA,
-    bf16 the alternative (its range cannot overflow); on CUDA also PyTorch's default TF32 fp32; compile
-    rows for fp32 and the default fp16."""
+    bf16 the alternative (its range cannot overflow); on CUDA also plain fp32 with the process's TF32
+    flags; compile rows for fp32 and the default fp16. The first row is the reference."""
     plain = SpeedOptions(channels_last=False, compile=False)
     out = []
     for dtype in ("fp32", "fp16", "bf16"):
-        out.append(Variant("fp32 (reference, TF32 off)" if dtype == "fp32" else dtype, dtype, plain))
-        if dtype == "fp32" and cuda:
-            out.append(
-                Variant("fp32 with TF32 (PyTorch's CUDA default for convolutions)", dtype, plain, True)
-            )
+        if dtype == "fp32":
+            out.append(Variant("fp32 (reference, TF32 off)", dtype, plain, tf32_off=True))
+            if cuda:
+                out.append(Variant("fp32 (PyTorch's TF32 flags)", dtype, plain))
+        else:
+            out.append(Variant(dtype, dtype, plain))
         out.append(Variant(f"{dtype} + channels_last", dtype, SpeedOptions(channels_last=True)))
     if with_compile:
         out += [
@@ -76,17 +105,21 @@ def variants(with_compile: bool, cuda: bool) -> list[Variant]:
     return out
 
 
-def unet_flops_512() -> float:
-    """FLOPs of one forward of the real prior at 512 px, batch 1 (meta device: shapes only)."""
+def unet_flops(config: dict, size: int, batch: int) -> float:
+    """FLOPs of one UNet forward at `size` px and `batch` (meta device: shapes only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    config = json.loads(CONFIG_512.read_text())["unet"]
     with torch.device("meta"):
         model = IDDPMUNet(**config).eval()
-        x, t = torch.randn(1, 3, 512, 512), torch.tensor([500])
+        x, t = torch.randn(batch, 3, size, size), torch.full((batch,), 500)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, t)
     return float(counter.get_total_flops())
+
+
+def unet_flops_512() -> float:
+    """FLOPs of one forward of the real prior at 512 px, batch 1."""
+    return unet_flops(json.loads(CONFIG_512.read_text())["unet"], 512, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -100,25 +133,30 @@ def measure(
 ) -> tuple[torch.Tensor, list[float], float]:
     """Output (float32, CPU), seconds per forward after warm-up, and the warm-up (compile) seconds."""
     device = x.device
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = variant.tf32
-    model = IDDPMUNet(**unet_config)
-    model.load_state_dict(state)
-    model = model.to(device, DTYPES[variant.dtype]).eval()
-    apply_memory_format(model, variant.options)
-    call = compiled(model, variant.options)
-    inp = x.to(DTYPES[variant.dtype], memory_format=memory_format(variant.options))
-    t0 = time.perf_counter()
-    out = call(inp, t)
-    sync(device)
-    warm = time.perf_counter() - t0
-    call(inp, t)  # a second warm-up: cuDNN autotuning, reduce-overhead's graph capture
-    times = []
-    for _ in range(repeats):
-        sync(device)
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if variant.tf32_off:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = IDDPMUNet(**unet_config)
+        model.load_state_dict(state)
+        model = model.to(device, DTYPES[variant.dtype]).eval()
+        apply_memory_format(model, variant.options)
+        call = compiled(model, variant.options)
+        inp = x.to(DTYPES[variant.dtype], memory_format=memory_format(variant.options))
         t0 = time.perf_counter()
-        call(inp, t)
+        out = call(inp, t)
         sync(device)
-        times.append(time.perf_counter() - t0)
+        warm = time.perf_counter() - t0
+        call(inp, t)  # a second warm-up: cuDNN autotuning, reduce-overhead's graph capture
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            call(inp, t)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    finally:  # later rows run with the flags the process had, not this row's
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     return out.float().cpu(), times, warm
 
 
@@ -147,7 +185,7 @@ def restorer_ab(
     return out
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -156,10 +194,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="this GPU's peak, for the bound")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak TFLOP/s for the bound (default: by GPU name)"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
     head = header("GPU path: fast-path switches and the FLOP lower bound")
 
     profile = PROFILES[args.profile]
@@ -174,8 +219,15 @@ def main() -> None:
         x = torch.randn(args.batch, 3, size, size).to(device)
         t = torch.full((args.batch,), 500, device=device)
 
-    rows, ref = [], None
-    for variant in variants(args.compile, device.type == "cuda"):
+    on_gpu = device.type == "cuda"
+    gpu_name = torch.cuda.get_device_name(device) if on_gpu else None
+    peak = peak_tflops(gpu_name, args.peak_tflops)
+    # The FLOPs of the forward actually timed, so measured ÷ bound holds for any profile and batch.
+    forward_flops = unet_flops(profile.unet, size, args.batch)
+    tf32_flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    rows: list[tuple[str, float, float, float, float]] = []
+    ref: torch.Tensor | None = None
+    for variant in variants(args.compile, on_gpu):
         out, times, warm = measure(profile.unet, state, variant, x, t, args.repeats)
         ref = out if ref is None else ref
         diff = (out - ref).abs().max().item()
@@ -194,35 +246,52 @@ def main() -> None:
     )
     print("restorer:", ab_text)
     flops = unet_flops_512()
-    peaks = dict(PEAKS_TFLOPS)
-    if args.peak_tflops:
-        peaks = {"given --peak-tflops": args.peak_tflops}
-    on_gpu = device.type == "cuda"
-    gpu_name = torch.cuda.get_device_name(device) if on_gpu else None
+    peaks = {peak[0]: peak[1]} if peak else dict(PEAKS_TFLOPS)
     kind = (
         f"GPU timings ({gpu_name})"
         if on_gpu
         else "CPU smoke check: these timings are CPU timings, NOT GPU ones"
     )
+    ref_ms = rows[0][1]
+    bound_ms = forward_flops / (peak[1] * 1e12) * 1000 if peak else None
     table = [
-        f"| variant | ms / UNet forward ({kind}) | first call incl. compile (s) "
-        "| max abs diff vs fp32 | rel. L2 diff |",
-        "|---|---|---|---|---|",
+        f"| variant | ms / UNet forward ({kind}) | speed-up vs fp32 | first call incl. compile (s) "
+        "| max abs diff vs fp32 | rel. L2 diff | measured ÷ bound |",
+        "|---|---|---|---|---|---|---|",
     ]
-    table += [f"| {n} | {m:.1f} | {w:.1f} | {d:.2e} | {r:.1e} |" for n, m, w, d, r in rows]
-    bound = [
-        "| NFE per face | " + " | ".join(f"{name} ({peak:g} TFLOP/s)" for name, peak in peaks.items()) + " |"
+    table += [
+        f"| {n} | {m:.1f} | {ref_ms / m:.2f}× | {w:.1f} | {d:.2e} | {r:.1e} "
+        f"| {f'{m / bound_ms:.1f}' if bound_ms else '—'} |"
+        for n, m, w, d, r in rows
     ]
+    if peak:
+        peak_text = (
+            f"Peak used: **{peak[1]:g} TFLOP/s** ({peak[0]}), for every row: fp32 rows too, whose own "
+            "peak is lower, so their ratio also shows what fp32 gives up."
+        )
+    elif on_gpu:
+        peak_text = f"No peak known for `{gpu_name}` (pass `--peak-tflops`), so the column is empty."
+    else:
+        peak_text = (
+            "No peak on CPU (there is no tensor-core peak to compare with; pass `--peak-tflops` to set "
+            "one), so the column is empty."
+        )
+    bound = ["| NFE per face | " + " | ".join(f"{name} ({v:g} TFLOP/s)" for name, v in peaks.items()) + " |"]
     bound.append("|---|" + "---|" * len(peaks))
     for label, nfe in nfes().items():
-        cells = " | ".join(f"{flops * nfe / (peak * 1e12) * 1000:.1f} ms" for peak in peaks.values())
+        cells = " | ".join(f"{flops * nfe / (value * 1e12) * 1000:.1f} ms" for value in peaks.values())
         bound.append(f"| {label}: {nfe} | {cells} |")
     body = f"""{head}
 - device: `{device}`{f" ({gpu_name})" if gpu_name else ""}; profile `{args.profile}` UNet ({size} px, random
   weights, seed 0), batch {args.batch}, timestep 500; median of {args.repeats} forwards after 2 warm-ups.
-- The reference is the plain path: fp32 (TF32 off), NCHW, eager. SDPA attention is not a row: the UNet
+- The reference is the plain path: fp32 with TF32 off, NCHW, eager; speed-up = reference ms ÷ the
+  row's ms. Every other row runs with the TF32 flags the process started with (cuDNN convolutions
+  {tf32_flags[0]}, matmuls {tf32_flags[1]}), as the worker does. SDPA attention is not a row: the UNet
   always uses `F.scaled_dot_product_attention` (tests/models/test_speed_options.py checks it against
   upstream's explicit softmax, ≤ 1e-5; the UNet fixtures hold the whole network to 1e-4 of upstream).
+- measured ÷ bound = the row's ms ÷ the FLOP bound of the timed forward ({forward_flops / 1e9:.2f}
+  GFLOP ÷ peak{f" = {bound_ms:.3f} ms" if bound_ms else ""}); both scale with NFE, so on the real
+  profile it is also a face's measured UNet time ÷ its bound below. {peak_text}
 
 {chr(10).join(table)}
 
@@ -232,7 +301,8 @@ channels_last in 4 interleaved rounds, median of {args.repeats} forwards per rou
 FLOP lower bound per face, real prior (`{CONFIG_512.relative_to(SHARED.parent)}`): one forward at 512 px,
 batch 1 = **{flops / 1e9:.1f} GFLOP** (`FlopCounterMode`, meta device; convolutions, matmuls and attention,
 counted as 2 FLOPs per multiply-add). Bound = {flops / 1e9:.1f} GFLOP × NFE ÷ peak FLOP/s (UNet only; the
-restorer, detector and codecs add to it). Peaks are datasheet dense tensor-core figures, not measured:
+restorer, detector and codecs add to it). Peaks are datasheet dense tensor-core figures (or the one
+given), not measured{"" if peak else "; with no peak for this device, two example GPUs"}:
 
 {chr(10).join(bound)}
 """

@@ -41,7 +41,8 @@ every job):
   which does not grow with the queue.
 
 And per hop (p50 per level; `HOPS`), from the client's clock, the job record's timestamps and RQ's
-(all processes on one machine, so one clock); the hops add up to e2e:
+(all processes on one machine, so one clock); the hops add up to the job's overhead, e2e − direct
+p50 (the "pipeline in worker − direct" hop takes the direct p50 out):
 - upload + API check: POST sent → record's created_at (HTTP upload, multipart parse, the full
   decode check of the image, queue-depth check);
 - enqueue: created_at → RQ's enqueued_at (worker profile notice, building the RQ job);
@@ -75,7 +76,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ class Job:
     ramp_up: bool
 
     def hops(self, rq_job: RQJob, direct_p50: float) -> dict[str, float]:
-        """Seconds per hop of HOPS (see the module docstring); they add up to e2e."""
+        """Seconds per hop of HOPS (see the module docstring); they add up to e2e − direct_p50."""
         created, started, completed = (
             _instant(self.body[f"{k}_at"]) for k in ("created", "started", "completed")
         )
@@ -288,7 +289,7 @@ def ms(values: list[float], q: float) -> str:
     return f"{percentile(values, q) * 1000:.1f}"
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -300,7 +301,7 @@ def main() -> None:
         "--direct", type=int, default=40, help="direct pipeline calls (after the 1-client levels' jobs)"
     )
     parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker_main()
         return
@@ -310,7 +311,14 @@ def main() -> None:
     levels = [int(v) for v in args.levels.split(",")]
     counts = [int(v) for v in args.jobs.split(",")]
     if len(levels) != len(counts):
-        raise SystemExit("--levels and --jobs need the same number of entries")
+        parser.error("--levels and --jobs need the same number of entries")
+    for clients, jobs in zip(levels, counts, strict=True):
+        # Each client's first job is ramp-up when there are several, so a level needs one more to count.
+        if clients < 1 or jobs < (clients + 1 if clients > 1 else 1):
+            parser.error(
+                f"level of {clients} client(s) with {jobs} job(s): need at least 1 client and, with more "
+                "than one client, more jobs than clients (each client's first job is not counted)"
+            )
     head = header("Service overhead: API → Redis → worker vs the pipeline called directly")
     started = time.perf_counter()
 
@@ -393,7 +401,12 @@ def main() -> None:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        purge(r, Settings(key_prefix=prefix, queue_name=prefix))
+        # model_construct: purge needs only the names, and validating would read this process's own
+        # DYNFACE_* variables (not the service's) and could raise here, hiding the run's error.
+        try:
+            purge(r, Settings.model_construct(key_prefix=prefix, queue_name=prefix))
+        except redis.RedisError as e:  # reported, not raised: an error of the run itself comes first
+            print(f"could not purge namespace {prefix}: {e!r}", file=sys.stderr)
 
     direct_p50 = {name: percentile(calls, 50) for name, calls in direct.items()}
     for name, calls in direct.items():
@@ -479,7 +492,7 @@ def main() -> None:
   asyncio httpx in the bench process, each running its jobs back to back, in two flows: POST with
   `Prefer: wait=60` then GET of the result image (two requests), or the POST with `Accept: image/*` too,
   answered with the image (one request). Run took {time.perf_counter() - started:.0f} s. API, worker, clients
-  and the other users of this machine share its CPUs, so contention is part of these numbers.
+  and any other users of this machine share its CPUs, so contention is part of these numbers.
 - with more than one client, each client's first job is not counted (the start-up burst: every client
   uploads at once); jobs/s counts all jobs.
 - overhead = e2e − direct p50 (includes waiting behind other clients' jobs: there is one worker);
@@ -489,8 +502,8 @@ def main() -> None:
 {chr(10).join(table)}
 
 Where a job's time goes, p50 per hop in ms (definitions: `bench/overhead.py` docstring; each from the
-client's clock, the job record's and RQ's timestamps; they add up to e2e, their p50s roughly to the
-overhead p50):
+client's clock, the job record's and RQ's timestamps; per job they add up to its overhead, e2e − direct
+p50, and their p50s roughly to the overhead p50):
 
 {chr(10).join(breakdown)}
 

@@ -23,7 +23,7 @@ C. σ̂ of the input: the pipeline's blur estimator (`models.blur.estimate_blur_
 D. σ̂ of the blur only: the same estimator on the clean face blurred by the same kernel alone (no
    resampling, noise or JPEG), then the table: whether the estimator sees the kernel itself.
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.steps [--images 20] [--skip-tiny]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.steps [--images 20] [--skip-tiny] [--no-write]
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,14 +91,15 @@ def decide(
         # D: the same kernel alone (no resampling, noise or JPEG): does the estimator see the blur at all?
         blurred = np.stack([blur_only(images[f.source], f.params) for f in chunk])
         d_hat = estimate_blur_sigma(to_tensor(blurred), table.face_power_spectrum).tolist()
+        # noise_std None: measured on y itself, as restore_faces does for crops without a source photo.
         if not baseline_checked:  # the baseline's start through the pipeline's own code, once
-            g = pipe._guide(y[:1], "difface", None)
+            g = pipe._guide(y[:1], "difface", None, None)
             baseline = g.start[0]
             baseline_checked = True
         a_start: list[int | None] = [None] * len(chunk)
         a_sigma: list[float | None] = [None] * len(chunk)
         if tiny:
-            g = pipe._guide(y, "dynfacerestore", None)
+            g = pipe._guide(y, "dynfacerestore", None, None)
             a_start, a_sigma = list(g.start), list(g.sigma)
         for f, sh, ast, asg, dh in zip(chunk, sigma_hat.tolist(), a_start, a_sigma, d_hat, strict=True):
             rows.append(
@@ -117,7 +120,7 @@ def decide(
     return rows
 
 
-def plot(rows: list[Row], levels: list[str], tiny: bool) -> None:
+def plot(rows: list[Row], levels: list[str], tiny: bool, out: Path = FIGURE) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,12 +159,15 @@ def plot(rows: list[Row], levels: list[str], tiny: bool) -> None:
     ax.legend(fontsize=7, loc="upper left")
     ax.set_ylim(0, base * 1.35)
     fig.tight_layout()
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURE)
-    print(f"wrote {FIGURE.relative_to(ROOT)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
-def report(rows: list[Row], levels: list[str], tiny: bool, args: argparse.Namespace, seconds: float) -> str:
+def report(
+    rows: list[Row], levels: list[str], tiny: bool, args: argparse.Namespace, n_images: int, seconds: float
+) -> str:
     base = rows[0].baseline
 
     def stats(attr: str, sel: list[Row]) -> str:
@@ -214,9 +220,7 @@ def report(rows: list[Row], levels: list[str], tiny: bool, args: argparse.Namesp
     )
     return (
         header("Steps: NFE per face, dynfacerestore vs difface")
-        + f"""- set: {args.images} real aligned faces (`../shared/testdata/aligned`, sorted, first {
-            args.images
-        }) ×
+        + f"""- set: {n_images} real aligned faces (`../shared/testdata/aligned`, sorted, first {n_images}) ×
   {len(levels)} levels ({", ".join(levels)}) × {args.per_image} draw(s), seed {args.seed} →
   {len(rows)} degraded faces (`models.degradations.severity_set`); run took {seconds:.0f} s.
 - DSST table: `models/data/dsst_default.json`, σk → start = {
@@ -259,7 +263,7 @@ Cells: mean NFE per face (ratio to the baseline). Mixed-set ratios: B {mixed["b_
 TABLE: DSSTable
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     global TABLE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=20, help="aligned faces to use (of 20)")
@@ -267,7 +271,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=4, help="faces per restorer forward in path A")
     p.add_argument("--skip-tiny", action="store_true", help="skip path A (the tiny profile's restorer)")
-    args = p.parse_args()
+    p.add_argument(
+        "--no-write", action="store_true", help="print, do not write docs/benchmarks.md or the figure"
+    )
+    args = p.parse_args(argv)
     t0 = time.perf_counter()
     images = load_faces(args.images)
     print(f"degrading {len(images)} faces × {len(SEVERITY_LEVELS)} levels", flush=True)
@@ -276,8 +283,12 @@ def main() -> None:
     TABLE = pipe.dsst
     rows = decide(pipe, TABLE, faces, images, args.batch, tiny=not args.skip_tiny)
     levels = list(SEVERITY_LEVELS)
+    body = report(rows, levels, not args.skip_tiny, args, len(images), time.perf_counter() - t0)
+    if args.no_write:
+        print(body)
+        return
     plot(rows, levels, tiny=not args.skip_tiny)
-    write_section("steps", report(rows, levels, not args.skip_tiny, args, time.perf_counter() - t0))
+    write_section("steps", body)
 
 
 if __name__ == "__main__":
