@@ -23,6 +23,12 @@ class TooManyPixelsError(PipelineError):
     code = "too_many_pixels"
 
 
+class OutputTooLargeError(PipelineError):
+    """A result the output format cannot hold (the API refuses the same at submission, same code)."""
+
+    code = "output_too_large"
+
+
 class NoFaceError(PipelineError):
     code = "no_face"
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from models.errors import InvalidImageError, TooManyPixelsError, UnsupportedFormatError
+from models.errors import InvalidImageError, OutputTooLargeError, TooManyPixelsError, UnsupportedFormatError
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 T = TypeVar("T")
@@ -32,6 +32,19 @@ _MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp"
 #: or should not write back (BMP: huge; TIFF: not displayable in browsers; GIF: 256 colours)
 #: become PNG, which is lossless and universally supported.
 _SAME_FORMAT: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
+
+#: Largest side each output format can be written with (libjpeg's and libwebp's limits; Pillow
+#: raises only when encoding, after all the restoration work). PNG's limit (2³¹−1) is never reached.
+MAX_OUTPUT_SIDE: dict[OutputFormat, int] = {"png": 2**31 - 1, "jpeg": 65_500, "webp": 16_383}
+
+#: Source modes whose pixels an embedded RGB colour profile describes (palette entries are RGB).
+_RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA")
+
+#: Every colour of a 6×6×6 grid: an embedded profile that maps all of them to themselves (±1) is sRGB
+#: by another name (cameras and editors embed many), and the pixels are left untouched.
+_LEVELS = np.arange(0, 256, 51, dtype=np.uint8)
+_PROBE = np.stack(np.meshgrid(_LEVELS, _LEVELS, _LEVELS, indexing="ij"), -1).reshape(1, -1, 3)
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 #: Colour used under transparent pixels when an image with alpha is written as JPEG.
 JPEG_BACKGROUND = (255, 255, 255)
@@ -90,12 +103,15 @@ def check_image(data: bytes, *, max_pixels: int) -> list[str]:
     """`decode_image`'s checks — every pixel decoded, the same errors and the same warnings — without
     building its arrays (a quarter of its time on a 512 px PNG): the API's check of an upload it
     queues for a worker that decodes it again. Returns the warnings."""
-    return _read(data, max_pixels, lambda oriented: None)[2]
+    return _read(data, max_pixels, lambda oriented, profile: None)[2]
 
 
-def _read(data: bytes, max_pixels: int, convert: Callable[[Image.Image], T]) -> tuple[T, str, list[str]]:
-    """Open, size-check and fully decode an upload, then ``convert`` the upright image (inside the
-    same error mapping). Returns (converted, format name, warnings)."""
+def _read(
+    data: bytes, max_pixels: int, convert: Callable[[Image.Image, ImageCms.ImageCmsProfile | None], T]
+) -> tuple[T, str, list[str]]:
+    """Open, size-check and fully decode an upload, then ``convert`` the upright image and its colour
+    profile (`_source_profile`) inside the same error mapping. Returns (converted, format name,
+    warnings)."""
     if not data:
         raise InvalidImageError("The upload is empty.")
     try:
@@ -123,7 +139,8 @@ def _read(data: bytes, max_pixels: int, convert: Callable[[Image.Image], T]) -> 
         try:
             im.seek(0)
             im.load()
-            converted = convert(_exif_transpose(im, warnings))
+            upright = _exif_transpose(im, warnings)
+            converted = convert(upright, _source_profile(upright, warnings))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise TooManyPixelsError(f"The image is too large: {e}") from e
         except Exception as e:  # truncated data, bad CRC, broken compression stream, ...
@@ -156,20 +173,63 @@ def _exif_transpose(im: Image.Image, warnings: list[str]) -> Image.Image:
         return im
 
 
-def _to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
-    """Convert any Pillow mode to (rgb uint8 HxWx3, alpha uint8 HxW | None, grayscale).
+def _source_profile(im: Image.Image, warnings: list[str]) -> ImageCms.ImageCmsProfile | None:
+    """The embedded ICC profile when the pixels must be converted from it to sRGB, else None.
 
-    Each mode is converted explicitly because Pillow's implicit conversions get two cases wrong
-    for us: 16/32-bit integer images are clipped to 0..255 instead of scaled, and palette images
-    lose their transparency unless converted to RGBA.
+    Results carry no profile (`encode_image`), so they are read as sRGB: colours in another space
+    (Display P3 from phones, Adobe RGB from cameras) would come back washed out or shifted. Only
+    RGB profiles on RGB-like pixels are applied; an unreadable one costs a warning, not the job.
+    """
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in _RGB_MODES:
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space != "RGB ":
+            return None
+        probe = ImageCms.profileToProfile(Image.fromarray(_PROBE), profile, _SRGB)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        warnings.append("The image's colour profile could not be read; its colours were used as they are.")
+        return None
+    assert probe is not None  # profileToProfile returns None only with inPlace=True
+    if np.abs(np.asarray(probe, dtype=np.int16) - _PROBE).max() <= 1:
+        return None
+    name = profile.profile.profile_description.strip() or "unnamed"
+    warnings.append(f"The image's colours were converted from its colour profile ({name}) to sRGB.")
+    return profile
+
+
+def _to_srgb(im: Image.Image, profile: ImageCms.ImageCmsProfile | None, mode: str) -> Image.Image:
+    """`im` in `mode` ("RGB" or "RGBA"), its colours converted from `profile` to sRGB if given
+    (Pillow's transform copies alpha through)."""
+    im = im.convert(mode)
+    if profile is None:
+        return im
+    converted = ImageCms.profileToProfile(im, profile, _SRGB, outputMode=mode)
+    assert converted is not None  # profileToProfile returns None only with inPlace=True
+    return converted
+
+
+def _to_arrays(
+    im: Image.Image, profile: ImageCms.ImageCmsProfile | None
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """Convert any Pillow mode to (rgb uint8 HxWx3, alpha uint8 HxW | None, grayscale), colours
+    converted from `profile` (RGB-like modes only, see `_source_profile`) to sRGB.
+
+    Each mode is converted explicitly because Pillow's implicit conversions get three cases wrong
+    for us: 16/32-bit integer images are clipped to 0..255 instead of scaled, and palette, grey and
+    RGB images lose their PNG transparency (tRNS) unless converted to a mode with alpha.
     """
     mode = im.mode
+    transparency = im.info.get("transparency")
     if mode.startswith("I;16") or mode == "I":
         # Pillow represents 16-bit PNG/TIFF samples as I;16* or I; we assume the 16-bit range
         # (0..65535) for I too, and scale with rounding: 65535 -> 255, 257 -> 1.
         wide = np.asarray(im, dtype=np.float64)
         gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2), None, True
+        # tRNS names one raw 16-bit level as transparent; Pillow's converters would lose it.
+        alpha = None if transparency is None else np.where(wide == transparency, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2), alpha, True
     if mode == "F":
         # Float samples (32-bit float TIFF) have no fixed range: the usual one is [0, 1], read as
         # 0..255; finite values outside it mean 8-bit levels, clipped. NaN reads as 0, ±inf as 255/0.
@@ -179,6 +239,9 @@ def _to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
             wide = wide * 255.0
         gray = np.clip(np.rint(np.nan_to_num(wide, nan=0.0)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2), None, True
+    if mode in ("1", "L", "RGB") and transparency is not None:
+        im = im.convert("LA" if mode in ("1", "L") else "RGBA")  # Pillow maps tRNS to alpha here
+        mode = im.mode
     if mode in ("1", "L"):
         gray = np.asarray(im.convert("L"), dtype=np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2), None, True
@@ -191,15 +254,26 @@ def _to_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
         im = im.convert("RGBA" if has_alpha else "RGB")
         mode = im.mode
     if mode in ("RGBA", "RGBa"):
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+        rgba = np.asarray(_to_srgb(im, profile, "RGBA"), dtype=np.uint8)
         return np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3]), False
     # RGB, RGBX, CMYK, YCbCr, LAB, HSV: no alpha; Pillow's converters to RGB are correct here.
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), None, False
+    return np.asarray(_to_srgb(im, profile, "RGB"), dtype=np.uint8).copy(), None, False
 
 
 def check_png_compress_level(level: int) -> None:
     if not 0 <= level <= 9:
         raise ValueError(f"png_compress_level must be in 0..9, got {level}")
+
+
+def check_output_size(width: int, height: int, fmt: OutputFormat, what: str = "image") -> None:
+    """Refuse (OutputTooLargeError) a result of `width`×`height` that `fmt` cannot be written with,
+    before any work is spent on it (see `MAX_OUTPUT_SIDE`)."""
+    limit = MAX_OUTPUT_SIDE[fmt]
+    if max(width, height) > limit:
+        raise OutputTooLargeError(
+            f"The {what} would be {width}×{height} pixels, but {fmt.upper()} allows at most {limit} "
+            "pixels a side: ask for a smaller upscale or another output format."
+        )
 
 
 def resolve_format(requested: str, source_format: str) -> OutputFormat:

@@ -202,6 +202,7 @@ class _Photo:
     timer: StageTimer  # its own stages; the shared ones (dblm, sample) are added when it is pasted
     warnings: list[str]
     decoded: images.DecodedImage
+    format: images.OutputFormat  # what its results are written as
     crops: np.ndarray  # aligned faces (N, 512, 512, 3); N = 0 when none was found (passthrough)
     affines: np.ndarray
     found: face_ops.Detections
@@ -435,6 +436,10 @@ class RestorationPipeline:
         unknown = set(options.outputs) - set(OUTPUT_KINDS)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUT_KINDS}")
+        fmt = images.resolve_format(options.format, decoded.format)
+        # Before any detection or sampling: the encoder would refuse the result only at the end.
+        for what, (width, height) in _output_sizes(decoded, options).items():
+            images.check_output_size(width, height, fmt, what)
         report("detect", 0, 0)
         with timer("detect"):
             crops, affines, found = self._detect_and_align(decoded.rgb, options, warnings)
@@ -449,7 +454,7 @@ class RestorationPipeline:
             seed = _draw_seed() if options.seed is None else options.seed
         cancel = request.should_cancel or (lambda: False)
         return _Photo(
-            options, report, cancel, timer, warnings, decoded, crops, affines, found, noise_std, seed
+            options, report, cancel, timer, warnings, decoded, fmt, crops, affines, found, noise_std, seed
         )
 
     def _finish_photo(
@@ -462,6 +467,8 @@ class RestorationPipeline:
         if len(crops):  # the shared stages' time is this photo's time in them
             timer.seconds.update(shared)
 
+        # Transparent pixels must not bleed into visible ones when the photo is upscaled.
+        upscale_background = partial(self._upscale_background, alpha=decoded.alpha)
         report("paste", 0, 0)
         with timer("paste"):
             if options.color_correction != "none" and len(restored):
@@ -476,10 +483,10 @@ class RestorationPipeline:
                     affines,
                     options.upscale,
                     parser=self._parser,
-                    upscale_background=self._upscale_background,
+                    upscale_background=upscale_background,
                 )
             else:
-                output = self._upscale_background(decoded.rgb, options.upscale)
+                output = upscale_background(decoded.rgb, options.upscale)
             alpha = decoded.alpha
             if alpha is not None and alpha.shape != output.shape[:2]:
                 # Sized to the output, not scaled by `upscale`: an aligned face that was resized
@@ -488,11 +495,10 @@ class RestorationPipeline:
 
         report("encode", 0, 0)
         with timer("encode"):
-            fmt = images.resolve_format(options.format, decoded.format)
             encode = partial(
                 images.encode_image,
                 grayscale=decoded.grayscale,
-                format=fmt,
+                format=photo.format,
                 png_compress_level=self.png_compress_level,
             )
             image, media_type = encode(output, alpha=alpha)
@@ -581,11 +587,15 @@ class RestorationPipeline:
         """Load the profile's default detector now (workers call this before taking jobs)."""
         self._detector(self.profile.detector)
 
-    def _upscale_background(self, rgb: np.ndarray, factor: float) -> np.ndarray:
-        """The photo behind the pasted faces: the background model's output, or a Lanczos resize."""
-        if self.background is None:
-            return face_ops.upscale_image(rgb, factor)
-        return self.background.upscale(rgb, factor)
+    def _upscale_background(
+        self, rgb: np.ndarray, factor: float, alpha: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The photo behind the pasted faces: the background model's output, or a Lanczos resize.
+        With a (not fully opaque) `alpha`, colours are upscaled premultiplied by it."""
+        upscale = face_ops.upscale_image if self.background is None else self.background.upscale
+        if alpha is None or factor == 1 or alpha.min() == 255:  # nothing would be premultiplied
+            return upscale(rgb, factor)
+        return face_ops.upscale_premultiplied(rgb, alpha, factor, upscale)
 
     # ------------------------------------------------------------------ aligned faces
     def restore_faces(
@@ -798,6 +808,23 @@ class RestorationPipeline:
         """The prior's noise prediction (first 3 of its 6 output channels), in float32."""
         x = x_t.to(self.dtype, memory_format=self._memory_format)
         return self._unet_call(x, t)[:, :3].float()
+
+
+def _output_sizes(decoded: images.DecodedImage, options: RestoreOptions) -> dict[str, tuple[int, int]]:
+    """(width, height) of the photo-sized results `_finish_photo` will encode: the image, and the
+    comparison (the "before" picture, resized to the image's height, beside it). The faces and crops
+    are FACE_SIZE, within every format's limit."""
+    w, h = decoded.size
+    if options.aligned:  # the output is the restored FACE_SIZE face, upscaled; "before" is the input
+        width = height = max(1, round(FACE_SIZE * options.upscale))
+        before = w if h == height else max(1, round(w * height / h))
+    else:  # "before" is the input upscaled like the output
+        width, height = max(1, round(w * options.upscale)), max(1, round(h * options.upscale))
+        before = width
+    sizes = {"image": (width, height)}
+    if "comparison" in options.outputs:
+        sizes["comparison"] = (before + width, height)
+    return sizes
 
 
 _TINY_WARNING = (

@@ -266,6 +266,40 @@ def test_no_face_passthrough_uses_the_model_and_upscale_1_leaves_the_photo(
     np.testing.assert_array_equal(out, face_ops.resize_to(up.super_resolve(rgb), (88, 60)))
 
 
+@pytest.mark.skipif(
+    not (WEIGHTS / "detection_mobilenet0.25_Final.pth").is_file(), reason="shared detector weights absent"
+)
+def test_the_model_upscales_transparent_photos_premultiplied(
+    tiny_pipe: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With alpha, the model sees colours premultiplied by it (the magenta under the transparent half
+    is 0, so it cannot bleed into the visible edge), and the result is divided by the upscaled alpha."""
+    up = bg.tiny(bg.BackgroundConfig("realesrgan_x2plus"))
+    assert up is not None
+    pipe = _fast(tiny_pipe, up)
+    rgba = np.zeros((30, 44, 4), np.uint8)
+    rgba[:, :, :3] = _random_image(30, 44)
+    rgba[:, 22:] = (255, 0, 255, 0)
+    rgba[:, 20:22, 3] = 128
+    seen: list[np.ndarray] = []
+    plain_upscale = up.upscale
+
+    def spy(rgb: np.ndarray, factor: float) -> np.ndarray:
+        seen.append(rgb.copy())
+        return plain_upscale(rgb, factor)
+
+    monkeypatch.setattr(up, "upscale", spy)
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG")
+    options = RestoreOptions(upscale=2, on_no_face="passthrough", format="png")
+    out = _decoded(pipe.restore_photo(buf.getvalue(), options).image)
+    (fed,) = seen
+    assert (fed[:, 22:] == 0).all()
+    np.testing.assert_array_equal(fed[:, 20:22], np.rint(rgba[:, 20:22, :3] * (128 / 255)))
+    expected = face_ops.upscale_premultiplied(rgba[:, :, :3], rgba[:, :, 3], 2, plain_upscale)
+    np.testing.assert_array_equal(out[:, :, :3], expected)
+
+
 # ---------------------------------------------------------------- configuration and weights
 
 

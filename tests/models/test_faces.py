@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -229,8 +231,8 @@ def test_large_photos_are_not_resized_and_thin_ones_are_bounded(
     detector: FaceDetector,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Photos with a 640 px shorter side or more are detected as they are (shrinking would lose small
-    faces); a long thin one is enlarged only up to DETECT_MAX_PIXELS."""
+    """Photos with a 640 px shorter side or more are detected as they are up to DETECT_SHRINK_PIXELS
+    (shrinking would lose small faces); a long thin one is enlarged only up to DETECT_MAX_PIXELS."""
     net = _FixedNet([])
     monkeypatch.setattr(detector, "_net", net)
     assert len(detector.detect(np.zeros(shape, np.uint8))) == 0
@@ -376,3 +378,168 @@ def test_upscale_and_comparison_shapes() -> None:
     side = comparison_image(small, big)
     assert side.shape == (30, 96, 3)
     np.testing.assert_array_equal(side[:, 48:], big)
+
+
+# ---------------------------------------------------------------- large photos, paste memory, aliasing
+
+
+class _SpyNet:
+    """The real RetinaFace, recording the shape of each image it is given."""
+
+    def __init__(self, net: object) -> None:
+        self.net = net
+        self.shapes: list[tuple[int, ...]] = []
+
+    def detect_faces(self, bgr: np.ndarray, threshold: float, nms_threshold: float) -> np.ndarray:
+        self.shapes.append(bgr.shape)
+        return self.net.detect_faces(bgr, threshold, nms_threshold)  # type: ignore[attr-defined]
+
+
+def test_large_photos_are_shrunk_for_detection_and_keep_their_faces(
+    detector: FaceDetector, detections: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group photo enlarged 4× (12 MP) is detected at DETECT_SHRINK_PIXELS, not at full size, and
+    still gives all 29 faces, at the 4×-scaled positions of the photo's own detections (RetinaFace's
+    landmarks move by up to ~20 % of the eye distance between detection scales, full size included)."""
+    rgb, reference = detections["Solvay_conference_1927.png"]
+    h, w = rgb.shape[:2]
+    big = np.asarray(Image.fromarray(rgb).resize((4 * w, 4 * h), Image.Resampling.LANCZOS))
+    spy = _SpyNet(detector._net)
+    monkeypatch.setattr(detector, "_net", spy)
+    found = detector.detect(big)
+    ((seen_h, seen_w, _),) = spy.shapes
+    assert seen_h * seen_w <= faces_mod.DETECT_SHRINK_PIXELS * 1.001 and seen_w / seen_h == pytest.approx(
+        w / h, 1e-3
+    )
+    assert len(found) == len(reference) == 29
+    for face, ref in zip(found.faces, reference.faces, strict=True):
+        eyes = np.hypot(*(ref.landmarks[0] - ref.landmarks[1]))
+        assert np.abs(face.landmarks / 4 - ref.landmarks).max() < 0.3 * eyes
+
+
+def test_detection_of_a_shrunk_photo_maps_back_to_its_pixels(
+    detector: FaceDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4000×3000 photo is detected at 2309×1732 (4 MP); the answers are scaled back by its ratios."""
+    net = _FixedNet([_row((1000, 500, 1200, 700), 50)])
+    monkeypatch.setattr(detector, "_net", net)
+    (face,) = detector.detect(np.zeros((3000, 4000, 3), np.uint8)).faces
+    assert net.shapes == [(1732, 2309, 3)]
+    np.testing.assert_allclose(
+        face.box, (1000 * 4000 / 2309, 500 * 3000 / 1732, 1200 * 4000 / 2309, 700 * 3000 / 1732)
+    )
+
+
+def _old_paste_faces(
+    background: np.ndarray, restored: np.ndarray, affines: np.ndarray, upscale: float
+) -> np.ndarray:
+    """paste_faces as it was, blending into one float32 copy of the whole output: the reference."""
+    out = upscale_image(background, upscale).astype(np.float32)
+    h_up, w_up = out.shape[:2]
+    for face, affine in zip(restored, affines, strict=True):
+        inv = faces_mod._inverse_affine(affine, upscale)
+        x0, y0, x1, y1 = roi = faces_mod._face_roi(inv, face.shape[0], w_up, h_up)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        mask = faces_mod._face_mask(inv, roi, face.shape[0], upscale, None)[:, :, None]
+        shifted = inv.copy()
+        shifted[:, 2] -= (x0, y0)
+        warped = cv2.warpAffine(face, shifted, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR)
+        out[y0:y1, x0:x1] = mask * warped.astype(np.float32) + (1 - mask) * out[y0:y1, x0:x1]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _synthetic_face(center: tuple[float, float], eye_distance: float) -> faces_mod.DetectedFace:
+    scale = eye_distance / float(FFHQ_TEMPLATE_512[1, 0] - FFHQ_TEMPLATE_512[0, 0])
+    landmarks = (FFHQ_TEMPLATE_512 - 256) * scale + center
+    return faces_mod.DetectedFace((0.0, 0.0, 1.0, 1.0), 0.99, landmarks.astype(np.float32))
+
+
+@pytest.mark.parametrize("upscale", [1, 2])
+def test_paste_blends_exactly_as_one_float_image(upscale: int) -> None:
+    """Two overlapping faces (the later one wins where both are masked), one apart, one partly and one
+    wholly off the photo: blending per group of overlapping faces gives the bytes of the whole-image
+    float blend."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (150, 260, 3), dtype=np.uint8)
+    faces = [
+        _synthetic_face(c, e)
+        for c, e in [((60, 70), 20), ((85, 80), 24), ((210, 50), 18), ((250, 170), 30), ((900, 900), 20)]
+    ]
+    crops, affines = align(rgb, faces)
+    restored = rng.integers(0, 256, crops.shape, dtype=np.uint8)
+    rois = [
+        faces_mod._face_roi(faces_mod._inverse_affine(a, upscale), 512, 260 * upscale, 150 * upscale)
+        for a in affines
+    ]
+    assert faces_mod._overlapping_groups(rois) == [[0, 1], [2], [3]]
+    out = paste_faces(rgb, restored, affines, upscale)
+    np.testing.assert_array_equal(out, _old_paste_faces(rgb, restored, affines, upscale))
+
+
+def test_paste_needs_no_float_copy_of_the_whole_output() -> None:
+    """Peak memory of pasting one small face into a 4× upscale (1200×1600): the uint8 output and the
+    face's own region, not a float32 copy of the whole output (≥ 24 B a pixel with its rounding)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    crops, affines = align(rgb, [_synthetic_face((200, 150), 20)])
+    tracemalloc.start()
+    try:
+        out = paste_faces(rgb, crops, affines, 4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (1200, 1600, 3)
+    assert peak < 10 * 1200 * 1600
+
+
+def test_paste_never_writes_into_the_callers_photo() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    before = rgb.copy()
+    crops, affines = align(rgb, [_synthetic_face((100, 75), 20)])
+    out = paste_faces(rgb, np.zeros_like(crops), affines, 1, upscale_background=lambda x, f: x)
+    np.testing.assert_array_equal(rgb, before)
+    assert (out != rgb).any()
+
+
+def test_upscale_premultiplied_keeps_the_visible_colour_at_transparent_edges() -> None:
+    """Opaque white beside transparent black: resized straight, the edge turns grey (a dark halo);
+    premultiplied by alpha, every pixel that is not fully transparent stays white."""
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[:, :8] = 255
+    alpha = np.zeros((16, 16), np.uint8)
+    alpha[:, :8] = 255
+    out = faces_mod.upscale_premultiplied(rgb, alpha, 2)
+    up_alpha = faces_mod.resize_to(alpha, (32, 32))
+    assert ((up_alpha > 0) & (up_alpha < 255)).any()  # a soft edge
+    assert out[up_alpha > 0].min() >= 250
+    assert (out[up_alpha == 0] == 0).all()
+    assert upscale_image(rgb, 2)[up_alpha > 0].min() < 200  # what straight resizing gave
+
+
+def test_faces_shrunk_more_than_2x_are_low_passed_not_aliased() -> None:
+    """A face 4× larger than the crop over 1-px stripes (3 px period, above the crop's Nyquist rate):
+    a bare bilinear warp folds them into strong false stripes, the low-passed warp into flat grey."""
+    x = np.arange(2200)
+    stripes = np.where(x % 3 == 0, 255, 0).astype(np.uint8)
+    rgb = np.repeat(np.broadcast_to(stripes, (2200, 2200))[:, :, None], 3, axis=2)
+    face = _synthetic_face((1100, 1100), 4 * float(FFHQ_TEMPLATE_512[1, 0] - FFHQ_TEMPLATE_512[0, 0]))
+    crops, affines = align(rgb, [face])
+    bare = cv2.warpAffine(rgb, affines[0], (512, 512), flags=cv2.INTER_LINEAR)
+    assert bare.std() > 40
+    assert crops[0].std() < 3 and abs(float(crops[0].mean()) - 85) < 2
+
+
+def test_anti_aliasing_keeps_geometry_and_smooth_content() -> None:
+    """Low-frequency content (and so where the face lands in the crop) is what the bare warp gives,
+    including where the crop runs off the photo into the grey border."""
+    yy, xx = np.mgrid[:1200, :1600]
+    smooth = 128 + 100 * np.sin(xx / 60.0) * np.cos(yy / 45.0)
+    rgb = np.repeat(smooth[:, :, None], 3, axis=2).astype(np.uint8)
+    face = _synthetic_face((700, 500), 3 * float(FFHQ_TEMPLATE_512[1, 0] - FFHQ_TEMPLATE_512[0, 0]))
+    crops, affines = align(rgb, [face])
+    bare = cv2.warpAffine(
+        rgb, affines[0], (512, 512), flags=cv2.INTER_LINEAR, borderValue=faces_mod.CROP_BORDER_RGB
+    )
+    assert (bare == faces_mod.CROP_BORDER_RGB).all(axis=2).any()  # the crop does leave the photo
+    diff = np.abs(crops[0].astype(int) - bare)
+    assert np.median(diff) <= 1 and np.percentile(diff, 99) <= 6

@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageCms
 
 from app.settings import Settings
-from models.errors import InvalidImageError, TooManyPixelsError, UnsupportedFormatError
-from models.images import PNG_COMPRESS_LEVEL, check_image, decode_image, encode_image, resolve_format
+from models.errors import InvalidImageError, OutputTooLargeError, TooManyPixelsError, UnsupportedFormatError
+from models.images import (
+    PNG_COMPRESS_LEVEL,
+    check_image,
+    check_output_size,
+    decode_image,
+    encode_image,
+    resolve_format,
+)
 from tests.conftest import aligned_png
 
 MAX = 10_000_000
@@ -132,6 +139,29 @@ def test_32bit_integer_mode_i_uses_16bit_range() -> None:
 
 
 @pytest.mark.parametrize(
+    ("im", "transparent", "alpha"),
+    [
+        (Image.fromarray(np.array([[0, 255], [128, 0]], np.uint8), "L"), 0, [[0, 255], [255, 0]]),
+        (
+            Image.fromarray(np.array([[[0, 0, 0], [9, 8, 7]], [[9, 8, 7], [1, 2, 3]]], np.uint8)),
+            (9, 8, 7),
+            [[255, 0], [0, 255]],
+        ),
+        (Image.fromarray(np.array([[0, 1000], [65535, 1000]], np.uint16)), 1000, [[255, 0], [255, 0]]),
+    ],
+    ids=["L", "RGB", "I;16"],
+)
+def test_png_trns_makes_one_colour_transparent_in_grey_and_rgb(
+    im: Image.Image, transparent: object, alpha: list[list[int]]
+) -> None:
+    """PNG's tRNS chunk names one grey level or RGB colour as transparent, as palette images' do."""
+    d = decode_image(_save(im, "PNG", transparency=transparent), max_pixels=MAX)
+    assert d.alpha is not None and d.alpha.tolist() == alpha
+    assert d.grayscale == (im.mode != "RGB")
+    assert d.rgb[0, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
     ("values", "levels"),
     [
         ([0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),  # the usual float range [0, 1]
@@ -151,6 +181,112 @@ def test_float_mode_f_tiff_is_read_by_its_range(values: list[float], levels: lis
 def test_allowed_formats_report_their_name(fmt: str) -> None:
     d = decode_image(_save(Image.fromarray(_rgb_pattern()), fmt), max_pixels=MAX)
     assert d.format == fmt and d.rgb.shape == (6, 9, 3)
+
+
+# ---------------------------------------------------------------- colour profiles
+
+#: Colorants (XYZ, D50-adapted, as ICC stores them) of sRGB's and Adobe RGB (1998)'s primaries.
+SRGB_COLORANTS = np.array(
+    [[0.4360747, 0.3850649, 0.1430804], [0.2225045, 0.7168786, 0.0606169], [0.0139322, 0.0971045, 0.7141733]]
+)
+ADOBE_COLORANTS = np.array(
+    [[0.6097559, 0.2052401, 0.1491737], [0.3111242, 0.6256560, 0.0632197], [0.0194811, 0.0608902, 0.7448387]]
+)
+D50 = (0.9642, 1.0, 0.8249)
+
+
+def _icc(colorants: np.ndarray, gamma: float, name: str) -> bytes:
+    """A minimal ICC v2 RGB display profile (matrix + one gamma per channel), built byte by byte: Pillow
+    can only create sRGB, LAB and XYZ profiles, and a system profile would not be the same everywhere."""
+
+    def s15(*values: float) -> bytes:
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    def xyz(values: object) -> bytes:
+        return b"XYZ \0\0\0\0" + s15(*values)  # type: ignore[misc]
+
+    text = name.encode() + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+    # curv with one u8Fixed8 entry is a pure gamma; gamma 1 is stored as no entries (identity).
+    curve = b"curv\0\0\0\0" + (
+        struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0" if gamma != 1 else bytes(4)
+    )
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", xyz(D50)),
+        *((sig, xyz(colorants[:, c])) for c, sig in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))),
+        *((sig, curve) for sig in (b"rTRC", b"gTRC", b"bTRC")),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        data += bytes(-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (
+        struct.pack(">I", offset + len(data))
+        + b"lcms"
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + bytes(12)
+        + b"acsp"
+        + bytes(24)
+        + bytes(4)
+        + s15(*D50)
+        + bytes(48)
+    )
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def _to_srgb_reference(rgb: np.ndarray, colorants: np.ndarray, gamma: float) -> np.ndarray:
+    """The profile's colours in sRGB by the textbook formulas (relative colorimetric, clipped)."""
+    xyz = colorants @ ((rgb.reshape(-1, 3).T / 255.0) ** gamma)
+    linear = np.clip(np.linalg.solve(SRGB_COLORANTS, xyz), 0, 1)
+    encoded = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return (encoded.T * 255).reshape(rgb.shape)
+
+
+@pytest.mark.parametrize(
+    ("colorants", "gamma", "name"),
+    [(SRGB_COLORANTS, 1.0, "linear sRGB"), (ADOBE_COLORANTS, 563 / 256, "Adobe-RGB-like")],
+)
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_embedded_rgb_profile_is_converted_to_srgb_with_a_warning(
+    colorants: np.ndarray, gamma: float, name: str, with_alpha: bool
+) -> None:
+    """Results are written without a profile, so they are read as sRGB: pixels described by another
+    profile (here linear-light sRGB, and Adobe RGB's wider primaries) are converted on decoding."""
+    rgb = np.array([[[128, 128, 128], [30, 200, 90], [250, 20, 10], [0, 0, 0]]], np.uint8)
+    alpha = np.array([[255, 128, 1, 0]], np.uint8)
+    im = Image.fromarray(np.dstack([rgb, alpha]) if with_alpha else rgb)
+    data = _save(im, "PNG", icc_profile=_icc(colorants, gamma, name))
+    d = decode_image(data, max_pixels=MAX)
+    expected = _to_srgb_reference(rgb, colorants, gamma)
+    assert np.abs(d.rgb - expected).max() <= 1.5
+    assert np.abs(d.rgb.astype(int) - rgb).max() >= 20  # the conversion matters
+    assert d.warnings == [f"The image's colours were converted from its colour profile ({name}) to sRGB."]
+    assert check_image(data, max_pixels=MAX) == d.warnings
+    if with_alpha:
+        np.testing.assert_array_equal(d.alpha, alpha)
+
+
+def test_srgb_profile_leaves_pixels_as_they_are() -> None:
+    a = _rgb_pattern(16, 16)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for icc in (srgb, _icc(SRGB_COLORANTS, 1.0, "linear sRGB")):
+        assert Image.open(io.BytesIO(_save(Image.fromarray(a), "PNG", icc_profile=icc))).info["icc_profile"]
+    d = decode_image(_save(Image.fromarray(a), "JPEG", quality=100, icc_profile=srgb), max_pixels=MAX)
+    plain = decode_image(_save(Image.fromarray(a), "JPEG", quality=100), max_pixels=MAX)
+    np.testing.assert_array_equal(d.rgb, plain.rgb)
+    assert d.warnings == []
+
+
+def test_unreadable_profile_is_ignored_with_a_warning() -> None:
+    a = _rgb_pattern()
+    d = decode_image(_save(Image.fromarray(a), "PNG", icc_profile=b"not a profile" * 20), max_pixels=MAX)
+    np.testing.assert_array_equal(d.rgb, a)
+    assert d.warnings == ["The image's colour profile could not be read; its colours were used as they are."]
 
 
 # ---------------------------------------------------------------- hostile input
@@ -371,6 +507,17 @@ def test_png_compress_level_changes_bytes_not_pixels() -> None:
     for data in (stored, default):
         np.testing.assert_array_equal(decode_image(data, max_pixels=MAX).rgb, face)
     assert Settings().png_compress_level == PNG_COMPRESS_LEVEL  # the service's default is the library's
+
+
+def test_output_size_limits_of_each_format() -> None:
+    """libwebp writes at most 16383 px a side and libjpeg 65500; Pillow only says so when encoding."""
+    check_output_size(16383, 10, "webp")
+    check_output_size(65500, 65500, "jpeg")
+    check_output_size(200_000, 10, "png")
+    with pytest.raises(OutputTooLargeError, match=r"comparison would be 16384×10 pixels.*WEBP.*16383"):
+        check_output_size(16384, 10, "webp", "comparison")
+    with pytest.raises(OutputTooLargeError, match="JPEG"):
+        check_output_size(10, 65501, "jpeg")
 
 
 def test_resolve_format() -> None:

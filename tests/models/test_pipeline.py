@@ -23,7 +23,7 @@ from models import trained
 from models.dblm import DBLMConfig, DBLMNet
 from models.dgsa import DGSANet
 from models.dsst import default_table
-from models.errors import Cancelled, NoFaceError, PipelineError
+from models.errors import Cancelled, NoFaceError, OutputTooLargeError, PipelineError
 from models.pipeline import STAGES, RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
 from models.weights import MissingWeightsError
@@ -419,6 +419,58 @@ def test_no_face_fails_or_passes_through(fast: RestorationPipeline) -> None:
         np.asarray(Image.open(io.BytesIO(passed.image))), np.full((200, 300, 3), (120, 130, 140))
     )
     assert any("No face" in w for w in passed.warnings) and passed.face_reports == []
+
+
+@pytest.mark.parametrize(
+    ("source", "size", "options", "message"),
+    [
+        ("WEBP", (4100, 64), {"upscale": 4, "format": "same"}, r"image would be 16400×256 pixels.*WEBP"),
+        (
+            "WEBP",
+            (4100, 64),
+            {"upscale": 2, "format": "webp", "outputs": ("image", "comparison")},
+            "comparison",
+        ),
+        ("PNG", (33000, 10), {"format": "jpeg", "outputs": ("comparison",)}, r"66000×10 pixels.*JPEG.*65500"),
+    ],
+)
+def test_results_too_large_for_their_format_are_refused_before_any_work(
+    fast: RestorationPipeline, source: str, size: tuple[int, int], options: dict, message: str
+) -> None:
+    """WebP holds at most 16383 px a side, JPEG 65500: a result over that is a client error
+    (output_too_large, the API's code for it at submission) raised right after decoding, not
+    Pillow's ValueError (an internal error) after the whole restoration."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 90, 90)).save(buf, source)
+    stages: list[str] = []
+    with pytest.raises(OutputTooLargeError, match=message) as err:
+        fast.restore_photo(
+            buf.getvalue(),
+            RestoreOptions(seed=0, on_no_face="passthrough", **options),
+            progress=lambda stage, step, total: stages.append(stage),
+        )
+    assert err.value.code == "output_too_large"
+    assert stages == ["decode"]
+
+
+@needs_detector
+def test_transparent_edges_keep_their_colour_when_upscaled(fast: RestorationPipeline) -> None:
+    """Opaque white beside transparent black, upscaled 2×: the soft edge stays white (colours are
+    resized premultiplied by alpha), instead of a grey halo on every background it is shown on."""
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[:, :32] = 255
+    data = _png(Image.fromarray(rgba))
+    result = fast.restore_photo(data, RestoreOptions(seed=0, upscale=2, on_no_face="passthrough"))
+    out = _decoded(result.image)
+    alpha = out[:, :, 3]
+    assert ((alpha > 0) & (alpha < 255)).any()  # the resized edge is soft
+    assert out[:, :, :3][alpha > 0].min() >= 250
+    over_white = _decoded(
+        fast.restore_photo(
+            data, RestoreOptions(seed=0, upscale=2, on_no_face="passthrough", format="jpeg")
+        ).image
+    )
+    assert over_white.min() >= 245  # white over white: no halo at all
 
 
 @pytest.mark.slow  # bf16 convolutions take minutes at 512 px on CPUs without bf16 units
