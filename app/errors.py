@@ -65,7 +65,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
+            # The field's name alone, wherever it came from (as `_invalid` names body fields).
+            loc = ".".join(str(p) for p in err.get("loc", ())[1:])
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         return _respond(422, "invalid_option", "; ".join(parts) or "Invalid request.")
 

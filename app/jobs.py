@@ -15,6 +15,7 @@ Layout (``P`` = settings.key_prefix)::
     P:workers             set of worker names (entries whose hash expired are pruned on read)
     P:done:{id}           pub/sub channel (no key): published once when the job ends
     P:reaper-lock         lock so only one worker at a time re-queues abandoned jobs
+    P:queue-sweep-lock:{q} lock so one API process a round fails jobs queued too long (app/queued.py)
 
 This module must stay torch-free: the API imports it.
 """
@@ -279,6 +280,20 @@ class JobStore:
         args += [channel, message, s.record_ttl_seconds, s.result_ttl_seconds, *results.values()]
         raw = self._finish(keys=keys, args=args)
         return _load(dict(zip(raw[::2], raw[1::2], strict=True))) if raw else None
+
+    def waiting_since(self, job_ids: list[str]) -> dict[str, float]:
+        """When each of these jobs that is still queued began to wait: its submission, or its last start
+        for a job re-queued after its worker was lost (that start renewed the record's TTL). Jobs
+        that are gone or no longer queued are left out. One round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.key("job", job_id), "status", "created_at", "started_at")
+            rows = pipe.execute()
+        since = {}
+        for job_id, (status, created, started) in zip(job_ids, rows, strict=True):
+            if status is not None and json.loads(status) == "queued":
+                since[job_id] = max(json.loads(created), json.loads(started or b"null") or 0.0)
+        return since
 
     def input(self, job_id: str) -> bytes | None:
         return self.redis.get(self.key("input", job_id))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
+import anyio
 from fastapi import FastAPI
 from redis import Redis
 from rq import Queue
@@ -17,6 +19,7 @@ from app import metrics
 from app.completions import Completions
 from app.errors import install_error_handlers
 from app.jobs import JobStore, connect, make_queue
+from app.queued import sweep_forever
 from app.routers import health, models, restorations, web
 from app.settings import Settings, get_settings
 
@@ -38,25 +41,33 @@ class Services:
     store: JobStore
     queue: Queue
     completions: Completions
+    #: Uploads being checked (fully decoded) at once: each holds its pixels (docs/scaling.md).
+    image_checks: anyio.CapacityLimiter
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API. Tests pass their own Settings; production reads the environment."""
     settings = settings or get_settings()
     completions = Completions(settings)
+    redis = connect(settings)
+    store = JobStore(redis, settings)
+    queue = make_queue(redis, settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         completions.start()
+        sweeping = asyncio.create_task(sweep_forever(store, queue, settings), name="dynface-queue-sweep")
         try:
             yield
         finally:
+            sweeping.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeping
             await completions.stop()
 
     app = FastAPI(title="dynface", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
-    redis = connect(settings)
-    store = JobStore(redis, settings)
-    app.state.services = Services(settings, redis, store, make_queue(redis, settings), completions)
+    limiter = anyio.CapacityLimiter(settings.max_concurrent_image_checks)
+    app.state.services = Services(settings, redis, store, queue, completions, limiter)
     install_error_handlers(app)
     app.include_router(restorations.router)
     app.include_router(models.router)
@@ -64,6 +75,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web.router)
     app.add_middleware(_Measure)
     return app
+
+
+#: The methods the API serves; any other is counted as "other", so a client cannot mint label values.
+_METHODS = frozenset({"GET", "HEAD", "POST", "DELETE", "OPTIONS"})
 
 
 class _Measure:
@@ -93,8 +108,9 @@ class _Measure:
             await self.app(scope, receive, send_with_headers)
         finally:
             template = getattr(scope.get("route"), "path", "unmatched")
-            metrics.REQUESTS.labels(template, scope["method"], str(status)).inc()
-            metrics.REQUEST_SECONDS.labels(template, scope["method"]).observe(time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            metrics.REQUESTS.labels(template, method, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(template, method).observe(time.perf_counter() - start)
 
 
 def app_from_env() -> FastAPI:

@@ -142,6 +142,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+#: OpenAPI `responses` entries shared by the routers: any error, and a 503 (`redis_unavailable`,
+#: `queue_full`), which is always sent with Retry-After.
+ERROR_DOC: dict[str, Any] = {"model": ErrorResponse, "description": "Error (see `error.code`)."}
+RETRY_AFTER_DOC = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+}
+UNAVAILABLE_DOC: dict[str, Any] = {**ERROR_DOC, "headers": RETRY_AFTER_DOC}
+
+
 class Outputs(BaseModel):
     image: str | None = None
     faces: list[str] = Field(default_factory=list, description="Restored aligned faces, in `faces` order.")
@@ -225,7 +234,10 @@ class ReadyResponse(BaseModel):
     reasons: list[str] = Field(default_factory=list)
     auth: Literal["api_key", "open"]
     queue_depth: int | None = None
-    workers: list[ModelInfo] = Field(default_factory=list)
+    workers: list[ModelInfo] = Field(
+        default_factory=list,
+        description="Live workers; empty for a caller without a valid key when API keys are configured.",
+    )
 
 
 def profile_notice(info: dict[str, Any]) -> str | None:

@@ -12,10 +12,12 @@ import hmac
 import ipaddress
 import socket
 import time
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import Request
+from fastapi import Depends, Request
 
+from app.deps import services
 from app.errors import ApiError
 from app.jobs import JobStore
 from app.settings import Settings
@@ -59,6 +61,26 @@ def authenticate(request: Request, settings: Settings) -> str:
     if not matched:
         raise ApiError(401, "unauthorized", "Invalid API key.", {"WWW-Authenticate": "Bearer"})
     return key_id(given)
+
+
+async def caller(request: Request) -> str:
+    """`authenticate` as a route dependency: FastAPI solves it before it validates the route's own
+    parameters, so a request without a valid key is a 401 whatever its path holds. Async: it does
+    no I/O, so it needs no worker thread."""
+    return authenticate(request, services(request).settings)
+
+
+#: A route parameter holding the caller's key id (see `caller`).
+Caller = Annotated[str, Depends(caller)]
+
+
+def is_authenticated(request: Request, settings: Settings) -> bool:
+    """Whether the caller may see details kept from the anonymous (always, on an open API)."""
+    try:
+        authenticate(request, settings)
+    except ApiError:
+        return False
+    return True
 
 
 def check_rate_limit(store: JobStore, owner: str, per_minute: int) -> None:

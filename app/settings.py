@@ -64,10 +64,18 @@ class Settings(BaseSettings):
     # --- upload limits
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=40_000_000, ge=1)
+    # The result (input pixels x upscale²): worker memory, and a result's bytes must fit one Redis
+    # string (512 MB; the comparison is twice the result) — docs/configuration.md.
+    max_output_pixels: int = Field(default=64_000_000, ge=1)
+    # Decoded uploads held at once per API process (memory: docs/scaling.md, "API memory").
+    max_concurrent_image_checks: int = Field(default=4, ge=1)
 
     # --- queue, timeouts and retention
     max_queue_depth: int = Field(default=100, ge=1)
     queue_full_retry_after_seconds: int = Field(default=30, ge=1)
+    # A job queued this long fails with queue_timeout (app/queued.py) before its record can expire.
+    # Unset: `queue_timeout` below (an explicit default would refuse every existing short record TTL).
+    queue_timeout_seconds: int | None = Field(default=None, ge=1)
     job_timeout_seconds: int = Field(default=600, ge=1)
     result_ttl_seconds: int = Field(default=3600, ge=1)
     record_ttl_seconds: int = Field(default=24 * 3600, ge=1)
@@ -129,6 +137,27 @@ class Settings(BaseSettings):
                 f"(max_retries + 1) x job_timeout_seconds = {longest}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _queued_jobs_fail_before_they_expire(self) -> Settings:
+        # A queued job's record expires record_ttl after it began to wait; the sweep that fails it
+        # comes round within two reaper intervals (its lock can make one replica miss a turn).
+        room = self.record_ttl_seconds - 2 * self.reaper_interval_seconds
+        if room <= 0 or self.queue_timeout > room:
+            raise ValueError(
+                f"DYNFACE_RECORD_TTL_SECONDS - 2 x DYNFACE_REAPER_INTERVAL_SECONDS = {room:g} must be "
+                f"positive and at least DYNFACE_QUEUE_TIMEOUT_SECONDS ({self.queue_timeout_seconds}): a "
+                "queued job must fail before its record expires"
+            )
+        return self
+
+    @property
+    def queue_timeout(self) -> float:
+        """Seconds a job may wait in the queue: the setting, else an hour or, with a record TTL too
+        short for that, as long as its record is sure to outlive the wait."""
+        if self.queue_timeout_seconds is not None:
+            return float(self.queue_timeout_seconds)
+        return min(3600.0, self.record_ttl_seconds - 2 * self.reaper_interval_seconds)
 
     @property
     def redis_configured(self) -> bool:

@@ -1,4 +1,5 @@
-"""Liveness, readiness and metrics endpoints (unauthenticated: probes and scrapers have no keys)."""
+"""Liveness, readiness and metrics endpoints (unauthenticated: probes and scrapers have no keys; with
+API keys configured, /readyz keeps worker details to callers that send one)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app import metrics
 from app.deps import services
 from app.schemas import ModelInfo, ReadyResponse
+from app.security import is_authenticated
 
 router = APIRouter(tags=["operations"])
 
@@ -51,11 +53,14 @@ def healthz() -> dict[str, str]:
     description="200 only when Redis answers and at least one worker has its model loaded; "
     "else 503 with the reasons (a worker lacking weight files names them and the `dynface weights pull` "
     "command that fetches them). Reports each worker's device and weight versions, and whether "
-    "the API is open (no API keys configured).",
+    "the API is open (no API keys configured). With API keys configured, a caller without a valid key "
+    "gets only `ready`, `auth`, `queue_depth` and short reasons: no workers, paths or commands.",
     responses={503: {"model": ReadyResponse}},
 )
 def readyz(request: Request) -> JSONResponse:
     svc = services(request)
+    # Worker names, weight paths and pull commands describe the deployment: not for anonymous callers.
+    detailed = is_authenticated(request, svc.settings)
     reasons: list[str] = []
     workers: list[ModelInfo] = []
     depth = None
@@ -65,7 +70,11 @@ def readyz(request: Request) -> JSONResponse:
         workers = [worker_model(w) for w in svc.store.workers()]
         if not any(w.state in ("ready", "busy") for w in workers):
             reasons.append("no worker has its model loaded" if workers else "no worker is running")
-            reasons += [_missing_reason(w) for w in workers if w.missing_weights]
+            missing = [w for w in workers if w.missing_weights]
+            if detailed:
+                reasons += [_missing_reason(w) for w in missing]
+            elif missing:
+                reasons.append(f"{len(missing)} worker(s) lack weight files (details with an API key)")
     except Exception as e:  # any Redis failure means "not ready", never a 500
         reasons.append(f"redis unreachable: {type(e).__name__}")
     body = ReadyResponse(
@@ -73,7 +82,7 @@ def readyz(request: Request) -> JSONResponse:
         reasons=reasons,
         auth="api_key" if svc.settings.auth_enabled else "open",
         queue_depth=depth,
-        workers=workers,
+        workers=workers if detailed else [],
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 

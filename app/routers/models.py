@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request
 
 from app.deps import services
 from app.routers.health import worker_model
-from app.schemas import ErrorResponse, ModelsResponse, profile_notice
-from app.security import authenticate
+from app.schemas import ERROR_DOC, UNAVAILABLE_DOC, ModelsResponse, profile_notice
+from app.security import Caller
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -16,11 +16,9 @@ router = APIRouter(prefix="/v1", tags=["models"])
     "/models",
     response_model=ModelsResponse,
     summary="Loaded models",
-    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={401: ERROR_DOC, 503: UNAVAILABLE_DOC},
 )
-def list_models(request: Request) -> ModelsResponse:
-    svc = services(request)
-    authenticate(request, svc.settings)
-    workers = svc.store.workers()
+def list_models(request: Request, _: Caller) -> ModelsResponse:
+    workers = services(request).store.workers()
     warnings = sorted({n for w in workers if (n := profile_notice(w.get("info") or {}))})
     return ModelsResponse(models=[worker_model(w) for w in workers], warnings=warnings)

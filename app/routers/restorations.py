@@ -7,8 +7,8 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import io
 import json
-import logging
 import re
 import time
 import uuid
@@ -18,9 +18,10 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import ExifTags, Image
 from pydantic import ValidationError
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -28,20 +29,21 @@ from app import metrics
 from app.deps import services
 from app.errors import SAFE_HEADERS, UPLOAD_ERROR_STATUS, ApiError
 from app.jobs import TERMINAL, JobStore
+from app.queued import end_queued
 from app.schemas import (
-    ErrorResponse,
+    ERROR_DOC,
+    RETRY_AFTER_DOC,
+    UNAVAILABLE_DOC,
     Restoration,
     RestorationOptions,
     RestorationRequest,
     profile_notice,
     restoration_view,
 )
-from app.security import authenticate, check_rate_limit, check_webhook_url
-from app.webhooks import notify
+from app.security import Caller, authenticate, check_rate_limit, check_webhook_url
+from app.settings import Settings
 from models.errors import PipelineError
-from models.images import check_image
-
-log = logging.getLogger(__name__)
+from models.images import ALLOWED_FORMATS, MAX_OUTPUT_SIDE, check_image, resolve_format
 
 router = APIRouter(prefix="/v1/restorations", tags=["restorations"])
 
@@ -50,16 +52,17 @@ _FRAMING_BYTES = 64 * 1024
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[^,;]*)*;base64,", re.ASCII)
 #: RFC 7240 `wait` preference: bare, or with a token or quoted-string value (`wait=10`, `wait="10"`).
 _WAIT = re.compile(r'(?:^|[,;\s])wait(?:\s*=\s*(?:"([0-9]+)"|([0-9]+)))?(?=$|[,;\s])', re.IGNORECASE)
-_ERR: dict[str, Any] = {"model": ErrorResponse, "description": "Error (see `error.code`)."}
 #: Age after which an Idempotency-Key bound to a job that does not exist is taken over by a retry:
 #: longer than any submission takes between claiming the key and storing its job (image check,
 #: webhook DNS, Redis round trips with their timeouts), so the claimer is known to have failed.
 IDEMPOTENCY_TAKEOVER_SECONDS = 60.0
 #: Longest pause between re-reads of a record that a `Prefer: wait` request waits on.
 _MAX_POLL_SECONDS = 1.0
-_RETRY_AFTER = {
-    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
-}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_IMAGE_CONTENT = {"image/png": _BINARY, "image/jpeg": _BINARY, "image/webp": _BINARY}
+#: An aligned input is restored at this size whatever its own (models.pipeline.FACE_SIZE, which the
+#: API cannot import: torch).
+_ALIGNED_SIZE = 512
 _PARAMETERS = [
     {
         "name": "Prefer",
@@ -103,13 +106,15 @@ _REQUEST_BODY = {
 }
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """Yield the body, counting bytes as they arrive: Content-Length is never trusted."""
+async def _limited(request: Request, limit: int, max_bytes: int) -> AsyncIterator[bytes]:
+    """Yield the body, counting bytes as they arrive: Content-Length is never trusted. ``limit`` is
+    the body's cut-off (the image's ``max_bytes`` plus encoding and framing room); the message names
+    the image limit, the one a client can act on."""
     seen = 0
     async for chunk in request.stream():
         seen += len(chunk)
         if seen > limit:
-            raise ApiError(413, "too_large", f"The request body exceeds {limit} bytes.")
+            raise ApiError(413, "too_large", f"The image exceeds {max_bytes} bytes.")
         yield chunk
 
 
@@ -133,9 +138,8 @@ def _options_from_form(form: Any) -> dict[str, Any]:
 async def _read_submission(request: Request, max_bytes: int) -> tuple[bytes, RestorationOptions]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        parser = MultiPartParser(
-            request.headers, _limited(request, max_bytes + _FRAMING_BYTES), max_files=1, max_fields=32
-        )
+        body = _limited(request, max_bytes + _FRAMING_BYTES, max_bytes)
+        parser = MultiPartParser(request.headers, body, max_files=1, max_fields=32)
         try:
             form = await parser.parse()
         except MultiPartException as e:
@@ -153,7 +157,7 @@ async def _read_submission(request: Request, max_bytes: int) -> tuple[bytes, Res
         finally:
             await form.close()
     elif ctype == "application/json":
-        raw = b"".join([c async for c in _limited(request, max_bytes * 4 // 3 + _FRAMING_BYTES)])
+        raw = b"".join([c async for c in _limited(request, max_bytes * 4 // 3 + _FRAMING_BYTES, max_bytes)])
         try:
             body = RestorationRequest.model_validate_json(raw)
         except ValidationError as e:
@@ -280,22 +284,22 @@ async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[s
             "model": Restoration,
             "description": "Finished job (Prefer: wait, or an Idempotency-Key replay of a job that has "
             "ended); the restored photo itself when `Accept` prefers it.",
-            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "content": _IMAGE_CONTENT,
             "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}},
         },
         202: {
             "description": "Accepted (queued, or not finished within the Prefer: wait time).",
             "headers": {"Location": {"description": "URL of the job.", "schema": {"type": "string"}}},
         },
-        400: _ERR,
-        401: _ERR,
-        409: _ERR,
-        413: _ERR,
-        415: _ERR,
-        422: _ERR,
-        429: {**_ERR, "headers": _RETRY_AFTER},
-        500: _ERR,
-        503: {**_ERR, "headers": _RETRY_AFTER},
+        400: ERROR_DOC,
+        401: ERROR_DOC,
+        409: ERROR_DOC,
+        413: ERROR_DOC,
+        415: ERROR_DOC,
+        422: ERROR_DOC,
+        429: {**ERROR_DOC, "headers": RETRY_AFTER_DOC},
+        500: ERROR_DOC,
+        503: UNAVAILABLE_DOC,
     },
 )
 async def create_restoration(request: Request) -> JSONResponse:
@@ -303,6 +307,9 @@ async def create_restoration(request: Request) -> JSONResponse:
         return await _create(request)
     except ApiError as e:
         metrics.JOBS_REJECTED.labels(e.code).inc()
+        raise
+    except (RedisConnectionError, RedisTimeoutError):
+        metrics.JOBS_REJECTED.labels("redis_unavailable").inc()  # answered by app.errors' handler
         raise
 
 
@@ -321,13 +328,15 @@ async def _submit_and_wait(
     svc = services(request)
     s = svc.settings
     wait = _wait_seconds(request.headers.getlist("prefer"), s.max_wait_seconds)
+    # Its own hop, behind the limiter: each check holds a whole decoded image.
+    warnings = await anyio.to_thread.run_sync(_check_upload, data, options, s, limiter=svc.image_checks)
 
     def submit() -> tuple[dict[str, Any], bool, Restoration | None]:
-        record, replayed = _submit(request, owner, data, options)
+        record, replayed = _submit(request, owner, data, options, warnings)
         # Without a wait this record is the answer: its queue position is read in the same hop.
         return record, replayed, None if wait is not None else _view(request, record)
 
-    # One worker-thread hop for all the blocking work: image check, webhook DNS, Redis.
+    # One worker-thread hop for the rest of the blocking work: webhook DNS, Redis.
     record, replayed, view = await anyio.to_thread.run_sync(submit)
     extra = {"Idempotent-Replayed": "true"} if replayed else {}
     if wait is not None:
@@ -394,18 +403,58 @@ def prefers_over_json(accept: str | None, media_type: str) -> bool:
     return image_q > 0 and image_q > quality("application/json")
 
 
-def _submit(
-    request: Request, owner: str, data: bytes, options: RestorationOptions
-) -> tuple[dict[str, Any], bool]:
-    """Upload and webhook checks, idempotency, queue limit, then store + enqueue. Returns (record,
-    replayed)."""
-    svc = services(request)
-    s, store = svc.settings, svc.store
+def _check_upload(data: bytes, options: RestorationOptions, s: Settings) -> list[str]:
+    """The upload and the result it asks for, checked before anything is stored. Returns the
+    upload's warnings."""
     try:
         # Every pixel is decoded, as the worker will: a broken upload is a 4xx now, not a failed job.
         warnings = check_image(data, max_pixels=s.max_pixels)
     except PipelineError as e:
         raise ApiError(UPLOAD_ERROR_STATUS.get(e.code, 400), e.code, e.message) from e
+    _check_output_size(data, options, s.max_output_pixels)
+    return warnings
+
+
+def _check_output_size(data: bytes, options: RestorationOptions, max_output_pixels: int) -> None:
+    """Refuse a result too large to make (`max_output_pixels`) or to write in its format (a side
+    beyond `MAX_OUTPUT_SIDE`): the worker would fail it only after the whole restoration. ``data``
+    has passed `check_image`, so only its header is read here."""
+    with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as im:
+        (width, height), source = im.size, str(im.format)
+        # Orientations 5-8 turn the picture a quarter: the upright width is the stored height. A
+        # malformed EXIF block is ignored, as the worker ignores it.
+        with contextlib.suppress(Exception):
+            if im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
+                width, height = height, width
+    if options.aligned:
+        width = height = _ALIGNED_SIZE
+    width, height = width * options.upscale, height * options.upscale
+    if width * height > max_output_pixels:
+        raise ApiError(
+            413,
+            "output_too_large",
+            f"The result would have {width}x{height} = {width * height} pixels (the image times upscale "
+            f"{options.upscale} on each side); the limit is {max_output_pixels}. Ask for a smaller upscale.",
+        )
+    fmt = resolve_format(options.format, source)
+    # The comparison puts the input, resized to the result's height, beside the result.
+    widest = 2 * width if "comparison" in options.outputs else width
+    if max(widest, height) > MAX_OUTPUT_SIDE[fmt]:
+        raise ApiError(
+            413,
+            "output_too_large",
+            f"An output would be {widest}x{height} px; {fmt} images are at most {MAX_OUTPUT_SIDE[fmt]} px "
+            "a side. Ask for format png, or a smaller upscale.",
+        )
+
+
+def _submit(
+    request: Request, owner: str, data: bytes, options: RestorationOptions, warnings: list[str]
+) -> tuple[dict[str, Any], bool]:
+    """Webhook check, idempotency, queue limit, then store + enqueue (the upload has passed
+    `_check_upload`, which gave its ``warnings``). Returns (record, replayed)."""
+    svc = services(request)
+    s, store = svc.settings, svc.store
     if options.webhook is not None:
         try:
             check_webhook_url(options.webhook, s)
@@ -490,10 +539,9 @@ def _profile_warnings(request: Request) -> list[str]:
     "/{job_id}",
     response_model=Restoration,
     summary="Get a job",
-    responses={401: _ERR, 404: _ERR, 422: _ERR, 503: _ERR},
+    responses={401: ERROR_DOC, 404: ERROR_DOC, 422: ERROR_DOC, 503: UNAVAILABLE_DOC},
 )
-def get_restoration(job_id: str, request: Request) -> JSONResponse:
-    owner = authenticate(request, services(request).settings)
+def get_restoration(job_id: str, request: Request, owner: Caller) -> JSONResponse:
     return _respond(_view(request, _owned(request, job_id, owner)), 200)
 
 
@@ -504,19 +552,21 @@ def get_restoration(job_id: str, request: Request) -> JSONResponse:
     description="Queued jobs are canceled at once (200). Running jobs stop at the next diffusion step: "
     "202 with the job still `processing`; poll until `canceled`. Already canceled jobs: 200 again (a "
     "retried DELETE is safe). Succeeded or failed jobs: 409 `not_cancelable`.",
-    responses={202: {"model": Restoration}, 401: _ERR, 404: _ERR, 409: _ERR, 422: _ERR, 503: _ERR},
+    responses={
+        202: {"model": Restoration},
+        401: ERROR_DOC,
+        404: ERROR_DOC,
+        409: ERROR_DOC,
+        422: ERROR_DOC,
+        503: UNAVAILABLE_DOC,
+    },
 )
-def cancel_restoration(job_id: str, request: Request) -> JSONResponse:
+def cancel_restoration(job_id: str, request: Request, owner: Caller) -> JSONResponse:
     svc = services(request)
-    owner = authenticate(request, svc.settings)
     record = _owned(request, job_id, owner)
     store = svc.store
-    canceled = store.finish(job_id, {"status": "canceled"}, allowed=["queued"])
+    canceled = end_queued(store, svc.queue, svc.settings, job_id, {"status": "canceled"})
     if canceled is not None:
-        metrics.JOBS_ENDED.labels("canceled", "canceled").inc()
-        # The record is the truth and now says canceled: tell the webhook before anything can fail.
-        notify(canceled, svc.settings)
-        _drop_queued(request, job_id)
         return _respond(_view(request, canceled), 200)
     if store.update(job_id, {"cancel_requested": True}, allowed=["processing"]):
         return _respond(_view(request, store.get(job_id) or record), 202)
@@ -526,21 +576,10 @@ def cancel_restoration(job_id: str, request: Request) -> JSONResponse:
     raise ApiError(409, "not_cancelable", f"The job is already {record['status']}.")
 
 
-def _drop_queued(request: Request, job_id: str) -> None:
-    """Best-effort removal of a canceled job's RQ job from the queue. Failure is harmless: a worker
-    that dequeues it finds the record canceled and skips it (worker.tasks._start)."""
+def _result(
+    request: Request, owner: str, job_id: str, name: str, kind: str, index: int | None = None
+) -> Response:
     svc = services(request)
-    try:
-        Job.fetch(job_id, connection=svc.redis, serializer=svc.queue.serializer).cancel()
-    except NoSuchJobError:
-        pass  # already gone: nothing to remove
-    except Exception as e:  # RQ's own errors, Redis down: the cancel has happened anyway
-        log.warning("job %s: canceled, but its RQ job was not removed from the queue: %s", job_id, e)
-
-
-def _result(request: Request, job_id: str, name: str, kind: str, index: int | None = None) -> Response:
-    svc = services(request)
-    owner = authenticate(request, svc.settings)
     found, blob = svc.store.get_with_result(job_id, name)  # one round trip for both
     record = _own(found, job_id, owner)
     if record["status"] != "succeeded":
@@ -578,24 +617,24 @@ _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 _BYTES = {
-    200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-    401: _ERR,
-    404: _ERR,
-    409: _ERR,
-    410: _ERR,
-    422: _ERR,
-    503: _ERR,
+    200: {"content": _IMAGE_CONTENT},
+    401: ERROR_DOC,
+    404: ERROR_DOC,
+    409: ERROR_DOC,
+    410: ERROR_DOC,
+    422: ERROR_DOC,
+    503: UNAVAILABLE_DOC,
 }
 
 
 @router.get("/{job_id}/image", summary="The restored photo", response_class=Response, responses=_BYTES)
-def get_image(job_id: str, request: Request) -> Response:
-    return _result(request, job_id, "image", "image")
+def get_image(job_id: str, request: Request, owner: Caller) -> Response:
+    return _result(request, owner, job_id, "image", "image")
 
 
 @router.get("/{job_id}/faces/{k}", summary="Restored face crop k", response_class=Response, responses=_BYTES)
-def get_face(job_id: str, k: int, request: Request) -> Response:
-    return _result(request, job_id, f"face:{k}", "faces", k)
+def get_face(job_id: str, k: int, request: Request, owner: Caller) -> Response:
+    return _result(request, owner, job_id, f"face:{k}", "faces", k)
 
 
 @router.get(
@@ -605,12 +644,12 @@ def get_face(job_id: str, k: int, request: Request) -> Response:
     response_class=Response,
     responses=_BYTES,
 )
-def get_crop(job_id: str, k: int, request: Request) -> Response:
-    return _result(request, job_id, f"crop:{k}", "crops", k)
+def get_crop(job_id: str, k: int, request: Request, owner: Caller) -> Response:
+    return _result(request, owner, job_id, f"crop:{k}", "crops", k)
 
 
 @router.get(
     "/{job_id}/comparison", summary="Side-by-side comparison", response_class=Response, responses=_BYTES
 )
-def get_comparison(job_id: str, request: Request) -> Response:
-    return _result(request, job_id, "comparison", "comparison")
+def get_comparison(job_id: str, request: Request, owner: Caller) -> Response:
+    return _result(request, owner, job_id, "comparison", "comparison")

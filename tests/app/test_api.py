@@ -24,6 +24,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app import queued
+from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
 from app.routers import health, models, restorations
 from app.schemas import RestorationOptions, restoration_view
@@ -316,14 +318,18 @@ def test_a_retry_while_the_first_request_still_stores_its_job_makes_no_second_jo
     )
 
 
-def canceled_total(client: TestClient) -> float:
-    line = 'dynface_jobs_total{outcome="canceled",reason="canceled"} '
+def metric(client: TestClient, series: str) -> float:
+    """One series' value in the API's /metrics (0 while it has not been written)."""
+    line = series + " "
     found = [ln for ln in client.get("/metrics").text.splitlines() if ln.startswith(line)]
     return float(found[0].removeprefix(line)) if found else 0.0
 
 
+CANCELED = 'dynface_jobs_total{outcome="canceled",reason="canceled"}'
+
+
 def test_cancel_queued_job(client: TestClient, redis_conn, settings) -> None:
-    before = canceled_total(client)
+    before = metric(client, CANCELED)
     job = submit(client).json()
     r = client.delete(f"/v1/restorations/{job['id']}")
     assert r.status_code == 200 and r.json()["status"] == "canceled"
@@ -334,7 +340,7 @@ def test_cancel_queued_job(client: TestClient, redis_conn, settings) -> None:
     assert again.status_code == 200 and again.json() == r.json()
     assert client.get(f"/v1/restorations/{job['id']}/image").status_code == 409
     # No worker ever sees it, so the API counts its end (once, though DELETE came twice).
-    assert canceled_total(client) == before + 1
+    assert metric(client, CANCELED) == before + 1
 
 
 def test_cancel_of_a_finished_job_is_409(client: TestClient) -> None:
@@ -363,7 +369,7 @@ def test_cancel_survives_a_failing_rq_cleanup(client: TestClient, monkeypatch) -
 
     with http_server(Receiver) as base:
         job_id = submit(client, webhook=f"{base}/hook").json()["id"]
-        monkeypatch.setattr(restorations.Job, "fetch", redis_down)
+        monkeypatch.setattr(queued.Job, "fetch", redis_down)
         r = client.delete(f"/v1/restorations/{job_id}")
         assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
         wait_for(lambda: hooks, 10, what="webhook")
@@ -800,3 +806,245 @@ def test_a_job_end_wakes_its_waiting_requests_through_redis(client: TestClient) 
             return not unrelated.is_set()
 
     assert client.portal.call(ended_by_message)
+
+
+def image_bytes(size: tuple[int, int], fmt: str = "PNG", orientation: int | None = None) -> bytes:
+    """A plain image, optionally with an EXIF Orientation tag."""
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.new("RGB", size, (120, 80, 60)).save(buf, fmt, exif=exif)
+    return buf.getvalue()
+
+
+def test_a_result_over_max_output_pixels_is_refused_at_submission(make_settings) -> None:
+    """`upscale` multiplies the result's pixels by its square: checked at submission, not by a job
+    that fails (or exhausts the worker) after the restoration."""
+    with TestClient(create_app(make_settings(max_output_pixels=300_000))) as c:
+        photo = image_bytes((400, 400))  # 160 000 px: 640 000 at upscale 2
+        assert submit(c, data=photo, aligned="false").status_code == 202
+        r = submit(c, data=photo, aligned="false", upscale="2")
+        assert r.status_code == 413 and error_code(r) == "output_too_large", r.text
+        assert "800x800" in r.text and "300000" in r.text
+        # An aligned face is restored at 512 x 512 whatever its own size.
+        assert submit(c, data=image_bytes((1024, 1024))).status_code == 202
+        r = submit(c, data=image_bytes((64, 64)), upscale="2")
+        assert r.status_code == 413 and error_code(r) == "output_too_large", r.text
+
+
+@pytest.mark.parametrize(
+    ("size", "source", "orientation", "fields", "refused"),
+    [
+        ((4100, 8), "PNG", None, {"format": "webp", "upscale": "4"}, True),  # 16 400 px wide
+        ((4100, 8), "PNG", None, {"format": "png", "upscale": "4"}, False),
+        ((4100, 8), "WEBP", None, {"upscale": "4"}, True),  # format "same": WebP
+        ((4100, 8), "PNG", None, {"format": "webp", "upscale": "3"}, False),
+        ((2100, 8), "PNG", None, {"format": "webp", "upscale": "4", "outputs": "image,comparison"}, True),
+        ((2100, 8), "PNG", None, {"format": "webp", "upscale": "4"}, False),
+        # Stored 8 x 2100, turned upright by EXIF Orientation 6: its comparison is 16 800 px wide.
+        ((8, 2100), "JPEG", 6, {"format": "webp", "upscale": "4", "outputs": "comparison"}, True),
+        ((8, 2100), "JPEG", 1, {"format": "webp", "upscale": "4", "outputs": "comparison"}, False),
+    ],
+)
+def test_an_output_its_format_cannot_hold_is_refused_at_submission(
+    client: TestClient,
+    size: tuple[int, int],
+    source: str,
+    orientation: int | None,
+    fields: dict[str, str],
+    refused: bool,
+) -> None:
+    r = submit(client, data=image_bytes(size, source, orientation), aligned="false", **fields)
+    if refused:
+        assert r.status_code == 413 and error_code(r) == "output_too_large", r.text
+        assert "webp images are at most 16383 px" in r.text
+    else:
+        assert r.status_code == 202, r.text
+
+
+def test_too_large_message_names_the_configured_limit(make_settings) -> None:
+    """The body's cut-off has room for framing and base64; the message names the image limit."""
+    with TestClient(create_app(make_settings(max_upload_bytes=100_000))) as c:
+        url = "data:image/png;base64," + base64.b64encode(PNG + b"\0" * 200_000).decode()
+        for r in (submit(c, data=PNG + b"\0" * 200_000), c.post("/v1/restorations", json={"image": url})):
+            assert r.status_code == 413 and error_code(r) == "too_large"
+            assert r.json()["error"]["message"] == "The image exceeds 100000 bytes."
+
+
+def test_image_checks_beyond_the_limit_wait_their_turn(make_settings, monkeypatch) -> None:
+    """DYNFACE_MAX_CONCURRENT_IMAGE_CHECKS=1: while one upload is being checked, the next waits for
+    the limiter (not for a thread), and runs once the first is done."""
+    lock, release = threading.Lock(), threading.Event()
+    seen = {"running": 0, "most": 0, "entered": 0}
+    real = restorations.check_image
+
+    def held(data: bytes, *, max_pixels: int) -> list[str]:
+        with lock:
+            seen["running"] += 1
+            seen["entered"] += 1
+            seen["most"] = max(seen["most"], seen["running"])
+        try:
+            assert release.wait(30)
+            return real(data, max_pixels=max_pixels)
+        finally:
+            with lock:
+                seen["running"] -= 1
+
+    monkeypatch.setattr(restorations, "check_image", held)
+    app = create_app(make_settings(max_concurrent_image_checks=1))
+    with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+        limiter = c.app.state.services.image_checks
+        futures = [pool.submit(submit, c) for _ in range(2)]
+        wait_for(
+            lambda: seen["entered"] == 1 and c.portal.call(limiter.statistics).tasks_waiting == 1,
+            20,
+            what="one check running, one waiting for the limiter",
+        )
+        release.set()
+        assert [f.result(30).status_code for f in futures] == [202, 202]
+    assert seen["entered"] == 2 and seen["most"] == 1
+
+
+def test_readyz_keeps_worker_details_from_callers_without_a_key(make_settings) -> None:
+    """With API keys on, /readyz tells anyone whether the service is ready, but worker names, weight
+    paths and pull commands only to a caller with a valid key; an open API shows them to all."""
+    secret_path = "/srv/secret-weights/unet.pth"
+    worker = {
+        "name": "gpu-host-7",
+        "state": "missing_weights",
+        "missing_weights": [{"name": "unet", "path": secret_path, "command": "dynface weights pull"}],
+        "weights_command": "dynface weights pull --only unet",
+    }
+    for keys, with_key, detailed in (
+        ("k1", {}, False),
+        ("k1", {"X-API-Key": "wrong"}, False),
+        ("k1", {"X-API-Key": "k1"}, True),
+        ("", {}, True),
+    ):
+        s = make_settings(api_keys=keys, heartbeat_ttl_seconds=60)
+        with TestClient(create_app(s)) as c:
+            c.app.state.services.store.register_worker(worker["name"], worker)
+            r = c.get("/readyz", headers=with_key)
+        body = r.json()
+        assert r.status_code == 503 and body["ready"] is False and body["queue_depth"] == 0, body
+        assert "no worker has its model loaded" in body["reasons"]
+        assert (secret_path in r.text) is detailed and ("gpu-host-7" in r.text) is detailed, (keys, with_key)
+        assert len(body["workers"]) == (1 if detailed else 0)
+        if not detailed:
+            assert body["reasons"][1:] == ["1 worker(s) lack weight files (details with an API key)"]
+
+
+def test_http_methods_the_api_does_not_serve_share_one_metric_label(client: TestClient) -> None:
+    """Any method name reaches the app with h11: used verbatim as a label, each would be a new series."""
+    for method in ("PROPFIND", "X-MADE-UP-1", "X-MADE-UP-2"):
+        assert client.request(method, "/healthz").status_code == 405
+    text = client.get("/metrics").text
+    assert 'method="other"' in text
+    assert "PROPFIND" not in text and "X-MADE-UP" not in text
+
+
+def test_a_submission_answered_redis_unavailable_counts_as_rejected(make_settings) -> None:
+    series = 'dynface_jobs_rejected_total{reason="redis_unavailable"}'
+    s = make_settings(redis_url="redis://127.0.0.1:1/0", redis_timeout_seconds=0.5)
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        before = metric(c, series)
+        assert error_code(submit(c)) == "redis_unavailable"
+        assert metric(c, series) == before + 1
+
+
+def test_a_request_without_a_valid_key_is_401_before_its_path_is_validated(make_settings) -> None:
+    with TestClient(create_app(make_settings(api_keys="k1"))) as c:
+        for headers in ({}, {"X-API-Key": "wrong"}):
+            r = c.get("/v1/restorations/some-job/faces/not-a-number", headers=headers)
+            assert r.status_code == 401 and error_code(r) == "unauthorized", r.text
+        r = c.get("/v1/restorations/some-job/faces/not-a-number", headers={"X-API-Key": "k1"})
+        assert r.status_code == 422 and error_code(r) == "invalid_option"
+        # The field's name alone, as for body fields: no `path.` prefix.
+        assert r.json()["error"]["message"].startswith("k: "), r.text
+
+
+def test_openapi_documents_retry_after_on_every_503_and_binary_images(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if "503" in op["responses"] and path != "/readyz":
+                assert "Retry-After" in op["responses"]["503"].get("headers", {}), (method, path)
+            ok = op["responses"].get("200", {}).get("content", {})
+            for media in ("image/png", "image/jpeg", "image/webp"):
+                if media in ok:
+                    assert ok[media]["schema"] == {"type": "string", "format": "binary"}, (method, path)
+    image = spec["paths"]["/v1/restorations/{job_id}/image"]["get"]["responses"]["200"]["content"]
+    assert "image/png" in image
+
+
+def hook_receiver(hooks: list[dict[str, Any]]) -> type[BaseHTTPRequestHandler]:
+    """A webhook endpoint that records each delivery's JSON body."""
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hooks.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Receiver
+
+
+def test_a_job_no_worker_takes_fails_with_queue_timeout(make_settings, redis_conn) -> None:
+    """With no worker, a queued job used to wait until its record expired and then vanish (404, no
+    webhook). The API's sweep fails it once it has waited DYNFACE_QUEUE_TIMEOUT_SECONDS: time is made
+    to pass by backdating its record."""
+    s = make_settings(queue_timeout_seconds=600, reaper_interval_seconds=0.1)
+    series = 'dynface_jobs_total{outcome="failed",reason="queue_timeout"}'
+    hooks: list[dict[str, Any]] = []
+    with http_server(hook_receiver(hooks)) as base, TestClient(create_app(s)) as c:
+        before = metric(c, series)
+        old = submit(c, webhook=f"{base}/hook").json()["id"]
+        young = submit(c).json()["id"]
+        store = c.app.state.services.store
+        store.redis.hset(store.key("job", old), "created_at", json.dumps(time.time() - 601))
+        job = wait_for(
+            lambda: (j := c.get(f"/v1/restorations/{old}").json())["status"] != "queued" and j,
+            20,
+            what="the old job ended",
+        )
+        assert job["status"] == "failed" and job["error"]["code"] == "queue_timeout", job
+        wait_for(lambda: hooks, 20, what="webhook")
+        assert hooks[0]["id"] == old and hooks[0]["error"]["code"] == "queue_timeout"
+        assert metric(c, series) == before + 1
+        # The round that failed it saw the young job too, and left it queued.
+        assert c.get(f"/v1/restorations/{young}").json()["status"] == "queued"
+        assert [j.decode() for j in redis_conn.lrange(f"rq:queue:{s.queue_name}", 0, -1)] == [young]
+        # A worker that dequeued the old job anyway would not start it (worker.tasks._start).
+        assert store.start(old, {"status": "processing"}) is False
+
+
+def test_one_sweep_round_per_lock_and_a_requeued_job_waits_from_its_last_start(make_settings) -> None:
+    """Several API processes share the work through a Redis lock; a job re-queued after its worker
+    was lost counts its wait from that start (which renewed its record), not from its submission."""
+    s = make_settings(queue_timeout_seconds=600)
+    store = JobStore(connect(s), s)
+    queue = make_queue(store.redis, s)
+    now = time.time()
+    for job_id, started_at in (("waited", None), ("requeued", now - 10)):
+        record = {"id": job_id, "status": "queued", "created_at": now - 601, "started_at": started_at}
+        store.create(job_id, b"x", record, queue)
+    lock = store.key("queue-sweep-lock", queue.name)
+    store.redis.set(lock, "another API process", px=60_000)
+    assert queued.sweep(store, queue, s) == []
+    assert store.get("waited")["status"] == "queued"
+    store.redis.delete(lock)
+    assert queued.sweep(store, queue, s) == ["waited"]
+    assert store.get("waited")["status"] == "failed" and store.get("requeued")["status"] == "queued"
+
+
+def test_the_queue_timeout_leaves_the_sweep_time_before_the_record_expires() -> None:
+    ttl = {"record_ttl_seconds": 3000, "job_timeout_seconds": 100, "reaper_interval_seconds": 15.0}
+    assert Settings(**ttl).queue_timeout == 2970  # unset: an hour, capped by the record TTL
+    assert Settings().queue_timeout == 3600
+    assert Settings(**ttl, queue_timeout_seconds=2970).queue_timeout == 2970
+    with pytest.raises(ValueError, match="at least DYNFACE_QUEUE_TIMEOUT_SECONDS"):
+        Settings(**ttl, queue_timeout_seconds=2971)

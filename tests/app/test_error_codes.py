@@ -19,6 +19,7 @@ def _section(text: str, heading: str) -> str:
 def _emitted_codes() -> set[str]:
     app_source = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
     codes = set(re.findall(r'(?:ApiError|_respond)\(\s*\d+,\s*"([a-z_]+)"', app_source))
+    codes |= set(re.findall(r'"code":\s*"([a-z_]+)"', app_source))  # jobs the API ends (app/queued.py)
     codes |= set(errors._HTTP_CODES.values()) | set(errors.UPLOAD_ERROR_STATUS) | {"http_error"}
     codes |= {
         cls.code
@@ -46,6 +47,7 @@ def test_every_error_code_is_documented() -> None:
         "cuda_oom",
         "timeout",
         "worker_lost",
+        "queue_timeout",
         "http_error",
     } <= emitted
     assert emitted - documented == set()

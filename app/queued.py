@@ -1,0 +1,91 @@
+"""Jobs that end while still queued, in the API: a DELETE's cancel, and the sweep that fails jobs no
+worker took within the queue timeout (`Settings.queue_timeout`).
+
+A queued job's record, input and RQ job expire DYNFACE_RECORD_TTL_SECONDS after it began to wait (a
+worker renews them when it starts the job). Without a live worker they would vanish unannounced: a
+404, no webhook, never `failed`. So the sweep runs in every API process, not in the workers that may
+be the missing part; a Redis lock lets one process do each round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+from redis import Redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from app import metrics
+from app.jobs import JobStore
+from app.settings import Settings
+from app.webhooks import notify
+
+log = logging.getLogger(__name__)
+
+
+def end_queued(
+    store: JobStore, queue: Queue, settings: Settings, job_id: str, fields: dict[str, Any]
+) -> dict[str, Any] | None:
+    """End a job that is still queued as a worker ends one: terminal record, count, webhook; then take
+    its RQ job off the queue. Returns the final record, or None when the job was no longer queued
+    (then nothing is done: a worker took it, or it ended otherwise)."""
+    record = store.finish(job_id, fields, allowed=["queued"])
+    if record is None:
+        return None
+    error = record.get("error")
+    metrics.JOBS_ENDED.labels(record["status"], error["code"] if error else record["status"]).inc()
+    # The record is the truth and now says it ended: tell the webhook before anything can fail.
+    notify(record, settings)
+    _drop_from_queue(store.redis, queue, job_id)
+    return record
+
+
+def _drop_from_queue(redis: Redis, queue: Queue, job_id: str) -> None:
+    """Best-effort removal of an ended job's RQ job from the queue. Failure is harmless: a worker
+    that dequeues it finds the record no longer queued and skips it (worker.tasks._start)."""
+    try:
+        Job.fetch(job_id, connection=redis, serializer=queue.serializer).cancel()
+    except NoSuchJobError:
+        pass  # already gone: nothing to remove
+    except Exception as e:  # RQ's own errors, Redis down: the job has ended anyway
+        log.warning("job %s: ended, but its RQ job was not removed from the queue: %s", job_id, e)
+
+
+def sweep(store: JobStore, queue: Queue, settings: Settings) -> list[str]:
+    """One round, unless another API process holds this round's lock: fail every queued job that has
+    waited longer than the queue timeout with `queue_timeout`. Returns the ids of the jobs it failed."""
+    lock_ms = max(1, int(settings.reaper_interval_seconds * 1000))
+    if not store.redis.set(store.key("queue-sweep-lock", queue.name), "1", nx=True, px=lock_ms):
+        return []
+    timeout = settings.queue_timeout
+    cutoff = time.time() - timeout
+    failed = {
+        "status": "failed",
+        "stage": None,
+        "error": {
+            "code": "queue_timeout",
+            "message": f"No worker started this job within {timeout:g} s of queueing; submit it again later.",
+        },
+    }
+    ended = []
+    for job_id, since in store.waiting_since(queue.get_job_ids()).items():
+        if since < cutoff and end_queued(store, queue, settings, job_id, failed) is not None:
+            ended.append(job_id)
+    return ended
+
+
+async def sweep_forever(store: JobStore, queue: Queue, settings: Settings) -> None:
+    """`sweep` every reaper interval, off the event loop, until cancelled (by the app's lifespan)."""
+    while True:
+        await anyio.sleep(settings.reaper_interval_seconds)
+        try:
+            ended = await anyio.to_thread.run_sync(sweep, store, queue, settings)
+        except Exception as e:  # Redis down or failing over: the next round tries again
+            log.warning("queue sweep: %s: %s", type(e).__name__, e)
+            continue
+        for job_id in ended:
+            log.warning("job %s: failed with queue_timeout (no worker took it)", job_id)
