@@ -6,7 +6,7 @@ public contract and lets the API answer status, progress and cancellation from o
 
 Layout (``P`` = settings.key_prefix)::
 
-    P:job:{id}            hash, every field JSON-encoded; TTL record_ttl, renewed at start and completion
+    P:job:{id}            hash, every field JSON-encoded; TTL record_ttl, renewed at start, re-queue, end
     P:input:{id}          upload bytes; deleted when the job ends (TTL record_ttl as a safety net)
     P:result:{id}:{name}  result bytes (image | comparison | face:{k}); TTL result_ttl
     P:idem:{sha256(key)}  {"job_id", "body_sha256", "claimed_at"}; TTL record_ttl (the idempotency window)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -41,6 +42,8 @@ TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 ACTIVE = frozenset({"queued", "processing"})
 #: The RQ job function (referenced by name so the API never imports the worker or torch).
 TASK = "worker.tasks.restore"
+
+log = logging.getLogger(__name__)
 
 # Every change to a stored record goes through one of these scripts, each one round trip and atomic. They
 # share `transition`: set fields of record KEYS[1] only if its status is one of the allowed ones.
@@ -64,9 +67,10 @@ end
 # The transition alone. Returns 1 when applied, 0 otherwise.
 _UPDATE = _PRELUDE + "return transition() and 1 or 0"
 
-# A worker takes the job: the transition, then (if applied) record KEYS[1] and input KEYS[2] get
-# the TTL in the next argument again. Returns 1 when applied, 0 otherwise.
-_START = (
+# A worker takes the job, or a lost worker's job goes back to the queue: the transition, then (if
+# applied) record KEYS[1] and input KEYS[2] get the TTL in the next argument again. Returns 1 when
+# applied, 0 otherwise.
+_RENEW = (
     _PRELUDE
     + """
 local at = transition()
@@ -186,6 +190,14 @@ def _transition_args(allowed: Iterable[str], fields: dict[str, Any]) -> list[Any
     return [len(allowed), *(json.dumps(a) for a in allowed), len(pairs) // 2, *pairs]
 
 
+def _timestamp(raw: bytes | None) -> float:
+    """A stored timestamp (JSON number); ValueError for anything else, a missing field included."""
+    value = json.loads(raw) if raw is not None else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"not a timestamp: {value!r}")
+    return float(value)
+
+
 def _binding(job_id: str, body_sha256: str) -> str:
     """An Idempotency-Key's value: its job, the request it was made for, and when it was claimed."""
     return json.dumps({"job_id": job_id, "body_sha256": body_sha256, "claimed_at": time.time()})
@@ -201,7 +213,7 @@ class JobStore:
         # Called on the client, never queued in a pipeline: redis-py precedes every pipeline that
         # holds a script with a SCRIPT EXISTS round trip.
         self._update = redis.register_script(_UPDATE)
-        self._start = redis.register_script(_START)
+        self._renew = redis.register_script(_RENEW)
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
         self._rebind_idem = redis.register_script(_REBIND_IDEMPOTENCY)
@@ -246,9 +258,21 @@ class JobStore:
         """A worker takes the job: set ``fields`` while it is still active (False when it was canceled or
         ended while queued) and restart the record's and input's TTL, so a job that waited long in the
         queue does not expire while it runs. One round trip."""
+        return self._renewing(job_id, ACTIVE, fields)
+
+    def requeue(self, job_id: str, fields: dict[str, Any]) -> bool:
+        """A job whose worker was lost goes back to ``queued`` with ``fields`` (False when it was no
+        longer processing). Its wait starts again now (`queued_at`, read by `waiting_since`) and its
+        record's and input's TTL restart as at start, so it may wait the whole queue timeout again
+        before the sweep fails it, without expiring first. One round trip."""
+        fields = {**fields, "status": "queued", "queued_at": time.time()}
+        return self._renewing(job_id, ["processing"], fields)
+
+    def _renewing(self, job_id: str, allowed: Iterable[str], fields: dict[str, Any]) -> bool:
+        """The transition with the record's and input's TTL restarted (`_RENEW`)."""
         keys = [self.key("job", job_id), self.key("input", job_id)]
-        args = [*_transition_args(ACTIVE, fields), self.settings.record_ttl_seconds]
-        return bool(self._start(keys=keys, args=args))
+        args = [*_transition_args(allowed, fields), self.settings.record_ttl_seconds]
+        return bool(self._renew(keys=keys, args=args))
 
     def progress(self, job_id: str, fields: dict[str, Any], rq_job: Job | None) -> None:
         """Progress of a running job, mirrored into RQ's job meta for RQ's own tools (rq info,
@@ -282,17 +306,22 @@ class JobStore:
         return _load(dict(zip(raw[::2], raw[1::2], strict=True))) if raw else None
 
     def waiting_since(self, job_ids: list[str]) -> dict[str, float]:
-        """When each of these jobs that is still queued began to wait: its submission, or its last start
-        for a job re-queued after its worker was lost (that start renewed the record's TTL). Jobs
-        that are gone or no longer queued are left out. One round trip."""
+        """When each of these jobs that is still queued began to wait: its submission, or its last
+        re-queue after its worker was lost (`requeue`). Jobs that are gone or no longer queued are left
+        out, and so are records whose fields do not parse (logged): one odd record must not stop the
+        sweep for every other job. One round trip."""
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hmget(self.key("job", job_id), "status", "created_at", "started_at")
+                pipe.hmget(self.key("job", job_id), "status", "created_at", "queued_at")
             rows = pipe.execute()
         since = {}
-        for job_id, (status, created, started) in zip(job_ids, rows, strict=True):
-            if status is not None and json.loads(status) == "queued":
-                since[job_id] = max(json.loads(created), json.loads(started or b"null") or 0.0)
+        for job_id, (status, created, queued) in zip(job_ids, rows, strict=True):
+            try:
+                if status is not None and json.loads(status) == "queued":
+                    requeued = _timestamp(queued) if queued is not None else 0.0
+                    since[job_id] = max(_timestamp(created), requeued)
+            except ValueError as e:
+                log.warning("job %s: queued, but its record does not say since when: %s", job_id, e)
         return since
 
     def input(self, job_id: str) -> bytes | None:

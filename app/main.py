@@ -15,7 +15,7 @@ from rq import Queue
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import metrics
+from app import metrics, webhooks
 from app.completions import Completions
 from app.errors import install_error_handlers
 from app.jobs import JobStore, connect, make_queue
@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with suppress(asyncio.CancelledError):
                 await sweeping
             await completions.stop()
+            # Webhooks of jobs this process ended (cancels, the sweep's failures): off the event loop.
+            await anyio.to_thread.run_sync(webhooks.drain)
 
     app = FastAPI(title="dynface", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
     limiter = anyio.CapacityLimiter(settings.max_concurrent_image_checks)

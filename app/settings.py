@@ -144,9 +144,10 @@ class Settings(BaseSettings):
         # comes round within two reaper intervals (its lock can make one replica miss a turn).
         room = self.record_ttl_seconds - 2 * self.reaper_interval_seconds
         if room <= 0 or self.queue_timeout > room:
+            unset = "unset, so " if self.queue_timeout_seconds is None else ""
             raise ValueError(
                 f"DYNFACE_RECORD_TTL_SECONDS - 2 x DYNFACE_REAPER_INTERVAL_SECONDS = {room:g} must be "
-                f"positive and at least DYNFACE_QUEUE_TIMEOUT_SECONDS ({self.queue_timeout_seconds}): a "
+                f"positive and at least DYNFACE_QUEUE_TIMEOUT_SECONDS ({unset}{self.queue_timeout:g}): a "
                 "queued job must fail before its record expires"
             )
         return self

@@ -5,7 +5,8 @@ with ``webhook-id`` (the job id, the same on every retry so receivers can de-dup
 ``webhook-timestamp`` (Unix seconds, lets receivers reject replays). A ``whsec_``-prefixed secret is
 base64 after the prefix, as in the Standard Webhooks libraries; any other secret is used as UTF-8.
 
-Delivery runs in a background thread of the worker so a slow receiver never holds the GPU.
+Delivery runs in a background thread (of the worker, so a slow receiver never holds the GPU; of the
+API for the jobs it ends itself, app/queued.py); both processes `drain` them before they exit.
 """
 
 from __future__ import annotations
@@ -127,6 +128,19 @@ def deliver_in_background(url: str, msg_id: str, body: bytes, settings: Settings
     )
     t.start()
     return t
+
+
+#: How long a stopping process waits for its in-flight deliveries: a bound, since retries can take minutes.
+DRAIN_SECONDS = 10.0
+
+
+def drain(timeout: float = DRAIN_SECONDS) -> None:
+    """Give in-flight webhook deliveries a bounded chance to finish before the process exits (their
+    threads are daemons: the interpreter would otherwise end them mid-delivery)."""
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t.name.startswith("webhook-"):
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def notify(record: dict, settings: Settings) -> threading.Thread | None:

@@ -61,12 +61,18 @@ GPU_PEAKS_TFLOPS = (
 )
 
 
+def is_mig(gpu_name: str) -> bool:
+    """A MIG slice ("NVIDIA H100 80GB HBM3 MIG 1g.10gb"): its name holds the whole chip's, but it has
+    only a fraction of the chip's SMs, so the chip's datasheet peak does not apply."""
+    return "MIG" in gpu_name
+
+
 def peak_tflops(gpu_name: str | None, given: float | None) -> tuple[str, float] | None:
     """(what it is, TFLOP/s) of the peak the bound uses: the given one, else the datasheet one of a
-    known GPU; None on CPU or an unknown GPU (a CPU has no comparable tensor-core peak)."""
+    known GPU; None on CPU, a MIG slice or an unknown GPU (a CPU has no comparable tensor-core peak)."""
     if given:
         return "given with --peak-tflops", given
-    if gpu_name:
+    if gpu_name and not is_mig(gpu_name):
         for part, tflops in GPU_PEAKS_TFLOPS:
             if part in gpu_name:
                 return f"{part} BF16/FP16 dense, datasheet, matched from `{gpu_name}`", tflops
@@ -80,27 +86,37 @@ class Variant:
     options: SpeedOptions
     #: TF32 off for fp32 convolutions and matmuls (CUDA only), for this row alone: PyTorch enables it for
     #: cuDNN convolutions by default, so an unqualified "fp32" on a GPU is mostly TF32. Other rows run
-    #: with the process's flags, as the worker (which never sets them) does.
+    #: with the process's flags, as the worker (which never sets them) does; fp32 ones say so in their
+    #: name (`PROCESS_TF32`).
     tf32_off: bool = False
+
+
+#: Suffix of the fp32 rows that run with the process's TF32 flags, unlike the reference.
+PROCESS_TF32 = " (process's TF32 flags)"
 
 
 def variants(with_compile: bool, cuda: bool) -> list[Variant]:
     """fp32 and both half precisions, each NCHW and channels_last: fp16 is the worker's default on CUDA,
     bf16 the alternative (its range cannot overflow); on CUDA also plain fp32 with the process's TF32
     flags; compile rows for fp32 and the default fp16. The first row is the reference."""
+
+    def name(dtype: str, switches: str) -> str:
+        return f"{dtype}{switches}{PROCESS_TF32 if dtype == 'fp32' else ''}"
+
     plain = SpeedOptions(channels_last=False, compile=False)
     out = []
     for dtype in ("fp32", "fp16", "bf16"):
         if dtype == "fp32":
             out.append(Variant("fp32 (reference, TF32 off)", dtype, plain, tf32_off=True))
             if cuda:
-                out.append(Variant("fp32 (PyTorch's TF32 flags)", dtype, plain))
+                out.append(Variant(name(dtype, ""), dtype, plain))
         else:
             out.append(Variant(dtype, dtype, plain))
-        out.append(Variant(f"{dtype} + channels_last", dtype, SpeedOptions(channels_last=True)))
+        out.append(Variant(name(dtype, " + channels_last"), dtype, SpeedOptions(channels_last=True)))
     if with_compile:
         out += [
-            Variant(f"{d} + channels_last + compile", d, SpeedOptions(compile=True)) for d in ("fp32", "fp16")
+            Variant(name(d, " + channels_last + compile"), d, SpeedOptions(compile=True))
+            for d in ("fp32", "fp16")
         ]
     return out
 
@@ -269,8 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"Peak used: **{peak[1]:g} TFLOP/s** ({peak[0]}), for every row: fp32 rows too, whose own "
             "peak is lower, so their ratio also shows what fp32 gives up."
         )
-    elif on_gpu:
-        peak_text = f"No peak known for `{gpu_name}` (pass `--peak-tflops`), so the column is empty."
+    elif gpu_name:  # on a GPU
+        why = (
+            "a MIG slice has only part of its chip's peak" if is_mig(gpu_name) else "no datasheet peak known"
+        )
+        peak_text = f"No peak for `{gpu_name}` ({why}; pass `--peak-tflops`), so the column is empty."
     else:
         peak_text = (
             "No peak on CPU (there is no tensor-core peak to compare with; pass `--peak-tflops` to set "

@@ -350,8 +350,10 @@ def upscale_premultiplied(
     divided after by the alpha resized as `resize_to` does (the alpha the result is written with).
 
     Resizing straight colours mixes the (often black) colour of invisible pixels into the visible
-    edge, a dark halo; premultiplied, invisible pixels weigh nothing. Where the resized alpha is 0
-    the colour is 0. Pillow's RGBa conversions do the 8-bit arithmetic, as its own RGBA resize does.
+    edge, a dark halo; premultiplied, invisible pixels weigh nothing. Pillow's RGBa conversions do
+    the 8-bit arithmetic, as its own RGBA resize does: colours come back clipped to 255 and coarse
+    where the alpha is low, and where the resized alpha is 0 (invisible) the upscaled premultiplied
+    value is kept as it is, undivided.
     """
     premultiplied = np.asarray(Image.fromarray(np.dstack([rgb, alpha])).convert("RGBa"))[:, :, :3]
     up = upscale(np.ascontiguousarray(premultiplied), factor)

@@ -8,8 +8,9 @@ of the pipeline never has to care about Pillow modes.
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -37,14 +38,29 @@ _SAME_FORMAT: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "
 #: raises only when encoding, after all the restoration work). PNG's limit (2³¹−1) is never reached.
 MAX_OUTPUT_SIDE: dict[OutputFormat, int] = {"png": 2**31 - 1, "jpeg": 65_500, "webp": 16_383}
 
-#: Source modes whose pixels an embedded RGB colour profile describes (palette entries are RGB).
-_RGB_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA")
+#: Side of the square aligned face the pipeline restores (an `aligned` input is resized to it). Here,
+#: not in models.pipeline, because the API sizes results with it and must not import torch.
+FACE_SIZE = 512
 
-#: Every colour of a 6×6×6 grid: an embedded profile that maps all of them to themselves (±1) is sRGB
-#: by another name (cameras and editors embed many), and the pixels are left untouched.
+#: ICC colour space (`xcolor_space`) an embedded profile must have to be applied, by source mode
+#: (palette entries are RGB). Other modes' pixels are used as they are.
+_PROFILE_SPACES: dict[str, str] = {
+    **dict.fromkeys(("RGB", "RGBA", "RGBa", "RGBX", "P", "PA"), "RGB "),
+    "CMYK": "CMYK",
+}
+
+#: Every colour of a 6×6×6 grid: an embedded RGB profile that maps all of them to themselves (±1) is
+#: sRGB by another name (cameras and editors embed many), and the pixels are left untouched.
 _LEVELS = np.arange(0, 256, 51, dtype=np.uint8)
 _PROBE = np.stack(np.meshgrid(_LEVELS, _LEVELS, _LEVELS, indexing="ij"), -1).reshape(1, -1, 3)
+#: Every ink mix of a 3×3×3×3 grid: a CMYK profile is always applied, but is first tried on these.
+_INKS = np.arange(0, 256, 127, dtype=np.uint8)
+_CMYK_PROBE = np.stack(np.meshgrid(*[_INKS] * 4, indexing="ij"), -1).reshape(-1, 4)
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+#: Profiles up to this size have their probe's outcome cached (`_probe_cached`): a few KB is what
+#: phones and cameras embed (sRGB, Display P3, Adobe RGB), and big ones must not pin memory.
+_CACHED_PROFILE_BYTES = 64 * 1024
+_PROFILE_UNREADABLE = "The image's colour profile could not be read; its colours were used as they are."
 
 #: Colour used under transparent pixels when an image with alpha is written as JPEG.
 JPEG_BACKGROUND = (255, 255, 255)
@@ -99,19 +115,40 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
     )
 
 
-def check_image(data: bytes, *, max_pixels: int) -> list[str]:
+@dataclass(frozen=True)
+class CheckedImage:
+    """What `check_image` learnt of an upload, as `DecodedImage` has it: Pillow's name of its format,
+    its (width, height) after EXIF orientation, and its warnings."""
+
+    format: str
+    size: tuple[int, int]
+    warnings: list[str]
+
+
+def check_image(data: bytes, *, max_pixels: int) -> CheckedImage:
     """`decode_image`'s checks — every pixel decoded, the same errors and the same warnings — without
     building its arrays (a quarter of its time on a 512 px PNG): the API's check of an upload it
-    queues for a worker that decodes it again. Returns the warnings."""
-    return _read(data, max_pixels, lambda oriented, profile: None)[2]
+    queues for a worker that decodes it again."""
+    size, fmt, warnings = _read(data, max_pixels, lambda upright, conversion, warnings: upright.size)
+    return CheckedImage(format=fmt, size=size, warnings=warnings)
+
+
+@dataclass(frozen=True)
+class _Conversion:
+    """An embedded colour profile the pixels are converted from to sRGB, and the warning that says so."""
+
+    profile: ImageCms.ImageCmsProfile
+    warning: str
 
 
 def _read(
-    data: bytes, max_pixels: int, convert: Callable[[Image.Image, ImageCms.ImageCmsProfile | None], T]
+    data: bytes,
+    max_pixels: int,
+    convert: Callable[[Image.Image, _Conversion | None, list[str]], T],
 ) -> tuple[T, str, list[str]]:
-    """Open, size-check and fully decode an upload, then ``convert`` the upright image and its colour
-    profile (`_source_profile`) inside the same error mapping. Returns (converted, format name,
-    warnings)."""
+    """Open, size-check and fully decode an upload, then ``convert`` the upright image, its colour
+    conversion (`_source_profile`) and the warnings inside the same error mapping. Returns
+    (converted, format name, warnings)."""
     if not data:
         raise InvalidImageError("The upload is empty.")
     try:
@@ -138,9 +175,10 @@ def _read(
             warnings.append(f"The {fmt} has several frames or pages; only the first one was used.")
         try:
             im.seek(0)
+            _fit_png_key(im, warnings)
             im.load()
             upright = _exif_transpose(im, warnings)
-            converted = convert(upright, _source_profile(upright, warnings))
+            converted = convert(upright, _source_profile(upright, warnings), warnings)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise TooManyPixelsError(f"The image is too large: {e}") from e
         except Exception as e:  # truncated data, bad CRC, broken compression stream, ...
@@ -173,52 +211,107 @@ def _exif_transpose(im: Image.Image, warnings: list[str]) -> Image.Image:
         return im
 
 
-def _source_profile(im: Image.Image, warnings: list[str]) -> ImageCms.ImageCmsProfile | None:
+def _fit_png_key(im: Image.Image, warnings: list[str]) -> None:
+    """Make a grey or RGB PNG's transparent colour (tRNS, `info["transparency"]`) one of the 8-bit
+    levels Pillow decodes its samples to, before they are decoded (`im.tile` names their bit depth).
+
+    Pillow keeps the file's value: a 2- or 4-bit grey level is scaled here as Pillow scales the
+    samples (×85, ×17); a 16-bit RGB colour cannot be told apart once Pillow has kept each sample's
+    high byte, so it is dropped with a warning rather than making other colours transparent.
+    """
+    key = im.info.get("transparency")
+    if im.format != "PNG" or im.mode not in ("L", "RGB") or key is None:
+        return
+    depth = {"L;2": 2, "L;4": 4}.get(im.tile[0].args)
+    if depth is not None:
+        im.info["transparency"] = key * 255 // (2**depth - 1)
+    elif im.tile[0].args != im.mode:  # "RGB;16B"
+        del im.info["transparency"]
+        warnings.append(
+            "The PNG's transparent colour is a 16-bit one; it was ignored and the image is opaque."
+        )
+
+
+def _source_profile(im: Image.Image, warnings: list[str]) -> _Conversion | None:
     """The embedded ICC profile when the pixels must be converted from it to sRGB, else None.
 
     Results carry no profile (`encode_image`), so they are read as sRGB: colours in another space
-    (Display P3 from phones, Adobe RGB from cameras) would come back washed out or shifted. Only
-    RGB profiles on RGB-like pixels are applied; an unreadable one costs a warning, not the job.
+    (Display P3 from phones, Adobe RGB from cameras, a press's CMYK) would come back washed out or
+    shifted. Only RGB profiles on RGB-like pixels and CMYK ones on CMYK pixels are applied; one that
+    cannot be read or used costs a warning, not the job.
     """
     icc = im.info.get("icc_profile")
-    if not icc or im.mode not in _RGB_MODES:
+    space = _PROFILE_SPACES.get(im.mode)
+    if not icc or space is None:
         return None
+    probe = _probe_cached if len(icc) <= _CACHED_PROFILE_BYTES else _probe_profile
     try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if profile.profile.xcolor_space != "RGB ":
-            return None
+        name = probe(icc, space)
+    except Exception:  # whatever a malformed profile breaks (parsing, a tag, the transform)
+        warnings.append(_PROFILE_UNREADABLE)
+        return None
+    if name is None:
+        return None
+    warning = f"The image's colours were converted from its colour profile ({name}) to sRGB."
+    warnings.append(warning)
+    return _Conversion(ImageCms.ImageCmsProfile(io.BytesIO(icc)), warning)
+
+
+def _probe_profile(icc: bytes, space: str) -> str | None:
+    """The name of ICC profile ``icc`` when pixels of colour space ``space`` ("RGB " or "CMYK") it
+    describes must be converted to sRGB, after converting a probe of them with it; None when it is for
+    another space or is sRGB by another name. Raises whatever an unusable profile raises."""
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    if profile.profile.xcolor_space != space:
+        return None
+    if space == "CMYK":
+        # A CMYK profile is never sRGB: converting its probe only shows the profile can be used.
+        ImageCms.profileToProfile(
+            Image.frombytes("CMYK", (len(_CMYK_PROBE), 1), _CMYK_PROBE.tobytes()),
+            profile,
+            _SRGB,
+            outputMode="RGB",
+        )
+    else:
         probe = ImageCms.profileToProfile(Image.fromarray(_PROBE), profile, _SRGB)
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        warnings.append("The image's colour profile could not be read; its colours were used as they are.")
-        return None
-    assert probe is not None  # profileToProfile returns None only with inPlace=True
-    if np.abs(np.asarray(probe, dtype=np.int16) - _PROBE).max() <= 1:
-        return None
-    name = profile.profile.profile_description.strip() or "unnamed"
-    warnings.append(f"The image's colours were converted from its colour profile ({name}) to sRGB.")
-    return profile
+        assert probe is not None  # profileToProfile returns None only with inPlace=True
+        if np.abs(np.asarray(probe, dtype=np.int16) - _PROBE).max() <= 1:
+            return None
+    return (profile.profile.profile_description or "").strip() or "unnamed"
 
 
-def _to_srgb(im: Image.Image, profile: ImageCms.ImageCmsProfile | None, mode: str) -> Image.Image:
-    """`im` in `mode` ("RGB" or "RGBA"), its colours converted from `profile` to sRGB if given
-    (Pillow's transform copies alpha through)."""
-    im = im.convert(mode)
-    if profile is None:
-        return im
-    converted = ImageCms.profileToProfile(im, profile, _SRGB, outputMode=mode)
-    assert converted is not None  # profileToProfile returns None only with inPlace=True
-    return converted
+#: `_probe_profile` remembered by the profile's bytes: the probe costs ~5 ms, and most phone photos
+#: carry one of the same few profiles (an unusable profile raises, which is not cached).
+_probe_cached = functools.lru_cache(maxsize=32)(_probe_profile)
+
+
+def _to_srgb(im: Image.Image, conversion: _Conversion | None, mode: str, warnings: list[str]) -> Image.Image:
+    """`im` in `mode` ("RGB" or "RGBA"), its colours converted to sRGB by `conversion` if given
+    (Pillow's transform copies alpha through). A conversion that fails although its profile passed
+    `_source_profile`'s probe leaves the colours as they are, with the warning of an unreadable one."""
+    if conversion is not None:
+        # CMYK goes to the transform as it is; the RGB-like modes (RGBX, RGBa, P, ...) as `mode`.
+        source = im if im.mode == "CMYK" else im.convert(mode)
+        try:
+            converted = ImageCms.profileToProfile(source, conversion.profile, _SRGB, outputMode=mode)
+        except ImageCms.PyCMSError:
+            warnings[warnings.index(conversion.warning)] = _PROFILE_UNREADABLE
+        else:
+            assert converted is not None  # profileToProfile returns None only with inPlace=True
+            return converted
+    return im.convert(mode)
 
 
 def _to_arrays(
-    im: Image.Image, profile: ImageCms.ImageCmsProfile | None
+    im: Image.Image, conversion: _Conversion | None, warnings: list[str]
 ) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """Convert any Pillow mode to (rgb uint8 HxWx3, alpha uint8 HxW | None, grayscale), colours
-    converted from `profile` (RGB-like modes only, see `_source_profile`) to sRGB.
+    converted to sRGB by `conversion` (RGB-like and CMYK modes only, see `_source_profile`).
 
     Each mode is converted explicitly because Pillow's implicit conversions get three cases wrong
     for us: 16/32-bit integer images are clipped to 0..255 instead of scaled, and palette, grey and
-    RGB images lose their PNG transparency (tRNS) unless converted to a mode with alpha.
+    RGB images lose their PNG transparency (tRNS) unless converted to a mode with alpha. A grey or
+    RGB transparent colour that no pixel has gives no alpha plane: the file has no alpha channel.
     """
     mode = im.mode
     transparency = im.info.get("transparency")
@@ -228,7 +321,8 @@ def _to_arrays(
         wide = np.asarray(im, dtype=np.float64)
         gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
         # tRNS names one raw 16-bit level as transparent; Pillow's converters would lose it.
-        alpha = None if transparency is None else np.where(wide == transparency, 0, 255).astype(np.uint8)
+        keyed = None if transparency is None else wide == transparency
+        alpha = None if keyed is None or not keyed.any() else np.where(keyed, 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2), alpha, True
     if mode == "F":
         # Float samples (32-bit float TIFF) have no fixed range: the usual one is [0, 1], read as
@@ -240,8 +334,9 @@ def _to_arrays(
         gray = np.clip(np.rint(np.nan_to_num(wide, nan=0.0)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2), None, True
     if mode in ("1", "L", "RGB") and transparency is not None:
-        im = im.convert("LA" if mode in ("1", "L") else "RGBA")  # Pillow maps tRNS to alpha here
-        mode = im.mode
+        keyed = im.convert("LA" if mode in ("1", "L") else "RGBA")  # Pillow maps tRNS to alpha here
+        if keyed.getchannel("A").getextrema()[0] < 255:
+            im, mode = keyed, keyed.mode
     if mode in ("1", "L"):
         gray = np.asarray(im.convert("L"), dtype=np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2), None, True
@@ -254,10 +349,11 @@ def _to_arrays(
         im = im.convert("RGBA" if has_alpha else "RGB")
         mode = im.mode
     if mode in ("RGBA", "RGBa"):
-        rgba = np.asarray(_to_srgb(im, profile, "RGBA"), dtype=np.uint8)
+        rgba = np.asarray(_to_srgb(im, conversion, "RGBA", warnings), dtype=np.uint8)
         return np.ascontiguousarray(rgba[:, :, :3]), np.ascontiguousarray(rgba[:, :, 3]), False
-    # RGB, RGBX, CMYK, YCbCr, LAB, HSV: no alpha; Pillow's converters to RGB are correct here.
-    return np.asarray(_to_srgb(im, profile, "RGB"), dtype=np.uint8).copy(), None, False
+    # RGB, RGBX, CMYK, YCbCr, LAB, HSV: no alpha; Pillow's converters to RGB are correct here (CMYK
+    # by the textbook formula, without an embedded profile).
+    return np.asarray(_to_srgb(im, conversion, "RGB", warnings), dtype=np.uint8).copy(), None, False
 
 
 def check_png_compress_level(level: int) -> None:
@@ -265,15 +361,45 @@ def check_png_compress_level(level: int) -> None:
         raise ValueError(f"png_compress_level must be in 0..9, got {level}")
 
 
-def check_output_size(width: int, height: int, fmt: OutputFormat, what: str = "image") -> None:
-    """Refuse (OutputTooLargeError) a result of `width`×`height` that `fmt` cannot be written with,
-    before any work is spent on it (see `MAX_OUTPUT_SIDE`)."""
+def output_sizes(
+    size: tuple[int, int], *, aligned: bool, upscale: int, outputs: Collection[str]
+) -> dict[str, tuple[int, int]]:
+    """(width, height) of each photo-sized result of an upload of upright `size`: "image" (the photo,
+    or an `aligned` input's FACE_SIZE face, times `upscale`), and "comparison" when `outputs` ask for
+    it (the input resized to the image's height, beside it). Faces and crops are FACE_SIZE squares,
+    within every limit. The API sizes a submission's results with it, the pipeline a photo's.
+
+    Raises InvalidImageError for an `aligned` input that is not square: it is meant to be the face.
+    """
+    width, height = size
+    if aligned:
+        if width != height:
+            raise InvalidImageError(f"aligned=true needs a square face crop, got {width}×{height}.")
+        width = height = FACE_SIZE
+    image = (width * upscale, height * upscale)
+    sizes = {"image": image}
+    if "comparison" in outputs:
+        sizes["comparison"] = (2 * image[0], image[1])
+    return sizes
+
+
+def check_output_sizes(
+    sizes: dict[str, tuple[int, int]], fmt: OutputFormat, *, max_pixels: int | None = None
+) -> None:
+    """Refuse (OutputTooLargeError) results (`output_sizes`) that `fmt` cannot be written with (see
+    `MAX_OUTPUT_SIDE`) or, given `max_pixels`, with more pixels than that, before any work is spent."""
     limit = MAX_OUTPUT_SIDE[fmt]
-    if max(width, height) > limit:
-        raise OutputTooLargeError(
-            f"The {what} would be {width}×{height} pixels, but {fmt.upper()} allows at most {limit} "
-            "pixels a side: ask for a smaller upscale or another output format."
-        )
+    for what, (width, height) in sizes.items():
+        if max_pixels is not None and width * height > max_pixels:
+            raise OutputTooLargeError(
+                f"The {what} would have {width}×{height} = {width * height} pixels; the limit is "
+                f"{max_pixels}: ask for a smaller upscale."
+            )
+        if max(width, height) > limit:
+            raise OutputTooLargeError(
+                f"The {what} would be {width}×{height} pixels, but {fmt.upper()} allows at most {limit} "
+                "pixels a side: ask for a smaller upscale or another output format."
+            )
 
 
 def resolve_format(requested: str, source_format: str) -> OutputFormat:

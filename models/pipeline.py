@@ -37,9 +37,10 @@ from models.blur import estimate_blur_sigma
 from models.dblm import DBLMNet, fallback_estimates
 from models.dgsa import DGSANet, coherence_scale_map, scale_from_logvar
 from models.dsst import DSSTable, default_table
-from models.errors import Cancelled, InvalidImageError, NoFaceError, PipelineError
+from models.errors import Cancelled, NoFaceError, PipelineError
 from models.fidelity import auto_eta, box_noise_std, robust_noise_std
 from models.guidance import GaussianGuidance
+from models.images import FACE_SIZE
 from models.profiles import PROFILES, Profile
 from models.sampler import ddim_sample
 from models.schedule import RespacedSchedule, q_sample
@@ -48,7 +49,6 @@ from models.swinir import SwinIR, swinir_from_checkpoint
 from models.unet import IDDPMUNet
 from models.unet_convert import unet_from_hf_difface, unet_from_upstream_checkpoint
 
-FACE_SIZE = 512
 STAGES = ("decode", "detect", "dblm", "sample", "paste", "encode")
 # DifFace's default DDIM eta, used by the baseline mode when the caller asks for "auto".
 DIFFACE_DEFAULT_ETA = 0.5
@@ -437,9 +437,12 @@ class RestorationPipeline:
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUT_KINDS}")
         fmt = images.resolve_format(options.format, decoded.format)
-        # Before any detection or sampling: the encoder would refuse the result only at the end.
-        for what, (width, height) in _output_sizes(decoded, options).items():
-            images.check_output_size(width, height, fmt, what)
+        # Before any detection or sampling: the encoder would refuse the result only at the end. A
+        # library has no output pixel limit; the API sets one (`max_output_pixels`).
+        sizes = images.output_sizes(
+            decoded.size, aligned=options.aligned, upscale=options.upscale, outputs=options.outputs
+        )
+        images.check_output_sizes(sizes, fmt)
         report("detect", 0, 0)
         with timer("detect"):
             crops, affines, found = self._detect_and_align(decoded.rgb, options, warnings)
@@ -536,10 +539,8 @@ class RestorationPipeline:
         self, rgb: np.ndarray, options: RestoreOptions, warnings: list[str]
     ) -> tuple[np.ndarray, np.ndarray, face_ops.Detections]:
         """Aligned crops (N, 512, 512, 3), their affines and the detections they came from."""
-        if options.aligned:
+        if options.aligned:  # square: `images.output_sizes` refused any other
             h, w = rgb.shape[:2]
-            if h != w:
-                raise InvalidImageError(f"aligned=true needs a square face crop, got {w}×{h}.")
             crop = rgb if h == FACE_SIZE else face_ops.resize_to(rgb, (FACE_SIZE, FACE_SIZE))
             if h != FACE_SIZE:
                 warnings.append(f"The aligned face was {w}×{h}; it was resized to {FACE_SIZE}×{FACE_SIZE}.")
@@ -808,23 +809,6 @@ class RestorationPipeline:
         """The prior's noise prediction (first 3 of its 6 output channels), in float32."""
         x = x_t.to(self.dtype, memory_format=self._memory_format)
         return self._unet_call(x, t)[:, :3].float()
-
-
-def _output_sizes(decoded: images.DecodedImage, options: RestoreOptions) -> dict[str, tuple[int, int]]:
-    """(width, height) of the photo-sized results `_finish_photo` will encode: the image, and the
-    comparison (the "before" picture, resized to the image's height, beside it). The faces and crops
-    are FACE_SIZE, within every format's limit."""
-    w, h = decoded.size
-    if options.aligned:  # the output is the restored FACE_SIZE face, upscaled; "before" is the input
-        width = height = max(1, round(FACE_SIZE * options.upscale))
-        before = w if h == height else max(1, round(w * height / h))
-    else:  # "before" is the input upscaled like the output
-        width, height = max(1, round(w * options.upscale)), max(1, round(h * options.upscale))
-        before = width
-    sizes = {"image": (width, height)}
-    if "comparison" in options.outputs:
-        sizes["comparison"] = (before + width, height)
-    return sizes
 
 
 _TINY_WARNING = (

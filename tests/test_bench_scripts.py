@@ -64,6 +64,8 @@ def test_steps_plot_writes_only_where_told(tmp_path: Path) -> None:
         (None, 2.0, 2.0),
         (None, None, None),  # CPU: no peak unless given
         ("NVIDIA GeForce RTX 4090", None, None),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None, None),  # a slice: not the whole chip's peak
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 100.0, 100.0),
     ],
 )
 def test_gpu_path_peak(name: str | None, given: float | None, expected: float | None) -> None:
@@ -102,8 +104,15 @@ def test_gpu_path_reference_row_leaves_the_tf32_flags_as_it_found_them() -> None
     gpu_path.measure(profile.unet, state, reference, x, torch.tensor([500]), repeats=1)
 
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
-    # Only the reference turns TF32 off: every other row runs as the worker does.
-    assert [v.tf32_off for v in gpu_path.variants(with_compile=True, cuda=True)].count(True) == 1
+    # Only the reference turns TF32 off: every other row runs as the worker does, and its fp32 rows say so.
+    rows = gpu_path.variants(with_compile=True, cuda=True)
+    assert [v.tf32_off for v in rows].count(True) == 1
+    fp32 = [v.name for v in rows[1:] if v.dtype == "fp32"]
+    assert fp32 == [
+        "fp32 (process's TF32 flags)",
+        "fp32 + channels_last (process's TF32 flags)",
+        "fp32 + channels_last + compile (process's TF32 flags)",
+    ]
 
 
 @pytest.mark.parametrize(("levels", "jobs"), [("1,4", "3,4"), ("8", "2"), ("1", "0")])

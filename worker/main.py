@@ -47,6 +47,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import as_text, now
 from rq.worker.base import WorkerStatus
 
+from app import webhooks
 from app.jobs import JobStore, connect, make_queue
 from app.settings import Settings
 from models import weights
@@ -353,7 +354,7 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
             store.unregister_worker(name)
         except RedisError as e:  # its registry entry expires by itself
             log.warning("worker %s could not unregister: %s", name, e)
-        _drain_webhooks(timeout=10.0)
+        webhooks.drain()
 
 
 #: Pause between pings while the worker waits for Redis to come back before resuming RQ's loop.
@@ -534,11 +535,3 @@ def _missing_weights(settings: Settings, error: BaseException | None = None) -> 
     for entry in weights.select(named):
         found.setdefault(entry.name, root / entry.path)
     return [{"name": n, "path": str(path), "command": _pull_command([n], root)} for n, path in found.items()]
-
-
-def _drain_webhooks(timeout: float) -> None:
-    """Give in-flight webhook deliveries a bounded chance to finish before the process exits."""
-    deadline = time.monotonic() + timeout
-    for t in threading.enumerate():
-        if t.name.startswith("webhook-"):
-            t.join(max(0.0, deadline - time.monotonic()))

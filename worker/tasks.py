@@ -296,18 +296,18 @@ def _finish(
 def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: int) -> None:
     """A worker died holding this job (RQ found its execution expired): say so in our record.
 
-    With retries left RQ re-queues the job and it goes back to ``queued``; otherwise it fails
-    with ``worker_lost``. Runs in whichever worker's reaper noticed.
+    With retries left RQ re-queues the job and it goes back to ``queued``, waiting afresh from now
+    (`JobStore.requeue`); otherwise it fails with ``worker_lost``. Runs in whichever worker's reaper
+    noticed.
     """
     record = store.get(job_id)
     if record is None:
         return
     attempt = record.get("attempts", 0)
     if retries_left > 0:
-        store.update(
+        store.requeue(
             job_id,
             {
-                "status": "queued",
                 "stage": None,
                 "step": None,
                 "total": None,
@@ -316,7 +316,6 @@ def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: in
                     [f"The worker running attempt {attempt} was lost; the job was re-queued."],
                 ),
             },
-            allowed=["processing"],
         )
         return
     final = store.finish(

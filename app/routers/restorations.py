@@ -7,7 +7,6 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import io
 import json
 import re
 import time
@@ -18,7 +17,6 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import ExifTags, Image
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -42,8 +40,8 @@ from app.schemas import (
 )
 from app.security import Caller, authenticate, check_rate_limit, check_webhook_url
 from app.settings import Settings
-from models.errors import PipelineError
-from models.images import ALLOWED_FORMATS, MAX_OUTPUT_SIDE, check_image, resolve_format
+from models.errors import OutputTooLargeError, PipelineError
+from models.images import check_image, check_output_sizes, output_sizes, resolve_format
 
 router = APIRouter(prefix="/v1/restorations", tags=["restorations"])
 
@@ -60,9 +58,6 @@ IDEMPOTENCY_TAKEOVER_SECONDS = 60.0
 _MAX_POLL_SECONDS = 1.0
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _IMAGE_CONTENT = {"image/png": _BINARY, "image/jpeg": _BINARY, "image/webp": _BINARY}
-#: An aligned input is restored at this size whatever its own (models.pipeline.FACE_SIZE, which the
-#: API cannot import: torch).
-_ALIGNED_SIZE = 512
 _PARAMETERS = [
     {
         "name": "Prefer",
@@ -404,48 +399,22 @@ def prefers_over_json(accept: str | None, media_type: str) -> bool:
 
 
 def _check_upload(data: bytes, options: RestorationOptions, s: Settings) -> list[str]:
-    """The upload and the result it asks for, checked before anything is stored. Returns the
-    upload's warnings."""
+    """The upload and the results it asks for, checked before anything is stored: a broken upload or
+    a result too large to make (`max_output_pixels`) or to write in its format is a 4xx now, not a
+    job that fails after the whole restoration. Returns the upload's warnings."""
     try:
-        # Every pixel is decoded, as the worker will: a broken upload is a 4xx now, not a failed job.
-        warnings = check_image(data, max_pixels=s.max_pixels)
+        # Every pixel is decoded, as the worker will.
+        checked = check_image(data, max_pixels=s.max_pixels)
+        sizes = output_sizes(
+            checked.size, aligned=options.aligned, upscale=options.upscale, outputs=options.outputs
+        )
+        fmt = resolve_format(options.format, checked.format)
+        check_output_sizes(sizes, fmt, max_pixels=s.max_output_pixels)
+    except OutputTooLargeError as e:  # not an upload error: the upload is fine, the request is not
+        raise ApiError(413, e.code, e.message) from e
     except PipelineError as e:
         raise ApiError(UPLOAD_ERROR_STATUS.get(e.code, 400), e.code, e.message) from e
-    _check_output_size(data, options, s.max_output_pixels)
-    return warnings
-
-
-def _check_output_size(data: bytes, options: RestorationOptions, max_output_pixels: int) -> None:
-    """Refuse a result too large to make (`max_output_pixels`) or to write in its format (a side
-    beyond `MAX_OUTPUT_SIDE`): the worker would fail it only after the whole restoration. ``data``
-    has passed `check_image`, so only its header is read here."""
-    with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as im:
-        (width, height), source = im.size, str(im.format)
-        # Orientations 5-8 turn the picture a quarter: the upright width is the stored height. A
-        # malformed EXIF block is ignored, as the worker ignores it.
-        with contextlib.suppress(Exception):
-            if im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
-                width, height = height, width
-    if options.aligned:
-        width = height = _ALIGNED_SIZE
-    width, height = width * options.upscale, height * options.upscale
-    if width * height > max_output_pixels:
-        raise ApiError(
-            413,
-            "output_too_large",
-            f"The result would have {width}x{height} = {width * height} pixels (the image times upscale "
-            f"{options.upscale} on each side); the limit is {max_output_pixels}. Ask for a smaller upscale.",
-        )
-    fmt = resolve_format(options.format, source)
-    # The comparison puts the input, resized to the result's height, beside the result.
-    widest = 2 * width if "comparison" in options.outputs else width
-    if max(widest, height) > MAX_OUTPUT_SIDE[fmt]:
-        raise ApiError(
-            413,
-            "output_too_large",
-            f"An output would be {widest}x{height} px; {fmt} images are at most {MAX_OUTPUT_SIDE[fmt]} px "
-            "a side. Ask for format png, or a smaller upscale.",
-        )
+    return checked.warnings
 
 
 def _submit(

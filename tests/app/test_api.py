@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -24,12 +25,13 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app import queued
+from app import queued, webhooks
 from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
 from app.routers import health, models, restorations
 from app.schemas import RestorationOptions, restoration_view
 from app.settings import Settings
+from models.images import CheckedImage
 from tests.conftest import ROOT, aligned_png, http_server, wait_for
 
 PNG = aligned_png()
@@ -826,11 +828,47 @@ def test_a_result_over_max_output_pixels_is_refused_at_submission(make_settings)
         assert submit(c, data=photo, aligned="false").status_code == 202
         r = submit(c, data=photo, aligned="false", upscale="2")
         assert r.status_code == 413 and error_code(r) == "output_too_large", r.text
-        assert "800x800" in r.text and "300000" in r.text
+        assert "image would have 800×800" in r.text and "300000" in r.text
+        # The comparison is a result too: the photo beside itself, 800 x 400.
+        r = submit(c, data=photo, aligned="false", outputs="image,comparison")
+        assert r.status_code == 413 and "comparison would have 800×400" in r.text, r.text
         # An aligned face is restored at 512 x 512 whatever its own size.
         assert submit(c, data=image_bytes((1024, 1024))).status_code == 202
         r = submit(c, data=image_bytes((64, 64)), upscale="2")
         assert r.status_code == 413 and error_code(r) == "output_too_large", r.text
+
+
+def test_an_upload_is_opened_once_at_submission(client: TestClient, monkeypatch) -> None:
+    """`check_image` tells the API the upload's format and upright size: opening it again to read
+    them decoded a PNG a second time (reading its EXIF loads its pixels)."""
+    opened: list[object] = []
+    real = Image.open
+
+    def counted(*args: Any, **kwargs: Any) -> Image.Image:
+        opened.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counted)
+    assert submit(client, outputs="image,comparison").status_code == 202
+    assert len(opened) == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "fields"),
+    [
+        # Sized as a square face by the API, as the input's aspect beside it by the pipeline, the
+        # comparison fitted a WebP for one and not the other; the worker refuses the input anyway.
+        ((4000, 250), {"format": "webp", "upscale": "4", "outputs": "comparison"}),
+        ((250, 4000), {"format": "png", "outputs": "image"}),
+    ],
+)
+def test_an_aligned_input_that_is_not_square_is_refused_at_submission(
+    client: TestClient, size: tuple[int, int], fields: dict[str, str]
+) -> None:
+    """An aligned input is the face itself, which is square: the worker would fail any other."""
+    r = submit(client, data=image_bytes(size), **fields)
+    assert r.status_code == 400 and error_code(r) == "invalid_image", r.text
+    assert f"square face crop, got {size[0]}×{size[1]}" in r.text
 
 
 @pytest.mark.parametrize(
@@ -858,7 +896,7 @@ def test_an_output_its_format_cannot_hold_is_refused_at_submission(
     r = submit(client, data=image_bytes(size, source, orientation), aligned="false", **fields)
     if refused:
         assert r.status_code == 413 and error_code(r) == "output_too_large", r.text
-        assert "webp images are at most 16383 px" in r.text
+        assert "WEBP allows at most 16383 pixels a side" in r.text
     else:
         assert r.status_code == 202, r.text
 
@@ -879,7 +917,7 @@ def test_image_checks_beyond_the_limit_wait_their_turn(make_settings, monkeypatc
     seen = {"running": 0, "most": 0, "entered": 0}
     real = restorations.check_image
 
-    def held(data: bytes, *, max_pixels: int) -> list[str]:
+    def held(data: bytes, *, max_pixels: int) -> CheckedImage:
         with lock:
             seen["running"] += 1
             seen["entered"] += 1
@@ -1022,15 +1060,15 @@ def test_a_job_no_worker_takes_fails_with_queue_timeout(make_settings, redis_con
         assert store.start(old, {"status": "processing"}) is False
 
 
-def test_one_sweep_round_per_lock_and_a_requeued_job_waits_from_its_last_start(make_settings) -> None:
+def test_one_sweep_round_per_lock_and_a_requeued_job_waits_from_its_requeue(make_settings) -> None:
     """Several API processes share the work through a Redis lock; a job re-queued after its worker
-    was lost counts its wait from that start (which renewed its record), not from its submission."""
+    was lost counts its wait from that re-queue (`queued_at`), not from its submission."""
     s = make_settings(queue_timeout_seconds=600)
     store = JobStore(connect(s), s)
     queue = make_queue(store.redis, s)
     now = time.time()
-    for job_id, started_at in (("waited", None), ("requeued", now - 10)):
-        record = {"id": job_id, "status": "queued", "created_at": now - 601, "started_at": started_at}
+    for job_id, requeued in (("waited", {}), ("requeued", {"queued_at": now - 10})):
+        record = {"id": job_id, "status": "queued", "created_at": now - 601, **requeued}
         store.create(job_id, b"x", record, queue)
     lock = store.key("queue-sweep-lock", queue.name)
     store.redis.set(lock, "another API process", px=60_000)
@@ -1041,10 +1079,65 @@ def test_one_sweep_round_per_lock_and_a_requeued_job_waits_from_its_last_start(m
     assert store.get("waited")["status"] == "failed" and store.get("requeued")["status"] == "queued"
 
 
+def test_a_record_whose_wait_does_not_parse_is_skipped_and_the_sweep_goes_on(make_settings, caplog) -> None:
+    """One odd record (a field missing, not a number, not JSON) used to raise out of every round, so
+    no queued job was failed any more; it is now logged and left to its TTL, and the others fail."""
+    s = make_settings(queue_timeout_seconds=600)
+    store = JobStore(connect(s), s)
+    queue = make_queue(store.redis, s)
+    old = time.time() - 601
+    odd = {
+        "no-created-at": {},
+        "text-created-at": {"created_at": "yesterday"},
+        "text-queued-at": {"created_at": old, "queued_at": "later"},
+        "not-json": {"created_at": old},
+    }
+    for job_id, fields in (*odd.items(), ("waited", {"created_at": old})):
+        store.create(job_id, b"x", {"id": job_id, "status": "queued", **fields}, queue)
+    store.redis.hset(store.key("job", "not-json"), "created_at", b"{")
+    with caplog.at_level(logging.WARNING, logger="app.jobs"):
+        assert queued.sweep(store, queue, s) == ["waited"]
+    assert {store.redis.hget(store.key("job", job_id), "status") for job_id in odd} == {b'"queued"'}
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert all(f"job {job_id}:" in logged for job_id in odd), logged
+
+
+def test_the_api_waits_for_its_webhooks_before_it_exits(make_settings, monkeypatch) -> None:
+    """A queued job's cancel sends its webhook from an API thread, a daemon the interpreter would end
+    mid-delivery: the app's shutdown drains it (bounded), as a worker's does."""
+    started, release = threading.Event(), threading.Event()
+    delivered: list[str] = []
+
+    def deliver(url: str, msg_id: str, body: bytes, settings: Settings, **_: Any) -> bool:
+        started.set()
+        release.wait(30)
+        delivered.append(msg_id)
+        return True
+
+    real_drain = webhooks.drain
+
+    def drain(timeout: float = webhooks.DRAIN_SECONDS) -> None:
+        release.set()  # the delivery ends only once shutdown is draining: before, it must still run
+        real_drain(timeout)
+
+    monkeypatch.setattr(webhooks, "deliver", deliver)
+    monkeypatch.setattr(webhooks, "drain", drain)
+    with TestClient(create_app(make_settings())) as c:
+        job_id = submit(c, webhook="http://127.0.0.1:9/hook").json()["id"]
+        assert c.delete(f"/v1/restorations/{job_id}").status_code == 200
+        assert started.wait(30)
+        assert delivered == []
+    assert delivered == [job_id]
+
+
 def test_the_queue_timeout_leaves_the_sweep_time_before_the_record_expires() -> None:
     ttl = {"record_ttl_seconds": 3000, "job_timeout_seconds": 100, "reaper_interval_seconds": 15.0}
     assert Settings(**ttl).queue_timeout == 2970  # unset: an hour, capped by the record TTL
     assert Settings().queue_timeout == 3600
     assert Settings(**ttl, queue_timeout_seconds=2970).queue_timeout == 2970
-    with pytest.raises(ValueError, match="at least DYNFACE_QUEUE_TIMEOUT_SECONDS"):
+    with pytest.raises(ValueError, match=r"at least DYNFACE_QUEUE_TIMEOUT_SECONDS \(2971\)"):
         Settings(**ttl, queue_timeout_seconds=2971)
+    # Unset, the message gives the value in effect (it used to say "None").
+    too_short = {"record_ttl_seconds": 30, "job_timeout_seconds": 5, "max_retries": 0}
+    with pytest.raises(ValueError, match=r"DYNFACE_QUEUE_TIMEOUT_SECONDS \(unset, so 0\)"):
+        Settings(**too_short, reaper_interval_seconds=15.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
 
@@ -13,13 +14,16 @@ from hypothesis import strategies as st
 from PIL import Image, ImageCms
 
 from app.settings import Settings
+from models import images
 from models.errors import InvalidImageError, OutputTooLargeError, TooManyPixelsError, UnsupportedFormatError
 from models.images import (
+    FACE_SIZE,
     PNG_COMPRESS_LEVEL,
     check_image,
-    check_output_size,
+    check_output_sizes,
     decode_image,
     encode_image,
+    output_sizes,
     resolve_format,
 )
 from tests.conftest import aligned_png
@@ -162,6 +166,63 @@ def test_png_trns_makes_one_colour_transparent_in_grey_and_rgb(
 
 
 @pytest.mark.parametrize(
+    ("im", "transparent"),
+    [
+        (Image.fromarray(np.array([[0, 255]], np.uint8), "L"), 7),
+        (Image.fromarray(np.array([[[0, 0, 0], [9, 8, 7]]], np.uint8)), (9, 8, 6)),
+        (Image.fromarray(np.array([[0, 1000]], np.uint16)), 1001),
+    ],
+    ids=["L", "RGB", "I;16"],
+)
+def test_png_trns_colour_no_pixel_has_gives_no_alpha(im: Image.Image, transparent: object) -> None:
+    """Nothing is transparent: the result must not come back with an alpha channel it never had."""
+    d = decode_image(_save(im, "PNG", transparency=transparent), max_pixels=MAX)
+    assert d.alpha is None and d.warnings == []
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _raw_png(width: int, depth: int, colour_type: int, row: bytes, trns: bytes) -> bytes:
+    """A one-row PNG of any bit depth, with a tRNS chunk (Pillow writes only some of these)."""
+    ihdr = struct.pack(">IIBBBBB", width, 1, depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"tRNS", trns)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" + row))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("depth", "row", "levels"),
+    [(2, bytes([0b11_01_00_10]), [255, 85, 0, 170]), (4, bytes([0xF1, 0x02]), [255, 17, 0, 34])],
+)
+def test_low_bit_grey_png_trns_is_the_level_pillow_decodes(depth: int, row: bytes, levels: list[int]) -> None:
+    """tRNS holds a 2- or 4-bit grey value (1 here), which Pillow decodes scaled to 8 bits."""
+    d = decode_image(_raw_png(4, depth, 0, row, struct.pack(">H", 1)), max_pixels=MAX)
+    assert d.rgb[0, :, 0].tolist() == levels
+    assert d.alpha is not None and d.alpha.tolist() == [[255, 0, 255, 255]]
+
+
+def test_16bit_rgb_png_trns_is_ignored_with_a_warning() -> None:
+    """Pillow decodes 16-bit RGB to 8 bits (each sample's high byte) but keeps tRNS's 16-bit colour:
+    applied, it made the wrong pixels transparent. Pixel 0 is the transparent colour, pixel 1 has
+    the same high bytes; no 8-bit alpha can tell them apart."""
+    key = (257 * 9, 257 * 8, 257 * 7)
+    row = struct.pack(">6H", *key, key[0] + 1, key[1], key[2])
+    data = _raw_png(2, 16, 2, row, struct.pack(">3H", *key))
+    d = decode_image(data, max_pixels=MAX)
+    assert d.rgb.tolist() == [[[9, 8, 7], [9, 8, 7]]] and d.alpha is None
+    assert d.warnings == [
+        "The PNG's transparent colour is a 16-bit one; it was ignored and the image is opaque."
+    ]
+    assert check_image(data, max_pixels=MAX).warnings == d.warnings
+
+
+@pytest.mark.parametrize(
     ("values", "levels"),
     [
         ([0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),  # the usual float range [0, 1]
@@ -266,7 +327,7 @@ def test_embedded_rgb_profile_is_converted_to_srgb_with_a_warning(
     assert np.abs(d.rgb - expected).max() <= 1.5
     assert np.abs(d.rgb.astype(int) - rgb).max() >= 20  # the conversion matters
     assert d.warnings == [f"The image's colours were converted from its colour profile ({name}) to sRGB."]
-    assert check_image(data, max_pixels=MAX) == d.warnings
+    assert check_image(data, max_pixels=MAX).warnings == d.warnings
     if with_alpha:
         np.testing.assert_array_equal(d.alpha, alpha)
 
@@ -286,7 +347,126 @@ def test_unreadable_profile_is_ignored_with_a_warning() -> None:
     a = _rgb_pattern()
     d = decode_image(_save(Image.fromarray(a), "PNG", icc_profile=b"not a profile" * 20), max_pixels=MAX)
     np.testing.assert_array_equal(d.rgb, a)
-    assert d.warnings == ["The image's colour profile could not be read; its colours were used as they are."]
+    assert d.warnings == [UNREADABLE]
+
+
+UNREADABLE = "The image's colour profile could not be read; its colours were used as they are."
+
+
+def test_profile_without_a_description_is_converted_as_unnamed() -> None:
+    """`desc` is the only tag naming a profile; without it the name is None (it used to fail the
+    image as invalid_image)."""
+    icc = _icc(ADOBE_COLORANTS, 563 / 256, "to be dropped").replace(b"desc", b"dmnd")
+    assert ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.profile_description is None
+    d = decode_image(_save(Image.fromarray(_rgb_pattern()), "PNG", icc_profile=icc), max_pixels=MAX)
+    assert d.warnings == ["The image's colours were converted from its colour profile (unnamed) to sRGB."]
+
+
+def test_any_failure_to_probe_a_profile_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("not an error Pillow documents")
+
+    monkeypatch.setattr(ImageCms, "profileToProfile", broken)
+    a = _rgb_pattern()
+    icc = _icc(ADOBE_COLORANTS, 563 / 256, "probe fails")  # a name of its own: not cached by another test
+    d = decode_image(_save(Image.fromarray(a), "PNG", icc_profile=icc), max_pixels=MAX)
+    np.testing.assert_array_equal(d.rgb, a)
+    assert d.warnings == [UNREADABLE]
+
+
+def test_a_conversion_that_fails_after_its_probe_leaves_the_colours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API checks the probe; the worker's conversion of the whole image failing must not fail
+    the job it accepted: the colours are used as they are, as for an unreadable profile."""
+    real = ImageCms.profileToProfile
+
+    def whole_image_fails(im: Image.Image, *args: object, **kwargs: object) -> Image.Image | None:
+        if im.size == (216, 1):  # the 6×6×6 probe
+            return real(im, *args, **kwargs)  # type: ignore[arg-type]
+        raise ImageCms.PyCMSError("out of luck")
+
+    monkeypatch.setattr(ImageCms, "profileToProfile", whole_image_fails)
+    a = _rgb_pattern()
+    data = _save(Image.fromarray(a), "PNG", icc_profile=_icc(ADOBE_COLORANTS, 563 / 256, "fails later"))
+    d = decode_image(data, max_pixels=MAX)
+    np.testing.assert_array_equal(d.rgb, a)
+    assert d.warnings == [UNREADABLE]
+
+
+def test_a_profile_is_probed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe (~5 ms) is remembered by the profile's bytes: most phone photos carry the same one."""
+    calls: list[tuple[int, int]] = []
+    real = ImageCms.profileToProfile
+
+    def counted(im: Image.Image, *args: object, **kwargs: object) -> Image.Image | None:
+        calls.append(im.size)
+        return real(im, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ImageCms, "profileToProfile", counted)
+    images._probe_cached.cache_clear()  # whatever an earlier run of this test left
+    data = _save(
+        Image.fromarray(_rgb_pattern()), "PNG", icc_profile=_icc(ADOBE_COLORANTS, 2.2, "probed once")
+    )
+    first, second = (check_image(data, max_pixels=MAX) for _ in range(2))
+    assert calls == [(216, 1)]  # the probe; check_image converts no pixels
+    assert first == second and "probed once" in first.warnings[0]
+
+
+def _cmyk_icc(name: str) -> bytes:
+    """A minimal ICC v2 CMYK output profile: one 2×2×2×2 lut16 from inks to XYZ in which only black
+    ink darkens (XYZ = D50 × (1 − k)) and cyan, magenta and yellow do nothing."""
+
+    def s15(*values: float) -> bytes:
+        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
+
+    text = name.encode() + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+    grid = b"".join(
+        struct.pack(">3H", *(round(v * (1 - k) * 32768) for v in D50))  # XYZ as u1.15
+        for _c, _m, _y, k in itertools.product((0, 1), repeat=4)
+    )
+    identity = struct.pack(">2H", 0, 65535)
+    lut = (
+        b"mft2\0\0\0\0"
+        + bytes([4, 3, 2, 0])
+        + s15(1, 0, 0, 0, 1, 0, 0, 0, 1)
+        + struct.pack(">HH", 2, 2)
+        + identity * 4
+        + grid
+        + identity * 3
+    )
+    tags = [(b"desc", desc), (b"wtpt", b"XYZ \0\0\0\0" + s15(*D50)), (b"A2B0", lut)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        data += bytes(-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (
+        struct.pack(">I", offset + len(data))
+        + b"lcms"
+        + struct.pack(">I", 0x02100000)
+        + b"prtrCMYKXYZ "
+        + bytes(12)
+        + b"acsp"
+        + bytes(24)
+        + bytes(4)
+        + s15(*D50)
+        + bytes(48)
+    )
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_cmyk_jpeg_with_a_cmyk_profile_is_converted_with_it() -> None:
+    """Pillow's own CMYK → RGB is the textbook formula, which its profile may contradict: here only
+    black ink darkens, so full cyan is white, and half black is sRGB's grey of luminance 1 − 128/255."""
+    inks = Image.frombytes("CMYK", (3, 1), bytes([255, 0, 0, 0, 0, 0, 0, 128, 0, 0, 0, 255]))
+    data = _save(inks, "JPEG", quality=100, icc_profile=_cmyk_icc("test press"))
+    d = decode_image(data, max_pixels=MAX)
+    grey = 255 * (1.055 * (1 - 128 / 255) ** (1 / 2.4) - 0.055)
+    expected = np.array([[[255] * 3, [grey] * 3, [0] * 3]])
+    assert np.abs(d.rgb - expected).max() <= 2
+    assert d.warnings == ["The image's colours were converted from its colour profile (test press) to sRGB."]
+    assert check_image(data, max_pixels=MAX).warnings == d.warnings
 
 
 # ---------------------------------------------------------------- hostile input
@@ -333,13 +513,12 @@ def _png_declaring(width: int, height: int) -> bytes:
     Since the pixel data is missing, decoding it would fail with InvalidImageError; getting
     TooManyPixelsError instead proves the size was checked before any decoding or allocation.
     """
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b""))
+        + _png_chunk(b"IEND", b"")
     )
 
 
@@ -511,13 +690,40 @@ def test_png_compress_level_changes_bytes_not_pixels() -> None:
 
 def test_output_size_limits_of_each_format() -> None:
     """libwebp writes at most 16383 px a side and libjpeg 65500; Pillow only says so when encoding."""
-    check_output_size(16383, 10, "webp")
-    check_output_size(65500, 65500, "jpeg")
-    check_output_size(200_000, 10, "png")
+    check_output_sizes({"image": (16383, 10)}, "webp")
+    check_output_sizes({"image": (65500, 65500)}, "jpeg")
+    check_output_sizes({"image": (200_000, 10)}, "png")
     with pytest.raises(OutputTooLargeError, match=r"comparison would be 16384×10 pixels.*WEBP.*16383"):
-        check_output_size(16384, 10, "webp", "comparison")
+        check_output_sizes({"image": (8192, 10), "comparison": (16384, 10)}, "webp")
     with pytest.raises(OutputTooLargeError, match="JPEG"):
-        check_output_size(10, 65501, "jpeg")
+        check_output_sizes({"image": (10, 65501)}, "jpeg")
+
+
+def test_the_pixel_limit_holds_for_every_output() -> None:
+    sizes = {"image": (400, 400), "comparison": (800, 400)}
+    check_output_sizes(sizes, "png", max_pixels=320_000)
+    with pytest.raises(OutputTooLargeError, match=r"comparison would have 800×400 = 320000 pixels.*319999"):
+        check_output_sizes(sizes, "png", max_pixels=319_999)
+
+
+def test_output_sizes_of_photos_and_aligned_faces() -> None:
+    assert output_sizes((300, 200), aligned=False, upscale=2, outputs=["image"]) == {"image": (600, 400)}
+    assert output_sizes((300, 200), aligned=False, upscale=3, outputs=["comparison"]) == {
+        "image": (900, 600),
+        "comparison": (1800, 600),  # the input upscaled as the image is, beside it
+    }
+    assert output_sizes((64, 64), aligned=True, upscale=4, outputs=["faces", "comparison"]) == {
+        "image": (4 * FACE_SIZE, 4 * FACE_SIZE),
+        "comparison": (8 * FACE_SIZE, 4 * FACE_SIZE),  # the input resized to the face's height
+    }
+
+
+@pytest.mark.parametrize("size", [(4000, 250), (40000, 1000)])
+def test_an_aligned_input_must_be_square(size: tuple[int, int]) -> None:
+    """The pipeline refuses any other; its comparison (the input's aspect beside a square face)
+    exceeded what the API reckoned, up to 172 MP for 40000×1000 at upscale 4."""
+    with pytest.raises(InvalidImageError, match=f"square face crop, got {size[0]}×{size[1]}"):
+        output_sizes(size, aligned=True, upscale=4, outputs=["comparison"])
 
 
 def test_resolve_format() -> None:
@@ -579,11 +785,13 @@ def _animated_gif() -> bytes:
 )
 def test_check_image_refuses_and_warns_as_decode_image(data: bytes) -> None:
     """The API checks uploads with check_image (no arrays built); it must refuse exactly what the
-    worker's decode_image refuses, with the same error, and warn the same."""
+    worker's decode_image refuses, with the same error, and warn the same. Its format and upright
+    size are what the API sizes the results by."""
     try:
-        warnings = decode_image(data, max_pixels=1_000_000).warnings
+        d = decode_image(data, max_pixels=1_000_000)
     except (InvalidImageError, TooManyPixelsError, UnsupportedFormatError) as e:
         with pytest.raises(type(e)):
             check_image(data, max_pixels=1_000_000)
     else:
-        assert check_image(data, max_pixels=1_000_000) == warnings
+        checked = check_image(data, max_pixels=1_000_000)
+        assert (checked.format, checked.size, checked.warnings) == (d.format, d.size, d.warnings)

@@ -23,7 +23,7 @@ from models import trained
 from models.dblm import DBLMConfig, DBLMNet
 from models.dgsa import DGSANet
 from models.dsst import default_table
-from models.errors import Cancelled, NoFaceError, OutputTooLargeError, PipelineError
+from models.errors import Cancelled, InvalidImageError, NoFaceError, OutputTooLargeError, PipelineError
 from models.pipeline import STAGES, RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
 from models.weights import MissingWeightsError
@@ -450,6 +450,25 @@ def test_results_too_large_for_their_format_are_refused_before_any_work(
             progress=lambda stage, step, total: stages.append(stage),
         )
     assert err.value.code == "output_too_large"
+    assert stages == ["decode"]
+
+
+@pytest.mark.parametrize(
+    ("size", "options"),
+    [((4000, 250), {"upscale": 4, "format": "webp", "outputs": ("comparison",)}), ((250, 4000), {})],
+)
+def test_an_aligned_input_that_is_not_square_is_refused_before_any_work(
+    fast: RestorationPipeline, size: tuple[int, int], options: dict
+) -> None:
+    """The API's reason (`images.output_sizes`), right after decoding: not output_too_large for a
+    comparison sized from the input's aspect, nor invalid_image only once detection has begun."""
+    stages: list[str] = []
+    with pytest.raises(InvalidImageError, match=f"square face crop, got {size[0]}×{size[1]}"):
+        fast.restore_photo(
+            _png(Image.new("RGB", size, (90, 90, 90))),
+            RestoreOptions(aligned=True, seed=0, **options),
+            progress=lambda stage, step, total: stages.append(stage),
+        )
     assert stages == ["decode"]
 
 

@@ -1,4 +1,5 @@
-"""`worker.tasks.restore` in-process, for failures a CPU test machine cannot cause for real.
+"""`worker.tasks` in-process, for failures a CPU test machine cannot cause for real (and, without a
+worker, the record of a job whose worker was lost).
 
 CUDA out-of-memory cannot be provoked without a GPU, so the real `tiny` pipeline runs on the real
 input until its first UNet evaluation, which raises `torch.cuda.OutOfMemoryError` exactly as a
@@ -7,6 +8,8 @@ full GPU would; everything around it (Redis record, result keys, metrics) is the
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +18,8 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from app.jobs import JobStore, connect
+from app import queued
+from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
 from app.settings import Settings
 from models.pipeline import PhotoOutcome, RestorationPipeline
@@ -104,3 +108,26 @@ def test_cancel_after_sampling_still_cancels(runtime: tasks.Runtime, settings: S
     record = runtime.store.get(job_id)
     assert record["status"] == "canceled" and record.get("outputs") is None, record
     assert runtime.store.result(job_id, "image") is None
+
+
+def test_a_requeued_job_waits_afresh_from_its_requeue(make_settings) -> None:
+    """A job its lost worker started 400 s ago goes back to the queue now: it used to count its wait from
+    that start, so a 300 s queue timeout failed it at the next sweep ("no worker started it"), and its
+    record and input kept the TTL of that start. Its wait and both TTLs now restart at the re-queue."""
+    s = make_settings(queue_timeout_seconds=300, job_timeout_seconds=600, max_retries=1)
+    store = JobStore(connect(s), s)
+    queue = make_queue(store.redis, s)
+    now = time.time()
+    for job_id in ("requeued", "requeued-long-ago"):
+        store.create(job_id, b"x", {"id": job_id, "status": "queued", "created_at": now - 1000}, queue)
+        assert store.start(job_id, {"status": "processing", "started_at": now - 400, "attempts": 1})
+        for key in (store.key("job", job_id), store.key("input", job_id)):
+            store.redis.expire(key, 5)  # as if that start's TTL had nearly run out
+        tasks.fail_lost(store, s, job_id, retries_left=1)
+    record = store.get("requeued")
+    assert record["status"] == "queued" and "was lost" in record["warnings"][0], record
+    for key in (store.key("job", "requeued"), store.key("input", "requeued")):
+        assert store.redis.ttl(key) > s.record_ttl_seconds - 60, key
+    store.redis.hset(store.key("job", "requeued-long-ago"), "queued_at", json.dumps(now - 301))
+    assert queued.sweep(store, queue, s) == ["requeued-long-ago"]
+    assert store.get("requeued")["status"] == "queued"
