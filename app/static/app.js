@@ -34,6 +34,12 @@ const ERROR_TEXT = {
   invalid_option: "One of the options was not accepted.",
   invalid_request: "The request was not understood.",
   idempotency_conflict: "This request conflicts with an earlier one. Submit again.",
+  idempotency_in_progress: "An identical request is still being submitted. Wait a moment, then try again.",
+  output_too_large: "The result would be too large. Choose a smaller upscale, or PNG as the format.",
+  queue_timeout: "No worker picked up this photo in time (the service may be short of workers). " +
+    "Submit it again later.",
+  method_not_allowed: "The server does not accept this kind of request here.",
+  http_error: "The server refused the request.",
   not_found: "The job was not found: it may have expired.",
   not_ready: "The result is not ready yet.",
   expired: "The results have expired. Submit the photo again.",

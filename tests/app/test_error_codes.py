@@ -51,3 +51,13 @@ def test_every_error_code_is_documented() -> None:
         "http_error",
     } <= emitted
     assert emitted - documented == set()
+
+
+def test_the_web_page_has_a_sentence_for_every_error_code() -> None:
+    """app/static/app.js shows ERROR_TEXT[code]; a code missing there reads 'The request failed (code)'."""
+    js = (ROOT / "app" / "static" / "app.js").read_text()
+    start = js.index("const ERROR_TEXT = {")
+    block = js[start : js.index("};", start)]
+    sentences = set(re.findall(r"^\s+([a-z_]+):", block, re.MULTILINE))
+    assert {"network", "no_face"} <= sentences  # the scan reads the object
+    assert _emitted_codes() - sentences == set()
