@@ -357,19 +357,10 @@ def test_cancel_survives_a_failing_rq_cleanup(client: TestClient, monkeypatch) -
     the cancel into a 5xx, lose its webhook, or make the retried DELETE a 409."""
     hooks: list[dict[str, Any]] = []
 
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            hooks.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
     def redis_down(*args: Any, **kwargs: Any) -> None:
         raise redis.exceptions.ConnectionError("connection lost")
 
-    with http_server(Receiver) as base:
+    with http_server(hook_receiver(hooks)) as base:
         job_id = submit(client, webhook=f"{base}/hook").json()["id"]
         monkeypatch.setattr(queued.Job, "fetch", redis_down)
         r = client.delete(f"/v1/restorations/{job_id}")

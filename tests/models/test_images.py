@@ -256,28 +256,20 @@ ADOBE_COLORANTS = np.array(
 D50 = (0.9642, 1.0, 0.8249)
 
 
-def _icc(colorants: np.ndarray, gamma: float, name: str) -> bytes:
-    """A minimal ICC v2 RGB display profile (matrix + one gamma per channel), built byte by byte: Pillow
-    can only create sRGB, LAB and XYZ profiles, and a system profile would not be the same everywhere."""
+def _s15(*values: float) -> bytes:
+    """ICC s15Fixed16Number values."""
+    return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
 
-    def s15(*values: float) -> bytes:
-        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
 
-    def xyz(values: object) -> bytes:
-        return b"XYZ \0\0\0\0" + s15(*values)  # type: ignore[misc]
-
+def _desc_tag(name: str) -> bytes:
+    """An ICC v2 textDescriptionType tag body naming the profile."""
     text = name.encode() + b"\0"
-    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
-    # curv with one u8Fixed8 entry is a pure gamma; gamma 1 is stored as no entries (identity).
-    curve = b"curv\0\0\0\0" + (
-        struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0" if gamma != 1 else bytes(4)
-    )
-    tags = [
-        (b"desc", desc),
-        (b"wtpt", xyz(D50)),
-        *((sig, xyz(colorants[:, c])) for c, sig in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))),
-        *((sig, curve) for sig in (b"rTRC", b"gTRC", b"bTRC")),
-    ]
+    return b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+
+
+def _icc_file(device_class_and_space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v2 profile: the 128-byte header (device class and colour space as given, PCS XYZ, D50
+    illuminant), the tag table and the tag bodies, each 4-byte aligned."""
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for sig, body in tags:
@@ -288,16 +280,37 @@ def _icc(colorants: np.ndarray, gamma: float, name: str) -> bytes:
         struct.pack(">I", offset + len(data))
         + b"lcms"
         + struct.pack(">I", 0x02100000)
-        + b"mntrRGB XYZ "
+        + device_class_and_space
+        + b"XYZ "
         + bytes(12)
         + b"acsp"
         + bytes(24)
         + bytes(4)
-        + s15(*D50)
+        + _s15(*D50)
         + bytes(48)
     )
     assert len(header) == 128
     return header + struct.pack(">I", len(tags)) + table + data
+
+
+def _icc(colorants: np.ndarray, gamma: float, name: str) -> bytes:
+    """A minimal ICC v2 RGB display profile (matrix + one gamma per channel), built byte by byte: Pillow
+    can only create sRGB, LAB and XYZ profiles, and a system profile would not be the same everywhere."""
+
+    def xyz(values: object) -> bytes:
+        return b"XYZ \0\0\0\0" + _s15(*values)  # type: ignore[misc]
+
+    # curv with one u8Fixed8 entry is a pure gamma; gamma 1 is stored as no entries (identity).
+    curve = b"curv\0\0\0\0" + (
+        struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0" if gamma != 1 else bytes(4)
+    )
+    tags = [
+        (b"desc", _desc_tag(name)),
+        (b"wtpt", xyz(D50)),
+        *((sig, xyz(colorants[:, c])) for c, sig in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))),
+        *((sig, curve) for sig in (b"rTRC", b"gTRC", b"bTRC")),
+    ]
+    return _icc_file(b"mntrRGB ", tags)
 
 
 def _to_srgb_reference(rgb: np.ndarray, colorants: np.ndarray, gamma: float) -> np.ndarray:
@@ -414,12 +427,6 @@ def test_a_profile_is_probed_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def _cmyk_icc(name: str) -> bytes:
     """A minimal ICC v2 CMYK output profile: one 2×2×2×2 lut16 from inks to XYZ in which only black
     ink darkens (XYZ = D50 × (1 − k)) and cyan, magenta and yellow do nothing."""
-
-    def s15(*values: float) -> bytes:
-        return b"".join(struct.pack(">i", round(v * 65536)) for v in values)
-
-    text = name.encode() + b"\0"
-    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
     grid = b"".join(
         struct.pack(">3H", *(round(v * (1 - k) * 32768) for v in D50))  # XYZ as u1.15
         for _c, _m, _y, k in itertools.product((0, 1), repeat=4)
@@ -428,32 +435,14 @@ def _cmyk_icc(name: str) -> bytes:
     lut = (
         b"mft2\0\0\0\0"
         + bytes([4, 3, 2, 0])
-        + s15(1, 0, 0, 0, 1, 0, 0, 0, 1)
+        + _s15(1, 0, 0, 0, 1, 0, 0, 0, 1)
         + struct.pack(">HH", 2, 2)
         + identity * 4
         + grid
         + identity * 3
     )
-    tags = [(b"desc", desc), (b"wtpt", b"XYZ \0\0\0\0" + s15(*D50)), (b"A2B0", lut)]
-    offset = 128 + 4 + 12 * len(tags)
-    table, data = b"", b""
-    for sig, body in tags:
-        data += bytes(-len(data) % 4)
-        table += sig + struct.pack(">II", offset + len(data), len(body))
-        data += body
-    header = (
-        struct.pack(">I", offset + len(data))
-        + b"lcms"
-        + struct.pack(">I", 0x02100000)
-        + b"prtrCMYKXYZ "
-        + bytes(12)
-        + b"acsp"
-        + bytes(24)
-        + bytes(4)
-        + s15(*D50)
-        + bytes(48)
-    )
-    return header + struct.pack(">I", len(tags)) + table + data
+    tags = [(b"desc", _desc_tag(name)), (b"wtpt", b"XYZ \0\0\0\0" + _s15(*D50)), (b"A2B0", lut)]
+    return _icc_file(b"prtrCMYK", tags)
 
 
 def test_cmyk_jpeg_with_a_cmyk_profile_is_converted_with_it() -> None:
