@@ -17,11 +17,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
-#: HTTP status for pipeline error codes the API raises while validating an upload.
+#: HTTP status for pipeline error codes the API raises while validating an upload and the results
+#: it asks for.
 UPLOAD_ERROR_STATUS: dict[str, int] = {
     "invalid_image": 400,
     "unsupported_format": 415,
     "too_many_pixels": 413,
+    "output_too_large": 413,
 }
 
 

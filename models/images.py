@@ -135,9 +135,10 @@ def check_image(data: bytes, *, max_pixels: int) -> CheckedImage:
 
 @dataclass(frozen=True)
 class _Conversion:
-    """An embedded colour profile the pixels are converted from to sRGB, and the warning that says so."""
+    """An embedded colour profile (its ICC bytes) the pixels are converted from to sRGB, and the
+    warning that says so. Parsed only where pixels are converted: `check_image` never needs it."""
 
-    profile: ImageCms.ImageCmsProfile
+    icc: bytes
     warning: str
 
 
@@ -254,7 +255,7 @@ def _source_profile(im: Image.Image, warnings: list[str]) -> _Conversion | None:
         return None
     warning = f"The image's colours were converted from its colour profile ({name}) to sRGB."
     warnings.append(warning)
-    return _Conversion(ImageCms.ImageCmsProfile(io.BytesIO(icc)), warning)
+    return _Conversion(icc, warning)
 
 
 def _probe_profile(icc: bytes, space: str) -> str | None:
@@ -293,7 +294,8 @@ def _to_srgb(im: Image.Image, conversion: _Conversion | None, mode: str, warning
         # CMYK goes to the transform as it is; the RGB-like modes (RGBX, RGBa, P, ...) as `mode`.
         source = im if im.mode == "CMYK" else im.convert(mode)
         try:
-            converted = ImageCms.profileToProfile(source, conversion.profile, _SRGB, outputMode=mode)
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(conversion.icc))
+            converted = ImageCms.profileToProfile(source, profile, _SRGB, outputMode=mode)
         except ImageCms.PyCMSError:
             warnings[warnings.index(conversion.warning)] = _PROFILE_UNREADABLE
         else:

@@ -40,7 +40,7 @@ from app.schemas import (
 )
 from app.security import Caller, authenticate, check_rate_limit, check_webhook_url
 from app.settings import Settings
-from models.errors import OutputTooLargeError, PipelineError
+from models.errors import PipelineError
 from models.images import check_image, check_output_sizes, output_sizes, resolve_format
 
 router = APIRouter(prefix="/v1/restorations", tags=["restorations"])
@@ -410,8 +410,6 @@ def _check_upload(data: bytes, options: RestorationOptions, s: Settings) -> list
         )
         fmt = resolve_format(options.format, checked.format)
         check_output_sizes(sizes, fmt, max_pixels=s.max_output_pixels)
-    except OutputTooLargeError as e:  # not an upload error: the upload is fine, the request is not
-        raise ApiError(413, e.code, e.message) from e
     except PipelineError as e:
         raise ApiError(UPLOAD_ERROR_STATUS.get(e.code, 400), e.code, e.message) from e
     return checked.warnings
