@@ -14,7 +14,7 @@ Layout (``P`` = settings.key_prefix)::
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
     P:done:{id}           pub/sub channel (no key): published once when the job ends
-    P:reaper-lock         lock so only one worker at a time re-queues abandoned jobs
+    P:reaper-lock:{q}     lock so one worker a round reaps lost workers' jobs of queue q (worker/main.py)
     P:queue-sweep-lock:{q} lock so one API process a round fails jobs queued too long (app/queued.py)
 
 This module must stay torch-free: the API imports it.

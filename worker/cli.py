@@ -99,11 +99,16 @@ class _WorkerPool:
                 print(f"dynface: worker {i} exited with code {code}; restarting in {delay:g} s", flush=True)
                 if self._stopping.wait(delay):
                     return
-                self._procs[i] = self._spawn(self._commands[i])
+                try:
+                    self._procs[i] = self._spawn(self._commands[i])
+                except OSError as e:  # no memory or processes left, for now: the next round retries
+                    print(f"dynface: could not restart worker {i}: {e}", flush=True)
+                # A failed start counts as a crash at start: the delay keeps doubling.
                 self._started[i] = time.monotonic()
 
     def stop(self, timeout: float) -> None:
-        """Warm shutdown: each worker finishes its current job within `timeout`, else it is killed."""
+        """Warm shutdown: the workers finish their current jobs within `timeout` (together, not one
+        after another), else they are killed."""
         self._stopping.set()
         if self._watcher.is_alive():
             self._watcher.join()
@@ -112,9 +117,10 @@ class _WorkerPool:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
         for proc in self._procs:
             try:
-                proc.wait(timeout=timeout)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -9,8 +9,15 @@ Why these choices:
   (heartbeat_ttl) and refresh it from a heartbeat thread while a job runs; a background reaper
   runs RQ's own `StartedJobRegistry.cleanup` every few seconds (RQ's maintenance runs only every
   10 min and only between dequeue timeouts), which re-queues the job via `Retry` or fails it.
-  `fail_lost` mirrors that decision into our job record.
-- The RQ worker key TTL is longer than the longest job, as RQ requires for SimpleWorker.
+  `fail_lost` mirrors that decision into our job record. Anyone else may run that cleanup first
+  (RQ's `count` and `get_job_ids` do, without our handler: `rq info`, dashboards), so each reaper
+  round also reconciles records with what RQ did (`_reconcile`).
+- Heartbeats and the reaper use the job store's client (socket timeout redis_timeout_seconds), not
+  RQ's: RQ raises its client's socket timeout above its blocking dequeue (job timeout + ~1 min), so
+  one stalled reply would outlast heartbeat_ttl and a running job would be re-queued.
+- RQ's worker key (what `rq info` lists) is not what detects a lost worker; it lives
+  worker_ttl + 60 s between jobs and, during one, as long as the heartbeat renews it (RQ's
+  job_monitoring_interval + 60 s a beat).
 - SIGTERM: RQ's warm shutdown finishes the current job; we then wait briefly for webhooks.
 - Batching (DYNFACE_WORKER_BATCH_MAX_JOBS > 1): the job RQ dequeued claims compatible waiting jobs
   ("riders", `claim_riders`) and runs their faces in its sampler batch. A claim is one Redis
@@ -22,6 +29,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -48,7 +56,7 @@ from rq.utils import as_text, now
 from rq.worker.base import WorkerStatus
 
 from app import webhooks
-from app.jobs import JobStore, connect, make_queue
+from app.jobs import ACTIVE, JobStore, connect, make_queue
 from app.settings import Settings
 from models import weights
 from models.errors import PipelineError
@@ -91,6 +99,9 @@ class DynfaceWorker(SimpleWorker):
         self.settings = settings
         self.store = store
         self.registry_fields: dict[str, Any] = {}
+        # The main thread announces states while the background thread republishes: one at a time,
+        # so an older snapshot never lands after a newer one.
+        self._publish_lock = threading.Lock()
         self._batch: _Batch | None = None
         self.stop_requested = False
 
@@ -114,6 +125,28 @@ class DynfaceWorker(SimpleWorker):
             super().heartbeat(timeout, pipe)
             pipe.execute()
 
+    def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
+        """RQ's `maintain_heartbeats` (this worker's key, the execution, the job) sent through the job
+        store's client: RQ's own waits up to its blocking dequeue's socket timeout (minutes) for a
+        reply, so one stalled socket would hold the beat past heartbeat_ttl and the reaper would
+        re-queue a job that is still running. The store's gives up after redis_timeout_seconds; the
+        next beat tries again."""
+        worker_ttl = self.job_monitoring_interval + 60  # as RQ's
+        ttl = self.get_heartbeat_ttl(job)
+        with self.store.redis.pipeline() as pipe:
+            self.heartbeat(worker_ttl, pipeline=pipe)
+            execution.heartbeat(job.started_job_registry, ttl, pipeline=pipe)
+            job.heartbeat(now(), ttl, pipeline=pipe)
+            results = pipe.execute()
+            # An HSET recreates a key that expired or was deleted meanwhile: as RQ does, the job's is
+            # deleted again (rq#1450) and this worker's gets its whole entry back.
+            if results[-1] == 1:
+                pipe.delete(job.key)
+            if results[0] == 1:
+                pipe.hset(self.key, mapping=self.serialize())
+                pipe.expire(self.key, worker_ttl)
+            pipe.execute()
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
         self.announce("busy")
@@ -131,9 +164,8 @@ class DynfaceWorker(SimpleWorker):
         thread = threading.Thread(target=beat, name="job-heartbeat", daemon=True)
         thread.start()
         try:
-            ok = self.perform_job(job, queue, execution)
-            for rider, rider_execution in batch.members[1:]:
-                self._finalize_rider(rider, queue, rider_execution, ok)
+            self.perform_job(job, queue, execution)
+            self._finalize_riders(queue, batch.members[1:])
         finally:
             self._batch = None
             done.set()
@@ -152,7 +184,7 @@ class DynfaceWorker(SimpleWorker):
         """RQ ends a job that failed in its eyes: mirror that into our record first (back to `queued`
         while RQ retries it, else failed with `worker_lost`). `tasks.restore` records job-level
         failures itself and returns, so this runs only for what escaped it: a forced stop, a Redis
-        error around the job, the batch a rider ran in, a job stuck in RQ's intermediate queue.
+        error around the job, a rider its batch did not end, a job stuck in RQ's intermediate queue.
         Without it the record would stay `processing` until it expired."""
         try:
             tasks.fail_lost(self.store, self.settings, job.id, job.retries_left or 0)
@@ -220,33 +252,69 @@ class DynfaceWorker(SimpleWorker):
         pipe.persist(job.key)
         return execution
 
-    def _finalize_rider(self, job: Job, queue: Queue, execution: Execution, batch_ok: bool) -> None:
-        """RQ's end of a rider: as its batch's job ended in RQ (finished, or failed and so retried
-        while it has retries), except a rider the batch never started (the batch ended first: time
-        limit, Redis error), which goes back to the front of the queue with its retries untouched."""
-        record = self.store.get(job.id)
-        if record is not None and record.get("status") == "queued":
+    def _finalize_riders(self, queue: Queue, riders: list[tuple[Job, Execution]]) -> None:
+        """End each rider in RQ as its record says it ended, whatever became of the job RQ dequeued:
+
+        - ended (or its record expired): RQ's own path for a job that returned;
+        - still `processing` (its batch stopped before ending it): RQ's failure path, as for a lost
+          worker (`handle_job_failure`: re-queued while it has retries, else `worker_lost`);
+        - still `queued` (the batch ended before starting it: time limit, Redis error): back to the
+          front of the queue, in its order, with its retries untouched.
+
+        A rider that cannot be ended is logged and left to the reaper (its execution expires without
+        heartbeats); the others are still ended."""
+        never_started: list[tuple[Job, Execution]] = []
+        for job, execution in riders:
+            try:
+                record = self.store.get(job.id)
+                status = record.get("status") if record is not None else None
+                if status == "queued":
+                    never_started.append((job, execution))
+                elif status == "processing":
+                    self.handle_execution_ended(job, queue, job.failure_callback_timeout)
+                    self.handle_job_failure(
+                        job, queue, exc_string="Its batch ended before it did.", execution=execution
+                    )
+                else:
+                    self._finalize_success(job, queue, execution, None)
+            except Exception as e:
+                log.warning("job %s: could not end it in RQ after its batch: %s", job.id, e)
+        if not never_started:
+            return
+        try:
             with self.connection.pipeline() as pipe:  # one transaction: never out of both places
                 pipe.multi()  # before any command: enqueue_job opens MULTI itself only on an empty one
-                self.cleanup_execution(job, pipeline=pipe, execution=execution)
-                queue.enqueue_job(job, pipeline=pipe, at_front=True)
+                for job, execution in never_started:
+                    self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                # Each goes to the front of the queue: the last one first keeps their order.
+                for job, _ in reversed(never_started):
+                    queue.enqueue_job(job, pipeline=pipe, at_front=True)
                 pipe.execute()
-        elif batch_ok:
-            self._finalize_success(job, queue, execution, None)  # RQ's own path for a returned job
-        else:
-            self.handle_execution_ended(job, queue, job.failure_callback_timeout)
-            self.handle_job_failure(job, queue, exc_string="The batch it ran in failed.", execution=execution)
+        except Exception as e:
+            ids = [job.id for job, _ in never_started]
+            log.warning("jobs %s: could not put them back in the queue after their batch: %s", ids, e)
 
     def announce(self, state: str) -> None:
         """Publish this worker's state and model info for /readyz, /v1/models and metrics. Without
         Redis the state is kept for the background thread's next beat, which publishes it: a blip
         must not end a worker that has just loaded its model."""
-        self.registry_fields["state"] = state
+        with self._publish_lock:
+            self.registry_fields["state"] = state
+            try:
+                self._publish()
+            except RedisError as e:
+                log.warning("worker %s could not publish state %s: %s", self.name, state, e)
+
+    def republish(self) -> None:
+        """The background thread's refresh of this worker's entry, with whatever state the worker
+        last announced (it never sets one: that is the main thread's)."""
+        with self._publish_lock:
+            self._publish()
+
+    def _publish(self) -> None:
         self.registry_fields["heartbeat_at"] = time.time()
-        try:
-            self.store.register_worker(self.name, self.registry_fields)
-        except RedisError as e:
-            log.warning("worker %s could not publish state %s: %s", self.name, state, e)
+        # A copy: the main thread adds fields (model info, missing weights) while this one writes.
+        self.store.register_worker(self.name, dict(self.registry_fields))
 
 
 def _on_abandoned(store: JobStore, settings: Settings):
@@ -260,29 +328,74 @@ def _on_abandoned(store: JobStore, settings: Settings):
     return handler
 
 
-def _background(worker: DynfaceWorker, queue: Queue, stop: threading.Event) -> None:
-    """Keep our registry entry alive and re-queue abandoned jobs (one worker at a time, via a lock)."""
+def _background(worker: DynfaceWorker, stop: threading.Event) -> None:
+    """Keep our registry entry alive and reap lost workers' jobs (one worker a round, via a lock),
+    through the job store's short-timeout client: with RQ's (socket timeout: minutes) one stalled
+    reply would stop both, and a live worker would drop out of /readyz."""
     s = worker.settings
-    lock_key = worker.store.key("reaper-lock", queue.name)
-    registry = StartedJobRegistry(queue=queue, serializer=JSONSerializer)
+    store = worker.store
+    queue = make_queue(store.redis, s)
+    lock_key = store.key("reaper-lock", queue.name)
     next_reap = 0.0
     while not stop.wait(min(s.heartbeat_interval_seconds, s.reaper_interval_seconds)):
         try:
-            worker.announce(worker.registry_fields.get("state", "ready"))
+            worker.republish()
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + s.reaper_interval_seconds
                 lock_ms = int(s.reaper_interval_seconds * 1000)
-                if worker.connection.set(lock_key, worker.name, nx=True, px=lock_ms):
-                    registry.cleanup(exception_handlers=worker._exc_handlers)
+                if store.redis.set(lock_key, worker.name, nx=True, px=lock_ms):
+                    _reap(worker, queue)
         except Exception as e:  # Redis blips must not kill the thread; the next round retries
             log.warning("worker background task failed: %s", e)
+
+
+def _reap(worker: DynfaceWorker, queue: Queue) -> None:
+    """One reaper round: RQ's cleanup of the executions that expired (our exception handler mirrors
+    each into its record), then `_reconcile` for what a cleanup run by someone else did."""
+    queue.started_job_registry.cleanup(exception_handlers=worker._exc_handlers)
+    _reconcile(worker.store, worker.settings, queue)
+
+
+def _reconcile(store: JobStore, settings: Settings, queue: Queue) -> None:
+    """Mirror into our records what RQ did to lost workers' jobs without our exception handler.
+
+    RQ's `StartedJobRegistry.count` and `get_job_ids` run its cleanup with no handler, so whoever
+    lists running jobs (`rq info`, a dashboard) may fail or re-queue a lost worker's job first, and
+    its record would stay `processing` until it expired (a 404). So: an active record whose RQ job
+    is in the FailedJobRegistry fails with `worker_lost`, and a `processing` record whose RQ job is
+    back in the queue goes back to `queued` (a worker that takes it first says so itself:
+    `tasks._start`). Both lists are short here: the queue is capped by max_queue_depth, and RQ fails
+    a job only when its worker was lost (`tasks.restore` records every other failure itself)."""
+    failed = queue.failed_job_registry.get_job_ids(cleanup=False)
+    waiting = queue.get_job_ids()
+    status = _record_statuses(store, failed + waiting)
+    for job_id in failed:
+        if status[job_id] in ACTIVE:
+            tasks.fail_lost(store, settings, job_id, retries_left=0)
+    for job_id in waiting:
+        if status[job_id] != "processing" or not tasks.requeue_lost(store, job_id):
+            continue
+        if store.redis.lpos(queue.key, job_id) is None:
+            # A worker took the job meanwhile, maybe before its record went back to `queued`: it
+            # runs, so its record says so (its start, if still to come, sets the same).
+            store.update(job_id, {"status": "processing"}, allowed=["queued"])
+
+
+def _record_statuses(store: JobStore, job_ids: list[str]) -> dict[str, str | None]:
+    """Each job's record status (None without a record), in one round trip."""
+    with store.redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(store.key("job", job_id), "status")
+        raw = pipe.execute()
+    return {job_id: json.loads(r) if r is not None else None for job_id, r in zip(job_ids, raw, strict=True)}
 
 
 def run_worker(settings: Settings, device: str, name: str | None = None, burst: bool = False) -> None:
     """Load the pipeline on ``device``, then take jobs until SIGTERM (or the queue empties if burst)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Two clients: RQ raises its connection's socket timeout above the blocking dequeue (minutes);
-    # our job store keeps short timeouts so progress writes and heartbeats fail fast.
+    # Two clients: RQ raises its connection's socket timeout above its blocking dequeue (minutes);
+    # the job store's keeps short timeouts so that progress writes, heartbeats (RQ's execution
+    # heartbeat included: `maintain_heartbeats`) and the reaper fail fast.
     rq_redis = connect(settings)
     store = JobStore(connect(settings), settings)
     queue = make_queue(rq_redis, settings)
@@ -319,9 +432,7 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
     }
     worker.announce("loading")
     stop = threading.Event()
-    background = threading.Thread(
-        target=_background, args=(worker, queue, stop), name="worker-bg", daemon=True
-    )
+    background = threading.Thread(target=_background, args=(worker, stop), name="worker-bg", daemon=True)
     background.start()
     try:
         pipe = _load_pipeline(worker, settings, device)

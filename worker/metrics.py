@@ -18,12 +18,21 @@ QUEUE_WAIT = Histogram(
     "dynface_queue_wait_seconds", "Time from submission to a worker starting the job.", buckets=_SECONDS
 )
 INFERENCE = Histogram(
-    "dynface_inference_seconds", "Time a worker spent running the pipeline on a job.", buckets=_SECONDS
+    "dynface_inference_seconds",
+    "A job's share of the pipeline time of the batch it ran in (the batch's time divided by its jobs; "
+    "all of it for a job run alone): the sum is the worker's pipeline time.",
+    buckets=_SECONDS,
 )
 END_TO_END = Histogram(
     "dynface_job_duration_seconds", "Submission to completion (queue wait + inference).", buckets=_SECONDS
 )
-STAGE = Histogram("dynface_stage_seconds", "Pipeline stage duration.", ["stage"], buckets=_SECONDS)
+STAGE = Histogram(
+    "dynface_stage_seconds",
+    "Pipeline stage time per photo; a stage the photos of a batch share (dblm, sample) counts each "
+    "photo's share of it.",
+    ["stage"],
+    buckets=_SECONDS,
+)
 JOBS = Counter(
     "dynface_jobs_total", "Finished jobs by outcome and reason (error code, or 'ok').", ["outcome", "reason"]
 )

@@ -102,18 +102,21 @@ def _start(rt: Runtime, job_id: str, rq_job: Job | None) -> _Job | None:
         log.warning("job %s: record expired before it ran", job_id)
         return None
     now = time.time()
-    started = store.start(
-        job_id,
-        {
-            "status": "processing",
-            "stage": None,
-            "step": None,
-            "total": None,
-            "started_at": now,
-            "attempts": record.get("attempts", 0) + 1,
-            "worker": rt.worker_name,
-        },
-    )
+    attempts = record.get("attempts", 0)
+    fields: dict[str, Any] = {
+        "status": "processing",
+        "stage": None,
+        "step": None,
+        "total": None,
+        "started_at": now,
+        "attempts": attempts + 1,
+        "worker": rt.worker_name,
+    }
+    if record.get("status") == "processing":
+        # RQ re-queued it after its worker was lost, and no one told its record (worker.main._reconcile).
+        log.warning("job %s: attempt %s was lost; running it again", job_id, attempts)
+        fields["warnings"] = _merge(record.get("warnings") or [], [_lost_warning(attempts)])
+    started = store.start(job_id, fields)
     if not started:
         return None
     metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
@@ -122,7 +125,7 @@ def _start(rt: Runtime, job_id: str, rq_job: Job | None) -> _Job | None:
 
 def _run(rt: Runtime, jobs: list[_Job]) -> None:
     """The pipeline on the jobs' stored inputs, then each job's results into Redis. Job-level
-    failures end that job; anything else raises (see `restore`)."""
+    failures end that job, and so does an error ending it; anything else raises (see `restore`)."""
     requests: list[PhotoRequest] = []
     running: list[_Job] = []
     for job in jobs:
@@ -136,12 +139,17 @@ def _run(rt: Runtime, jobs: list[_Job]) -> None:
     metrics.BATCH_JOBS.observe(len(running))
     t0 = time.perf_counter()
     outcomes = rt.pipe.restore_photos(requests)
-    inference = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    sharing = [o for o in outcomes if isinstance(o, PhotoResult) and _SHARED_STAGES & o.timings.keys()]
+    batch = _BatchRun(seconds=seconds, jobs=len(running), photos_sharing=len(sharing))
     for job, outcome in zip(running, outcomes, strict=True):
-        if isinstance(outcome, PhotoResult):
-            _succeed(rt, job, outcome, inference, len(running))
-        else:
-            _fail(rt, job.id, outcome)
+        try:
+            if isinstance(outcome, PhotoResult):
+                _succeed(rt, job, outcome, batch)
+            else:
+                _fail(rt, job.id, outcome)
+        except Exception as e:  # e.g. a Redis error storing its results: the others keep theirs
+            _fail(rt, job.id, e)
 
 
 def _request(rt: Runtime, job: _Job) -> PhotoRequest:
@@ -180,8 +188,28 @@ def batch_key(record: dict[str, Any] | None) -> tuple[Any, ...] | None:
     return sampler_key(_options(record))
 
 
-def _succeed(rt: Runtime, job: _Job, result: PhotoResult, inference: float, batch_jobs: int) -> None:
-    """Store a finished photo's results and metrics, unless its job was canceled meanwhile."""
+#: Stages `restore_photos` runs once for the faces of all the photos of a batch (each photo's
+#: timings hold their whole time); the other stages run per photo.
+_SHARED_STAGES = frozenset({"dblm", "sample"})
+
+
+@dataclass(frozen=True)
+class _BatchRun:
+    """The pipeline call a batch's jobs shared."""
+
+    seconds: float  # `restore_photos` wall time
+    jobs: int
+    photos_sharing: int  # the photos with results that went through the shared stages (had faces)
+
+    def share(self, stage: str, seconds: float) -> float:
+        """A photo's part of a stage it went through: a shared one's time is divided among them."""
+        return seconds / self.photos_sharing if stage in _SHARED_STAGES else seconds
+
+
+def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> None:
+    """Store a finished photo's results and metrics, unless its job was canceled meanwhile. Its
+    record has the times the job saw (its whole batch's); the metrics its share of them, so their
+    sums add up to the worker's time (docs/scaling.md)."""
     store = rt.store
     job_id, record, started_at = job.id, job.record, job.started_at
     options = _options(record)
@@ -213,11 +241,11 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, inference: float, batc
         for f in result.face_reports
     ]
     for stage, seconds in result.timings.items():
-        metrics.STAGE.labels(stage).observe(seconds)
+        metrics.STAGE.labels(stage).observe(batch.share(stage, seconds))
     metrics.FACES.observe(len(result.face_reports))
     for f in result.face_reports:
         metrics.NFE.observe(f.facts.nfe)
-    metrics.INFERENCE.observe(inference)
+    metrics.INFERENCE.observe(batch.seconds / batch.jobs)
     fields = {
         "faces": faces,
         "faces_dropped": result.faces_dropped,
@@ -233,9 +261,9 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, inference: float, batc
         ),
         "timings": {
             "queue_wait_seconds": started_at - record["created_at"],
-            "inference_seconds": inference,
+            "inference_seconds": batch.seconds,
             "stages": dict(result.timings),
-            "batch_jobs": batch_jobs,
+            "batch_jobs": batch.jobs,
         },
     }
     _finish(rt, job_id, "succeeded", None, fields, results)
@@ -293,31 +321,38 @@ def _finish(
     notify(record, rt.settings)
 
 
+def _lost_warning(attempt: int) -> str:
+    return f"The worker running attempt {attempt} was lost; the job was re-queued."
+
+
+def requeue_lost(store: JobStore, job_id: str) -> bool:
+    """A `processing` job whose worker was lost, and which RQ re-queues: back to ``queued``, waiting
+    afresh from now (`JobStore.requeue`), with a warning. False when it was no longer processing."""
+    record = store.get(job_id)
+    if record is None:
+        return False
+    fields = {
+        "stage": None,
+        "step": None,
+        "total": None,
+        "warnings": _merge(record.get("warnings") or [], [_lost_warning(record.get("attempts", 0))]),
+    }
+    return store.requeue(job_id, fields)
+
+
 def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: int) -> None:
     """A worker died holding this job (RQ found its execution expired): say so in our record.
 
-    With retries left RQ re-queues the job and it goes back to ``queued``, waiting afresh from now
-    (`JobStore.requeue`); otherwise it fails with ``worker_lost``. Runs in whichever worker's reaper
-    noticed.
+    With retries left RQ re-queues the job and it goes back to ``queued`` (`requeue_lost`);
+    otherwise it fails with ``worker_lost``. Runs in whichever worker's reaper noticed.
     """
+    if retries_left > 0:
+        requeue_lost(store, job_id)
+        return
     record = store.get(job_id)
     if record is None:
         return
     attempt = record.get("attempts", 0)
-    if retries_left > 0:
-        store.requeue(
-            job_id,
-            {
-                "stage": None,
-                "step": None,
-                "total": None,
-                "warnings": _merge(
-                    record.get("warnings") or [],
-                    [f"The worker running attempt {attempt} was lost; the job was re-queued."],
-                ),
-            },
-        )
-        return
     final = store.finish(
         job_id,
         {

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client import REGISTRY
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
@@ -29,7 +31,7 @@ from app.main import create_app
 from app.schemas import RestorationOptions
 from app.settings import Settings
 from models.dsst import default_table
-from models.pipeline import RestorationPipeline, RestoreOptions
+from models.pipeline import FaceFacts, FaceReport, PhotoResult, RestorationPipeline, RestoreOptions
 from tests.conftest import (
     TESTDATA,
     WEIGHTS,
@@ -237,6 +239,11 @@ def bind_runtime(
     monkeypatch.setattr(tasks, "_runtime", runtime)
 
 
+def rq_status(queue: Queue, job_id: str) -> JobStatus:
+    """The job's status in RQ's eyes."""
+    return Job.fetch(job_id, queue.connection, serializer=JSONSerializer).get_status()
+
+
 def run_next_job(worker: DynfaceWorker, queue: Queue) -> str:
     """Dequeue the next job as RQ's loop does and run it; its id."""
     dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
@@ -245,29 +252,31 @@ def run_next_job(worker: DynfaceWorker, queue: Queue) -> str:
     return dequeued[0].id
 
 
-def test_a_rider_the_batch_never_started_goes_back_to_the_queue(
+def test_riders_the_batch_never_started_go_back_to_the_front_in_their_order(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The batch ends between claiming a rider and starting it (here an error right after the
+    """The batch ends between claiming its riders and starting them (here an error right after the
     claim, as a Redis failure or the time limit could cause): the dequeued job fails with a reason,
-    and the rider is neither lost nor started but back at the head of the queue. Real RQ worker code,
-    in this process (the pipeline is never reached)."""
-    settings = make_settings(worker_batch_max_jobs=2, worker_batch_wait_seconds=0)
+    and the riders are neither lost nor started but back at the head of the queue, in their order,
+    before the job that waited behind them. Real RQ worker code, in this process (the pipeline is
+    never reached)."""
+    settings = make_settings(worker_batch_max_jobs=3, worker_batch_wait_seconds=0)
     with TestClient(create_app(settings)) as c:
-        first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
+        first, r1, r2, behind = (submit(c, aligned_png(), aligned="true") for _ in range(4))
     store, queue, worker = in_process_worker(settings)
 
     def claim_then_fail(key: tuple[Any, ...]) -> list[Job]:
-        assert [j.id for j in worker.claim_riders(key)] == [rider]
+        assert [j.id for j in worker.claim_riders(key)] == [r1, r2]
         raise RuntimeError("connection lost")
 
     bind_runtime(monkeypatch, worker, None, claim_then_fail)  # the pipeline is never reached
     assert run_next_job(worker, queue) == first
 
     assert store.get(first)["status"] == "failed" and store.get(first)["error"]["code"] == "internal"
-    assert store.get(rider)["status"] == "queued" and store.get(rider)["attempts"] == 0
-    assert queue.job_ids == [rider]
-    assert Job.fetch(rider, queue.connection, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+    for rider in (r1, r2):
+        assert store.get(rider)["status"] == "queued" and store.get(rider)["attempts"] == 0
+        assert rq_status(queue, rider) == JobStatus.QUEUED
+    assert queue.job_ids == [r1, r2, behind]
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
 
 
@@ -322,3 +331,172 @@ def test_rq_ends_the_job_even_when_recording_its_failure_fails(
     assert run_next_job(worker, queue) == job_id
     assert queue.job_ids == [job_id]
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
+def restored_photo() -> PhotoResult:
+    """What the pipeline returns for a photo with one face, with stage times as it reports them."""
+    facts = FaceFacts(blur_sigma=0.0, start_step=40, eta=0.5, nfe=40, dblm="none", dgsa="none")
+    return PhotoResult(
+        image=b"restored",
+        media_type="image/png",
+        faces=[],
+        comparison=None,
+        face_reports=[FaceReport((0.0, 0.0, 512.0, 512.0), 0.99, facts)],
+        timings={"decode": 0.01, "sample": 0.6},
+    )
+
+
+class RestoresEveryPhoto:
+    """A pipeline standing in for the real one: every photo restored (the results are not checked)."""
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+
+    def restore_photos(self, requests: list[Any]) -> list[PhotoResult]:
+        return [restored_photo() for _ in requests]
+
+
+def batch_of_three(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> tuple[JobStore, Queue, DynfaceWorker, list[str]]:
+    """Three compatible jobs queued for an in-process worker that batches them (restoring with
+    `RestoresEveryPhoto`); their ids in queue order."""
+    settings = make_settings(worker_batch_max_jobs=3, worker_batch_wait_seconds=0)
+    with TestClient(create_app(settings)) as c:
+        ids = [submit(c, aligned_png(), aligned="true") for _ in range(3)]
+    store, queue, worker = in_process_worker(settings)
+    bind_runtime(monkeypatch, worker, RestoresEveryPhoto())
+    return store, queue, worker, ids
+
+
+def test_an_error_ending_one_job_of_a_batch_fails_that_job_alone(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storing the second job's results hits a Redis error: that job fails (`internal`), and the
+    jobs before and after it keep the results the batch computed for them."""
+    store, queue, worker, (first, r1, r2) = batch_of_three(make_settings, monkeypatch)
+    real_finish = store.finish
+
+    def blip_on_r1_results(job_id: str, fields: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if job_id == r1 and fields.get("status") == "succeeded":
+            raise redis.exceptions.ConnectionError("connection reset while storing the results")
+        return real_finish(job_id, fields, *args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", blip_on_r1_results)
+    assert run_next_job(worker, queue) == first
+
+    assert store.get(r1)["status"] == "failed" and store.get(r1)["error"]["code"] == "internal"
+    for job_id in (first, r2):
+        assert store.get(job_id)["status"] == "succeeded", store.get(job_id)
+        assert store.result(job_id, "image") == b"restored"
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def test_a_batchs_metrics_count_each_job_once_its_share_of_the_batch(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/scaling.md reads sum/count of dynface_inference_seconds as GPU seconds per job: a batch
+    of 3 that took T counts T in all (T / 3 per job), not 3 T. The shared `sample` stage likewise
+    counts 0.6 s once, a third per photo; `decode` is per photo and counts in full for each. Each
+    job's record still has the whole time it waited."""
+    store, queue, worker, ids = batch_of_three(make_settings, monkeypatch)
+    stage = "dynface_stage_seconds_sum"
+    before = {
+        "inference": _sample("dynface_inference_seconds_sum"),
+        "jobs": _sample("dynface_inference_seconds_count"),
+        "sample": _sample(stage, {"stage": "sample"}),
+        "decode": _sample(stage, {"stage": "decode"}),
+    }
+    run_next_job(worker, queue)
+
+    records = [store.get(i) for i in ids]
+    assert [r["status"] for r in records] == ["succeeded"] * 3, records
+    batch_seconds = records[0]["timings"]["inference_seconds"]
+    assert [r["timings"]["inference_seconds"] for r in records] == [batch_seconds] * 3
+    assert all(r["timings"]["stages"]["sample"] == 0.6 for r in records)
+    assert _sample("dynface_inference_seconds_count") - before["jobs"] == 3
+    assert _sample("dynface_inference_seconds_sum") - before["inference"] == pytest.approx(
+        batch_seconds, abs=1e-9
+    )
+    assert _sample(stage, {"stage": "sample"}) - before["sample"] == pytest.approx(0.6)
+    assert _sample(stage, {"stage": "decode"}) - before["decode"] == pytest.approx(3 * 0.01)
+
+
+def test_riders_end_in_rq_as_their_records_ended_when_the_batch_fails_after_them(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold shutdown (SystemExit, as in `_ForcedStop`) lands once every job of the batch has
+    succeeded, while the last one's webhook is being queued: RQ fails the job it dequeued, but the
+    riders succeeded and end as RQ's finished jobs, never re-queued to run again."""
+    store, queue, worker, (first, r1, r2) = batch_of_three(make_settings, monkeypatch)
+    real_notify = tasks.notify
+
+    def stop_at_the_last_webhook(record: dict[str, Any], settings: Settings) -> Any:
+        if record["id"] == r2:
+            raise SystemExit
+        return real_notify(record, settings)
+
+    monkeypatch.setattr(tasks, "notify", stop_at_the_last_webhook)
+    assert run_next_job(worker, queue) == first
+
+    for rider in (r1, r2):
+        assert store.get(rider)["status"] == "succeeded"
+        assert rq_status(queue, rider) == JobStatus.FINISHED
+        assert rider not in queue.job_ids
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
+def test_a_rider_started_but_never_ended_is_not_finished_in_rq(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rider's start reached Redis but its reply was lost: the batch's job fails with a reason
+    and returns, while the rider's record says `processing`. RQ must not call the rider finished
+    (its record would stay `processing` until it expired): it ends as a lost worker's job does,
+    re-queued with a warning (retries left)."""
+    settings = make_settings(worker_batch_max_jobs=2, worker_batch_wait_seconds=0)
+    with TestClient(create_app(settings)) as c:
+        first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
+    store, queue, worker = in_process_worker(settings)
+    bind_runtime(monkeypatch, worker, None)  # the pipeline is never reached
+    real_start = store.start
+
+    def start_then_lose_the_reply(job_id: str, fields: dict[str, Any]) -> bool:
+        started = real_start(job_id, fields)
+        if job_id == rider:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        return started
+
+    monkeypatch.setattr(store, "start", start_then_lose_the_reply)
+    assert run_next_job(worker, queue) == first
+
+    assert store.get(first)["status"] == "failed" and store.get(first)["error"]["code"] == "internal"
+    record = store.get(rider)
+    assert record["status"] == "queued" and any("lost" in w for w in record["warnings"]), record
+    assert rq_status(queue, rider) == JobStatus.QUEUED
+    assert queue.job_ids == [rider]
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
+def test_a_rider_that_cannot_be_ended_in_rq_does_not_stop_the_others(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RQ's end of the first rider fails (a Redis error): the second is still ended, the worker
+    goes back to `ready`, and the first's execution is left to expire for the reaper."""
+    store, queue, worker, (first, r1, r2) = batch_of_three(make_settings, monkeypatch)
+    real_finalize = worker._finalize_success
+
+    def fail_for_r1(job: Job, *args: Any) -> None:
+        if job.id == r1:
+            raise redis.exceptions.ConnectionError("connection reset")
+        real_finalize(job, *args)
+
+    monkeypatch.setattr(worker, "_finalize_success", fail_for_r1)
+    worker.registry_fields = {"name": worker.name}
+    assert run_next_job(worker, queue) == first
+
+    assert rq_status(queue, r2) == JobStatus.FINISHED
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == [r1]
+    assert {w["name"]: w["state"] for w in store.workers()}[worker.name] == "ready"

@@ -290,7 +290,8 @@ def test_readyz_and_models_with_worker(client: TestClient, service, redis_conn) 
     w = body["workers"][0]
     assert w["device"] == "cpu" and w["info"]["profile"] == "tiny" and "weights" in w["info"]
     assert w["info"]["max_batch"] == service[0].max_face_batch == 3  # DYNFACE_MAX_FACE_BATCH reached it
-    # RQ's worker key outlives the longest job (RQ's requirement for a SimpleWorker)
+    # Between jobs RQ's worker key lives worker_ttl + 60 s, and run_worker sets worker_ttl to the job
+    # timeout + 60 s (worker/main.py)
     assert redis_conn.ttl(f"rq:worker:{w['worker']}") > service[0].job_timeout_seconds
     models = client.get("/v1/models").json()
     assert models["models"][0]["real"] is False and models["warnings"]

@@ -4,11 +4,13 @@ uses that Redis instead, still with a worker."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, WEIGHTS, aligned_png, base_settings, purge, settings_env, wait_for
+from worker.cli import _WorkerPool
 from worker.main import run_worker
 
 
@@ -139,3 +142,40 @@ def test_a_worker_whose_metrics_port_is_taken_says_which_setting_to_change(make_
         settings = make_settings(worker_metrics_port=taken.getsockname()[1])
         with pytest.raises(SystemExit, match="DYNFACE_WORKER_METRICS_PORT"):
             run_worker(settings, "cpu", burst=True)
+
+
+def test_a_worker_that_cannot_be_started_again_yet_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` restarts a worker that exited. When starting its replacement fails (OSError: no
+    memory or processes left for now), it tries again after the next delay instead of never
+    restarting any worker again."""
+    monkeypatch.setattr(_WorkerPool, "RESTART_DELAY", 0.05)
+    pool = _WorkerPool([[sys.executable, "-c", "raise SystemExit(3)"]], dict(os.environ))
+    real_spawn = pool._spawn
+    starts: list[list[str]] = []
+
+    def first_restart_fails(command: list[str]) -> subprocess.Popen[bytes]:
+        starts.append(command)
+        if len(starts) == 2:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_spawn(command)
+
+    monkeypatch.setattr(pool, "_spawn", first_restart_fails)
+    pool.start()
+    try:
+        wait_for(lambda: len(starts) >= 3, 10, what="the worker started again after the failed start")
+    finally:
+        pool.stop(timeout=5)
+
+
+def test_stopping_several_workers_waits_the_timeout_once_not_once_each() -> None:
+    """`serve`'s shutdown timeout bounds the whole stop: workers that do not finish in time are all
+    killed at its end (N workers stuck in long jobs must not hold Ctrl-C for N × the timeout)."""
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    pool = _WorkerPool([[sys.executable, "-c", ignore_term]] * 3, dict(os.environ))
+    pool.start()
+    time.sleep(1.0)  # the children have installed their SIGTERM handler
+    t0 = time.monotonic()
+    pool.stop(timeout=1.5)
+    elapsed = time.monotonic() - t0
+    assert all(p.poll() is not None for p in pool._procs)
+    assert elapsed < 3.0, f"stopping 3 workers with a 1.5 s timeout took {elapsed:.1f} s"

@@ -1,0 +1,256 @@
+"""A lost worker's job, heartbeats and the worker's registry entry, with real RQ worker code in this
+process on real Redis: whoever cleans up RQ's registries, the job's record follows what RQ did; a
+stalled RQ connection stops neither heartbeats nor the reaper; the background refresh never
+publishes a state older than the worker's.
+
+A worker that "dies" here is one that took a job (RQ's execution started, our record `processing`)
+and never beats again; heartbeat_ttl 1 s lets its execution expire at once."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from rq.job import JobStatus
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+
+from app.jobs import JobStore
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import aligned_png, wait_for
+from tests.worker.test_batching import (
+    RestoresEveryPhoto,
+    bind_runtime,
+    in_process_worker,
+    rq_status,
+    run_next_job,
+    submit,
+)
+from worker import tasks
+from worker.main import DynfaceWorker, _background, _reap
+
+
+@contextmanager
+def unanswering_redis() -> Iterator[redis.Redis]:
+    """A client of a server that accepts connections and never answers: a stalled socket. Its
+    timeout (5 s) stands in for RQ's (minutes)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = redis.Redis(host="127.0.0.1", port=server.getsockname()[1], socket_timeout=5)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def queued_jobs(settings: Settings, n: int = 1) -> list[str]:
+    with TestClient(create_app(settings)) as c:
+        return [submit(c, aligned_png(), aligned="true") for _ in range(n)]
+
+
+def take_and_lose(worker: DynfaceWorker, queue: Queue, store: JobStore) -> str:
+    """The next job, taken by a worker that then dies with it; its id once RQ sees its execution
+    expired."""
+    dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
+    assert dequeued is not None
+    job = dequeued[0]
+    worker.prepare_execution(job)
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    assert store.start(job.id, {"status": "processing", "attempts": 1, "worker": worker.name})
+    wait_for(lambda: queue.started_job_registry.get_expired_job_ids(), 10, what="its execution expired")
+    return job.id
+
+
+def list_running_jobs_as_rq_info_does(queue: Queue) -> int:
+    """`rq info` and dashboards count running jobs with `StartedJobRegistry.count`, which first
+    runs RQ's cleanup of expired executions, without our exception handler."""
+    return queue.started_job_registry.count
+
+
+def test_a_lost_job_rq_failed_without_us_fails_with_worker_lost(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """No retries left: RQ's cleanup run by `rq info` moves the job to its FailedJobRegistry. The
+    next reaper round, with nothing left to clean up itself, still ends the record: failed with
+    `worker_lost`, not `processing` until it expires (a 404)."""
+    settings = make_settings(max_retries=0, heartbeat_ttl_seconds=1)
+    queued_jobs(settings)
+    store, queue, worker = in_process_worker(settings)
+    job_id = take_and_lose(worker, queue, store)
+    assert list_running_jobs_as_rq_info_does(queue) == 0
+    assert rq_status(queue, job_id) == JobStatus.FAILED and store.get(job_id)["status"] == "processing"
+
+    _reap(worker, queue)
+    record = store.get(job_id)
+    assert record["status"] == "failed" and record["error"]["code"] == "worker_lost", record
+
+
+def test_a_lost_job_rq_requeued_without_us_waits_as_queued(make_settings: Callable[..., Settings]) -> None:
+    """Retries left: RQ's cleanup run by `rq info` puts the job back in the queue. The next reaper
+    round puts its record back to `queued` with a warning, waiting from now: the queue timeout
+    applies to it again."""
+    settings = make_settings(max_retries=1, heartbeat_ttl_seconds=1)
+    queued_jobs(settings)
+    store, queue, worker = in_process_worker(settings)
+    job_id = take_and_lose(worker, queue, store)
+    list_running_jobs_as_rq_info_does(queue)
+    assert queue.job_ids == [job_id] and store.get(job_id)["status"] == "processing"
+
+    before = time.time()
+    _reap(worker, queue)
+    record = store.get(job_id)
+    assert record["status"] == "queued" and any("lost" in w for w in record["warnings"]), record
+    assert store.waiting_since([job_id])[job_id] >= before  # what the queue-timeout sweep reads
+    assert queue.job_ids == [job_id]
+
+
+def test_a_lost_job_rq_requeued_without_us_says_so_when_it_runs_again(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker takes the job RQ re-queued before any reaper round noticed: the attempt it starts
+    is the second, and the job's record says the first one's worker was lost."""
+    settings = make_settings(max_retries=1, heartbeat_ttl_seconds=1)
+    queued_jobs(settings)
+    store, queue, worker = in_process_worker(settings)
+    job_id = take_and_lose(worker, queue, store)
+    list_running_jobs_as_rq_info_does(queue)
+
+    bind_runtime(monkeypatch, worker, RestoresEveryPhoto())
+    assert run_next_job(worker, queue) == job_id
+    record = store.get(job_id)
+    assert record["status"] == "succeeded" and record["attempts"] == 2, record
+    assert any("attempt 1 was lost" in w for w in record["warnings"]), record["warnings"]
+
+
+def test_a_requeued_job_a_worker_takes_meanwhile_stays_processing(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaper reads the record (`processing`, RQ job in the queue), and another worker takes
+    and starts the job before the reaper puts the record back to `queued`: the record of the
+    attempt now running ends `processing`, not `queued`."""
+    settings = make_settings(max_retries=1, heartbeat_ttl_seconds=1)
+    queued_jobs(settings)
+    store, queue, worker = in_process_worker(settings)
+    job_id = take_and_lose(worker, queue, store)
+    list_running_jobs_as_rq_info_does(queue)
+    real_requeue = tasks.requeue_lost
+
+    def another_worker_takes_it_first(store: JobStore, job_id: str) -> bool:
+        assert Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
+        assert store.start(job_id, {"status": "processing", "attempts": 2, "worker": "other"})
+        return real_requeue(store, job_id)
+
+    monkeypatch.setattr(tasks, "requeue_lost", another_worker_takes_it_first)
+    _reap(worker, queue)
+    record = store.get(job_id)
+    assert record["status"] == "processing" and record["worker"] == "other", record
+
+
+def test_execution_heartbeats_do_not_wait_on_a_stalled_rq_connection(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """RQ's client waits minutes for a reply (its socket timeout covers its blocking dequeue): a
+    beat sent through it on a stalled socket would outlast heartbeat_ttl, and the reaper would
+    re-queue a job still running. The beat goes through the job store's client instead."""
+    settings = make_settings()
+    queued_jobs(settings)
+    store, queue, worker = in_process_worker(settings)
+    dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
+    assert dequeued is not None
+    job = dequeued[0]
+    execution = worker.prepare_execution(job)
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    registry_key = queue.started_job_registry.key
+    expires = store.redis.zscore(registry_key, execution.composite_key)
+    time.sleep(1.1)
+
+    with unanswering_redis() as stalled:
+        worker.connection = stalled
+        t0 = time.monotonic()
+        worker.maintain_heartbeats(job, execution)
+        assert time.monotonic() - t0 < 1
+    assert store.redis.zscore(registry_key, execution.composite_key) >= expires + 1
+
+
+def test_a_stalled_rq_connection_stops_neither_the_registry_refresh_nor_the_reaper(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The background thread keeps the worker's registry entry fresh (/readyz) and reaps a lost
+    worker's job while every call on RQ's client would hang."""
+    settings = make_settings(
+        max_retries=0, heartbeat_ttl_seconds=1, heartbeat_interval_seconds=0.2, reaper_interval_seconds=0.2
+    )
+    queued_jobs(settings)
+    store, queue, worker = in_process_worker(settings)
+    job_id = take_and_lose(worker, queue, store)
+    worker.registry_fields = {"name": worker.name}
+    worker.announce("ready")
+
+    def heartbeat_at() -> float:
+        return {w["name"]: w["heartbeat_at"] for w in store.workers()}[worker.name]
+
+    announced = heartbeat_at()
+    stop = threading.Event()
+    with unanswering_redis() as stalled:
+        worker.connection = stalled
+        thread = threading.Thread(target=_background, args=(worker, stop), daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: store.get(job_id)["status"] == "failed", 4, what="the lost job reaped")
+            wait_for(lambda: heartbeat_at() > announced, 4, what="the registry entry refreshed")
+        finally:
+            stop.set()
+            thread.join(10)
+    assert store.get(job_id)["error"]["code"] == "worker_lost"
+
+
+class _Interleaved(dict[str, Any]):
+    """A worker's registry fields that run `meanwhile` right after a field is read: the main
+    thread acting at that moment."""
+
+    def __init__(self, fields: dict[str, Any], meanwhile: Callable[[], None]) -> None:
+        super().__init__(fields)
+        self.meanwhile = meanwhile
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = super().get(key, default)
+        self.meanwhile()
+        return value
+
+
+def test_the_background_refresh_never_publishes_an_older_state(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The main thread announces `busy` (it took a job) while the background thread refreshes the
+    `ready` entry, whether as it reads the fields or while its write is on its way to Redis: Redis
+    and the worker end with `busy`."""
+    settings = make_settings()
+    store, _, worker = in_process_worker(settings)
+    takes_a_job = threading.Thread(target=worker.announce, args=("busy",))
+
+    def meanwhile() -> None:
+        if threading.current_thread() is not takes_a_job and takes_a_job.ident is None:
+            takes_a_job.start()
+            takes_a_job.join(0.5)  # done at once, or waiting for the refresh to finish
+
+    worker.registry_fields = _Interleaved({"name": worker.name, "state": "ready"}, meanwhile)
+    real_register = store.register_worker
+
+    def register_meanwhile(name: str, fields: dict[str, Any]) -> None:
+        meanwhile()
+        real_register(name, fields)
+
+    monkeypatch.setattr(store, "register_worker", register_meanwhile)
+    worker.republish()
+    takes_a_job.join(10)
+    assert {w["name"]: w["state"] for w in store.workers()}[worker.name] == "busy"
+    assert worker.registry_fields["state"] == "busy"
