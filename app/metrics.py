@@ -56,7 +56,8 @@ JOBS_ENDED = Counter(
     registry=None,
 )
 
-WORKER_STATES = ("loading", "ready", "busy", "stopping")
+#: Every state a worker announces (worker/main.py): each is a series, 0 when no worker is in it.
+WORKER_STATES = ("loading", "missing_weights", "ready", "busy", "stopping")
 
 
 class RedisStateCollector(Collector):

@@ -13,8 +13,8 @@ import ipaddress
 import socket
 import time
 from typing import Annotated
-from urllib.parse import urlsplit
 
+import httpx
 from fastapi import Depends, Request
 
 from app.deps import services
@@ -129,29 +129,46 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
+class UnresolvableHost(ValueError):
+    """The webhook's host did not resolve. Refused at submission like any bad URL, but a delivery
+    retries it: a lookup can fail for a moment (EAI_AGAIN, a resolver restarting)."""
+
+
 def check_webhook_url(url: str, settings: Settings) -> list[str]:
     """Refuse webhook targets that could reach our own network (SSRF): non-https, or a host that
     resolves to a loopback/private/link-local address. Called at submission and again before each
     delivery (DNS can change in between). The allow settings exist for tests and local development.
 
+    The URL is parsed by httpx, as the delivery parses it (app/webhooks.py): a URL httpx refuses
+    (control characters, say) is refused here, and the name looked up is the one it connects to
+    (IDNA 2008; the resolver's own encoding is IDNA 2003: `faß.de` is `xn--fa-hia.de`, not `fass.de`).
+
     Returns the checked addresses in resolver order: delivery must connect to one of these, not
     resolve the name again, or a rebinding DNS answer (TTL 0) could swap in a private address after
     the check. Empty when ``webhook_allow_private`` skips the lookup.
 
-    Raises ValueError with a human-readable reason.
+    Raises ValueError with a human-readable reason; UnresolvableHost when the name did not resolve.
     """
-    parts = urlsplit(url)
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise ValueError(f"webhook URL is invalid: {e}") from e
     allowed_schemes = {"https", "http"} if settings.webhook_allow_http else {"https"}
-    if parts.scheme not in allowed_schemes or not parts.hostname:
+    if target.scheme not in allowed_schemes or not target.raw_host:
         raise ValueError("webhook must be an https URL")
-    if parts.username or parts.password:
+    if target.port is not None and not 0 < target.port < 65536:
+        raise ValueError(f"webhook port {target.port} is out of range")
+    if target.userinfo:
         raise ValueError("webhook URL must not contain credentials")
     if settings.webhook_allow_private:
         return []
+    host = target.raw_host.decode("ascii")  # IPv6 without brackets, as getaddrinfo wants it
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ValueError(f"webhook host {parts.hostname!r} does not resolve") from e
+        infos = socket.getaddrinfo(host, target.port or 443, proto=socket.IPPROTO_TCP)
+    except UnicodeError as e:  # a label empty or over 63 characters: never a name
+        raise ValueError(f"webhook host {host!r} is not a valid host name") from e
+    except socket.gaierror as e:
+        raise UnresolvableHost(f"webhook host {host!r} does not resolve") from e
     addresses: list[str] = []
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])

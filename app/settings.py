@@ -139,6 +139,30 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _results_expire_with_their_record(self) -> Settings:
+        # Both TTLs restart when a job ends: results kept longer than the record could never be
+        # fetched (404 `not_found` instead of the documented 410 `expired`), only take memory.
+        if self.result_ttl_seconds > self.record_ttl_seconds:
+            raise ValueError(
+                f"DYNFACE_RESULT_TTL_SECONDS ({self.result_ttl_seconds}) must not exceed "
+                f"DYNFACE_RECORD_TTL_SECONDS ({self.record_ttl_seconds}): a job's results are "
+                "reachable only while its record exists"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeats_outpace_their_ttl(self) -> Settings:
+        # A heartbeat that comes after the entry it refreshes has expired makes a live worker look
+        # dead: its job is re-queued (run twice) or failed with worker_lost.
+        if self.heartbeat_interval_seconds >= self.heartbeat_ttl_seconds:
+            raise ValueError(
+                f"DYNFACE_HEARTBEAT_INTERVAL_SECONDS ({self.heartbeat_interval_seconds:g}) must be below "
+                f"DYNFACE_HEARTBEAT_TTL_SECONDS ({self.heartbeat_ttl_seconds}), or live workers are "
+                "taken for dead (keep the TTL at least 3 x the interval)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _queued_jobs_fail_before_they_expire(self) -> Settings:
         # A queued job's record expires record_ttl after it began to wait; the sweep that fails it
         # comes round within two reaper intervals (its lock can make one replica miss a turn).

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import httpx
 
-from app.security import check_webhook_url
+from app.security import UnresolvableHost, check_webhook_url
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,18 @@ def deliver(
     """POST ``body`` until a 2xx answer, sleeping the configured delays between attempts.
 
     Each attempt is freshly timestamped and signed and the destination is re-checked (DNS may
-    have changed), then sent to exactly the addresses that check saw. Returns whether the
-    receiver accepted it.
+    have changed), then sent to exactly the addresses that check saw. A name that does not resolve
+    is retried like a failed POST (the lookup may fail only for a moment); a destination the policy
+    refuses ends the delivery. Returns whether the receiver accepted it.
     """
     delays = [0.0, *settings.webhook_retry_delays_seconds]
     for attempt, delay in enumerate(delays, start=1):
         sleep(delay)
         try:
             addresses = check_webhook_url(url, settings)
+        except UnresolvableHost as e:
+            log.warning("webhook %s attempt %d: %s", msg_id, attempt, e)
+            continue
         except ValueError as e:
             log.warning("webhook %s to %s refused: %s", msg_id, url, e)
             return False

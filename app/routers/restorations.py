@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -44,12 +45,20 @@ from models.errors import PipelineError
 from models.images import check_image, check_output_sizes, output_sizes, resolve_format
 
 router = APIRouter(prefix="/v1/restorations", tags=["restorations"])
+log = logging.getLogger(__name__)
 
 #: Room for multipart headers/boundaries and JSON framing on top of the image itself.
 _FRAMING_BYTES = 64 * 1024
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[^,;]*)*;base64,", re.ASCII)
-#: RFC 7240 `wait` preference: bare, or with a token or quoted-string value (`wait=10`, `wait="10"`).
-_WAIT = re.compile(r'(?:^|[,;\s])wait(?:\s*=\s*(?:"([0-9]+)"|([0-9]+)))?(?=$|[,;\s])', re.IGNORECASE)
+#: One element of the `Prefer` list (RFC 7240 §2: `1#preference`): a comma inside a quoted-string
+#: does not split it, nor does one in an unclosed quoted-string (never a backtrack: linear time).
+_PREFERENCE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
+#: An element that is the `wait` preference: bare, or with a token or quoted-string value (`wait=10`,
+#: `wait="10"`), then its own `;` parameters or nothing. A `wait` after a `;` is a parameter of
+#: another preference (`foo; wait=2`), not a wait.
+_WAIT = re.compile(r'\s*wait\s*(?:=\s*(?:"([0-9]+)"|([0-9]+)))?\s*(?:;|$)', re.IGNORECASE)
+#: What a Redis client raises while Redis is down or failing over (app.errors answers them with 503).
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 #: Age after which an Idempotency-Key bound to a job that does not exist is taken over by a retry:
 #: longer than any submission takes between claiming the key and storing its job (image check,
 #: webhook DNS, Redis round trips with their timeouts), so the claimer is known to have failed.
@@ -190,8 +199,9 @@ def _wait_seconds(prefer: list[str], cap: int) -> int | None:
 
     ``prefer`` holds every `Prefer` header line: RFC 7240 lets a client split its preferences over
     several, and the first `wait` in order counts."""
-    m = _WAIT.search(", ".join(prefer))
-    if not m:
+    waits = (_WAIT.match(e.group()) for e in _PREFERENCE.finditer(", ".join(prefer)))
+    m = next((w for w in waits if w is not None), None)
+    if m is None:
         return None
     digits = m.group(1) or m.group(2)
     if digits is None:
@@ -213,6 +223,17 @@ def _view(request: Request, record: dict[str, Any]) -> Restoration:
     return restoration_view(record, position)
 
 
+def _stored_view(request: Request, record: dict[str, Any]) -> Restoration:
+    """`_view` of the job a submission stored (or replayed). The job exists whatever Redis does now:
+    a failed queue-position read leaves `queue_position` null, where a 503 (no Location) would have
+    the client submit it again."""
+    try:
+        return _view(request, record)
+    except _REDIS_DOWN as e:
+        log.warning("job %s: queue position unknown, Redis unavailable: %s", record["id"], e)
+        return restoration_view(record)
+
+
 def _respond(view: Restoration, status: int, **headers: str) -> JSONResponse:
     return JSONResponse(
         view.model_dump(mode="json"),
@@ -232,22 +253,31 @@ def _own(record: dict[str, Any] | None, job_id: str, owner: str) -> dict[str, An
     return record
 
 
-async def _await_terminal(request: Request, job_id: str, seconds: int) -> dict[str, Any]:
-    """The record once it is terminal, or after ``seconds`` (no thread is held while waiting).
+async def _await_terminal(request: Request, record: dict[str, Any], seconds: int) -> dict[str, Any]:
+    """The job's ``record`` once it is terminal, or after ``seconds`` (no thread is held while waiting).
 
     Woken by the job's completion message (app/completions.py) within ms of its end. The record is
     also re-read every second while the listener is subscribed, and on an interval growing from
     5 ms to 1 s while it is not (reconnecting), so a message lost in a reconnect only delays the
     answer; re-reading more often while subscribed would only cost the API and Redis work.
+
+    A read that Redis fails ends the wait with the record as last read: the job is stored, and a 503
+    (no Location) would have the client submit it again.
     """
     svc = services(request)
+    job_id = record["id"]
     deadline = time.monotonic() + seconds
     interval = 0.005
     with svc.completions.watch(job_id) as ended:
         while True:
-            record = await anyio.to_thread.run_sync(svc.store.get, job_id)
-            if record is None:  # expired while we waited (only with a record TTL shorter than the wait)
+            try:
+                fresh = await anyio.to_thread.run_sync(svc.store.get, job_id)
+            except _REDIS_DOWN as e:
+                log.warning("job %s: Prefer: wait ended early, Redis unavailable: %s", job_id, e)
+                return record
+            if fresh is None:  # expired while we waited (only with a record TTL shorter than the wait)
                 raise ApiError(404, "not_found", f"No restoration {job_id!r} (unknown or expired).")
+            record = fresh
             if record["status"] in TERMINAL or time.monotonic() >= deadline:
                 return record
             pause = _MAX_POLL_SECONDS if svc.completions.subscribed.is_set() else interval
@@ -303,7 +333,7 @@ async def create_restoration(request: Request) -> JSONResponse:
     except ApiError as e:
         metrics.JOBS_REJECTED.labels(e.code).inc()
         raise
-    except (RedisConnectionError, RedisTimeoutError):
+    except _REDIS_DOWN:
         metrics.JOBS_REJECTED.labels("redis_unavailable").inc()  # answered by app.errors' handler
         raise
 
@@ -329,18 +359,18 @@ async def _submit_and_wait(
     def submit() -> tuple[dict[str, Any], bool, Restoration | None]:
         record, replayed = _submit(request, owner, data, options, warnings)
         # Without a wait this record is the answer: its queue position is read in the same hop.
-        return record, replayed, None if wait is not None else _view(request, record)
+        return record, replayed, None if wait is not None else _stored_view(request, record)
 
     # One worker-thread hop for the rest of the blocking work: webhook DNS, Redis.
     record, replayed, view = await anyio.to_thread.run_sync(submit)
     extra = {"Idempotent-Replayed": "true"} if replayed else {}
     if wait is not None:
         extra["Preference-Applied"] = f"wait={wait}"
-        record = await _await_terminal(request, record["id"], wait)
+        record = await _await_terminal(request, record, wait)
         image = await _image_answer(request, record, extra)
         if image is not None:
             return image
-        view = await anyio.to_thread.run_sync(_view, request, record)  # queue position: a Redis call
+        view = await anyio.to_thread.run_sync(_stored_view, request, record)  # queue position: a Redis call
     assert view is not None  # set by one of the two branches above
     status = 200 if record["status"] in TERMINAL else 202
     return _respond(view, status, **extra)
@@ -349,13 +379,18 @@ async def _submit_and_wait(
 async def _image_answer(request: Request, record: dict[str, Any], headers: dict[str, str]) -> Response | None:
     """The restored photo itself as the answer to a `Prefer: wait` submission whose `Accept` prefers
     its image type to JSON: one request instead of two for a synchronous client. None (answer with
-    the job JSON) when the job did not succeed in time, has no `image` output, or it has expired."""
+    the job JSON) when the job did not succeed in time, has no `image` output, it has expired, or
+    Redis fails the read (the job JSON then says where to fetch it)."""
     media_type = (record.get("outputs") or {}).get("image")
     if record["status"] != "succeeded" or media_type is None:
         return None
     if not prefers_over_json(request.headers.get("accept"), media_type):
         return None
-    blob = await anyio.to_thread.run_sync(services(request).store.result, record["id"], "image")
+    try:
+        blob = await anyio.to_thread.run_sync(services(request).store.result, record["id"], "image")
+    except _REDIS_DOWN as e:
+        log.warning("job %s: image not read, Redis unavailable: %s", record["id"], e)
+        return None
     if blob is None:
         return None
     job_url = restoration_view(record).urls.self
@@ -516,9 +551,11 @@ def get_restoration(job_id: str, request: Request, owner: Caller) -> JSONRespons
     "/{job_id}",
     response_model=Restoration,
     summary="Cancel a job",
-    description="Queued jobs are canceled at once (200). Running jobs stop at the next diffusion step: "
-    "202 with the job still `processing`; poll until `canceled`. Already canceled jobs: 200 again (a "
-    "retried DELETE is safe). Succeeded or failed jobs: 409 `not_cancelable`.",
+    description="Queued jobs are canceled at once (200). A running job is asked to stop: 202 with the "
+    "job still `processing`. It stops at its next diffusion step, or before its results are stored, "
+    "and ends `canceled`; one that was already storing its results, or failed first, ends `succeeded` "
+    "or `failed`: poll until it ends. Already canceled jobs: 200 again (a retried DELETE is safe). "
+    "Succeeded or failed jobs: 409 `not_cancelable`.",
     responses={
         202: {"model": Restoration},
         401: ERROR_DOC,
@@ -564,7 +601,9 @@ def _result(
         raise ApiError(
             410,
             "expired",
-            f"The result has expired (results are kept for {svc.settings.result_ttl_seconds} s).",
+            # The job's own TTL, fixed at submission (app/jobs.py `_FINISH` falls back the same way).
+            f"The result has expired (results are kept for "
+            f"{record.get('result_ttl', svc.settings.result_ttl_seconds)} s).",
         )
     return Response(blob, media_type=media_type, headers=_image_headers(job_id, name, media_type))
 

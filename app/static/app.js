@@ -45,6 +45,7 @@ const ERROR_TEXT = {
   expired: "The results have expired. Submit the photo again.",
   not_cancelable: "The job has already finished and cannot be canceled.",
   canceled: "The job was canceled.",
+  no_result: "The job finished without a result this page can show (it asked for none, or found no face).",
   cuda_oom: "The GPU ran out of memory on this photo. Try a smaller photo or a lower upscale.",
   timeout: "The job took too long and was stopped. Try a smaller photo.",
   worker_lost: "The worker processing this photo stopped. Submit it again.",
@@ -225,6 +226,7 @@ function resetResults() {
   $("after").removeAttribute("src");
   $("before").removeAttribute("src");
   $("boxes").width = 0;
+  $("boxes").hidden = true;
   $("compare").classList.remove("no-before");
 }
 
@@ -405,24 +407,30 @@ function renderStatus(job) {
   $("status-panel").hidden = false;
   $("status-panel").dataset.status = job.status;
   const bar = $("progress");
-  let line;
+  // The line is a sentence (read out by screen readers when it changes) and a counter (not read out:
+  // it changes on every poll).
+  let sentence;
+  let count = "";
   if (job.status === "queued") {
     const ahead = job.queue_position;
-    line = ahead == null ? "Queued." : ahead === 0 ? "Queued: next in line." : `Queued: ${ahead} ahead of you.`;
+    sentence = "Queued";
+    count = ahead == null ? "." : ahead === 0 ? ": next in line." : `: ${ahead} ahead of you.`;
     bar.value = 0;
   } else if (job.status === "processing") {
-    line = `Processing: ${STAGE_TEXT[job.stage] || "starting"}`;
+    sentence = `Processing: ${STAGE_TEXT[job.stage] || "starting"}`;
     if (job.progress && job.progress.total) {
-      if (job.stage === "sample") line += ` (step ${job.progress.step} of ${job.progress.total})`;
+      if (job.stage === "sample") count = ` (step ${job.progress.step} of ${job.progress.total})`;
       bar.value = job.progress.step / job.progress.total;
     } else {
       bar.removeAttribute("value"); // indeterminate
     }
   } else {
-    line = { succeeded: "Done.", failed: "Failed.", canceled: "Canceled." }[job.status] || job.status;
+    sentence = { succeeded: "Done.", failed: "Failed.", canceled: "Canceled." }[job.status] || job.status;
     bar.value = job.status === "succeeded" ? 1 : 0;
   }
-  $("status-line").textContent = line;
+  // Rewriting the same text would still replace the live region's text node, and be read out again.
+  if ($("status-text").textContent !== sentence) $("status-text").textContent = sentence;
+  $("status-count").textContent = count;
   const items = (job.warnings || []).map((text) => {
     const li = document.createElement("li");
     li.textContent = String(text);
@@ -445,10 +453,24 @@ function loadImage(img, src) {
   });
 }
 
+// A result URL from the job JSON, as a path on this page's origin: the job's URLs carry the base URL
+// it was submitted through, which need not be this page's (connect-src 'self').
+function ownPath(url) {
+  const parsed = new URL(url, location.href);
+  return parsed.pathname + parsed.search;
+}
+
 async function showResults(run, job) {
-  const base = jobPath(job.id);
   const signal = run.abort.signal;
-  const image = await blobUrl(`${base}/image`, signal);
+  const outputs = job.outputs || {};
+  // A job submitted elsewhere (resumed from the address) may not have the `image` output: show the
+  // result the API names instead (comparison, or a face).
+  const main = outputs.image || (job.urls && job.urls.result);
+  if (!main) {
+    showMessage("no_result", "", null, "info");
+    return;
+  }
+  const image = await blobUrl(ownPath(main), signal);
   if (!isCurrent(run)) return;
   const link = $("download-image");
   link.href = image.url;
@@ -467,9 +489,9 @@ async function showResults(run, job) {
     $("compare").classList.add("no-before"); // resumed after a reload, or a format this browser cannot show
   }
 
-  const count = job.outputs && Array.isArray(job.outputs.faces) ? job.outputs.faces.length : 0;
-  for (let k = 0; k < count; k++) {
-    const face = await blobUrl(`${base}/faces/${k}`, signal);
+  const faces = Array.isArray(outputs.faces) ? outputs.faces : [];
+  for (const [k, url] of faces.entries()) {
+    const face = await blobUrl(ownPath(url), signal);
     if (!isCurrent(run)) return;
     $("faces").append(faceItem(job.id, k, face));
   }
@@ -491,6 +513,9 @@ function faceItem(jobId, k, face) {
 
 function drawBoxes(img, faces) {
   const canvas = $("boxes");
+  canvas.hidden = false;
+  const n = faces.length;
+  canvas.setAttribute("aria-label", `Your photo with its ${n} detected face${n === 1 ? "" : "s"} outlined and numbered`);
   canvas.width = img.naturalWidth;
   canvas.height = img.naturalHeight;
   const ctx = canvas.getContext("2d");

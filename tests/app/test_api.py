@@ -391,6 +391,18 @@ def test_unknown_job_is_404(client: TestClient) -> None:
         assert r.status_code == 404 and error_code(r) == "not_found"
 
 
+def test_the_expired_message_gives_the_result_ttl_of_the_job(make_settings) -> None:
+    """The TTL a job's results were kept for was fixed at its submission: a later change of the
+    setting does not change what the 410 says."""
+    with TestClient(create_app(make_settings(result_ttl_seconds=120))) as c:
+        job_id = submit(c).json()["id"]
+        c.app.state.services.store.finish(job_id, {"status": "succeeded", "outputs": {"image": "image/png"}})
+    with TestClient(create_app(make_settings(result_ttl_seconds=600))) as c:
+        r = c.get(f"/v1/restorations/{job_id}/image")
+    assert r.status_code == 410 and error_code(r) == "expired"
+    assert "kept for 120 s" in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize(
     ("prefer", "wait"),
     [
@@ -405,6 +417,14 @@ def test_unknown_job_is_404(client: TestClient) -> None:
         (["respond-async", "wait=7"], 7),  # preferences spread over several header lines
         (["wait=7", "wait=9"], 7),  # the first one counts
         (['wait="7'], None),  # unbalanced quote: not a wait preference
+        # RFC 7240: only top-level, comma-separated preferences; after `;` come a preference's parameters
+        (["foo; wait=2"], None),
+        (["respond-async;wait=2"], None),
+        (["wait=3; foo=bar"], 3),
+        (["handling=lenient; wait=1, wait=4"], 4),
+        (['x="y wait=2"'], None),  # inside a quoted-string
+        (['x="a, wait=2"'], None),  # a comma inside a quoted-string splits nothing
+        (['x="a\\", b", wait=6'], 6),  # an escaped quote does not end the string
     ],
 )
 def test_prefer_wait_parsing(prefer: list[str], wait: int | None) -> None:
@@ -767,9 +787,26 @@ def test_openapi_documents_every_route_and_the_error_envelope(client: TestClient
 
 
 def test_record_ttl_must_outlive_every_attempt_of_a_job() -> None:
+    short = {"result_ttl_seconds": 60, "job_timeout_seconds": 100, "max_retries": 2}
     with pytest.raises(ValueError, match=r"must exceed \(max_retries \+ 1\) x job_timeout_seconds = 300"):
-        Settings(record_ttl_seconds=300, job_timeout_seconds=100, max_retries=2)
-    assert Settings(record_ttl_seconds=301, job_timeout_seconds=100, max_retries=2).record_ttl_seconds == 301
+        Settings(record_ttl_seconds=300, **short)
+    assert Settings(record_ttl_seconds=301, **short).record_ttl_seconds == 301
+
+
+def test_results_must_not_outlive_their_record() -> None:
+    """Results kept longer than their job's record could never be fetched (404 instead of 410)."""
+    with pytest.raises(ValueError, match=r"DYNFACE_RESULT_TTL_SECONDS \(3601\) must not exceed "):
+        Settings(result_ttl_seconds=3601, record_ttl_seconds=3600)
+    assert Settings(result_ttl_seconds=3600, record_ttl_seconds=3600).result_ttl_seconds == 3600
+
+
+def test_heartbeats_must_come_before_their_ttl_runs_out() -> None:
+    """A heartbeat interval of the TTL or more lets a live worker's entry expire: its job would be
+    re-queued and run twice."""
+    for interval in (45, 45.5, 60):
+        with pytest.raises(ValueError, match=r"DYNFACE_HEARTBEAT_INTERVAL_SECONDS \(\S+\) must be below "):
+            Settings(heartbeat_interval_seconds=interval, heartbeat_ttl_seconds=45)
+    assert Settings(heartbeat_interval_seconds=44.9, heartbeat_ttl_seconds=45).heartbeat_ttl_seconds == 45
 
 
 def test_starting_a_job_renews_its_record_and_input_ttl(client: TestClient, settings: Settings) -> None:
@@ -982,6 +1019,79 @@ def test_a_submission_answered_redis_unavailable_counts_as_rejected(make_setting
         assert metric(c, series) == before + 1
 
 
+@pytest.mark.parametrize(
+    ("prefer", "broken"),
+    [
+        (None, "queue position"),
+        ("wait=2", "record"),  # the wait's re-read
+        ("wait=2", "record and queue position"),
+    ],
+)
+def test_a_redis_failure_after_the_job_is_stored_still_answers_with_the_job(
+    client: TestClient, monkeypatch, prefer: str | None, broken: str
+) -> None:
+    """Once the job is stored, a failed read (the wait's, the queue position) answers 202 with the job
+    as last known and its Location, not a 503 without one that would have the client submit again."""
+    svc = client.app.state.services
+    submitted = "dynface_jobs_submitted_total"
+    rejected = 'dynface_jobs_rejected_total{reason="redis_unavailable"}'
+    before = metric(client, submitted), metric(client, rejected)
+
+    def down(*args: Any) -> None:
+        raise (redis.TimeoutError if "queue" in broken else redis.ConnectionError)("Redis went away")
+
+    if "record" in broken:
+        monkeypatch.setattr(svc.store, "get", down)
+    if "queue position" in broken:
+        monkeypatch.setattr(svc.queue, "get_job_position", down)
+    r = submit(client, headers={"Prefer": prefer} if prefer else {})
+    monkeypatch.undo()
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and r.headers["location"] == job["urls"]["self"]
+    assert job["queue_position"] == (None if "queue position" in broken else 0)
+    assert svc.queue.count == 1  # the one job, which the client can now poll
+    assert (metric(client, submitted), metric(client, rejected)) == (before[0] + 1, before[1])
+
+
+def test_a_redis_failure_reading_the_image_answers_with_the_job(client: TestClient, monkeypatch) -> None:
+    """`Prefer: wait` + `Accept: image/*` on a succeeded job (here an Idempotency-Key replay) whose
+    image read fails: the job JSON, which says where to fetch the image, not a 503."""
+    headers = {"Idempotency-Key": "image-read", "Prefer": "wait=1", "Accept": "image/*"}
+    job_id = submit(client, headers={"Idempotency-Key": "image-read"}).json()["id"]
+    store = client.app.state.services.store
+    store.finish(job_id, {"status": "succeeded", "outputs": {"image": "image/png"}}, {"image": PNG})
+    assert submit(client, headers=headers).headers["content-type"] == "image/png"
+
+    def down(*args: Any) -> None:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(store, "result", down)
+    r = submit(client, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["outputs"]["image"] == r.headers["location"] + "/image"
+
+
+def test_every_worker_state_is_a_metrics_series(client: TestClient) -> None:
+    """`dynface_workers` has a series, 0 when no worker is in it, for every state a worker announces
+    (a missing one would be absent, not 0, and an alert on it would never see a value)."""
+    source = (ROOT / "worker" / "main.py").read_text()
+    calls = re.findall(r"announce\(([^()]*)\)", source)  # e.g. announce("stopping" if ... else "ready")
+    announced = {state for call in calls for state in re.findall(r'"(\w+)"', call)}
+    assert {"loading", "missing_weights", "ready", "busy", "stopping"} <= announced  # the scan reads them
+    text = client.get("/metrics").text
+    for state in announced:
+        assert f'dynface_workers{{state="{state}"}} 0.0' in text, state
+
+
+def test_the_cancel_docs_say_a_running_job_may_still_end_otherwise(client: TestClient) -> None:
+    """A DELETE of a running job is a request: the job is checked between diffusion steps and before it
+    stores its results, so one that is already storing them (or failed first) does not end canceled."""
+    text = client.get("/openapi.json").json()["paths"]["/v1/restorations/{job_id}"]["delete"]["description"]
+    assert "poll until `canceled`" not in text
+    assert all(f"`{status}`" in text for status in ("canceled", "succeeded", "failed")), text
+
+
 def test_a_request_without_a_valid_key_is_401_before_its_path_is_validated(make_settings) -> None:
     with TestClient(create_app(make_settings(api_keys="k1"))) as c:
         for headers in ({}, {"X-API-Key": "wrong"}):
@@ -1122,13 +1232,23 @@ def test_the_api_waits_for_its_webhooks_before_it_exits(make_settings, monkeypat
 
 
 def test_the_queue_timeout_leaves_the_sweep_time_before_the_record_expires() -> None:
-    ttl = {"record_ttl_seconds": 3000, "job_timeout_seconds": 100, "reaper_interval_seconds": 15.0}
+    ttl = {
+        "record_ttl_seconds": 3000,
+        "result_ttl_seconds": 600,
+        "job_timeout_seconds": 100,
+        "reaper_interval_seconds": 15.0,
+    }
     assert Settings(**ttl).queue_timeout == 2970  # unset: an hour, capped by the record TTL
     assert Settings().queue_timeout == 3600
     assert Settings(**ttl, queue_timeout_seconds=2970).queue_timeout == 2970
     with pytest.raises(ValueError, match=r"at least DYNFACE_QUEUE_TIMEOUT_SECONDS \(2971\)"):
         Settings(**ttl, queue_timeout_seconds=2971)
     # Unset, the message gives the value in effect (it used to say "None").
-    too_short = {"record_ttl_seconds": 30, "job_timeout_seconds": 5, "max_retries": 0}
+    too_short = {
+        "record_ttl_seconds": 30,
+        "result_ttl_seconds": 30,
+        "job_timeout_seconds": 5,
+        "max_retries": 0,
+    }
     with pytest.raises(ValueError, match=r"DYNFACE_QUEUE_TIMEOUT_SECONDS \(unset, so 0\)"):
         Settings(**too_short, reaper_interval_seconds=15.0)

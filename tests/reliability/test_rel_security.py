@@ -201,6 +201,8 @@ REFUSED_WEBHOOKS = [
     "https://[fd12:3456::1]/hook",
     "https://[ff02::1]/hook",
     "https://does-not-exist.invalid/hook",  # unresolvable: refused, not deferred
+    "https://example.com:99999/hook",  # no such port (httpx parses it: the check must refuse it)
+    "https://a..b/hook",  # an empty label: not a host name
 ]
 
 #: Literal public addresses (no DNS needed): the check must not refuse everything.
@@ -344,6 +346,89 @@ def test_webhook_delivery_connects_to_the_checked_address(
     sni = "hook.test" if scheme == "https" else None
     assert at_checked == [{"host": f"hook.test:{port}", "sni": sni}]
     assert lookups == ["hook.test"]  # resolved once, by the check; never again for the connection
+
+
+#: URLs the standard library reads (it drops tab and newline, keeps DEL and NUL, encodes names as
+#: IDNA 2003) but httpx, which delivers webhooks, refuses: refused at submission, whatever the policy.
+UNSENDABLE_WEBHOOKS = [
+    "https://example.com/ho\tok",
+    "https://exam\nple.com/hook",
+    "https://example.com/\x7f",
+    "https://exa\x00mple.com/hook",
+    "https://\u2603.net/hook",  # a snowman: IDNA 2003 has a name for it, IDNA 2008 none
+]
+
+
+def test_webhook_urls_httpx_cannot_send_are_refused_at_submission(
+    make_settings: Callable[..., Settings],
+) -> None:
+    permissive = make_settings()
+    assert permissive.webhook_allow_private  # no lookup: the URL itself is what is refused
+    image = "data:image/png;base64," + base64.b64encode(png()).decode()
+    with TestClient(create_app(permissive)) as c:
+        for url in UNSENDABLE_WEBHOOKS:
+            r = c.post("/v1/restorations", json={"image": image, "aligned": True, "webhook": url})
+            assert r.status_code == 422 and error_code(r) == "invalid_option", (url, r.text)
+            assert "webhook" in r.json()["error"]["message"], r.text
+        assert c.app.state.services.queue.count == 0
+
+
+def test_webhook_delivery_to_a_url_httpx_cannot_send_ends_at_once(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A job stored before the check read URLs as httpx does: its delivery is refused (False, one
+    attempt), where httpx.InvalidURL used to escape `deliver` (no retries, no refusal logged)."""
+    sleeps: list[float] = []
+    for url in UNSENDABLE_WEBHOOKS:
+        assert deliver(url, "job-unsendable", b"{}", make_settings(), sleep=sleeps.append) is False
+    assert sleeps == [0.0] * len(UNSENDABLE_WEBHOOKS)
+
+
+def test_webhook_host_is_looked_up_as_httpx_will_connect_to_it(
+    strict: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name checked is the one delivery connects to: httpx's IDNA 2008 form (`faß` is
+    `xn--fa-hia`), not the resolver's IDNA 2003 one (`fass`), a different domain."""
+    lookups: list[str] = []
+
+    def resolver(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("8.8.8.8", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    assert check_webhook_url("https://faß.example/hook", strict) == ["8.8.8.8"]
+    assert lookups == ["xn--fa-hia.example"]
+
+
+def test_webhook_delivery_retries_a_name_that_did_not_resolve(
+    strict: Settings, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup that fails for a moment (EAI_AGAIN) is retried like a failed POST, where it used to
+    end the delivery; a destination the policy refuses still ends it at the first attempt."""
+    monkeypatch.setattr(security, "_is_public", lambda ip: str(ip) == "127.0.0.1")  # stands in for public
+    real_getaddrinfo = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def flaky(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "hook.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        if len(lookups) == 1:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", flaky)
+    s = make_settings(webhook_allow_private=False, webhook_allow_http=True)
+    sleeps: list[float] = []
+    with recording_server("127.0.0.1") as (port, seen):
+        assert deliver(f"http://hook.test:{port}/hook", "job-dns", b"{}", s, sleep=sleeps.append) is True
+    assert sleeps == [0.0, s.webhook_retry_delays_seconds[0]] and lookups == ["hook.test"] * 2
+    assert [h["host"] for h in seen] == [f"hook.test:{port}"]
+
+    for url in ("https://10.0.0.1/hook", "http://example.com/hook", "https://a..b/hook"):
+        refused: list[float] = []
+        assert deliver(url, "job-refused", b"{}", strict, sleep=refused.append) is False
+        assert refused == [0.0], url
 
 
 def test_webhook_redirects_are_not_followed(make_settings: Callable[..., Settings]) -> None:

@@ -219,6 +219,8 @@ def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
     assert _natural_size(page, "#before") == (w, h)
     assert _natural_size(page, "#faces img") == (512, 512)
     assert page.eval_on_selector("#boxes", "c => [c.width, c.height]") == [w, h]
+    boxes = page.get_by_role("img", name="Your photo with its 1 detected face outlined and numbered")
+    assert boxes.get_attribute("id") == "boxes"
     href = page.get_attribute("#download-image", "href")
     assert href.startswith("blob:") and page.get_attribute("#download-image", "download").endswith(".png")
     assert page.get_attribute("#faces a", "download").startswith("face-1-")
@@ -420,6 +422,84 @@ def test_reload_resumes_watching_the_job(service: str, page: Any) -> None:
     assert page.eval_on_selector("#compare", "c => c.classList.contains('no-before')")  # photo not kept
     assert _natural_size(page, "#after")[0] > 0
     assert page.evaluate("location.hash") == f"#job={job_id}"
+    assert _unexpected_console(page) == []
+
+
+def test_a_resumed_job_without_an_image_shows_the_result_the_api_names(service: str, page: Any) -> None:
+    """A job submitted by another client (outputs faces + comparison, no `image`) opened from the
+    address: the page fetches the URLs the job JSON gives, on its own origin, never `/image`."""
+    elsewhere = f"http://api.internal:8000/v1/restorations/{FAKE_ID}"  # the base URL it was submitted to
+    job = _fake_job(
+        "succeeded",
+        faces=[],
+        outputs={
+            "image": None,
+            "faces": [f"{elsewhere}/faces/0"],
+            "crops": [],
+            "comparison": f"{elsewhere}/comparison",
+        },
+        urls={"self": elsewhere, "result": f"{elsewhere}/comparison", "cancel": elsewhere},
+    )
+    fetched: list[str] = []
+
+    def handle(route: Any) -> None:
+        path = route.request.url.removeprefix(service)
+        fetched.append(path)
+        if JOB_URL.search(path):
+            route.fulfill(json=job)
+        elif path.endswith(("/comparison", "/faces/0")):
+            route.fulfill(body=FACE.read_bytes(), content_type="image/png")
+        else:  # what the API answers for an output the job does not have
+            route.fulfill(status=404, json={"error": {"code": "not_found", "message": "no image output"}})
+
+    page.route(lambda url: "/v1/restorations/" in url, handle)
+    page.goto(f"{service}/#job={FAKE_ID}")
+    try:
+        page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=30_000)
+        page.wait_for_function("document.querySelectorAll('#faces img').length === 1", timeout=30_000)
+    finally:
+        _screenshot(page, "resumed-without-image")
+    base = f"/v1/restorations/{FAKE_ID}"
+    assert fetched == [base, f"{base}/comparison", f"{base}/faces/0"]
+    assert page.is_hidden("#message")
+    assert _natural_size(page, "#after")[0] > 0
+    assert _unexpected_console(page) == []
+
+
+def test_the_status_has_accessible_names_and_only_its_sentence_is_live(service: str, page: Any) -> None:
+    """The progress bar and the face-box picture have names; the live region is the status sentence
+    alone, so the step and queue counters (new every poll) are not read out on every poll."""
+    answers: list[dict[str, Any]] = []
+
+    def handle(route: Any) -> None:
+        n = len(answers)
+        job = (
+            _fake_job("queued", queue_position=2)
+            if n == 0
+            else _fake_job("processing", stage="sample", progress={"step": n, "total": 50})
+        )
+        answers.append(job)
+        route.fulfill(json=job)
+
+    page.route(lambda url: bool(JOB_URL.search(url)), handle)
+    page.goto(f"{service}/#job={FAKE_ID}")
+    _wait_status_line(page, "Queued: 2 ahead of you.")
+    page.evaluate(
+        """() => {
+            window.spoken = [];
+            const live = document.getElementById("status-text");
+            new MutationObserver(() => window.spoken.push(live.textContent))
+                .observe(live, { childList: true, characterData: true, subtree: true });
+        }"""
+    )
+    _wait_status_line(page, "Processing: diffusion sampling (step 3 of 50)")
+    # read out once, when the job started sampling; steps 2 and 3 changed only the counter
+    assert page.evaluate("window.spoken") == ["Processing: diffusion sampling"]
+    live = page.eval_on_selector_all("[aria-live]", "es => es.map(e => [e.id, e.getAttribute('aria-live')])")
+    assert live == [["status-text", "polite"]]
+    assert page.eval_on_selector("#status-count", "e => e.closest('[aria-live], [role=status]')") is None
+    assert page.get_by_role("progressbar", name="Job progress").get_attribute("id") == "progress"
+    assert page.get_attribute("#boxes", "role") == "img" and page.get_attribute("#boxes", "aria-label")
     assert _unexpected_console(page) == []
 
 
