@@ -69,7 +69,7 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _add_reproduction_commands(subparsers: argparse._SubParsersAction) -> None:
-    """train (models/train.py), dsst build (models/dsst.py), eval (models/evaluate.py)."""
+    """train (models/train.py), dsst build (models/dsst_build.py), eval (models/evaluate.py)."""
     train = subparsers.add_parser(
         "train", help="train DBLM or DGSA (several GPUs: torchrun ... -m worker.cli)"
     )
@@ -125,7 +125,7 @@ def _add_reproduction_commands(subparsers: argparse._SubParsersAction) -> None:
         help="sweep: dB per LPIPS unit in the score (default: 20; 0 = PSNR only, no AlexNet weights needed)",
     )
     b.add_argument("--device", default=None, help="sweep: cpu, cuda, cuda:N (default: cuda if available)")
-    b.set_defaults(func=_lazy("models.dsst", "cli_build"))
+    b.set_defaults(func=_lazy("models.dsst_build", "cli_build"))
 
     e = subparsers.add_parser(
         "eval", help="PSNR/SSIM/LPIPS/IDS/FID/NIQE/MUSIQ of restored vs ground-truth faces"

@@ -45,8 +45,6 @@ COLUMNS: tuple[tuple[str, bool], ...] = (
     ("MUSIQ", True),
 )
 ARCFACE_FILE = "recognition_arcface_ir_se50.pth"  # facexlib's release asset name
-# torch-fidelity's FID Inception (the TF-ported network FID is defined with), as cached by torch.hub.
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 
 class Unavailable(Exception):
@@ -144,8 +142,7 @@ def ssim(pred: Tensor, gt: Tensor) -> float:
 
 
 def torch_hub_checkpoint(url: str) -> Path:
-    """Where torch.hub (torchvision, torch-fidelity) keeps the checkpoint downloaded from `url`
-    (a bare file name works too)."""
+    """Where torch.hub (torchvision, torch-fidelity) keeps the checkpoint downloaded from `url`."""
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
@@ -215,22 +212,33 @@ def pyiqa_metric(name: str, device: torch.device) -> Callable[[Tensor], float]:
     return score
 
 
+def inception_weights() -> Path:
+    """The FID Inception file (the TF-ported network FID is defined with) that torch-fidelity, and so
+    torchmetrics' FID, loads: its release asset `URL_INCEPTION_V3` as cached by torch.hub
+    (weights-inception-2015-12-05-6726825d.pth; pytorch-fid's pt_inception-… file is another one)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    except ImportError as e:
+        raise Unavailable("torch-fidelity is not installed (pip install torch-fidelity==0.4.0)") from e
+    path = torch_hub_checkpoint(URL_INCEPTION_V3)
+    if not path.is_file():
+        raise Unavailable(
+            f"Inception weights not found at {path} (from {URL_INCEPTION_V3}; no download here)"
+        )
+    return path
+
+
 def fid(pairs: Sequence[tuple[Path, Path]], device: torch.device) -> float:
     """FID of the predictions against the ground-truth folder (torchmetrics, torch-fidelity's Inception)."""
     if len(pairs) < 2:  # torchmetrics raises: a covariance needs two samples
         raise Unavailable(f"FID needs at least 2 image pairs, got {len(pairs)}")
-    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
-    if not _TORCH_FIDELITY_AVAILABLE:
-        raise Unavailable("torch-fidelity is not installed (pip install torch-fidelity==0.4.0)")
-    inception = torch_hub_checkpoint(INCEPTION_FILE)
-    if not inception.is_file():
-        raise Unavailable(
-            f"Inception weights not found at {inception} (torch-fidelity fetches them; no download)"
-        )
+    inception = inception_weights()
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=2048, normalize=True).to(device)
+    # The checked file by path: torch-fidelity then never calls load_state_dict_from_url (no download).
+    metric = FrechetInceptionDistance(
+        feature=2048, normalize=True, feature_extractor_weights_path=str(inception)
+    ).to(device)
     for pred, gt in pairs:
         metric.update(load_image(gt).float().to(device), real=True)
         metric.update(load_image(pred).float().to(device), real=False)

@@ -13,6 +13,7 @@ x̃0 = crop F⁻¹[(conj(F G)·F ext(ŷ) + ρ·F ext(x̂0)) / (|F G|² + ρ)] �
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from models.blur import gaussian_otf_rfft, irfft_cropped, rfft_extended
@@ -24,6 +25,22 @@ def _per_image(value: float | Tensor, like: Tensor) -> float | Tensor:
     if isinstance(value, Tensor) and value.dim():
         return value.to(device=like.device, dtype=like.real.dtype).reshape(-1, 1, 1, 1)
     return float(value)
+
+
+def _require_positive(name: str, value: float | Tensor) -> None:
+    """ValueError unless every entry is finite and > 0: at 0 the solve is 0/0 wherever the OTF
+    underflows (a σ = 4 OTF squared is 0 in float32 at high frequencies), so the result would be NaN."""
+    t = torch.as_tensor(value)
+    if not bool((torch.isfinite(t) & (t > 0)).all()):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def _require_per_image(name: str, value: float | Tensor, n: int) -> None:
+    """ValueError unless `value` is a scalar (float or 0-dim tensor) or one entry per image, (n,)."""
+    if isinstance(value, Tensor) and value.dim() and tuple(value.shape) != (n,):
+        raise ValueError(
+            f"{name} must be a float or a per-image ({n},) tensor, got shape {tuple(value.shape)}"
+        )
 
 
 def _solve(x0_hat: Tensor, y_spec: Tensor, otf: Tensor, rho: float | Tensor) -> Tensor:
@@ -41,9 +58,10 @@ def closed_form_x0(x0_hat: Tensor, y_blur: Tensor, sigma: float | Tensor, rho: f
     Boundary handling: both images are extended half-sample symmetrically to 2H×2W, the problem is
     solved per frequency there, and the top-left H×W is returned. With `models.blur.gaussian_blur` as
     the blur operator this is the exact minimiser (see module doc of models.blur). `sigma` and `rho`:
-    floats or per-image (N,) tensors; ρ > 0 (ρ → 0 is pure deconvolution, ρ → ∞ returns x0_hat).
-    Computed in float32 at least, returned in x0_hat's dtype.
+    floats or per-image (N,) tensors; ρ finite and > 0, else ValueError (ρ → 0 is pure deconvolution,
+    ρ → ∞ returns x0_hat). Computed in float32 at least, returned in x0_hat's dtype.
     """
+    _require_positive("rho", rho)
     h, w = x0_hat.shape[-2:]
     y_spec = rfft_extended(y_blur)
     return _solve(x0_hat, y_spec, gaussian_otf_rfft(sigma, h, w, y_spec), rho)
@@ -63,9 +81,10 @@ class GaussianGuidance:
     is sliced to `rows` when only some images are being sampled, see `models.sampler.Guide`).
 
     Holds ŷ^σ (N, C, H, W) in [-1,1], σ (float or per-image (N,)), the estimate's error variance v
-    (float or (N,); [-1,1]² units), a global `scale` and an optional per-pixel map g ∈ [0,1] of shape
-    (N, 1, H, W) (DGSA; None = uniform). The applied weight is scale·g (scale alone if no map). The
-    spectrum of ŷ and the OTF are computed once here, so each step costs one FFT pair.
+    (float or (N,), finite and > 0; [-1,1]² units), a global `scale` and an optional per-pixel map
+    g ∈ [0,1] of shape (N, 1, H, W) (DGSA; None = uniform); other shapes or v ≤ 0 raise ValueError.
+    The applied weight is scale·g (scale alone if no map). The spectrum of ŷ and the OTF are computed
+    once here, so each step costs one FFT pair.
 
     x0′ is clamped to [-1,1] like the prior's x̂0 (the data range), which keeps a zero weight an exact
     identity: with g ≡ 0 the sampler follows the unguided path bit for bit.
@@ -81,15 +100,18 @@ class GaussianGuidance:
         scale: float = 1.0,
         scale_map: Tensor | None = None,
     ) -> None:
-        if scale_map is not None and (scale_map.dim() != 4 or scale_map.shape[1] != 1):
-            raise ValueError(f"scale_map must be (N, 1, H, W), got {tuple(scale_map.shape)}")
+        n, _, h, w = y_blur.shape
+        if scale_map is not None and tuple(scale_map.shape) != (n, 1, h, w):
+            raise ValueError(f"scale_map must be {(n, 1, h, w)}, got {tuple(scale_map.shape)}")
+        _require_per_image("sigma", sigma, n)
+        _require_per_image("v", v, n)
+        _require_positive("v", v)
         self.y_blur = y_blur
         self.sigma = sigma
         self.v = v
         self.schedule = schedule
         self.scale = scale
         self.scale_map = scale_map
-        h, w = y_blur.shape[-2:]
         self._y_spec = rfft_extended(y_blur)
         self._otf = gaussian_otf_rfft(sigma, h, w, self._y_spec)
 

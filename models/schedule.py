@@ -48,7 +48,12 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
         if size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
         frac_stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(j * frac_stride) for j in range(count)]
+        # Accumulated in floating point, as upstream does: j·stride rounds differently at the .5 ties
+        # (e.g. "21" at T=1000 keeps 499 here, 500 with round(j·stride)).
+        position = 0.0
+        for _ in range(count):
+            steps.append(start + round(position))
+            position += frac_stride
         start += size
     return sorted(set(steps))
 

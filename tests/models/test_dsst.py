@@ -7,6 +7,7 @@ blurred by a known Gaussian.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 import json
@@ -164,6 +165,20 @@ def _assert_same_json(got: object, want: object, where: str = "$") -> None:
             _assert_same_json(got_item, want_item, f"{where}[{index}]")
     else:
         assert type(got) is type(want) and got == want, where
+
+
+def test_the_dsst_module_does_no_file_io() -> None:
+    """A math module (docs/design.md): models/dsst.py reads only its packaged default table. Reading face
+    images, measuring P_face on them and the `dynface dsst build` command live in models/dsst_build.py."""
+    tree = ast.parse((ROOT / "models" / "dsst.py").read_text(encoding="utf-8"))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"PIL", "argparse", "os", "pathlib", "shlex", "shutil", "sys"}
+    called = {
+        n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+    }
+    assert not called & {"open", "mkdir", "rglob", "glob", "write_text", "write_bytes", "read_bytes"}
+    assert not {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & {"open", "print"}
 
 
 def test_json_round_trip_is_exact(ddim250: RespacedSchedule) -> None:

@@ -14,7 +14,8 @@ from PIL import Image
 from stand_in_weights import stand_in_alexnet_hub
 
 from models.blur import gaussian_blur
-from models.dsst import DSSTable, load_face, psnr
+from models.dsst import DSSTable, psnr
+from models.dsst_build import load_face
 from models.evaluate import lpips_metric
 from models.pipeline import DIFFACE_DEFAULT_ETA, RestorationPipeline
 from tests.conftest import TESTDATA, WEIGHTS

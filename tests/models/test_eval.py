@@ -5,14 +5,18 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from models.evaluate import COLUMNS, evaluate
+from models.evaluate import COLUMNS, Unavailable, evaluate, fid, inception_weights, torch_hub_checkpoint
 from tests.models.stand_in_weights import stand_in_alexnet_hub
 from worker.cli import main
 
@@ -123,3 +127,78 @@ def test_fid_of_a_single_pair_is_unavailable_with_the_reason(tmp_path: Path) -> 
     report = evaluate(pred, gt, device="cpu", weights_dir=tmp_path)
     assert report.images == 1 and report.values["PSNR"] == math.inf
     assert report.unavailable["FID"] == "FID needs at least 2 image pairs, got 1"
+
+
+#: torch-fidelity 0.4.0's `feature_extractor_inceptionv3.URL_INCEPTION_V3`, the file torchmetrics' FID loads.
+TORCH_FIDELITY_INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+#: pytorch-fid's Inception file: the same network, but a file torch-fidelity never loads.
+PYTORCH_FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture
+def torch_fidelity_url(monkeypatch: pytest.MonkeyPatch) -> str:
+    """torch-fidelity's Inception URL: the installed package's, else (not installed here) a stand-in
+    module carrying 0.4.0's constant, so the availability check can be exercised without it."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    except ImportError:
+        module = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+        module.URL_INCEPTION_V3 = TORCH_FIDELITY_INCEPTION_URL  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        return TORCH_FIDELITY_INCEPTION_URL
+    assert URL_INCEPTION_V3 == TORCH_FIDELITY_INCEPTION_URL
+    return URL_INCEPTION_V3
+
+
+def test_fid_needs_torch_fidelitys_inception_file_not_pytorch_fids(
+    folders: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_fidelity_url: str
+) -> None:
+    """FID is available exactly when torch-fidelity's own file is in the torch.hub cache: pytorch-fid's
+    pt_inception file (same network, another name) does not count, since torch-fidelity would then try
+    to download its file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    wanted = torch_hub_checkpoint(torch_fidelity_url)
+    assert wanted.name == "weights-inception-2015-12-05-6726825d.pth"
+    wanted.parent.mkdir(parents=True)
+    (wanted.parent / PYTORCH_FID_INCEPTION_FILE).write_bytes(b"")
+    gt, same, _ = folders
+    pairs = [(same / "sub" / n, gt / "sub" / n) for n in NAMES]
+    with pytest.raises(Unavailable, match=re.escape(f"Inception weights not found at {wanted} ")):
+        fid(pairs, torch.device("cpu"))
+    wanted.write_bytes(b"")
+    assert inception_weights() == wanted
+
+
+def _stand_in_inception(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random torch-fidelity Inception state dict at `path` (the real file cannot be fetched here):
+    FID then runs exactly as with the real network; its values mean nothing but FID(x, x) = 0."""
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    with monkeypatch.context() as m, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        m.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+
+
+def test_fid_is_computed_from_the_cached_file_without_any_download(
+    folders: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With torch-fidelity installed and its file cached, FID loads that file by path: a download
+    attempt (torch.hub's, as torch-fidelity makes without a path) fails the test."""
+    tf_inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    _stand_in_inception(torch_hub_checkpoint(tf_inception.URL_INCEPTION_V3), monkeypatch)
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("FID tried to download its weights")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    gt, same, pred = folders
+    identical = evaluate(same, gt, device="cpu", weights_dir=tmp_path)
+    assert "FID" not in identical.unavailable and identical.values["FID"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluate(pred, gt, device="cpu", weights_dir=tmp_path).values["FID"] > 0

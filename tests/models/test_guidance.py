@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from oracle import GaussianPrior
 
@@ -167,3 +168,33 @@ def test_dgsa_map_zero_is_no_guidance_and_one_is_uniform() -> None:
         GaussianGuidance(y, 1.5, 1e-3, s, scale_map=torch.ones(n, 1, 16, 16, dtype=torch.float64))
     )
     assert torch.equal(ones, uniform) and not torch.equal(uniform, free)
+
+
+def test_nonpositive_variance_or_rho_is_rejected_not_nan() -> None:
+    """v = 0 (or ρ = 0) would make the solve 0/0 where a σ = 4 OTF squared underflows: a ValueError,
+    never a NaN image. Tiny positive values stay finite."""
+    s = RespacedSchedule.from_spec("ddim250")
+    x0_hat = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = gaussian_blur(x0_hat, 4.0)
+    for bad in (0.0, -1e-3, math.nan, math.inf, torch.tensor([1e-3, 0.0])):
+        with pytest.raises(ValueError, match="rho must be finite and > 0"):
+            closed_form_x0(x0_hat.expand(2, -1, -1, -1), y.expand(2, -1, -1, -1), 4.0, bad)
+        with pytest.raises(ValueError, match="v must be finite and > 0"):
+            GaussianGuidance(y.expand(2, -1, -1, -1), 4.0, bad, s)
+    assert torch.isfinite(closed_form_x0(x0_hat, y, 4.0, 1e-30)).all()
+    assert torch.isfinite(GaussianGuidance(y, 4.0, 1e-30, s)(x0_hat, 50)).all()
+
+
+def test_per_image_values_need_one_entry_per_image() -> None:
+    """σ and v are floats or (N,) tensors: a one-element tensor for N = 2 is rejected up front instead
+    of failing with an IndexError at the first step that passes `rows`."""
+    s = RespacedSchedule.from_spec("ddim250")
+    y = torch.zeros(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"sigma must be a float or a per-image \(2,\) tensor"):
+        GaussianGuidance(y, torch.tensor([4.0]), 0.01, s)
+    with pytest.raises(ValueError, match=r"v must be a float or a per-image \(2,\) tensor"):
+        GaussianGuidance(y, 4.0, torch.tensor([0.01]), s)
+    with pytest.raises(ValueError, match=r"scale_map must be \(2, 1, 16, 16\)"):
+        GaussianGuidance(y, 4.0, 0.01, s, scale_map=torch.ones(1, 1, 16, 16))
+    guide = GaussianGuidance(y, torch.tensor(4.0), torch.tensor([0.01, 0.02]), s)  # 0-dim σ: a scalar
+    assert guide(y[1:], 50, torch.tensor([1])).shape == (1, 3, 16, 16)

@@ -72,6 +72,40 @@ def test_space_timesteps() -> None:
         space_timesteps(1000, "ddim999")
 
 
+def _upstream_space_timesteps(num_timesteps: int, section_counts: str) -> list[int]:
+    """guided-diffusion's / DifFace's `respace.space_timesteps` for comma-separated counts, transcribed
+    line by line (the stride is accumulated in floating point), returned sorted."""
+    counts = [int(x) for x in section_counts.split(",")]
+    size_per = num_timesteps // len(counts)
+    extra = num_timesteps % len(counts)
+    start_idx = 0
+    all_steps: list[int] = []
+    for i, section_count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx = 0.0
+        taken_steps = []
+        for _ in range(section_count):
+            taken_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        all_steps += taken_steps
+        start_idx += size
+    return sorted(set(all_steps))
+
+
+def test_space_timesteps_is_bit_identical_to_upstream_respacing() -> None:
+    """Every plain count at T = 1000, 250, 100, and multi-section specs, equal upstream's steps. Known
+    ties: at T = 1000, "21" and "23" keep 499 (the accumulated stride lands just below .5), not 500."""
+    assert 499 in space_timesteps(1000, "21") and 500 not in space_timesteps(1000, "21")
+    assert 499 in space_timesteps(1000, "23") and 500 not in space_timesteps(1000, "23")
+    for total in (1000, 250, 100):
+        for count in range(1, total + 1):
+            assert space_timesteps(total, str(count)) == _upstream_space_timesteps(total, str(count)), count
+    for spec in ("10,15,20", "7,21,23,1", "3,100,33"):
+        assert space_timesteps(1000, spec) == _upstream_space_timesteps(1000, spec), spec
+    assert space_timesteps(1000, "ddim250") == list(range(0, 1000, 4))
+
+
 @needs_fixture
 def test_schedule_matches_fixture_exactly(loop: dict[str, torch.Tensor]) -> None:
     s = RespacedSchedule.from_spec("ddim250", num_timesteps=1000)

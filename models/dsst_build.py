@@ -1,0 +1,204 @@
+"""`dynface dsst build`: a DSST table (models.dsst) from a folder of clean aligned faces.
+
+Reads the faces, measures P_face on them (`face_power_spectrum`), runs the analytic builder or the sweep
+on the pipeline's own sampler, and writes the table as JSON with its provenance: the command line that
+rebuilds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from models.blur import RadialSpectrum, radial_profiles
+from models.dsst import LPIPS_WEIGHT, DSSTable, build_analytic, check_sigmas, sweep_table
+from models.schedule import RespacedSchedule
+
+FACE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+#: Options that only the sweep uses (`--method sweep`), by their flag.
+SWEEP_OPTIONS = {
+    "candidates": "--candidates",
+    "eta": "--eta",
+    "seed": "--seed",
+    "lpips_weight": "--lpips-weight",
+    "device": "--device",
+}
+
+
+def load_face(path: Path, image_size: int) -> Tensor:
+    """One aligned image_size² face as (1, 3, S, S) float64 in [-1, 1]; any other size is an error."""
+    with Image.open(path) as im:
+        img = im.convert("RGB")
+    if img.size != (image_size, image_size):
+        raise ValueError(f"{path} is {img.size[0]}×{img.size[1]}, expected aligned {image_size}² faces")
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].to(torch.float64) / 127.5 - 1.0
+
+
+def face_power_spectrum(paths: Sequence[Path], image_size: int) -> RadialSpectrum:
+    """P_face: the mean radial power spectrum of aligned image_size² faces (in [-1, 1]).
+
+    One face at a time: a 512 face's spectrum is taken on a 1024² grid in float64.
+    """
+    if not paths:
+        raise ValueError("no faces to measure P_face on")
+    freqs, total = None, None
+    for path in paths:
+        freqs, power = radial_profiles(load_face(path, image_size))
+        total = power[0] if total is None else total + power[0]
+    assert freqs is not None and total is not None
+    return RadialSpectrum(freqs=freqs, power=total / len(paths))
+
+
+def cli_build(args: argparse.Namespace) -> int:
+    from models.profiles import PROFILES
+
+    profile = PROFILES["tiny" if args.prior == "tiny" else "real"]
+    schedule = RespacedSchedule.from_spec(profile.method.respacing)
+    given = {flag for name, flag in SWEEP_OPTIONS.items() if getattr(args, name) is not None}
+    if args.method == "analytic" and given:
+        print(f"error: {', '.join(sorted(given))} only apply to --method sweep", file=sys.stderr)
+        return 2
+    if args.method == "sweep" and args.heaviest_start is not None:
+        print(
+            "error: --heaviest-start only applies to --method analytic (sweep: --candidates)", file=sys.stderr
+        )
+        return 2
+    problem = _bad_numbers(args, len(schedule))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    paths = sorted(p for p in args.faces.rglob("*") if p.suffix.lower() in FACE_SUFFIXES)[: args.max_faces]
+    if not paths:
+        print(f"error: no *.png / *.jpg faces under {args.faces}", file=sys.stderr)
+        return 2
+    sigmas = tuple(args.sigmas) if args.sigmas else profile.method.sigmas
+    options: list[tuple[str, object]] = [
+        ("--method", args.method),
+        ("--prior", args.prior),
+        ("--faces", args.faces),
+        ("--out", args.out),
+        ("--sigmas", sigmas),
+        ("--max-faces", args.max_faces),
+        ("--note", args.note),
+    ]
+    build: Callable[[RadialSpectrum, str], DSSTable]
+    if args.method == "analytic":
+        heaviest = profile.method.baseline_start_index if args.heaviest_start is None else args.heaviest_start
+        options.append(("--heaviest-start", heaviest))
+
+        def build(spectrum: RadialSpectrum, provenance: str) -> DSSTable:
+            return build_analytic(schedule, spectrum, sigmas, heaviest, image_size=512, provenance=provenance)
+
+    else:
+        # Every 10th index up to DifFace's start: NFE never exceeds the baseline's, as in the analytic table.
+        candidates = tuple(args.candidates or range(10, profile.method.baseline_start_index + 1, 10))
+        options += [
+            ("--candidates", candidates),
+            ("--eta", args.eta),
+            ("--seed", args.seed),
+            ("--lpips-weight", args.lpips_weight),
+        ]
+
+        def build(spectrum: RadialSpectrum, provenance: str) -> DSSTable:
+            return _sweep(args, paths, sigmas, candidates, spectrum, provenance)
+
+    provenance = (
+        (f"{args.note} " if args.note else "")
+        + f"P_face = mean radial power spectrum of {len(paths)} aligned 512px faces from {args.faces} "
+        f"(prior {args.prior!r}). Built with: dynface dsst build {_command_line(options)}"
+    )
+    try:
+        table = build(face_power_spectrum(paths, 512), provenance)
+    except ValueError as e:  # faces of the wrong size, or flat ones
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # the prior's or LPIPS's weights
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table.to_json() + "\n", encoding="utf-8")
+    how = f"tau {table.tau:.4g}" if table.tau is not None else "by the sweep"
+    print(f"wrote {args.out}: sigmas {table.sigmas} -> start indices {table.start_indices} ({how})")
+    return 0
+
+
+def _bad_numbers(args: argparse.Namespace, schedule_length: int) -> str | None:
+    """What is wrong with `dsst build`'s numeric options (None if nothing), checked before any face is
+    read or any model loaded; a start index is one of the prior's schedule, 1..schedule_length − 1."""
+    starts = f"1..{schedule_length - 1}"
+    if args.sigmas is not None:
+        try:
+            check_sigmas(args.sigmas)
+        except ValueError as e:
+            return f"--sigmas: {e}"
+    if args.max_faces is not None and args.max_faces < 1:
+        return f"--max-faces must be ≥ 1, got {args.max_faces}"
+    if args.heaviest_start is not None and not 1 <= args.heaviest_start < schedule_length:
+        return f"--heaviest-start must be a start index in {starts}, got {args.heaviest_start}"
+    if args.candidates is not None and not all(1 <= c < schedule_length for c in args.candidates):
+        return f"--candidates must be start indices in {starts}, got {args.candidates}"
+    if args.eta is not None and not 0 <= args.eta <= 1:  # DDIM's eta; NaN fails too
+        return f"--eta must be in [0, 1], got {args.eta}"
+    if args.lpips_weight is not None and not (math.isfinite(args.lpips_weight) and args.lpips_weight >= 0):
+        return f"--lpips-weight must be a number ≥ 0, got {args.lpips_weight}"
+    return None
+
+
+def _command_line(options: Sequence[tuple[str, object]]) -> str:
+    """The options as a shell command line (tuples as several words; None left out)."""
+    words: list[str] = []
+    for flag, value in options:
+        if value is not None:
+            words += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
+    return shlex.join(words)
+
+
+def _sweep(
+    args: argparse.Namespace,
+    paths: Sequence[Path],
+    sigmas: Sequence[float],
+    candidates: Sequence[int],
+    spectrum: RadialSpectrum,
+    provenance: str,
+) -> DSSTable:
+    """`--method sweep`: the prior's pipeline, the faces, the LPIPS scorer (unless weight 0), the sweep."""
+    from models.evaluate import Unavailable, lpips_metric
+    from models.pipeline import DIFFACE_DEFAULT_ETA, RestorationPipeline
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    weight = LPIPS_WEIGHT if args.lpips_weight is None else args.lpips_weight
+    perceptual = None
+    if weight > 0:
+        try:
+            metric = lpips_metric(device)  # `dynface eval`'s LPIPS (AlexNet), on [0, 1] images
+        except Unavailable as e:
+            raise FileNotFoundError(
+                f"the sweep's score needs LPIPS: {e}; or --lpips-weight 0 (PSNR only)"
+            ) from e
+
+        def perceptual(restored: Tensor, x: Tensor) -> Tensor:
+            return torch.tensor(metric((restored + 1) / 2, (x + 1) / 2))
+
+    pipe = RestorationPipeline.from_pretrained(args.prior, device=device)
+    faces = torch.cat([load_face(p, 512).float() for p in paths])
+    return sweep_table(
+        pipe,
+        faces,
+        sigmas,
+        candidates,
+        face_power_spectrum=spectrum,
+        eta=DIFFACE_DEFAULT_ETA if args.eta is None else args.eta,
+        seed=args.seed or 0,
+        perceptual=perceptual,
+        perceptual_weight=weight,
+        provenance=provenance,
+    )
