@@ -824,17 +824,21 @@ def _trained_parts(
     dsst: DSSTable | None,
 ) -> dict[str, Any]:
     """Constructor kwargs for the files given. A named file that is missing or wrong (or does not fit
-    the profile or the table, `_check_parts`) raises here, at load time."""
+    the profile or the table, `_check_parts`) raises here, at load time. DBLM and DGSA run on the
+    aligned FACE_SIZE crops, so a file trained for another profile or at another size is refused
+    (`trained.load`); the tiny profile's toy nets restore nothing, so its files may come from a smoke
+    run at a small size (`DataConfig.size`)."""
     parts: dict[str, Any] = {}
     named: list[str] = []
+    size = FACE_SIZE if profile.real else None
     if dsst_table is not None:
         named.append(str(dsst_table))
         parts["dsst"] = DSSTable.from_json(Path(dsst_table).expanduser().read_text(encoding="utf-8"))
     if dblm_weights is not None:
         named.append(str(dblm_weights))
-        parts["dblm"] = trained.load(Path(dblm_weights).expanduser(), "dblm")
+        parts["dblm"] = trained.load(Path(dblm_weights).expanduser(), "dblm", profile=profile.name, size=size)
     if dgsa_weights is not None:
-        parts["dgsa"] = trained.load(Path(dgsa_weights).expanduser(), "dgsa")
+        parts["dgsa"] = trained.load(Path(dgsa_weights).expanduser(), "dgsa", profile=profile.name, size=size)
     try:
         _check_parts(profile, parts.get("dsst") or dsst or default_table(), parts.get("dblm"))
     except ValueError as e:

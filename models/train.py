@@ -75,7 +75,8 @@ class DataConfig(BaseModel):
 
     root: Path  # FFHQ aligned 512 (images1024x1024 resized to 512, or the 512 release)
     # Training resolution. Faces are degraded at 512 (where the ranges are defined) and then resized;
-    # the σk are scaled by size/512. Below 512 only for smoke tests: the nets run at 512 in the pipeline.
+    # the σk are scaled by size/512. Below 512 only for smoke tests: the nets run at 512 in the pipeline,
+    # and the real profile's refuses nets trained at another size (recorded as `train_size`).
     size: int = Field(default=FACE_SIZE, ge=64)
     # "difface": DifFace's full ranges (our choice, models/degradations.py; the paper gives none).
     degradation: Literal["difface", "mild", "moderate", "severe", "extreme"] = "difface"
@@ -309,7 +310,9 @@ class _DGSATask(_Task):
     def __init__(self, config: TrainConfig) -> None:
         if config.dblm_weights is None:
             raise ValueError("kind=dgsa needs dblm_weights: DGSA learns the error of a trained DBLM")
-        self.dblm = trained.load(config.dblm_weights, "dblm").requires_grad_(False)
+        # DGSA learns this DBLM's errors on this run's inputs: it must be one made for them.
+        dblm = trained.load(config.dblm_weights, "dblm", profile=config.profile, size=config.data.size)
+        self.dblm = dblm.requires_grad_(False)
         self.restorer = _restorer(config).requires_grad_(False)
         self.net = DGSANet(config.dgsa_base_channels, config.dgsa_channel_mult)
         self.arch = trained.dgsa_arch(config.dgsa_base_channels, config.dgsa_channel_mult)
@@ -458,7 +461,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     task = _task(config)
     task.to(device)
     model = task.net.train()
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    # Buffers are copied, not averaged: the nets' only buffers are SwinIR's constant attention indices
+    # and masks (no batch-norm statistics), and an average of the int64 indices, computed in float and
+    # truncated back, corrupts them.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
@@ -472,6 +478,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        # Older checkpoints hold averaged (corrupted) buffers. The next update copies the net's, but a
+        # finished run is exported without one.
+        for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
@@ -608,7 +618,8 @@ def _save_checkpoint(
     step: int,
     config: TrainConfig,
 ) -> None:
-    """Everything a resume needs, written to a temp file and renamed (a crash never leaves half a file)."""
+    """Everything a resume needs, written to a temp file, synced and renamed (a crash never leaves half a
+    file; a failed write leaves no temp file behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -620,8 +631,15 @@ def _save_checkpoint(
         "config": config.model_dump(mode="json"),
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data reaches the disk before the rename does
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C mid-write: the last good checkpoint stays as it was
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def export(

@@ -2,8 +2,10 @@
 
 Written by `models.train` (the EMA weights), read by `RestorationPipeline.from_pretrained(dblm_weights=...,
 dgsa_weights=...)`. The JSON beside the tensors carries the architecture, so a file can be loaded without
-knowing the training config; `manifest_entry` describes a file in the weights-manifest format
-(`models.weights.WeightFile`: size + sha256) so a published copy can be pinned.
+knowing the training config, and `dynface train` records there the profile whose sizes the net has and the
+face size it was trained at (`profile`, `train_size`), which `load` checks against where the net will run;
+`manifest_entry` describes a file in the weights-manifest format (`models.weights.WeightFile`: size +
+sha256) so a published copy can be pinned.
 """
 
 from __future__ import annotations
@@ -50,11 +52,16 @@ def save(net: nn.Module, kind: Kind, arch: dict[str, Any], path: str | Path, **i
     return path
 
 
-def load(path: str | Path, kind: Kind) -> nn.Module:
+def load(path: str | Path, kind: Kind, *, profile: str | None = None, size: int | None = None) -> nn.Module:
     """Build the net from the JSON beside `path` and load its weights strictly (eval mode, CPU).
 
+    `profile` / `size`: the profile the net will run in and the face size (px) it will see; a file
+    recorded for another (`profile`, `train_size` in its JSON) is refused, as its blur levels and
+    errors were learned at other sizes. None checks nothing. A file without these fields (not written
+    by `dynface train`, which always records both) is not checked for them; the architecture still
+    is, by the strict load.
     Raises FileNotFoundError when either file is absent and ValueError when the file is of another
-    kind or format, so a wrong path fails at load time, never mid-restoration.
+    kind or format or does not fit, so a wrong path fails at load time, never mid-restoration.
     """
     path = Path(path)
     meta_file = config_path(path)
@@ -66,6 +73,14 @@ def load(path: str | Path, kind: Kind) -> nn.Module:
         raise ValueError(
             f"{meta_file} is not a {FORMAT} {kind} file "
             f"(format={meta.get('format')!r}, kind={meta.get('kind')!r})"
+        )
+    wanted = {"profile": profile, "train_size": size}
+    wrong = {k: v for k, v in wanted.items() if None not in (v, meta.get(k)) and meta[k] != v}
+    if wrong:
+        raise ValueError(
+            f"{meta_file}: this {kind} was trained with {' and '.join(f'{k} {meta[k]!r}' for k in wrong)}; "
+            f"here it needs {' and '.join(f'{k} {v!r}' for k, v in wrong.items())} (TrainConfig's profile "
+            "and data.size): its blur levels and errors were learned for other nets or at another size"
         )
     net = build_net(kind, meta["arch"])
     net.load_state_dict(load_file(str(path)), strict=True)

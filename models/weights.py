@@ -7,7 +7,8 @@ their final name only once complete and checked, so a crash or a bad mirror neve
 that later loads as garbage.
 
 Checksums: a pinned sha256 is recorded only where it was verified from an independent source;
-where it is None the file is reported "unverified (no pinned checksum)" rather than "present".
+where it is None the file is reported "unverified (no pinned checksum)" rather than "present"; a
+plain pull keeps such a file as it is, `dynface weights pull --force` fetches it again.
 This module is torch-free so the API's /readyz can use it.
 """
 
@@ -302,6 +303,7 @@ def pull(
     offline: bool | None = None,
     progress: bool = True,
     manifest: Sequence[WeightFile] = MANIFEST,
+    force: bool = False,
 ) -> list[Status]:
     """Download the named (default: all) files that are missing or corrupt; returns their status.
 
@@ -313,18 +315,25 @@ def pull(
     same way with its own `.incomplete` files.
     `offline` (default: $DYNFACE_OFFLINE) forbids any download: files still needed raise
     MissingWeightsError naming them and the command to fetch them elsewhere.
+    `force` downloads every named file again, present ones too: a file without a pinned checksum
+    ("unverified") that was cut short or copied in by hand is repaired only this way. The old file
+    stays in place until the new one is complete and checked. It cannot be combined with `offline`.
     """
     root = _resolve_dir(weights_dir)
     offline = offline_from_env() if offline is None else offline
+    if force and offline:
+        raise ValueError("force downloads the files again, which offline mode ($DYNFACE_OFFLINE) forbids")
     entries = select(None if names is None else list(names), manifest)
-    todo = [e for e in entries if _check(e, root / e.path, hash_it=True).state in ("missing", "corrupt")]
+    todo = [
+        e for e in entries if force or _check(e, root / e.path, hash_it=True).state in ("missing", "corrupt")
+    ]
     if todo and offline:
         raise MissingWeightsError([e.name for e in todo], root)
     for entry in todo:
         if entry.hf_repo is not None:
-            _pull_hub(entry, root)
+            _pull_hub(entry, root, force)
         else:
-            _pull_url(entry, root, progress)
+            _pull_url(entry, root, progress, force)
         status = _check(entry, root / entry.path, hash_it=True)
         if status.state == "corrupt":
             (root / entry.path).unlink()
@@ -366,10 +375,11 @@ def _exclusive(lock: Path) -> Iterator[None]:
         yield
 
 
-def _pull_url(entry: WeightFile, root: Path, progress: bool) -> None:
+def _pull_url(entry: WeightFile, root: Path, progress: bool, force: bool) -> None:
     """Download a release asset with resume, then check it and move it into place atomically.
 
-    Under a per-file lock: a process that waited for it finds the file already there and stops.
+    Under a per-file lock: a process that waited for it finds the file already there and stops
+    (unless `force`: then the file is fetched again whatever is there).
     OS errors writing the weights dir (read-only, full, not a directory) become DownloadErrors
     naming the file, which a worker reports as `missing_weights` and retries.
     """
@@ -378,7 +388,7 @@ def _pull_url(entry: WeightFile, root: Path, progress: bool) -> None:
     try:
         partial.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(_beside(partial, ".lock")):
-            if _check(entry, final, hash_it=True).state not in ("missing", "corrupt"):
+            if not force and _check(entry, final, hash_it=True).state not in ("missing", "corrupt"):
                 return  # another process fetched it while this one waited for the lock
             _download(entry, partial, progress)
             size = partial.stat().st_size
@@ -391,6 +401,9 @@ def _pull_url(entry: WeightFile, root: Path, progress: bool) -> None:
                 _discard(partial)
                 raise _corrupt_error(entry, problem)
             final.parent.mkdir(parents=True, exist_ok=True)
+            # Synced first, so that a power loss after the rename cannot leave a torn file under the name.
+            with partial.open("rb") as f:
+                os.fsync(f.fileno())
             os.replace(partial, final)  # same filesystem: the file appears complete or not at all
             _beside(partial, ".json").unlink()
     except DownloadError:
@@ -455,10 +468,12 @@ def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
         origin = None  # no record of where it came from: not safe to append to
     if not isinstance(origin, dict):
         origin = None
+    # A partial begun without a validator (its HEAD failed) cannot be told from another version once the
+    # server names one: resuming it without If-Range could splice two versions, so it is stale.
     stale = (
         origin is None
         or origin.get("url") != entry.url
-        or (None not in (origin.get("validator"), current) and origin["validator"] != current)
+        or (current is not None and origin.get("validator") != current)
         or (entry.size is not None and partial.stat().st_size > entry.size)  # not a prefix of it
     )
     if stale:
@@ -498,7 +513,7 @@ def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
         raise DownloadError(message, [entry.name]) from e
 
 
-def _pull_hub(entry: WeightFile, root: Path) -> None:
+def _pull_hub(entry: WeightFile, root: Path, force: bool) -> None:
     from huggingface_hub import hf_hub_download
 
     assert entry.hf_repo is not None  # only called for Hub entries
@@ -508,24 +523,28 @@ def _pull_hub(entry: WeightFile, root: Path) -> None:
         entry.file_name,
         revision=entry.hf_revision,
         local_dir=root / sub,
+        force_download=force,
     )
 
 
 # ---------------------------------------------------------------- CLI
 
 
-def service_weights() -> list[str]:
+def service_weights(weights_dir: Path) -> list[str]:
     """What a worker on the configured profile ($DYNFACE_PROFILE, default real; a path is a real
-    weights dir) uses: its required and optional files, its detector and the configured background
-    model's ($DYNFACE_BACKGROUND_MODEL). The default set of `weights pull` and `verify` — for the
-    tiny profile only its small detector; the Hub copy of the prior (another format of the same
-    network) and an unconfigured background model are fetched only when named or with `--all`."""
+    weights dir) uses from `weights_dir`: its required files, with the prior in the format the pipeline
+    loads from there (`models.pipeline.profile_weights`: the Hub copy where only that is present), its
+    optional files, its detector and the configured background model's ($DYNFACE_BACKGROUND_MODEL).
+    The default set of `weights pull` and `verify` — for the tiny profile only its small detector; the
+    other format of the prior and an unconfigured background model are fetched only when named or
+    with `--all`."""
     from models.background import BackgroundConfig  # torch: only this command needs it
+    from models.pipeline import profile_weights  # imports this module: not at the top
     from models.profiles import PROFILES
 
     profile = PROFILES.get(os.environ.get("DYNFACE_PROFILE") or "real", PROFILES["real"])
     names = [
-        *profile.required_weights,
+        *profile_weights(profile, weights_dir),
         profile.detector,
         *profile.optional_weights,
         *BackgroundConfig.from_env().weight_names,
@@ -534,7 +553,7 @@ def service_weights() -> list[str]:
 
 
 def add_weights_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `weights pull [--only NAME]... | [--all]`, `verify` (the same choice) and `list`.
+    """Register `weights pull [--only NAME]... | [--all] [--force]`, `verify` (the same choice) and `list`.
 
     Each leaf parser sets `func(args) -> int` (the exit code) for the entry point to call.
     """
@@ -546,6 +565,13 @@ def add_weights_cli(subparsers: argparse._SubParsersAction) -> argparse.Argument
     _add_choice(p)
     p.add_argument("--offline", action="store_true", default=None, help="never download")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="download the chosen files again even when present (repairs an 'unverified' file, one "
+        "without a pinned checksum, that is truncated or was copied in by hand); each replaces the "
+        "old file only once complete",
+    )
     p.set_defaults(func=_cli_pull)
 
     v = sub.add_parser("verify", help="check sizes and checksums (default: the service's files)")
@@ -567,7 +593,7 @@ def _add_choice(parser: argparse.ArgumentParser) -> None:
 
 def _chosen(args: argparse.Namespace) -> list[str] | None:
     """--only's names, None (everything) for --all, else the files the service uses."""
-    return args.only or (None if args.all else service_weights())
+    return args.only or (None if args.all else service_weights(_resolve_dir(args.dir)))
 
 
 def _print_statuses(statuses: Sequence[Status]) -> None:
@@ -578,7 +604,9 @@ def _print_statuses(statuses: Sequence[Status]) -> None:
 
 def _cli_pull(args: argparse.Namespace) -> int:
     try:
-        statuses = pull(_chosen(args), args.dir, offline=args.offline, progress=not args.quiet)
+        statuses = pull(
+            _chosen(args), args.dir, offline=args.offline, progress=not args.quiet, force=args.force
+        )
     except (MissingWeightsError, KeyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -589,7 +617,8 @@ def _cli_pull(args: argparse.Namespace) -> int:
 def _cli_verify(args: argparse.Namespace) -> int:
     try:
         statuses = verify(args.dir, names=_chosen(args))
-    except KeyError as e:
+    # An unknown --only, a bad $DYNFACE_BACKGROUND_MODEL, an unreadable file: reported as `pull` does.
+    except (KeyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     _print_statuses(statuses)

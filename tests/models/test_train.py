@@ -4,6 +4,7 @@ term, export → pipeline; `dynface dsst build` (analytic; the sweep is in test_
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import shutil
@@ -22,10 +23,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from models import trained
 from models.dblm import DBLMConfig, DBLMNet, blur_levels
+from models.dgsa import DGSANet
 from models.dsst import DSSTable, default_table
 from models.pipeline import RestorationPipeline
 from models.profiles import PROFILES
-from models.train import FaceFolder, TrainConfig, load_config, lpips_network, lpips_term, train
+from models.train import (
+    FaceFolder,
+    TrainConfig,
+    checkpoint_path,
+    load_config,
+    lpips_network,
+    lpips_term,
+    train,
+)
 from tests.conftest import TESTDATA, WEIGHTS
 from worker.cli import main
 
@@ -142,6 +152,58 @@ def test_resume_continues_exactly_where_the_run_stopped(faces: Path, tmp_path: P
     assert [s for s, _ in scalars(tmp_path / "b")["loss/total"]] == [1, 2, 3]
 
 
+def _true_buffers() -> dict[str, torch.Tensor]:
+    """A tiny DBLM's buffers (SwinIR's int64 relative-position indices, its shifted-window masks): fixed
+    by the architecture, never trained."""
+    buffers = dict(DBLMNet(DBLMConfig(backbone=PROFILES["tiny"].swinir)).named_buffers())
+    assert any(b.dtype == torch.int64 for b in buffers.values())
+    return buffers
+
+
+def test_exported_ema_weights_keep_the_nets_buffers(faces: Path, tmp_path: Path) -> None:
+    """An EMA of the int64 indices, computed in float and truncated back, would shift some of them by
+    one (at decay 0.9999, hundreds after 3 steps): the EMA copies the buffers instead."""
+    config = tiny_config(tmp_path, faces, max_steps=3, ema_decay=0.9999, data={"overfit_batch": True})
+    exported = load_file(str(train(config, progress=False).weights))
+    assert all(torch.equal(exported[k], b) for k, b in _true_buffers().items())
+
+
+def test_resuming_a_checkpoint_with_averaged_buffers_exports_the_true_ones(
+    faces: Path, tmp_path: Path
+) -> None:
+    """A checkpoint whose EMA buffers were averaged (corrupted) is repaired on resume, even when the run
+    is finished and no step (which would copy them) follows before the export."""
+    config = tiny_config(tmp_path, faces, max_steps=1)
+    train(config, progress=False)
+    ckpt = checkpoint_path(config)
+    state = torch.load(ckpt, weights_only=False)
+    for key in state["ema"]:
+        if key.endswith("relative_position_index"):
+            state["ema"][key] = state["ema"][key] // 2
+    torch.save(state, ckpt)
+    exported = load_file(str(train(config, resume=True, progress=False).weights))
+    assert all(torch.equal(exported[k], b) for k, b in _true_buffers().items())
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_one_and_leaves_no_temp_file(
+    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train(tiny_config(tmp_path, faces, max_steps=1), progress=False)
+    ckpt = checkpoint_path(tiny_config(tmp_path, faces))
+    before = ckpt.read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj: object, f: Any) -> None:
+        real_save({"half": "written"}, f)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_config(tmp_path, faces, max_steps=2), resume=True, progress=False)
+    assert ckpt.read_bytes() == before
+    assert [p.name for p in ckpt.parent.iterdir()] == ["last.pt"]
+
+
 def test_trained_nets_load_into_the_pipeline_and_are_reported(
     dblm_run: Any, faces: Path, tmp_path: Path
 ) -> None:
@@ -174,6 +236,44 @@ def test_trained_nets_load_into_the_pipeline_and_are_reported(
     fact = pipe.restore_faces(face, seed=0).facts[0]
     assert (fact.dblm, fact.dgsa) == ("trained", "trained")
     assert fact.start_step in FAST_STARTS
+
+
+def test_trained_files_for_another_profile_or_size_are_refused(
+    dblm_run: Any, faces: Path, tmp_path: Path
+) -> None:
+    """The JSON beside the weights records the profile and training size: the real pipeline (nets at 512)
+    refuses a tiny-profile file or one trained at another size, naming both. The tiny pipeline (toy nets,
+    no restoration) takes its own smoke-test files at any size (above), but no real-profile file."""
+    with pytest.raises(
+        ValueError,
+        match=r"trained with profile 'tiny' and train_size 64; here it needs "
+        r"profile 'real' and train_size 512",
+    ) as err:
+        RestorationPipeline.from_pretrained("real", weights_dir=tmp_path, dblm_weights=dblm_run.weights)
+    assert str(dblm_run.weights.with_suffix(".json")) in str(err.value)
+
+    net = DBLMNet(DBLMConfig(backbone=PROFILES["tiny"].swinir))
+
+    def dblm_file(name: str, profile: str, size: int) -> Path:
+        arch = trained.dblm_arch(net.config)
+        return trained.save(net, "dblm", arch, tmp_path / name, profile=profile, train_size=size)
+
+    at_256 = dblm_file("real256.safetensors", "real", 256)
+    with pytest.raises(ValueError, match=r"train_size 256; here it needs train_size 512"):
+        RestorationPipeline.from_pretrained("real", weights_dir=tmp_path, dblm_weights=at_256)
+    with pytest.raises(ValueError, match=r"profile 'real'; here it needs profile 'tiny'"):
+        RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, dblm_weights=at_256)
+    arch = trained.dgsa_arch(8, (1, 2, 4))
+    dgsa = trained.save(
+        DGSANet(8), "dgsa", arch, tmp_path / "dgsa.safetensors", profile="tiny", train_size=64
+    )
+    with pytest.raises(ValueError, match=r"this dgsa was trained with profile 'tiny' and train_size 64"):
+        RestorationPipeline.from_pretrained("real", weights_dir=tmp_path, dgsa_weights=dgsa)
+
+    # DGSA learns a DBLM's errors on its own run's inputs: a DBLM trained at another size is refused.
+    at_128 = dblm_file("tiny128.safetensors", "tiny", 128)
+    with pytest.raises(ValueError, match=r"train_size 128; here it needs train_size 64"):
+        train(tiny_config(tmp_path / "run", faces, kind="dgsa", dblm_weights=at_128), progress=False)
 
 
 def test_resume_refuses_a_config_that_changes_the_run(

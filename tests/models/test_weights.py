@@ -272,6 +272,38 @@ def test_if_range_restarts_a_replaced_file(server: str, tmp_path: Path) -> None:
     assert _Handler.requests == [("/good.bin", "bytes=1000-", '"v1"')]
 
 
+def test_partial_file_begun_without_a_version_restarts_once_the_server_names_one(
+    server: str, tmp_path: Path
+) -> None:
+    """A partial begun when the HEAD failed has no recorded version: once the server names one, the
+    partial may be of an older file, and a resume without If-Range would splice the two. It starts over."""
+    _Handler.etag = '"v2"'
+    manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
+    leave_partial(tmp_path, b"x" * 1000, manifest[0].url, None)
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests == [("/good.bin", None, None)]
+    assert leftovers(tmp_path) == ["good.bin"]
+
+
+def test_force_downloads_a_present_file_again(server: str, tmp_path: Path) -> None:
+    """A file without a pinned checksum that is present is "unverified": a plain pull keeps it, even
+    cut short; --force replaces it (and the old file stays until the new one is complete)."""
+    manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
+    (tmp_path / "good.bin").write_bytes(PAYLOAD[:1000])  # a truncated hand-copied file
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
+    assert _Handler.requests == [] and (tmp_path / "good.bin").read_bytes() == PAYLOAD[:1000]
+    with pytest.raises(W.DownloadError, match="404"):
+        pull(weights_dir=tmp_path, progress=False, manifest=[entry(f"{server}/nope.bin")], force=True)
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD[:1000]  # a failed forced pull keeps it
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest, force=True)[0].state == "unverified"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests[-1] == ("/good.bin", None, None)
+    assert leftovers(tmp_path) == ["good.bin"]
+    with pytest.raises(ValueError, match="offline"):
+        pull(weights_dir=tmp_path, offline=True, manifest=manifest, force=True)
+
+
 @pytest.mark.parametrize("extra", [b"", b"x"])
 def test_range_not_satisfiable(server: str, tmp_path: Path, extra: bytes) -> None:
     """A file of unknown size downloaded whole before the process died (before the rename): the
@@ -378,22 +410,31 @@ def test_hub_files_use_hf_hub_download(tmp_path: Path, monkeypatch: pytest.Monke
 
     calls = []
 
-    def fake_download(repo_id: str, filename: str, *, revision: str, local_dir: Path) -> str:
-        calls.append((repo_id, filename, revision, Path(local_dir)))
+    def fake_download(
+        repo_id: str, filename: str, *, revision: str, local_dir: Path, force_download: bool
+    ) -> str:
+        calls.append((repo_id, filename, revision, Path(local_dir), force_download))
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         (Path(local_dir) / filename).write_bytes(b"{}" + b" " * 973)
         return str(Path(local_dir) / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     statuses = pull(["hf_difface_config"], tmp_path, progress=False)
-    assert calls == [("OAOA/DifFace", "config.json", "main", tmp_path / "OAOA-DifFace")]
+    assert calls == [("OAOA/DifFace", "config.json", "main", tmp_path / "OAOA-DifFace", False)]
     assert statuses[0].state == "unverified"  # right size, but no pinned checksum
+    assert pull(["hf_difface_config"], tmp_path, progress=False)[0].state == "unverified"
+    assert len(calls) == 1  # present: not fetched again
+    # --force: fetched again, and huggingface_hub told to replace its local copy.
+    assert pull(["hf_difface_config"], tmp_path, progress=False, force=True)[0].state == "unverified"
+    assert calls[1:] == [("OAOA/DifFace", "config.json", "main", tmp_path / "OAOA-DifFace", True)]
 
 
 def test_corrupt_hub_file_is_a_download_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
 
-    def short_download(repo_id: str, filename: str, *, revision: str, local_dir: Path) -> str:
+    def short_download(
+        repo_id: str, filename: str, *, revision: str, local_dir: Path, force_download: bool
+    ) -> str:
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         (Path(local_dir) / filename).write_bytes(b"{}")
         return str(Path(local_dir) / filename)
@@ -502,3 +543,55 @@ def test_cli_pulls_the_service_files_by_default(
     assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 1
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert listed == service | {"realesrgan_x2plus"}
+
+
+def test_cli_verify_reports_a_bad_background_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong $DYNFACE_BACKGROUND_MODEL is an error message and exit code 1 for `verify` as for `pull`."""
+    monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "bogus")
+    for command in (["verify"], ["pull", "--offline"]):
+        assert _cli(["weights", "--dir", str(tmp_path), *command]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: Unknown background model 'bogus'") and "Traceback" not in err
+
+
+def test_cli_default_set_takes_the_prior_format_the_pipeline_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where only the Hub copy of the prior is present, the pipeline loads that one
+    (`profile_weights`): a plain `verify` checks it and a plain `pull` does not fetch upstream's."""
+    monkeypatch.delenv("DYNFACE_BACKGROUND_MODEL", raising=False)
+    monkeypatch.delenv("DYNFACE_PROFILE", raising=False)
+    hub = tmp_path / "OAOA-DifFace"
+    hub.mkdir()
+    (hub / "diffusion_pytorch_model.bin").write_bytes(b"unet")
+    (hub / "config.json").write_bytes(b"{}" + b" " * 973)  # the pinned size
+    assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 1  # the restorer etc. are missing
+    states = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert states["hf_difface_unet"] == states["hf_difface_config"] == "unverified"
+    assert "difface_prior" not in states and states["difface_swinir"] == "missing"
+    assert _cli(["weights", "--dir", str(tmp_path), "pull", "--offline"]) == 1
+    err = capsys.readouterr().err
+    missing = re.search(r"Missing weights in [^:]+: (.+?)\. Fetch them", err).group(1).split(", ")
+    assert set(missing) == {"difface_swinir", "retinaface_resnet50", "parsenet", "retinaface_mobile0.25"}
+
+
+def test_cli_pull_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--force reaches `pull` (tested above); with --offline it is an error, not a traceback."""
+    calls: list[tuple[list[str] | None, object]] = []
+
+    def fake_pull(names: list[str] | None, directory: Path | None, **options: object) -> list[W.Status]:
+        calls.append((names, options["force"]))
+        return []
+
+    with monkeypatch.context() as m:
+        m.setattr(W, "pull", fake_pull)
+        assert _cli(["weights", "--dir", str(tmp_path), "pull", "--force", "--only", "parsenet"]) == 0
+        assert _cli(["weights", "--dir", str(tmp_path), "pull", "--only", "parsenet"]) == 0
+    assert calls == [(["parsenet"], True), (["parsenet"], False)]
+    argv = ["weights", "--dir", str(tmp_path), "pull", "--offline", "--force", "--only", "parsenet"]
+    assert _cli(argv) == 1
+    assert "offline" in capsys.readouterr().err
