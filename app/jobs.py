@@ -68,11 +68,15 @@ end
 _UPDATE = _PRELUDE + "return transition() and 1 or 0"
 
 # A worker takes the job, or a lost worker's job goes back to the queue: the transition, then (if
-# applied) record KEYS[1] and input KEYS[2] get the TTL in the next argument again. Returns 1 when
-# applied, 0 otherwise.
+# applied) record KEYS[1] and input KEYS[2] get the TTL in the next argument again. With KEYS[3] (an
+# RQ queue list) only while the job is waiting in it. Returns 1 when applied, 0 otherwise.
 _RENEW = (
     _PRELUDE
     + """
+if KEYS[3] then
+  local id = redis.call('HGET', KEYS[1], 'id')
+  if not id or not redis.call('LPOS', KEYS[3], cjson.decode(id)) then return 0 end
+end
 local at = transition()
 if not at then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[at])
@@ -260,17 +264,23 @@ class JobStore:
         queue does not expire while it runs. One round trip."""
         return self._renewing(job_id, ACTIVE, fields)
 
-    def requeue(self, job_id: str, fields: dict[str, Any]) -> bool:
+    def requeue(self, job_id: str, fields: dict[str, Any], waiting_in: str | None = None) -> bool:
         """A job whose worker was lost goes back to ``queued`` with ``fields`` (False when it was no
         longer processing). Its wait starts again now (`queued_at`, read by `waiting_since`) and its
         record's and input's TTL restart as at start, so it may wait the whole queue timeout again
-        before the sweep fails it, without expiring first. One round trip."""
+        before the sweep fails it, without expiring first. With ``waiting_in`` (an RQ queue's key)
+        only while the job is in that queue, checked in the same step: a worker that has taken it
+        meanwhile must not find its running job's record back at `queued`. One round trip."""
         fields = {**fields, "status": "queued", "queued_at": time.time()}
-        return self._renewing(job_id, ["processing"], fields)
+        return self._renewing(job_id, ["processing"], fields, waiting_in)
 
-    def _renewing(self, job_id: str, allowed: Iterable[str], fields: dict[str, Any]) -> bool:
+    def _renewing(
+        self, job_id: str, allowed: Iterable[str], fields: dict[str, Any], waiting_in: str | None = None
+    ) -> bool:
         """The transition with the record's and input's TTL restarted (`_RENEW`)."""
         keys = [self.key("job", job_id), self.key("input", job_id)]
+        if waiting_in is not None:
+            keys.append(waiting_in)
         args = [*_transition_args(allowed, fields), self.settings.record_ttl_seconds]
         return bool(self._renew(keys=keys, args=args))
 

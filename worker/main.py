@@ -196,7 +196,8 @@ class DynfaceWorker(SimpleWorker):
     def claim_riders(self, key: tuple[Any, ...]) -> list[Job]:
         """Up to worker_batch_max_jobs − 1 waiting jobs whose `tasks.batch_key` is `key`, taken from
         the queue for the running job's batch; waits up to worker_batch_wait_seconds for them.
-        Incompatible, canceled and expired jobs are left where they are, in order."""
+        Incompatible, canceled and expired jobs are left where they are, in order. A Redis error
+        ends the claiming, not the job: riders are an optimisation, it runs with those it has."""
         s = self.settings
         batch = self._batch
         wanted = s.worker_batch_max_jobs - 1
@@ -206,7 +207,11 @@ class DynfaceWorker(SimpleWorker):
         claimed: list[Job] = []
         keys: dict[str, tuple[Any, ...] | None] = {}  # batch keys read so far (options never change)
         while True:
-            claimed += self._claim(batch, key, wanted - len(claimed), keys)
+            try:
+                claimed += self._claim(batch, key, wanted - len(claimed), keys)
+            except RedisError as e:
+                log.warning("worker %s: claiming jobs to batch with stopped: %s", self.name, e)
+                return claimed
             left = deadline - time.monotonic()
             if len(claimed) >= wanted or left <= 0 or self.stop_requested:
                 return claimed
@@ -363,7 +368,7 @@ def _reconcile(store: JobStore, settings: Settings, queue: Queue) -> None:
     lists running jobs (`rq info`, a dashboard) may fail or re-queue a lost worker's job first, and
     its record would stay `processing` until it expired (a 404). So: an active record whose RQ job
     is in the FailedJobRegistry fails with `worker_lost`, and a `processing` record whose RQ job is
-    back in the queue goes back to `queued` (a worker that takes it first says so itself:
+    still in the queue goes back to `queued` (a worker that takes it first says so itself:
     `tasks._start`). Both lists are short here: the queue is capped by max_queue_depth, and RQ fails
     a job only when its worker was lost (`tasks.restore` records every other failure itself)."""
     failed = queue.failed_job_registry.get_job_ids(cleanup=False)
@@ -373,12 +378,10 @@ def _reconcile(store: JobStore, settings: Settings, queue: Queue) -> None:
         if status[job_id] in ACTIVE:
             tasks.fail_lost(store, settings, job_id, retries_left=0)
     for job_id in waiting:
-        if status[job_id] != "processing" or not tasks.requeue_lost(store, job_id):
-            continue
-        if store.redis.lpos(queue.key, job_id) is None:
-            # A worker took the job meanwhile, maybe before its record went back to `queued`: it
-            # runs, so its record says so (its start, if still to come, sets the same).
-            store.update(job_id, {"status": "processing"}, allowed=["queued"])
+        if status[job_id] == "processing":
+            # Only while it is still in the queue, checked with the change: a worker may have taken
+            # it since the list was read, and its running job's record must stay `processing`.
+            tasks.requeue_lost(store, job_id, waiting_in=queue.key)
 
 
 def _record_statuses(store: JobStore, job_ids: list[str]) -> dict[str, str | None]:

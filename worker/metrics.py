@@ -19,8 +19,8 @@ QUEUE_WAIT = Histogram(
 )
 INFERENCE = Histogram(
     "dynface_inference_seconds",
-    "A job's share of the pipeline time of the batch it ran in (the batch's time divided by its jobs; "
-    "all of it for a job run alone): the sum is the worker's pipeline time.",
+    "A succeeded job's share of the pipeline time of the batch it ran in (the batch's time divided by "
+    "its jobs; all of it for a job run alone).",
     buckets=_SECONDS,
 )
 END_TO_END = Histogram(

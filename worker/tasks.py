@@ -325,7 +325,7 @@ def _lost_warning(attempt: int) -> str:
     return f"The worker running attempt {attempt} was lost; the job was re-queued."
 
 
-def requeue_lost(store: JobStore, job_id: str) -> bool:
+def requeue_lost(store: JobStore, job_id: str, waiting_in: str | None = None) -> bool:
     """A `processing` job whose worker was lost, and which RQ re-queues: back to ``queued``, waiting
     afresh from now (`JobStore.requeue`), with a warning. False when it was no longer processing."""
     record = store.get(job_id)
@@ -337,7 +337,7 @@ def requeue_lost(store: JobStore, job_id: str) -> bool:
         "total": None,
         "warnings": _merge(record.get("warnings") or [], [_lost_warning(record.get("attempts", 0))]),
     }
-    return store.requeue(job_id, fields)
+    return store.requeue(job_id, fields, waiting_in)
 
 
 def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: int) -> None:

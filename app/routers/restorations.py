@@ -56,7 +56,7 @@ _PREFERENCE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
 #: An element that is the `wait` preference: bare, or with a token or quoted-string value (`wait=10`,
 #: `wait="10"`), then its own `;` parameters or nothing. A `wait` after a `;` is a parameter of
 #: another preference (`foo; wait=2`), not a wait.
-_WAIT = re.compile(r'\s*wait\s*(?:=\s*(?:"([0-9]+)"|([0-9]+)))?\s*(?:;|$)', re.IGNORECASE)
+_WAIT = re.compile(r'\s*+wait\s*+(?:=\s*+(?:"([0-9]+)"|([0-9]+)))?\s*+(?:;|$)', re.IGNORECASE)
 #: What a Redis client raises while Redis is down or failing over (app.errors answers them with 503).
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 #: Age after which an Idempotency-Key bound to a job that does not exist is taken over by a retry:

@@ -453,11 +453,13 @@ function loadImage(img, src) {
   });
 }
 
-// A result URL from the job JSON, as a path on this page's origin: the job's URLs carry the base URL
-// it was submitted through, which need not be this page's (connect-src 'self').
+// A result URL from the job JSON, fetched where this page fetches the job itself (`jobPath`): the
+// job's URLs carry the public base URL (maybe another origin, or a path prefix a proxy strips), which
+// need not be this page's (connect-src 'self').
 function ownPath(url) {
   const parsed = new URL(url, location.href);
-  return parsed.pathname + parsed.search;
+  const at = parsed.pathname.indexOf(jobPath(""));
+  return (at >= 0 ? parsed.pathname.slice(at) : parsed.pathname) + parsed.search;
 }
 
 async function showResults(run, job) {

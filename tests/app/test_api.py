@@ -431,6 +431,20 @@ def test_prefer_wait_parsing(prefer: list[str], wait: int | None) -> None:
     assert restorations._wait_seconds(prefer, 30) == wait
 
 
+@pytest.mark.timeout(60)  # quadratic backtracking: 16k spaces took 2-3 s, so this would take minutes
+def test_prefer_parsing_of_an_adversarial_header_ends() -> None:
+    """Space runs around `wait`, inside and outside quotes, parse in linear time (the event loop
+    parses them: a backtracking pattern would stall every request the process serves)."""
+    spaces = " " * 160_000
+    for header in (
+        f"wait{spaces}x",
+        f"{spaces}wait{spaces}={spaces}",
+        f'x="{spaces}, wait=2',
+        f"wait=1{spaces}x",
+    ):
+        assert restorations._wait_seconds([header], 30) is None
+
+
 def test_prefer_wait_huge_or_on_several_lines_is_applied(make_settings) -> None:
     with TestClient(create_app(make_settings(max_wait_seconds=1))) as c:
         for headers, applied in (

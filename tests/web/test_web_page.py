@@ -425,10 +425,15 @@ def test_reload_resumes_watching_the_job(service: str, page: Any) -> None:
     assert _unexpected_console(page) == []
 
 
-def test_a_resumed_job_without_an_image_shows_the_result_the_api_names(service: str, page: Any) -> None:
+@pytest.mark.parametrize("base_url", ["http://api.internal:8000", "https://faces.example/dynface"])
+def test_a_resumed_job_without_an_image_shows_the_result_the_api_names(
+    service: str, page: Any, base_url: str
+) -> None:
     """A job submitted by another client (outputs faces + comparison, no `image`) opened from the
-    address: the page fetches the URLs the job JSON gives, on its own origin, never `/image`."""
-    elsewhere = f"http://api.internal:8000/v1/restorations/{FAKE_ID}"  # the base URL it was submitted to
+    address: the page fetches the URLs the job JSON gives, on its own origin and where it fetches the
+    job itself (a public base URL's path prefix, stripped by a proxy, is not this page's), never
+    `/image`."""
+    elsewhere = f"{base_url}/v1/restorations/{FAKE_ID}"  # the base URL it was submitted to
     job = _fake_job(
         "succeeded",
         faces=[],

@@ -391,6 +391,26 @@ def test_an_error_ending_one_job_of_a_batch_fails_that_job_alone(
         assert store.result(job_id, "image") == b"restored"
 
 
+def test_a_redis_error_while_claiming_riders_runs_the_job_alone(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claiming riders is an optimisation: a Redis error while looking for them (here on the first
+    look) leaves the waiting jobs queued and runs the dequeued job alone, instead of failing it."""
+    store, queue, worker, (first, r1, r2) = batch_of_three(make_settings, monkeypatch)
+
+    def blip(*args: Any) -> list[Job]:
+        raise redis.exceptions.ConnectionError("connection reset while claiming")
+
+    monkeypatch.setattr(worker, "_claim", blip)
+    assert run_next_job(worker, queue) == first
+
+    assert store.get(first)["status"] == "succeeded", store.get(first)
+    assert store.get(first)["timings"]["batch_jobs"] == 1
+    for rider in (r1, r2):
+        assert store.get(rider)["status"] == "queued" and rq_status(queue, rider) == JobStatus.QUEUED
+    assert queue.job_ids == [r1, r2]
+
+
 def _sample(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 

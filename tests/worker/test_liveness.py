@@ -136,7 +136,8 @@ def test_a_requeued_job_a_worker_takes_meanwhile_stays_processing(
 ) -> None:
     """The reaper reads the record (`processing`, RQ job in the queue), and another worker takes
     and starts the job before the reaper puts the record back to `queued`: the record of the
-    attempt now running ends `processing`, not `queued`."""
+    attempt now running is left alone — `processing`, its progress kept, no "lost" warning for it,
+    never `queued` even for a moment (a DELETE then would cancel a running job)."""
     settings = make_settings(max_retries=1, heartbeat_ttl_seconds=1)
     queued_jobs(settings)
     store, queue, worker = in_process_worker(settings)
@@ -144,15 +145,19 @@ def test_a_requeued_job_a_worker_takes_meanwhile_stays_processing(
     list_running_jobs_as_rq_info_does(queue)
     real_requeue = tasks.requeue_lost
 
-    def another_worker_takes_it_first(store: JobStore, job_id: str) -> bool:
+    def another_worker_takes_it_first(store: JobStore, job_id: str, waiting_in: str | None = None) -> bool:
         assert Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
-        assert store.start(job_id, {"status": "processing", "attempts": 2, "worker": "other"})
-        return real_requeue(store, job_id)
+        assert store.start(
+            job_id, {"status": "processing", "attempts": 2, "worker": "other", "stage": "sample"}
+        )
+        return real_requeue(store, job_id, waiting_in)
 
     monkeypatch.setattr(tasks, "requeue_lost", another_worker_takes_it_first)
     _reap(worker, queue)
     record = store.get(job_id)
     assert record["status"] == "processing" and record["worker"] == "other", record
+    assert record["stage"] == "sample" and "queued_at" not in record, record
+    assert not any("lost" in w for w in record.get("warnings") or []), record
 
 
 def test_execution_heartbeats_do_not_wait_on_a_stalled_rq_connection(
