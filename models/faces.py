@@ -68,8 +68,9 @@ DETECT_MAX_PIXELS = 8 * DETECT_SHORT_SIDE**2
 #: Above DETECT_MAX_PIXELS, so an enlarged photo is never shrunk back.
 DETECT_SHRINK_PIXELS = 4_000_000
 
-#: `align` low-passes the photo before warping a face that it shrinks by more than 2× (crop px per
-#: photo px below this); milder shrinking is left to the bilinear warp, as facexlib does.
+#: A warp that shrinks by more than 2× (output px per source px below this) low-passes its source first
+#: (`_warp`): `align` for large faces, `paste_faces` for small ones; milder shrinking is left to the
+#: bilinear warp, as facexlib does.
 ANTI_ALIAS_SCALE = 0.5
 
 #: Face-parsing labels that count as face for the paste mask (facexlib's choice: everything
@@ -251,38 +252,44 @@ def align(rgb: np.ndarray, faces: list[DetectedFace], face_size: int = 512) -> t
     affines = np.empty((len(faces), 2, 3), np.float64)
     for i, face in enumerate(faces):
         affines[i] = face_affine(face.landmarks, face_size)
-        crops[i] = _warp_to_crop(rgb, affines[i], face_size)
+        crops[i] = _warp(rgb, affines[i], (face_size, face_size), CROP_BORDER_RGB)
     return crops, affines
 
 
-def _warp_to_crop(rgb: np.ndarray, affine: np.ndarray, face_size: int) -> np.ndarray:
-    """Bilinear warp of the photo into one crop, low-passed first when it shrinks the face more than
-    1 / `ANTI_ALIAS_SCALE` times: a bilinear sample reads only 2×2 source pixels, so fine detail
-    (hair, fabric, halftone) above the crop's Nyquist rate would fold into false patterns."""
-    size = (face_size, face_size)
+def _warp(
+    src: np.ndarray,
+    affine: np.ndarray,
+    size: tuple[int, int],
+    border_value: tuple[int, int, int] = (0, 0, 0),
+) -> np.ndarray:
+    """Bilinear warp of `src` by `affine` (src -> output pixels) into a `size` = (w, h) image, low-passed
+    first when it shrinks more than 1 / `ANTI_ALIAS_SCALE` times: a bilinear sample reads only 2×2 source
+    pixels, so fine detail (hair, fabric, halftone, a restored face's texture) above the output's Nyquist
+    rate would fold into false patterns. Used both ways: photo -> crop (`align`) and crop -> photo
+    (`paste_faces`, small faces)."""
     warp = partial(
         cv2.warpAffine,
         dsize=size,
         flags=cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_CONSTANT,
-        borderValue=CROP_BORDER_RGB,
+        borderValue=border_value,
     )
     scale = float(np.sqrt(abs(np.linalg.det(affine[:, :2]))))
     if scale >= ANTI_ALIAS_SCALE:
-        return warp(rgb, affine)
+        return warp(src, affine)
     sigma = (1 / scale - 1) / 2  # scikit-image's anti-aliasing sigma for a 1/scale reduction
-    # Blur only the part of the photo the crop reads (plus the kernel's reach), not the whole photo.
-    h, w = rgb.shape[:2]
+    # Blur only the part of `src` the output reads (plus the kernel's reach), not all of a large photo.
+    h, w = src.shape[:2]
     pad = int(np.ceil(4 * sigma)) + 2
-    s = float(face_size)
-    corners = np.array([[0, 0, 1], [s, 0, 1], [0, s, 1], [s, s, 1]]) @ cv2.invertAffineTransform(affine).T
+    ow, oh = size
+    corners = np.array([[0, 0, 1], [ow, 0, 1], [0, oh, 1], [ow, oh, 1]]) @ cv2.invertAffineTransform(affine).T
     x0 = int(np.clip(np.floor(corners[:, 0].min()) - pad, 0, w))
     y0 = int(np.clip(np.floor(corners[:, 1].min()) - pad, 0, h))
     x1 = int(np.clip(np.ceil(corners[:, 0].max()) + pad, 0, w))
     y1 = int(np.clip(np.ceil(corners[:, 1].max()) + pad, 0, h))
     if x1 <= x0 or y1 <= y0:
-        return warp(rgb, affine)  # the crop lies entirely outside the photo: all border fill
-    region = cv2.GaussianBlur(rgb[y0:y1, x0:x1], (0, 0), sigma)
+        return warp(src, affine)  # the output lies entirely outside `src`: all border fill
+    region = cv2.GaussianBlur(src[y0:y1, x0:x1], (0, 0), sigma)
     shifted = affine.copy()
     shifted[:, 2] += affine[:, :2] @ (x0, y0)
     return warp(region, shifted)
@@ -403,6 +410,8 @@ def _face_mask(
     k = max(1, int(2 * upscale))
     valid = cv2.erode(valid, np.ones((k, k), np.uint8))
     if parsed is not None:
+        # No low-pass needed (unlike the face, `_warp`): two σ=11 blurs (`FaceParser.face_mask`) exceed
+        # the anti-aliasing σ of any shrink under 32×, and eyes ≥ MIN_EYE_DISTANCE apart shrink ≤ 26×.
         warped = cv2.warpAffine(parsed, shifted, size, flags=cv2.INTER_CUBIC)
         return np.clip(warped, 0, 1) * valid
     edge = int(np.sqrt(valid.sum())) // 20
@@ -478,7 +487,7 @@ def paste_faces(
             mask = _face_mask(inv, roi, face.shape[0], upscale, parsed)[:, :, None]
             shifted = inv.copy()
             shifted[:, 2] -= (x0, y0)
-            warped = cv2.warpAffine(face, shifted, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR)
+            warped = _warp(face, shifted, (x1 - x0, y1 - y0))  # low-passed where it shrinks the face
             region = blend[y0 - gy0 : y1 - gy0, x0 - gx0 : x1 - gx0]
             region[...] = mask * warped.astype(np.float32) + (1 - mask) * region
         out[gy0:gy1, gx0:gx1] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)

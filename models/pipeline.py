@@ -20,8 +20,8 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,9 +180,9 @@ class StageTimer:
 
 @dataclass
 class _Guide:
-    """DBLM + DGSA + DSST outcome for a batch of faces (tensors at 512, in [-1, 1])."""
+    """What sampling needs of the DBLM + DGSA + DSST outcome for a batch of faces (tensors at 512, in
+    [-1, 1])."""
 
-    restored: Tensor  # R(y)
     estimate: Tensor  # ŷ^σ at each face's level (R(y) in the baseline)
     sigma: list[float]
     start: list[int]
@@ -206,7 +206,7 @@ class _Photo:
     crops: np.ndarray  # aligned faces (N, 512, 512, 3); N = 0 when none was found (passthrough)
     affines: np.ndarray
     found: face_ops.Detections
-    noise_std: list[float] | None  # per face, on its source pixels (auto fidelity); None: unused
+    noise_std: list[float] | None  # per face, as the model sees it (auto fidelity); None: unused
     seed: int
 
 
@@ -446,7 +446,7 @@ class RestorationPipeline:
         report("detect", 0, 0)
         with timer("detect"):
             crops, affines, found = self._detect_and_align(decoded.rgb, options, warnings)
-            noise_std = self._source_noise(decoded.rgb, found, options)
+            noise_std = self._face_noise(decoded.rgb, crops, affines, found, options)
 
         if len(crops) == 0:
             if options.on_no_face == "fail":
@@ -472,13 +472,16 @@ class RestorationPipeline:
 
         # Transparent pixels must not bleed into visible ones when the photo is upscaled.
         upscale_background = partial(self._upscale_background, alpha=decoded.alpha)
+        alpha = decoded.alpha
         report("paste", 0, 0)
         with timer("paste"):
             if options.color_correction != "none" and len(restored):
                 restored = face_ops.color_correct(restored, crops, options.color_correction)
-            if options.aligned:  # the whole picture is the face: there is no background
-                output = restored[0] if len(restored) else decoded.rgb
-                output = face_ops.upscale_image(output, options.upscale)
+            if options.aligned:  # the whole picture is the face: there is no background (Lanczos)
+                face = restored[0] if len(restored) else decoded.rgb
+                if alpha is not None and alpha.shape != face.shape[:2]:
+                    alpha = face_ops.resize_to(alpha, (face.shape[1], face.shape[0]))  # as the face was
+                output = _upscale_with_alpha(face, options.upscale, alpha, face_ops.upscale_image)
             elif len(restored):
                 output = face_ops.paste_faces(
                     decoded.rgb,
@@ -490,10 +493,8 @@ class RestorationPipeline:
                 )
             else:
                 output = upscale_background(decoded.rgb, options.upscale)
-            alpha = decoded.alpha
             if alpha is not None and alpha.shape != output.shape[:2]:
-                # Sized to the output, not scaled by `upscale`: an aligned face that was resized
-                # to 512 first has an output that is not `upscale` times the input.
+                # Resized as the upscalers above resized it to divide the premultiplied colours.
                 alpha = face_ops.resize_to(alpha, (output.shape[1], output.shape[0]))
 
         report("encode", 0, 0)
@@ -545,7 +546,9 @@ class RestorationPipeline:
             if h != FACE_SIZE:
                 warnings.append(f"The aligned face was {w}×{h}; it was resized to {FACE_SIZE}×{FACE_SIZE}.")
             whole = face_ops.DetectedFace((0.0, 0.0, float(w), float(h)), 1.0, np.empty((0, 2), np.float32))
-            return crop[None], np.empty((1, 2, 3)), face_ops.Detections([whole])
+            s = FACE_SIZE / w  # the resize's affine, pixel centres at +0.5 (as `face_ops.align`'s)
+            resize = np.array([[[s, 0.0, (s - 1) / 2], [0.0, s, (s - 1) / 2]]])
+            return crop[None], resize, face_ops.Detections([whole])
         if options.max_faces is not None and options.max_faces < 1:
             raise ValueError("max_faces must be ≥ 1")
         cap = self.max_faces if options.max_faces is None else min(options.max_faces, self.max_faces)
@@ -559,16 +562,33 @@ class RestorationPipeline:
         crops, affines = face_ops.align(rgb, found.faces, FACE_SIZE)
         return crops, affines, found
 
-    def _source_noise(
-        self, rgb: np.ndarray, found: face_ops.Detections, options: RestoreOptions
+    def _face_noise(
+        self,
+        rgb: np.ndarray,
+        crops: np.ndarray,
+        affines: np.ndarray,
+        found: face_ops.Detections,
+        options: RestoreOptions,
     ) -> list[float] | None:
-        """Each face's noise std on its source pixels at native resolution (the input itself for
-        `aligned`, else the detected box), for auto fidelity with the fallback DGSA: the crops are mostly
-        enlarged, which smooths the noise away. None when nothing would use it (a given fidelity, the
-        baseline, a trained DGSA)."""
+        """Each face's noise std as the model sees it, for auto fidelity with the fallback DGSA, in its
+        box (the whole input for `aligned`). A face enlarged into its crop (most are) is measured on its
+        source pixels: interpolation smooths the noise into blobs the estimate misses, yet it is still
+        there. One shrunk into its crop (high-res portraits, large aligned inputs) is measured on the
+        crop: shrinking, and its anti-aliasing low-pass, average the noise away for real, by more than
+        the shrink factor (docs/method.md, "Auto fidelity"). None when nothing would use it (a given
+        fidelity, the baseline, a trained DGSA)."""
         if options.fidelity is not None or options.mode != "dynfacerestore" or self.dgsa is not None:
             return None
-        return [box_noise_std(rgb, face.box) for face in found.faces]
+        stds = []
+        for crop, affine, face in zip(crops, affines, found.faces, strict=True):
+            if np.sqrt(abs(np.linalg.det(affine[:, :2]))) >= 1:  # crop px per source px: not shrunk
+                stds.append(box_noise_std(rgb, face.box))
+                continue
+            x0, y0, x1, y1 = face.box
+            corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]]) @ affine.T
+            (cx0, cy0), (cx1, cy1) = corners.min(axis=0), corners.max(axis=0)
+            stds.append(box_noise_std(crop, (cx0, cy0, cx1, cy1)))
+        return stds
 
     def _detector(self, name: str) -> face_ops.FaceDetector:
         """Detectors are built once per name and kept, so jobs pay no load time.
@@ -594,9 +614,7 @@ class RestorationPipeline:
         """The photo behind the pasted faces: the background model's output, or a Lanczos resize.
         With a (not fully opaque) `alpha`, colours are upscaled premultiplied by it."""
         upscale = face_ops.upscale_image if self.background is None else self.background.upscale
-        if alpha is None or factor == 1 or alpha.min() == 255:  # nothing would be premultiplied
-            return upscale(rgb, factor)
-        return face_ops.upscale_premultiplied(rgb, alpha, factor, upscale)
+        return _upscale_with_alpha(rgb, factor, alpha, upscale)
 
     # ------------------------------------------------------------------ aligned faces
     def restore_faces(
@@ -613,8 +631,8 @@ class RestorationPipeline:
         """Restore aligned faces (uint8 (N, 512, 512, 3)), `max_batch` at a time through the sampler.
 
         `noise_std` (8-bit units, one per face) feeds auto fidelity without a trained DGSA: give it
-        when the crops were resampled from their source (measure there, `models.fidelity.box_noise_std`);
-        None measures it on `faces` themselves, right when they are the native pixels.
+        when the crops were enlarged from their source (measure there, `models.fidelity.box_noise_std`);
+        None measures it on `faces` themselves, right when they are the native pixels or shrunk from them.
 
         Face k's noise comes from its own generator seeded with seed + k, so its result does not depend
         on the other faces or on how they are batched: restoring it alone with seed + k reproduces it.
@@ -660,6 +678,8 @@ class RestorationPipeline:
             raise ValueError(f"{len(generators)} generators for {len(faces)} faces")
         if noise_std is not None and len(noise_std) != len(faces):
             raise ValueError(f"{len(noise_std)} noise stds for {len(faces)} faces")
+        if len(faces) == 0:  # nothing to sample (and np.concatenate refuses an empty list)
+            return faces.copy(), []
         report = progress or (lambda stage, step, total: None)
         cancel = should_cancel or (lambda: False)
 
@@ -667,14 +687,16 @@ class RestorationPipeline:
         batches = [faces[i : i + self.max_batch] for i in firsts]
         noise = [None if noise_std is None else noise_std[i : i + self.max_batch] for i in firsts]
         out, facts = [], []
+        # Every chunk's guide comes before any sampling: the progress total is the sum of their starts.
+        # Guides wait for their chunk on the host, and results go back there, so the device holds one
+        # chunk's at most: `max_batch` bounds its memory, not the number of faces.
+        guides: list[_Guide] = []
         report("dblm", 0, len(faces))
         with timer("dblm"):
-            guides = [
-                self._guide(self._to_tensor(b), mode, fidelity, s)
-                for b, s in zip(batches, noise, strict=True)
-            ]
-        if cancel():
-            raise Cancelled("Canceled before sampling.")
+            for b, s in zip(batches, noise, strict=True):
+                guides.append(self._to_host(self._guide(self._to_tensor(b), mode, fidelity, s)))
+                if cancel():
+                    raise Cancelled("Canceled before sampling.")
         # One batched sampler loop per batch, as long as its latest-starting face; each face makes its
         # own start's worth of steps (its NFE), joining the loop when it reaches that start.
         total = sum(max(g.start) for g in guides)
@@ -688,12 +710,12 @@ class RestorationPipeline:
                     cancel,
                 )
                 done += max(guide.start)
-                out.append(x0)
+                out.append(_to_uint8(x0))
                 facts += [
                     FaceFacts(s, st, e, st, guide.dblm, guide.dgsa)
                     for s, st, e in zip(guide.sigma, guide.start, guide.eta, strict=True)
                 ]
-        return _to_uint8(torch.cat(out)), facts
+        return np.concatenate(out), facts
 
     def _to_tensor(self, faces: np.ndarray) -> Tensor:
         # torch cannot wrap a read-only array safely: copy only such (or a strided) input.
@@ -705,14 +727,16 @@ class RestorationPipeline:
         self, y: Tensor, mode: Mode, fidelity: float | None, noise_std: Sequence[float] | None
     ) -> _Guide:
         """DBLM → level σk → DSST start; DGSA map; eta. All at 512, in float32. `noise_std`: per
-        face, measured on its source pixels (None: on y itself)."""
+        face, as the model sees it (`_face_noise`; None: measured on y itself)."""
         method = self.profile.method
-        restored = self._restore(y)
+        # R(y) (~181 GFLOP a face) runs on first use: the baseline, the fallback DBLM and a trained DGSA
+        # read it; a trained DBLM with the fallback DGSA does not.
+        restored = cache(partial(self._restore, y))
         n = y.shape[0]
         if mode == "difface":
             eta = DIFFACE_DEFAULT_ETA if fidelity is None else fidelity
             start = method.baseline_start_index
-            return _Guide(restored, restored, [0.0] * n, [start] * n, [eta] * n, None, "none", "none")
+            return _Guide(restored(), [0.0] * n, [start] * n, [eta] * n, None, "none", "none")
 
         if self.dblm is not None:
             estimates, logvar = self.dblm(((y + 1) / 2).to(self.dtype))
@@ -723,8 +747,8 @@ class RestorationPipeline:
             level = [_first_true_or_last(row) for row in reliable]
             dblm_kind = "trained"
         else:
-            sigma_hat = estimate_blur_sigma(restored, self.dsst.face_power_spectrum)
-            estimates, usable = fallback_estimates(restored, sigma_hat, self.dsst.sigmas)
+            sigma_hat = estimate_blur_sigma(restored(), self.dsst.face_power_spectrum)
+            estimates, usable = fallback_estimates(restored(), sigma_hat, self.dsst.sigmas)
             level = [_first_true_or_last(row) for row in usable]
             dblm_kind = "fallback"
         idx = torch.arange(n, device=y.device)
@@ -734,7 +758,7 @@ class RestorationPipeline:
 
         if self.dgsa is not None:
             # DGSA works in [0,1] like DBLM: its log-variance is in [0,1]² units.
-            unit = [((t + 1) / 2).to(self.dtype) for t in (estimate, restored)]
+            unit = [((t + 1) / 2).to(self.dtype) for t in (estimate, restored())]
             dgsa_logvar = self.dgsa(*unit).float()
             scale_map = scale_from_logvar(dgsa_logvar, c=(method.level_threshold / 255.0) ** 2)
             std_bar = 255.0 * torch.exp(0.5 * dgsa_logvar).mean(dim=(1, 2, 3))
@@ -744,7 +768,17 @@ class RestorationPipeline:
             std_bar = robust_noise_std(y) if noise_std is None else torch.tensor(noise_std)
             dgsa_kind = "fallback"
         eta = [float(auto_eta(float(s))) for s in std_bar] if fidelity is None else [fidelity] * n
-        return _Guide(restored, estimate, sigma, start, eta, scale_map, dblm_kind, dgsa_kind)
+        return _Guide(estimate, sigma, start, eta, scale_map, dblm_kind, dgsa_kind)
+
+    def _to_host(self, guide: _Guide) -> _Guide:
+        """`guide` off the device until `_sample` takes it back (pinned on CUDA: a fast copy back)."""
+        pin = self.device.type == "cuda" and self.speed.pin_memory
+
+        def host(x: Tensor) -> Tensor:
+            return torch.empty(x.shape, dtype=x.dtype, pin_memory=pin).copy_(x) if pin else x.cpu()
+
+        scale_map = None if guide.scale_map is None else host(guide.scale_map)
+        return replace(guide, estimate=host(guide.estimate), scale_map=scale_map)
 
     def _restore(self, y: Tensor) -> Tensor:
         """DifFace's restorer R(y): [-1,1] in and out, at 512."""
@@ -761,7 +795,7 @@ class RestorationPipeline:
         n = estimate.shape[0]
         scale_map = coherence_scale_map((estimate + 1) / 2, g_min=self.profile.method.dgsa_min_scale)
         levels = ([sigma] * n, [start] * n, [eta] * n)
-        guide = _Guide(estimate, estimate, *levels, scale_map, dblm="given", dgsa="fallback")
+        guide = _Guide(estimate, *levels, scale_map, dblm="given", dgsa="fallback")
         generators = [_face_generator(seed, k, self.device) for k in range(n)]
         return self._sample(guide, generators, lambda step: None, lambda: False)
 
@@ -775,7 +809,7 @@ class RestorationPipeline:
         """Sample all faces of `guide` in one DDIM loop, each from its own start step with its own eta
         (see models.sampler) and drawing noise from its own generator; returns x0 at 512."""
         size = self.profile.image_size
-        estimate = _resize(guide.estimate, size)
+        estimate = _resize(to_device(guide.estimate, self.device, self.speed), size)
         # q_sample's noise is each face's first draw, exactly as a one-face batch would take it.
         shape = (1, *estimate.shape[1:])
         noise = torch.cat([torch.randn(shape, generator=g, device=self.device) for g in generators])
@@ -790,7 +824,7 @@ class RestorationPipeline:
                 self.profile.method.guidance_variance,
                 self.schedule,
                 scale=self.profile.method.guidance_scale,
-                scale_map=_resize(guide.scale_map, size),
+                scale_map=_resize(to_device(guide.scale_map, self.device, self.speed), size),
             )
         x0 = ddim_sample(
             self._eps,
@@ -930,6 +964,19 @@ def _tiny_networks(profile: Profile) -> tuple[IDDPMUNet, SwinIR]:
             if p.dim() > 1 and not p.any():
                 torch.nn.init.normal_(p, std=1e-2)
     return unet, restorer
+
+
+def _upscale_with_alpha(
+    rgb: np.ndarray,
+    factor: float,
+    alpha: np.ndarray | None,
+    upscale: Callable[[np.ndarray, float], np.ndarray],
+) -> np.ndarray:
+    """`upscale` (an RGB upscaler) on colours premultiplied by a (not fully opaque) `alpha`, so that
+    transparent pixels do not bleed into visible ones (`face_ops.upscale_premultiplied`)."""
+    if alpha is None or factor == 1 or alpha.min() == 255:  # nothing would be premultiplied
+        return upscale(rgb, factor)
+    return face_ops.upscale_premultiplied(rgb, alpha, factor, upscale)
 
 
 def _draw_seed() -> int:

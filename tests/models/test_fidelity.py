@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,8 @@ def test_an_enlarged_aligned_input_is_measured_at_its_own_size() -> None:
     for k, std_8bit in enumerate((0.0, 5.0, 15.0, 25.0)):
         noisy = _noisy(small, std_8bit, seed=k)
         options = RestoreOptions(aligned=True)
-        crops, _, found = pipe._detect_and_align(noisy, options, [])
-        noise = pipe._source_noise(noisy, found, options)
+        crops, affines, found = pipe._detect_and_align(noisy, options, [])
+        noise = pipe._face_noise(noisy, crops, affines, found, options)
         assert noise is not None
         if std_8bit == 0:
             assert noise[0] < 0.5
@@ -156,8 +157,8 @@ def test_small_faces_of_a_photo_are_measured_on_their_own_pixels() -> None:
     photo = decode_image((PHOTOS / "00.jpg").read_bytes(), max_pixels=10_000_000).rgb
 
     def noise_of(rgb: np.ndarray) -> list[float]:
-        *_, found = pipe._detect_and_align(rgb, RestoreOptions(), [])
-        noise = pipe._source_noise(rgb, found, RestoreOptions())
+        crops, affines, found = pipe._detect_and_align(rgb, RestoreOptions(), [])
+        noise = pipe._face_noise(rgb, crops, affines, found, RestoreOptions())
         assert noise is not None
         return noise
 
@@ -192,14 +193,23 @@ def test_restore_photo_auto_eta_follows_the_photos_noise() -> None:
     assert etas(_noisy(small, 5.0, seed=0), aligned=True, fidelity=0.2) == [0.2]
 
 
-def test_source_noise_is_measured_only_where_auto_fidelity_uses_it() -> None:
+def test_face_noise_is_measured_only_where_auto_fidelity_uses_it() -> None:
     """A given fidelity or the baseline (which never reads it) skip the measurement."""
     pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS)
-    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    found = Detections([DetectedFace((0.0, 0.0, 64.0, 64.0), 1.0, np.empty((0, 2), np.float32))])
-    assert pipe._source_noise(rgb, found, RestoreOptions()) is not None
-    assert pipe._source_noise(rgb, found, RestoreOptions(fidelity=0.3)) is None
-    assert pipe._source_noise(rgb, found, RestoreOptions(mode="difface")) is None
+    rgb = np.zeros((64, 128, 3), np.uint8)  # a noisy face in a flat photo
+    rgb[:, :64] = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    box = (0.0, 0.0, 64.0, 64.0)
+    found = Detections([DetectedFace(box, 1.0, np.empty((0, 2), np.float32))])
+    crops = np.zeros((1, 512, 512, 3), np.uint8)
+    enlarged = np.array([[[8.0, 0.0, 3.5], [0.0, 8.0, 3.5]]])  # the 64 px box onto the 512 px crop
+    noise = partial(pipe._face_noise, rgb, crops, enlarged, found)
+    measured = noise(RestoreOptions())
+    # Auto fidelity: an enlarged face measured on its source pixels, in its box.
+    assert measured == [box_noise_std(rgb, box)]
+    # Uniform noise over 0..255 (std ≈ 74): the box's pixels, not the whole photo's (half of it flat).
+    assert measured[0] > 50 and measured[0] != pytest.approx(box_noise_std(rgb, (0.0, 0.0, 128.0, 64.0)))
+    assert noise(RestoreOptions(fidelity=0.3)) is None
+    assert noise(RestoreOptions(mode="difface")) is None
 
 
 def test_robust_noise_std_layouts_and_batches_agree() -> None:

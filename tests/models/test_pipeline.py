@@ -24,6 +24,7 @@ from models.dblm import DBLMConfig, DBLMNet
 from models.dgsa import DGSANet
 from models.dsst import default_table
 from models.errors import Cancelled, InvalidImageError, NoFaceError, OutputTooLargeError, PipelineError
+from models.fidelity import auto_eta, box_noise_std
 from models.pipeline import STAGES, RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
 from models.weights import MissingWeightsError
@@ -186,6 +187,99 @@ def test_trained_networks_path_is_reported(pipe: RestorationPipeline) -> None:
     assert (fact.dblm, fact.dgsa) == ("trained", "trained")
     assert fact.blur_sigma in profile.method.sigmas and fact.nfe == fact.start_step
     assert trained.info["dblm"] == "trained"
+
+
+def test_restore_faces_of_no_faces_is_an_empty_result(fast: RestorationPipeline) -> None:
+    result = fast.restore_faces(np.zeros((0, 512, 512, 3), np.uint8), seed=4)
+    assert result.faces.shape == (0, 512, 512, 3) and result.faces.dtype == np.uint8
+    assert result.facts == [] and result.seed == 4
+
+
+class _Counting(torch.nn.Module):
+    """A module that counts its calls (of the restorer R here)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_the_restorer_runs_only_where_its_output_is_read(pipe: RestorationPipeline) -> None:
+    """R(y) (~181 GFLOP a face) is read by the fallback DBLM and by a trained DGSA, not by a trained DBLM
+    with the fallback DGSA: there it never runs, and what it would give changes nothing."""
+    profile = PROFILES["tiny"]
+    dblm = _tiny_dblm(profile.method.sigmas)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        dgsa = DGSANet(base_channels=8)
+    table = dataclasses.replace(default_table(), start_indices=FAST_STARTS)
+    faces = _faces("0599.png", "0143.png")
+
+    def run(restorer: torch.nn.Module, **parts: torch.nn.Module) -> np.ndarray:
+        restoring = RestorationPipeline(
+            profile, pipe.unet, restorer, dsst=table, max_batch=1, weights_dir=WEIGHTS, **parts
+        )
+        return restoring.restore_faces(faces, seed=0).faces
+
+    counting = _Counting(pipe.restorer)
+    unread = run(counting, dblm=dblm)
+    assert counting.calls == 0
+    np.testing.assert_array_equal(unread, run(torch.nn.Identity(), dblm=dblm))
+    for parts in ({}, {"dgsa": dgsa}, {"dblm": dblm, "dgsa": dgsa}):
+        counting.calls = 0
+        run(counting, **parts)
+        assert counting.calls == len(faces), parts  # once per chunk of max_batch 1, however often read
+
+
+def test_cancel_is_checked_between_dblm_chunks(
+    pipe: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job canceled while its first chunk goes through DBLM stops there, not after every chunk."""
+    table = dataclasses.replace(default_table(), start_indices=FAST_STARTS)
+    chunked = RestorationPipeline(
+        PROFILES["tiny"], pipe.unet, pipe.restorer, dsst=table, max_batch=1, weights_dir=WEIGHTS
+    )
+    guided: list[int] = []
+    guide = chunked._guide
+    monkeypatch.setattr(chunked, "_guide", lambda y, *args: guided.append(len(y)) or guide(y, *args))
+    with pytest.raises(Cancelled, match="before sampling"):
+        chunked.restore_faces(_faces("0143.png", "0240.png", "0342.png"), seed=0, should_cancel=lambda: True)
+    assert guided == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="parking guides on the host matters on a GPU")
+def test_guides_wait_on_the_host_so_max_batch_bounds_device_memory(
+    pipe: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every chunk's guide is built before sampling (for the progress total); those not being sampled wait
+    in pinned host memory, and results go back to the host, so the device holds as much when each of 4
+    chunks samples as when 1 does (a guide is ~4 MB a face at 512: estimate and scale map; a result 3 MB)."""
+    table = dataclasses.replace(default_table(), start_indices=FAST_STARTS)
+    unet, restorer = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.restorer)  # moved to the GPU in place
+    gpu = RestorationPipeline(
+        PROFILES["tiny"], unet, restorer, dsst=table, max_batch=1, device="cuda", weights_dir=WEIGHTS
+    )
+    seen: list[tuple[str, bool, int]] = []
+    sample = gpu._sample
+
+    def spy(guide: pipeline_mod._Guide, *args: object) -> torch.Tensor:
+        seen.append((guide.estimate.device.type, guide.estimate.is_pinned(), torch.cuda.memory_allocated()))
+        return sample(guide, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gpu, "_sample", spy)
+    faces = _faces("0143.png", "0240.png", "0342.png", "0345.png")
+    for _ in range(2):  # the second after any one-off allocation of the first (cuBLAS workspaces)
+        seen.clear()
+        gpu.restore_faces(faces[:1], seed=0)
+    alone = seen[0][2]
+    seen.clear()
+    gpu.restore_faces(faces, seed=0)
+    assert [(device, pinned) for device, pinned, _ in seen] == [("cpu", True)] * 4
+    assert all(allocated - alone < 1_000_000 for *_, allocated in seen)
 
 
 def _tiny_dblm(sigmas: tuple[float, ...]) -> DBLMNet:
@@ -377,6 +471,85 @@ def test_aligned_face_with_alpha_and_another_size(fast: RestorationPipeline) -> 
     out_alpha = np.asarray(out.getchannel("A"))
     assert out_alpha[512, 512] == 255 and out_alpha[20, 20] == 0
     assert any("resized to 512" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("size", [512, 256])
+def test_an_aligned_face_with_transparent_edges_is_upscaled_premultiplied(
+    fast: RestorationPipeline, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """An aligned RGBA face, opaque white inside transparent black, comes back as it went in (a stand-in
+    for the sampler) and is upscaled 2×: its colours are resized premultiplied by the alpha, as a whole
+    photo's are (`test_transparent_edges_keep_their_colour_when_upscaled`), with the alpha at 512 when
+    the upload was resized to 512. At 512 every visible pixel stays white: no dark fringe."""
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[size // 4 : -size // 4, size // 4 : -size // 4] = 255
+    facts = pipeline_mod.FaceFacts(1.0, 1, 0.0, 1, "fallback", "fallback")
+    monkeypatch.setattr(fast, "_restore_faces", lambda faces, *args, **kwargs: (faces, [facts] * len(faces)))
+    options = RestoreOptions(aligned=True, seed=0, upscale=2, outputs=("image", "faces"))
+    result = fast.restore_photo(_png(Image.fromarray(rgba)), options)
+    out, restored = _decoded(result.image), _decoded(result.faces[0])
+    alpha = face_ops.resize_to(rgba[:, :, 3], (512, 512))
+    np.testing.assert_array_equal(out[:, :, 3], face_ops.resize_to(alpha, (1024, 1024)))
+    np.testing.assert_array_equal(out[:, :, :3], face_ops.upscale_premultiplied(restored, alpha, 2))
+    if size == 512:
+        visible = out[:, :, 3] > 0
+        assert ((out[:, :, 3] > 0) & (out[:, :, 3] < 255)).any()  # the resized edge is soft
+        assert out[:, :, :3][visible].min() >= 250
+        assert face_ops.upscale_image(restored, 2)[visible].min() < 200  # what a straight resize gave
+
+
+def test_auto_fidelity_of_an_aligned_face_shrunk_to_512_is_what_its_crop_measures(
+    fast: RestorationPipeline,
+) -> None:
+    """A noisy aligned face uploaded at 1536 px: resizing it to 512 averages most of its noise away, so
+    its auto eta (std/10) is what the crop it is restored from measures, well under its source's."""
+    face = Image.open(ALIGNED / "0717.png").convert("RGB").resize((1536, 1536), Image.Resampling.BICUBIC)
+    noise = np.random.default_rng(0).normal(0, 6, (1536, 1536, 3))
+    noisy = np.clip(np.rint(np.asarray(face) + noise), 0, 255).astype(np.uint8)
+    result = fast.restore_photo(
+        _png(Image.fromarray(noisy)), RestoreOptions(aligned=True, seed=0, outputs=("crops",))
+    )
+    crop = np.array(_decoded(result.crops[0]))  # writable, for torch
+    (report,) = result.face_reports
+    assert report.facts.eta == pytest.approx(auto_eta(box_noise_std(crop, (0.0, 0.0, 512.0, 512.0))))
+    assert report.facts.eta < auto_eta(box_noise_std(noisy, (0.0, 0.0, 1536.0, 1536.0))) / 2
+
+
+class _FixedDetector:
+    """Stands in for RetinaFace: always finds `faces`."""
+
+    def __init__(self, faces: list[face_ops.DetectedFace]) -> None:
+        self.faces = faces
+
+    def detect(self, rgb: np.ndarray, **options: object) -> face_ops.Detections:
+        return face_ops.Detections(list(self.faces))
+
+
+def test_auto_fidelity_measures_enlarged_faces_at_the_source_and_shrunk_ones_on_their_crops(
+    fast: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a photo of even noise (std 8), a small face enlarged ~4× into its crop reads the source's noise;
+    a large one shrunk 4× reads its crop's (the anti-aliased shrink leaves ~1/6 of it, less than
+    dividing by the shrink factor would say)."""
+    noisy = np.clip(np.rint(128 + np.random.default_rng(0).normal(0, 8, (1400, 1400, 3))), 0, 255)
+    noisy = noisy.astype(np.uint8)
+    eyes = float(face_ops.FFHQ_TEMPLATE_512[1, 0] - face_ops.FFHQ_TEMPLATE_512[0, 0])
+
+    def face(center: float, scale: float, half: float) -> face_ops.DetectedFace:
+        landmarks = (face_ops.FFHQ_TEMPLATE_512 - 256) * scale + center
+        box = (center - half, center - half, center + half, center + half)
+        return face_ops.DetectedFace(box, 0.99, landmarks.astype(np.float32))
+
+    small, large = face(200.0, 30 / eyes, 20.0), face(800.0, 4.0, 400.0)
+    monkeypatch.setitem(fast._detectors, fast.profile.detector, _FixedDetector([small, large]))
+    result = fast.restore_photo(_png(Image.fromarray(noisy)), RestoreOptions(seed=0, outputs=("crops",)))
+    enlarged, shrunk = (r.facts.eta for r in result.face_reports)
+    source = box_noise_std(noisy, small.box)
+    assert enlarged == pytest.approx(auto_eta(source))
+    # The large face's box, 800 ± 400 px, is 256 ± 100 px in its crop.
+    on_crop = box_noise_std(np.array(_decoded(result.crops[1])), (156.0, 156.0, 356.0, 356.0))
+    assert shrunk == pytest.approx(auto_eta(on_crop), rel=0.02)
+    assert shrunk < auto_eta(box_noise_std(noisy, large.box)) / 4 / 1.2
 
 
 @needs_detector
