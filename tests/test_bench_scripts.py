@@ -46,10 +46,16 @@ def test_steps_plot_writes_only_where_told(tmp_path: Path) -> None:
     levels = list(SEVERITY_LEVELS)
     rows = [steps.Row(lvl, 2.0, 100, 53, 24, 0.5, 24, 1.0, 53, 2.0) for lvl in levels]
     out = tmp_path / "nfe.png"
+    figure = steps.FIGURE  # the committed figure, which a plot told to write elsewhere must leave alone
+    before = (figure.read_bytes(), figure.stat().st_mtime_ns) if figure.exists() else None
 
     steps.plot(rows, levels, tiny=True, out=out)
 
-    assert Image.open(out).size[0] > 0
+    assert sorted(tmp_path.iterdir()) == [out]
+    with Image.open(out) as im:
+        assert (im.format, im.size) == ("PNG", (990, 528))  # figsize 9 × 4.8 in at 110 dpi
+    after = (figure.read_bytes(), figure.stat().st_mtime_ns) if figure.exists() else None
+    assert after == before
 
 
 @pytest.mark.parametrize(

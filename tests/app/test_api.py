@@ -281,7 +281,10 @@ def test_idempotent_retry_after_an_unknown_outcome(
     if not job_was_created:
         early = submit(client, headers=h)
         assert early.status_code == 409 and error_code(early) == "idempotency_in_progress", early.text
-        assert early.headers["retry-after"]
+        # Delta-seconds, at least 1 and no longer than the claim takes to become old: after that
+        # wait the retry can take the key over (or find the job).
+        wait = early.headers["retry-after"]
+        assert wait.isdigit() and 1 <= int(wait) <= restorations.IDEMPOTENCY_TAKEOVER_SECONDS, wait
         monkeypatch.setattr(restorations, "IDEMPOTENCY_TAKEOVER_SECONDS", 0.0)  # the claim is now old
     retry = submit(client, headers=h)
     assert retry.status_code == 202, retry.text
@@ -610,6 +613,9 @@ def test_app_never_imports_torch() -> None:
 
 def test_prometheus_multiprocess_mode(tmp_path, settings) -> None:
     """Two API processes writing metrics into one PROMETHEUS_MULTIPROC_DIR are aggregated."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from app.metrics import WORKER_STATES
     from tests.conftest import settings_env
 
     env = {**settings_env(settings), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
@@ -622,12 +628,28 @@ def test_prometheus_multiprocess_mode(tmp_path, settings) -> None:
         out = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
         ).stdout
-    line = next(
-        x for x in out.splitlines() if x.startswith("dynface_http_requests_total") and "/healthz" in x
-    )
-    assert float(line.split()[-1]) == 2.0
-    assert "dynface_queue_depth" in out
-    json.dumps(out)  # plain text, nothing exotic
+    # Each process wrote its own files (named by its pid) into the shared folder.
+    assert len(list(tmp_path.glob("counter_*.db"))) == 2, sorted(p.name for p in tmp_path.iterdir())
+    # The second process's scrape, parsed as Prometheus would (a malformed exposition raises).
+    families = {f.name: f for f in text_string_to_metric_families(out)}
+    requests = families["dynface_http_requests"]
+    assert requests.type == "counter"
+    counted = {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value for s in requests.samples}
+    # /healthz: one request in each process. /metrics: the first process's scrape; the second's own
+    # is counted only once it has answered.
+    assert counted == {("/healthz", "GET", "200"): 2.0, ("/metrics", "GET", "200"): 1.0}
+    durations = families["dynface_http_request_duration_seconds"]
+    assert durations.type == "histogram"
+    counts = {s.labels["route"]: s.value for s in durations.samples if s.name.endswith("_count")}
+    assert counts == {"/healthz": 2.0, "/metrics": 1.0}
+    assert [s.value for s in families["dynface_jobs_submitted"].samples] == [0.0]
+    # The Redis-backed gauges, read at scrape time.
+    depth = families["dynface_queue_depth"]
+    assert depth.type == "gauge"
+    assert [(s.labels, s.value) for s in depth.samples] == [({"queue": settings.queue_name}, 0.0)]
+    workers = {s.labels["state"]: s.value for s in families["dynface_workers"].samples}
+    assert workers == dict.fromkeys(WORKER_STATES, 0.0)
+    assert [s.value for s in families["dynface_redis_up"].samples] == [1.0]
 
 
 @pytest.mark.timeout(60)  # an unclamped wait=600 would hang here, not pass slowly

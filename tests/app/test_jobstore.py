@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 from fastapi.testclient import TestClient
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
 from app.completions import Completions
 from app.jobs import JobStore, connect, make_queue
@@ -107,8 +109,11 @@ def test_worker_heartbeat_writes_rq_worker_keys(settings: Settings) -> None:
         settings=settings,
         store=store,
     )
+    sent = datetime.now(UTC)
     worker.heartbeat(timeout=77)
-    assert redis.hget(worker.key, "last_heartbeat")
+    # RQ's own timestamp format, parsed as RQ reads it back, and written by this beat (now).
+    beat = utcparse(redis.hget(worker.key, "last_heartbeat").decode())
+    assert sent - timedelta(seconds=1) <= beat <= datetime.now(UTC) + timedelta(seconds=1), (sent, beat)
     assert 0 < redis.ttl(worker.key) <= 77
 
 

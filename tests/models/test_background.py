@@ -198,6 +198,12 @@ def _decoded(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_background_runs_in_the_pipeline_precision_and_layout(
     tiny_pipe: RestorationPipeline, dtype: str
@@ -289,15 +295,25 @@ def test_the_model_upscales_transparent_photos_premultiplied(
         return plain_upscale(rgb, factor)
 
     monkeypatch.setattr(up, "upscale", spy)
-    buf = io.BytesIO()
-    Image.fromarray(rgba).save(buf, format="PNG")
     options = RestoreOptions(upscale=2, on_no_face="passthrough", format="png")
-    out = _decoded(pipe.restore_photo(buf.getvalue(), options).image)
+    out = _decoded(pipe.restore_photo(_png(rgba), options).image)
     (fed,) = seen
     assert (fed[:, 22:] == 0).all()
     np.testing.assert_array_equal(fed[:, 20:22], np.rint(rgba[:, 20:22, :3] * (128 / 255)))
     expected = face_ops.upscale_premultiplied(rgba[:, :, :3], rgba[:, :, 3], 2, plain_upscale)
     np.testing.assert_array_equal(out[:, :, :3], expected)
+
+    # Independently of how the result is computed: the colour under fully transparent pixels must not
+    # reach the result. The same photo with green instead of magenta there gives the same output,
+    # the visible edge next to it included (upscaled straight, the model would mix each colour in).
+    green = rgba.copy()
+    green[:, 22:, :3] = (0, 255, 0)
+    other = _decoded(pipe.restore_photo(_png(green), options).image)
+    assert out.shape == other.shape == (60, 88, 4)
+    visible = out[:, :, 3] > 0
+    assert visible[:, 40:44].all()  # the half-transparent columns 20–21, upscaled
+    np.testing.assert_array_equal(other[visible], out[visible])
+    np.testing.assert_array_equal(other, out)
 
 
 # ---------------------------------------------------------------- configuration and weights

@@ -47,22 +47,52 @@ def folders(tmp_path: Path) -> tuple[Path, Path, Path]:
     return gt, same, pred
 
 
+@pytest.fixture
+def no_downloaded_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch.hub cache ($TORCH_HOME: torch.hub.get_dir reads it on every call, and nothing
+    here calls torch.hub.set_dir) and no pyiqa (in no extra of pyproject.toml; hidden should a
+    developer have installed it), so what is unavailable does not depend on the machine's caches.
+    Returns the hub folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.setitem(sys.modules, "pyiqa", None)  # `import pyiqa` raises ImportError
+    hub = Path(torch.hub.get_dir())
+    assert hub == tmp_path / "empty-torch-home" / "hub"
+    return hub
+
+
+def _expected_unavailable(hub: Path, weights_dir: Path) -> dict[str, str]:
+    """The reasons `evaluate` gives with no downloaded weights: each names the missing file and where
+    it was looked for."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    from torchvision.models import AlexNet_Weights
+
+    alexnet = hub / "checkpoints" / AlexNet_Weights.DEFAULT.url.rsplit("/", 1)[-1]
+    inception = hub / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
+    no_pyiqa = "pyiqa is not installed (pip install pyiqa==0.1.16)"
+    return {
+        "LPIPS": f"AlexNet ImageNet weights not found at {alexnet} "
+        "(torchvision fetches them; no download here)",
+        "IDS": f"ArcFace weights recognition_arcface_ir_se50.pth not found in {weights_dir} "
+        "(facexlib release v0.1.0)",
+        "NIQE": no_pyiqa,
+        "MUSIQ": no_pyiqa,
+        "FID": f"Inception weights not found at {inception} (from {URL_INCEPTION_V3}; no download here)",
+    }
+
+
 def test_identical_folders_give_psnr_inf_and_ssim_one(
-    folders: tuple[Path, Path, Path], tmp_path: Path
+    folders: tuple[Path, Path, Path], tmp_path: Path, no_downloaded_weights: Path
 ) -> None:
     gt, same, _ = folders
     report = evaluate(same, gt, device="cpu", weights_dir=tmp_path)
     assert report.images == 2
-    assert report.values["PSNR"] == math.inf
-    assert report.values["SSIM"] == pytest.approx(1.0, abs=1e-12)
-    # Every column is either computed or reported unavailable with a reason.
+    assert report.values == {"PSNR": math.inf, "SSIM": pytest.approx(1.0, abs=1e-12)}
+    # Every other column is reported unavailable, with the reason naming what is missing (LPIPS: the
+    # AlexNet backbone; LPIPS computed: test_lpips_is_computed_when_the_backbone_weights_are_present).
+    assert report.unavailable == _expected_unavailable(no_downloaded_weights, tmp_path)
+    assert "alexnet" in report.unavailable["LPIPS"].lower()
     names = [n for n, _ in COLUMNS]
     assert sorted(names) == sorted([*report.values, *report.unavailable])
-    assert all(report.unavailable.values())
-    if "LPIPS" in report.values:
-        assert report.values["LPIPS"] == pytest.approx(0.0, abs=1e-6)
-    else:
-        assert "alexnet" in report.unavailable["LPIPS"].lower()
 
 
 def test_psnr_matches_the_formula_and_ssim_orders_degradations(folders: tuple[Path, Path, Path]) -> None:
@@ -94,19 +124,28 @@ def test_lpips_is_computed_when_the_backbone_weights_are_present(
 
 
 def test_eval_cli_prints_the_table_and_writes_csv(
-    folders: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    folders: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_downloaded_weights: Path,
 ) -> None:
     gt, same, _ = folders
     out = tmp_path / "metrics.csv"
-    assert main(["eval", "--pred", str(same), "--gt", str(gt), "--csv", str(out), "--device", "cpu"]) == 0
+    weights_dir = tmp_path / "weights"  # no ArcFace file: IDS unavailable too
+    argv = ["eval", "--pred", str(same), "--gt", str(gt), "--csv", str(out), "--device", "cpu"]
+    assert main([*argv, "--weights-dir", str(weights_dir)]) == 0
     printed = capsys.readouterr().out
     assert "PSNR↑" in printed and "SSIM↑" in printed and "LPIPS↓" in printed and "FID↓" in printed
     (row,) = list(csv.DictReader(out.open()))
     assert row["PSNR"] == "inf" and float(row["SSIM"]) == pytest.approx(1.0)
     assert row["images"] == "2"
-    for name in ("FID", "NIQE", "MUSIQ"):  # their packages are not installed here
-        if row[name] == "":
-            assert f"{name}: " in row["unavailable"] and f"n/a {name}: " in printed
+    # Unavailable metrics: empty cells, their reasons in `unavailable` (in the report's order) and
+    # printed under the table.
+    reasons = _expected_unavailable(no_downloaded_weights, weights_dir)
+    for name, why in reasons.items():
+        assert row[name] == "", (name, row[name])
+        assert f"n/a {name}: {why}" in printed.splitlines()
+    assert row["unavailable"] == "; ".join(f"{name}: {why}" for name, why in reasons.items())
 
 
 def test_unmatched_folders_are_an_error(

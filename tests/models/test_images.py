@@ -757,30 +757,47 @@ def _animated_gif() -> bytes:
     return buf.getvalue()
 
 
+_ONE_FRAME = "The GIF has several frames or pages; only the first one was used."
+
+
 @pytest.mark.parametrize(
-    "data",
+    ("data", "expected"),
     [
-        b"",
-        np.random.default_rng(3).bytes(4096),
-        _good_jpeg()[: len(_good_jpeg()) // 2],
-        _good_png()[:-30],
-        _png_declaring(3000, 3000),
-        _save(Image.fromarray(_rgb_pattern(16, 16)), "ICO"),
-        _good_png(),
-        _with_orientation(STORED[6], 6, "JPEG"),
-        _animated_gif(),
+        (b"", (InvalidImageError, "The upload is empty.")),
+        (np.random.default_rng(3).bytes(4096), (InvalidImageError, "The data is not a recognised image.")),
+        (_good_jpeg()[: len(_good_jpeg()) // 2], (InvalidImageError, "The image could not be decoded: ")),
+        (_good_png()[:-30], (InvalidImageError, "The image could not be decoded: ")),
+        (
+            _png_declaring(3000, 3000),
+            (TooManyPixelsError, "The image has 3000x3000 = 9000000 pixels; the limit is 1000000."),
+        ),
+        (
+            _save(Image.fromarray(_rgb_pattern(16, 16)), "ICO"),
+            (UnsupportedFormatError, "Image format ICO is not supported"),
+        ),
+        (_good_png(), ("PNG", (64, 64), [])),
+        # Stored 6 wide and 10 high, with orientation 6: upright it is 10 wide and 6 high.
+        (_with_orientation(STORED[6], 6, "JPEG"), ("JPEG", (10, 6), [])),
+        (_animated_gif(), ("GIF", (8, 8), [_ONE_FRAME])),
     ],
     ids=["empty", "random", "jpeg-half", "png-tail", "huge", "ico", "png", "exif-jpeg", "animated"],
 )
-def test_check_image_refuses_and_warns_as_decode_image(data: bytes) -> None:
+def test_check_image_refuses_and_warns_as_decode_image(data: bytes, expected: tuple) -> None:
     """The API checks uploads with check_image (no arrays built); it must refuse exactly what the
     worker's decode_image refuses, with the same error, and warn the same. Its format and upright
-    size are what the API sizes the results by."""
-    try:
-        d = decode_image(data, max_pixels=1_000_000)
-    except (InvalidImageError, TooManyPixelsError, UnsupportedFormatError) as e:
-        with pytest.raises(type(e)):
+    size are what the API sizes the results by. Each case's outcome is given: a refusal (error class
+    and the start of its message) or an acceptance (format, upright (width, height), warnings)."""
+    if isinstance(expected[0], type):
+        error, message = expected
+        with pytest.raises(error) as decoded:
+            decode_image(data, max_pixels=1_000_000)
+        with pytest.raises(error) as checked:
             check_image(data, max_pixels=1_000_000)
+        assert type(checked.value) is type(decoded.value) is error
+        assert str(decoded.value).startswith(message), str(decoded.value)
+        assert str(checked.value) == str(decoded.value)
     else:
+        d = decode_image(data, max_pixels=1_000_000)
         checked = check_image(data, max_pixels=1_000_000)
-        assert (checked.format, checked.size, checked.warnings) == (d.format, d.size, d.warnings)
+        assert (d.format, d.size, d.warnings) == expected
+        assert (checked.format, checked.size, checked.warnings) == expected

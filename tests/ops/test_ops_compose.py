@@ -173,12 +173,38 @@ def test_weights_are_pulled_and_verified_by_an_init_step(resolved: dict[str, dic
 
 
 def test_healthchecks(resolved: dict[str, dict[str, Any]]) -> None:
+    """Each service's healthcheck probes what says it serves: its own port inside the container."""
     services = resolved["gpu"]["services"]
-    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
-    for name in ("redis", "prometheus", "grafana"):
-        assert services[name]["healthcheck"]["test"], name
-    # The worker's healthcheck (dynface_worker_ready) lives in its image.
-    assert "dynface_worker_ready 1.0" in (ROOT / "docker" / "worker.Dockerfile").read_text()
+
+    def port(name: str) -> int:
+        return int(services[name]["ports"][0]["target"])
+
+    api = services["api"]["healthcheck"]
+    assert api["test"] == [
+        "CMD",
+        "python",
+        "-c",
+        f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port('api')}/healthz', timeout=4)",
+    ]
+    assert _seconds(api["timeout"]) > 4  # the probe's own timeout ends first, with its error
+    # Redis requires its password: redis-cli reads it from REDISCLI_AUTH (kept off the command line).
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]
+    wget = ["CMD", "wget", "-q", "-O", "/dev/null"]
+    assert services["prometheus"]["healthcheck"]["test"] == [
+        *wget,
+        f"http://127.0.0.1:{port('prometheus')}/-/ready",
+    ]
+    assert services["grafana"]["healthcheck"]["test"] == [
+        *wget,
+        f"http://127.0.0.1:{port('grafana')}/api/health",
+    ]
+    # The worker's healthcheck (dynface_worker_ready on its metrics port) lives in its image; compose
+    # must not override it.
+    assert "healthcheck" not in services["worker"]
+    dockerfile = (ROOT / "docker" / "worker.Dockerfile").read_text()
+    assert "os.environ.get('DYNFACE_WORKER_METRICS_PORT', '9100')" in dockerfile
+    assert "'dynface_worker_ready 1.0' in t" in dockerfile
 
 
 def test_prometheus_discovers_api_and_every_worker(resolved: dict[str, dict[str, Any]]) -> None:

@@ -26,6 +26,7 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 from rel_support import RedisServer, WebhookSink
+from rq.registry import FinishedJobRegistry
 
 from app.jobs import JobStore, connect
 from app.main import create_app
@@ -223,9 +224,36 @@ def test_job_timeout_fails_with_timeout_and_worker_stays_healthy(pool: Pool) -> 
     assert worker.proc.poll() is None
 
 
+def _namespace_ids(r: redis.Redis, settings: Settings) -> dict[str, set[str]]:
+    """The job ids that have anything stored in the namespace: our records and results, RQ's job
+    hashes of its queue, and RQ's finished registry of its queue."""
+    prefix, queue = settings.key_prefix, settings.queue_name
+    records = {k.decode().rsplit(":", 1)[1] for k in r.scan_iter(match=f"{prefix}:job:*", count=1000)}
+    results = {
+        k.decode().removeprefix(f"{prefix}:result:").split(":", 1)[0]
+        for k in r.scan_iter(match=f"{prefix}:result:*", count=1000)
+    }
+    # rq:job:<id> (not rq:job:<id>:dependents and the like), kept when its origin is our queue.
+    rq_ids = [
+        parts[2]
+        for k in r.scan_iter(match="rq:job:*", count=1000)
+        if len(parts := k.decode().split(":")) == 3
+    ]
+    with r.pipeline(transaction=False) as pipe:
+        for job_id in rq_ids:
+            pipe.hget(f"rq:job:{job_id}", "origin")
+        origins = pipe.execute()
+    rq_jobs = {j for j, origin in zip(rq_ids, origins, strict=True) if origin == queue.encode()}
+    finished_key = FinishedJobRegistry(queue, connection=r).key
+    finished = {m.decode() for m in r.zrange(finished_key, 0, -1)}
+    return {"records": records, "results": results, "rq_jobs": rq_jobs, "finished": finished}
+
+
 def test_concurrent_duplicate_idempotency_key_runs_one_job(pool: Pool, redis_conn: redis.Redis) -> None:
     pool.wait_ready(1)
     h = {"Idempotency-Key": f"dup-{uuid.uuid4().hex}"}
+    # The module's tests share one namespace: what earlier tests stored is set aside by id.
+    before = _namespace_ids(redis_conn, pool.settings)
     with TestClient(create_app(pool.settings)) as c:
         barrier = threading.Barrier(8)
 
@@ -239,13 +267,18 @@ def test_concurrent_duplicate_idempotency_key_runs_one_job(pool: Pool, redis_con
         ids = {r.json()["id"] for r in responses}
         assert len(ids) == 1
         (job_id,) = ids
+        assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 7
         assert wait_terminal(c, job_id)["status"] == "succeeded"
         assert_one_result(c, pool, [job_id])
-        # No second RQ job, record or result was ever written for this key.
-        records = list(redis_conn.scan_iter(match=f"{pool.settings.key_prefix}:job:*", count=1000))
-        assert all(c.app.state.services.store.get(k.decode().rsplit(":", 1)[1]) for k in records)
-        idem = list(redis_conn.scan_iter(match=f"{pool.settings.key_prefix}:idem:*", count=1000))
-        assert len(idem) == 1
+    # No second RQ job, record or result was ever written for this key: every kind of key gained
+    # exactly this job's id (a job that ran gets a record, an RQ job hash, results and a finished
+    # registry entry; a second one would add its own id to each).
+    after = _namespace_ids(redis_conn, pool.settings)
+    gained = {kind: after[kind] - before[kind] for kind in after}
+    assert gained == {kind: {job_id} for kind in after}, gained
+    assert len(after["finished"]) == len(before["finished"]) + 1
+    idem = list(redis_conn.scan_iter(match=f"{pool.settings.key_prefix}:idem:*", count=1000))
+    assert len(idem) == 1
 
 
 def _exif_oriented(photo: Image.Image, orientation: int) -> bytes:
@@ -339,6 +372,13 @@ def _assert_succeeds(c: TestClient, job_id: str, worker: WorkerProcess) -> None:
     assert job["status"] == "succeeded", (job, worker.log()[-3000:])
 
 
+def _assert_retry_after_seconds(r: httpx.Response) -> None:
+    """Retry-After as RFC 9110 delta-seconds (digits only), at least 1: `redis_unavailable` has no
+    setting for it, and 0 would invite a client to hammer the failing service at once."""
+    value = r.headers.get("retry-after", "")
+    assert value.isascii() and value.isdigit() and int(value) >= 1, (value, r.headers)
+
+
 @pytest.mark.timeout(240)  # a request hanging on the dead Redis ends the test instead of the run
 def test_redis_killed_and_restarted(tmp_path: Path) -> None:
     """Redis dies (kill -9) and comes back on the same port with its AOF: meanwhile the API answers
@@ -349,11 +389,12 @@ def test_redis_killed_and_restarted(tmp_path: Path) -> None:
         for path in ("/v1/restorations/x", "/v1/models"):
             r = c.get(path)
             assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
-            assert "Traceback" not in r.text and r.headers.get("retry-after"), (r.headers, r.text)
+            assert "Traceback" not in r.text, r.text
+            _assert_retry_after_seconds(r)
         r = submit(c)
         assert r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable", r.text
         assert "Traceback" not in r.text
-        assert r.headers.get("retry-after")
+        _assert_retry_after_seconds(r)
         assert c.get("/healthz").status_code == 200  # liveness does not depend on Redis
         assert c.get("/readyz").status_code == 503
         # The outage must reach the idle worker before Redis returns: its blocking dequeue breaks.
@@ -412,9 +453,24 @@ def test_redis_killed_while_a_job_runs(tmp_path: Path) -> None:
 def test_worker_stopped_while_waiting_for_redis(tmp_path: Path) -> None:
     """SIGTERM while the worker waits for Redis to come back: it exits cleanly (RQ's stop handler,
     still installed, asks the unreachable Redis for the worker's state), and the job it lost stays
-    recorded for a later worker."""
+    recorded for a later worker: once Redis is back, a fresh worker's reaper finds the lapsed
+    execution, re-queues the job (a retry is left) and runs it to success on a second attempt."""
     with _service_on_own_redis(tmp_path) as (server, worker, c):
         job_id = _lose_redis_mid_job(c, server, worker)
         assert worker.stop(signal.SIGTERM) == 0, worker.log()[-3000:]
         server.start()
         assert c.get(f"/v1/restorations/{job_id}").json()["status"] == "processing"
+        settings = c.app.state.services.settings
+        later = WorkerProcess(settings, tmp_path / "later.log", f"later-{uuid.uuid4().hex[:6]}")
+        try:
+            try:
+                job = wait_terminal(c, job_id, timeout=180)
+            except AssertionError as e:
+                raise AssertionError(f"{e}; later worker log:\n{later.log()[-3000:]}") from e
+            assert job["status"] == "succeeded", (job, later.log()[-3000:])
+            assert job["attempts"] == 2, job
+            assert any("lost" in w for w in job["warnings"]), job["warnings"]
+            assert c.app.state.services.store.get(job_id)["worker"] == later.name
+            assert c.get(f"/v1/restorations/{job_id}/image").status_code == 200
+        finally:
+            later.stop(signal.SIGKILL)

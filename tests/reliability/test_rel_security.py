@@ -483,22 +483,35 @@ def test_webhook_delivery_error_is_logged(
 
 
 def test_api_never_writes_pickle_into_redis(
-    client: TestClient, redis_conn: redis.Redis, settings: Settings
+    make_settings: Callable[..., Settings], redis_conn: redis.Redis
 ) -> None:
     """Everything the API writes for a job (record, input, RQ job hash, queue, idempotency claim,
     rate-limit counters) is JSON or raw bytes: a pickle in Redis would let whoever can write Redis
     execute code in the workers."""
-    ids = [
-        submit(client).json()["id"],
-        submit(client, webhook="https://example.com/hook", outputs="image,faces").json()["id"],
-        submit(client, headers={"Idempotency-Key": "idem-1"}).json()["id"],
-        client.post(
-            "/v1/restorations", json={"image": "data:image/png;base64," + base64.b64encode(png()).decode()}
-        ).json()["id"],
-    ]
-    assert client.delete(f"/v1/restorations/{ids[0]}").status_code == 200
+    settings = make_settings(api_keys=",".join(KEYS), rate_limit_per_minute=100)
+    key = {"X-API-Key": KEYS[0]}
+    hook = "https://example.com/hook"
+    with TestClient(create_app(settings)) as client:
+        ids = [
+            submit(client, headers=key).json()["id"],
+            submit(client, headers=key, webhook=hook, outputs="image,faces").json()["id"],
+            submit(client, headers={**key, "Idempotency-Key": "idem-1"}).json()["id"],
+            client.post(
+                "/v1/restorations",
+                json={"image": "data:image/png;base64," + base64.b64encode(png()).decode()},
+                headers=key,
+            ).json()["id"],
+        ]
+        assert client.delete(f"/v1/restorations/{ids[0]}", headers=key).status_code == 200
     keys = namespace_keys(redis_conn, settings.key_prefix, settings.queue_name, ids)
+    # Every kind of key the docstring names is among those scanned.
     assert any(k.startswith(b"rq:job:") for k in keys) and any(b":idem:" in k for k in keys)
+    assert any(k.startswith(f"{settings.key_prefix}:rate:".encode()) for k in keys), keys
+    assert any(k == f"rq:queue:{settings.queue_name}".encode() for k in keys), keys
+    for job_id in ids:
+        assert f"{settings.key_prefix}:job:{job_id}".encode() in keys, job_id
+    for job_id in ids[1:]:  # inputs live until the job ends; the first was canceled
+        assert f"{settings.key_prefix}:input:{job_id}".encode() in keys, job_id
     patterns = [k.decode() for k in keys]
     assert pickled_values(redis_conn, patterns) == []
 

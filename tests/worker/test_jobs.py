@@ -155,10 +155,14 @@ def test_whole_photo_with_detector(client: TestClient) -> None:
     )
     job = r.json()
     assert r.status_code == 200 and job["status"] == "succeeded", job
-    assert len(job["faces"]) >= 1 and len(job["faces"][0]["box"]) == 4
-    assert len(job["outputs"]["faces"]) == len(job["faces"])
+    # 04.jpg holds one face (RetinaFace MobileNet at 0.97: ../shared/weights/SOURCES.md).
+    (face,) = job["faces"]
+    width, height = Image.open(TESTDATA / "photos" / "04.jpg").size
+    x0, y0, x1, y1 = face["box"]
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, (face["box"], width, height)
+    assert len(job["outputs"]["faces"]) == 1
     assert client.get(job["outputs"]["image"]).headers["content-type"] == "image/jpeg"
-    assert job["timings"]["stages"]["detect"] is not None
+    assert job["timings"]["stages"]["detect"] > 0
 
 
 def test_statuses_and_progress(client: TestClient) -> None:

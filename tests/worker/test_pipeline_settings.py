@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def test_every_model_setting_reaches_the_pipeline(tmp_path: Path) -> None:
     path = tmp_path / "dsst.json"
     path.write_text(table.to_json(), encoding="utf-8")
     settings = base_settings(
-        "pipeline-settings",
+        uuid.uuid4().hex[:10],
         weights_dir=str(WEIGHTS),
         offline=True,
         dsst_table=str(path),
@@ -46,7 +47,7 @@ def test_every_model_setting_reaches_the_pipeline(tmp_path: Path) -> None:
 
 def test_a_named_trained_file_that_is_missing_fails_the_load(tmp_path: Path) -> None:
     for field in ("dsst_table", "dblm_weights", "dgsa_weights"):
-        settings = base_settings("pipeline-settings", offline=True, **{field: str(tmp_path / "missing")})
+        settings = base_settings(uuid.uuid4().hex[:10], offline=True, **{field: str(tmp_path / "missing")})
         with pytest.raises(FileNotFoundError, match="missing"):
             pipeline_from_settings(settings, "cpu")
 
