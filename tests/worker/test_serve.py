@@ -167,13 +167,22 @@ def test_a_worker_that_cannot_be_started_again_yet_is_tried_again(monkeypatch: p
         pool.stop(timeout=5)
 
 
-def test_stopping_several_workers_waits_the_timeout_once_not_once_each() -> None:
+def test_stopping_several_workers_waits_the_timeout_once_not_once_each(tmp_path: Path) -> None:
     """`serve`'s shutdown timeout bounds the whole stop: workers that do not finish in time are all
     killed at its end (N workers stuck in long jobs must not hold Ctrl-C for N × the timeout)."""
-    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-    pool = _WorkerPool([[sys.executable, "-c", ignore_term]] * 3, dict(os.environ))
+    commands = [
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "pathlib.Path(sys.argv[1]).touch(); time.sleep(60)",
+            str(tmp_path / f"ignoring-{k}"),
+        ]
+        for k in range(3)
+    ]
+    pool = _WorkerPool(commands, dict(os.environ))
     pool.start()
-    time.sleep(1.0)  # the children have installed their SIGTERM handler
+    wait_for(lambda: len(list(tmp_path.glob("ignoring-*"))) == 3, 30, what="workers ignoring SIGTERM")
     t0 = time.monotonic()
     pool.stop(timeout=1.5)
     elapsed = time.monotonic() - t0
