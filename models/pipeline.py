@@ -571,23 +571,30 @@ class RestorationPipeline:
         options: RestoreOptions,
     ) -> list[float] | None:
         """Each face's noise std as the model sees it, for auto fidelity with the fallback DGSA, in its
-        box (the whole input for `aligned`). A face enlarged into its crop (most are) is measured on its
-        source pixels: interpolation smooths the noise into blobs the estimate misses, yet it is still
-        there. One shrunk into its crop (high-res portraits, large aligned inputs) is measured on the
-        crop: shrinking, and its anti-aliasing low-pass, average the noise away for real, by more than
-        the shrink factor (docs/method.md, "Auto fidelity"). None when nothing would use it (a given
-        fidelity, the baseline, a trained DGSA)."""
+        box (the whole input for `aligned`). Measured on the source pixels, except for a face that an
+        anti-aliased resampling shrank into its crop (detected faces shrunk over 2×, `_warp`'s
+        low-pass; large aligned inputs, Lanczos-resized): that averages the noise away for real, so
+        it is measured on the crop (docs/method.md, "Auto fidelity"). A plain bilinear warp, enlarging
+        or mildly shrinking, only correlates the noise into blobs the estimate misses, yet it is still
+        there. A crop region the photo does not wholly cover (its border fill would read as no noise)
+        is measured at the source too. None when nothing would use it (a given fidelity, the
+        baseline, a trained DGSA)."""
         if options.fidelity is not None or options.mode != "dynfacerestore" or self.dgsa is not None:
             return None
+        averaged_below = 1.0 if options.aligned else face_ops.ANTI_ALIAS_SCALE  # crop px per source px
+        h, w = rgb.shape[:2]
         stds = []
         for crop, affine, face in zip(crops, affines, found.faces, strict=True):
-            if np.sqrt(abs(np.linalg.det(affine[:, :2]))) >= 1:  # crop px per source px: not shrunk
-                stds.append(box_noise_std(rgb, face.box))
-                continue
             x0, y0, x1, y1 = face.box
             corners = np.array([[x0, y0, 1], [x1, y0, 1], [x0, y1, 1], [x1, y1, 1]]) @ affine.T
             (cx0, cy0), (cx1, cy1) = corners.min(axis=0), corners.max(axis=0)
-            stds.append(box_noise_std(crop, (cx0, cy0, cx1, cy1)))
+            region = np.array([[cx0, cy0], [cx1, cy0], [cx0, cy1], [cx1, cy1]])
+            sx, sy = np.linalg.solve(affine[:, :2], (region - affine[:, 2]).T)  # its corners in the photo
+            covered = sx.min() >= 0 and sy.min() >= 0 and sx.max() <= w and sy.max() <= h
+            if np.sqrt(abs(np.linalg.det(affine[:, :2]))) < averaged_below and covered:
+                stds.append(box_noise_std(crop, (cx0, cy0, cx1, cy1)))
+            else:
+                stds.append(box_noise_std(rgb, face.box))
         return stds
 
     def _detector(self, name: str) -> face_ops.FaceDetector:
@@ -632,7 +639,8 @@ class RestorationPipeline:
 
         `noise_std` (8-bit units, one per face) feeds auto fidelity without a trained DGSA: give it
         when the crops were enlarged from their source (measure there, `models.fidelity.box_noise_std`);
-        None measures it on `faces` themselves, right when they are the native pixels or shrunk from them.
+        None measures it on `faces` themselves, right when they are the native pixels or were shrunk from
+        them with anti-aliasing (`_face_noise`).
 
         Face k's noise comes from its own generator seeded with seed + k, so its result does not depend
         on the other faces or on how they are batched: restoring it alone with seed + k reproduces it.

@@ -552,6 +552,32 @@ def test_auto_fidelity_measures_enlarged_faces_at_the_source_and_shrunk_ones_on_
     assert shrunk < auto_eta(box_noise_std(noisy, large.box)) / 4 / 1.2
 
 
+def test_auto_fidelity_measures_mildly_shrunk_and_half_covered_faces_at_the_source(
+    fast: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an anti-aliased shrink averages the noise away: a face shrunk 1.2× by the plain bilinear
+    warp (which reads low on the crop only because it correlates the noise) and a tilted face shrunk 4×
+    near the photo's edge (its crop region holds border fill, which reads as no noise) are measured on
+    their source pixels."""
+    noisy = np.clip(np.rint(128 + np.random.default_rng(1).normal(0, 8, (1400, 1400, 3))), 0, 255)
+    noisy = noisy.astype(np.uint8)
+    turn = np.radians(30.0)
+    rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+
+    def face(center: float, scale: float, half: float, rotate: bool) -> face_ops.DetectedFace:
+        offsets = (face_ops.FFHQ_TEMPLATE_512 - 256) * scale
+        landmarks = (offsets @ rotation.T if rotate else offsets) + center
+        box = (center - half, center - half, center + half, center + half)
+        return face_ops.DetectedFace(box, 0.99, landmarks.astype(np.float32))
+
+    mild, edge = face(1150.0, 1.2, 120.0, rotate=False), face(420.0, 4.0, 400.0, rotate=True)
+    monkeypatch.setitem(fast._detectors, fast.profile.detector, _FixedDetector([mild, edge]))
+    result = fast.restore_photo(_png(Image.fromarray(noisy)), RestoreOptions(seed=0))
+    etas = {tuple(np.round(r.box)): r.facts.eta for r in result.face_reports}
+    for f in (mild, edge):
+        assert etas[tuple(np.round(f.box))] == pytest.approx(auto_eta(box_noise_std(noisy, f.box))), f.box
+
+
 @needs_detector
 def test_exif_rotated_jpeg_same_faces_upright_output_no_metadata(fast: RestorationPipeline) -> None:
     """A phone JPEG stored sideways (Orientation 6) with camera metadata comes back upright, with
