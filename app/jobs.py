@@ -315,6 +315,14 @@ class JobStore:
         raw = self._finish(keys=keys, args=args)
         return _load(dict(zip(raw[::2], raw[1::2], strict=True))) if raw else None
 
+    def statuses(self, job_ids: list[str]) -> dict[str, str | None]:
+        """Each job's status (None without a record). One round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self.key("job", job_id), "status")
+            raw = pipe.execute()
+        return {job_id: None if r is None else json.loads(r) for job_id, r in zip(job_ids, raw, strict=True)}
+
     def waiting_since(self, job_ids: list[str]) -> dict[str, float]:
         """When each of these jobs that is still queued began to wait: its submission, or its last
         re-queue after its worker was lost (`requeue`). Jobs that are gone or no longer queued are left

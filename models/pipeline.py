@@ -44,7 +44,7 @@ from models.images import FACE_SIZE
 from models.profiles import PROFILES, Profile
 from models.sampler import ddim_sample
 from models.schedule import RespacedSchedule, q_sample
-from models.speed import SpeedOptions, apply_memory_format, compiled, memory_format, to_device
+from models.speed import SpeedOptions, apply_memory_format, compiled, memory_format, to_device, to_host
 from models.swinir import SwinIR, swinir_from_checkpoint
 from models.unet import IDDPMUNet
 from models.unet_convert import unet_from_hf_difface, unet_from_upstream_checkpoint
@@ -780,13 +780,8 @@ class RestorationPipeline:
 
     def _to_host(self, guide: _Guide) -> _Guide:
         """`guide` off the device until `_sample` takes it back (pinned on CUDA: a fast copy back)."""
-        pin = self.device.type == "cuda" and self.speed.pin_memory
-
-        def host(x: Tensor) -> Tensor:
-            return torch.empty(x.shape, dtype=x.dtype, pin_memory=pin).copy_(x) if pin else x.cpu()
-
-        scale_map = None if guide.scale_map is None else host(guide.scale_map)
-        return replace(guide, estimate=host(guide.estimate), scale_map=scale_map)
+        scale_map = None if guide.scale_map is None else to_host(guide.scale_map, self.speed)
+        return replace(guide, estimate=to_host(guide.estimate, self.speed), scale_map=scale_map)
 
     def _restore(self, y: Tensor) -> Tensor:
         """DifFace's restorer R(y): [-1,1] in and out, at 512."""

@@ -81,3 +81,11 @@ def to_device(x: torch.Tensor, device: torch.device, options: SpeedOptions) -> t
         # Safe without a sync: the copy is ordered on the current stream before any use of it.
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+def to_host(x: torch.Tensor, options: SpeedOptions) -> torch.Tensor:
+    """Device tensor → host; into pinned memory when it is on a CUDA device, so that `to_device` can
+    bring it back asynchronously (the copy here is synchronous: the result is ready on return)."""
+    if x.device.type == "cuda" and options.pin_memory:
+        return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
+    return x.cpu()

@@ -29,7 +29,6 @@ Why these choices:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -373,7 +372,7 @@ def _reconcile(store: JobStore, settings: Settings, queue: Queue) -> None:
     a job only when its worker was lost (`tasks.restore` records every other failure itself)."""
     failed = queue.failed_job_registry.get_job_ids(cleanup=False)
     waiting = queue.get_job_ids()
-    status = _record_statuses(store, failed + waiting)
+    status = store.statuses(failed + waiting)
     for job_id in failed:
         if status[job_id] in ACTIVE:
             tasks.fail_lost(store, settings, job_id, retries_left=0)
@@ -382,15 +381,6 @@ def _reconcile(store: JobStore, settings: Settings, queue: Queue) -> None:
             # Only while it is still in the queue, checked with the change: a worker may have taken
             # it since the list was read, and its running job's record must stay `processing`.
             tasks.requeue_lost(store, job_id, waiting_in=queue.key)
-
-
-def _record_statuses(store: JobStore, job_ids: list[str]) -> dict[str, str | None]:
-    """Each job's record status (None without a record), in one round trip."""
-    with store.redis.pipeline(transaction=False) as pipe:
-        for job_id in job_ids:
-            pipe.hget(store.key("job", job_id), "status")
-        raw = pipe.execute()
-    return {job_id: json.loads(r) if r is not None else None for job_id, r in zip(job_ids, raw, strict=True)}
 
 
 def run_worker(settings: Settings, device: str, name: str | None = None, burst: bool = False) -> None:

@@ -303,6 +303,23 @@ def recording_server(
         thread.join()
 
 
+def _resolve_hook_test(monkeypatch: pytest.MonkeyPatch, answer: Callable[[int], str]) -> list[str]:
+    """Name `hook.test` resolves to `answer(n)` at its n-th lookup (which may raise, as a resolver
+    does); other names as usual. Returns the list the lookups of `hook.test` are appended to."""
+    real_getaddrinfo = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "hook.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        ip = answer(len(lookups))
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port or 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    return lookups
+
+
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_webhook_delivery_connects_to_the_checked_address(
     scheme: str,
@@ -316,17 +333,7 @@ def test_webhook_delivery_connects_to_the_checked_address(
     checked, internal = "127.0.0.2", "127.0.0.1"
     # Stands in for a public address: loopback alias 127.0.0.2 is what this machine can serve on.
     monkeypatch.setattr(security, "_is_public", lambda ip: str(ip) == checked)
-    real_getaddrinfo = socket.getaddrinfo
-    lookups: list[str] = []
-
-    def rebinding(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host != "hook.test":
-            return real_getaddrinfo(host, port, *args, **kwargs)
-        lookups.append(host)
-        ip = checked if len(lookups) == 1 else internal
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port or 443))]
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    lookups = _resolve_hook_test(monkeypatch, lambda n: checked if n == 1 else internal)
     tls = None
     if scheme == "https":
         tls = tmp_path
@@ -406,18 +413,13 @@ def test_webhook_delivery_retries_a_name_that_did_not_resolve(
     """A lookup that fails for a moment (EAI_AGAIN) is retried like a failed POST, where it used to
     end the delivery; a destination the policy refuses still ends it at the first attempt."""
     monkeypatch.setattr(security, "_is_public", lambda ip: str(ip) == "127.0.0.1")  # stands in for public
-    real_getaddrinfo = socket.getaddrinfo
-    lookups: list[str] = []
 
-    def flaky(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host != "hook.test":
-            return real_getaddrinfo(host, port, *args, **kwargs)
-        lookups.append(host)
-        if len(lookups) == 1:
+    def flaky(n: int) -> str:
+        if n == 1:
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+        return "127.0.0.1"
 
-    monkeypatch.setattr(socket, "getaddrinfo", flaky)
+    lookups = _resolve_hook_test(monkeypatch, flaky)
     s = make_settings(webhook_allow_private=False, webhook_allow_http=True)
     sleeps: list[float] = []
     with recording_server("127.0.0.1") as (port, seen):

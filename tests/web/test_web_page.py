@@ -168,6 +168,23 @@ def _wait_for_message(pg: Any, code: str, name: str) -> str:
     return pg.inner_text("#message")
 
 
+def _record_texts(pg: Any, element_id: str) -> None:
+    """From now on, keep every text the element shows (`_recorded_texts`), however briefly."""
+    pg.evaluate(
+        """(id) => {
+            window.recordedTexts = [];
+            const element = document.getElementById(id);
+            new MutationObserver(() => window.recordedTexts.push(element.textContent))
+                .observe(element, { childList: true, characterData: true, subtree: true });
+        }""",
+        element_id,
+    )
+
+
+def _recorded_texts(pg: Any) -> list[str]:
+    return pg.evaluate("window.recordedTexts")
+
+
 def _unexpected_console(pg: Any, allowed: tuple[str, ...] = ()) -> list[str]:
     # A failed fetch (the 4xx we provoke) is logged by Chromium as a console error; nothing else may be.
     return [p for p in pg.problems if not any(a in p for a in ("status of 4", *allowed))]
@@ -182,14 +199,7 @@ def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
     page.eval_on_selector("#fidelity", "el => { el.value = '0.3'; el.dispatchEvent(new Event('input')); }")
     assert page.inner_text("#fidelity-value") == "0.30"
 
-    page.evaluate(
-        """() => {
-            window.seenStatus = [];
-            const line = document.getElementById("status-line");
-            new MutationObserver(() => window.seenStatus.push(line.textContent))
-                .observe(line, { childList: true, characterData: true, subtree: true });
-        }"""
-    )
+    _record_texts(page, "status-line")
     with page.expect_response(
         lambda r: r.url.endswith("/v1/restorations") and r.request.method == "POST"
     ) as sub:
@@ -210,7 +220,7 @@ def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
 
     assert page.get_attribute("#status-panel", "data-status") == "succeeded"
     assert page.inner_text("#status-line") == "Done."
-    seen = page.evaluate("window.seenStatus")
+    seen = _recorded_texts(page)
     # live progress: the diffusion steps were shown while the worker sampled
     assert any(re.fullmatch(r"Processing: diffusion sampling \(step \d+ of \d+\)", t) for t in seen), seen
     with Image.open(FACE) as im:
@@ -489,17 +499,10 @@ def test_the_status_has_accessible_names_and_only_its_sentence_is_live(service: 
     page.route(lambda url: bool(JOB_URL.search(url)), handle)
     page.goto(f"{service}/#job={FAKE_ID}")
     _wait_status_line(page, "Queued: 2 ahead of you.")
-    page.evaluate(
-        """() => {
-            window.spoken = [];
-            const live = document.getElementById("status-text");
-            new MutationObserver(() => window.spoken.push(live.textContent))
-                .observe(live, { childList: true, characterData: true, subtree: true });
-        }"""
-    )
+    _record_texts(page, "status-text")  # what a screen reader announces
     _wait_status_line(page, "Processing: diffusion sampling (step 3 of 50)")
     # read out once, when the job started sampling; steps 2 and 3 changed only the counter
-    assert page.evaluate("window.spoken") == ["Processing: diffusion sampling"]
+    assert _recorded_texts(page) == ["Processing: diffusion sampling"]
     live = page.eval_on_selector_all("[aria-live]", "es => es.map(e => [e.id, e.getAttribute('aria-live')])")
     assert live == [["status-text", "polite"]]
     assert page.eval_on_selector("#status-count", "e => e.closest('[aria-live], [role=status]')") is None
