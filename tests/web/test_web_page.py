@@ -139,7 +139,11 @@ def service(redis_conn, tmp_path_factory, browser) -> Iterator[str]:
 
 @pytest.fixture
 def page(browser) -> Iterator[Any]:
-    """A fresh browser context per test (its own sessionStorage); fails on page errors."""
+    """A fresh browser context per test (its own sessionStorage); fails on page errors.
+
+    `wait_for_function` takes arrow functions only: Playwright evaluates a bare expression again
+    with `eval` on every poll, which the page's CSP (no 'unsafe-eval') blocks once the first check,
+    run through DevTools, has come back false."""
     context = browser.new_context(viewport={"width": 1100, "height": 1400})
     pg = context.new_page()
     problems: list[str] = []
@@ -213,8 +217,10 @@ def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
 
     try:
         page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=180_000)
-        page.wait_for_function("document.querySelectorAll('#faces img').length === 1", timeout=30_000)
-        page.wait_for_function("[...document.querySelectorAll('#faces img')].every(i => i.naturalWidth > 0)")
+        page.wait_for_function("() => document.querySelectorAll('#faces img').length === 1", timeout=30_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#faces img')].every(i => i.naturalWidth > 0)"
+        )
     finally:
         _screenshot(page, "result")
 
@@ -424,7 +430,7 @@ def test_reload_resumes_watching_the_job(service: str, page: Any) -> None:
     page.reload()
     try:
         page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=180_000)
-        page.wait_for_function("document.querySelectorAll('#faces img').length === 1", timeout=30_000)
+        page.wait_for_function("() => document.querySelectorAll('#faces img').length === 1", timeout=30_000)
     finally:
         _screenshot(page, "resumed-after-reload")
     assert page.get_attribute("#status-panel", "data-status") == "succeeded"
@@ -471,7 +477,7 @@ def test_a_resumed_job_without_an_image_shows_the_result_the_api_names(
     page.goto(f"{service}/#job={FAKE_ID}")
     try:
         page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=30_000)
-        page.wait_for_function("document.querySelectorAll('#faces img').length === 1", timeout=30_000)
+        page.wait_for_function("() => document.querySelectorAll('#faces img').length === 1", timeout=30_000)
     finally:
         _screenshot(page, "resumed-without-image")
     base = f"/v1/restorations/{FAKE_ID}"
