@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,35 @@ from pydantic import SecretStr
 from app.jobs import TERMINAL
 from app.main import create_app
 from app.settings import Settings
+
+#: DYNFACE_* variables the suite itself reads (besides DYNFACE_TEST_*): everything else under that
+#: prefix is a deployment setting.
+SUITE_VARIABLES = frozenset({"DYNFACE_CHROMIUM"})
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _no_proxy_for_loopback() -> None:
+    """httpx (like urllib) honours HTTP(S)_PROXY and ALL_PROXY from the environment: loopback calls
+    to our servers must never be sent to a proxy, so loopback joins whatever NO_PROXY already says."""
+    for name in ("NO_PROXY", "no_proxy"):  # either spelling is read
+        current = os.environ.get(name, "")
+        os.environ[name] = ",".join([current, *LOOPBACK] if current else LOOPBACK)
+
+
+# At import: benches that import these helpers call loopback servers too.
+_no_proxy_for_loopback()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Run the suite on its own defaults whatever the machine exports. Settings read DYNFACE_* and
+    REDIS_URL (app/settings.py): a stray one (a CI runner's REDIS_URL, a developer's DYNFACE_PROFILE)
+    would change every Settings() a test builds without saying so. Done here, before any test module
+    is imported, rather than at import: benches import this module and keep their environment."""
+    for name in list(os.environ):
+        ours = name.startswith("DYNFACE_TEST_") or name in SUITE_VARIABLES
+        if name == "REDIS_URL" or (name.startswith("DYNFACE_") and not ours):
+            del os.environ[name]
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -86,6 +116,39 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def wait_for_rate_window(needed: float = 20.0) -> None:
+    """Return once at least ``needed`` seconds are left in the current clock minute. The API's rate
+    limit counts in fixed one-minute windows (``int(time.time() // 60)``, app/security.py): a test's
+    submissions that straddle a boundary would see the count start again mid-test."""
+    while 60 - time.time() % 60 < needed:
+        time.sleep(0.2)
+
+
+#: Tries for a child process that must bind a port we picked (it may be taken before the child binds).
+PORT_ATTEMPTS = 3
+
+
+class PortTaken(Exception):
+    """A child process could not bind the port picked for it (someone took it first): pick again."""
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback TCP ports nothing listens on now. The probe sockets stay bound until
+    all are chosen: released one by one, the kernel may hand the same port out twice. Still racy
+    against other processes until the child binds; callers retry on `port_taken`."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in probes:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in probes]
+
+
+def port_taken(log: str) -> bool:
+    """Whether a child's output says it could not bind its port (uvicorn, redis-server, our worker's
+    metrics server all report EADDRINUSE with these words)."""
+    return "address already in use" in log.lower()
 
 
 def wait_terminal(client: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:

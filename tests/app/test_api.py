@@ -32,7 +32,7 @@ from app.routers import health, models, restorations
 from app.schemas import RestorationOptions, restoration_view
 from app.settings import Settings
 from models.images import CheckedImage
-from tests.conftest import ROOT, aligned_png, http_server, wait_for
+from tests.conftest import ROOT, aligned_png, http_server, wait_for, wait_for_rate_window
 
 PNG = aligned_png()
 
@@ -206,6 +206,8 @@ def test_rate_limited_per_key(make_settings) -> None:
     s = make_settings(rate_limit_per_minute=2, api_keys="key-a,key-b")
     with TestClient(create_app(s)) as c:
         a, b = {"X-API-Key": "key-a"}, {"Authorization": "Bearer key-b"}
+        # Four submissions take well under a second; 20 s of the minute left covers a slow machine.
+        wait_for_rate_window(20)
         assert submit(c, headers=a).status_code == 202
         assert submit(c, headers=a).status_code == 202
         r = submit(c, headers=a)

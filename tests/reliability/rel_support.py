@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,17 +28,28 @@ import redis
 
 from app.jobs import JobStore, connect
 from app.settings import Settings
-from tests.conftest import WorkerProcess, aligned_png, base_settings, settings_env, start_workers, wait_for
+from tests.conftest import (
+    PORT_ATTEMPTS,
+    PortTaken,
+    WorkerProcess,
+    aligned_png,
+    base_settings,
+    free_ports,
+    port_taken,
+    settings_env,
+    start_workers,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on right now (bound and released; racy but fine on loopback)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port nothing listens on right now (bound and released: a child that fails to bind it
+    is started again on another, see `RedisServer.start` and `ApiServer`)."""
+    (port,) = free_ports(1)
+    return port
 
 
 def redis_server_binary() -> str:
@@ -63,6 +73,7 @@ class RedisServer:
         self.password = password
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def url(self) -> str:
@@ -70,6 +81,20 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10) -> None:
+        """Start the server (again, after `stop`: on the same port, which its clients know). On the
+        first start, a port taken meanwhile is swapped for another: no client has the URL yet."""
+        first = not self._started
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._start(timeout)
+                self._started = True
+                return
+            except PortTaken:
+                if not first or attempt == PORT_ATTEMPTS:
+                    raise
+                self.port = free_port()
+
+    def _start(self, timeout: float) -> None:
         args = [
             redis_server_binary(),
             "--port",
@@ -87,16 +112,26 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.exceptions.ConnectionError:
+        log_path = self.workdir / "redis-server.log"
+        with open(log_path, "ab") as log:  # the child keeps its own descriptor; restarts append
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        with redis.Redis.from_url(self.url, socket_connect_timeout=0.2, socket_timeout=1) as client:
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    text = log_path.read_text(errors="replace")
+                    mine = [line for line in text.splitlines() if line.startswith(f"{self.proc.pid}:")]
+                    if port_taken("\n".join(mine)):  # this run's lines only: restarts append
+                        raise PortTaken(text[-3000:])
+                    raise RuntimeError(f"redis-server exited early:\n{text[-3000:]}")
+                try:
+                    # Ours, not whatever else may be listening on the port (then ours exits above).
+                    if client.info("server")["process_id"] == self.proc.pid:
+                        return
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    pass  # not up yet (or loading its AOF), or not a Redis
                 if time.monotonic() > deadline:
-                    raise
+                    raise TimeoutError(f"redis-server on port {self.port} did not answer in {timeout} s")
                 time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
@@ -153,10 +188,20 @@ class ApiServer:
     """A real `uvicorn app.main:app_from_env` process (for raw HTTP: chunked bodies, RSS, load)."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._start(env)
+                return
+            except PortTaken:  # picked, then taken before uvicorn bound it: another port
+                self._log.close()
+                if attempt == PORT_ATTEMPTS:
+                    raise
+
+    def _start(self, env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.log_path = log_path
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -168,8 +213,9 @@ class ApiServer:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                # info: for the line saying it listens (no access log; the app's loggers are its own)
                 "--log-level",
-                "warning",
+                "info",
                 "--no-access-log",
             ],
             cwd=ROOT,
@@ -177,17 +223,22 @@ class ApiServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        # Ready once uvicorn says it listens, written after its bind: a connection alone could reach
+        # whatever else took the port meanwhile, while ours fails to bind it.
+        listening = f"Uvicorn running on {self.url} "
         deadline = time.monotonic() + 60
         while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"API exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+            exited = self.proc.poll() is not None
+            text = self.log_path.read_text(errors="replace")
+            if listening in text:
+                return
+            if exited:
+                if port_taken(text):
+                    raise PortTaken(text[-3000:])
+                raise RuntimeError(f"API exited early:\n{text[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API did not listen on {self.url} in 60 s:\n{text[-3000:]}")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

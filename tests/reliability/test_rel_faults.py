@@ -32,6 +32,7 @@ from app.jobs import JobStore, connect
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import (
+    TESTDATA,
     WorkerProcess,
     aligned_png,
     base_settings,
@@ -193,12 +194,22 @@ def test_job_timeout_fails_with_timeout_and_worker_stays_healthy(pool: Pool) -> 
     back to ready and runs the next job fine."""
     pool.wait_ready(2)
     # job_timeout is fixed per job by the API at submission (RQ job.timeout), so an API with a
-    # 1 s limit times a job out without touching the workers. Upscale 4 with every output makes the
-    # job take well over a second even on a fast machine.
+    # 1 s limit times a job out without touching the workers. The job must outlast that second on
+    # any machine: the Solvay photo's 29 faces each restored and sampled for DifFace's fixed 100
+    # steps, then upscaled 4× with every output: 3 min on the shared test machine, where one aligned
+    # face (the job this used to be) took 7 s and so could finish within a second on a fast one.
     strict = pool.settings.model_copy(update={"job_timeout_seconds": 1})
+    crowd = (TESTDATA / "photos" / "Solvay_conference_1927.png").read_bytes()
     with TestClient(create_app(strict)) as c:
         job_id = submit_ok(
-            c, webhook=pool.sink.url, upscale="4", outputs="image,faces,comparison", format="png"
+            c,
+            webhook=pool.sink.url,
+            data=crowd,
+            aligned="false",
+            mode="difface",
+            upscale="4",
+            outputs="image,faces,comparison",
+            format="png",
         )
         job = wait_terminal(c, job_id, timeout=60)
         assert c.get(f"/v1/restorations/{job_id}/image").status_code == 409

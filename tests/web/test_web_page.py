@@ -198,6 +198,10 @@ def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
     page.goto(service + "/")
     page.set_input_files("#file", str(FACE))
     page.check("#aligned")
+    # DifFace always samples its fixed 100 steps (DynFaceRestore's count depends on the face: 24 for
+    # this one, under a second on a fast CPU), so sampling spans several of the page's 500 ms polls
+    # and the step counter below is seen whatever the machine's speed.
+    page.select_option("#mode", "difface")
     page.select_option("#upscale", "2")
     page.uncheck("#fidelity-auto")
     page.eval_on_selector("#fidelity", "el => { el.value = '0.3'; el.dispatchEvent(new Event('input')); }")
@@ -211,6 +215,7 @@ def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
     job = sub.value.json()
     assert sub.value.status == 202, job
     assert job["options"]["aligned"] is True and job["options"]["upscale"] == 2
+    assert job["options"]["mode"] == "difface"
     assert job["options"]["fidelity"] == 0.3 and job["options"]["outputs"] == ["image", "faces"]
     page.wait_for_selector("#status-panel", state="visible")
     _screenshot(page, "progress")
@@ -503,10 +508,16 @@ def test_the_status_has_accessible_names_and_only_its_sentence_is_live(service: 
         route.fulfill(json=job)
 
     page.route(lambda url: bool(JOB_URL.search(url)), handle)
+    # Fake time, paused: the next poll waits for run_for, so the recorder is in place before it
+    # however long this process stalls (on the real clock a 1 s stall let "processing" land first).
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
     page.goto(f"{service}/#job={FAKE_ID}")
     _wait_status_line(page, "Queued: 2 ahead of you.")
     _record_texts(page, "status-text")  # what a screen reader announces
-    _wait_status_line(page, "Processing: diffusion sampling (step 3 of 50)")
+    for step, delay in ((1, 1000), (2, 500), (3, 500)):  # the queued, then the processing poll delay
+        page.clock.run_for(delay)
+        _wait_status_line(page, f"Processing: diffusion sampling (step {step} of 50)")
     # read out once, when the job started sampling; steps 2 and 3 changed only the counter
     assert _recorded_texts(page) == ["Processing: diffusion sampling"]
     live = page.eval_on_selector_all("[aria-live]", "es => es.map(e => [e.id, e.getAttribute('aria-live')])")

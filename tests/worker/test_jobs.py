@@ -310,7 +310,15 @@ def test_metrics_after_jobs(client: TestClient, service) -> None:
     settings = service[0]
     store = JobStore(connect(settings), settings)
     port = store.workers()[0]["metrics_port"]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    succeeded = 'dynface_jobs_total{outcome="succeeded",reason="ok"}'
+
+    def scrape() -> str | None:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return text if succeeded in text else None
+
+    # The wait above returns once `store.finish` has recorded the job; the worker counts it in
+    # dynface_jobs_total just after (worker/tasks.py `_finish`), so a first scrape may not have it yet.
+    text = wait_for(scrape, 10, interval=0.1, what=f"{succeeded} on the worker's /metrics")
     expected = {
         "dynface_queue_wait_seconds": "histogram",
         "dynface_inference_seconds": "histogram",
@@ -332,7 +340,7 @@ def test_metrics_after_jobs(client: TestClient, service) -> None:
     batches = {name: float(value) for name, value in samples}
     # batching is off by default: every job ran alone
     assert batches['dynface_jobs_per_batch_bucket{le="1.0"}'] == batches["dynface_jobs_per_batch_count"] > 0
-    assert 'dynface_jobs_total{outcome="succeeded",reason="ok"}' in text
+    assert succeeded in text
     assert 'le="600.0"' in text
     assert "dynface_worker_ready 1.0" in text
     api = client.get("/metrics").text

@@ -101,7 +101,8 @@ def test_tiny_profile_without_detector_becomes_ready_once_it_appears(waiting_wor
         # what `dynface weights pull` would leave there; the worker picks it up without a restart
         os.symlink(WEIGHTS / MOBILENET, wdir / MOBILENET)
         try:
-            wait_for(lambda: c.get("/readyz").status_code == 200, 30, interval=0.2, what="ready after pull")
+            # It builds the tiny pipeline now: as long as a worker's start (start_workers allows 120 s).
+            wait_for(lambda: c.get("/readyz").status_code == 200, 120, interval=0.2, what="ready after pull")
         except AssertionError as e:
             raise AssertionError(f"{e}; worker log:\n{worker.log()[-3000:]}") from None
         w = c.get("/readyz").json()["workers"][0]
