@@ -123,7 +123,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _one_redis(self) -> Settings:
         if self.redis_url and self.redis_sentinels:
-            raise ValueError("set REDIS_URL or DYNFACE_REDIS_SENTINELS, not both")
+            raise ValueError(
+                "set REDIS_URL (or DYNFACE_REDIS_URL) or DYNFACE_REDIS_SENTINELS, not both; under "
+                "docker compose, Sentinel mode also needs DYNFACE_REDIS_URL= (empty) in .env"
+            )
         return self
 
     @model_validator(mode="after")
