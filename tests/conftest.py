@@ -52,12 +52,13 @@ _no_proxy_for_loopback()
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Run the suite on its own defaults whatever the machine exports. Settings read DYNFACE_* and
-    REDIS_URL (app/settings.py): a stray one (a CI runner's REDIS_URL, a developer's DYNFACE_PROFILE)
-    would change every Settings() a test builds without saying so. Done here, before any test module
-    is imported, rather than at import: benches import this module and keep their environment."""
+    REDIS_URL (app/settings.py), and app/metrics.py switches to multiprocess mode on
+    PROMETHEUS_MULTIPROC_DIR: a stray one (a CI runner's REDIS_URL, a developer's DYNFACE_PROFILE)
+    would change what a test builds without saying so. Done here, before any test module is
+    imported, rather than at import: benches import this module and keep their environment."""
     for name in list(os.environ):
         ours = name.startswith("DYNFACE_TEST_") or name in SUITE_VARIABLES
-        if name == "REDIS_URL" or (name.startswith("DYNFACE_") and not ours):
+        if name in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR") or (name.startswith("DYNFACE_") and not ours):
             del os.environ[name]
 
 
