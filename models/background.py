@@ -9,7 +9,9 @@ masks. At `upscale` 1 the photo is never run through the model: it stays exactly
 The model's own scale (2 or 4) rarely has to equal the requested `upscale` (1-4): the model runs
 once and its output is Lanczos-resized to exactly `upscale` times the photo, as Real-ESRGAN's
 `outscale` and GFPGAN's background upsampler do (x2plus for `upscale` 4 is x2 then a 2x resize;
-x4plus for `upscale` 2 is x4 then a halving).
+x4plus for `upscale` 2 is x4 then a halving). Each tile's output is resized straight into the
+result, so the model's whole output (4 times the result's pixels for x4plus at `upscale` 2: 768 MB
+for a 16 MP photo) never exists at once; memory is bounded by the result and one tile.
 
 The architecture comes from spandrel (chaiNNer's model loader): it recognises RRDBNet from the
 state dict's key names, infers its width, depth and scale (Real-ESRGAN's x2 model pixel-unshuffles
@@ -26,16 +28,17 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from spandrel import ImageModelDescriptor, ModelLoader
 
 from models import weights
-from models.faces import resize_to
 from models.speed import SpeedOptions, memory_format
 
 NONE = "none"
@@ -131,21 +134,53 @@ class BackgroundUpscaler:
         """`rgb` (H, W, 3) uint8 upscaled to exactly (round(H·factor), round(W·factor), 3).
 
         Factor 1 returns a copy without running the model, so that photos that are not upscaled
-        keep their background exactly as decoded.
+        keep their background exactly as decoded. At the model's own scale this is `super_resolve`;
+        at any other, each tile's output is Lanczos-resized into the result (`_lanczos`) with the
+        margin the kernel reaches into (cut from the tile's context), so that the model's whole output
+        is never held. A tile's result pixels then equal a resize of the whole output wherever its
+        margin equals the neighbouring tile's core, as with an overlap covering the receptive field.
         """
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected uint8 HxWx3, got {rgb.dtype} {rgb.shape}")
         if factor == 1:
             return rgb.copy()
         h, w = rgb.shape[:2]
-        target = (max(1, round(w * factor)), max(1, round(h * factor)))
-        out = self.super_resolve(rgb)
-        return out if (out.shape[1], out.shape[0]) == target else resize_to(out, target)
+        rows, cols = _Axis.of(h, self.scale, factor), _Axis.of(w, self.scale, factor)
+        if rows.size == h * self.scale and cols.size == w * self.scale:
+            return self.super_resolve(rgb)
+        out = np.empty((rows.size, cols.size, 3), np.uint8)
+        for (y0, y1), (x0, x1), pixels in self._tiles(rgb, rows.source, cols.source):
+            ty0, ty1, tx0, tx1 = rows.target(y0), rows.target(y1), cols.target(x0), cols.target(x1)
+            if ty1 > ty0 and tx1 > tx0:
+                box_y = rows.box(ty0, ty1, rows.source(y0, y1)[0])
+                box_x = cols.box(tx0, tx1, cols.source(x0, x1)[0])
+                out[ty0:ty1, tx0:tx1] = _lanczos(pixels, (ty1 - ty0, tx1 - tx0), box_y, box_x)
+        return out
 
-    @torch.inference_mode()
     def super_resolve(self, rgb: np.ndarray) -> np.ndarray:
         """The model's output at its own scale, (H·s, W·s, 3) uint8, assembled tile by tile on the
         host: the device holds the photo (uint8) and one tile's activations at a time."""
+        h, w = rgb.shape[:2]
+        s = self.scale
+
+        def core(start: int, end: int) -> tuple[int, int]:
+            return start * s, end * s
+
+        out = np.empty((h * s, w * s, 3), np.uint8)
+        for (y0, y1), (x0, x1), pixels in self._tiles(rgb, core, core):
+            out[y0 * s : y1 * s, x0 * s : x1 * s] = pixels
+        return out
+
+    @torch.inference_mode()
+    def _tiles(
+        self,
+        rgb: np.ndarray,
+        rows: Callable[[int, int], tuple[int, int]],
+        cols: Callable[[int, int], tuple[int, int]],
+    ) -> Iterator[tuple[tuple[int, int], tuple[int, int], np.ndarray]]:
+        """For each tile: its core's input rows and columns, and the model's output (uint8) over the
+        output rows `rows(core rows)` and columns `cols(core columns)` (the core's, or more). Each tile
+        runs with `overlap` pixels of context, or more where those output pixels need it."""
         h, w = rgb.shape[:2]
         s = self.scale
         # Tile corners on the grid the model pads its input to: pixel-unshuffle (x2 model) groups
@@ -153,17 +188,84 @@ class BackgroundUpscaler:
         grid = self.model.size_requirements.multiple_of
         overlap = _round_up(self.config.overlap, grid)
         image = torch.tensor(rgb, device=self.device)  # a copy: decoded photos may be read-only
-        out = np.empty((h * s, w * s, 3), np.uint8)
         for y0, y1 in _spans(h, self.config.tile, grid):
+            qy0, qy1 = rows(y0, y1)
+            iy0, iy1 = _context(y0, y1, qy0, qy1, h, s, overlap, grid)
             for x0, x1 in _spans(w, self.config.tile, grid):
-                iy0, ix0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
-                iy1, ix1 = min(y1 + overlap, h), min(x1 + overlap, w)
+                qx0, qx1 = cols(x0, x1)
+                ix0, ix1 = _context(x0, x1, qx0, qx1, w, s, overlap, grid)
                 x = image[iy0:iy1, ix0:ix1].permute(2, 0, 1)[None].to(self.model.dtype).div(255)
                 y = self.model(x.contiguous(memory_format=self._memory_format))[0]
-                core = y[:, (y0 - iy0) * s : (y1 - iy0) * s, (x0 - ix0) * s : (x1 - ix0) * s]
-                pixels = core.float().mul(255).round().to(torch.uint8).permute(1, 2, 0)
-                out[y0 * s : y1 * s, x0 * s : x1 * s] = pixels.cpu().numpy()
-        return out
+                part = y[:, qy0 - iy0 * s : qy1 - iy0 * s, qx0 - ix0 * s : qx1 - ix0 * s]
+                pixels = part.float().mul(255).round().to(torch.uint8).permute(1, 2, 0)
+                yield (y0, y1), (x0, x1), pixels.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One axis of `BackgroundUpscaler.upscale`: `n` photo pixels, `n·scale` model-output pixels and
+    `size` result pixels, split between tiles at result pixels that are multiples of `step`."""
+
+    n: int
+    scale: int
+    size: int
+    step: int
+
+    @classmethod
+    def of(cls, n: int, scale: int, factor: float) -> _Axis:
+        size = max(1, round(n * factor))
+        # At an integer factor, result tiles starting on multiples of `step` start on whole output
+        # pixels, where Pillow resamples a tile exactly as the whole image (a fractional box edge is
+        # rounded to float32, which moves rare pixels of other factors by 1).
+        step = size // math.gcd(n * scale, size) if float(factor).is_integer() else 1
+        return cls(n, scale, size, step)
+
+    @property
+    def ratio(self) -> float:
+        """Model-output pixels per result pixel."""
+        return self.n * self.scale / self.size
+
+    def target(self, start: int) -> int:
+        """The first result pixel of the tile whose core starts at photo pixel `start` (`size` at `n`)."""
+        return start * self.size // self.n // self.step * self.step
+
+    def source(self, start: int, end: int) -> tuple[int, int]:
+        """The output pixels Pillow's Lanczos reads for the result pixels of the core [start, end): its
+        3-lobe kernel, widened by the reduction when shrinking, around the first and last pixel's
+        centre, plus one pixel for rounding."""
+        t0, t1 = self.target(start), self.target(end)
+        reach = 3 * max(self.ratio, 1.0)
+        first = math.floor((t0 + 0.5) * self.ratio - reach) - 1
+        last = math.ceil((t1 - 0.5) * self.ratio + reach) + 1
+        return max(0, first), min(self.n * self.scale, last)
+
+    def box(self, t0: int, t1: int, origin: int) -> tuple[float, float]:
+        """Where result pixels [t0, t1) lie in output pixels counted from `origin`."""
+        total = self.n * self.scale
+        return t0 * total / self.size - origin, t1 * total / self.size - origin
+
+
+def _context(
+    start: int, end: int, out_start: int, out_end: int, length: int, scale: int, overlap: int, grid: int
+) -> tuple[int, int]:
+    """The input span a tile runs on: its core [start, end) with `overlap` pixels of context, widened to
+    the output pixels [out_start, out_end) it must produce; the start on the model's `grid`."""
+    first = min(start - overlap, out_start // scale // grid * grid)
+    return max(0, first), min(length, max(end + overlap, -(-out_end // scale)))
+
+
+def _lanczos(
+    pixels: np.ndarray, size: tuple[int, int], rows: tuple[float, float], cols: tuple[float, float]
+) -> np.ndarray:
+    """The `rows` × `cols` box of `pixels` Lanczos-resized to `size` (height, width): Pillow's
+    horizontal pass, then its vertical one, each rounded to 8 bits. Two explicit passes, because
+    Pillow picks the order of its own from the sizes (Pillow 13 goes vertically first for some shapes,
+    tall photos shrunk among them), so a tile and the whole image could take different orders, and the
+    order changes the 8-bit intermediate."""
+    im = Image.fromarray(pixels)
+    im = im.resize((size[1], im.height), Image.Resampling.LANCZOS, box=(cols[0], 0, cols[1], im.height))
+    im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS, box=(0, rows[0], size[1], rows[1]))
+    return np.asarray(im)
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -16,6 +16,7 @@ are uint8 (H, W, 3) RGB numpy arrays, as the pipeline takes them; the float work
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Sequence
@@ -134,9 +135,18 @@ def gaussian_kernel(sigma_x: float, sigma_y: float, theta: float, size: int) -> 
 
 
 def _blur(x: torch.Tensor, kernel: np.ndarray) -> torch.Tensor:
-    """(1, C, H, W) ⊛ kernel per channel, reflect (101) padding like cv2.filter2D's default."""
+    """(1, C, H, W) ⊛ kernel per channel, reflect (101) padding like cv2.filter2D's default.
+
+    Raises ValueError for an image with a side of at most half the kernel: reflect padding mirrors the
+    image once, so it cannot reach that far (torch would fail with an opaque RuntimeError).
+    """
     k = torch.from_numpy(kernel).to(x.dtype)
     pad = kernel.shape[0] // 2
+    if min(x.shape[-2:]) <= pad:
+        raise ValueError(
+            f"image is {x.shape[-2]}×{x.shape[-1]} px; the {kernel.shape[0]}×{kernel.shape[1]} blur kernel "
+            f"needs at least {pad + 1} px a side"
+        )
     channels = x.shape[1]
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     return F.conv2d(xp, k.expand(channels, 1, *k.shape).contiguous(), groups=channels)
@@ -233,17 +243,36 @@ def severity_set(
 ) -> list[DegradedFace]:
     """Every image degraded `per_image` times at every level (mild → severe by default).
 
-    Each face's seed is derived from (seed, image index, level index, repeat), so a face does not change
-    when other images or levels are added or removed.
+    Each face's seed is derived from (seed, level name, the image's pixels, repeat), never from positions,
+    so a face does not change when other images or levels are added, removed or reordered. Only arrays
+    identify an image here, so identical images get identical draws.
     """
     levels = SEVERITY_LEVELS if levels is None else levels
+    keys = [image_key(image) for image in images]
     out = []
-    for k, (name, ranges) in enumerate(levels.items()):
-        for i, image in enumerate(images):
+    for name, ranges in levels.items():
+        level = stable_key(name.encode())
+        for i, (image, key) in enumerate(zip(images, keys, strict=True)):
             for rep in range(per_image):
-                degraded, params = random_degrade(image, (seed, i, k, rep), ranges)
+                degraded, params = random_degrade(image, (seed, level, key, rep), ranges)
                 out.append(DegradedFace(i, name, params, degraded))
     return out
+
+
+def stable_key(*parts: bytes | np.ndarray) -> int:
+    """A 128-bit seed component naming `parts` (a level name, a file's path, C-contiguous pixels) the same
+    in every process: Python's hash() of str is salted per process, and positions shift as items come and
+    go."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:  # each part's length first: ("ab", "c") and ("a", "bc") name different things
+        digest.update(memoryview(part).nbytes.to_bytes(8, "little"))
+        digest.update(part)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def image_key(image: np.ndarray) -> int:
+    """`stable_key` of an array's shape, dtype and pixels (hashed in place, not copied)."""
+    return stable_key(f"{image.shape} {image.dtype.str} ".encode(), np.ascontiguousarray(image))
 
 
 def with_params(params: DegradationParams, **changes: Any) -> DegradationParams:

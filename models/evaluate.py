@@ -12,7 +12,9 @@ MUSIQ↑, each the mean over images except FID (one value for the folder, agains
   a metric whose package or weights are absent is reported *unavailable* with the reason (what to
   install or where to put which file), never silently skipped, failed on or estimated.
 
-Pairs are matched by path relative to each folder, without the suffix (x.png ↔ x.jpg).
+Pairs are matched by path relative to each folder, without the suffix (x.png ↔ x.jpg); two files of one
+name in one folder (x.png and x.jpg) are an error. Images are decoded as restoration decodes uploads
+(`models.images.decode_image`: EXIF orientation applied, 16-bit samples scaled to 8 bits).
 """
 
 from __future__ import annotations
@@ -25,13 +27,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
-from models import weights
+from models import images, weights
+from models.errors import PipelineError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 #: (name, higher is better)
@@ -45,6 +46,9 @@ COLUMNS: tuple[tuple[str, bool], ...] = (
     ("MUSIQ", True),
 )
 ARCFACE_FILE = "recognition_arcface_ir_se50.pth"  # facexlib's release asset name
+#: Pixels an evaluated image may have: the metrics' own limit, not the API's upload limit (Pillow's
+#: decompression-bomb error at 2 × MAX_IMAGE_PIXELS still applies on top).
+EVAL_MAX_PIXELS = 2**31 - 1
 
 
 class Unavailable(Exception):
@@ -98,11 +102,18 @@ def _csv_value(value: float | None) -> str:
 
 # ----------------------------------------------------------------------------------------------- pairs
 def matched_pairs(pred: Path, gt: Path) -> list[tuple[Path, Path]]:
-    """(pred file, gt file) by relative path without suffix; any unmatched file on either side is an error."""
+    """(pred file, gt file) by relative path without suffix; any unmatched file on either side, or two files
+    differing only in their suffix, is an error."""
 
     def index(root: Path) -> dict[Path, Path]:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        return {p.relative_to(root).with_suffix(""): p for p in files}
+        by_key: dict[Path, Path] = {}
+        for path in files:
+            key = path.relative_to(root).with_suffix("")
+            if key in by_key:  # x.jpg and x.png: which one to pair would be a silent guess
+                raise ValueError(f"{by_key[key]} and {path} are the same image name with two suffixes")
+            by_key[key] = path
+        return by_key
 
     p, g = index(pred), index(gt)
     if not g:
@@ -118,10 +129,13 @@ def matched_pairs(pred: Path, gt: Path) -> list[tuple[Path, Path]]:
 
 
 def load_image(path: Path) -> Tensor:
-    """(1, 3, H, W) float64 in [0, 1]."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB")).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1)[None].to(torch.float64) / 255.0
+    """(1, 3, H, W) float64 in [0, 1], decoded as restoration decodes uploads (`images.decode_image`):
+    upright by EXIF, 16-bit samples scaled (not clipped), colours in sRGB, alpha dropped."""
+    try:
+        rgb = images.decode_image(path.read_bytes(), max_pixels=EVAL_MAX_PIXELS).rgb
+    except PipelineError as e:
+        raise ValueError(f"{path}: {e.message}") from e
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].to(torch.float64) / 255.0
 
 
 # --------------------------------------------------------------------------------------------- metrics

@@ -62,6 +62,9 @@ _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _CACHED_PROFILE_BYTES = 64 * 1024
 _PROFILE_UNREADABLE = "The image's colour profile could not be read; its colours were used as they are."
 
+#: Float (mode F) samples converted to 8 bits at a time (`_float_levels`): 8 MB of float64 work.
+_FLOAT_BLOCK_SAMPLES = 1 << 20
+
 #: Colour used under transparent pixels when an image with alpha is written as JPEG.
 JPEG_BACKGROUND = (255, 255, 255)
 
@@ -327,13 +330,7 @@ def _to_arrays(
         alpha = None if keyed is None or not keyed.any() else np.where(keyed, 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2), alpha, True
     if mode == "F":
-        # Float samples (32-bit float TIFF) have no fixed range: the usual one is [0, 1], read as
-        # 0..255; finite values outside it mean 8-bit levels, clipped. NaN reads as 0, ±inf as 255/0.
-        wide = np.asarray(im, dtype=np.float64)
-        finite = wide[np.isfinite(wide)]
-        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
-            wide = wide * 255.0
-        gray = np.clip(np.rint(np.nan_to_num(wide, nan=0.0)), 0, 255).astype(np.uint8)
+        gray = _float_levels(np.asarray(im, dtype=np.float32))
         return np.repeat(gray[:, :, None], 3, axis=2), None, True
     if mode in ("1", "L", "RGB") and transparency is not None:
         keyed = im.convert("LA" if mode in ("1", "L") else "RGBA")  # Pillow maps tRNS to alpha here
@@ -356,6 +353,30 @@ def _to_arrays(
     # RGB, RGBX, CMYK, YCbCr, LAB, HSV: no alpha; Pillow's converters to RGB are correct here (CMYK
     # by the textbook formula, without an embedded profile).
     return np.asarray(_to_srgb(im, conversion, "RGB", warnings), dtype=np.uint8).copy(), None, False
+
+
+def _float_levels(samples: np.ndarray) -> np.ndarray:
+    """uint8 levels of float samples (mode F, 32-bit float TIFF), which have no fixed range: the usual
+    one is [0, 1], read as 0..255; finite values outside it mean 8-bit levels, clipped. NaN reads as 0,
+    ±inf as 255/0. The arithmetic is float64's, run over blocks of rows: whole-image float64 copies
+    would take ~1.3 GB at 40 MP."""
+    rows = max(1, _FLOAT_BLOCK_SAMPLES // max(1, samples.shape[1]))
+    blocks = [samples[r : r + rows] for r in range(0, samples.shape[0], rows)]
+    lo, hi = np.inf, -np.inf
+    for block in blocks:
+        finite = np.isfinite(block)
+        lo = min(lo, float(np.min(block, where=finite, initial=np.inf)))
+        hi = max(hi, float(np.max(block, where=finite, initial=-np.inf)))
+    unit = lo <= hi and lo >= 0.0 and hi <= 1.0  # lo > hi: no finite value at all
+    levels = np.empty(samples.shape, np.uint8)
+    for r, block in zip(range(0, samples.shape[0], rows), blocks, strict=True):
+        wide = block.astype(np.float64)
+        if unit:
+            wide *= 255.0
+        np.nan_to_num(wide, copy=False, nan=0.0)
+        np.clip(np.rint(wide, out=wide), 0, 255, out=wide)
+        levels[r : r + rows] = wide
+    return levels
 
 
 def check_png_compress_level(level: int) -> None:

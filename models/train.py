@@ -1,9 +1,9 @@
 """Training of DynFaceRestore's two learned nets: `dynface train dblm CONFIG`, `dynface train dgsa CONFIG`.
 
 Data: a folder of aligned 512×512 clean faces (FFHQ layout: any nested *.png / *.jpg), degraded on the fly
-by `models.degradations` (DifFace's ranges), seeded by (seed, epoch, image index) so a run — and a resumed
-run — sees the same inputs. Losses are the ones the networks' modules define (../shared/method.md, "Our
-formulation" §2 and §6):
+by `models.degradations` (DifFace's ranges), seeded by (seed, epoch, the file's relative path) so a run
+— and a resumed run — sees the same inputs. Losses are the ones the networks' modules define
+(../shared/method.md, "Our formulation" §2 and §6):
 
 - DBLM: `models.dblm.dblm_loss` — Σ_k L1 + Gaussian NLL against G_σk * x, the backbone initialised
   from the restorer R's weights (DifFace's SwinIR) with every level's head starting at R's head; plus
@@ -32,6 +32,7 @@ import os
 import random
 import sys
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from tqdm import tqdm
 
 from models import trained, weights
 from models.dblm import DBLMConfig, DBLMNet, blur_levels, dblm_loss
-from models.degradations import DIFFACE_RANGES, SEVERITY_LEVELS, random_degrade, to_gray
+from models.degradations import DIFFACE_RANGES, SEVERITY_LEVELS, random_degrade, stable_key, to_gray
 from models.dgsa import DGSANet, dgsa_loss
 from models.profiles import PROFILES, Profile
 from models.swinir import SwinIR, swinir_from_checkpoint
@@ -156,9 +157,22 @@ def load_config(path: str | Path, kind: Kind, overrides: dict[str, Any] | None =
 
 
 # ------------------------------------------------------------------------------------------------ data
+#: How a face's degradation is seeded, recorded in checkpoints: a resume under another rule would
+#: silently train on other inputs than the interrupted run.
+DATA_SEEDING = "relative-path"
+
+
+def data_key(relative: Path) -> int:
+    """`stable_key` of a file's path under the data root, the same on every machine: posix separators,
+    NFC (macOS may hand out NFD names), and undecodable bytes kept as they are (surrogateescape)."""
+    name = unicodedata.normalize("NFC", relative.as_posix())
+    return stable_key(name.encode("utf-8", "surrogateescape"))
+
+
 class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
-    """(clean, degraded) pairs in [0, 1], (3, size, size); the degradation of image i in epoch e is
-    seeded by (seed, e, i), so it does not depend on workers, ranks or batch order."""
+    """(clean, degraded) pairs in [0, 1], (3, size, size); the degradation of a file in epoch e is seeded
+    by (seed, e, its path relative to the root), so it depends neither on workers, ranks or batch order
+    nor on which other files are in the folder."""
 
     def __init__(self, config: DataConfig) -> None:
         root = config.root
@@ -166,6 +180,7 @@ class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
         if not paths:
             raise FileNotFoundError(f"no *.png / *.jpg faces under {root}")
         self.paths = paths[: config.max_images]
+        self.keys = [data_key(p.relative_to(root)) for p in self.paths]
         self.size = config.size
         self.seed = config.seed
         self.ranges = (
@@ -182,7 +197,7 @@ class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
             if img.size != (FACE_SIZE, FACE_SIZE):
                 img = img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
             clean = np.asarray(img).copy()
-        degraded, params = random_degrade(clean, (self.seed, self.epoch, index), self.ranges)
+        degraded, params = random_degrade(clean, (self.seed, self.epoch, self.keys[index]), self.ranges)
         if params.gray:  # a grey input's target is grey too (DifFace's gt_gray): colour cannot be inferred
             clean = to_gray(clean)
         pair = torch.stack([_to_tensor(clean), _to_tensor(degraded)])
@@ -396,7 +411,7 @@ def checkpoint_path(config: TrainConfig) -> Path:
 #: Config fields a resume may change: they do not alter the trained weights, so the exported config
 #: (which records the resumed run's values) still describes how they were made. max_steps extends (or
 #: ends) the run; log_every, ckpt_every and num_workers only change when things are written or how
-#: fast batches load (each face's degradation is seeded by its index, not by the worker); out_dir is
+#: fast batches load (each face's degradation is seeded by its path, not by the worker); out_dir is
 #: where the checkpoint was found. Every other field shapes the run (an edited lr, say, would be
 #: overwritten by the checkpoint's optimizer state; an edited batch_size or data root would move the
 #: data position), so a difference is refused rather than silently ignored or half applied.
@@ -457,6 +472,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         # On the CPU: torch.set_rng_state takes only a CPU tensor; load_state_dict moves the rest.
         state = torch.load(ckpt, map_location="cpu", weights_only=False)  # our own file: RNG states
         check_resume_config(config, state["config"], ckpt)
+        if state.get("data_seeding") != DATA_SEEDING:
+            raise ValueError(
+                f"{ckpt} was written by a version that seeded each face's degradation by its index in "
+                "the folder, not its path: resumed, it would not see the batches it was trained on. "
+                "Start the run afresh (without --resume, or delete the checkpoint)."
+            )
     torch.manual_seed(config.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     task = _task(config)
     task.to(device)
@@ -629,6 +650,7 @@ def _save_checkpoint(
         "step": step,
         "rng": _rng_state(),
         "config": config.model_dump(mode="json"),
+        "data_seeding": DATA_SEEDING,
     }
     tmp = path.with_suffix(".tmp")
     try:

@@ -175,6 +175,75 @@ def test_output_is_exactly_upscale_times_the_photo(name: str) -> None:
             np.testing.assert_array_equal(out, face_ops.resize_to(sr, (50 * factor, 37 * factor)))
 
 
+#: (model, upscale) pairs where the model's output is resized: shrunk (x4 to 2 and 3) or grown (x2 to 3
+#: and 4), at integer factors (the API's) and at a fractional one.
+RESIZED = [
+    ("realesrgan_x4plus", 2),
+    ("realesrgan_x4plus", 3),
+    ("realesrgan_x4plus", 2.5),
+    ("realesrgan_x2plus", 3),
+    ("realesrgan_x2plus", 4),
+]
+
+
+@pytest.mark.parametrize(("name", "factor"), RESIZED)
+def test_resized_upscale_equals_resizing_the_whole_model_output(name: str, factor: float) -> None:
+    """Each tile's output is resized straight into the result, with the margin Lanczos reads cut from
+    its context. Untiled, that is exactly the whole output resized; tiled with an overlap that covers
+    the receptive field, the margins hold the neighbours' pixels up to the tiling's own float32
+    rounding (test_tiled_equals_untiled_...), so at most 1 level in a few values differs. At a
+    fractional factor, tile edges fall between output pixels and Pillow rounds them to float32: the
+    same bound."""
+    rgb = _random_image(101, 203)  # wide: Pillow's own resize then runs its horizontal pass first too
+    for tile in (0, 48):
+        up = bg.tiny(bg.BackgroundConfig(name, tile=tile, overlap=COVERING_OVERLAP))
+        assert up is not None
+        out = up.upscale(rgb, factor)
+        size = (round(203 * factor), round(101 * factor))
+        assert out.shape == (size[1], size[0], 3)
+        whole = face_ops.resize_to(up.super_resolve(rgb), size)
+        if tile == 0 and float(factor).is_integer():
+            np.testing.assert_array_equal(out, whole)
+        diff = np.abs(out.astype(int) - whole)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_resized_upscale_runs_pillows_horizontal_pass_first_on_every_photo() -> None:
+    """The two Lanczos passes run in a fixed order (horizontal, then vertical) on every tile and photo.
+    Pillow's own resize picks its order from the sizes (13.0 goes vertically first on this tall photo),
+    which moves values by 1 through the 8-bit intermediate: a whole-output resize is within 1 level."""
+    up = bg.tiny(bg.BackgroundConfig("realesrgan_x4plus", tile=48, overlap=COVERING_OVERLAP))
+    assert up is not None
+    rgb = _random_image(203, 101)
+    sr = up.super_resolve(rgb)
+    lanczos = Image.Resampling.LANCZOS
+    two_pass = np.asarray(Image.fromarray(sr).resize((202, 812), lanczos).resize((202, 406), lanczos))
+    diff = np.abs(up.upscale(rgb, 2).astype(int) - two_pass)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert np.abs(face_ops.resize_to(sr, (202, 406)).astype(int) - two_pass).max() <= 1
+
+
+@pytest.mark.parametrize(("name", "factor"), [("realesrgan_x4plus", 2), ("realesrgan_x2plus", 3)])
+def test_resized_upscale_never_holds_the_whole_model_output(name: str, factor: int) -> None:
+    """Host memory (numpy's allocations, which tracemalloc sees) stays within twice the result: the
+    result and one tile. Resizing the assembled output held it whole first: for x4plus at upscale 2,
+    4 times the result's pixels (768 MB for a 16 MP photo, plus Pillow's copy of it)."""
+    import tracemalloc
+
+    up = bg.tiny(bg.BackgroundConfig(name, tile=48, overlap=COVERING_OVERLAP))
+    assert up is not None
+    rgb = _random_image(101, 203)
+    up.upscale(rgb, factor)  # warm-up: first-call allocations (kernels, caches) are not the photo's
+    tracemalloc.start()
+    try:
+        out = up.upscale(rgb, factor)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (101 * factor, 203 * factor, 3)
+    assert peak < 2 * out.nbytes
+
+
 # ---------------------------------------------------------------- in the pipeline
 
 

@@ -166,6 +166,48 @@ def test_severity_set_is_reproducible_and_order_independent(small_face: np.ndarr
     assert [f.params for f in alone] == [f.params for f in first]
 
 
+def test_severity_set_face_does_not_depend_on_the_other_levels(small_face: np.ndarray) -> None:
+    """A level's draws are seeded by its name, not its position: dropping or reordering the other levels
+    leaves them as they were."""
+    full = d.severity_set([small_face], seed=1)
+    severe = next(f for f in full if f.level == "severe")
+    alone = d.severity_set([small_face], seed=1, levels={"severe": d.SEVERITY_LEVELS["severe"]})
+    assert [(f.level, f.params) for f in alone] == [("severe", severe.params)]
+    assert np.array_equal(alone[0].image, severe.image)
+    reversed_levels = d.severity_set([small_face], seed=1, levels=dict(reversed(d.SEVERITY_LEVELS.items())))
+    assert [f.params for f in reversed_levels] == [f.params for f in reversed(full)]
+
+
+def test_severity_set_face_does_not_depend_on_earlier_images(small_face: np.ndarray) -> None:
+    """An image's draws are seeded by its pixels, not its position: dropping an image before it (not
+    only the last one) or reordering the images leaves them as they were."""
+    second, third = small_face[::-1].copy(), small_face[:, ::-1].copy()
+    full = d.severity_set([small_face, second, third], seed=1)
+    third_faces = [f for f in full if f.source == 2]
+    without_second = d.severity_set([small_face, third], seed=1)
+    assert [f.params for f in without_second if f.source == 1] == [f.params for f in third_faces]
+    assert all(
+        np.array_equal(f.image, g.image)
+        for f, g in zip([f for f in without_second if f.source == 1], third_faces, strict=True)
+    )
+    swapped = d.severity_set([third, small_face], seed=1)
+    assert [f.params for f in swapped if f.source == 0] == [f.params for f in third_faces]
+    # Different images and levels still get different draws.
+    assert len({f.params for f in full}) == len(full)
+
+
+def test_blur_refuses_an_image_its_kernel_reaches_past_with_a_clear_error() -> None:
+    """Reflect padding mirrors the image once: a 41 px kernel needs 21 px a side (torch would raise an
+    opaque RuntimeError on the 16 px image)."""
+    params = d.DegradationParams("iso", 2.0, 2.0, 0.0, 1.0, 0.0, 90)
+    for shape in ((16, 16, 3), (20, 64, 3)):
+        with pytest.raises(ValueError, match="the 41×41 blur kernel needs at least 21 px a side"):
+            d.blur_only(np.zeros(shape, np.uint8), params)
+        with pytest.raises(ValueError, match="needs at least 21 px a side"):
+            d.degrade(np.zeros(shape, np.uint8), params, 0)
+    assert d.blur_only(np.full((21, 21, 3), 7, np.uint8), params).tolist() == np.full((21, 21, 3), 7).tolist()
+
+
 def test_gray_output_has_equal_channels(small_face: np.ndarray) -> None:
     p = d.DegradationParams("iso", 1.0, 1.0, 0.0, 1.0, 0.0, 90, gray=True)
     out = d.degrade(small_face, p, 0)
@@ -190,3 +232,9 @@ def test_blur_only_is_the_kernel_step_without_jpeg(face: np.ndarray) -> None:
 
 def test_psnr_identical_is_inf(small_face: np.ndarray) -> None:
     assert d.psnr(small_face, small_face) == math.inf
+
+
+def test_stable_key_tells_apart_parts_split_differently() -> None:
+    """Parts are length-prefixed: ("ab", "c") and ("a", "bc") are different names."""
+    assert d.stable_key(b"ab", b"c") != d.stable_key(b"a", b"bc")
+    assert d.stable_key(b"ab", b"c") == d.stable_key(b"ab", b"c")

@@ -16,7 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from models.evaluate import COLUMNS, Unavailable, evaluate, fid, inception_weights, torch_hub_checkpoint
+from models.evaluate import (
+    COLUMNS,
+    Unavailable,
+    evaluate,
+    fid,
+    inception_weights,
+    load_image,
+    matched_pairs,
+    torch_hub_checkpoint,
+)
 from tests.models.stand_in_weights import stand_in_alexnet_hub
 from worker.cli import main
 
@@ -157,6 +166,50 @@ def test_unmatched_folders_are_an_error(
     assert "without a prediction" in capsys.readouterr().err
 
 
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit grey PNG is scaled to 8 bits as the pipeline decodes uploads, not clipped to 0/255."""
+    Image.fromarray(np.array([[0, 1000, 30000, 65535]], dtype=np.uint16)).save(tmp_path / "grey16.png")
+    grey = load_image(tmp_path / "grey16.png")
+    assert grey.shape == (1, 3, 1, 4) and grey.dtype == torch.float64
+    expected = torch.tensor([0, 4, 117, 255], dtype=torch.float64) / 255  # round(v / 257)
+    for channel in range(3):
+        assert torch.equal(grey[0, channel, 0], expected)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """The metrics see the picture upright, as the user does and as the pipeline decodes it."""
+    stored = (np.arange(8, dtype=np.uint8).reshape(2, 4) * 30)[:, :, None].repeat(3, axis=2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
+    upright = load_image(tmp_path / "rotated.png")[0].permute(1, 2, 0) * 255
+    assert torch.equal(upright, torch.from_numpy(np.rot90(stored, -1).astype(np.float64)))
+
+
+def test_one_name_with_two_suffixes_is_an_error(
+    folders: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """x.png and x.jpg in one folder would both be "x": pairing one of them silently is a guess."""
+    gt, same, _ = folders
+    stem = Path(NAMES[0]).stem
+    Image.open(gt / "sub" / NAMES[0]).convert("RGB").save(gt / "sub" / f"{stem}.jpg")
+    with pytest.raises(ValueError, match=re.escape(f"{gt / 'sub' / stem}.jpg and {gt / 'sub' / NAMES[0]}")):
+        matched_pairs(same, gt)
+    assert main(["eval", "--pred", str(same), "--gt", str(gt)]) == 2
+    assert "the same image name with two suffixes" in capsys.readouterr().err
+
+
+def test_an_undecodable_image_is_an_error_naming_it(
+    folders: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    gt, same, _ = folders
+    broken = same / "sub" / NAMES[0]
+    broken.write_bytes(b"not an image")
+    assert main(["eval", "--pred", str(same), "--gt", str(gt)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {broken}: " in err and "Traceback" not in err
+
+
 def test_fid_of_a_single_pair_is_unavailable_with_the_reason(tmp_path: Path) -> None:
     """FID's covariance needs two samples: one pair reports why instead of failing the whole run."""
     gt, pred = tmp_path / "gt", tmp_path / "pred"
@@ -211,7 +264,9 @@ def test_fid_needs_torch_fidelitys_inception_file_not_pytorch_fids(
 
 def _stand_in_inception(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A random torch-fidelity Inception state dict at `path` (the real file cannot be fetched here):
-    FID then runs exactly as with the real network; its values mean nothing but FID(x, x) = 0."""
+    FID then runs exactly as with the real network; its values mean nothing but FID(x, x) = 0. He-normal
+    convolutions keep the activations' scale through the ~90 layers (torch's default init shrinks the
+    features to ~1e-8, where every FID is round-off)."""
     from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
 
     with monkeypatch.context() as m, torch.random.fork_rng(devices=[]):
@@ -219,6 +274,9 @@ def _stand_in_inception(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         m.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
         m.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
         net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
 
@@ -239,5 +297,17 @@ def test_fid_is_computed_from_the_cached_file_without_any_download(
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
     gt, same, pred = folders
     identical = evaluate(same, gt, device="cpu", weights_dir=tmp_path)
-    assert "FID" not in identical.unavailable and identical.values["FID"] == pytest.approx(0.0, abs=1e-6)
+    assert "FID" not in identical.unavailable
     assert evaluate(pred, gt, device="cpu", weights_dir=tmp_path).values["FID"] > 0
+    different = fid([(_upside_down(tmp_path, g), g) for _, g in matched_pairs(same, gt)], torch.device("cpu"))
+    # FID(x, x) is 0 in exact arithmetic, but 2 images give rank-1 2048² covariances: the square roots of
+    # the ~2047 round-off eigenvalues of their product leave a residue (~5e-5 here, ~2e-5 of the FID of
+    # upside-down faces) that depends on the CPU's maths library. So it is bounded relative to a real
+    # difference's FID, not by an absolute 1e-6.
+    assert abs(identical.values["FID"]) < 1e-3 * different
+
+
+def _upside_down(folder: Path, path: Path) -> Path:
+    out = folder / f"upside-down-{path.name}"
+    Image.open(path).convert("RGB").transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(out)
+    return out

@@ -238,6 +238,61 @@ def test_float_mode_f_tiff_is_read_by_its_range(values: list[float], levels: lis
     assert d.grayscale and d.rgb[0, :, 0].tolist() == levels
 
 
+def _float_levels_whole(values: np.ndarray) -> np.ndarray:
+    """The float-TIFF reading as one float64 computation over the whole image: the oracle the blockwise
+    conversion must equal exactly."""
+    wide = values.astype(np.float64)
+    finite = wide[np.isfinite(wide)]
+    if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+        wide = wide * 255.0
+    return np.clip(np.rint(np.nan_to_num(wide, nan=0.0)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("unit", [True, False])
+def test_float_tiff_blocks_equal_the_whole_image_computation(
+    unit: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Converted in blocks of rows (7 here), the levels are exactly the whole-image float64 ones: the
+    range is judged over every block (the one value outside [0, 1] sits in the last, partial block),
+    and NaN, ±inf and the half-levels between 8-bit steps land as they would."""
+    monkeypatch.setattr(images, "_FLOAT_BLOCK_SAMPLES", 7 * 30)
+    rng = np.random.default_rng(0)
+    values = rng.random((50, 30), dtype=np.float32)
+    values[3, :4] = [np.nan, np.inf, -np.inf, np.nan]
+    values[20, :5] = (np.arange(5, dtype=np.float32) + 0.5) / 255  # k + ½ levels once scaled
+    if not unit:
+        values *= 300
+        values[10, :3] = [-4.0, 127.5, 128.5]
+        values[49, 29] = -0.25
+    else:
+        values[49, 29] = 1.0
+    data = _save(Image.fromarray(values), "TIFF")
+    d = decode_image(data, max_pixels=MAX)
+    expected = _float_levels_whole(values)
+    assert d.grayscale and d.alpha is None
+    np.testing.assert_array_equal(d.rgb, np.repeat(expected[:, :, None], 3, axis=2))
+    monkeypatch.setattr(images, "_FLOAT_BLOCK_SAMPLES", 1 << 20)  # one block
+    np.testing.assert_array_equal(decode_image(data, max_pixels=MAX).rgb, d.rgb)
+
+
+def test_float_tiff_decoding_keeps_no_whole_image_float64_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python-side allocations (tracemalloc) while decoding a float TIFF stay at ~8 bytes a pixel: the
+    float32 samples (4), the grey levels (1) and the RGB result (3), plus one small block of float64
+    work. Whole-image float64 copies took 32 bytes a pixel (≈1.3 GB for 40 MP)."""
+    import tracemalloc
+
+    monkeypatch.setattr(images, "_FLOAT_BLOCK_SAMPLES", 1 << 12)
+    values = np.random.default_rng(0).random((300, 300), dtype=np.float32)
+    data = _save(Image.fromarray(values), "TIFF")
+    tracemalloc.start()
+    try:
+        decode_image(data, max_pixels=MAX)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * values.size
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_allowed_formats_report_their_name(fmt: str) -> None:
     d = decode_image(_save(Image.fromarray(_rgb_pattern()), fmt), max_pixels=MAX)

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from models.train import (
     FaceFolder,
     TrainConfig,
     checkpoint_path,
+    data_key,
     load_config,
     lpips_network,
     lpips_term,
@@ -454,3 +456,49 @@ def test_a_grey_training_input_has_a_grey_target(faces: Path, tmp_path: Path) ->
     for image in (clean, degraded):
         assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
     assert not torch.equal(colour_clean[0], colour_clean[1])
+
+
+def test_a_faces_degradation_does_not_depend_on_the_other_files(faces: Path, tmp_path: Path) -> None:
+    """Each face's degradation is seeded by its path under the root, not its position in the sorted
+    listing: a file added before it (here one that sorts between the two faces) changes nothing."""
+    before = FaceFolder(tiny_config(tmp_path, faces).data)
+    grown = tmp_path / "grown"
+    shutil.copytree(faces, grown)
+    (grown / "00000a").mkdir()
+    shutil.copy(ALIGNED / FACES[0], grown / "00000a" / "extra.png")
+    after = FaceFolder(tiny_config(tmp_path, grown).data)
+    assert [p.relative_to(grown).as_posix() for p in after.paths] == [
+        f"00000/{FACES[0]}",
+        "00000a/extra.png",
+        f"00001/{FACES[1]}",
+    ]
+    for epoch in (0, 1):
+        before.epoch = after.epoch = epoch
+        for old, new in ((0, 0), (1, 2)):
+            assert all(torch.equal(a, b) for a, b in zip(before[old], after[new], strict=True))
+    # The added copy of face 0 sits at another path, so it gets its own degradation.
+    assert not torch.equal(after[1][1], after[0][1])
+
+
+def test_a_files_data_key_is_the_same_on_every_machine() -> None:
+    """The key reads the path as posix text in NFC: a name macOS hands out in NFD is the same file,
+    and a Linux name that is not UTF-8 still gets a key (it raised UnicodeEncodeError)."""
+    composed, decomposed = "caf\u00e9/x.png", "cafe\u0301/x.png"
+    assert data_key(Path(composed)) == data_key(Path(decomposed))
+    assert data_key(Path("a/b.png")) != data_key(Path("a/c.png"))
+    undecodable = Path(os.fsdecode(b"faces/x\xff.png"))
+    assert data_key(undecodable) != data_key(Path(os.fsdecode(b"faces/x\xfe.png")))
+
+
+def test_resume_refuses_a_checkpoint_seeded_by_index(faces: Path, tmp_path: Path) -> None:
+    """A checkpoint from before faces were seeded by their path would resume on other inputs than the
+    interrupted run saw: refused, naming the way out, with nothing trained."""
+    config = tiny_config(tmp_path, faces, max_steps=1)
+    train(config, progress=False)
+    ckpt = checkpoint_path(config)
+    state = torch.load(ckpt, weights_only=False)
+    del state["data_seeding"]
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="seeded each face's degradation by its index"):
+        train(tiny_config(tmp_path, faces, max_steps=2), resume=True, progress=False)
+    assert torch.load(ckpt, weights_only=False)["step"] == 1
