@@ -16,8 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:  # torch is imported where it is used: the HTTP benches' report needs none of it
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -37,8 +41,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine() -> str:
-    """uname -a, CPU model and count, load average, Python/torch versions."""
+def machine(gpu: torch.device | None = None) -> str:
+    """uname -a, CPU model and count, load average, Python/torch versions; with `gpu` (a CUDA device),
+    also that GPU: name, memory, SMs, compute capability, driver, and the CUDA/cuDNN torch was built with."""
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=False).stdout.strip()
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     try:
@@ -50,16 +55,49 @@ def machine() -> str:
         )
     except ImportError:
         torch_v = "torch not imported"
+    gpu_text = f"; GPU: {gpu_model(gpu)}" if gpu is not None and gpu.type == "cuda" else ""
     return (
         f"`{uname}`; CPU: {cpu_model()} × {os.cpu_count()} logical (load average at start {load}); "
         f"Python {platform.python_version()}, {torch_v}; "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}{gpu_text}"
+    )
+
+
+def gpu_model(device: torch.device) -> str:
+    """One CUDA device as a report names it (the driver from nvidia-smi, which torch does not expose)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        ).stdout.split()
+        driver = smi[0] if smi else "unknown (nvidia-smi printed nothing)"
+    except (OSError, subprocess.TimeoutExpired):
+        driver = "unknown (no nvidia-smi)"
+    return (
+        f"{props.name} ({device}), {props.total_memory / 2**30:.1f} GiB, {props.multi_processor_count} SMs, "
+        f"compute capability {props.major}.{props.minor}; driver {driver}; torch built with CUDA "
+        f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
     )
 
 
 def command() -> str:
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return env + ".venv/bin/python -m " + " ".join(shlex.quote(a) for a in [_module(), *sys.argv[1:]])
+    """This run's command line as typed: the variables that change its numbers or imports, the
+    interpreter (relative to the checkout when it lives there, as `.venv/bin/python` does), the module."""
+    env = "".join(
+        f"{k}={shlex.quote(os.environ[k])} " for k in ("OMP_NUM_THREADS", "PYTHONPATH") if k in os.environ
+    )
+    return env + f"{_interpreter()} -m " + " ".join(shlex.quote(a) for a in [_module(), *sys.argv[1:]])
+
+
+def _interpreter() -> str:
+    exe = Path(sys.executable)  # not resolved: a venv's python is a link to the base interpreter
+    return str(exe.relative_to(ROOT)) if exe.is_relative_to(ROOT) else str(exe)
 
 
 def _module() -> str:
@@ -70,9 +108,10 @@ def _module() -> str:
         return str(path)
 
 
-def header(title: str) -> str:
+def header(title: str, gpu: torch.device | None = None) -> str:
+    """The section's title, exact command, date and machine (`gpu`: the CUDA device the run used)."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"## {title}\n\n- command: `{command()}`\n- date: {now}\n- machine: {machine()}\n"
+    return f"## {title}\n\n- command: `{command()}`\n- date: {now}\n- machine: {machine(gpu)}\n"
 
 
 def write_section(name: str, body: str, doc: Path = DOC) -> None:

@@ -1,18 +1,22 @@
 """Intra-photo batching: B faces through one batched sampler loop vs B separate one-face calls.
 
-Measured: for B in 1, 2, 4, 8 (`--sizes`), the first B real aligned faces of
-../shared/testdata/aligned (sorted) are restored
+Measured: for B in 1, 2, 4, 8 (`--sizes`), the first B real aligned faces of `--faces-dir`
+(../shared/testdata/aligned, sorted) are restored
 - batched: one `restore_faces(B faces, seed=0)` call on a pipeline with `max_batch=B`, so the restorer
   R runs once on the B faces and the DDIM sampler runs one loop over all B;
 - one at a time: B calls `restore_faces(face k, seed=k)` on a pipeline with `max_batch=1` (the same
   per-face seeds, so both ways compute the same faces up to float rounding; the max abs difference of
   the uint8 outputs is reported as a check).
 
-Pipeline: the tiny profile (toy networks, random weights, CPU), mode `dynfacerestore` with the
+Pipeline: `RestorationPipeline` as the worker builds it (its default SpeedOptions, `--dtype` auto =
+fp16 on CUDA, fp32 on CPU) on `--device`, with the `--profile`'s networks (default: the real 512 px ones
+on CUDA, the tiny toy ones on CPU; the real profile's released weights where `--weights-dir` holds them,
+else its architecture with random weights, which batch the same work), mode `dynfacerestore` with the
 training-free DBLM/DGSA fallbacks, `fidelity` fixed (so eta does not depend on the face) and a DSST
 table with the default's blur levels but every start set to `--steps` (default 10): whatever level a
 face gets, it makes the same number of UNet calls (NFE), so every configuration does the same work per
-face. Both pipelines share the same network objects (as tests/models/test_pipeline.py `_fast_pipeline`).
+face. Every call's UNet evaluations are counted (`bench._pipeline.UNetCalls`) and must be exactly that.
+Both pipelines share the same network objects (as tests/models/test_pipeline.py `_fast_pipeline`).
 
 Timed with `time.perf_counter` around each `restore_faces` call (whole call: restorer R at 512, blur
 estimate, DGSA map, sampling, uint8 conversion), and the call's own `timings["sample"]` (the sampler
@@ -28,9 +32,9 @@ times, batched and one-at-a-time alternating within a repeat. Reported (p50 over
 Across jobs (the worker's cross-job batching, DYNFACE_WORKER_BATCH_MAX_JOBS = B): `--jobs` one-face
 jobs (the first real aligned faces, job k with seed k, the same fidelity, so all may share a batch)
 are submitted through the API (in-process) while no worker runs, into a Redis namespace of their own
-($DYNFACE_TEST_REDIS_URL, default redis://127.0.0.1:6379/0; purged afterwards); then one real worker
-process (`python -m worker`, the same tiny pipeline and DSST table, max_face_batch = the largest B)
-starts and takes them all. B = 1 is batching off. From the job records:
+($REDIS_URL as for the other benches, default redis://127.0.0.1:6379/0; purged afterwards); then one real
+worker process (`python -m worker --device DEVICE`, the same profile and DSST table, max_face_batch = the
+largest B) starts and takes them all. B = 1 is batching off. From the job records:
 - faces/s = jobs / (last completion − first start), i.e. while all of them were waiting or running
   (the worker's start-up is not counted);
 - sampler faces/s and guide-stage faces/s = jobs / the summed `sample` / `dblm` stage time of the
@@ -40,10 +44,13 @@ starts and takes them all. B = 1 is batching off. From the job records:
 - max abs diff = of each job's output image vs the same job's with batching off in the same repeat.
 Configurations alternate within a repeat (one worker process per configuration and repeat).
 
-The real profile (DifFace's 512 px UNet) is not measured: its weights are not on this machine.
+The worker part needs Redis, the API's dependencies and, for the real profile, its released weights
+(the worker loads no random ones); `--skip-worker` runs the in-process part alone, which needs none of
+them (e.g. on a GPU machine with only torch).
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.batching [--sizes 1,2,4,8] [--steps 10] [--repeats 3]
-       [--jobs 8] [--worker-sizes 1,2,4,8]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.batching [--device cpu|cuda[:N]] [--profile tiny|real]
+       [--dtype auto] [--sizes 1,2,4,8] [--steps 10] [--repeats 3] [--jobs 8] [--worker-sizes 1,2,4,8]
+       [--faces-dir DIR] [--skip-worker] [--doc PATH | --no-write]
 """
 
 from __future__ import annotations
@@ -53,26 +60,29 @@ import dataclasses
 import io
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
-from fastapi.testclient import TestClient
+import torch
 from PIL import Image
 
-from app.jobs import JobStore, connect
-from app.main import create_app
-from bench._report import ALIGNED, SHARED, header, percentile, write_section
+from bench._pipeline import Networks, UNetCalls, default_profile, networks, parse_device
+from bench._report import ALIGNED, DOC, REDIS_URL, ROOT, SHARED, header, percentile, write_section
+from models import weights
 from models.dsst import DSSTable, default_table
-from models.pipeline import RestorationPipeline
+from models.pipeline import RestorationPipeline, auto_dtype, profile_weights
 from models.profiles import PROFILES
-from tests.conftest import REDIS_URL, WorkerProcess, base_settings, purge, wait_for
 
 WEIGHTS = SHARED / "weights"
+#: How long a worker may take to load its pipeline and start the first job.
+LOAD_SECONDS = 300
 
 
 @dataclasses.dataclass
@@ -85,10 +95,10 @@ class Runs:
     latency: list[float] = dataclasses.field(default_factory=list)  # per face
 
 
-def load_faces(n: int) -> np.ndarray:
-    files = sorted(ALIGNED.glob("*.png"))[:n]
+def load_faces(folder: Path, n: int) -> np.ndarray:
+    files = sorted(folder.glob("*.png"))[:n]
     if len(files) < n:
-        raise SystemExit(f"need {n} aligned faces in {ALIGNED}, found {len(files)}")
+        raise SystemExit(f"need {n} aligned faces in {folder}, found {len(files)}")
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
 
 
@@ -97,37 +107,85 @@ def steps_table(steps: int) -> DSSTable:
     return dataclasses.replace(default_table(), start_indices=(steps,) * len(default_table().sigmas))
 
 
-def make_pipeline(base: RestorationPipeline, steps: int, max_batch: int) -> RestorationPipeline:
-    table = steps_table(steps)
-    return RestorationPipeline(
-        PROFILES["tiny"], base.unet, base.restorer, dsst=table, max_batch=max_batch, weights_dir=WEIGHTS
+@dataclasses.dataclass(frozen=True)
+class Counted:
+    """A pipeline and the count of the UNet evaluations it really makes."""
+
+    pipe: RestorationPipeline
+    unet: UNetCalls
+
+
+def make_pipeline(nets: Networks, steps: int, max_batch: int, device: str, dtype: str) -> Counted:
+    """A pipeline on the shared networks (the constructor moves them in place; every pipeline of a run
+    has the same device and dtype, so they agree), with the worker's default SpeedOptions."""
+    pipe = RestorationPipeline(
+        nets.profile,
+        nets.unet,
+        nets.restorer,
+        dsst=steps_table(steps),
+        max_batch=max_batch,
+        weights_dir=WEIGHTS,
+        device=device,
+        dtype=dtype,
     )
+    return Counted(pipe, UNetCalls.count(pipe))
 
 
 def timed(
-    pipe: RestorationPipeline, faces: np.ndarray, seed: int, fidelity: float, steps: int
+    counted: Counted, faces: np.ndarray, seed: int, fidelity: float, steps: int
 ) -> tuple[float, float, float, np.ndarray]:
+    """One `restore_faces` call: wall, sample-stage and guide-stage seconds, the faces. Raises unless
+    the UNet ran exactly `steps` times over all the faces (every face's NFE is `steps`)."""
+    before = counted.unet.calls, counted.unet.faces
     t0 = time.perf_counter()
-    result = pipe.restore_faces(faces, seed=seed, fidelity=fidelity)
+    result = counted.pipe.restore_faces(faces, seed=seed, fidelity=fidelity)
     wall = time.perf_counter() - t0
-    nfe = [f.nfe for f in result.facts]
-    if nfe != [steps] * len(faces):
-        raise RuntimeError(f"expected NFE {steps} for every face, got {nfe}")
+    made = counted.unet.calls - before[0], counted.unet.faces - before[1]
+    if made != (steps, steps * len(faces)):
+        raise RuntimeError(
+            f"expected {steps} UNet calls over all {len(faces)} face(s) (NFE {steps} each), counted "
+            f"{made[0]} calls and {made[1]} face evaluations"
+        )
     return wall, result.timings["sample"], result.timings["dblm"], result.faces
 
 
-def worker_run(
-    faces: list[Path], max_jobs: int, table: Path, fidelity: float, steps: int, face_batch: int, wait: float
-) -> tuple[Runs, list[np.ndarray], float]:
+@dataclasses.dataclass(frozen=True)
+class WorkerSetup:
+    """What every worker run of the across-jobs part shares."""
+
+    device: str
+    profile: str
+    weights_dir: Path
+    table: Path  # the steps table as a `dynface dsst build` JSON file
+    fidelity: float
+    steps: int
+    face_batch: int  # max_face_batch
+    wait: float  # worker_batch_wait_seconds
+
+
+def worker_run(faces: list[Path], max_jobs: int, setup: WorkerSetup) -> tuple[Runs, list[np.ndarray], float]:
     """One worker taking `len(faces)` waiting one-face jobs with up to `max_jobs` per batch: its
     times, the output images (job order) and the mean jobs per batch."""
+    # The service's own dependencies and the test suite's helpers for a service in a namespace of its
+    # own, imported here: the in-process part must run where they are not installed (a lent GPU).
+    import redis
+    from fastapi.testclient import TestClient
+
+    from app.jobs import JobStore, connect
+    from app.main import create_app
+    from tests.conftest import base_settings, purge, settings_env, wait_for
+
     settings = base_settings(
         f"bench-batching-{uuid.uuid4().hex[:8]}",
-        dsst_table=str(table),
-        max_face_batch=face_batch,
+        redis_url=REDIS_URL,  # $REDIS_URL, as every other bench (not the tests' own variable)
+        profile=setup.profile,
+        weights_dir=str(setup.weights_dir),
+        offline=True,
+        dsst_table=str(setup.table),
+        max_face_batch=setup.face_batch,
         max_queue_depth=len(faces) + 1,
         worker_batch_max_jobs=max_jobs,
-        worker_batch_wait_seconds=wait,
+        worker_batch_wait_seconds=setup.wait,
         job_timeout_seconds=600,
     )
     store = JobStore(connect(settings), settings)
@@ -139,28 +197,52 @@ def worker_run(
                 r = client.post(
                     "/v1/restorations",
                     files={"image": (face.name, face.read_bytes(), "image/png")},
-                    data={"aligned": "true", "seed": str(k), "fidelity": str(fidelity), "format": "png"},
+                    data={
+                        "aligned": "true",
+                        "seed": str(k),
+                        "fidelity": str(setup.fidelity),
+                        "format": "png",
+                    },
                 )
                 r.raise_for_status()
                 ids.append(r.json()["id"])
         log = Path(tempfile.gettempdir()) / f"{settings.key_prefix}.log"
-        worker = WorkerProcess(settings, log, settings.key_prefix)
+        # The name carries the queue's, so `purge` also removes RQ's key for it.
+        cmd = [sys.executable, "-m", "worker", "--device", setup.device, "--name", settings.queue_name]
+        with open(log, "wb") as out:
+            worker = proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT
+            )
+        load_deadline = time.monotonic() + LOAD_SECONDS
 
         def ended() -> list[dict[str, Any]] | None:
-            done = [r for r in (store.get(i) for i in ids) if r is not None and r.get("completed_at")]
+            # A worker that cannot load its model retries forever: fail fast instead, with its log.
+            if proc.poll() is not None:
+                raise RuntimeError(f"the worker exited (rc {proc.returncode}); its log: {log}")
+            records = [r for r in (store.get(i) for i in ids) if r is not None]
+            if time.monotonic() > load_deadline and not any(r.get("started_at") for r in records):
+                raise RuntimeError(f"the worker started no job in {LOAD_SECONDS} s; its log: {log}")
+            done = [r for r in records if r.get("completed_at")]
             return done if len(done) == len(ids) else None
 
         records = wait_for(ended, 1800, interval=0.2, what=f"{len(ids)} jobs with max_jobs={max_jobs}")
         bad = [(r["id"], r["status"], r.get("error")) for r in records if r["status"] != "succeeded"]
         if bad:
             raise RuntimeError(f"jobs did not succeed: {bad}; worker log {log}")
-        nfe = {f["start_step"] for r in records for f in r["faces"]}
-        if nfe != {steps}:
-            raise RuntimeError(f"expected NFE {steps} for every face, got {nfe}")
+        # Another process's UNet calls cannot be counted from here: this checks the start its records
+        # report, which the in-process part's count shows is the number of UNet calls made.
+        starts = {f["start_step"] for r in records for f in r["faces"]}
+        if starts != {setup.steps}:
+            raise RuntimeError(f"expected start step {setup.steps} for every face, got {starts}")
         images = [np.asarray(Image.open(io.BytesIO(store.result(i, "image") or b""))) for i in ids]
     finally:
         if worker is not None:
-            worker.stop(signal.SIGTERM)
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(5)
         purge(redis.Redis.from_url(REDIS_URL), settings)
     first = min(r["started_at"] for r in records)
     runs = Runs(
@@ -173,8 +255,15 @@ def worker_run(
     return runs, images, per_batch
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: real on CUDA, tiny on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="the pipeline's")
+    p.add_argument(
+        "--weights-dir", type=Path, default=WEIGHTS, help="the detector's weights, and real ones if there"
+    )
+    p.add_argument("--faces-dir", type=Path, default=ALIGNED, help="aligned 512 px faces (*.png)")
     p.add_argument("--sizes", default="1,2,4,8", help="batch sizes B")
     p.add_argument("--steps", type=int, default=10, help="DSST start for every level (= NFE per face)")
     p.add_argument("--repeats", type=int, default=3)
@@ -182,22 +271,35 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=8, help="one-face jobs waiting for the worker")
     p.add_argument("--worker-sizes", default="1,2,4,8", help="DYNFACE_WORKER_BATCH_MAX_JOBS values (1 = off)")
     p.add_argument("--wait", type=float, default=0.05, help="DYNFACE_WORKER_BATCH_WAIT_SECONDS")
-    p.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
-    args = p.parse_args()
+    p.add_argument(
+        "--skip-worker", action="store_true", help="in-process part only (no Redis, API or worker)"
+    )
+    p.add_argument("--doc", type=Path, default=DOC, help="file whose batching section is (re)written")
+    p.add_argument("--no-write", action="store_true", help="print only, write no file")
+    args = p.parse_args(argv)
+    device = parse_device(p, args.device)
+    profile = PROFILES[args.profile or default_profile(device)]
+    dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
     sizes = [int(v) for v in args.sizes.split(",")]
     worker_sizes = [int(v) for v in args.worker_sizes.split(",")]
     if worker_sizes[0] != 1:
-        raise SystemExit("--worker-sizes must start with 1 (batching off, the reference)")
-    head = header("Batching: B faces in one sampler loop vs one at a time (issue 8, item 3)")
+        p.error("--worker-sizes must start with 1 (batching off, the reference)")
+    wdir = args.weights_dir
+    if not args.skip_worker and profile.real and weights.missing_for(profile_weights(profile, wdir), wdir):
+        p.error(
+            f"the worker loads the real profile's released weights, which are not in {wdir}: pass "
+            "--weights-dir, or --skip-worker for the in-process part alone (random weights)"
+        )
+    head = header("Batching: B faces in one sampler loop vs one at a time (issue 8, item 3)", device)
     started = time.perf_counter()
 
-    faces = load_faces(max(sizes))
-    base = RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, max_batch=1)
-    single = make_pipeline(base, args.steps, 1)
+    faces = load_faces(args.faces_dir, max(sizes))
+    nets = networks(profile, wdir)
+    single = make_pipeline(nets, args.steps, 1, str(device), dtype)
     timed(single, faces[:1], 0, args.fidelity, args.steps)  # warm-up
     results: dict[int, tuple[Runs, Runs, int]] = {}
     for b in sizes:
-        batched_pipe = make_pipeline(base, args.steps, b)
+        batched_pipe = make_pipeline(nets, args.steps, b, str(device), dtype)
         timed(batched_pipe, faces[:b], 0, args.fidelity, args.steps)  # warm-up at this batch shape
         batched, separate, max_diff = Runs(), Runs(), 0
         for _ in range(args.repeats):
@@ -228,19 +330,28 @@ def main() -> None:
         )
 
     # Across jobs: real worker processes; configurations alternate within a repeat.
-    job_faces = sorted(ALIGNED.glob("*.png"))[: args.jobs]
-    if len(job_faces) < args.jobs:
-        raise SystemExit(f"need {args.jobs} aligned faces in {ALIGNED}, found {len(job_faces)}")
-    table_dir = tempfile.TemporaryDirectory()
-    table_file = Path(table_dir.name) / "dsst.json"
-    table_file.write_text(steps_table(args.steps).to_json())
     across: dict[int, tuple[Runs, int, list[float]]] = {b: (Runs(), 0, []) for b in worker_sizes}
-    for _ in range(args.repeats):
+    table_dir = tempfile.TemporaryDirectory()
+    if not args.skip_worker:
+        job_faces = sorted(args.faces_dir.glob("*.png"))[: args.jobs]
+        if len(job_faces) < args.jobs:
+            raise SystemExit(f"need {args.jobs} aligned faces in {args.faces_dir}, found {len(job_faces)}")
+        table_file = Path(table_dir.name) / "dsst.json"
+        table_file.write_text(steps_table(args.steps).to_json())
+        setup = WorkerSetup(
+            str(device),
+            profile.name,
+            wdir,
+            table_file,
+            args.fidelity,
+            args.steps,
+            max(worker_sizes),
+            args.wait,
+        )
+    for _ in range(0 if args.skip_worker else args.repeats):
         reference: list[np.ndarray] = []
         for b in worker_sizes:
-            run, images, per_batch = worker_run(
-                job_faces, b, table_file, args.fidelity, args.steps, max(worker_sizes), args.wait
-            )
+            run, images, per_batch = worker_run(job_faces, b, setup)
             reference = reference or images
             runs, max_diff, batch_sizes = across[b]
             for name in ("wall", "sample", "guide", "latency"):
@@ -278,29 +389,53 @@ def main() -> None:
             f"| {percentile(separate.latency, 50):.2f} | 1× | 1× | — |"
         )
     across_table = table[:2]
-    off = across[1][0]
-    off_fps, off_sfps = args.jobs / percentile(off.wall, 50), args.jobs / percentile(off.sample, 50)
-    for b, (runs, max_diff, batch_sizes) in across.items():
-        fps, sfps = args.jobs / percentile(runs.wall, 50), args.jobs / percentile(runs.sample, 50)
-        way = (
-            "worker, batching off"
-            if b == 1
-            else f"worker, ≤ {b} jobs per batch ({np.mean(batch_sizes):.1f} on average)"
-        )
-        across_table.append(
-            f"| {b} | {way} | {fps:.3f} | {sfps:.3f} "
-            f"| {args.jobs / percentile(runs.guide, 50):.3f} | {percentile(runs.latency, 50):.2f} "
-            f"| {fps / off_fps:.2f}× | {sfps / off_sfps:.2f}× | {max_diff if b > 1 else '—'} |"
-        )
+    if not args.skip_worker:
+        off = across[1][0]
+        off_fps, off_sfps = args.jobs / percentile(off.wall, 50), args.jobs / percentile(off.sample, 50)
+        for b, (runs, max_diff, batch_sizes) in across.items():
+            fps, sfps = args.jobs / percentile(runs.wall, 50), args.jobs / percentile(runs.sample, 50)
+            way = (
+                "worker, batching off"
+                if b == 1
+                else f"worker, ≤ {b} jobs per batch ({np.mean(batch_sizes):.1f} on average)"
+            )
+            across_table.append(
+                f"| {b} | {way} | {fps:.3f} | {sfps:.3f} "
+                f"| {args.jobs / percentile(runs.guide, 50):.3f} | {percentile(runs.latency, 50):.2f} "
+                f"| {fps / off_fps:.2f}× | {sfps / off_sfps:.2f}× | {max_diff if b > 1 else '—'} |"
+            )
+    on_cpu = device.type == "cpu"
+    what = (
+        f"**{'CPU' if on_cpu else 'GPU'} numbers**, device `{device}`, profile `{profile.name}` (UNet at "
+        f"{profile.image_size} px, restorer at 512 px), {nets.weights}; pipeline dtype {dtype}, the worker's "
+        f"default SpeedOptions (channels_last on, compile off); {torch.get_num_threads()} intra-op thread(s)."
+    )
+    if on_cpu:
+        what += " GPU batching gains differ and are **not measured by a CPU run**."
+    across_text = (
+        "Not run (`--skip-worker`)."
+        if args.skip_worker
+        else f"""- {args.jobs} one-face jobs (the first {args.jobs} aligned faces, job k seeded k, fidelity
+  {args.fidelity}, the same DSST table) submitted while no worker ran; then one real worker process
+  (`python -m worker --device {device}`, profile `{profile.name}`, dtype auto, `max_face_batch` =
+  {max(worker_sizes)}, batch wait {args.wait} s) took them all. B = 1 is batching off. One worker
+  process per configuration and repeat ({args.repeats} repeats, configurations alternating); its start-up
+  is not counted. faces/s = jobs / (last completion − first start); sampler and guide-stage faces/s =
+  jobs / the batches' summed `sample` / `dblm` stage times; per-face latency = a job's completion − the
+  first start (p50 over all jobs); max abs diff = each output image vs the same job's with batching off
+  in the same repeat (float rounding of batched kernels). The worker is another process, so its UNet
+  calls are not counted: its job records' start step ({args.steps} for every face, checked) is, which the
+  count above shows to be the number of UNet calls a face gets.
+
+{chr(10).join(across_table)}"""
+    )
     body = f"""{head}
-- **CPU numbers on the tiny profile** (toy networks with random weights; UNet at
-  {PROFILES["tiny"].image_size} px, restorer at 512 px), one intra-op thread. GPU batching gains differ
-  and are **not measured here** (no GPU on this machine); neither is the real profile (DifFace's 512 px
-  UNet): its weights are not on this machine, so there is no real-profile row.
-- set: the first {max(sizes)} real aligned faces (`../shared/testdata/aligned`, sorted); batch B uses the
+- {what}
+- set: the first {max(sizes)} aligned faces of `{shown(args.faces_dir)}` (sorted); batch B uses the
   first B. Mode `dynfacerestore` (training-free DBLM/DGSA fallbacks), fidelity fixed at {args.fidelity},
-  DSST table with every start = {args.steps}, so every face makes {args.steps} UNet calls (NFE, checked on
-  every call) whichever blur level it gets.
+  DSST table with every start = {args.steps}, so every face makes {args.steps} UNet calls whichever blur
+  level it gets: counted on every call by wrapping the pipeline's UNet (`RestorationPipeline._unet_call`),
+  which must have run {args.steps} times over all the call's faces, else the run stops.
 - batched = one `restore_faces` call of B faces with `max_batch=B` (one restorer forward, one sampler
   loop); one at a time = B calls of one face (`max_batch=1`, seed k for face k, the seed the batched call
   gives face k). {args.repeats} repeats after a warm-up; p50 over repeats. faces/s = B / wall time of the
@@ -317,21 +452,17 @@ def main() -> None:
 
 ### Across jobs: the worker batching waiting jobs (`DYNFACE_WORKER_BATCH_MAX_JOBS` = B)
 
-- {args.jobs} one-face jobs (the first {args.jobs} aligned faces, job k seeded k, fidelity {args.fidelity},
-  the same DSST table) submitted while no worker ran; then one real worker process (`python -m
-  worker`, tiny profile, CPU, `max_face_batch` = {max(worker_sizes)}, batch wait {args.wait} s) took them
-  all. B = 1 is batching off. One worker process per configuration and repeat ({args.repeats} repeats,
-  configurations alternating); its start-up is not counted. faces/s = jobs / (last completion − first
-  start); sampler and guide-stage faces/s = jobs / the batches' summed `sample` / `dblm` stage times;
-  per-face latency = a job's completion − the first start (p50 over all jobs); max abs diff = each
-  output image vs the same job's with batching off in the same repeat (float rounding of batched
-  kernels).
-
-{chr(10).join(across_table)}
+{across_text}
 """
     print(body)
     if not args.no_write:
-        write_section("batching", body)
+        write_section("batching", body, args.doc)
+
+
+def shown(path: Path) -> str:
+    """A path as the report names it: relative to the checkout's parent (`shared/...`) where it can be."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT.parent)) if resolved.is_relative_to(ROOT.parent) else str(path)
 
 
 if __name__ == "__main__":

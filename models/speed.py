@@ -9,8 +9,9 @@ What each switch does and why its default is what it is (measured equivalence: d
 - ``channels_last``: UNet and restorer weights (and the UNet's input) in NHWC, which cuDNN's fast
   convolution kernels (tensor cores in fp16/bf16) use without transposes. Same arithmetic, only the
   layout and hence the summation order of some kernels changes (≤ 1e-5 here). On by default on
-  every device: on this project's CPU the tiny restorer ran ~30 % faster with it and the tiny UNet
-  about the same (bench/gpu_path.py, docs/benchmarks.md); on CUDA it is cuDNN's preferred layout.
+  every device: on this project's CPU neither the tiny restorer nor the tiny UNet was slower with it
+  (bench/gpu_path.py; the numbers are in docs/benchmarks.md, "GPU path"); on CUDA it is cuDNN's
+  preferred layout.
 - ``compile``: ``torch.compile`` of the UNet (the sampler calls it NFE times per face, so it is where
   compile pays). Off by default: the first call (and each new batch size) compiles for tens of
   seconds to minutes, which a worker would pay on its first jobs, and it needs a C++ toolchain (CPU)
