@@ -75,8 +75,12 @@ def gpu_model(device: torch.device) -> str:
             text=True,
             check=False,
             timeout=30,
-        ).stdout.split()
-        driver = smi[0] if smi else "unknown (nvidia-smi printed nothing)"
+        )
+        words = smi.stdout.split()
+        if smi.returncode != 0:  # it prints its error on stdout too
+            driver = f"unknown (nvidia-smi exited {smi.returncode})"
+        else:
+            driver = words[0] if words else "unknown (nvidia-smi printed nothing)"
     except (OSError, subprocess.TimeoutExpired):
         driver = "unknown (no nvidia-smi)"
     return (

@@ -45,8 +45,9 @@ largest B) starts and takes them all. B = 1 is batching off. From the job record
 Configurations alternate within a repeat (one worker process per configuration and repeat).
 
 The worker part needs Redis, the API's dependencies and, for the real profile, its released weights
-(the worker loads no random ones); `--skip-worker` runs the in-process part alone, which needs none of
-them (e.g. on a GPU machine with only torch).
+(the worker loads no random ones); `--skip-worker` runs the in-process part alone, which needs no Redis
+or API packages, but still the pipeline's (torch, diffusers, spandrel, opencv, Pillow, ...) and, away
+from ../shared, `--faces-dir` with aligned faces.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.batching [--device cpu|cuda[:N]] [--profile tiny|real]
        [--dtype auto] [--sizes 1,2,4,8] [--steps 10] [--repeats 3] [--jobs 8] [--worker-sizes 1,2,4,8]

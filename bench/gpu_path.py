@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import gc
 import re
+import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -309,7 +310,9 @@ def copy_tasks(device: torch.device, batch: int, warmups: int, repeats: int) -> 
 
             out, first, times = timed_calls(call, device, warmups, repeats)
             diff = (out.float() - src.cpu().float()).abs().max().item()
-            return [Result(name, "transfer", times, first, diff, detail=f"{src.nbytes / 1e6:.1f}")]
+            # MB moved: a round trip moves the guide twice
+            moved = src.nbytes * (2 if round_trip else 1) / 1e6
+            return [Result(name, "transfer", times, first, diff, detail=f"{moved:.1f}")]
 
         return Task([name], "transfer", run)
 
@@ -509,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not args.no_write:
             write_section("gpu_path", body, args.doc)
 
+    # `timeout` ends a run with SIGTERM, which would skip the final write: ended as Ctrl-C instead.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for k, task in enumerate(tasks, 1):
             label = f"{k}/{len(tasks)} {', '.join(task.names)}"
@@ -531,7 +536,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             release(cuda)
             emit(final=False)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         emit(final=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def release(cuda: bool) -> None:
@@ -589,7 +599,7 @@ def report(run: Run, final: bool) -> str:
         )
 
     copies = [
-        "| copy (`models.speed.to_device` / `to_host`) | MB | ms | GB/s | × vs pageable "
+        "| copy (`models.speed.to_device` / `to_host`) | MB moved | ms | GB/s | × vs pageable "
         "| max abs diff vs source |",
         "|---|---|---|---|---|---|",
     ]

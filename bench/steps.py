@@ -131,10 +131,13 @@ def count_nfe(pipe: RestorationPipeline, starts: Sequence[int]) -> dict[int, int
     counter = UNetCalls.count(pipe)
     estimate = torch.zeros(1, 3, 512, 512)
     counted = {}
-    for start in starts:
-        before = counter.faces
-        pipe.sample_at_level(estimate, pipe.dsst.sigmas[0], start, eta=0.0, seed=0)
-        counted[start] = counter.faces - before
+    try:
+        for start in starts:
+            before = counter.faces
+            pipe.sample_at_level(estimate, pipe.dsst.sigmas[0], start, eta=0.0, seed=0)
+            counted[start] = counter.faces - before
+    finally:
+        pipe._unet_call = counter.inner  # the pipeline as it was: later counts do not nest
     if any(n != start for start, n in counted.items()):
         raise RuntimeError(f"UNet evaluations per face differ from the start index: {counted}")
     return counted

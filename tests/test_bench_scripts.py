@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -297,6 +299,30 @@ def test_gpu_path_interrupted_still_writes_what_it_measured(
     for name in ("fp16, NCHW", "fp16, channels_last", "bf16, NCHW", "bf16, channels_last"):
         assert "**not run: the run stopped first**" in rows[name]
     assert "Partial" not in doc.read_text()
+
+
+def test_gpu_path_ended_by_sigterm_still_writes_its_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`timeout` (the device tool's limit) ends a run with SIGTERM: the section is finished as after
+    Ctrl-C, and the process's own SIGTERM handling is given back."""
+    real = gpu_path.time_unet
+
+    def terminated(nets: Any, row: gpu_path.UNetRow, *args: Any) -> Any:
+        if row.name == "fp16, NCHW":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(nets, row, *args)
+
+    monkeypatch.setattr(gpu_path, "time_unet", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    doc = tmp_path / "doc.md"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_path.main(
+            ["--device", "cpu", "--rows", "precision", "--repeats", "1", "--warmups", "1", "--doc", str(doc)]
+        )
+    assert signal.getsignal(signal.SIGTERM) == before
+    text = doc.read_text()
+    assert "Partial" not in text and "**not run: the run stopped first**" in text
 
 
 def test_gpu_path_report_of_a_gpu_run() -> None:
