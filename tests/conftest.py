@@ -119,6 +119,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
+def settings_in_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """dynface's Settings as a container whose environment is exactly ``env`` reads them (every other
+    DYNFACE_* and REDIS_URL of this process hidden meanwhile)."""
+    with monkeypatch.context() as m:
+        for k in os.environ:
+            if k.startswith("DYNFACE_") or k == "REDIS_URL":
+                m.delenv(k)
+        for k, v in env.items():
+            m.setenv(k, v)
+        return Settings()
+
+
 def wait_for_rate_window(needed: float = 20.0) -> None:
     """Return once at least ``needed`` seconds are left in the current clock minute. The API's rate
     limit counts in fixed one-minute windows (``int(time.time() // 60)``, app/security.py): a test's

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from app.settings import Settings
+from tests.conftest import settings_in_env
 from worker.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -282,17 +283,6 @@ def _container_env(project: Path, dotenv: dict[str, str], profile: str) -> dict[
     }
 
 
-def _settings_in(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """dynface's Settings as a container with exactly this environment reads them."""
-    with monkeypatch.context() as m:
-        for k in os.environ:
-            if k.startswith("DYNFACE_") or k == "REDIS_URL":
-                m.delenv(k)
-        for k, v in env.items():
-            m.setenv(k, v)
-        return Settings()
-
-
 SENTINEL_ENV = {
     # docs/scaling.md, "Sentinel": an empty (not absent) DYNFACE_REDIS_URL drops compose's URL
     "DYNFACE_REDIS_URL": "",
@@ -311,7 +301,7 @@ def test_redis_sentinel_mode_gives_no_url_to_api_and_workers(
     for name, env in _container_env(tmp_path, {**SECRETS, **SENTINEL_ENV}, profile).items():
         assert env["DYNFACE_REDIS_SENTINELS"] == SENTINEL_ENV["DYNFACE_REDIS_SENTINELS"], name
         assert not env.get("REDIS_URL") and not env.get("DYNFACE_REDIS_URL"), (name, env.get("REDIS_URL"))
-        settings = _settings_in(env, monkeypatch)  # raises on "not both"
+        settings = settings_in_env(env, monkeypatch)  # raises on "not both"
         assert settings.redis_sentinels == SENTINEL_ENV["DYNFACE_REDIS_SENTINELS"].split(",")
         assert not settings.redis_url and settings.redis_configured, name
 
@@ -324,11 +314,11 @@ def test_redis_url_comes_from_dynface_redis_url_or_the_bundled_redis(
     ignored = {**SECRETS, "REDIS_URL": "redis://:x@elsewhere:6379/0"}
     for name, env in _container_env(tmp_path, ignored, "gpu").items():
         assert env["REDIS_URL"] == BUNDLED_REDIS_URL, name
-        assert _settings_in(env, monkeypatch).redis_url == BUNDLED_REDIS_URL
+        assert settings_in_env(env, monkeypatch).redis_url == BUNDLED_REDIS_URL
     central = "redis://:central-password@redis-primary.example:6379/0"
     for name, env in _container_env(tmp_path, {**SECRETS, "DYNFACE_REDIS_URL": central}, "gpu").items():
         assert env["REDIS_URL"] == central, name
-        assert _settings_in(env, monkeypatch).redis_url == central
+        assert settings_in_env(env, monkeypatch).redis_url == central
     deployment = _deployment_section()
     assert "`REDIS_URL`" in deployment and "`DYNFACE_REDIS_URL`" in deployment
 

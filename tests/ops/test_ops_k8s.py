@@ -8,7 +8,6 @@ schemas bundled) in strict mode, so a misspelt field fails. KEDA and Prometheus 
 from __future__ import annotations
 
 import copy
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import yaml
 from rq import Queue
 
 from app.settings import Settings
+from tests.conftest import settings_in_env
 from worker.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,16 +125,6 @@ def _pod_env(secret: dict[str, str]) -> dict[str, str]:
     return {**config(), **secret}
 
 
-def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    with monkeypatch.context() as m:
-        for k in os.environ:
-            if k.startswith("DYNFACE_") or k == "REDIS_URL":
-                m.delenv(k)
-        for k, v in env.items():
-            m.setenv(k, v)
-        return Settings()
-
-
 def test_the_secret_alone_chooses_url_or_sentinel_redis(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the Secret names the Redis (the pods' env comes from the ConfigMap and the Secret), so the
     Sentinel variant of secret.example.yaml, which leaves REDIS_URL out, gives valid settings."""
@@ -145,14 +135,14 @@ def test_the_secret_alone_chooses_url_or_sentinel_redis(monkeypatch: pytest.Monk
         for c in pod["containers"]:
             assert not redis_keys & {e["name"] for e in c.get("env", [])}, name
             assert {"secretRef": {"name": "dynface-secrets"}} in c["envFrom"], name
-    url = _settings_from(_pod_env(one("secret.example.yaml", "Secret")["stringData"]), monkeypatch)
+    url = settings_in_env(_pod_env(one("secret.example.yaml", "Secret")["stringData"]), monkeypatch)
     assert url.redis_url and not url.redis_sentinels
     # the variant in the file's comments: its --from-literal keys, REDIS_URL left out
     text = (K8S / "secret.example.yaml").read_text()
     variant = text[text.index("Redis Sentinel instead") : text.index("apiVersion:")]
     literals = dict(re.findall(r"--from-literal=([A-Z_]+)='([^']*)'", variant))
     assert "REDIS_URL" not in literals and "REDIS_PASSWORD" in literals  # KEDA's TriggerAuthentication key
-    sentinel = _settings_from(_pod_env(literals), monkeypatch)
+    sentinel = settings_in_env(_pod_env(literals), monkeypatch)
     assert sentinel.redis_sentinels and not sentinel.redis_url and sentinel.redis_password is not None
     assert sentinel.redis_sentinel_master == literals["DYNFACE_REDIS_SENTINEL_MASTER"]
 
