@@ -61,8 +61,6 @@ import dataclasses
 import io
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -174,7 +172,7 @@ def worker_run(faces: list[Path], max_jobs: int, setup: WorkerSetup) -> tuple[Ru
 
     from app.jobs import JobStore, connect
     from app.main import create_app
-    from tests.conftest import base_settings, purge, settings_env, wait_for
+    from tests.conftest import WorkerProcess, base_settings, purge, wait_for
 
     settings = base_settings(
         f"bench-batching-{uuid.uuid4().hex[:8]}",
@@ -208,12 +206,8 @@ def worker_run(faces: list[Path], max_jobs: int, setup: WorkerSetup) -> tuple[Ru
                 r.raise_for_status()
                 ids.append(r.json()["id"])
         log = Path(tempfile.gettempdir()) / f"{settings.key_prefix}.log"
-        # The name carries the queue's, so `purge` also removes RQ's key for it.
-        cmd = [sys.executable, "-m", "worker", "--device", setup.device, "--name", settings.queue_name]
-        with open(log, "wb") as out:
-            worker = proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT
-            )
+        worker = WorkerProcess(settings, log, settings.queue_name, device=setup.device)
+        proc = worker.proc
         load_deadline = time.monotonic() + LOAD_SECONDS
 
         def ended() -> list[dict[str, Any]] | None:
@@ -238,12 +232,7 @@ def worker_run(faces: list[Path], max_jobs: int, setup: WorkerSetup) -> tuple[Ru
         images = [np.asarray(Image.open(io.BytesIO(store.result(i, "image") or b""))) for i in ids]
     finally:
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(5)
+            worker.stop(signal.SIGTERM)
         purge(redis.Redis.from_url(REDIS_URL), settings)
     first = min(r["started_at"] for r in records)
     runs = Runs(

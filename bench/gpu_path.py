@@ -496,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         run.flops_face = unet_flops(profile.unet, size, 1)  # per face: FLOPs are linear in the batch
-        run.flops_real = unet_flops(PROFILES["real"].unet, PROFILES["real"].image_size, 1)
+        real = PROFILES["real"]
+        run.flops_real = run.flops_face if profile is real else unet_flops(real.unet, real.image_size, 1)
     except Exception as e:  # the timings must not be lost to it
         run.flops_error = error_text(e)
         progress(f"FLOP count failed: {run.flops_error}")

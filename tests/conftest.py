@@ -165,13 +165,19 @@ def port_taken(log: str) -> bool:
 
 
 def wait_terminal(client: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    """The job as the API shows it once it has ended (succeeded, failed or canceled)."""
-    return wait_for(
-        lambda: (j := client.get(f"/v1/restorations/{job_id}").json())["status"] in TERMINAL and j,
-        timeout,
-        interval=0.1,
-        what=f"job {job_id} ended",
-    )
+    """The job as the API shows it once it has ended (succeeded, failed or canceled). A 503
+    redis_unavailable is polled through: it is the API's right answer to a Redis read that took longer
+    than the service's Redis timeout (0.5 s in the Redis-fault tests), which a loaded machine can cause."""
+
+    def ended() -> dict[str, Any] | None:
+        r = client.get(f"/v1/restorations/{job_id}")
+        if r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable":
+            return None
+        assert r.status_code == 200, (r.status_code, r.text)
+        job = r.json()
+        return job if job["status"] in TERMINAL else None
+
+    return wait_for(ended, timeout, interval=0.1, what=f"job {job_id} ended")
 
 
 def wait_mid_sampling(store: Any, job_id: str, timeout: float = 90) -> dict[str, Any]:
@@ -304,16 +310,16 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 class WorkerProcess:
-    """A real `python -m worker --device cpu` process."""
+    """A real `python -m worker --device DEVICE` process (cpu unless told)."""
 
-    def __init__(self, settings: Settings, log_path: Path, name: str) -> None:
+    def __init__(self, settings: Settings, log_path: Path, name: str, device: str = "cpu") -> None:
         # The name carries the test's queue name, so `purge` also removes RQ's `rq:worker:<name>` key,
         # which a SIGKILLed worker leaves behind (RQ deletes it only on a clean exit).
         self.name = name if settings.queue_name in name else f"{settings.queue_name}-{name}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--device", "cpu", "--name", self.name],
+            [sys.executable, "-m", "worker", "--device", device, "--name", self.name],
             cwd=ROOT,
             env=settings_env(settings),
             stdout=self._log,

@@ -28,7 +28,7 @@ from PIL import Image
 from rel_support import RedisServer, WebhookSink
 from rq.registry import FinishedJobRegistry
 
-from app.jobs import TERMINAL, JobStore, connect
+from app.jobs import JobStore, connect
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import (
@@ -374,26 +374,10 @@ def _service_on_own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, WorkerP
         server.stop()
 
 
-def _wait_terminal_through_blips(c: TestClient, job_id: str, timeout: float) -> dict[str, Any]:
-    """`wait_terminal` on a service whose Redis timeout is 0.5 s (`_service_on_own_redis`): on a
-    loaded machine, a read that takes longer after the restart is answered 503 redis_unavailable,
-    which is the API's right answer to a Redis that did not answer in time, so the poll goes on."""
-
-    def ended() -> dict[str, Any] | None:
-        r = c.get(f"/v1/restorations/{job_id}")
-        if r.status_code == 503 and r.json()["error"]["code"] == "redis_unavailable":
-            return None
-        assert r.status_code == 200, (r.status_code, r.text)
-        job = r.json()
-        return job if job["status"] in TERMINAL else None
-
-    return wait_for(ended, timeout, interval=0.1, what=f"job {job_id} ended")
-
-
 def _assert_succeeds(c: TestClient, job_id: str, worker: WorkerProcess) -> None:
     """The job ends `succeeded`; on failure or timeout, the worker's log is in the message."""
     try:
-        job = _wait_terminal_through_blips(c, job_id, timeout=120)
+        job = wait_terminal(c, job_id, timeout=120)
     except AssertionError as e:
         raise AssertionError(f"{e}; worker log:\n{worker.log()[-3000:]}") from e
     assert job["status"] == "succeeded", (job, worker.log()[-3000:])
@@ -491,7 +475,7 @@ def test_worker_stopped_while_waiting_for_redis(tmp_path: Path) -> None:
         later = WorkerProcess(settings, tmp_path / "later.log", f"later-{uuid.uuid4().hex[:6]}")
         try:
             try:
-                job = _wait_terminal_through_blips(c, job_id, timeout=180)
+                job = wait_terminal(c, job_id, timeout=180)
             except AssertionError as e:
                 raise AssertionError(f"{e}; later worker log:\n{later.log()[-3000:]}") from e
             assert job["status"] == "succeeded", (job, later.log()[-3000:])
