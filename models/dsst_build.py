@@ -14,11 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
+from models import images
 from models.blur import RadialSpectrum, radial_profiles
 from models.dsst import LPIPS_WEIGHT, DSSTable, build_analytic, check_sigmas, sweep_table
 from models.schedule import RespacedSchedule
@@ -35,12 +34,15 @@ SWEEP_OPTIONS = {
 
 
 def load_face(path: Path, image_size: int) -> Tensor:
-    """One aligned image_size² face as (1, 3, S, S) float64 in [-1, 1]; any other size is an error."""
-    with Image.open(path) as im:
-        img = im.convert("RGB")
-    if img.size != (image_size, image_size):
-        raise ValueError(f"{path} is {img.size[0]}×{img.size[1]}, expected aligned {image_size}² faces")
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].to(torch.float64) / 127.5 - 1.0
+    """One aligned image_size² face as (1, 3, S, S) float64 in [-1, 1]; any other size is an error.
+
+    Decoded as the service decodes uploads (`images.load_rgb`): P_face is measured on the pixels the
+    pipeline restores, not on a 16-bit face clipped to white or a face lying on its side."""
+    rgb = images.load_rgb(path, max_pixels=images.FACE_FILE_MAX_PIXELS)
+    height, width = rgb.shape[:2]
+    if (width, height) != (image_size, image_size):
+        raise ValueError(f"{path} is {width}×{height}, expected aligned {image_size}² faces")
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].to(torch.float64) / 127.5 - 1.0
 
 
 def face_power_spectrum(paths: Sequence[Path], image_size: int) -> RadialSpectrum:

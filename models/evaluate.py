@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import images, weights
-from models.errors import PipelineError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 #: (name, higher is better)
@@ -129,12 +128,9 @@ def matched_pairs(pred: Path, gt: Path) -> list[tuple[Path, Path]]:
 
 
 def load_image(path: Path) -> Tensor:
-    """(1, 3, H, W) float64 in [0, 1], decoded as restoration decodes uploads (`images.decode_image`):
+    """(1, 3, H, W) float64 in [0, 1], decoded as restoration decodes uploads (`images.load_rgb`):
     upright by EXIF, 16-bit samples scaled (not clipped), colours in sRGB, alpha dropped."""
-    try:
-        rgb = images.decode_image(path.read_bytes(), max_pixels=EVAL_MAX_PIXELS).rgb
-    except PipelineError as e:
-        raise ValueError(f"{path}: {e.message}") from e
+    rgb = images.load_rgb(path, max_pixels=EVAL_MAX_PIXELS)
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].to(torch.float64) / 255.0
 
 

@@ -12,12 +12,19 @@ import functools
 import io
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from models.errors import InvalidImageError, OutputTooLargeError, TooManyPixelsError, UnsupportedFormatError
+from models.errors import (
+    InvalidImageError,
+    OutputTooLargeError,
+    PipelineError,
+    TooManyPixelsError,
+    UnsupportedFormatError,
+)
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 T = TypeVar("T")
@@ -41,6 +48,11 @@ MAX_OUTPUT_SIDE: dict[OutputFormat, int] = {"png": 2**31 - 1, "jpeg": 65_500, "w
 #: Side of the square aligned face the pipeline restores (an `aligned` input is resized to it). Here,
 #: not in models.pipeline, because the API sizes results with it and must not import torch.
 FACE_SIZE = 512
+
+#: Pixels an aligned face file read by the offline tools (training, `dsst build`) may have: 4096²,
+#: 4× the largest aligned-face releases (FFHQ, CelebA-HQ: 1024²) a side. Bigger is no aligned face,
+#: and is refused from its header rather than decoded only to be resized or refused by its size.
+FACE_FILE_MAX_PIXELS = 4096 * 4096
 
 #: ICC colour space (`xcolor_space`) an embedded profile must have to be applied, by source mode
 #: (palette entries are RGB). Other modes' pixels are used as they are.
@@ -116,6 +128,20 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
         size=(rgb.shape[1], rgb.shape[0]),
         warnings=warnings,
     )
+
+
+def load_rgb(path: Path, *, max_pixels: int) -> np.ndarray:
+    """An image file's HxWx3 uint8 RGB as `decode_image` gives an upload's (upright by EXIF, 16-bit
+    samples scaled, colours in sRGB, alpha dropped), so the offline tools (training, `dsst build`,
+    `dynface eval`) see the pixels the service restores. Its warnings are dropped: there is no user
+    to show them to.
+
+    Raises ValueError naming the file for one `decode_image` refuses, OSError for one not read.
+    """
+    try:
+        return decode_image(path.read_bytes(), max_pixels=max_pixels).rgb
+    except PipelineError as e:
+        raise ValueError(f"{path}: {e.message}") from e
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from models import trained, weights
+from models import images, trained, weights
 from models.dblm import DBLMConfig, DBLMNet, blur_levels, dblm_loss
 from models.degradations import DIFFACE_RANGES, SEVERITY_LEVELS, random_degrade, stable_key, to_gray
 from models.dgsa import DGSANet, dgsa_loss
@@ -192,11 +192,11 @@ class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        with Image.open(self.paths[index]) as im:
-            img = im.convert("RGB")
-            if img.size != (FACE_SIZE, FACE_SIZE):
-                img = img.resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
-            clean = np.asarray(img).copy()
+        # Decoded as the service decodes uploads: the nets learn on the pixels they will be given.
+        clean = images.load_rgb(self.paths[index], max_pixels=images.FACE_FILE_MAX_PIXELS)
+        if clean.shape[:2] != (FACE_SIZE, FACE_SIZE):
+            resized = Image.fromarray(clean).resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
+            clean = np.array(resized)
         degraded, params = random_degrade(clean, (self.seed, self.epoch, self.keys[index]), self.ranges)
         if params.gray:  # a grey input's target is grey too (DifFace's gt_gray): colour cannot be inferred
             clean = to_gray(clean)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from models.images import (
     check_output_sizes,
     decode_image,
     encode_image,
+    load_rgb,
     output_sizes,
     resolve_format,
 )
@@ -856,3 +859,34 @@ def test_check_image_refuses_and_warns_as_decode_image(data: bytes, expected: tu
         checked = check_image(data, max_pixels=1_000_000)
         assert (d.format, d.size, d.warnings) == expected
         assert (checked.format, checked.size, checked.warnings) == expected
+
+
+# ---------------------------------------------------------------- files (offline tools)
+
+
+def test_load_rgb_reads_a_file_as_decode_image_reads_an_upload(tmp_path: Path) -> None:
+    path = tmp_path / "rotated.png"
+    path.write_bytes(_with_orientation(STORED[6], 6))
+    np.testing.assert_array_equal(load_rgb(path, max_pixels=MAX), UPRIGHT)
+
+
+@pytest.mark.parametrize(
+    ("data", "max_pixels", "message"),
+    [
+        (np.random.default_rng(3).bytes(4096), MAX, "The data is not a recognised image."),
+        (
+            _save(Image.fromarray(_rgb_pattern(10, 10)), "PNG"),
+            99,
+            "The image has 10x10 = 100 pixels; the limit is 99.",
+        ),
+    ],
+    ids=["not-an-image", "too-many-pixels"],
+)
+def test_load_rgb_names_the_file_it_refuses(
+    tmp_path: Path, data: bytes, max_pixels: int, message: str
+) -> None:
+    """The offline tools read folders of files: a refusal is a ValueError that says which file."""
+    path = tmp_path / "face.png"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{path}: {message}')}$"):
+        load_rgb(path, max_pixels=max_pixels)

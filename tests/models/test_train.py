@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from models import trained
 from models.dblm import DBLMConfig, DBLMNet, blur_levels
 from models.dgsa import DGSANet
 from models.dsst import DSSTable, default_table
+from models.dsst_build import load_face
 from models.pipeline import RestorationPipeline
 from models.profiles import PROFILES
 from models.train import (
@@ -38,7 +40,7 @@ from models.train import (
     lpips_term,
     train,
 )
-from tests.conftest import TESTDATA, WEIGHTS
+from tests.conftest import EXIF_STORED_AS, TESTDATA, WEIGHTS
 from worker.cli import main
 
 ALIGNED = TESTDATA / "aligned"
@@ -478,6 +480,61 @@ def test_a_faces_degradation_does_not_depend_on_the_other_files(faces: Path, tmp
             assert all(torch.equal(a, b) for a, b in zip(before[old], after[new], strict=True))
     # The added copy of face 0 sits at another path, so it gets its own degradation.
     assert not torch.equal(after[1][1], after[0][1])
+
+
+def _face_twins(tmp_path: Path, variant: str) -> tuple[Path, Path]:
+    """Two files of one real face at the same path under two roots (so FaceFolder seeds both alike): an
+    upright 8-bit 512² PNG, and the same face as `variant` — a 16-bit grey PNG (the 8-bit one grey
+    too), a PNG stored on its side with EXIF Orientation 6, or a 256² PNG (the first then holds its
+    Lanczos resize to 512², as training always made it). Returns (8-bit file, variant file)."""
+    plain, twin = tmp_path / "plain" / "00000", tmp_path / "twin" / "00000"
+    plain.mkdir(parents=True)
+    twin.mkdir(parents=True)
+    face = Image.open(ALIGNED / FACES[0]).convert("RGB")
+    if variant == "16-bit":
+        grey = np.asarray(face.convert("L"))
+        Image.fromarray(grey).save(plain / "face.png")
+        Image.fromarray(grey.astype(np.uint16) * 257).save(twin / "face.png")  # 255 -> 65535
+        assert Image.open(twin / "face.png").mode == "I;16"
+    elif variant == "exif-rotated":
+        face.save(plain / "face.png")
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+        stored = EXIF_STORED_AS[6]
+        assert stored is not None
+        face.transpose(stored).save(twin / "face.png", exif=exif)
+    else:
+        small = face.resize((256, 256), Image.Resampling.LANCZOS)
+        small.resize((512, 512), Image.Resampling.LANCZOS).save(plain / "face.png")
+        small.save(twin / "face.png")
+    return plain / "face.png", twin / "face.png"
+
+
+@pytest.mark.parametrize("variant", ["16-bit", "exif-rotated", "256px"])
+def test_a_training_face_is_read_as_the_service_decodes_it(variant: str, tmp_path: Path) -> None:
+    """Training reads a face as the pipeline decodes an upload (`images.load_rgb`): a 16-bit face is
+    scaled to 8 bits (Pillow's convert clipped it to white), an EXIF-rotated one is upright, and a
+    face of another size is still Lanczos-resized to 512 before it is degraded. ×257 maps back to the
+    8-bit levels exactly, so the pairs are equal, not just close."""
+    plain, twin = _face_twins(tmp_path, variant)
+    want = FaceFolder(tiny_config(tmp_path, plain.parents[1]).data)[0]
+    got = FaceFolder(tiny_config(tmp_path, twin.parents[1]).data)[0]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("variant", ["16-bit", "exif-rotated"])
+def test_dsst_build_reads_a_face_as_the_service_decodes_it(variant: str, tmp_path: Path) -> None:
+    """P_face is measured on the pixels the pipeline restores: a 16-bit face scaled, not clipped to
+    white; an EXIF-rotated face upright."""
+    plain, twin = _face_twins(tmp_path, variant)
+    assert torch.equal(load_face(twin, 512), load_face(plain, 512))
+
+
+def test_dsst_build_names_a_face_of_another_size(tmp_path: Path) -> None:
+    _, small = _face_twins(tmp_path, "256px")
+    message = f"{small} is 256×256, expected aligned 512² faces"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_face(small, 512)
 
 
 def test_a_files_data_key_is_the_same_on_every_machine() -> None:
