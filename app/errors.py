@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,19 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 SAFE_HEADERS: dict[str, str] = {"X-Content-Type-Options": "nosniff"}
 
 
-def _respond(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _respond(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    # For app.main's request counter (`answered_code`), which should not buffer and parse bodies.
+    request.state.error_code = code
     return JSONResponse(
         error_body(code, message), status_code=status, headers={**SAFE_HEADERS, **(headers or {})}
     )
+
+
+def answered_code(scope: Scope) -> str:
+    """The code of the error body a handler answered this request with; "" for any other answer."""
+    return scope.get("state", {}).get("error_code", "")
 
 
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
@@ -60,32 +70,36 @@ def install_error_handlers(app: FastAPI) -> None:
     """Map every failure (ours, validation, routing, Redis, bugs) onto the error shape."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _respond(exc.status, exc.code, exc.message, exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _respond(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for err in exc.errors():
             # The field's name alone, wherever it came from (as `_invalid` names body fields).
             loc = ".".join(str(p) for p in err.get("loc", ())[1:])
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-        return _respond(422, "invalid_option", "; ".join(parts) or "Invalid request.")
+        return _respond(request, 422, "invalid_option", "; ".join(parts) or "Invalid request.")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return _respond(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return _respond(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
-    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
         return _respond(
-            503, "redis_unavailable", "The job store is unavailable; retry shortly.", {"Retry-After": "5"}
+            request,
+            503,
+            "redis_unavailable",
+            "The job store is unavailable; retry shortly.",
+            {"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return _respond(500, "internal", "Internal server error.")
+        return _respond(request, 500, "internal", "Internal server error.")

@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 # `_created` series double the series count and no dashboard of ours uses them.
 disable_created_metrics()
 
-REQUESTS = Counter("dynface_http_requests_total", "HTTP requests.", ["route", "method", "status"])
+#: `error_code` is the code of an error answer's body (app/errors.py: only codes of our own, framework
+#: 404/405/422 included), "" for any other answer: Prometheus stores an empty label as no label, so
+#: successes keep their plain series and `error_code!=""` selects the errors. Not `code`, which
+#: exporters commonly use for the HTTP status.
+REQUESTS = Counter(
+    "dynface_http_requests_total",
+    "HTTP requests by route, method, status and error code.",
+    ["route", "method", "status", "error_code"],
+)
 REQUEST_SECONDS = Histogram(
     "dynface_http_request_duration_seconds",
     "HTTP request duration.",

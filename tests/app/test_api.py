@@ -24,6 +24,7 @@ import redis
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import queued, webhooks
 from app.jobs import JobStore, connect, make_queue
@@ -197,9 +198,12 @@ def test_queue_full(make_settings) -> None:
     with TestClient(create_app(make_settings(max_queue_depth=2, queue_full_retry_after_seconds=17))) as c:
         assert submit(c).status_code == 202
         assert submit(c).status_code == 202
+        before = requests_counted(c, "/v1/restorations", "POST", 503, "queue_full")
         r = submit(c)
         assert r.status_code == 503 and error_code(r) == "queue_full"
         assert r.headers["retry-after"] == "17"
+        # Back-pressure, which the error-ratio alert tells from other 503s by this label alone.
+        assert requests_counted(c, "/v1/restorations", "POST", 503, "queue_full") == before + 1
 
 
 def test_rate_limited_per_key(make_settings) -> None:
@@ -330,6 +334,18 @@ def metric(client: TestClient, series: str) -> float:
     line = series + " "
     found = [ln for ln in client.get("/metrics").text.splitlines() if ln.startswith(line)]
     return float(found[0].removeprefix(line)) if found else 0.0
+
+
+def requests_counted(client: TestClient, route: str, method: str, status: int, code: str) -> float:
+    """dynface_http_requests_total of one route, method, status and error_code (0 while unwritten)."""
+    wanted = {"route": route, "method": method, "status": str(status), "error_code": code}
+    samples = (
+        s
+        for fam in text_string_to_metric_families(client.get("/metrics").text)
+        if fam.name == "dynface_http_requests"
+        for s in fam.samples
+    )
+    return next((s.value for s in samples if s.labels == wanted), 0.0)
 
 
 CANCELED = 'dynface_jobs_total{outcome="canceled",reason="canceled"}'
@@ -615,8 +631,6 @@ def test_app_never_imports_torch() -> None:
 
 def test_prometheus_multiprocess_mode(tmp_path, settings) -> None:
     """Two API processes writing metrics into one PROMETHEUS_MULTIPROC_DIR are aggregated."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     from app.metrics import WORKER_STATES
     from tests.conftest import settings_env
 
@@ -636,10 +650,13 @@ def test_prometheus_multiprocess_mode(tmp_path, settings) -> None:
     families = {f.name: f for f in text_string_to_metric_families(out)}
     requests = families["dynface_http_requests"]
     assert requests.type == "counter"
-    counted = {(s.labels["route"], s.labels["method"], s.labels["status"]): s.value for s in requests.samples}
+    counted = {
+        (s.labels["route"], s.labels["method"], s.labels["status"], s.labels["error_code"]): s.value
+        for s in requests.samples
+    }
     # /healthz: one request in each process. /metrics: the first process's scrape; the second's own
     # is counted only once it has answered.
-    assert counted == {("/healthz", "GET", "200"): 2.0, ("/metrics", "GET", "200"): 1.0}
+    assert counted == {("/healthz", "GET", "200", ""): 2.0, ("/metrics", "GET", "200", ""): 1.0}
     durations = families["dynface_http_request_duration_seconds"]
     assert durations.type == "histogram"
     counts = {s.labels["route"]: s.value for s in durations.samples if s.name.endswith("_count")}
@@ -1052,9 +1069,77 @@ def test_a_submission_answered_redis_unavailable_counts_as_rejected(make_setting
     series = 'dynface_jobs_rejected_total{reason="redis_unavailable"}'
     s = make_settings(redis_url="redis://127.0.0.1:1/0", redis_timeout_seconds=0.5)
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
-        before = metric(c, series)
+        before = metric(c, series), requests_counted(c, "/v1/restorations", "POST", 503, "redis_unavailable")
         assert error_code(submit(c)) == "redis_unavailable"
-        assert metric(c, series) == before + 1
+        assert metric(c, series) == before[0] + 1
+        assert requests_counted(c, "/v1/restorations", "POST", 503, "redis_unavailable") == before[1] + 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "sent", "route", "status", "code"),
+    [
+        ("GET", "/healthz", {}, "/healthz", 200, ""),
+        (
+            "POST",
+            "/v1/restorations",
+            {"files": {"image": ("x.png", PNG)}, "data": {"aligned": "true"}},
+            "/v1/restorations",
+            202,
+            "",
+        ),
+        (
+            "POST",
+            "/v1/restorations",
+            {"files": {"image": ("x.png", b"junk")}},
+            "/v1/restorations",
+            400,
+            "invalid_image",
+        ),
+        (
+            "POST",
+            "/v1/restorations",
+            {"content": b"x", "headers": {"Content-Type": "text/plain"}},
+            "/v1/restorations",
+            415,
+            "unsupported_format",
+        ),
+        ("GET", "/v1/restorations/nope", {}, "/v1/restorations/{job_id}", 404, "not_found"),
+        # Answered by FastAPI/Starlette themselves, under the codes app.errors maps them onto.
+        ("GET", "/no/such/path", {}, "unmatched", 404, "not_found"),
+        ("DELETE", "/healthz", {}, "/healthz", 405, "method_not_allowed"),
+        (
+            "GET",
+            "/v1/restorations/nope/faces/x",
+            {},
+            "/v1/restorations/{job_id}/faces/{k}",
+            422,
+            "invalid_option",
+        ),
+    ],
+)
+def test_requests_are_counted_with_the_error_code_they_answer(
+    client: TestClient, method: str, path: str, sent: dict[str, Any], route: str, status: int, code: str
+) -> None:
+    before = requests_counted(client, route, method, status, code)
+    r = client.request(method, path, **sent)
+    assert r.status_code == status, r.text
+    assert (error_code(r) if status >= 400 else "") == code
+    assert requests_counted(client, route, method, status, code) == before + 1
+
+
+def test_an_unexpected_exception_is_counted_as_internal(settings: Settings) -> None:
+    """ServerErrorMiddleware answers it outside the counting middleware, which never sees the answer."""
+    app = create_app(settings)
+
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        before = requests_counted(c, "/boom", "GET", 500, "internal")
+        r = c.get("/boom")
+        assert r.status_code == 500 and error_code(r) == "internal"
+        assert requests_counted(c, "/boom", "GET", 500, "internal") == before + 1
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,10 @@ codes'), so clients can branch on all of them. The codes are read from the code 
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import errors
 from models import errors as pipeline_errors
@@ -18,7 +22,7 @@ def _section(text: str, heading: str) -> str:
 
 def _emitted_codes() -> set[str]:
     app_source = "\n".join(p.read_text() for p in (ROOT / "app").rglob("*.py"))
-    codes = set(re.findall(r'(?:ApiError|_respond)\(\s*\d+,\s*"([a-z_]+)"', app_source))
+    codes = set(re.findall(r'(?:ApiError\(|_respond\(\s*request,)\s*\d+,\s*"([a-z_]+)"', app_source))
     codes |= set(re.findall(r'"code":\s*"([a-z_]+)"', app_source))  # jobs the API ends (app/queued.py)
     codes |= set(errors._HTTP_CODES.values()) | set(errors.UPLOAD_ERROR_STATUS) | {"http_error"}
     codes |= {
@@ -61,3 +65,28 @@ def test_the_web_page_has_a_sentence_for_every_error_code() -> None:
     sentences = set(re.findall(r"^\s+([a-z_]+):", block, re.MULTILINE))
     assert {"network", "no_face"} <= sentences  # the scan reads the object
     assert _emitted_codes() - sentences == set()
+
+
+def test_the_request_counter_labels_errors_with_these_codes_only(client: TestClient) -> None:
+    """dynface_http_requests_total's `error_code` takes no value from the client (each value is a
+    series): the framework's own refusals (unknown path or method, path validation) carry the codes
+    app.errors maps them onto, and successes ""."""
+    sent: list[tuple[str, str, dict[str, Any]]] = [
+        ("GET", "/no/such/path-1", {}),
+        ("GET", "/no/such/path-2", {}),
+        ("X-MADE-UP", "/healthz", {}),
+        ("GET", "/v1/restorations/x/faces/not-a-number", {}),
+        ("POST", "/v1/restorations", {"content": b"{", "headers": {"Content-Type": "application/json"}}),
+        ("POST", "/v1/restorations", {"content": b"x", "headers": {"Content-Type": "x-made/up"}}),
+    ]
+    for method, path, kwargs in sent:
+        assert client.request(method, path, **kwargs).status_code >= 400
+    labelled = {
+        s.labels["error_code"]
+        for fam in text_string_to_metric_families(client.get("/metrics").text)
+        if fam.name == "dynface_http_requests"
+        for s in fam.samples
+    }
+    expected = {"not_found", "method_not_allowed", "invalid_option", "invalid_request", "unsupported_format"}
+    assert expected <= labelled
+    assert labelled - _emitted_codes() <= {""}

@@ -318,9 +318,13 @@ def test_error_ratio_counts_client_requests_only() -> None:
         for route in probes:  # Prometheus anchors label regexes at both ends
             assert re.fullmatch(excluded[0], route), (route, excluded[0])
         assert not re.fullmatch(excluded[0], "/v1/restorations")
-    # queue_full 503s are taken back out of the 5xx; they have an alert of their own
-    (rejected,) = _selectors(rule["expr"], "dynface_jobs_rejected_total")
-    assert {(m.name, m.value) for m in rejected.matchers.matchers} >= {("reason", "queue_full")}
+    # queue_full 503s are left out of the 5xx by their error_code (never out of the denominator);
+    # they have an alert of their own
+    numerator, denominator = ([(m.name, m.op, m.value) for m in sel.matchers.matchers] for sel in selectors)
+    assert ("status", promql_parser.MatchOp.Re, "5..") in numerator
+    assert ("error_code", promql_parser.MatchOp.NotEqual, "queue_full") in numerator
+    assert not [m for m in denominator if m[0] in {"status", "error_code"}]
+    assert not _selectors(rule["expr"], "dynface_jobs_rejected_total")
     assert (
         "dynface_jobs_rejected_total"
         in selected({r["alert"]: r for r in alert_rules()}["DynfaceQueueFull"]["expr"]).metrics
