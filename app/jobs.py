@@ -31,7 +31,7 @@ from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -151,6 +151,22 @@ def sentinel_options(settings: Settings) -> tuple[list[tuple[str, int]], dict[st
     return hosts, sentinel_kwargs, password.get_secret_value() if password else None
 
 
+class _SentinelConnection(SentinelManagedConnection):
+    """redis-py's Sentinel-managed connection, but dropped when a read fails, as a plain one is.
+
+    redis-py 8.1's ``SentinelManagedConnection.read_response`` defaults ``disconnect_on_error`` to
+    False (the base ``Connection`` defaults True). An exception raised mid-read — RQ's StopRequested
+    from SIGTERM during an idle worker's blocking dequeue — then returns the connection to the pool
+    with the reply still pending, and the next command on it reads that stale reply or blocks (the
+    worker hung in its shutdown instead of exiting). Remove once redis-py ships the fix
+    (https://github.com/redis/redis-py/pull/4292). Calls the parent, so its ReadOnlyError handling
+    (a demoted primary → ConnectionError and a reconnect through the sentinels) stays.
+    """
+
+    def read_response(self, *args: Any, disconnect_on_error: bool = True, **kwargs: Any) -> Any:
+        return super().read_response(*args, disconnect_on_error=disconnect_on_error, **kwargs)
+
+
 def connect(settings: Settings) -> Redis:
     """A Redis client with short timeouts, so a dead Redis fails requests fast, not after minutes.
 
@@ -165,7 +181,12 @@ def connect(settings: Settings) -> Redis:
     if settings.redis_sentinels:
         hosts, sentinel_kwargs, password = sentinel_options(settings)
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
-        return sentinel.master_for(settings.redis_sentinel_master, password=password, **timeouts)
+        return sentinel.master_for(
+            settings.redis_sentinel_master,
+            password=password,
+            connection_class=_SentinelConnection,
+            **timeouts,
+        )
     if not settings.redis_url:
         raise RuntimeError(
             "No Redis configured: set REDIS_URL or DYNFACE_REDIS_SENTINELS "

@@ -13,6 +13,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from redis.sentinel import SentinelManagedConnection
 
 from app.jobs import connect
 from app.main import create_app
@@ -110,6 +111,41 @@ def test_sentinel_settings_are_validated() -> None:
         Settings(redis_url="redis://x", redis_sentinels="a:1")
 
 
+def test_sentinel_connections_disconnect_when_a_read_fails(servers: Servers) -> None:
+    """A read cut short drops its connection, as a plain redis-py connection does, rather than
+    returning it to the pool with the reply still pending (redis-py 8.1's Sentinel-managed
+    connection keeps it: app/jobs.py `_SentinelConnection`)."""
+    client = connect(_sentinel_settings(servers))
+    conn = client.connection_pool.get_connection()
+    try:
+        assert isinstance(conn, SentinelManagedConnection)  # redis-py's failover handling kept
+        conn.send_command("BLPOP", f"{uuid.uuid4().hex}:empty", 5)
+        with pytest.raises(redis.TimeoutError):
+            conn.read_response(timeout=0.05)  # gives up while BLPOP's reply is still to come
+        assert not conn.is_connected
+    finally:
+        client.connection_pool.release(conn)
+        client.close()
+
+
+def test_idle_worker_exits_cleanly_on_sigterm(servers: Servers, tmp_path: Path) -> None:
+    """SIGTERM during an idle worker's blocking dequeue stops it with exit code 0 (it used to hang
+    in RQ's shutdown on the stale reply of the interrupted read, until SIGKILLed)."""
+    settings = _sentinel_settings(servers)
+    (worker,) = start_workers(settings, tmp_path, n=1)
+    try:
+        # "ready" is announced before RQ's loop starts: wait until the worker blocks in its dequeue
+        primary = redis.Redis(port=servers.current_primary_port(), password=PASSWORD)
+        wait_for(lambda: _blocked_in_dequeue(primary), 30, interval=0.1, what="worker blocked in its dequeue")
+    finally:
+        code = worker.stop(timeout=20)  # SIGTERM; SIGKILL (-9) if still running after 20 s
+    assert code == 0, f"worker exit code {code}:\n{worker.log()[-3000:]}"
+
+
+def _blocked_in_dequeue(r: redis.Redis) -> bool:
+    return any(c["cmd"] in ("blpop", "blmove") and "b" in c["flags"] for c in r.client_list())
+
+
 def test_jobs_run_through_sentinel_and_survive_a_failover(servers: Servers, tmp_path: Path) -> None:
     settings = _sentinel_settings(servers)
     assert connect(settings).connection_pool.connection_kwargs["socket_timeout"] == 2.0
@@ -163,8 +199,8 @@ def test_jobs_run_through_sentinel_and_survive_a_failover(servers: Servers, tmp_
             promoted = redis.Redis(port=servers.replica, password=PASSWORD)
             assert promoted.exists(key)
     finally:
-        for w in workers:
-            w.stop()
+        codes = [w.stop() for w in workers]  # SIGTERM; SIGKILL (-9) if still running after 30 s
+    assert codes == [0], "\n".join(w.log()[-3000:] for w in workers)
 
 
 def _role(port: int) -> bytes:
