@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from models import weights
-from models.pipeline import RestorationPipeline, _load_prior, _tiny_networks, prior_weights
+from models.pipeline import RestorationPipeline, prior_weights, real_networks, tiny_networks
 from models.profiles import Profile
-from models.swinir import SwinIR, swinir_from_checkpoint
+from models.swinir import SwinIR
 from models.unet import IDDPMUNet
 
 
@@ -31,20 +31,19 @@ class Networks:
 def networks(profile: Profile, weights_dir: Path | None = None) -> Networks:
     """The real profile's released prior and restorer when both are in `weights_dir` (default: the
     weights store's); otherwise, and always for the tiny profile, the architecture with the seeded
-    random weights of `_tiny_networks`. Speed, batching and layout/precision agreement do not depend
+    random weights of `tiny_networks`. Speed, batching and layout/precision agreement do not depend
     on the weight values; fp16 overflow and the restorer's output (hence the blur level) do."""
     wdir = weights_dir or weights.weights_dir()
     if profile.real:
-        names = prior_weights(wdir)
-        if not weights.missing_for([*names, "difface_swinir"], wdir):
-            unet, prior_file = _load_prior(wdir, names, profile.unet)
-            (entry,) = weights.select(["difface_swinir"])
-            restorer = swinir_from_checkpoint(wdir / entry.path, profile.swinir)
-            return Networks(profile, unet, restorer, f"real weights ({prior_file}, {entry.file_name})", False)
-        unet, restorer = _tiny_networks(profile)
+        if not weights.missing_for([*prior_weights(wdir), "difface_swinir"], wdir):
+            unet, restorer, files = real_networks(profile, wdir)
+            return Networks(
+                profile, unet, restorer, f"real weights ({files['prior']}, {files['restorer']})", False
+            )
+        unet, restorer = tiny_networks(profile)
         missing = f"**random weights** (seed 0): the released ones are not in `{wdir}`"
         return Networks(profile, unet, restorer, missing, True)
-    unet, restorer = _tiny_networks(profile)
+    unet, restorer = tiny_networks(profile)
     return Networks(profile, unet, restorer, "the tiny profile's toy networks (random weights, seed 0)", True)
 
 

@@ -123,12 +123,12 @@ def uploads(face: Path) -> tuple[Upload, Upload]:
 
 def bench_pipeline(**kwargs: Any) -> Any:
     """Tiny profile, identity restorer, baseline start 1 step (see the module docstring)."""
-    from models.pipeline import RestorationPipeline, _tiny_networks
+    from models.pipeline import RestorationPipeline, tiny_networks
     from models.profiles import PROFILES
 
     tiny = PROFILES["tiny"]
     profile = dataclasses.replace(tiny, method=dataclasses.replace(tiny.method, baseline_start_index=1))
-    unet, _ = _tiny_networks(tiny)
+    unet, _ = tiny_networks(tiny)
     for name in ("download", "dsst_table", "dblm_weights", "dgsa_weights", "background_config"):
         kwargs.pop(name, None)  # from_pretrained's files: the bench pipeline is built from none of them
     kwargs["weights_dir"] = kwargs.get("weights_dir") or WEIGHTS

@@ -309,16 +309,13 @@ class RestorationPipeline:
             weights.pull(required, wdir)
             _pull_optional(profile.optional_weights, wdir)
         if profile.name == "tiny":
-            unet, restorer = _tiny_networks(profile)
+            unet, restorer = tiny_networks(profile)
             background = bg.tiny(background_config)
             return cls(profile, unet, restorer, weights_dir=wdir, background=background, **kwargs)
         missing = weights.missing_for(required, wdir)
         if missing:
             raise weights.MissingWeightsError([m.name for m in missing], wdir)
-        unet, prior_file = _load_prior(wdir, prior_weights(wdir), profile.unet)
-        (restorer_entry,) = weights.select(["difface_swinir"])
-        restorer = swinir_from_checkpoint(wdir / restorer_entry.path, profile.swinir)
-        versions = {"prior": prior_file, "restorer": restorer_entry.file_name}
+        unet, restorer, versions = real_networks(profile, wdir)
         kwargs.update(weight_versions=versions, background=bg.load(background_config, wdir))
         return cls(profile, unet, restorer, weights_dir=wdir, **kwargs)
 
@@ -928,6 +925,15 @@ def profile_weights(profile: Profile, weights_dir: Path) -> list[str]:
     ]
 
 
+def real_networks(profile: Profile, weights_dir: Path) -> tuple[IDDPMUNet, SwinIR, dict[str, str]]:
+    """DifFace's released prior (in the format `prior_weights` picks) and restorer from `weights_dir`,
+    with the file each came from (`info`'s "weights"). The files must be there."""
+    unet, prior_file = _load_prior(weights_dir, prior_weights(weights_dir), profile.unet)
+    (restorer_entry,) = weights.select(["difface_swinir"])
+    restorer = swinir_from_checkpoint(weights_dir / restorer_entry.path, profile.swinir)
+    return unet, restorer, {"prior": prior_file, "restorer": restorer_entry.file_name}
+
+
 def _load_prior(weights_dir: Path, names: tuple[str, ...], config: dict[str, Any]) -> tuple[IDDPMUNet, str]:
     """The prior UNet from the files `prior_weights` chose, and the file it came from (for `info`). The
     Hub copy carries its own config: it must be the profile's, so both formats load the same network."""
@@ -954,7 +960,7 @@ def _pull_optional(names: Sequence[str], wdir: Path) -> None:
             log.warning("optional weights %s not fetched: %s", name, e)
 
 
-def _tiny_networks(profile: Profile) -> tuple[IDDPMUNet, SwinIR]:
+def tiny_networks(profile: Profile) -> tuple[IDDPMUNet, SwinIR]:
     """Toy networks with weights drawn from a fixed seed, the same on every machine and run.
 
     Upstream zero-initialises some output layers; those are re-drawn small so the random prior's

@@ -229,9 +229,9 @@ def _restorer(config: TrainConfig) -> SwinIR:
     """R: the tiny profile's seeded toy SwinIR, or DifFace's released restorer from the weights dir."""
     profile = config.net_profile()
     if profile.name == "tiny":
-        from models.pipeline import _tiny_networks  # the exact toy R the tiny pipeline uses
+        from models.pipeline import tiny_networks  # the exact toy R the tiny pipeline uses
 
-        return _tiny_networks(profile)[1].eval()
+        return tiny_networks(profile)[1].eval()
     root = config.weights_dir or weights.weights_dir()
     (entry,) = weights.select(["difface_swinir"])
     if weights.missing_for(["difface_swinir"], root):

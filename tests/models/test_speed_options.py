@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from app.settings import Settings
 from models import speed
 from models.dsst import default_table
-from models.pipeline import RestorationPipeline, _tiny_networks, auto_dtype
+from models.pipeline import RestorationPipeline, auto_dtype, tiny_networks
 from models.profiles import PROFILES
 from models.speed import SpeedOptions
 from models.unet import AttentionBlock
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(not ALIGNED.is_dir(), reason=f"shared test data 
 
 def _pipe(options: SpeedOptions, dtype: str = "fp32") -> RestorationPipeline:
     """Fresh tiny networks per pipeline (the switches convert modules in place), few sampler steps."""
-    unet, restorer = _tiny_networks(PROFILES["tiny"])
+    unet, restorer = tiny_networks(PROFILES["tiny"])
     table = dataclasses.replace(default_table(), start_indices=(2, 3, 4))
     return RestorationPipeline(PROFILES["tiny"], unet, restorer, dsst=table, dtype=dtype, speed=options)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from models import weights
-from models.pipeline import HF_PRIOR, _load_prior, prior_weights
+from models.pipeline import HF_PRIOR, _load_prior, prior_weights, real_networks
+from models.profiles import PROFILES
 from models.unet import IDDPMUNet
 from models.unet_convert import (
     hf_to_upstream_state_dict,
@@ -275,6 +277,24 @@ def test_the_pipeline_loads_the_prior_from_either_published_format(
     assert prior_weights(tmp_path) == ("difface_prior",)  # both there: upstream's is preferred
     unet, source = _load_prior(tmp_path, ("difface_prior",), tiny_config)
     assert source == "iddpm_ffhq512_ema500000.pth" and max_err_first_sample(unet, io) <= 1e-4
+
+
+def test_real_networks_load_the_released_files_and_name_them(
+    tmp_path: Path, tiny_sd: dict, tiny_config: dict, io: dict
+) -> None:
+    """What `from_pretrained("real")` and the benches load: upstream's prior and restorer checkpoints
+    where `weights pull` puts them (here at the upstream fixtures' tiny sizes), and which files they were."""
+    swinir_fixtures = SHARED / "fixtures" / "difface_swinir"
+    swinir_config = json.loads((swinir_fixtures / "tiny_config.json").read_text())
+    torch.save(tiny_sd, tmp_path / weights.select(["difface_prior"])[0].path)
+    (restorer_entry,) = weights.select(["difface_swinir"])
+    restorer_state = load_file(swinir_fixtures / "tiny_swinir.safetensors")
+    torch.save({"params_ema": restorer_state}, tmp_path / restorer_entry.path)
+    profile = dataclasses.replace(PROFILES["real"], unet=tiny_config, swinir=swinir_config)
+    unet, restorer, files = real_networks(profile, tmp_path)
+    assert files == {"prior": "iddpm_ffhq512_ema500000.pth", "restorer": "swinir_restoration512_L1.pth"}
+    assert max_err_first_sample(unet, io) <= 1e-4
+    assert all(torch.equal(v, restorer_state[k]) for k, v in restorer.state_dict().items())
 
 
 def test_hf_difface_rejects_missing_key(tmp_path: Path, tiny_hf_sd: dict, tiny_config: dict) -> None:
