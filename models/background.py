@@ -39,6 +39,7 @@ from PIL import Image
 from spandrel import ImageModelDescriptor, ModelLoader
 
 from models import weights
+from models.errors import Cancelled
 from models.speed import SpeedOptions, memory_format
 
 NONE = "none"
@@ -130,8 +131,11 @@ class BackgroundUpscaler:
         self.model.model.to(memory_format=self._memory_format)
         return self
 
-    def upscale(self, rgb: np.ndarray, factor: float) -> np.ndarray:
-        """`rgb` (H, W, 3) uint8 upscaled to exactly (round(H·factor), round(W·factor), 3).
+    def upscale(
+        self, rgb: np.ndarray, factor: float, *, should_cancel: Callable[[], bool] | None = None
+    ) -> np.ndarray:
+        """`rgb` (H, W, 3) uint8 upscaled to exactly (round(H·factor), round(W·factor), 3); a true
+        `should_cancel()` stops it before its next tile (`models.errors.Cancelled`, as the sampler's).
 
         Factor 1 returns a copy without running the model, so that photos that are not upscaled
         keep their background exactly as decoded. At the model's own scale this is `super_resolve`;
@@ -147,9 +151,9 @@ class BackgroundUpscaler:
         h, w = rgb.shape[:2]
         rows, cols = _Axis.of(h, self.scale, factor), _Axis.of(w, self.scale, factor)
         if rows.size == h * self.scale and cols.size == w * self.scale:
-            return self.super_resolve(rgb)
+            return self.super_resolve(rgb, should_cancel=should_cancel)
         out = np.empty((rows.size, cols.size, 3), np.uint8)
-        for (y0, y1), (x0, x1), pixels in self._tiles(rgb, rows.source, cols.source):
+        for (y0, y1), (x0, x1), pixels in self._tiles(rgb, rows.source, cols.source, should_cancel):
             ty0, ty1, tx0, tx1 = rows.target(y0), rows.target(y1), cols.target(x0), cols.target(x1)
             if ty1 > ty0 and tx1 > tx0:
                 box_y = rows.box(ty0, ty1, rows.source(y0, y1)[0])
@@ -157,9 +161,12 @@ class BackgroundUpscaler:
                 out[ty0:ty1, tx0:tx1] = _lanczos(pixels, (ty1 - ty0, tx1 - tx0), box_y, box_x)
         return out
 
-    def super_resolve(self, rgb: np.ndarray) -> np.ndarray:
+    def super_resolve(
+        self, rgb: np.ndarray, *, should_cancel: Callable[[], bool] | None = None
+    ) -> np.ndarray:
         """The model's output at its own scale, (H·s, W·s, 3) uint8, assembled tile by tile on the
-        host: the device holds the photo (uint8) and one tile's activations at a time."""
+        host: the device holds the photo (uint8) and one tile's activations at a time. A true
+        `should_cancel()` stops it before its next tile."""
         h, w = rgb.shape[:2]
         s = self.scale
 
@@ -167,7 +174,7 @@ class BackgroundUpscaler:
             return start * s, end * s
 
         out = np.empty((h * s, w * s, 3), np.uint8)
-        for (y0, y1), (x0, x1), pixels in self._tiles(rgb, core, core):
+        for (y0, y1), (x0, x1), pixels in self._tiles(rgb, core, core, should_cancel):
             out[y0 * s : y1 * s, x0 * s : x1 * s] = pixels
         return out
 
@@ -177,10 +184,12 @@ class BackgroundUpscaler:
         rgb: np.ndarray,
         rows: Callable[[int, int], tuple[int, int]],
         cols: Callable[[int, int], tuple[int, int]],
+        should_cancel: Callable[[], bool] | None,
     ) -> Iterator[tuple[tuple[int, int], tuple[int, int], np.ndarray]]:
         """For each tile: its core's input rows and columns, and the model's output (uint8) over the
         output rows `rows(core rows)` and columns `cols(core columns)` (the core's, or more). Each tile
-        runs with `overlap` pixels of context, or more where those output pixels need it."""
+        runs with `overlap` pixels of context, or more where those output pixels need it. A true
+        `should_cancel()` before a tile raises `Cancelled` instead of running it."""
         h, w = rgb.shape[:2]
         s = self.scale
         # Tile corners on the grid the model pads its input to: pixel-unshuffle (x2 model) groups
@@ -194,6 +203,10 @@ class BackgroundUpscaler:
             for x0, x1 in _spans(w, self.config.tile, grid):
                 qx0, qx1 = cols(x0, x1)
                 ix0, ix1 = _context(x0, x1, qx0, qx1, w, s, overlap, grid)
+                # A tile of a large photo takes seconds on a GPU (minutes on a CPU): a job canceled
+                # meanwhile stops before the next one, and one whose tiles have all run keeps them.
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled("Canceled while upscaling the background.")
                 x = image[iy0:iy1, ix0:ix1].permute(2, 0, 1)[None].to(self.model.dtype).div(255)
                 y = self.model(x.contiguous(memory_format=self._memory_format))[0]
                 part = y[:, qy0 - iy0 * s : qy1 - iy0 * s, qx0 - ix0 * s : qx1 - ix0 * s]

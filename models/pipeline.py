@@ -364,7 +364,9 @@ class RestorationPipeline:
         such an error in the shared stages (dblm, sample) ends the photos in them, so `Cancelled` ends
         the photos with faces once every one of them asks to stop. Other exceptions (out of memory,
         a bug) propagate and end them all. Progress and cancellation are per photo: the shared stages
-        report to each photo in them, and their times are in each one's timings.
+        report to each photo in them, and their times are in each one's timings; a photo that asks to
+        stop ends `Cancelled` at its next step of its own (detection, joining the shared stages,
+        paste-back, each background tile, encoding) while the others go on.
         """
         if len({sampler_key(r.options) for r in requests}) > 1:
             raise ValueError(f"photos restored together must agree on {SAMPLER_OPTIONS}")
@@ -375,8 +377,13 @@ class RestorationPipeline:
                 photos[i] = self._start_photo(request)
             except (PipelineError, ValueError) as e:
                 outcomes[i] = e
+        for i, photo in photos.items():
+            try:  # canceled during its own detection or a later photo's: it stays out of the batch
+                _stop_if_canceled(photo.should_cancel, "DBLM")
+            except Cancelled as e:
+                outcomes[i] = e
 
-        with_faces = [i for i, photo in photos.items() if len(photo.crops)]
+        with_faces = [i for i, photo in photos.items() if len(photo.crops) and i not in outcomes]
         restored = {i: photos[i].crops for i in photos}  # passthrough photos keep their (no) faces
         facts: dict[int, list[FaceFacts]] = {i: [] for i in photos}
         shared = StageTimer(self.device)
@@ -421,6 +428,7 @@ class RestorationPipeline:
         options = request.options
         timer = StageTimer(self.device)
         report = request.progress or (lambda stage, step, total: None)
+        cancel = request.should_cancel or (lambda: False)
         warnings: list[str] = []
         if not self.profile.real:
             warnings.append(_TINY_WARNING)
@@ -440,6 +448,7 @@ class RestorationPipeline:
             decoded.size, aligned=options.aligned, upscale=options.upscale, outputs=options.outputs
         )
         images.check_output_sizes(sizes, fmt)
+        _stop_if_canceled(cancel, "detection")
         report("detect", 0, 0)
         with timer("detect"):
             crops, affines, found = self._detect_and_align(decoded.rgb, options, warnings)
@@ -452,7 +461,6 @@ class RestorationPipeline:
             seed = options.seed or 0
         else:
             seed = _draw_seed() if options.seed is None else options.seed
-        cancel = request.should_cancel or (lambda: False)
         return _Photo(
             options, report, cancel, timer, warnings, decoded, fmt, crops, affines, found, noise_std, seed
         )
@@ -468,8 +476,11 @@ class RestorationPipeline:
             timer.seconds.update(shared)
 
         # Transparent pixels must not bleed into visible ones when the photo is upscaled.
-        upscale_background = partial(self._upscale_background, alpha=decoded.alpha)
+        upscale_background = partial(
+            self._upscale_background, alpha=decoded.alpha, should_cancel=photo.should_cancel
+        )
         alpha = decoded.alpha
+        _stop_if_canceled(photo.should_cancel, "paste-back")  # its batch may have sampled on for others
         report("paste", 0, 0)
         with timer("paste"):
             if options.color_correction != "none" and len(restored):
@@ -494,6 +505,7 @@ class RestorationPipeline:
                 # Resized as the upscalers above resized it to divide the premultiplied colours.
                 alpha = face_ops.resize_to(alpha, (output.shape[1], output.shape[0]))
 
+        _stop_if_canceled(photo.should_cancel, "encoding")
         report("encode", 0, 0)
         with timer("encode"):
             encode = partial(
@@ -613,11 +625,20 @@ class RestorationPipeline:
         self._detector(self.profile.detector)
 
     def _upscale_background(
-        self, rgb: np.ndarray, factor: float, alpha: np.ndarray | None = None
+        self,
+        rgb: np.ndarray,
+        factor: float,
+        alpha: np.ndarray | None = None,
+        should_cancel: CancelFn | None = None,
     ) -> np.ndarray:
-        """The photo behind the pasted faces: the background model's output, or a Lanczos resize.
-        With a (not fully opaque) `alpha`, colours are upscaled premultiplied by it."""
-        upscale = face_ops.upscale_image if self.background is None else self.background.upscale
+        """The photo behind the pasted faces: the background model's output (which stops between
+        tiles once `should_cancel`), or a Lanczos resize. With a (not fully opaque) `alpha`, colours
+        are upscaled premultiplied by it."""
+        upscale = (
+            face_ops.upscale_image
+            if self.background is None
+            else partial(self.background.upscale, should_cancel=should_cancel)
+        )
         return _upscale_with_alpha(rgb, factor, alpha, upscale)
 
     # ------------------------------------------------------------------ aligned faces
@@ -700,8 +721,7 @@ class RestorationPipeline:
         with timer("dblm"):
             for b, s in zip(batches, noise, strict=True):
                 guides.append(self._to_host(self._guide(self._to_tensor(b), mode, fidelity, s)))
-                if cancel():
-                    raise Cancelled("Canceled before sampling.")
+                _stop_if_canceled(cancel, "sampling")
         # One batched sampler loop per batch, as long as its latest-starting face; each face makes its
         # own start's worth of steps (its NFE), joining the loop when it reaches that start.
         total = sum(max(g.start) for g in guides)
@@ -986,6 +1006,13 @@ def _upscale_with_alpha(
     if alpha is None or factor == 1 or alpha.min() == 255:  # nothing would be premultiplied
         return upscale(rgb, factor)
     return face_ops.upscale_premultiplied(rgb, alpha, factor, upscale)
+
+
+def _stop_if_canceled(cancel: CancelFn, before: str) -> None:
+    """Between stages, as the sampler between steps: the same `Cancelled`, so the worker ends the
+    job canceled."""
+    if cancel():
+        raise Cancelled(f"Canceled before {before}.")
 
 
 def _draw_seed() -> int:

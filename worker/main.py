@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import start_http_server
 from redis.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 from rq import SimpleWorker
@@ -407,14 +406,13 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
     port = None
     if settings.worker_metrics_port is not None:
         try:
-            server, _ = start_http_server(settings.worker_metrics_port)
+            port = metrics.serve(settings.worker_metrics_port)
         except OSError as e:
             raise SystemExit(
                 f"dynface worker: cannot serve metrics on port {settings.worker_metrics_port} "
                 f"({e.strerror}); set DYNFACE_WORKER_METRICS_PORT (dynface serve: --worker-metrics-port) "
                 "to a free port, or 0 for any free port"
             ) from e
-        port = server.server_port
     worker.registry_fields = {
         "name": name,
         "device": device,

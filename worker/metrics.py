@@ -1,13 +1,26 @@
-"""Worker metrics, served by the worker process itself (`start_http_server`).
+"""Worker metrics, served by the worker process itself (`start_http_server` on `SCRAPED`).
 
 A SimpleWorker runs jobs in its own process, so the default registry is complete: no multiprocess
 mode is needed here. Buckets reach 10 minutes because one real face on a slow GPU, or a queue
 backlog, can take that long. No job ids in labels.
+
+A job's end is written to Redis and counted here under `ENDING`, and /metrics reads the registry
+under the same lock: a client woken by the end (`Prefer: wait`, a webhook) that scrapes at once
+waits for the count instead of missing it, and a job is still counted only once its end has landed
+(an end that another process wrote first, or that never reached Redis, is not this worker's to count).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+import logging
+import threading
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+log = logging.getLogger(__name__)
 
 # `_created` series double the series count and no dashboard of ours uses them.
 disable_created_metrics()
@@ -52,3 +65,48 @@ GPU_PEAK = Gauge(
 )
 MODEL_LOAD = Gauge("dynface_model_load_seconds", "Time taken to load the pipeline at start-up.")
 READY = Gauge("dynface_worker_ready", "1 once the model is loaded and the worker takes jobs.")
+
+
+#: Held while a job's end is written and counted: scrapes wait meanwhile (module docstring). A plain
+#: lock taken with `with`: an exception raised from a signal handler (RQ's job timeout) cannot leave
+#: it held, as it could inside a generator's `__enter__`.
+ENDING = threading.Lock()
+
+#: How long a scrape waits for `ENDING`. A hung Redis can hold it for several redis timeouts (the end's
+#: write, reconnects, Sentinel discovery), and Prometheus gives up on a scrape after 10 s by default:
+#: past this a scrape answers without waiting for the end being counted.
+SCRAPE_WAIT_SECONDS = 5.0
+
+
+class _Scraped:
+    """A registry as /metrics reads it: whole, or by name (`?name[]=`), between job ends."""
+
+    def __init__(self, registry: CollectorRegistry, names: Iterable[str] | None = None) -> None:
+        self._registry = registry
+        self._source: Collector = registry if names is None else registry.restricted_registry(names)
+
+    def collect(self) -> Iterable[Metric]:
+        lock = ENDING
+        locked = lock.acquire(timeout=SCRAPE_WAIT_SECONDS)
+        if not locked:
+            log.warning("a job's end held /metrics for %s s (Redis slow?): serving it", SCRAPE_WAIT_SECONDS)
+        try:
+            return list(self._source.collect())
+        finally:
+            if locked:
+                lock.release()
+
+    def restricted_registry(self, names: Iterable[str]) -> _Scraped:
+        return _Scraped(self._registry, names)
+
+
+#: What the worker's /metrics serves.
+SCRAPED = _Scraped(REGISTRY)
+
+
+def serve(port: int) -> int:
+    """Serve `SCRAPED` on `port` (0: any free one) from a background thread; the port it listens on.
+    Raises OSError when the port cannot be bound."""
+    # prometheus_client reads a registry duck-typed: `collect` and `restricted_registry` are all it uses.
+    server, _ = start_http_server(port, registry=SCRAPED)  # type: ignore[arg-type]
+    return server.server_port

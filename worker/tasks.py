@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -78,9 +79,30 @@ def restore(job_id: str) -> None:
     except Exception as e:
         for job in jobs:
             _fail(rt, job.id, e)
-    finally:
-        if rt.device.startswith("cuda"):
-            metrics.GPU_PEAK.labels(rt.device).set(torch.cuda.max_memory_allocated(rt.device))
+
+
+@dataclass(frozen=True)
+class _End:
+    """A terminal state `_finish` writes, and what the metrics count once it has landed."""
+
+    status: str
+    error: tuple[str, str] | None = None  # (code, message)
+    observe: Callable[[], None] = lambda: None  # a success's own metrics (`_observe_success`)
+
+    @property
+    def code(self) -> str | None:
+        return self.error[0] if self.error else None
+
+    def landed_in(self, record: dict[str, Any]) -> bool:
+        """Whether `record` ended as this end says."""
+        error = record.get("error")
+        return record.get("status") == self.status and (error or {}).get("code") == self.code
+
+    def count(self, record: dict[str, Any]) -> None:
+        self.observe()
+        reason = self.code or ("ok" if self.status == "succeeded" else self.status)
+        metrics.JOBS.labels(self.status, reason).inc()
+        metrics.END_TO_END.observe(max(0.0, record["completed_at"] - record["created_at"]))
 
 
 @dataclass
@@ -138,7 +160,12 @@ def _run(rt: Runtime, jobs: list[_Job]) -> None:
         return
     metrics.BATCH_JOBS.observe(len(running))
     t0 = time.perf_counter()
-    outcomes = rt.pipe.restore_photos(requests)
+    try:
+        outcomes = rt.pipe.restore_photos(requests)
+    finally:
+        # Before any job of the batch ends, as every job metric (`_finish`).
+        if rt.device.startswith("cuda"):
+            metrics.GPU_PEAK.labels(rt.device).set(torch.cuda.max_memory_allocated(rt.device))
     seconds = time.perf_counter() - t0
     sharing = [o for o in outcomes if isinstance(o, PhotoResult) and _SHARED_STAGES & o.timings.keys()]
     batch = _BatchRun(seconds=seconds, jobs=len(running), photos_sharing=len(sharing))
@@ -207,14 +234,12 @@ class _BatchRun:
 
 
 def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> None:
-    """Store a finished photo's results and metrics, unless its job was canceled meanwhile. Its
-    record has the times the job saw (its whole batch's); the metrics its share of them, so their
-    sums add up to the worker's time (docs/scaling.md)."""
+    """Store a finished photo's results and metrics, unless its job was canceled meanwhile."""
     store = rt.store
     job_id, record, started_at = job.id, job.record, job.started_at
     options = _options(record)
-    # A DELETE that arrived after the last diffusion step (paste/encode) still wins: the client was
-    # told "poll until canceled".
+    # A DELETE that arrived after the pipeline's last look (encode) still wins: the client was told
+    # "poll until canceled".
     if store.cancel_requested(job_id):
         _fail(rt, job_id, Cancelled("Canceled after sampling."))
         return
@@ -240,12 +265,6 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> N
         }
         for f in result.face_reports
     ]
-    for stage, seconds in result.timings.items():
-        metrics.STAGE.labels(stage).observe(batch.share(stage, seconds))
-    metrics.FACES.observe(len(result.face_reports))
-    for f in result.face_reports:
-        metrics.NFE.observe(f.facts.nfe)
-    metrics.INFERENCE.observe(batch.seconds / batch.jobs)
     fields = {
         "faces": faces,
         "faces_dropped": result.faces_dropped,
@@ -266,30 +285,37 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> N
             "batch_jobs": batch.jobs,
         },
     }
-    _finish(rt, job_id, "succeeded", None, fields, results)
+    _finish(rt, job_id, _End("succeeded", observe=partial(_observe_success, result, batch)), fields, results)
+
+
+def _observe_success(result: PhotoResult, batch: _BatchRun) -> None:
+    """A succeeded photo's metrics. Its record has the times the job saw (its whole batch's); the
+    metrics its share of them, so their sums add up to the worker's time (docs/scaling.md)."""
+    for stage, seconds in result.timings.items():
+        metrics.STAGE.labels(stage).observe(batch.share(stage, seconds))
+    metrics.FACES.observe(len(result.face_reports))
+    for f in result.face_reports:
+        metrics.NFE.observe(f.facts.nfe)
+    metrics.INFERENCE.observe(batch.seconds / batch.jobs)
 
 
 def _fail(rt: Runtime, job_id: str, error: Exception) -> None:
     """End a job that did not succeed, with the outcome its error maps to."""
     if isinstance(error, Cancelled):
-        _finish(rt, job_id, "canceled", None)
+        _finish(rt, job_id, _End("canceled"))
     elif isinstance(error, PipelineError):
-        _finish(rt, job_id, "failed", (error.code, error.message))
+        _finish(rt, job_id, _End("failed", (error.code, error.message)))
     elif isinstance(error, torch.cuda.OutOfMemoryError):
         torch.cuda.empty_cache()
-        _finish(
-            rt,
-            job_id,
-            "failed",
-            ("cuda_oom", "The GPU ran out of memory on this photo; try a smaller image or upscale."),
-        )
+        message = "The GPU ran out of memory on this photo; try a smaller image or upscale."
+        _finish(rt, job_id, _End("failed", ("cuda_oom", message)))
     elif isinstance(error, JobTimeoutException):
         job = get_current_job()
         limit = job.timeout if job is not None and job.timeout else rt.settings.job_timeout_seconds
-        _finish(rt, job_id, "failed", ("timeout", f"The job exceeded its time limit of {limit} s."))
+        _finish(rt, job_id, _End("failed", ("timeout", f"The job exceeded its time limit of {limit} s.")))
     else:
         log.error("job %s: unexpected failure", job_id, exc_info=error)
-        _finish(rt, job_id, "failed", ("internal", "Internal error while restoring the photo."))
+        _finish(rt, job_id, _End("failed", ("internal", "Internal error while restoring the photo.")))
 
 
 def _merge(warnings: list[str], extra: list[str]) -> list[str]:
@@ -300,25 +326,43 @@ def _merge(warnings: list[str], extra: list[str]) -> list[str]:
 def _finish(
     rt: Runtime,
     job_id: str,
-    status: str,
-    error: tuple[str, str] | None,
+    end: _End,
     fields: dict[str, Any] | None = None,
     results: dict[str, bytes] | None = None,
 ) -> None:
-    """Terminal transition + metrics + webhook. A job finished elsewhere meanwhile is left alone."""
+    """Terminal transition, counted in the metrics, then the webhook. A job finished elsewhere
+    meanwhile is left alone (and counted there).
+
+    The end is counted once it has landed, under `metrics.ENDING`: /metrics waits for the count, so
+    whoever the end wakes and scrapes at once sees it."""
     body = {
         **(fields or {}),
-        "status": status,
+        "status": end.status,
         "stage": None,
-        "error": {"code": error[0], "message": error[1]} if error else None,
+        "error": {"code": end.error[0], "message": end.error[1]} if end.error else None,
     }
-    record = rt.store.finish(job_id, body, results)
-    if record is None:
-        return
-    reason = error[0] if error else ("ok" if status == "succeeded" else status)
-    metrics.JOBS.labels(status, reason).inc()
-    metrics.END_TO_END.observe(max(0.0, record["completed_at"] - record["created_at"]))
+    with metrics.ENDING:
+        try:
+            record = rt.store.finish(job_id, body, results)
+        except Exception:
+            # Only the reply may have been lost (a Redis timeout): an end that landed is still this
+            # worker's to count and tell. Otherwise the error stands (the job then ends `internal`).
+            record = _read_back(rt, job_id)
+            if record is None or not end.landed_in(record):
+                raise
+        if record is None:
+            return
+        end.count(record)
     notify(record, rt.settings)
+
+
+def _read_back(rt: Runtime, job_id: str) -> dict[str, Any] | None:
+    """The job's record after a failed end, or None when it cannot be read either."""
+    try:
+        return rt.store.get(job_id)
+    except Exception as e:
+        log.warning("job %s: could not read back its end: %s", job_id, e)
+        return None
 
 
 def _lost_warning(attempt: int) -> str:
@@ -353,17 +397,11 @@ def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: in
     if record is None:
         return
     attempt = record.get("attempts", 0)
-    final = store.finish(
-        job_id,
-        {
-            "status": "failed",
-            "stage": None,
-            "error": {
-                "code": "worker_lost",
-                "message": f"The worker running this job was lost {attempt} time(s); giving up.",
-            },
-        },
-    )
+    message = f"The worker running this job was lost {attempt} time(s); giving up."
+    error = {"code": "worker_lost", "message": message}
+    with metrics.ENDING:  # counted before a scrape can see it ended (`_finish`)
+        final = store.finish(job_id, {"status": "failed", "stage": None, "error": error})
+        if final is not None:
+            metrics.JOBS.labels("failed", "worker_lost").inc()
     if final is not None:
-        metrics.JOBS.labels("failed", "worker_lost").inc()
         notify(final, settings)

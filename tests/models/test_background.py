@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from app.settings import Settings
 from models import background as bg
 from models import faces as face_ops
 from models.dsst import default_table
+from models.errors import Cancelled
 from models.pipeline import DTYPES, RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
 from models.weights import MANIFEST, MissingWeightsError
@@ -244,6 +246,28 @@ def test_resized_upscale_never_holds_the_whole_model_output(name: str, factor: i
     assert peak < 2 * out.nbytes
 
 
+@pytest.mark.parametrize("factor", [2, 3])  # the model's own scale (super_resolve), and resized
+def test_a_cancel_stops_the_upscale_at_its_next_tile(monkeypatch: pytest.MonkeyPatch, factor: int) -> None:
+    """A tile of a large photo takes seconds: once `should_cancel()` is true, the next tile does not
+    run (the same `Cancelled` as the sampler's, which the worker ends a job canceled with). A photo
+    canceled before its first tile runs none; one canceled after its last keeps its upscale."""
+    up = bg.tiny(bg.BackgroundConfig("realesrgan_x2plus", tile=32, overlap=8))
+    assert up is not None
+    net = up.model.model
+    tiles: list[int] = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: tiles.append(1) or forward(x))
+    rgb = _random_image(64, 96)  # 2 × 3 tiles
+    for canceled_after in (0, 2):
+        tiles.clear()
+        with pytest.raises(Cancelled):
+            up.upscale(rgb, factor, should_cancel=lambda n=canceled_after: len(tiles) >= n)
+        assert len(tiles) == canceled_after
+    tiles.clear()
+    out = up.upscale(rgb, factor, should_cancel=lambda: len(tiles) >= 6)
+    assert out.shape == (64 * factor, 96 * factor, 3) and len(tiles) == 6
+
+
 # ---------------------------------------------------------------- in the pipeline
 
 
@@ -359,9 +383,9 @@ def test_the_model_upscales_transparent_photos_premultiplied(
     seen: list[np.ndarray] = []
     plain_upscale = up.upscale
 
-    def spy(rgb: np.ndarray, factor: float) -> np.ndarray:
+    def spy(rgb: np.ndarray, factor: float, should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
         seen.append(rgb.copy())
-        return plain_upscale(rgb, factor)
+        return plain_upscale(rgb, factor, should_cancel=should_cancel)
 
     monkeypatch.setattr(up, "upscale", spy)
     options = RestoreOptions(upscale=2, on_no_face="passthrough", format="png")
@@ -383,6 +407,30 @@ def test_the_model_upscales_transparent_photos_premultiplied(
     assert visible[:, 40:44].all()  # the half-transparent columns 20–21, upscaled
     np.testing.assert_array_equal(other[visible], out[visible])
     np.testing.assert_array_equal(other, out)
+
+
+def test_a_photo_canceled_during_its_background_stops_between_tiles(
+    tiny_pipe: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline hands the photo's cancel to the background model: a job canceled while its
+    background is upscaled stops after the tile it is on, not after the whole photo and its encoding."""
+    up = bg.tiny(bg.BackgroundConfig("realesrgan_x2plus", tile=32, overlap=8))
+    assert up is not None
+    pipe = _fast(tiny_pipe, up)
+    net = up.model.model
+    tiles: list[int] = []
+    forward = net.forward
+    monkeypatch.setattr(net, "forward", lambda x: tiles.append(1) or forward(x))
+    stages: list[str] = []
+    options = RestoreOptions(upscale=2, on_no_face="passthrough", format="png")
+    with pytest.raises(Cancelled):
+        pipe.restore_photo(
+            _png(_random_image(64, 96)),  # no face: all background, 2 × 3 tiles
+            options,
+            progress=lambda stage, step, total: stages.append(stage),
+            should_cancel=lambda: bool(tiles),
+        )
+    assert len(tiles) == 1 and stages[-1] == "paste"
 
 
 # ---------------------------------------------------------------- configuration and weights

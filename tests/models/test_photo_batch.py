@@ -19,7 +19,7 @@ from PIL import Image
 
 from models.dsst import default_table
 from models.errors import Cancelled, InvalidImageError, NoFaceError
-from models.pipeline import PhotoRequest, PhotoResult, RestorationPipeline, RestoreOptions
+from models.pipeline import CancelFn, PhotoRequest, PhotoResult, RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
 from tests.conftest import TESTDATA, WEIGHTS, assert_same_up_to_rounding
 
@@ -112,10 +112,39 @@ def test_cancel_stops_the_batch_only_when_every_photo_asks(fast: RestorationPipe
     stop = PhotoRequest(data, options, should_cancel=lambda: True)
     both = fast.restore_photos([stop, stop, passthrough])
     assert [type(o) for o in both] == [Cancelled, Cancelled, PhotoResult]  # the faceless one goes on
-    # One photo still wants its result: the batch samples on (the worker then ends the other as
-    # canceled, since its cancel is still requested after sampling).
-    one = fast.restore_photos([stop, PhotoRequest(data, options)])
-    assert all(isinstance(o, PhotoResult) for o in one), one
+    # One photo still wants its result: the batch samples on; the one that asked to stop during
+    # sampling ends at its next step of its own, before paste-back (it used to be pasted and encoded).
+    stages: list[str] = []
+    late = PhotoRequest(
+        data,
+        options,
+        progress=lambda stage, step, total: stages.append(stage),
+        should_cancel=lambda: "sample" in stages,
+    )
+    one = fast.restore_photos([late, PhotoRequest(data, options)])
+    assert [type(o) for o in one] == [Cancelled, PhotoResult], one
+    assert "sample" in stages and "paste" not in stages
+
+
+def test_a_photo_canceled_before_its_batch_samples_stays_out_of_it(fast: RestorationPipeline) -> None:
+    """A photo canceled while it or a later photo of its batch is decoded or detected ends there, and
+    its faces do not join the others' in DBLM and the sampler (they used to be restored for nothing)."""
+    data = (ALIGNED / "0345.png").read_bytes()
+    options = RestoreOptions(aligned=True, seed=0)
+    seen: dict[str, list[tuple[str, int]]] = {"first": [], "second": []}
+
+    def request(name: str, should_cancel: CancelFn | None = None) -> PhotoRequest:
+        def progress(stage: str, step: int, total: int) -> None:
+            seen[name].append((stage, total))
+
+        return PhotoRequest(data, options, progress, should_cancel)
+
+    # Canceled once the second photo is being decoded: after its own detection.
+    first = request("first", should_cancel=lambda: bool(seen["second"]))
+    outcomes = fast.restore_photos([first, request("second")])
+    assert [type(o) for o in outcomes] == [Cancelled, PhotoResult], outcomes
+    assert [stage for stage, _ in seen["first"]] == ["decode", "detect"]
+    assert ("dblm", 1) in seen["second"]  # its one face alone
 
 
 def test_photos_must_share_the_sampler_options(fast: RestorationPipeline) -> None:

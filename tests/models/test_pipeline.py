@@ -251,6 +251,29 @@ def test_cancel_is_checked_between_dblm_chunks(
     assert guided == [1]
 
 
+@pytest.mark.parametrize("during", ["decode", "detect", "dblm", "sample", "paste"])
+def test_a_cancel_stops_the_photo_at_the_end_of_the_stage_it_came_in(
+    fast: RestorationPipeline, monkeypatch: pytest.MonkeyPatch, during: str
+) -> None:
+    """Cancellation is looked at between stages as well as between diffusion steps: a photo whose
+    cancel comes in while it is decoded, detected or pasted back goes no further (no UNet call when it
+    came before sampling). It used to be looked at only in DBLM and the sampler, so a cancel during
+    decoding or detection still ran DBLM's first chunk, and one during paste-back was not seen."""
+    stages: list[str] = []
+    unet_calls: list[int] = []
+    eps = fast._eps
+    monkeypatch.setattr(fast, "_eps", lambda x_t, t: unet_calls.append(len(x_t)) or eps(x_t, t))
+    with pytest.raises(Cancelled):
+        fast.restore_photo(
+            (ALIGNED / "0143.png").read_bytes(),
+            RestoreOptions(aligned=True, seed=0),
+            progress=lambda stage, step, total: stages.append(stage),
+            should_cancel=lambda: during in stages,
+        )
+    assert list(dict.fromkeys(stages)) == list(STAGES[: STAGES.index(during) + 1])
+    assert bool(unet_calls) == (STAGES.index(during) > STAGES.index("dblm"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="parking guides on the host matters on a GPU")
 def test_guides_wait_on_the_host_so_max_batch_bounds_device_memory(
     pipe: RestorationPipeline, monkeypatch: pytest.MonkeyPatch

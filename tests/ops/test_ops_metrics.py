@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.jobs import JobStore, connect
 from app.main import create_app
 from app.routers import health
-from tests.conftest import aligned_png, base_settings, purge, start_workers, wait_for
+from tests.conftest import aligned_png, base_settings, purge, start_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "dynface.json"
@@ -137,14 +137,14 @@ def _exported(texts: list[str]) -> Exported:
     return Exported(sampled=sampled, declared=declared, family_of=family_of)
 
 
-def _worker_counted_a_job(text: str) -> str | None:
-    """The scrape once it holds the succeeded job's counter and end-to-end observation, else None."""
+def _worker_counted_a_job(text: str) -> bool:
+    """Whether the scrape holds the succeeded job's counter and end-to-end observation."""
     samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
     succeeded = any(
         s.name == "dynface_jobs_total" and s.labels.get("outcome") == "succeeded" for s in samples
     )
     observed = any(s.name == "dynface_job_duration_seconds_count" and s.value >= 1 for s in samples)
-    return text if succeeded and observed else None
+    return succeeded and observed
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +164,9 @@ def live(redis_conn, tmp_path_factory) -> Iterator[Exported]:
             bad = client.post("/v1/restorations", files={"image": ("x.png", b"not an image", "image/png")})
             assert 400 <= bad.status_code < 500, bad.text  # a 4xx series and a rejection reason
             port = JobStore(connect(settings), settings).workers()[0]["metrics_port"]
-            # The worker counts a job (dynface_jobs_total, the end-to-end histogram) just after
-            # store.finish has woken the waiting request: poll until the job is on its /metrics.
-            worker_text = wait_for(
-                lambda: _worker_counted_a_job(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text),
-                10,
-                interval=0.1,
-                what="the worker's /metrics to count the job",
-            )
+            # The worker counts a job before its end can wake the waiting request (worker/metrics.py)
+            worker_text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            assert _worker_counted_a_job(worker_text), worker_text
             api_text = client.get("/metrics").text
         yield _exported([api_text, worker_text])
     finally:

@@ -306,19 +306,23 @@ def _types(text: str) -> dict[str, str]:
 
 
 def test_metrics_after_jobs(client: TestClient, service) -> None:
-    submit(client, headers={"Prefer": "wait=60"})
     settings = service[0]
     store = JobStore(connect(settings), settings)
     port = store.workers()[0]["metrics_port"]
     succeeded = 'dynface_jobs_total{outcome="succeeded",reason="ok"}'
 
-    def scrape() -> str | None:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        return text if succeeded in text else None
+    def scrape() -> str:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
 
-    # The wait above returns once `store.finish` has recorded the job; the worker counts it in
-    # dynface_jobs_total just after (worker/tasks.py `_finish`), so a first scrape may not have it yet.
-    text = wait_for(scrape, 10, interval=0.1, what=f"{succeeded} on the worker's /metrics")
+    def count(text: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(succeeded))
+
+    before = count(scrape())
+    assert submit(client, headers={"Prefer": "wait=60"}).json()["status"] == "succeeded"
+    # The wait returns once the job's end is in Redis, and the worker's /metrics counts it from then
+    # on (worker/metrics.py): the first scrape has it.
+    text = scrape()
+    assert count(text) == before + 1
     expected = {
         "dynface_queue_wait_seconds": "histogram",
         "dynface_inference_seconds": "histogram",

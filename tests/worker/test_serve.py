@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +33,7 @@ from tests.conftest import (
     settings_env,
     wait_for,
 )
+from worker import metrics
 from worker.cli import _WorkerPool
 from worker.main import run_worker
 
@@ -173,6 +175,27 @@ def test_a_worker_whose_metrics_port_is_taken_says_which_setting_to_change(make_
         settings = make_settings(worker_metrics_port=taken.getsockname()[1])
         with pytest.raises(SystemExit, match="DYNFACE_WORKER_METRICS_PORT"):
             run_worker(settings, "cpu", burst=True)
+
+
+def test_a_worker_serves_the_metrics_that_wait_for_job_ends(
+    make_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's /metrics is `metrics.SCRAPED` (read between job ends), not the default registry,
+    which a client woken by a job's end could scrape before the job is counted."""
+    served: list[object] = []
+    real_start = metrics.start_http_server
+
+    def spy(port: int, **kwargs: Any) -> Any:
+        served.append(kwargs.get("registry"))
+        return real_start(port, **kwargs)
+
+    monkeypatch.setattr(metrics, "start_http_server", spy)
+    with socket.socket() as taken:  # run_worker stops there, before loading the model
+        taken.bind(("", 0))
+        taken.listen()
+        with pytest.raises(SystemExit):
+            run_worker(make_settings(worker_metrics_port=taken.getsockname()[1]), "cpu", burst=True)
+    assert served == [metrics.SCRAPED]
 
 
 def test_a_worker_that_cannot_be_started_again_yet_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
