@@ -12,8 +12,9 @@ import logging
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Scope
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ def answered_code(scope: Scope) -> str:
     return scope.get("state", {}).get("error_code", "")
 
 
+#: The request counter's `error_code` for a client that left before its request was read, with
+#: status 499 (nginx's "client closed request"): counted, never answered to anyone.
+CLIENT_CLOSED = "client_closed"
+
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
@@ -98,6 +103,14 @@ def install_error_handlers(app: FastAPI) -> None:
             "The job store is unavailable; retry shortly.",
             {"Retry-After": "5"},
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_closed(request: Request, exc: ClientDisconnect) -> Response:
+        # Not a bug (no traceback) nor a server error (not a 5xx in the error-ratio alert): the
+        # client went away mid-upload. The answer only carries the status to the request counter.
+        log.info("client closed the connection during %s %s", request.method, request.url.path)
+        request.state.error_code = CLIENT_CLOSED
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -370,7 +370,9 @@ class JobStore:
         return self.redis.get(self.key("result", job_id, name))
 
     def cancel_requested(self, job_id: str) -> bool:
-        """Read by the worker between diffusion steps (one HGET, well under a millisecond)."""
+        """Read by the worker at each cancel check of a running job: between its stages, diffusion
+        steps and background tiles, and before its results are stored (one HGET, well under a
+        millisecond)."""
         return self.redis.hget(self.key("job", job_id), "cancel_requested") == b"true"
 
     # --- idempotency

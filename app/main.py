@@ -109,13 +109,20 @@ class _Measure:
                 MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
             await send(message)
 
+        abandoned = False
         try:
             await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:
+            # The server stopped it (a shutdown past uvicorn's graceful timeout): no answer was made
+            # and no bug happened, so it is not counted, least of all as a 500.
+            abandoned = True
+            raise
         finally:
-            template = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            metrics.REQUESTS.labels(template, method, str(status), error_code).inc()
-            metrics.REQUEST_SECONDS.labels(template, method).observe(time.perf_counter() - start)
+            if not abandoned:
+                template = getattr(scope.get("route"), "path", "unmatched")
+                method = scope["method"] if scope["method"] in _METHODS else "other"
+                metrics.REQUESTS.labels(template, method, str(status), error_code).inc()
+                metrics.REQUEST_SECONDS.labels(template, method).observe(time.perf_counter() - start)
 
 
 def app_from_env() -> FastAPI:

@@ -34,6 +34,7 @@ class NoFaceError(PipelineError):
 
 
 class Cancelled(PipelineError):
-    """Raised between diffusion steps when the caller asked to stop."""
+    """Raised at a cancel check (between stages, diffusion steps or background tiles) when the
+    caller asked to stop."""
 
     code = "canceled"

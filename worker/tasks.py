@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
@@ -198,7 +199,19 @@ def _request(rt: Runtime, job: _Job) -> PhotoRequest:
             fields.update(step=step, total=total)
         store.progress(job_id, fields, rq_job)
 
-    return PhotoRequest(data, _options(job.record), progress, lambda: store.cancel_requested(job_id))
+    return PhotoRequest(data, _options(job.record), progress, partial(_cancel_requested, store, job_id))
+
+
+def _cancel_requested(store: JobStore, job_id: str) -> bool:
+    """Whether the job's client asked it to stop; a read that Redis fails is "not yet". The pipeline
+    asks at every stage and background tile, and an error there would end every job of the batch,
+    companions with their results already encoded included. A DELETE is only a request (the client
+    polls for the end), and a job that stores its results anyway ends `succeeded` as documented."""
+    try:
+        return store.cancel_requested(job_id)
+    except RedisError as e:
+        log.warning("job %s: cancel not checked, Redis failed: %s", job_id, e)
+        return False
 
 
 def _options(record: dict[str, Any]) -> RestoreOptions:
@@ -238,10 +251,10 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> N
     store = rt.store
     job_id, record, started_at = job.id, job.record, job.started_at
     options = _options(record)
-    # A DELETE that arrived after the pipeline's last look (encode) still wins: the client was told
-    # "poll until canceled".
-    if store.cancel_requested(job_id):
-        _fail(rt, job_id, Cancelled("Canceled after sampling."))
+    # A DELETE that arrived after the pipeline's last look (before encoding) still wins while nothing
+    # is stored.
+    if _cancel_requested(store, job_id):
+        _fail(rt, job_id, Cancelled("Canceled before its results were stored."))
         return
 
     results: dict[str, bytes] = {}
@@ -357,10 +370,12 @@ def _finish(
 
 
 def _read_back(rt: Runtime, job_id: str) -> dict[str, Any] | None:
-    """The job's record after a failed end, or None when it cannot be read either."""
+    """The job's record after a failed end, or None when Redis fails this read too (redis-py raises
+    its RedisErrors for socket failures as well). Anything else propagates: RQ's JobTimeoutException
+    above all, so that the job ends `timeout` rather than with the failed write's error."""
     try:
         return rt.store.get(job_id)
-    except Exception as e:
+    except RedisError as e:
         log.warning("job %s: could not read back its end: %s", job_id, e)
         return None
 

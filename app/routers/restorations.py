@@ -552,10 +552,12 @@ def get_restoration(job_id: str, request: Request, owner: Caller) -> JSONRespons
     response_model=Restoration,
     summary="Cancel a job",
     description="Queued jobs are canceled at once (200). A running job is asked to stop: 202 with the "
-    "job still `processing`. It stops at its next diffusion step, or before its results are stored, "
-    "and ends `canceled`; one that was already storing its results, or failed first, ends `succeeded` "
-    "or `failed`: poll until it ends. Already canceled jobs: 200 again (a retried DELETE is safe). "
-    "Succeeded or failed jobs: 409 `not_cancelable`.",
+    "job still `processing`. It stops at its next check (between its stages, diffusion steps and "
+    "background tiles, and before its results are stored) and ends `canceled`; in a batch with other "
+    "jobs (worker batching), the face restoration they share goes on unless all of them are canceled, "
+    "and it stops right after. One that was already storing its results, or failed first, ends "
+    "`succeeded` or `failed`: poll until it ends. Already canceled jobs: 200 again (a retried DELETE "
+    "is safe). Succeeded or failed jobs: 409 `not_cancelable`.",
     responses={
         202: {"model": Restoration},
         401: ERROR_DOC,

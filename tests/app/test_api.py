@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message, Scope
 
 from app import queued, webhooks
 from app.jobs import JobStore, connect, make_queue
@@ -1142,6 +1144,95 @@ def test_an_unexpected_exception_is_counted_as_internal(settings: Settings) -> N
         assert requests_counted(c, "/boom", "GET", 500, "internal") == before + 1
 
 
+_BOUNDARY = "dynface-test-boundary"
+#: The start of a multipart upload of PNG: its part's headers and the image's first KiB.
+_UPLOAD_START = (
+    f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+    "Content-Type: image/png\r\n\r\n"
+).encode() + PNG[:1024]
+
+
+def _upload_scope() -> Scope:
+    """The ASGI scope uvicorn gives a multipart POST /v1/restorations."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/restorations",
+        "raw_path": b"/v1/restorations",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", f"multipart/form-data; boundary={_BOUNDARY}".encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_499_not_as_a_bug(settings: Settings, caplog) -> None:
+    """The client closes the connection while its upload arrives: uvicorn's receive() then says
+    `http.disconnect`, and Starlette raises ClientDisconnect in the body read. The catch-all handler
+    took it for a bug: "unhandled error" with a traceback, counted as a 500 `internal` (the error-ratio
+    alert's numerator), and re-raised to the server."""
+    app = create_app(settings)
+    messages: list[Message] = [
+        {"type": "http.request", "body": _UPLOAD_START, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with TestClient(app) as c:
+        before = requests_counted(c, "/v1/restorations", "POST", 499, "client_closed")
+        internal = requests_counted(c, "/v1/restorations", "POST", 500, "internal")
+        with caplog.at_level(logging.INFO):
+            c.portal.call(app, _upload_scope(), receive, send)
+        assert messages == []  # the body was read up to the disconnect
+        assert requests_counted(c, "/v1/restorations", "POST", 499, "client_closed") == before + 1
+        assert requests_counted(c, "/v1/restorations", "POST", 500, "internal") == internal
+    assert sent[0]["status"] == 499  # what the counter saw; uvicorn drops it (the client is gone)
+    logged = [(r.levelno, r.exc_info) for r in caplog.records if r.name == "app.errors"]
+    assert logged == [(logging.INFO, None)]  # no "unhandled error", no traceback
+
+
+def test_a_request_the_server_abandons_is_not_counted_as_a_bug(settings: Settings) -> None:
+    """At shutdown, past its graceful timeout, uvicorn cancels the requests still running: an
+    asyncio.CancelledError (not an Exception) through the counting middleware, which counted the
+    request as a 500 `internal` though nothing was answered and nothing went wrong."""
+    app = create_app(settings)
+
+    async def abandon() -> None:
+        reading = asyncio.Event()
+
+        async def receive() -> Message:
+            reading.set()
+            await asyncio.Event().wait()  # the rest of the body never comes
+            raise AssertionError("unreachable")
+
+        async def send(message: Message) -> None:
+            raise AssertionError(f"answered {message}")
+
+        request = asyncio.ensure_future(app(_upload_scope(), receive, send))
+        await reading.wait()
+        request.cancel()  # as uvicorn's shutdown does
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+
+    with TestClient(app) as c:
+        internal = requests_counted(c, "/v1/restorations", "POST", 500, "internal")
+        c.portal.call(abandon)
+        assert requests_counted(c, "/v1/restorations", "POST", 500, "internal") == internal
+
+
 @pytest.mark.parametrize(
     ("prefer", "broken"),
     [
@@ -1208,8 +1299,9 @@ def test_every_worker_state_is_a_metrics_series(client: TestClient) -> None:
 
 
 def test_the_cancel_docs_say_a_running_job_may_still_end_otherwise(client: TestClient) -> None:
-    """A DELETE of a running job is a request: the job is checked between diffusion steps and before it
-    stores its results, so one that is already storing them (or failed first) does not end canceled."""
+    """A DELETE of a running job is a request: the job is checked between its stages, diffusion steps
+    and background tiles, and before it stores its results, so one that is already storing them (or
+    failed first) does not end canceled."""
     text = client.get("/openapi.json").json()["paths"]["/v1/restorations/{job_id}"]["delete"]["description"]
     assert "poll until `canceled`" not in text
     assert all(f"`{status}`" in text for status in ("canceled", "succeeded", "failed")), text

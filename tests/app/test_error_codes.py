@@ -55,6 +55,7 @@ def test_every_error_code_is_documented() -> None:
         "http_error",
     } <= emitted
     assert emitted - documented == set()
+    assert errors.CLIENT_CLOSED in documented  # the request counter's value no client receives
 
 
 def test_the_web_page_has_a_sentence_for_every_error_code() -> None:
@@ -70,7 +71,8 @@ def test_the_web_page_has_a_sentence_for_every_error_code() -> None:
 def test_the_request_counter_labels_errors_with_these_codes_only(client: TestClient) -> None:
     """dynface_http_requests_total's `error_code` takes no value from the client (each value is a
     series): the framework's own refusals (unknown path or method, path validation) carry the codes
-    app.errors maps them onto, and successes ""."""
+    app.errors maps them onto, successes "", and a client that left mid-upload `client_closed` (with
+    status 499, answered to no one: tests/app/test_api.py)."""
     sent: list[tuple[str, str, dict[str, Any]]] = [
         ("GET", "/no/such/path-1", {}),
         ("GET", "/no/such/path-2", {}),
@@ -89,4 +91,4 @@ def test_the_request_counter_labels_errors_with_these_codes_only(client: TestCli
     }
     expected = {"not_found", "method_not_allowed", "invalid_option", "invalid_request", "unsupported_format"}
     assert expected <= labelled
-    assert labelled - _emitted_codes() <= {""}
+    assert labelled - _emitted_codes() <= {"", errors.CLIENT_CLOSED}

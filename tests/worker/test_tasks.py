@@ -22,6 +22,7 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_latest, make_wsgi_app
 from prometheus_client.parser import text_string_to_metric_families
+from rq.timeouts import JobTimeoutException
 
 from app import queued
 from app.jobs import JobStore, connect, make_queue
@@ -103,7 +104,8 @@ def test_unexpected_error_maps_to_internal_without_details(
 
 
 def test_cancel_after_sampling_still_cancels(runtime: tasks.Runtime, settings: Settings, monkeypatch) -> None:
-    """A DELETE answered 202 while the job was past its last diffusion step ends as canceled."""
+    """A DELETE answered 202 while the job was past the pipeline's last check (before encoding) ends
+    as canceled."""
     job_id = _queued_job(settings)
     real = runtime.pipe.restore_photos
 
@@ -288,6 +290,55 @@ def test_an_end_that_cannot_be_read_back_keeps_its_error(runtime: tasks.Runtime,
     assert _count("succeeded", "ok") == succeeded
     assert metrics.ENDING.acquire(blocking=False)
     metrics.ENDING.release()
+
+
+def test_a_timeout_while_an_end_is_read_back_ends_the_job_timeout(
+    runtime: tasks.Runtime, settings: Settings, monkeypatch
+) -> None:
+    """RQ's job timeout (SIGALRM) strikes while a failed end is read back: the job ends `timeout`. The
+    read-back swallowed it and re-raised the write's Redis error, so the job ended `internal`."""
+    job_id = _queued_job(settings)
+    real_finish, real_get = runtime.store.finish, runtime.store.get
+    tries: list[str] = []
+
+    def lost_once(job_id: str, fields: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        tries.append(fields["status"])
+        if len(tries) == 1:
+            raise redis.exceptions.ConnectionError("Connection reset by peer")
+        return real_finish(job_id, fields, *args, **kwargs)
+
+    def get(job_id: str) -> dict[str, Any] | None:
+        if tries == ["succeeded"]:  # reading back the end that failed
+            raise JobTimeoutException("Task exceeded maximum timeout value (120 seconds)")
+        return real_get(job_id)
+
+    monkeypatch.setattr(runtime.store, "finish", lost_once)
+    monkeypatch.setattr(runtime.store, "get", get)
+    tasks.restore(job_id)
+    assert tries == ["succeeded", "failed"]
+    record = runtime.store.get(job_id)
+    assert record["status"] == "failed" and record["error"]["code"] == "timeout", record
+
+
+def test_cancel_checks_that_redis_fails_do_not_fail_the_job(
+    runtime: tasks.Runtime, settings: Settings, monkeypatch, caplog
+) -> None:
+    """The pipeline asks whether a job was canceled at every stage and background tile. A Redis error
+    there is no PipelineError: it escaped `restore_photos` and ended every job of the batch `internal`.
+    A check that cannot be read now means "not canceled", before storing the results too."""
+    job_id = _queued_job(settings)
+    checks: list[str] = []
+
+    def unreadable(job_id: str) -> bool:
+        checks.append(job_id)
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(runtime.store, "cancel_requested", unreadable)
+    tasks.restore(job_id)
+    record = runtime.store.get(job_id)
+    assert record["status"] == "succeeded", record
+    assert len(checks) >= 3  # the pipeline's own checks, and the one before storing
+    assert "cancel not checked" in caplog.text
 
 
 def test_a_scrape_waits_for_a_job_end_only_so_long(monkeypatch, caplog) -> None:
