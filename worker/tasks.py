@@ -197,7 +197,12 @@ def _request(rt: Runtime, job: _Job) -> PhotoRequest:
         fields: dict[str, Any] = {"stage": stage}
         if stage == "sample":
             fields.update(step=step, total=total)
-        store.progress(job_id, fields, rq_job)
+        try:
+            store.progress(job_id, fields, rq_job)
+        except RedisError as e:
+            # Progress is for the client's eyes: a write Redis fails (a blip, a Sentinel failover)
+            # must not end every job of the batch `internal`; the end is written, or fails, on its own.
+            log.warning("job %s: progress not stored, Redis failed: %s", job_id, e)
 
     return PhotoRequest(data, _options(job.record), progress, partial(_cancel_requested, store, job_id))
 

@@ -341,6 +341,26 @@ def test_cancel_checks_that_redis_fails_do_not_fail_the_job(
     assert "cancel not checked" in caplog.text
 
 
+def test_progress_that_redis_fails_to_store_does_not_fail_the_job(
+    runtime: tasks.Runtime, settings: Settings, monkeypatch, caplog
+) -> None:
+    """Progress is written at every stage and diffusion step; a Redis error there (a blip, a Sentinel
+    failover) escaped `restore_photos` and ended every job of the batch `internal`."""
+    job_id = _queued_job(settings)
+    writes: list[dict] = []
+
+    def unwritable(job_id: str, fields: dict, rq_job: object) -> None:
+        writes.append(fields)
+        raise redis.exceptions.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(runtime.store, "progress", unwritable)
+    tasks.restore(job_id)
+    record = runtime.store.get(job_id)
+    assert record["status"] == "succeeded", record
+    assert any(w["stage"] == "sample" for w in writes)
+    assert "progress not stored" in caplog.text
+
+
 def test_a_scrape_waits_for_a_job_end_only_so_long(monkeypatch, caplog) -> None:
     """A hung Redis can hold a job's end, and the lock scrapes wait for, for several redis timeouts:
     longer than Prometheus waits for a scrape (10 s by default). Past `SCRAPE_WAIT_SECONDS` a scrape
