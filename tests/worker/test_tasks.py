@@ -240,13 +240,9 @@ def test_an_end_whose_reply_was_lost_is_counted_and_told_once(
     assert told == ["succeeded"]
 
 
-def test_an_end_that_never_landed_is_not_counted(
-    runtime: tasks.Runtime, settings: Settings, monkeypatch
-) -> None:
-    """The success's write never reaches Redis: the job ends `internal` and is counted as that alone.
-    Its success metrics (stage times, inference share) used to be counted before the write, for a job
-    that did not succeed."""
-    job_id = _queued_job(settings)
+def _first_finish_lost(runtime: tasks.Runtime, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The job store's first `finish` fails before reaching Redis (a reset connection), later ones go
+    through; returns the statuses the calls tried to write."""
     real_finish = runtime.store.finish
     tries: list[str] = []
 
@@ -257,6 +253,17 @@ def test_an_end_that_never_landed_is_not_counted(
         return real_finish(job_id, fields, *args, **kwargs)
 
     monkeypatch.setattr(runtime.store, "finish", lost_once)
+    return tries
+
+
+def test_an_end_that_never_landed_is_not_counted(
+    runtime: tasks.Runtime, settings: Settings, monkeypatch
+) -> None:
+    """The success's write never reaches Redis: the job ends `internal` and is counted as that alone.
+    Its success metrics (stage times, inference share) used to be counted before the write, for a job
+    that did not succeed."""
+    job_id = _queued_job(settings)
+    tries = _first_finish_lost(runtime, monkeypatch)
     succeeded, internal = _count("succeeded", "ok"), _count("failed", "internal")
     inference = _sample("dynface_inference_seconds_count")
     sampled = _sample("dynface_stage_seconds_count", stage="sample")
@@ -298,21 +305,14 @@ def test_a_timeout_while_an_end_is_read_back_ends_the_job_timeout(
     """RQ's job timeout (SIGALRM) strikes while a failed end is read back: the job ends `timeout`. The
     read-back swallowed it and re-raised the write's Redis error, so the job ended `internal`."""
     job_id = _queued_job(settings)
-    real_finish, real_get = runtime.store.finish, runtime.store.get
-    tries: list[str] = []
-
-    def lost_once(job_id: str, fields: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any] | None:
-        tries.append(fields["status"])
-        if len(tries) == 1:
-            raise redis.exceptions.ConnectionError("Connection reset by peer")
-        return real_finish(job_id, fields, *args, **kwargs)
+    real_get = runtime.store.get
+    tries = _first_finish_lost(runtime, monkeypatch)
 
     def get(job_id: str) -> dict[str, Any] | None:
         if tries == ["succeeded"]:  # reading back the end that failed
             raise JobTimeoutException("Task exceeded maximum timeout value (120 seconds)")
         return real_get(job_id)
 
-    monkeypatch.setattr(runtime.store, "finish", lost_once)
     monkeypatch.setattr(runtime.store, "get", get)
     tasks.restore(job_id)
     assert tries == ["succeeded", "failed"]
