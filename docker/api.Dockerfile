@@ -7,13 +7,20 @@ FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, in a layer of their own that only a pyproject.toml change rebuilds: the pinned
+# base dependencies (the API's; torch & co. are the `worker` extra, not installed here), read from
+# pyproject.toml. Then the project itself, without dependencies.
+COPY pyproject.toml ./
+RUN python -m venv /opt/venv \
+ && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+COPY README.md ./
 COPY app app
 COPY worker worker
 COPY models models
-# The base install is the API's; torch & co. are the `worker` extra, not installed here.
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install .
+RUN /opt/venv/bin/pip install --no-deps . \
+ && /opt/venv/bin/pip check
 
 FROM python:3.11-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \

@@ -24,15 +24,22 @@ gpu_count() {
   if [[ -n "${DYNFACE_GPU_COUNT:-}" ]]; then
     echo "$DYNFACE_GPU_COUNT"
   elif command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L | grep -c '^GPU '
+    # grep -c prints 0 but exits 1 when nvidia-smi lists no GPU (or fails, saying why on stderr):
+    # `|| true`, or `set -e` would end the script here without the message below.
+    # One line per physical GPU: MIG instances (indented "MIG ..." lines) are not counted, and this
+    # claim cannot hand them out (CUDA_VISIBLE_DEVICES=<index> names a GPU, not a MIG instance): on
+    # a MIG host pin each worker to its instance's UUID by hand (CUDA_VISIBLE_DEVICES=MIG-...).
+    nvidia-smi -L | grep -c '^GPU ' || true
   else
     python -c 'import torch; print(torch.cuda.device_count())'
   fi
 }
 
 n="$(gpu_count)"
-if [[ "$n" -lt 1 ]]; then
+if ! [[ "$n" =~ ^[0-9]+$ ]] || [[ "$n" -lt 1 ]]; then
   echo "dynface-gpu-worker: no GPU visible in this container (use the cpu profile on hosts without GPUs)" >&2
+  # Slow the restart loop, as for a surplus replica below.
+  sleep "${DYNFACE_GPU_CLAIM_RETRY_DELAY:-60}"
   exit 1
 fi
 

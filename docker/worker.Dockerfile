@@ -33,19 +33,24 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv libgl1 libglib2.0-0t64 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-# torch first, from the CUDA index, so `pip install .[worker]` finds the pin satisfied and does not fetch a
-# different build from PyPI.
+# torch first, from the CUDA index, so the dependency install below finds the pin satisfied and
+# does not fetch a different build from PyPI.
 RUN python3 -m venv /opt/venv \
  && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The project's pinned dependencies (base + `worker` extra, read from pyproject.toml) in a layer of
+# their own that only a pyproject.toml change rebuilds; then the project itself, without
+# dependencies, so a code change reinstalls nothing else.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+COPY README.md ./
 COPY app app
 COPY worker worker
 COPY models models
-# The project's own pins (pyproject.toml) apply; hadolint cannot see them through the extra.
-# hadolint ignore=DL3013
-RUN pip install '.[worker]' \
+RUN pip install --no-deps . \
  && python -c "import torch, worker.main; assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__"
 
 COPY docker/worker-entrypoint.sh /usr/local/bin/dynface-gpu-worker

@@ -14,11 +14,15 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import redis
 import yaml
 
 from app.settings import Settings
@@ -152,6 +156,140 @@ def test_redis_has_aof_and_password(resolved: dict[str, dict[str, Any]]) -> None
     api = resolved["gpu"]["services"]["api"]
     assert api["environment"]["REDIS_URL"] == BUNDLED_REDIS_URL
     assert "ports" not in redis, "Redis is not published on the host"
+
+
+def _resolved_with(tmp_path: Path, profile: str = "gpu", **env: str) -> dict[str, Any]:
+    """`docker compose config` with SECRETS and ``env`` in the env file (as a `.env` would set them)."""
+    f = tmp_path / f"{profile}-{len(list(tmp_path.iterdir()))}.env"
+    f.write_text("".join(f"{k}={v}\n" for k, v in {**SECRETS, **env}.items()))
+    r = compose("config", "--format", "json", env_file=f, profile=profile)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _redis_script(services: dict[str, Any]) -> str:
+    """The redis service's `sh -c` script, with compose's `$$` escapes undone (as the container runs it)."""
+    command = services["redis"]["command"]
+    assert command[:2] == ["sh", "-c"], command
+    return command[2].replace("$$", "$")
+
+
+def test_redis_refuses_writes_at_maxmemory(resolved: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """`noeviction` only acts at a `maxmemory`: compose sets one (REDIS_MAXMEMORY, 4gb by default)."""
+    script = _redis_script(resolved["gpu"]["services"])
+    assert '--maxmemory "4gb"' in script and "--maxmemory-policy noeviction" in script
+    small = _redis_script(_resolved_with(tmp_path, REDIS_MAXMEMORY="2mb")["services"])
+    assert '--maxmemory "2mb"' in small
+    # The script as the container runs it, on a real redis-server (a port and directory of the test's
+    # appended): it starts with that config, and a write past maxmemory is refused, nothing evicted.
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server not installed (the tests' Redis: README)")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (bindir / "redis-server").write_text(
+        f'#!/bin/sh\nexec {server} "$@" --port {port} --bind 127.0.0.1 --dir {tmp_path}\n'
+    )
+    (bindir / "redis-server").chmod(0o755)
+    env = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "REDIS_PASSWORD": "pw"}
+    proc = subprocess.Popen(["sh", "-c", small], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password="pw", socket_timeout=5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+        assert client.config_get("maxmemory")["maxmemory"] == str(2 * 1024 * 1024)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        client.set("rq:queue:dynface-kept", b"x")
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for i in range(64):
+                client.set(f"upload:{i}", b"\0" * (256 * 1024))
+        assert client.get("rq:queue:dynface-kept") == b"x", "noeviction must not drop keys"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_each_host_labels_what_its_prometheus_federates(
+    resolved: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Identical compose hosts give identical series (targets are bridge-network IPs): each host's
+    Prometheus adds `dynface_host`, from PROMETHEUS_HOST_LABEL, else its PROMETHEUS_BIND_ADDRESS (the
+    host's own private address whenever a central Prometheus can federate it)."""
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    (variable,) = re.fullmatch(
+        r"\$\{([A-Z_]+)\}", config["global"]["external_labels"]["dynface_host"]
+    ).groups()
+
+    def label(**env: str) -> str:
+        return _resolved_with(tmp_path, **env)["services"]["prometheus"]["environment"][variable]
+
+    assert resolved["gpu"]["services"]["prometheus"]["environment"][variable] == "127.0.0.1"
+    assert label(PROMETHEUS_BIND_ADDRESS="10.1.2.3") == "10.1.2.3"
+    assert label(PROMETHEUS_BIND_ADDRESS="10.1.2.3", PROMETHEUS_HOST_LABEL="gpu-07") == "gpu-07"
+
+
+def test_prometheus_expands_the_host_label(resolved: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """A real Prometheus loads prometheus.yml with the environment compose gives it and puts the host's
+    value in its external labels (Prometheus 3 expands ${VAR} there by default; a 2.x binary, such as
+    Debian's, needs --enable-feature=expand-external-labels)."""
+    binary = shutil.which("prometheus") or (
+        str(Path(p).parent / "prometheus") if (p := shutil.which("promtool")) else None
+    )
+    if binary is None or not Path(binary).is_file():
+        pytest.skip("prometheus not installed (Debian: apt-get install prometheus)")
+    env = {k: str(v) for k, v in resolved["gpu"]["services"]["prometheus"]["environment"].items()}
+    env["PROMETHEUS_HOST_LABEL"] = "gpu-07"  # what a host's .env sets
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    flags = (
+        ["--enable-feature=expand-external-labels"] if "version 2." in version.stdout + version.stderr else []
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={PROMETHEUS_YML}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            *flags,
+        ],
+        env={"PATH": os.environ["PATH"], **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/status/config", timeout=2)
+                if r.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "prometheus did not start"
+            time.sleep(0.2)
+        loaded = yaml.safe_load(r.json()["data"]["yaml"])
+        assert loaded["global"]["external_labels"] == {"dynface_host": "gpu-07"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        if proc.stderr:
+            proc.stderr.close()
 
 
 def test_gpu_worker_is_scalable_one_gpu_each(resolved: dict[str, dict[str, Any]]) -> None:

@@ -97,6 +97,68 @@ def test_worker_image_pins_the_project_torch() -> None:
     assert "-runtime-" in text.split("ARG CUDA_IMAGE=", 1)[1].splitlines()[0]
 
 
+def _instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments left out."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in (DOCKER / dockerfile).read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip("\\").strip() + " " if line.endswith("\\") else line.strip()
+        if not line.endswith("\\"):
+            keyword, _, args = pending.partition(" ")
+            out.append((keyword.upper(), args.strip()))
+            pending = ""
+    return out
+
+
+@pytest.mark.parametrize("dockerfile,extras", [("api.Dockerfile", []), ("worker.Dockerfile", ["worker"])])
+def test_dependencies_install_in_a_layer_the_source_does_not_invalidate(
+    dockerfile: str, extras: list[str], tmp_path: Path
+) -> None:
+    """The pinned dependencies are installed from pyproject.toml alone, before any source is copied,
+    so a code change rebuilds only the `pip install --no-deps .` layer; and what that first layer
+    installs is exactly the project's dependency list (with the image's extras)."""
+    steps = _instructions(dockerfile)
+    # the stage that installs: the first (the API's build stage; the worker's only one)
+    froms = [i for i, (k, _) in enumerate(steps) if k == "FROM"] + [len(steps)]
+    build = steps[froms[0] : froms[1]]
+    (deps,) = [i for i, (k, a) in enumerate(build) if k == "RUN" and "-r /tmp/requirements.txt" in a]
+    copies_before = [a for k, a in build[:deps] if k == "COPY"]
+    assert copies_before == ["pyproject.toml ./"], copies_before
+    source = [
+        i for i, (k, a) in enumerate(build) if k == "COPY" and a.split()[0] in {"app", "worker", "models"}
+    ]
+    assert len(source) == 3 and min(source) > deps
+    (project,) = [i for i, (k, a) in enumerate(build) if k == "RUN" and "install --no-deps ." in a]
+    assert project > max(source)
+    # The requirements the first layer installs: its own one-liner, run on this pyproject.toml.
+    (code,) = re.findall(r'python3? -c "([^"]+)" > /tmp/requirements\.txt', build[deps][1])
+    (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    base, optional = _extras()
+    assert r.stdout.splitlines() == base + [d for e in extras for d in optional[e]]
+
+
+#: Oldest Linux driver branch that runs each CUDA major (minor-version compatibility, NVIDIA's table).
+MIN_DRIVER = {12: 525, 13: 580}
+
+
+def test_gpu_host_requirements_match_the_cuda_base() -> None:
+    """The CUDA base image and the torch wheel index are of one CUDA major, and the docs state the
+    driver that major needs: a base bumped without its docs would leave hosts failing to start the
+    container with no word why."""
+    text = (DOCKER / "worker.Dockerfile").read_text()
+    (base,) = re.findall(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", text, flags=re.M)
+    (wheels,) = re.findall(r"^ARG TORCH_INDEX_URL=\S+/cu(\d+)\d$", text, flags=re.M)
+    assert base == wheels, (base, wheels)
+    driver = MIN_DRIVER[int(base)]
+    scaling = (ROOT / "docs" / "scaling.md").read_text()
+    assert f"NVIDIA driver R{driver} or newer" in scaling
+    assert f"driver {driver} or newer" in (ROOT / "README.md").read_text()
+
+
 def test_base_install_leaves_out_the_model_stack() -> None:
     base, extras = _extras()
     names = {distribution(r) for r in base}
@@ -215,3 +277,56 @@ def test_no_claim_where_the_platform_assigns_the_gpu(stub_bin: Path, tmp_path: P
         for stream in (p.stdout, p.stderr):
             if stream:
                 stream.close()
+
+
+def _fake_nvidia_smi(stub_bin: Path, listing: str) -> None:
+    """An `nvidia-smi` whose `-L` prints ``listing`` (and exits 0, as the real one does)."""
+    (stub_bin / "listing.txt").write_text(listing)
+    (stub_bin / "nvidia-smi").write_text(f'#!/usr/bin/env bash\ncat "{stub_bin / "listing.txt"}"\n')
+    (stub_bin / "nvidia-smi").chmod(0o755)
+
+
+def test_no_gpu_visible_is_said_not_swallowed(stub_bin: Path, tmp_path: Path) -> None:
+    """nvidia-smi listing no GPU makes `grep -c` exit 1; under `set -euo pipefail` that must not end
+    the script before it says why (and the worker must not start)."""
+    _fake_nvidia_smi(stub_bin, "")
+    env = {"DYNFACE_GPU_CLAIM_DIR": str(tmp_path / "claims"), "DYNFACE_GPU_CLAIM_RETRY_DELAY": "0"}
+    p = _start(stub_bin, tmp_path, **env)
+    try:
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=10)
+    assert p.returncode == 1
+    assert "no GPU visible in this container" in err, err
+    assert "gpu=" not in out, out
+
+
+def test_gpus_are_counted_from_nvidia_smi(stub_bin: Path, tmp_path: Path) -> None:
+    """Without DYNFACE_GPU_COUNT the claim counts `nvidia-smi -L`'s GPU lines: one per physical GPU,
+    MIG instances (indented lines) not counted, so a second replica finds every GPU claimed."""
+    _fake_nvidia_smi(
+        stub_bin,
+        "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-aaaa)\n"
+        "  MIG 3g.20gb     Device  0: (UUID: MIG-bbbb)\n"
+        "  MIG 3g.20gb     Device  1: (UUID: MIG-cccc)\n",
+    )
+    env = {"DYNFACE_GPU_CLAIM_DIR": str(tmp_path / "claims"), "DYNFACE_GPU_CLAIM_RETRY_DELAY": "0"}
+    procs = []
+    try:
+        a = _start(stub_bin, tmp_path, **env)
+        procs.append(a)
+        assert _first_line(a) == "gpu=0 args=worker --device cuda:0 --burst"
+        b = _start(stub_bin, tmp_path, **env)
+        procs.append(b)
+        assert b.wait(timeout=30) == 1
+        assert "all 1 GPUs" in (b.stderr.read() if b.stderr else "")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+            for stream in (p.stdout, p.stderr):
+                if stream:
+                    stream.close()

@@ -199,3 +199,61 @@ def test_pod_monitor_labels_targets_like_the_compose_prometheus() -> None:
         assert ports[endpoint["port"]] in jobs
         dropped = [r["regex"] for r in rules if r.get("action") == "labeldrop"]
         assert dropped and all(label in dropped[0].split("|") for label in ("pod", "container"))
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (`512Mi`, `4Gi`, `2G`, plain bytes) in bytes."""
+    units = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "k": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+    }
+    m = re.fullmatch(r"(\d+)([KMGT]i?|k)?", str(quantity))
+    assert m, quantity
+    return int(m.group(1)) * units.get(m.group(2) or "", 1)
+
+
+def test_api_memory_limit_fits_its_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/scaling.md, "API memory": each API process may hold max_concurrent_image_checks decoded
+    images of max_pixels at 4 bytes a pixel, twice that while one is rotated. The pod runs
+    `--api-workers` such processes; its limit must hold them all, plus room for the interpreter and
+    the uploads in flight, or the kernel kills the pod under a burst of large photos."""
+    (c,) = one("api.yaml", "Deployment")["spec"]["template"]["spec"]["containers"]
+    processes = build_parser().parse_args(c["command"][1:]).api_workers
+    settings = settings_in_env(_pod_env(one("secret.example.yaml", "Secret")["stringData"]), monkeypatch)
+    decoded = settings.max_concurrent_image_checks * settings.max_pixels * 4 * 2
+    assert decoded > 10**9  # the ~1.3 GB the docs state at the defaults
+    limit = _bytes(c["resources"]["limits"]["memory"])
+    assert limit >= processes * (decoded + 256 * 2**20), (processes, decoded, limit)
+    assert _bytes(c["resources"]["requests"]["memory"]) <= limit
+
+
+def test_weights_job_makes_way_for_an_upgrade() -> None:
+    """A Job's pod template is immutable and a new image tag changes it: the Job must remove itself
+    after it ends, so that the next `kubectl apply -k` creates it with the new image instead of
+    failing. Soon enough for a routine upgrade, late enough to read its logs."""
+    job = one("weights.yaml", "Job")
+    ttl = job["spec"]["ttlSecondsAfterFinished"]
+    assert 60 <= ttl <= 3600, ttl
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] in {
+        i["name"] for i in docs("kustomization.yaml")[0]["images"]
+    }  # the tag kustomize sets is what changes the template
+    scaling = (ROOT / "docs" / "scaling.md").read_text()
+    assert (
+        "ttlSecondsAfterFinished" in scaling
+        and "kubectl -n dynface delete job dynface-weights-pull" in scaling
+    )
+
+
+def test_pods_have_no_generic_scrape_annotations() -> None:
+    """The alert rules and the dashboard select on the PodMonitor's job names (dynface-api,
+    dynface-worker). prometheus.io/* annotations would invite a generic kubernetes-pods job, whose
+    own job name leaves the target-absent alerts firing for good."""
+    for name in ("api.yaml", "worker.yaml"):
+        meta = one(name, "Deployment")["spec"]["template"]["metadata"]
+        assert not [a for a in meta.get("annotations") or {} if a.startswith("prometheus.io/")], name

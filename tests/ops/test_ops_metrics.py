@@ -272,6 +272,7 @@ def test_alert_rules_cover_the_issue() -> None:
         "DynfaceLatencyP95OverSLO",
         "DynfaceQueueFull",
         "DynfaceWorkerTargetsAbsent",
+        "DynfaceApiTargetAbsent",
     ):
         assert name in rules, name
         assert rules[name].get("for") and rules[name]["labels"]["severity"] in {"warning", "critical"}
@@ -281,6 +282,38 @@ def test_alert_rules_cover_the_issue() -> None:
     assert "histogram_quantile(0.95" in rules["DynfaceLatencyP95OverSLO"]["expr"]
     # Prometheus loads the rules: prometheus.yml names the file where compose mounts it.
     assert "/etc/prometheus/alerts.yml" in yaml.safe_load(PROMETHEUS_YML.read_text())["rule_files"]
+
+
+def test_target_absent_rules_watch_the_scrape_jobs_prometheus_has() -> None:
+    """With DNS discovery a removed container takes its target (and `up`) along, so `up == 0` never
+    shows: one `absent(up{job=...})` rule per dynface scrape job, naming that job exactly as
+    prometheus.yml (and monitoring.yaml's PodMonitor) does, or it would fire, or stay silent, for good.
+    The API's is critical: every Redis, queue and worker-state gauge comes from its scrape."""
+    jobs = {c["job_name"] for c in yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]}
+    watched: dict[str, dict[str, Any]] = {}
+    for rule in alert_rules():
+        expr = str(rule["expr"]).strip()
+        if not expr.startswith("absent("):
+            continue
+        (sel,) = _selectors(expr, "up")
+        (job,) = [m.value for m in sel.matchers.matchers if m.name == "job"]
+        assert job in jobs, f"{rule['alert']}: no scrape job {job!r} in prometheus.yml"
+        watched[job] = rule
+    assert set(watched) == {"dynface-api", "dynface-worker"}
+    assert watched["dynface-api"]["labels"]["severity"] == "critical"
+    # the gauges that the other alerts read come from the API job alone
+    for name in ("DynfaceRedisDown", "DynfaceQueueGrowing", "DynfaceNoReadyWorkers"):
+        rule = {r["alert"]: r for r in alert_rules()}[name]
+        assert selected(rule["expr"]).metrics & {"dynface_redis_up", "dynface_queue_depth", "dynface_workers"}
+
+
+def test_no_ready_worker_alert_is_gated_on_need() -> None:
+    """DynfaceNoReadyWorkers fires on jobs waiting, or on workers that exist without being ready, not
+    on an idle pool scaled to zero (alerts.test.yml has the cases): its expression must read the queue
+    and the worker targets besides the worker states."""
+    rule = {r["alert"]: r for r in alert_rules()}["DynfaceNoReadyWorkers"]
+    assert {"dynface_workers", "dynface_queue_depth", "up"} <= selected(rule["expr"]).metrics
+    assert rule["labels"]["severity"] == "critical"
 
 
 def _selectors(expr: str, metric: str) -> list[Any]:
