@@ -8,6 +8,7 @@ here ever returns a stack trace: unexpected failures are logged server-side and 
 from __future__ import annotations
 
 import logging
+import re
 
 import redis
 from fastapi import FastAPI, Request
@@ -15,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import Scope
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,39 @@ UPLOAD_ERROR_STATUS: dict[str, int] = {
     "too_many_pixels": 413,
     "output_too_large": 413,
 }
+
+
+#: Redis errors that say the store cannot serve a request now, not that the request or our code is
+#: wrong: unreachable or timing out (LOADING, a Redis still loading its data, is one of these for
+#: redis-py), or refusing writes: out of memory (maxmemory with noeviction), a replica (after a
+#: failover), a replica cut off from its primary, a transaction discarded for one of those.
+_REDIS_REFUSALS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.ExecAbortError,
+)
+#: The same refusals by their reply's code, where redis-py has no class for them: MISCONF (its last
+#: snapshot failed, so it refuses writes), and any reply a script got from a command it called (Redis
+#: before 7.2 wraps it: `Error running script …: -READONLY …`). In a transaction redis-py puts the
+#: command that got the reply before it.
+_REFUSAL_REPLY = re.compile(r"(?:^|of pipeline caused error: |: -)(OOM|READONLY|MASTERDOWN|MISCONF|LOADING) ")
+
+
+def redis_unavailable(exc: BaseException) -> bool:
+    """Whether a Redis error means the job store is unavailable for now (503 `redis_unavailable`,
+    retry later) rather than a bug (500 `internal`)."""
+    return isinstance(exc, _REDIS_REFUSALS) or (
+        isinstance(exc, redis.exceptions.ResponseError) and _REFUSAL_REPLY.search(str(exc)) is not None
+    )
+
+
+def _without_arguments(exc: BaseException) -> str:
+    """The error without the command redis-py quotes for a failed transaction step: its arguments
+    can be an upload's bytes."""
+    return re.sub(r"^Command # \d+ \(.*\) of pipeline caused error: ", "", str(exc), flags=re.S)[:300]
 
 
 class ApiError(Exception):
@@ -71,6 +106,25 @@ CLIENT_CLOSED = "client_closed"
 _HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
+#: The methods an `Allow` header may name: every standard one a route could serve (HEAD follows GET).
+_ALLOWABLE = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """The `Allow` header of a 405 (RFC 9110 §15.5.6): every method some route serves at this path.
+    Starlette names only those of the first route whose path matched, though one path can have
+    several routes (a job's GET and DELETE); HEAD wherever GET (app.main `_as_get`)."""
+    routes = request.app.router.routes
+    methods = {
+        m
+        for m in _ALLOWABLE
+        if any(route.matches({**request.scope, "method": m})[0] is Match.FULL for route in routes)
+    }
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every failure (ours, validation, routing, Redis, bugs) onto the error shape."""
 
@@ -90,12 +144,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return _respond(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        return _respond(request, exc.status_code, code, str(exc.detail), headers)
 
-    @app.exception_handler(redis.exceptions.ConnectionError)
-    @app.exception_handler(redis.exceptions.TimeoutError)
-    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis unavailable: %s", exc)
+    @app.exception_handler(redis.exceptions.RedisError)
+    async def _redis_error(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
+        if not redis_unavailable(exc):
+            raise exc  # a command Redis refused for what it was: a bug, answered by `_internal`
+        log.warning("redis unavailable: %s: %s", type(exc).__name__, _without_arguments(exc))
         return _respond(
             request,
             503,

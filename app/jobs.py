@@ -96,10 +96,21 @@ return 0
 """
 )
 
-# Idempotency keys, compare-and-set on the job id they are bound to. Rebind — KEYS: idem key; ARGV: job
-# id it must still be bound to, new binding, ttl; returns the binding that stands instead, or nil once
-# rebound (also when the key had gone). Release — KEYS: idem key; ARGV: job id; deletes the key only
-# while it is bound to that job (a retry may have taken it over meanwhile).
+# Idempotency keys, each change one atomic step. Claim — KEYS: idem key; ARGV: binding, ttl; binds the
+# key unless it is bound already, and returns the binding that stands then, or nil once bound (one
+# step: a release between a SET NX and a GET made a claim that held nothing). Rebind — KEYS: idem key;
+# ARGV: job id it must still be bound to, new binding, ttl; returns the binding that stands instead, or
+# nil once rebound (also when the key had gone). Release — KEYS: idem key, the job's record; ARGV: job
+# id; deletes the key only while it is bound to that job (a retry may have taken it over meanwhile)
+# and that job does not exist (a transaction redis-py retried after a lost reply may have stored it).
+_CLAIM_IDEMPOTENCY = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  return raw
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return false
+"""
 _REBIND_IDEMPOTENCY = """
 local raw = redis.call('GET', KEYS[1])
 if raw and cjson.decode(raw)['job_id'] ~= ARGV[1] then
@@ -110,7 +121,7 @@ return false
 """
 _RELEASE_IDEMPOTENCY = """
 local raw = redis.call('GET', KEYS[1])
-if raw and cjson.decode(raw)['job_id'] == ARGV[1] then
+if raw and cjson.decode(raw)['job_id'] == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -241,6 +252,7 @@ class JobStore:
         self._renew = redis.register_script(_RENEW)
         self._progress = redis.register_script(_PROGRESS)
         self._finish = redis.register_script(_FINISH)
+        self._claim_idem = redis.register_script(_CLAIM_IDEMPOTENCY)
         self._rebind_idem = redis.register_script(_REBIND_IDEMPOTENCY)
         self._release_idem = redis.register_script(_RELEASE_IDEMPOTENCY)
 
@@ -377,13 +389,15 @@ class JobStore:
 
     # --- idempotency
     def claim_idempotency(self, key: str, job_id: str, body_sha256: str) -> dict[str, Any] | None:
-        """Bind an Idempotency-Key to a job (SET NX); returns the earlier binding if there is one
-        (`job_id`, `body_sha256`, `claimed_at`)."""
-        k = self._idem_key(key)
-        if self.redis.set(k, _binding(job_id, body_sha256), nx=True, ex=self.settings.record_ttl_seconds):
-            return None
-        raw = self.redis.get(k)
+        """Bind an Idempotency-Key to a job unless it is bound already; returns the earlier binding if
+        there is one (`job_id`, `body_sha256`, `claimed_at`). One atomic step (`_CLAIM_IDEMPOTENCY`)."""
+        args = [_binding(job_id, body_sha256), self.settings.record_ttl_seconds]
+        raw = self._claim_idem(keys=[self._idem_key(key)], args=args)
         return json.loads(raw) if raw else None
+
+    def idempotency_bound(self, key: str) -> bool:
+        """Whether an Idempotency-Key is bound (to a job stored, or being stored)."""
+        return bool(self.redis.exists(self._idem_key(key)))
 
     def rebind_idempotency(
         self, key: str, dead_job_id: str, job_id: str, body_sha256: str
@@ -397,8 +411,8 @@ class JobStore:
 
     def release_idempotency(self, key: str, job_id: str) -> None:
         """Undo this submission's claim when it failed before its job existed (so a retry can succeed);
-        a key another request has taken over meanwhile is left alone."""
-        self._release_idem(keys=[self._idem_key(key)], args=[job_id])
+        a key another request has taken over meanwhile, or whose job exists after all, is left alone."""
+        self._release_idem(keys=[self._idem_key(key), self.key("job", job_id)], args=[job_id])
 
     def _idem_key(self, key: str) -> str:
         """Keys are hashed: clients may send anything, and it must not become a Redis key verbatim."""

@@ -165,7 +165,8 @@ class Urls(BaseModel):
     result: str | None = Field(
         description="The main result: the restored photo, else the comparison, else the first face, else "
         "the first crop — the first of these the job asked for in `outputs` (once it succeeded: that it "
-        "produced); null when there is none (e.g. only `faces` and no face was found)."
+        "produced); null when there is none (e.g. only `faces` and no face was found) and once the job "
+        "failed or was canceled."
     )
     cancel: str
 
@@ -259,8 +260,12 @@ _MAIN_RESULT = (("image", "image"), ("comparison", "comparison"), ("faces", "fac
 
 def _main_result(record: dict[str, Any], requested: list[str], base: str) -> str | None:
     """The URL for `urls.result`: the first output that exists once the job succeeded (a list one
-    only when non-empty), or that was requested before then (fetching it says `not_ready`)."""
-    if record["status"] == "succeeded":
+    only when non-empty), or that was requested while it may still succeed (fetching it says
+    `not_ready`); None once it failed or was canceled, which leaves no result to fetch."""
+    status = record["status"]
+    if status in ("failed", "canceled"):
+        return None
+    if status == "succeeded":
         have = {k for k, v in (record.get("outputs") or {}).items() if v}
     else:
         have = set(requested)

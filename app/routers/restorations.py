@@ -13,20 +13,21 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app import metrics
 from app.deps import services
-from app.errors import SAFE_HEADERS, UPLOAD_ERROR_STATUS, ApiError
+from app.errors import SAFE_HEADERS, UPLOAD_ERROR_STATUS, ApiError, redis_unavailable
 from app.jobs import TERMINAL, JobStore
 from app.queued import end_queued
 from app.schemas import (
@@ -57,8 +58,9 @@ _PREFERENCE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
 #: `wait="10"`), then its own `;` parameters or nothing. A `wait` after a `;` is a parameter of
 #: another preference (`foo; wait=2`), not a wait.
 _WAIT = re.compile(r'\s*+wait\s*+(?:=\s*+(?:"([0-9]+)"|([0-9]+)))?\s*+(?:;|$)', re.IGNORECASE)
-#: What a Redis client raises while Redis is down or failing over (app.errors answers them with 503).
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+#: A result index as its URL writes it: decimal, with no sign or leading zero (one URL per result), and
+#: short enough for int() (a list output never has a billion items).
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
 #: Age after which an Idempotency-Key bound to a job that does not exist is taken over by a retry:
 #: longer than any submission takes between claiming the key and storing its job (image check,
 #: webhook DNS, Redis round trips with their timeouts), so the claimer is known to have failed.
@@ -74,7 +76,8 @@ _PARAMETERS = [
         "required": False,
         "schema": {"type": "string", "example": "wait=30"},
         "description": "`wait` or `wait=N` (RFC 7240): wait up to N seconds (at most the server's limit, "
-        "DYNFACE_MAX_WAIT_SECONDS; larger values are clamped) for the job to finish. `Preference-Applied` "
+        "DYNFACE_MAX_WAIT_SECONDS; larger values are clamped) for the job to finish, counted from when the "
+        "request has been received (checking and storing the upload count in it). `Preference-Applied` "
         "echoes the wait actually used.",
     },
     {
@@ -86,7 +89,7 @@ _PARAMETERS = [
         "from the first submission) return the same job (header "
         "`Idempotent-Replayed: true`); the same key with another body is a 409 `idempotency_conflict`; a "
         "retry while the first request is still storing its job is a 409 `idempotency_in_progress` "
-        "(`Retry-After`).",
+        "(`Retry-After`). A retry with a key already bound to a job does not count against the rate limit.",
     },
 ]
 
@@ -229,7 +232,9 @@ def _stored_view(request: Request, record: dict[str, Any]) -> Restoration:
     the client submit it again."""
     try:
         return _view(request, record)
-    except _REDIS_DOWN as e:
+    except RedisError as e:
+        if not redis_unavailable(e):
+            raise
         log.warning("job %s: queue position unknown, Redis unavailable: %s", record["id"], e)
         return restoration_view(record)
 
@@ -253,8 +258,9 @@ def _own(record: dict[str, Any] | None, job_id: str, owner: str) -> dict[str, An
     return record
 
 
-async def _await_terminal(request: Request, record: dict[str, Any], seconds: int) -> dict[str, Any]:
-    """The job's ``record`` once it is terminal, or after ``seconds`` (no thread is held while waiting).
+async def _await_terminal(request: Request, record: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """The job's ``record`` once it is terminal, or at ``deadline`` (`time.monotonic()`; no thread is
+    held while waiting).
 
     Woken by the job's completion message (app/completions.py) within ms of its end. The record is
     also re-read every second while the listener is subscribed, and on an interval growing from
@@ -266,13 +272,14 @@ async def _await_terminal(request: Request, record: dict[str, Any], seconds: int
     """
     svc = services(request)
     job_id = record["id"]
-    deadline = time.monotonic() + seconds
     interval = 0.005
     with svc.completions.watch(job_id) as ended:
         while True:
             try:
                 fresh = await anyio.to_thread.run_sync(svc.store.get, job_id)
-            except _REDIS_DOWN as e:
+            except RedisError as e:
+                if not redis_unavailable(e):
+                    raise
                 log.warning("job %s: Prefer: wait ended early, Redis unavailable: %s", job_id, e)
                 return record
             if fresh is None:  # expired while we waited (only with a record TTL shorter than the wait)
@@ -327,46 +334,35 @@ async def _await_terminal(request: Request, record: dict[str, Any], seconds: int
         503: UNAVAILABLE_DOC,
     },
 )
-async def create_restoration(request: Request) -> JSONResponse:
+async def create_restoration(request: Request) -> Response:
     try:
         return await _create(request)
     except ApiError as e:
         metrics.JOBS_REJECTED.labels(e.code).inc()
         raise
-    except _REDIS_DOWN:
-        metrics.JOBS_REJECTED.labels("redis_unavailable").inc()  # answered by app.errors' handler
+    except RedisError as e:
+        if redis_unavailable(e):
+            metrics.JOBS_REJECTED.labels("redis_unavailable").inc()  # answered by app.errors' handler
         raise
 
 
-async def _create(request: Request) -> JSONResponse:
+async def _create(request: Request) -> Response:
     svc = services(request)
     s = svc.settings
     owner = authenticate(request, s)
-    await anyio.to_thread.run_sync(check_rate_limit, svc.store, owner, s.rate_limit_per_minute)
+    idem = request.headers.get("idempotency-key")
+    await anyio.to_thread.run_sync(_charge, svc.store, owner, idem, s.rate_limit_per_minute)
     data, options = await _read_submission(request, s.max_upload_bytes)
-    return await _submit_and_wait(request, owner, data, options)
-
-
-async def _submit_and_wait(
-    request: Request, owner: str, data: bytes, options: RestorationOptions
-) -> JSONResponse:
-    svc = services(request)
-    s = svc.settings
+    # RFC 7240 §4.3: `wait` bounds the time the request takes once it has been received, so checking
+    # and storing the upload count in it.
+    received = time.monotonic()
     wait = _wait_seconds(request.headers.getlist("prefer"), s.max_wait_seconds)
-    # Its own hop, behind the limiter: each check holds a whole decoded image.
-    warnings = await anyio.to_thread.run_sync(_check_upload, data, options, s, limiter=svc.image_checks)
-
-    def submit() -> tuple[dict[str, Any], bool, Restoration | None]:
-        record, replayed = _submit(request, owner, data, options, warnings)
-        # Without a wait this record is the answer: its queue position is read in the same hop.
-        return record, replayed, None if wait is not None else _stored_view(request, record)
-
-    # One worker-thread hop for the rest of the blocking work: webhook DNS, Redis.
-    record, replayed, view = await anyio.to_thread.run_sync(submit)
+    record, replayed, view = await _store(request, owner, data, options, answer_now=wait is None)
+    del data  # the upload (up to DYNFACE_MAX_UPLOAD_BYTES) is not held while the job is waited on
     extra = {"Idempotent-Replayed": "true"} if replayed else {}
     if wait is not None:
         extra["Preference-Applied"] = f"wait={wait}"
-        record = await _await_terminal(request, record, wait)
+        record = await _await_terminal(request, record, received + wait)
         image = await _image_answer(request, record, extra)
         if image is not None:
             return image
@@ -374,6 +370,35 @@ async def _submit_and_wait(
     assert view is not None  # set by one of the two branches above
     status = 200 if record["status"] in TERMINAL else 202
     return _respond(view, status, **extra)
+
+
+def _charge(store: JobStore, owner: str, idem: str | None, per_minute: int) -> None:
+    """Count a submission against its caller's rate limit (429 past it), before its body is read. One
+    whose Idempotency-Key is bound already is not counted: the key's first submission was, and this
+    retry replays its job (or, that one having failed to store it, stores it in its place)."""
+    if idem is not None and per_minute > 0 and store.idempotency_bound(f"{owner}:{idem}"):
+        return
+    check_rate_limit(store, owner, per_minute)
+
+
+async def _store(
+    request: Request, owner: str, data: bytes, options: RestorationOptions, *, answer_now: bool
+) -> tuple[dict[str, Any], bool, Restoration | None]:
+    """Check the upload and store its job, or find the one its Idempotency-Key is bound to: (record,
+    replayed, and with ``answer_now`` the job as answered, queue position included)."""
+    svc = services(request)
+    # Its own hop, behind the limiter: each check holds a whole decoded image.
+    warnings = await anyio.to_thread.run_sync(
+        _check_upload, data, options, svc.settings, limiter=svc.image_checks
+    )
+
+    def submit() -> tuple[dict[str, Any], bool, Restoration | None]:
+        record, replayed = _submit(request, owner, data, options, warnings)
+        # The answer's queue position is read in the same hop.
+        return record, replayed, _stored_view(request, record) if answer_now else None
+
+    # One worker-thread hop for the rest of the blocking work: webhook DNS, Redis.
+    return await anyio.to_thread.run_sync(submit)
 
 
 async def _image_answer(request: Request, record: dict[str, Any], headers: dict[str, str]) -> Response | None:
@@ -388,7 +413,9 @@ async def _image_answer(request: Request, record: dict[str, Any], headers: dict[
         return None
     try:
         blob = await anyio.to_thread.run_sync(services(request).store.result, record["id"], "image")
-    except _REDIS_DOWN as e:
+    except RedisError as e:
+        if not redis_unavailable(e):
+            raise
         log.warning("job %s: image not read, Redis unavailable: %s", record["id"], e)
         return None
     if blob is None:
@@ -490,6 +517,7 @@ def _submit(
             # The submission that claimed the key never created its job (it failed, perhaps with
             # the outcome unknown to its client): this retry takes the key over.
             earlier = store.rebind_idempotency(f"{owner}:{idem}", earlier["job_id"], job_id, body_hash)
+    storing = False  # set as the job's transaction is sent: a lost reply then leaves its outcome unknown
     try:
         if svc.queue.count >= s.max_queue_depth:
             raise ApiError(
@@ -509,17 +537,27 @@ def _submit(
             "warnings": warnings + _profile_warnings(request),
             "attempts": 0,
         }
+        storing = True
         store.create(job_id, data, record, svc.queue)
-    except ApiError:
-        # A definite refusal: no job exists, so the key is free for a retry. After any other error
-        # (a Redis timeout, say) the job may exist: the key stays bound, and a retry either finds
-        # the job or, when there is none, takes the key over (above).
-        if idem is not None:
-            store.release_idempotency(f"{owner}:{idem}", job_id)
+    except Exception as e:
+        # No job exists, so the key is freed for a retry, unless the transaction storing it may have
+        # run unanswered (connection lost, no reply in time): the key then stays bound, and a retry
+        # either finds the job or, when there is none, takes the key over (above).
+        if idem is not None and not (storing and isinstance(e, RedisConnectionError | RedisTimeoutError)):
+            _release_idempotency(store, f"{owner}:{idem}", job_id)
         raise
     metrics.JOBS_SUBMITTED.inc()
     metrics.UPLOAD_BYTES.observe(len(data))
     return record, False
+
+
+def _release_idempotency(store: JobStore, key: str, job_id: str) -> None:
+    """Free a failed submission's Idempotency-Key for a retry. Failing that (Redis down), a retry takes
+    it over once the claim is IDEMPOTENCY_TAKEOVER_SECONDS old; the submission's own error is answered."""
+    try:
+        store.release_idempotency(key, job_id)
+    except RedisError as e:
+        log.warning("job %s: Idempotency-Key not released: %s", job_id, e)
 
 
 def _bound_record(store: JobStore, job_id: str, patience: float = 2.0) -> dict[str, Any] | None:
@@ -588,6 +626,12 @@ def _result(
     svc = services(request)
     found, blob = svc.store.get_with_result(job_id, name)  # one round trip for both
     record = _own(found, job_id, owner)
+    # Distinct codes for the ends without results: a client polling through `not_ready` must stop.
+    if record["status"] == "failed":
+        cause = (record.get("error") or {}).get("code", "internal")
+        raise ApiError(409, "job_failed", f"The job failed ({cause}): it has no results.")
+    if record["status"] == "canceled":
+        raise ApiError(409, "job_canceled", "The job was canceled: it has no results.")
     if record["status"] != "succeeded":
         raise ApiError(
             409, "not_ready", f"The job is {record['status']}; results exist only once it succeeded."
@@ -640,9 +684,27 @@ def get_image(job_id: str, request: Request, owner: Caller) -> Response:
     return _result(request, owner, job_id, "image", "image")
 
 
+def _index(k: str, name: str) -> int:
+    """Result index ``k`` of a list output, or 404: any other spelling names no result."""
+    if not _INDEX.fullmatch(k):
+        raise ApiError(404, "not_found", f"No {name} {k!r}: results are numbered 0, 1, 2, …")
+    return int(k)
+
+
+#: The index parameter of a list output's URL, documented as the decimals it accepts.
+_IndexParam = Annotated[
+    str,
+    Path(
+        description="Index in the job's list output: 0, 1, 2, … (any other spelling is a 404).",
+        json_schema_extra={"pattern": "^(0|[1-9][0-9]*)$"},
+    ),
+]
+
+
 @router.get("/{job_id}/faces/{k}", summary="Restored face crop k", response_class=Response, responses=_BYTES)
-def get_face(job_id: str, k: int, request: Request, owner: Caller) -> Response:
-    return _result(request, owner, job_id, f"face:{k}", "faces", k)
+def get_face(job_id: str, k: _IndexParam, request: Request, owner: Caller) -> Response:
+    index = _index(k, "face")
+    return _result(request, owner, job_id, f"face:{index}", "faces", index)
 
 
 @router.get(
@@ -652,8 +714,9 @@ def get_face(job_id: str, k: int, request: Request, owner: Caller) -> Response:
     response_class=Response,
     responses=_BYTES,
 )
-def get_crop(job_id: str, k: int, request: Request, owner: Caller) -> Response:
-    return _result(request, owner, job_id, f"crop:{k}", "crops", k)
+def get_crop(job_id: str, k: _IndexParam, request: Request, owner: Caller) -> Response:
+    index = _index(k, "crop")
+    return _result(request, owner, job_id, f"crop:{index}", "crops", index)
 
 
 @router.get(

@@ -64,11 +64,11 @@ def _file(name: str) -> FileResponse:
     return FileResponse(path, media_type=media_type, headers=SECURITY_HEADERS)
 
 
-@router.api_route("/", methods=["GET", "HEAD"])
+@router.get("/")
 def index() -> FileResponse:
     return _file("index.html")
 
 
-@router.api_route("/static/{name}", methods=["GET", "HEAD"])
+@router.get("/static/{name}")
 def static_file(name: str) -> FileResponse:
     return _file(name)

@@ -42,6 +42,8 @@ const ERROR_TEXT = {
   http_error: "The server refused the request.",
   not_found: "The job was not found: it may have expired.",
   not_ready: "The result is not ready yet.",
+  job_failed: "The job failed, so it has no result. Submit the photo again.",
+  job_canceled: "The job was canceled, so it has no result.",
   expired: "The results have expired. Submit the photo again.",
   not_cancelable: "The job has already finished and cannot be canceled.",
   canceled: "The job was canceled.",

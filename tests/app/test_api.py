@@ -222,6 +222,26 @@ def test_rate_limited_per_key(make_settings) -> None:
         assert submit(c, headers=b).status_code == 202  # the limit is per key
 
 
+def test_a_retry_whose_idempotency_key_is_bound_is_not_rate_limited(make_settings) -> None:
+    """The rate limit was charged before the Idempotency-Key was looked at: a client retrying a
+    submission it had made (a lost answer, say) used up its limit and got 429 instead of its job."""
+    with TestClient(create_app(make_settings(rate_limit_per_minute=2))) as c:
+        wait_for_rate_window(20)
+        h = {"Idempotency-Key": "order-77"}
+        first = submit(c, headers=h)
+        assert first.status_code == 202, first.text
+        for _ in range(3):
+            again = submit(c, headers=h)
+            assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true", again.text
+            assert again.json()["id"] == first.json()["id"]
+        other_body = submit(c, headers=h, seed="5")  # the key's check answers, not the limit
+        assert other_body.status_code == 409 and error_code(other_body) == "idempotency_conflict"
+        # New submissions are still counted: this one is the second of two, the next is refused.
+        assert submit(c, headers={"Idempotency-Key": "order-78"}).status_code == 202
+        r = submit(c)
+        assert r.status_code == 429 and error_code(r) == "rate_limited", r.text
+
+
 def test_auth_on(make_settings) -> None:
     s = make_settings(api_keys="s3cret-key")
     with TestClient(create_app(s)) as c:
@@ -329,6 +349,40 @@ def test_a_retry_while_the_first_request_still_stores_its_job_makes_no_second_jo
     assert (
         replay.json()["id"] == first.result().json()["id"] and replay.headers["idempotent-replayed"] == "true"
     )
+
+
+def test_a_submission_that_fails_before_storing_its_job_frees_its_idempotency_key(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a refusal of ours (ApiError) freed the key: any other failure before the job's transaction
+    was sent (a Redis read that failed, say) left it bound, and the client's retry got 409
+    `idempotency_in_progress` for IDEMPOTENCY_TAKEOVER_SECONDS though no job could exist."""
+    store = client.app.state.services.store
+
+    def redis_down() -> None:
+        raise redis.exceptions.ConnectionError("connection lost")
+
+    monkeypatch.setattr(store, "workers", redis_down)  # read while the job's record is made
+    h = {"Idempotency-Key": "order-early-failure"}
+    first = submit(client, headers=h)
+    assert first.status_code == 503 and error_code(first) == "redis_unavailable", first.text
+    monkeypatch.undo()
+    retry = submit(client, headers=h)
+    assert retry.status_code == 202 and "idempotent-replayed" not in retry.headers, retry.text
+
+
+def test_a_key_that_cannot_be_freed_does_not_change_the_answer(make_settings, monkeypatch) -> None:
+    """Freeing the key after a refusal is a Redis call too: when it fails, the refusal is still what
+    the client is told (here `queue_full`, not `redis_unavailable`)."""
+    with TestClient(create_app(make_settings(max_queue_depth=1))) as c:
+        assert submit(c).status_code == 202
+
+        def redis_down(*args: Any) -> None:
+            raise redis.exceptions.ConnectionError("connection lost")
+
+        monkeypatch.setattr(c.app.state.services.store, "release_idempotency", redis_down)
+        r = submit(c, headers={"Idempotency-Key": "order-queue-full"})
+        assert r.status_code == 503 and error_code(r) == "queue_full", r.text
 
 
 def metric(client: TestClient, series: str) -> float:
@@ -541,6 +595,67 @@ def test_prefer_wait_times_out_with_202(client: TestClient) -> None:
     r = submit(client, headers={"Prefer": "wait=1"})
     assert r.status_code == 202 and r.json()["status"] == "queued"
     assert r.headers["preference-applied"] == "wait=1"
+
+
+def test_prefer_wait_counts_from_when_the_request_was_received(client: TestClient, monkeypatch) -> None:
+    """RFC 7240 §4.3: `wait` bounds the time the request takes once received. The wait began only
+    after the upload had been checked and stored: a slow check (a large photo) came on top of it."""
+    real = restorations.check_image
+
+    def slow(data: bytes, *, max_pixels: int) -> CheckedImage:
+        time.sleep(1.5)
+        return real(data, max_pixels=max_pixels)
+
+    monkeypatch.setattr(restorations, "check_image", slow)
+    start = time.monotonic()
+    r = submit(client, headers={"Prefer": "wait=2"})
+    took = time.monotonic() - start
+    assert r.status_code == 202 and r.headers["preference-applied"] == "wait=2", r.text
+    assert 1.5 <= took < 3.0, took  # was 1.5 s of checking + the whole 2 s wait
+
+
+def _frames_holding(size: int) -> list[str]:
+    """The functions whose running coroutine frames (each task's await chain) hold a bytes object of
+    ``size``: call on the event loop."""
+    holding = []
+    for task in asyncio.all_tasks():
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None)
+            if frame is not None and any(
+                isinstance(v, bytes) and len(v) == size for v in frame.f_locals.values()
+            ):
+                holding.append(frame.f_code.co_name)
+            coro = getattr(coro, "cr_await", None)
+    return holding
+
+
+def test_the_upload_is_not_held_while_its_job_is_waited_on(client: TestClient, monkeypatch) -> None:
+    """A `Prefer: wait` request held its upload (up to DYNFACE_MAX_UPLOAD_BYTES) for the whole wait,
+    after the job had stored it: memory that many waiting clients multiply."""
+    checking, release = threading.Event(), threading.Event()
+    real = restorations.check_image
+
+    def held(data: bytes, *, max_pixels: int) -> CheckedImage:
+        checking.set()
+        assert release.wait(30)
+        return real(data, max_pixels=max_pixels)
+
+    async def holders() -> list[str]:
+        return _frames_holding(len(PNG))
+
+    monkeypatch.setattr(restorations, "check_image", held)
+    queue = client.app.state.services.queue
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(submit, client, headers={"Prefer": "wait=30"})
+        assert checking.wait(30)
+        assert client.portal.call(holders)  # while it is checked, the request holds it: the probe sees it
+        release.set()
+        wait_for(lambda: queue.count == 1, 10, what="the job stored")
+        wait_for(lambda: not client.portal.call(holders), 5, what="the upload let go during the wait")
+        assert client.delete(f"/v1/restorations/{queue.job_ids[0]}").status_code == 200  # ends the wait
+        r = answer.result(30)
+    assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
 
 
 @pytest.mark.parametrize(
@@ -1114,8 +1229,8 @@ def test_a_submission_answered_redis_unavailable_counts_as_rejected(make_setting
             "/v1/restorations/nope/faces/x",
             {},
             "/v1/restorations/{job_id}/faces/{k}",
-            422,
-            "invalid_option",
+            404,
+            "not_found",
         ),
     ],
 )
@@ -1313,9 +1428,7 @@ def test_a_request_without_a_valid_key_is_401_before_its_path_is_validated(make_
             r = c.get("/v1/restorations/some-job/faces/not-a-number", headers=headers)
             assert r.status_code == 401 and error_code(r) == "unauthorized", r.text
         r = c.get("/v1/restorations/some-job/faces/not-a-number", headers={"X-API-Key": "k1"})
-        assert r.status_code == 422 and error_code(r) == "invalid_option"
-        # The field's name alone, as for body fields: no `path.` prefix.
-        assert r.json()["error"]["message"].startswith("k: "), r.text
+        assert r.status_code == 404 and error_code(r) == "not_found", r.text
 
 
 def test_openapi_documents_retry_after_on_every_503_and_binary_images(client: TestClient) -> None:

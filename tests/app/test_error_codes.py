@@ -70,14 +70,14 @@ def test_the_web_page_has_a_sentence_for_every_error_code() -> None:
 
 def test_the_request_counter_labels_errors_with_these_codes_only(client: TestClient) -> None:
     """dynface_http_requests_total's `error_code` takes no value from the client (each value is a
-    series): the framework's own refusals (unknown path or method, path validation) carry the codes
-    app.errors maps them onto, successes "", and a client that left mid-upload `client_closed` (with
+    series): the framework's own refusals (unknown path or method) carry the codes app.errors maps
+    them onto, ours their own, successes "", and a client that left mid-upload `client_closed` (with
     status 499, answered to no one: tests/app/test_api.py)."""
     sent: list[tuple[str, str, dict[str, Any]]] = [
         ("GET", "/no/such/path-1", {}),
         ("GET", "/no/such/path-2", {}),
         ("X-MADE-UP", "/healthz", {}),
-        ("GET", "/v1/restorations/x/faces/not-a-number", {}),
+        ("POST", "/v1/restorations", {"json": {"aligned": True}}),  # no image
         ("POST", "/v1/restorations", {"content": b"{", "headers": {"Content-Type": "application/json"}}),
         ("POST", "/v1/restorations", {"content": b"x", "headers": {"Content-Type": "x-made/up"}}),
     ]

@@ -155,3 +155,35 @@ def test_idempotency_release_leaves_a_key_taken_over_by_another_request(settings
     assert store.claim_idempotency("owner:k", "job-c", "hash")["job_id"] == "job-b"
     store.release_idempotency("owner:k", "job-b")
     assert store.claim_idempotency("owner:k", "job-c", "hash") is None
+
+
+def test_idempotency_release_leaves_a_key_whose_job_exists(settings: Settings) -> None:
+    """redis-py sends a transaction again after a lost reply: the first send may have stored the job
+    though the second one is refused. The key then stays bound, and a retry replays that job."""
+    store = JobStore(connect(settings), settings)
+    assert store.claim_idempotency("owner:k", "job-a", "hash") is None
+    store.create("job-a", b"x", _record("job-a"))
+    store.release_idempotency("owner:k", "job-a")
+    assert store.claim_idempotency("owner:k", "job-b", "hash")["job_id"] == "job-a"
+
+
+def test_a_claim_is_one_step_so_a_release_cannot_come_between(settings: Settings, monkeypatch) -> None:
+    """A claim was SET NX, then GET of the binding that stood: when its holder released the key in
+    between (its submission failed), the claim returned "no earlier binding" though it had bound
+    nothing, and its request went on to store a job while no key held it: a concurrent retry with
+    the same key could make a second one. Here the holder's release lands after the claim's first
+    command, where it did."""
+    store = JobStore(connect(settings), settings)
+    assert store.claim_idempotency("owner:k", "job-a", "hash") is None
+    real_get = store.redis.get
+
+    def get_after_the_holder_released(name: str) -> bytes | None:
+        store.release_idempotency("owner:k", "job-a")
+        return real_get(name)
+
+    monkeypatch.setattr(store.redis, "get", get_after_the_holder_released)
+    earlier = store.claim_idempotency("owner:k", "job-b", "hash")
+    monkeypatch.undo()
+    # Either the claim saw A's binding, or it holds the key itself: never neither.
+    bound = store.claim_idempotency("owner:k", "job-c", "hash")
+    assert earlier is not None or (bound is not None and bound["job_id"] == "job-b"), (earlier, bound)

@@ -1,0 +1,158 @@
+"""A Redis that answers but refuses writes (out of memory, a read-only replica, a failed snapshot) is
+the job store being unavailable, as when it cannot be reached: 503 `redis_unavailable`, not a bug.
+Each case runs against its own private `redis-server`, put into that state for real."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.errors import redis_unavailable
+from app.main import create_app
+from app.settings import Settings
+from tests.app.test_api import error_code, metric, requests_counted, submit
+from tests.conftest import base_settings, free_ports, retry_on_port_taken, wait_for
+from tests.reliability.rel_support import start_redis_server
+
+#: The private server's memory limit: about 2 MiB above an empty server's own use (about 1 MiB).
+MAXMEMORY = "3mb"
+
+
+def _noise_png(side: int) -> bytes:
+    """A square PNG of random pixels: it does not compress, so its bytes are about 3 × side²."""
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+#: An upload that does not fit under MAXMEMORY beside the server's own use: storing it is refused,
+#: though the small writes before (the Idempotency-Key's claim) are not.
+BIG_UPLOAD = _noise_png(1000)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[redis.Redis, Path]]:
+    """A redis-server of its own (port, data folder) with noeviction (as docker-compose.yml runs it),
+    a snapshot rule (so a failed snapshot stops writes, as with any `save` rule) and no AOF."""
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def start() -> tuple[subprocess.Popen[bytes], int]:
+        (port,) = free_ports(1)
+        args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "no"]
+        args += ["--save", "3600", "1", "--maxmemory-policy", "noeviction"]
+        return start_redis_server(args, port, tmp_path / "redis-server.log"), port
+
+    proc, port = retry_on_port_taken(start)
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        yield client, data
+    finally:
+        client.close()
+        proc.kill()  # not SIGTERM: its shutdown snapshot may fail (MISCONF case), and it would not exit
+        proc.wait(10)
+
+
+def _out_of_memory(r: redis.Redis, data: Path) -> Callable[[], None]:
+    # The big upload itself is what does not fit under the limit.
+    r.config_set("maxmemory", MAXMEMORY)
+    return lambda: r.config_set("maxmemory", "0")
+
+
+def _read_only(r: redis.Redis, data: Path) -> Callable[[], None]:
+    # A replica of a primary that never answers, as a demoted primary is after a failover.
+    (nowhere,) = free_ports(1)
+    r.execute_command("REPLICAOF", "127.0.0.1", str(nowhere))
+    return lambda: r.execute_command("REPLICAOF", "NO", "ONE")
+
+
+def _snapshot_failed(r: redis.Redis, data: Path) -> Callable[[], None]:
+    # Its data folder is gone: the snapshot fails and Redis refuses writes (MISCONF) from then on.
+    data.rmdir()
+    r.bgsave()
+    wait_for(lambda: r.info("persistence")["rdb_last_bgsave_status"] == "err", 10, what="snapshot failed")
+    return lambda: r.config_set("stop-writes-on-bgsave-error", "no")
+
+
+@pytest.mark.parametrize("refuse", [_out_of_memory, _read_only, _snapshot_failed])
+def test_a_redis_refusing_writes_is_503_redis_unavailable_and_frees_the_idempotency_key(
+    private_redis: tuple[redis.Redis, Path],
+    refuse: Callable[[redis.Redis, Path], Callable[[], None]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It was a 500 `internal` logged with a traceback, not counted as a refused submission, and an
+    Idempotency-Key claimed before the refusal stayed bound: the client's retry got 409
+    `idempotency_in_progress` for a minute, though no job had been stored."""
+    r, data = private_redis
+    port = r.connection_pool.connection_kwargs["port"]
+    s = base_settings(uuid.uuid4().hex[:10], redis_url=f"redis://127.0.0.1:{port}/0")
+    rejected = 'dynface_jobs_rejected_total{reason="redis_unavailable"}'
+    key = {"Idempotency-Key": "refused-once"}
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        heal = refuse(r, data)
+        before = (
+            metric(c, rejected),
+            requests_counted(c, "/v1/restorations", "POST", 503, "redis_unavailable"),
+            requests_counted(c, "/v1/restorations", "POST", 500, "internal"),
+        )
+        with caplog.at_level(logging.WARNING, logger="app.errors"):
+            # Without a key the first write is the job's own transaction; with one, the key's claim
+            # (which fits under the memory limit: the job's transaction is refused after it).
+            for headers in ({}, key):
+                answer = submit(c, data=BIG_UPLOAD, headers=headers)
+                assert answer.status_code == 503 and error_code(answer) == "redis_unavailable", answer.text
+                assert answer.headers["retry-after"].isdigit()
+        assert [rec.levelno for rec in caplog.records if rec.name == "app.errors"] == [logging.WARNING] * 2
+        assert all(rec.exc_info is None for rec in caplog.records)  # no traceback: not a bug
+        # redis-py quotes a failed transaction step with its arguments: none of the upload is logged.
+        assert all(
+            BIG_UPLOAD[8:40] not in rec.getMessage().encode("latin-1", "replace") for rec in caplog.records
+        )
+        assert all(len(rec.getMessage()) < 400 for rec in caplog.records)
+        after = (
+            metric(c, rejected),
+            requests_counted(c, "/v1/restorations", "POST", 503, "redis_unavailable"),
+            requests_counted(c, "/v1/restorations", "POST", 500, "internal"),
+        )
+        assert after == (before[0] + 2, before[1] + 2, before[2])
+        heal()
+        # The refused submission stored nothing, so its key is free: the retry makes the job at once.
+        retry = submit(c, data=BIG_UPLOAD, headers=key)
+        assert retry.status_code == 202 and "idempotent-replayed" not in retry.headers, retry.text
+        replay = submit(c, data=BIG_UPLOAD, headers=key)
+        assert replay.json()["id"] == retry.json()["id"] and replay.headers["idempotent-replayed"] == "true"
+        assert c.app.state.services.queue.count == 1
+
+
+def test_a_redis_error_that_is_no_refusal_is_still_a_bug(make_settings: Callable[..., Settings]) -> None:
+    """Only refusals are `redis_unavailable`: a command Redis rejects for what it is (here a wrong
+    type, which only a bug of ours sends) stays a 500 `internal`."""
+    s = make_settings()
+    app = create_app(s)
+    store = app.state.services.store
+    key = store.key("not-a-hash")
+
+    def read_a_string_as_a_hash() -> None:
+        store.redis.set(key, "x", ex=60)
+        store.redis.hget(key, "field")
+
+    app.add_api_route("/wrong-type", read_a_string_as_a_hash)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        before = requests_counted(c, "/wrong-type", "GET", 500, "internal")
+        r = c.get("/wrong-type")
+        assert r.status_code == 500 and error_code(r) == "internal", r.text
+        assert requests_counted(c, "/wrong-type", "GET", 500, "internal") == before + 1
+    with pytest.raises(redis.ResponseError) as wrong_type:
+        read_a_string_as_a_hash()
+    assert not redis_unavailable(wrong_type.value)
