@@ -40,7 +40,8 @@ LPIPS_WEIGHT = 20.0
 
 @dataclass(frozen=True)
 class DSSTable:
-    """Blur levels (px at `image_size`, increasing) → respaced start indices (non-decreasing).
+    """Blur levels (px at `image_size`, increasing) → respaced start indices (non-decreasing, each in
+    1..len(schedule) − 1 of the schedule named by `schedule_spec` and `num_timesteps`).
 
     `tau` is the analytic builder's calibrated threshold (None for an empirical table);
     `face_power_spectrum` is P_face; `provenance` says how, from what and with which command it was built.
@@ -63,8 +64,9 @@ class DSSTable:
             raise ValueError(f"sigmas must be strictly increasing: {self.sigmas}")
         if any(b < a for a, b in zip(self.start_indices, self.start_indices[1:], strict=False)):
             raise ValueError(f"a heavier blur may not start earlier: {self.start_indices}")
-        if self.start_indices[0] < 0:
-            raise ValueError("start indices must be ≥ 0")
+        # Checked here, at load, not per request: an index past the schedule fails inside q_sample (an
+        # IndexError that would end a whole batch), and 0 would run no sampling step at all.
+        check_start_indices(self.start_indices, len(self.schedule()), f"DSST table ({self.schedule_spec})")
 
     def level_for(self, sigma: float) -> float:
         """The blur level used for an estimated blur σ̂: the smallest σk ≥ σ̂ (the heaviest if none)."""
@@ -126,6 +128,21 @@ class DSSTable:
         )
 
 
+def check_start_indices(starts: Sequence[int], schedule_length: int, what: str) -> None:
+    """ValueError unless every start is a respaced index with at least one sampling step: 1..length − 1.
+
+    Start i runs DDIM steps i−1 … 0, so start 0 would return the noised estimate with neither a prior
+    step nor guidance; `what` names the indices in the message.
+    """
+    bad = [int(i) for i in starts if not 1 <= int(i) < schedule_length]
+    if bad:
+        raise ValueError(
+            f"{what} start indices must be in 1..{schedule_length - 1} (respaced indices of a "
+            f"{schedule_length}-step schedule; 0 would run no sampling step), got {bad} in "
+            f"{tuple(int(i) for i in starts)}"
+        )
+
+
 def check_sigmas(sigmas: Sequence[float]) -> tuple[float, ...]:
     """The blur levels as floats; ValueError unless they are finite, positive and strictly increasing."""
     sigmas = tuple(float(s) for s in sigmas)
@@ -155,7 +172,7 @@ def build_analytic(
     image_size: int = 512,
     provenance: str = "",
 ) -> DSSTable:
-    """Start index i*(σk) = smallest i with ᾱ_i·D(σk) ≤ τ·(1 − ᾱ_i), D = `blur_distortion` (method.md §4).
+    """Start index i*(σk) = smallest i ≥ 1 with ᾱ_i·D(σk) ≤ τ·(1 − ᾱ_i), D = `blur_distortion` (method.md §4).
 
     ᾱ/(1−ᾱ) falls with i, so i* is where the noise first hides the blur difference. τ is calibrated so
     the heaviest level lands exactly on `heaviest_start` (DifFace's 100): τ = D_max·√(snr_h·snr_{h−1}),
@@ -172,7 +189,10 @@ def build_analytic(
     if d_max <= 0:  # τ would be 0 and every level start at 0
         raise ValueError("the faces' spectrum has no power that a blur removes (flat images?)")
     tau = d_max * math.sqrt(float(snr[heaviest_start]) * float(snr[heaviest_start - 1]))
-    starts = tuple(int(torch.nonzero(abar * d <= tau * (1.0 - abar))[0]) for d in dist)
+    # At least 1: a blur so light that index 0 already hides it (σ ≲ 0.1 px) would otherwise start at 0,
+    # which runs no sampling step and so neither the prior nor the guidance (the output would be the
+    # estimate plus index-0 noise). One step is the least that restores anything.
+    starts = tuple(max(1, int(torch.nonzero(abar * d <= tau * (1.0 - abar))[0])) for d in dist)
     # Invariants, not input checks: D grows with σ (sigmas checked above) and τ is calibrated on it.
     assert all(b >= a for a, b in itertools.pairwise(starts)), starts
     assert starts[-1] == heaviest_start, (starts, heaviest_start)
@@ -226,6 +246,10 @@ def build_empirical(
     """
     sigmas = check_sigmas(sigmas)  # before the sweep, which the table's own check would follow
     candidates = sorted(int(i) for i in candidate_indices)
+    if not candidates:
+        raise ValueError("no candidate start indices to sweep")
+    length = len(RespacedSchedule.from_spec(schedule_spec, num_timesteps=num_timesteps))
+    check_start_indices(candidates, length, "candidate")  # likewise before the sweep
     images = sum(len(x) for _, x in pairs)
     best, lines = [], []
     for sigma in sigmas:

@@ -36,7 +36,7 @@ from models import images, trained, weights
 from models.blur import estimate_blur_sigma
 from models.dblm import DBLMNet, fallback_estimates
 from models.dgsa import DGSANet, coherence_scale_map, scale_from_logvar
-from models.dsst import DSSTable, default_table
+from models.dsst import DSSTable, check_start_indices, default_table
 from models.errors import Cancelled, NoFaceError, PipelineError
 from models.fidelity import auto_eta, box_noise_std, robust_noise_std
 from models.guidance import GaussianGuidance
@@ -242,7 +242,8 @@ class RestorationPipeline:
         self.device = torch.device(device)
         self.dtype_name = auto_dtype(self.device) if dtype == "auto" else dtype
         self.dtype = DTYPES[self.dtype_name]
-        self.unet = unet.to(self.device, self.dtype).eval()
+        # Upstream's half precision: the UNet's block convolutions in `dtype`, the rest float32 (unet.py).
+        self.unet = unet.to(self.device).to_precision(self.dtype).eval()
         self.restorer = restorer.to(self.device, self.dtype).eval()
         self.dblm = dblm.to(self.device, self.dtype).eval() if dblm is not None else None
         self.dgsa = dgsa.to(self.device, self.dtype).eval() if dgsa is not None else None
@@ -860,8 +861,10 @@ class RestorationPipeline:
         return _resize(x0.float(), FACE_SIZE)
 
     def _eps(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """The prior's noise prediction (first 3 of its 6 output channels), in float32."""
-        x = x_t.to(self.dtype, memory_format=self._memory_format)
+        """The prior's noise prediction (first 3 of its 6 output channels), in float32. x_t goes in as
+        the sampler holds it (float32): the UNet casts it for its half-precision blocks itself and its
+        float32 head returns eps unrounded, as upstream's fp16 mode does."""
+        x = x_t.to(memory_format=self._memory_format)
         return self._unet_call(x, t)[:, :3].float()
 
 
@@ -887,7 +890,10 @@ def _trained_parts(
     size = FACE_SIZE if profile.real else None
     if dsst_table is not None:
         named.append(str(dsst_table))
-        parts["dsst"] = DSSTable.from_json(Path(dsst_table).expanduser().read_text(encoding="utf-8"))
+        try:  # a malformed table (start indices out of its schedule too) names its file
+            parts["dsst"] = DSSTable.from_json(Path(dsst_table).expanduser().read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{dsst_table}: {e}") from e
     if dblm_weights is not None:
         named.append(str(dblm_weights))
         parts["dblm"] = trained.load(Path(dblm_weights).expanduser(), "dblm", profile=profile.name, size=size)
@@ -903,7 +909,8 @@ def _trained_parts(
 def _check_parts(profile: Profile, dsst: DSSTable, dblm: DBLMNet | None) -> None:
     """Refuse a DSST table or trained DBLM that does not fit: the table's start indices are indices of
     its own schedule and its σk are px at its image size (the pipeline's: `profile`'s schedule, σ at
-    FACE_SIZE), and DBLM output k is read as the table's level k."""
+    FACE_SIZE), and DBLM output k is read as the table's level k. Every start, the baseline's too, is
+    in 1..len(schedule) − 1 (`check_start_indices`) once this passes, not found wrong by a request."""
     schedule = RespacedSchedule.from_spec(profile.method.respacing)
     have = (dsst.schedule_spec, dsst.num_timesteps, dsst.image_size)
     want = (schedule.spec, schedule.num_timesteps, FACE_SIZE)
@@ -912,6 +919,10 @@ def _check_parts(profile: Profile, dsst: DSSTable, dblm: DBLMNet | None) -> None
             "the DSST table is for schedule {} of {} timesteps with σ in px at {}; profile {!r} needs "
             "{} of {} with σ at {}".format(*have, profile.name, *want)
         )
+    # The table's own starts are already in 1..len − 1 of its schedule (DSSTable checks them), which was
+    # just found to be this one; the baseline's start comes from the profile and is checked here.
+    baseline = [profile.method.baseline_start_index]
+    check_start_indices(baseline, len(schedule), f"profile {profile.name!r} baseline")
     if dblm is not None and (
         len(dblm.sigmas) != len(dsst.sigmas)
         or not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(dblm.sigmas, dsst.sigmas, strict=True))

@@ -9,7 +9,9 @@ upstream's hyper-parameter names, so ``IDDPMUNet(**config_512["unet"])`` builds 
 
 Numerics follow upstream: GroupNorm computes in float32 (safe in fp16/bf16), the sinusoidal timestep
 embedding takes unscaled timesteps 0..999, and attention is softmax(q·k/sqrt(d))·v per head, computed
-with ``scaled_dot_product_attention``.
+with ``scaled_dot_product_attention``. Half precision is upstream's too (``IDDPMUNet.to_precision``):
+only the convolutions of the blocks run in fp16/bf16; the timestep MLP, the blocks' embedding
+projections, the norms and the output head stay float32.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from torch import nn
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm(32) evaluated in float32, as upstream does, so half precision cannot overflow.
 
-    The affine parameters are upcast too, because ``.to(dtype)`` casts them with the rest of the model.
+    The affine parameters are upcast too: ``to_precision`` keeps them float32, but a plain ``.to(dtype)``
+    casts them with the rest of the model.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +194,7 @@ class IDDPMUNet(ModelMixin, ConfigMixin):
     Config keys are upstream ``UNetModel``'s: ``num_res_blocks`` is an int or a per-level list,
     ``attention_resolutions`` are spatial sizes (attention where the feature map is that many px).
     ``dims`` must be 2 and class conditioning is not supported. ``use_fp16`` is accepted so an upstream
-    config loads unchanged, but precision is chosen with ``.to(dtype)`` instead.
+    config loads unchanged, but precision is chosen with ``to_precision(dtype)`` instead.
     """
 
     @register_to_config
@@ -274,21 +277,42 @@ class IDDPMUNet(ModelMixin, ConfigMixin):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def to(self, *args: Any, **kwargs: Any) -> Self:
-        """``nn.Module.to``. diffusers' ``ModelMixin.to`` (0.42) logs "modules that should be kept in
+        """``nn.Module.to``: a dtype given here casts every parameter (for upstream's half-precision mode
+        use ``to_precision``). diffusers' ``ModelMixin.to`` (0.42) logs "modules that should be kept in
         float32 ... can lead to inconsistent results" on every dtype cast, even to fp32 and with no such
-        module (its empty list is never None); this model keeps no module in fp32, and a worker should not
-        log a false alarm at every start."""
+        module (its empty list is never None); this model declares none (``to_precision`` chooses its
+        float32 parts), and a worker should not log a false alarm at every start."""
         return nn.Module.to(self, *args, **kwargs)
+
+    def to_precision(self, dtype: torch.dtype) -> Self:
+        """Upstream's precision rule, in place: guided-diffusion's ``convert_to_fp16`` (DifFace's
+        ``use_fp16``) turns only the ``nn.Conv1d``/``nn.Conv2d`` layers of ``input_blocks``,
+        ``middle_block`` and ``output_blocks`` to half (attention's ``qkv``/``proj_out`` are Conv1d, so
+        they are half too); the timestep MLP ``time_embed``, the ResBlocks' ``emb_layers`` (Linear),
+        the GroupNorms and the ``out`` head stay float32, so the embedding and eps are not rounded to
+        half. ``dtype`` float16 or bfloat16 (the same rule; upstream has fp16 only) or float32 (all
+        float32, undoing it).
+        """
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"precision must be float32, float16 or bfloat16, got {dtype}")
+        nn.Module.to(self, torch.float32)
+        for torso in (self.input_blocks, self.middle_block, self.output_blocks):
+            for module in torso.modules():
+                if isinstance(module, nn.Conv1d | nn.Conv2d):
+                    module.to(dtype)
+        return self
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
         """Predict (eps ‖ variance values) for ``x`` at unscaled ``timesteps`` (N,) or a scalar.
 
-        Runs in the parameters' dtype; the result is returned in ``x``'s dtype.
+        As upstream's forward: the embedding in ``time_embed``'s dtype, the blocks in their convolutions'
+        (``h = x.type(self.dtype)`` upstream), the ``out`` head in its own (``h.type(x.dtype)`` upstream,
+        float32 after ``to_precision``); the result is returned in ``x``'s dtype.
         """
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-        dtype = self.time_embed[0].weight.dtype
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
-        h = x.to(dtype)
+        sinusoid = timestep_embedding(t, self.config.model_channels)
+        emb = self.time_embed(sinusoid.to(self.time_embed[0].weight.dtype))
+        h = x.to(self.input_blocks[0][0].weight.dtype)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb)
@@ -296,4 +320,4 @@ class IDDPMUNet(ModelMixin, ConfigMixin):
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h).to(x.dtype)
+        return self.out(h.to(self.out[-1].weight.dtype)).to(x.dtype)

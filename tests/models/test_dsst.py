@@ -96,7 +96,7 @@ def test_oracle_analytic_start_grows_with_blur(ddim250: RespacedSchedule) -> Non
     for sigma, start in zip(ORACLE_SIGMAS, starts, strict=True):
         distortion = blur_distortion(spectrum, sigma, 32)
         assert abar[start] * distortion <= table.tau * (1 - abar[start])
-        assert start == 0 or abar[start - 1] * distortion > table.tau * (1 - abar[start - 1])
+        assert start == 1 or abar[start - 1] * distortion > table.tau * (1 - abar[start - 1])
 
     earlier = build_analytic(ddim250, spectrum, ORACLE_SIGMAS, 60, image_size=32)
     assert earlier.start_indices[-1] == 60
@@ -201,6 +201,66 @@ def test_table_rejects_inconsistent_levels() -> None:
         _small_table(start_indices=(-1, 53, 100))
     with pytest.raises(ValueError):
         _small_table(sigmas=(), start_indices=())
+
+
+@pytest.mark.parametrize(
+    ("changes", "bad"),
+    [
+        ({"start_indices": (0, 53, 100)}, "[0]"),  # no sampling step at all: output = noised estimate
+        ({"start_indices": (24, 53, 250)}, "[250]"),  # one past ddim250's last index, 249
+        ({"start_indices": (24, 300, 300)}, "[300, 300]"),
+        ({"schedule_spec": "ddim100"}, "[100]"),  # the default's 100 is past a 100-step schedule
+    ],
+)
+def test_table_refuses_start_indices_outside_its_schedule(changes: dict[str, object], bad: str) -> None:
+    """Every start must be a respaced index of the table's own schedule with at least one step,
+    1..len − 1: refused when the table is built or loaded, not when the first face reaches q_sample
+    (an IndexError there failed the whole batch)."""
+    length = len(RespacedSchedule.from_spec(str(changes.get("schedule_spec", "ddim250"))))
+    with pytest.raises(ValueError, match=rf"start indices must be in 1\.\.{length - 1} .*got \{bad}"):
+        _small_table(**changes)
+    text = json.loads(_small_table().to_json())
+    text.update({"start_indices": list(changes.get("start_indices", (24, 53, 100)))})
+    if "schedule_spec" in changes:
+        text["schedule"]["spec"] = changes["schedule_spec"]
+    with pytest.raises(ValueError, match=rf"1\.\.{length - 1}"):
+        DSSTable.from_json(json.dumps(text))
+    # the edges that are allowed
+    assert _small_table(start_indices=(1, 1, 249)).start_indices == (1, 1, 249)
+    assert _small_table(schedule_spec="ddim100", start_indices=(1, 53, 99)).schedule_spec == "ddim100"
+
+
+def test_analytic_builder_starts_a_very_light_blur_at_one_step(ddim250: RespacedSchedule) -> None:
+    """σ = 0.1 px is hidden by index 0's noise already, but a start of 0 would run no sampling step
+    (neither prior nor guidance): the builder starts it at 1. Heavier levels are unaffected."""
+    spectrum = default_table().face_power_spectrum
+    table = build_analytic(ddim250, spectrum, (0.1, 1.0, 4.0))
+    assert table.start_indices == (1, 24, 100)
+    assert build_analytic(ddim250, spectrum, (1.0, 4.0)).start_indices == (24, 100)
+
+
+@pytest.mark.parametrize("candidates", [(0, 10, 20), (10, 250), ()])
+def test_empirical_builder_refuses_candidates_outside_the_schedule_before_sweeping(
+    candidates: tuple[int, ...],
+) -> None:
+    """A candidate start of 0 or past the schedule is refused before any restoration runs (the sweep
+    is the expensive part), not after it when the table is made."""
+    calls: list[int] = []
+
+    def restore(y: torch.Tensor, sigma: float, start: int) -> torch.Tensor:
+        calls.append(start)
+        return y
+
+    target = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"1\.\.249|no candidate"):
+        build_empirical(
+            restore,
+            [(target, target)],
+            (1.0, 2.0),
+            candidates,
+            face_power_spectrum=GaussianPrior().radial_spectrum(),
+        )
+    assert calls == []
 
 
 @pytest.mark.parametrize(

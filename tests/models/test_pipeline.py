@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -330,7 +332,7 @@ def test_a_dblm_must_have_the_dsst_tables_blur_levels(pipe: RestorationPipeline,
 @pytest.mark.parametrize(
     ("change", "what"),
     [
-        ({"schedule_spec": "ddim100"}, "ddim100"),
+        ({"schedule_spec": "ddim100", "start_indices": (24, 53, 99)}, "ddim100"),
         ({"num_timesteps": 2000}, "2000"),
         ({"image_size": 256}, "256"),
     ],
@@ -347,6 +349,28 @@ def test_a_dsst_table_for_another_schedule_or_size_is_refused(
     path.write_text(table.to_json())
     with pytest.raises(ValueError, match=f"{path}: the DSST table is for .*{what}"):
         RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, dsst_table=path)
+
+
+def test_start_indices_outside_the_schedule_are_refused_at_load(
+    pipe: RestorationPipeline, tmp_path: Path
+) -> None:
+    """A table file with a start past the 250 respaced steps (or 0) is refused when the pipeline loads,
+    naming the file; before, it loaded and the first face at that level raised IndexError in q_sample,
+    which failed its whole batch as `internal`. A profile's baseline start is held to the same range."""
+    for starts in ([24, 53, 300], [0, 53, 100]):
+        data = json.loads(default_table().to_json())
+        data["start_indices"] = starts
+        path = tmp_path / "table.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: DSST table .*1\.\.249"):
+            RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, dsst_table=path)
+    tiny = PROFILES["tiny"]
+    for baseline in (0, 250):
+        profile = dataclasses.replace(
+            tiny, method=dataclasses.replace(tiny.method, baseline_start_index=baseline)
+        )
+        with pytest.raises(ValueError, match=rf"baseline start indices must be in 1\.\.249 .*\[{baseline}\]"):
+            RestorationPipeline(profile, pipe.unet, pipe.restorer, weights_dir=WEIGHTS)
 
 
 def test_the_shipped_dsst_table_fits_both_profiles() -> None:
@@ -718,7 +742,9 @@ def test_transparent_edges_keep_their_colour_when_upscaled(fast: RestorationPipe
 def test_bf16_runs_on_cpu(pipe: RestorationPipeline) -> None:
     unet, restorer = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.restorer)
     half = RestorationPipeline(PROFILES["tiny"], unet, restorer, weights_dir=WEIGHTS, dtype="bf16")
-    assert next(half.unet.parameters()).dtype == torch.bfloat16
+    # upstream's half-precision rule: the blocks' convolutions in bf16, embedding and head float32
+    assert half.unet.input_blocks[0][0].weight.dtype == torch.bfloat16
+    assert half.unet.time_embed[0].weight.dtype == half.unet.out[-1].weight.dtype == torch.float32
     # Prove restorer -> DBLM -> guided steps run in bf16; stop after three diffusion steps.
     steps: list[int] = []
     with pytest.raises(Cancelled):

@@ -161,6 +161,31 @@ def test_bf16_with_channels_last_stays_close(face: np.ndarray, reference: dict) 
     assert ((eps - ref).norm() / ref.norm()).item() < 0.05
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fp16_pipeline_runs_the_unet_in_upstreams_half_precision(
+    channels_last: bool, reference: dict
+) -> None:
+    """dtype fp16 gives the UNet upstream's fp16 mode (IDDPMUNet.to_precision), in either layout: block
+    convolutions in fp16, time embedding and out head in float32, so `_eps` returns eps from the float32
+    head, not rounded to fp16 (the whole-model cast it replaced made every eps an fp16 number)."""
+    pipe = _pipe(SpeedOptions(channels_last=channels_last), dtype="fp16")
+    unet = pipe.unet
+    assert unet.input_blocks[0][0].weight.dtype == torch.float16
+    assert unet.middle_block[1].qkv.weight.dtype == torch.float16
+    assert unet.time_embed[0].weight.dtype == torch.float32 and unet.out[-1].weight.dtype == torch.float32
+    assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=pipe._memory_format)
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        eps = pipe._eps(torch.randn(2, 3, 64, 64), torch.tensor([10, 600]))
+    ref = reference["eps"]
+    assert eps.dtype == torch.float32
+    assert (eps != eps.half().float()).float().mean().item() > 0.5
+    assert ((eps - ref).norm() / ref.norm()).item() < 0.01
+    # a later fp32 pipeline on the same modules turns them back to float32 throughout
+    fp32 = RestorationPipeline(PROFILES["tiny"], unet, pipe.restorer, dsst=pipe.dsst, speed=PLAIN)
+    assert {p.dtype for p in fp32.unet.parameters()} == {torch.float32}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_compile_is_applied_and_equivalent(face: np.ndarray) -> None:

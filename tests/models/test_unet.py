@@ -320,7 +320,7 @@ def test_save_pretrained_round_trip(tmp_path: Path, tiny_model: IDDPMUNet, io: d
 
 
 def test_bf16_forward_close_to_fp32(tiny_sd: dict, tiny_config: dict, io: dict) -> None:
-    model = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to(torch.bfloat16)
+    model = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to_precision(torch.bfloat16)
     out = run(model, {"x": io["x"][1:], "t": io["t"][1:]})  # one sample: bf16 is slow on CPU
     ref = io["out"][1:]
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -329,19 +329,99 @@ def test_bf16_forward_close_to_fp32(tiny_sd: dict, tiny_config: dict, io: dict) 
 
 def test_fp16_forward_close_to_fp32(tiny_sd: dict, tiny_config: dict, io: dict) -> None:
     """fp16 is the worker's default precision on CUDA: held to upstream's fp32 output at 1 % relative
-    L2 (10 mantissa bits; bf16, with 7, gets 5 %). Casting logs no diffusers float32 warning."""
+    L2 (10 mantissa bits; bf16, with 7, gets 5 %). A plain dtype cast logs no diffusers float32 warning."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     diffusers_logger = logging.getLogger("diffusers")
     diffusers_logger.addHandler(handler)
     try:
-        model = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to(torch.float16)
+        cast = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to(torch.float16)
     finally:
         diffusers_logger.removeHandler(handler)
     assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
-    assert next(model.parameters()).dtype == torch.float16
+    assert {p.dtype for p in cast.parameters()} == {torch.float16}  # `.to` casts all, as nn.Module's
+    model = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to_precision(torch.float16)
     out = run(model, {"x": io["x"][1:], "t": io["t"][1:]})
     ref = io["out"][1:]
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < 0.01
+
+
+def _upstream_convert_to_fp16(model: IDDPMUNet, dtype: torch.dtype) -> None:
+    """The oracle: guided-diffusion's UNetModel.convert_to_fp16 (DifFace's use_fp16), i.e.
+    convert_module_to_f16 applied to input_blocks, middle_block and output_blocks, with `dtype`."""
+
+    def convert_module_to_f16(layer: torch.nn.Module) -> None:
+        if isinstance(layer, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d):
+            layer.weight.data = layer.weight.data.to(dtype)
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.to(dtype)
+
+    model.input_blocks.apply(convert_module_to_f16)
+    model.middle_block.apply(convert_module_to_f16)
+    model.output_blocks.apply(convert_module_to_f16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_precision_follows_upstreams_fp16_rule(
+    tiny_sd: dict, tiny_config: dict, dtype: torch.dtype
+) -> None:
+    """Half precision converts the blocks' convolutions only (attention's Conv1d qkv/proj_out too); the
+    timestep MLP, the ResBlocks' embedding Linear, the GroupNorms and the out head stay float32."""
+    model = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to_precision(dtype)
+    oracle = unet_from_upstream_checkpoint(tiny_sd, tiny_config)
+    _upstream_convert_to_fp16(oracle, dtype)
+    got = {name: p.dtype for name, p in model.named_parameters()}
+    assert got == {name: p.dtype for name, p in oracle.named_parameters()}
+    half = {name for name, d in got.items() if d == dtype}
+    assert half and set(got.values()) == {dtype, torch.float32}
+    for name in (
+        "input_blocks.0.0.weight",  # the stem conv
+        "input_blocks.1.0.in_layers.2.weight",
+        "input_blocks.1.0.out_layers.3.bias",
+        "middle_block.1.qkv.weight",  # Conv1d
+        "middle_block.1.proj_out.bias",
+        "output_blocks.0.0.skip_connection.weight",
+    ):
+        assert name in half, name
+    for name in (
+        "time_embed.0.weight",
+        "time_embed.2.bias",
+        "input_blocks.1.0.emb_layers.1.weight",
+        "input_blocks.1.0.in_layers.0.weight",  # GroupNorm
+        "middle_block.1.norm.bias",
+        "out.0.weight",
+        "out.2.weight",
+        "out.2.bias",
+    ):
+        assert got[name] == torch.float32, name
+    assert {p.dtype for p in model.to_precision(torch.float32).parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="precision"):
+        model.to_precision(torch.float64)
+
+
+def test_fp16_keeps_the_embedding_and_eps_in_float32(tiny_sd: dict, tiny_config: dict, io: dict) -> None:
+    """As upstream's fp16 mode: the timestep embedding is computed in float32 (bitwise the fp32 model's)
+    and eps comes from the float32 head, not rounded to fp16; the output has x's dtype; and the result
+    is no further from upstream's fp32 output than casting the whole model to fp16 was."""
+    fp32 = unet_from_upstream_checkpoint(tiny_sd, tiny_config)
+    rule = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to_precision(torch.float16)
+    everything = unet_from_upstream_checkpoint(tiny_sd, tiny_config).to(torch.float16)
+    embeddings: list[torch.Tensor] = []
+    hooks = [m.time_embed.register_forward_hook(lambda _m, _i, o: embeddings.append(o)) for m in (fp32, rule)]
+    out = run(rule, io)
+    run(fp32, io)
+    for hook in hooks:
+        hook.remove()
+    assert embeddings[0].dtype == torch.float32 and torch.equal(embeddings[0], embeddings[1])
+    assert out.dtype == torch.float32
+    assert (out != out.half().float()).float().mean().item() > 0.5  # not fp16-quantised
+    with torch.no_grad():
+        assert rule(io["x"][:1].half(), io["t"][:1]).dtype == torch.float16
+
+    def error(y: torch.Tensor) -> float:
+        return ((y - io["out"]).norm() / io["out"].norm()).item()
+
+    assert error(out) < 0.01
+    assert error(out) <= error(run(everything, io))
