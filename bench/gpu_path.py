@@ -5,11 +5,12 @@ math one, the restorer's layout, and the FLOP lower bound per face.
 
 What is timed is the service's own code, not a re-implementation: each row builds a
 `RestorationPipeline` as the worker does (`dtype=`, `speed=SpeedOptions(...)`, outside inference
-mode) and times `RestorationPipeline._eps`, the sampler's per-step UNet call (cast to the pipeline's
-dtype and layout, the UNet or its `torch.compile` wrapper, first 3 channels back as float32), under
-`torch.inference_mode()` as `_restore_faces` runs it. Precision is the pipeline's `dtype`: weights and
-activations are cast, which is all the service does (it has no `torch.autocast` mode, so none is
-timed). Copies use the service's `models.speed.to_device` / `to_host`; the restorer, `_restore`.
+mode) and times `RestorationPipeline._eps`, the sampler's per-step UNet call (in the pipeline's
+layout, the UNet or its `torch.compile` wrapper, first 3 channels back as float32), under
+`torch.inference_mode()` as `_restore_faces` runs it. Precision is the pipeline's `dtype`, applied as
+upstream's fp16 mode (`IDDPMUNet.to_precision`: the blocks' convolutions in half, the time embedding,
+norms and output head float32), which is all the service does (it has no `torch.autocast` mode, so
+none is timed). Copies use the service's `models.speed.to_device` / `to_host`; the restorer, `_restore`.
 
 FLOP lower bound per face: FLOPs of one UNet forward per face (`torch.utils.flop_counter.FlopCounterMode`
 on the meta device: no weights, no memory) × NFE ÷ the GPU's peak FLOP/s. A bound, not an estimate:
@@ -688,7 +689,8 @@ tensor-core figures (or the one given), not measured{example}:
 - Timed: the service's own code. Each row builds `RestorationPipeline(..., dtype=,
   speed=SpeedOptions(...))` as the worker does from the settings shown and calls
   `RestorationPipeline._eps` (the sampler's per-step UNet call) under `torch.inference_mode()`. Precision
-  is the pipeline's `dtype`: weights and activations cast, the service's only half-precision path;
+  is the pipeline's `dtype` as upstream's fp16 mode (`IDDPMUNet.to_precision`: block convolutions in half,
+  time embedding, norms and output head float32), the service's only half-precision path;
   **`torch.autocast` is not timed** (the service has no autocast mode).
 - The reference is fp32, NCHW, eager with TF32 off; "× vs reference" = its ms ÷ the row's ms, "× vs base
   row" = the named row's ms ÷ this row's (the effect of the one switch they differ in; for the SDPA math
