@@ -2,8 +2,9 @@
 
 Request counters/histograms are ordinary metrics, so several uvicorn workers need prometheus
 multiprocess mode (PROMETHEUS_MULTIPROC_DIR; `dynface serve` wipes it at start). Queue depth,
-oldest-queued age and workers by state are read from Redis at scrape time by a custom collector,
-so every API process reports the same truth and no process has to keep gauges in sync.
+oldest-queued age, workers by state and Redis' memory use and limit are read from Redis at scrape
+time by a custom collector, so every API process reports the same truth and no process has to keep
+gauges in sync.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import redis
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -69,7 +72,10 @@ WORKER_STATES = ("loading", "missing_weights", "ready", "busy", "stopping")
 
 
 class RedisStateCollector(Collector):
-    """Queue depth, oldest queued job age and workers by state, read from Redis on each scrape."""
+    """Queue depth, oldest queued job age, workers by state and Redis' memory (used and `maxmemory`,
+    one INFO call), read from Redis on each scrape. No command here needs memory (reads, and the
+    SREM that prunes dead workers), so a full Redis refusing writes (noeviction) still answers: the
+    moment the memory gauges are for."""
 
     def __init__(self, store: JobStore, queue_name: str) -> None:
         self.store = store
@@ -83,6 +89,13 @@ class RedisStateCollector(Collector):
             labels=["queue"],
         )
         workers = GaugeMetricFamily("dynface_workers", "Live workers by state.", labels=["state"])
+        used_memory = GaugeMetricFamily(
+            "dynface_redis_memory_used_bytes", "Memory Redis has allocated (INFO memory used_memory)."
+        )
+        max_memory = GaugeMetricFamily(
+            "dynface_redis_memory_max_bytes",
+            "Redis' memory limit (INFO memory maxmemory); 0 = no limit.",
+        )
         up = GaugeMetricFamily("dynface_redis_up", "Whether Redis answered this scrape.")
         try:
             r = self.store.redis
@@ -97,6 +110,7 @@ class RedisStateCollector(Collector):
             counts = dict.fromkeys(WORKER_STATES, 0)
             for w in self.store.workers():
                 counts[w.get("state", "ready")] = counts.get(w.get("state", "ready"), 0) + 1
+            memory = _memory_info(r)
         except Exception as e:  # a scrape must still answer (with redis_up 0) when Redis is down
             log.warning("metrics: redis unavailable: %s", e)
             up.add_metric([], 0)
@@ -106,8 +120,30 @@ class RedisStateCollector(Collector):
         oldest.add_metric([self.queue_name], age)
         for state, c in counts.items():
             workers.add_metric([state], c)
+        # A Redis that refuses INFO or hides a field leaves out that gauge, not the scrape.
+        if "used_memory" in memory:
+            used_memory.add_metric([], memory["used_memory"])
+        if "maxmemory" in memory:
+            max_memory.add_metric([], memory["maxmemory"])
         up.add_metric([], 1)
-        yield from (depth, oldest, workers, up)
+        yield from (depth, oldest, workers, used_memory, max_memory, up)
+
+
+_info_refusal_logged = False
+
+
+def _memory_info(r: redis.Redis) -> dict[str, Any]:
+    """INFO memory; empty when Redis refuses the command (an ACL without it, a managed Redis that
+    renames it): that is no outage, so only the memory gauges are left out, and it is logged once per
+    process, being a setting of that Redis rather than an event. Other errors propagate."""
+    global _info_refusal_logged
+    try:
+        return r.info("memory")
+    except redis.exceptions.ResponseError as e:
+        if not _info_refusal_logged:
+            log.warning("metrics: no Redis memory gauges, INFO memory refused: %s", e)
+            _info_refusal_logged = True
+        return {}
 
 
 def render(store: JobStore, queue_name: str) -> bytes:

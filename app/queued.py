@@ -1,5 +1,5 @@
 """Jobs that end while still queued, in the API: a DELETE's cancel, and the sweep that fails jobs no
-worker took within the queue timeout (`Settings.queue_timeout`).
+worker took within the queue timeout (`Settings.queue_timeout`) and trims RQ's canceled-job registry.
 
 A queued job's record, input and RQ job expire DYNFACE_RECORD_TTL_SECONDS after it began to wait (a
 worker renews them when it starts the job). Without a live worker they would vanish unannounced: a
@@ -18,6 +18,7 @@ from redis import Redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
+from rq.registry import CanceledJobRegistry
 
 from app import metrics
 from app.jobs import JobStore
@@ -46,9 +47,18 @@ def end_queued(
 
 def _drop_from_queue(redis: Redis, queue: Queue, job_id: str) -> None:
     """Best-effort removal of an ended job's RQ job from the queue. Failure is harmless: a worker
-    that dequeues it finds the record no longer queued and skips it (worker.tasks._start)."""
+    that dequeues it finds the record no longer queued and skips it (worker.tasks._start).
+
+    RQ's cancel also files the job in its canceled-job registry (`rq:canceled:<queue>`), a sorted set
+    that nothing of RQ's ever trims and that dynface never reads: each cancel or queue timeout would
+    leave an entry there for good. The entry is taken out again in the cancel's own transaction, so
+    it never exists; the RQ job keeps its `canceled` status until its TTL (the record's) ends it."""
     try:
-        Job.fetch(job_id, connection=redis, serializer=queue.serializer).cancel()
+        job = Job.fetch(job_id, connection=redis, serializer=queue.serializer)
+        with redis.pipeline() as pipe:  # MULTI/EXEC: cancel's writes, then the registry entry's removal
+            job.cancel(pipeline=pipe)
+            pipe.zrem(CanceledJobRegistry(job.origin, connection=redis).key, job.id)
+            pipe.execute()
     except NoSuchJobError:
         pass  # already gone: nothing to remove
     except Exception as e:  # RQ's own errors, Redis down: the job has ended anyway
@@ -75,7 +85,18 @@ def sweep(store: JobStore, queue: Queue, settings: Settings) -> list[str]:
     for job_id, since in store.waiting_since(queue.get_job_ids()).items():
         if since < cutoff and end_queued(store, queue, settings, job_id, failed) is not None:
             ended.append(job_id)
+    trim_canceled_registry(store.redis, queue, settings)
     return ended
+
+
+def trim_canceled_registry(redis: Redis, queue: Queue, settings: Settings) -> int:
+    """Drop the entries of RQ's canceled-job registry older than the record TTL; returns how many.
+    Versions before `_drop_from_queue` took its entries out left one there per cancel and queue
+    timeout, and RQ never removes them (its cleanup of that registry does nothing), so the set grew
+    for good. dynface never reads it; entries that old name RQ jobs whose TTL (the record's) has
+    ended, while younger ones (an `rq` command's cancel by hand) stay for RQ's own tools."""
+    cutoff = time.time() - settings.record_ttl_seconds
+    return redis.zremrangebyscore(queue.canceled_job_registry.key, "-inf", cutoff)
 
 
 async def sweep_forever(store: JobStore, queue: Queue, settings: Settings) -> None:

@@ -16,7 +16,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
+from app import metrics
 from app.errors import redis_unavailable
 from app.main import create_app
 from app.settings import Settings
@@ -156,3 +158,68 @@ def test_a_redis_error_that_is_no_refusal_is_still_a_bug(make_settings: Callable
     with pytest.raises(redis.ResponseError) as wrong_type:
         read_a_string_as_a_hash()
     assert not redis_unavailable(wrong_type.value)
+
+
+def _samples(client: TestClient, family: str) -> list[float]:
+    """The values of one gauge family in the API's /metrics, parsed as Prometheus would."""
+    text = client.get("/metrics").text
+    return [s.value for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
+
+
+def _info_calls(r: redis.Redis) -> int:
+    return int(r.info("commandstats").get("cmdstat_info", {}).get("calls", 0))
+
+
+def test_the_api_exports_redis_memory_and_its_limit_also_once_redis_is_full(
+    private_redis: tuple[redis.Redis, Path],
+) -> None:
+    """Redis runs with maxmemory and noeviction: once full, every submission fails 503
+    redis_unavailable. dynface_redis_memory_used_bytes / _max_bytes (INFO memory's used_memory and
+    maxmemory, 0 = no limit) let DynfaceRedisMemoryHigh warn before, and still answer once it is full
+    (the scrape only reads). One INFO call per scrape."""
+    r, _ = private_redis
+    port = r.connection_pool.connection_kwargs["port"]
+    s = base_settings(uuid.uuid4().hex[:10], redis_url=f"redis://127.0.0.1:{port}/0")
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        # No limit set: exported as 0, and the use is Redis' own figure.
+        (used,) = _samples(c, "dynface_redis_memory_used_bytes")
+        assert _samples(c, "dynface_redis_memory_max_bytes") == [0.0]
+        assert 0 < used < 64 * 2**20 and abs(used - r.info("memory")["used_memory"]) < 2**20
+        before = _info_calls(r)
+        c.get("/metrics")
+        assert _info_calls(r) - before == 2  # the scrape's INFO, and `before`'s own
+        # Filled up to its limit: writes are refused, submissions fail, and the scrape still reports,
+        # with the ratio DynfaceRedisMemoryHigh fires on (above 0.9).
+        r.config_set("maxmemory", MAXMEMORY)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for i in range(100):
+                r.set(f"filler:{i}", b"x" * 100_000)
+        answer = submit(c)
+        assert answer.status_code == 503 and error_code(answer) == "redis_unavailable", answer.text
+        assert _samples(c, "dynface_redis_up") == [1.0]
+        assert _samples(c, "dynface_redis_memory_max_bytes") == [float(3 * 2**20)]
+        (used,) = _samples(c, "dynface_redis_memory_used_bytes")
+        assert 0.9 < used / (3 * 2**20) < 1.2, used
+
+
+def test_a_redis_that_refuses_info_loses_only_the_memory_gauges(
+    private_redis: tuple[redis.Redis, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFO refused (an ACL without it; managed Redis services that rename it) is no outage: the
+    scrape answers with Redis up and its other gauges, only the memory ones have no sample, and the
+    refusal is logged once, not on every scrape."""
+    monkeypatch.setattr(metrics, "_info_refusal_logged", False)  # another test's refusal was logged
+    r, _ = private_redis
+    port = r.connection_pool.connection_kwargs["port"]
+    r.acl_setuser("no-info", enabled=True, nopass=True, keys=["*"], categories=["+@all"], commands=["-info"])
+    s = base_settings(uuid.uuid4().hex[:10], redis_url=f"redis://no-info:x@127.0.0.1:{port}/0")
+    with TestClient(create_app(s), raise_server_exceptions=False) as c:
+        assert submit(c).status_code == 202
+        with caplog.at_level(logging.WARNING, logger="app.metrics"):
+            for _ in range(2):
+                assert _samples(c, "dynface_redis_up") == [1.0]
+                assert _samples(c, "dynface_queue_depth") == [1.0]
+                assert _samples(c, "dynface_redis_memory_used_bytes") == []
+                assert _samples(c, "dynface_redis_memory_max_bytes") == []
+    refusals = [rec.getMessage() for rec in caplog.records if rec.name == "app.metrics"]
+    assert len(refusals) == 1 and "INFO memory refused" in refusals[0], refusals

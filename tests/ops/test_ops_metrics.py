@@ -235,6 +235,8 @@ def test_dashboard_has_the_panels_ops_asked_for() -> None:
         "faces per image": "dynface_faces_per_image_bucket",
         "NFE per face": "dynface_diffusion_steps_per_face_bucket",
         "GPU peak memory per device": "dynface_gpu_peak_memory_bytes",
+        "Redis memory used": "dynface_redis_memory_used_bytes",
+        "Redis memory limit": "dynface_redis_memory_max_bytes",
     }
     absent = {what: m for what, m in required.items() if m not in used}
     assert not absent, absent
@@ -273,6 +275,7 @@ def test_alert_rules_cover_the_issue() -> None:
         "DynfaceQueueFull",
         "DynfaceWorkerTargetsAbsent",
         "DynfaceApiTargetAbsent",
+        "DynfaceRedisMemoryHigh",
     ):
         assert name in rules, name
         assert rules[name].get("for") and rules[name]["labels"]["severity"] in {"warning", "critical"}
@@ -280,6 +283,9 @@ def test_alert_rules_cover_the_issue() -> None:
     assert "dynface_workers" in selected(rules["DynfaceNoReadyWorkers"]["expr"]).metrics
     assert "dynface_http_requests_total" in selected(rules["DynfaceHighErrorRatio"]["expr"]).metrics
     assert "histogram_quantile(0.95" in rules["DynfaceLatencyP95OverSLO"]["expr"]
+    assert {"dynface_redis_memory_used_bytes", "dynface_redis_memory_max_bytes"} == selected(
+        rules["DynfaceRedisMemoryHigh"]["expr"]
+    ).metrics
     # Prometheus loads the rules: prometheus.yml names the file where compose mounts it.
     assert "/etc/prometheus/alerts.yml" in yaml.safe_load(PROMETHEUS_YML.read_text())["rule_files"]
 
