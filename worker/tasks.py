@@ -148,7 +148,8 @@ def _start(rt: Runtime, job_id: str, rq_job: Job | None) -> _Job | None:
 
 def _run(rt: Runtime, jobs: list[_Job]) -> None:
     """The pipeline on the jobs' stored inputs, then each job's results into Redis. Job-level
-    failures end that job, and so does an error ending it; anything else raises (see `restore`)."""
+    failures end that job, and so does an error ending it; anything else raises (see `restore`), as
+    does a job whose end cannot be written at all, once every other job has ended."""
     requests: list[PhotoRequest] = []
     running: list[_Job] = []
     for job in jobs:
@@ -170,14 +171,27 @@ def _run(rt: Runtime, jobs: list[_Job]) -> None:
     seconds = time.perf_counter() - t0
     sharing = [o for o in outcomes if isinstance(o, PhotoResult) and _SHARED_STAGES & o.timings.keys()]
     batch = _BatchRun(seconds=seconds, jobs=len(running), photos_sharing=len(sharing))
+    unended: Exception | None = None
     for job, outcome in zip(running, outcomes, strict=True):
         try:
-            if isinstance(outcome, PhotoResult):
-                _succeed(rt, job, outcome, batch)
-            else:
-                _fail(rt, job.id, outcome)
-        except Exception as e:  # e.g. a Redis error storing its results: the others keep theirs
-            _fail(rt, job.id, e)
+            _end(rt, job, outcome, batch)
+        except Exception as e:  # not even its failure could be written: the other jobs still end
+            log.error("job %s: could not end it: %s", job.id, e)
+            unended = unended or e
+    if unended is not None:
+        raise unended  # `restore` tries once more; else RQ ends it as a lost worker's job
+
+
+def _end(rt: Runtime, job: _Job, outcome: PhotoResult | Exception, batch: _BatchRun) -> None:
+    """A job's end as the pipeline left it; an error writing it fails the job alone (e.g. a Redis
+    error storing its results: the other jobs keep theirs)."""
+    try:
+        if isinstance(outcome, PhotoResult):
+            _succeed(rt, job, outcome, batch)
+        else:
+            _fail(rt, job.id, outcome)
+    except Exception as e:
+        _fail(rt, job.id, e)
 
 
 def _request(rt: Runtime, job: _Job) -> PhotoRequest:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import signal
 import uuid
 from collections.abc import Callable, Iterator
@@ -520,3 +521,48 @@ def test_a_rider_that_cannot_be_ended_in_rq_does_not_stop_the_others(
     assert rq_status(queue, r2) == JobStatus.FINISHED
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == [r1]
     assert {w["name"]: w["state"] for w in store.workers()}[worker.name] == "ready"
+
+
+def test_a_waiting_job_whose_record_does_not_read_is_left_out_of_the_batch(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a rolling upgrade a newer API may store an option this worker does not know: claiming
+    riders must not fail the job that claims. The odd job is not batched (the job behind it is), stays
+    queued in its place, and fails on its own once a worker takes it."""
+    store, queue, worker, (first, odd, third) = batch_of_three(make_settings, monkeypatch)
+    options = {**store.get(odd)["options"], "an_option_from_a_newer_api": True}
+    store.redis.hset(store.key("job", odd), "options", json.dumps(options))
+
+    assert run_next_job(worker, queue) == first
+    for job_id in (first, third):
+        record = store.get(job_id)
+        assert record["status"] == "succeeded" and record["timings"]["batch_jobs"] == 2, record
+    assert store.get(odd)["status"] == "queued" and queue.job_ids == [odd]
+
+    assert run_next_job(worker, queue) == odd
+    assert store.get(odd)["status"] == "failed" and store.get(odd)["error"]["code"] == "internal"
+
+
+def test_a_job_whose_end_cannot_be_written_at_all_leaves_the_others_theirs(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis refuses every end of the second job of a batch, its failure too: the jobs before and after
+    it keep the results the batch computed for them, and it is re-queued as a lost worker's job
+    (never left `processing`)."""
+    store, queue, worker, (first, r1, r2) = batch_of_three(make_settings, monkeypatch)
+    real_finish = store.finish
+
+    def refuse_r1(job_id: str, *args: Any, **kwargs: Any) -> Any:
+        if job_id == r1:
+            raise redis.exceptions.ConnectionError("connection reset while ending the job")
+        return real_finish(job_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", refuse_r1)
+    assert run_next_job(worker, queue) == first
+
+    for job_id in (first, r2):
+        assert store.get(job_id)["status"] == "succeeded", store.get(job_id)
+        assert store.result(job_id, "image") == b"restored"
+    record = store.get(r1)
+    assert record["status"] == "queued" and any("lost" in w for w in record["warnings"]), record
+    assert r1 in queue.job_ids and rq_status(queue, r1) == JobStatus.QUEUED

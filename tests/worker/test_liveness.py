@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
@@ -262,3 +262,105 @@ def test_the_background_refresh_never_publishes_an_older_state(
     takes_a_job.join(10)
     assert {w["name"]: w["state"] for w in store.workers()}[worker.name] == "busy"
     assert worker.registry_fields["state"] == "busy"
+
+
+def dequeue(queue: Queue) -> Job:
+    """A job taken as RQ's loop takes it: moved from the queue to RQ's intermediate list."""
+    dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
+    assert dequeued is not None
+    return dequeued[0]
+
+
+def reap_until(worker: DynfaceWorker, queue: Queue, done: Callable[[], bool], what: str) -> None:
+    """Reaper rounds, as the background thread runs them, until `done()`."""
+    wait_for(lambda: _reap(worker, queue) or done(), 10, interval=0.2, what=what)
+
+
+def test_jobs_taken_but_never_started_go_back_to_the_front_of_the_queue(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stopped (SIGTERM while idle) between RQ's dequeue and the job's start leaves the job
+    in RQ's intermediate list. After heartbeat_ttl the reaper puts it back at the front of the queue,
+    in order, with its record and RQ's retries untouched (it never ran): it runs once, as a first
+    attempt."""
+    settings = make_settings(heartbeat_ttl_seconds=1)
+    a, b, c = queued_jobs(settings, 3)
+    store, queue, worker = in_process_worker(settings)
+    records = {job_id: store.get(job_id) for job_id in (a, b)}
+    assert [dequeue(queue).id for _ in range(2)] == [a, b]  # and the worker stops there
+    assert queue.job_ids == [c]
+    assert queue.intermediate_queue.set_first_seen(a)  # RQ's maintenance noticed it too
+
+    _reap(worker, queue)
+    assert queue.job_ids == [c]  # not before heartbeat_ttl: its worker may be about to start it
+    reap_until(worker, queue, lambda: len(queue.job_ids) == 3, "the stranded jobs put back")
+    assert queue.job_ids == [a, b, c]
+    assert queue.intermediate_queue.get_job_ids() == []
+    assert not store.redis.exists(store.key("stranded", queue.name))
+    assert queue.intermediate_queue.get_first_seen(a) is None  # RQ's would take a's next dequeue for stranded
+    for job_id in (a, b):
+        assert store.get(job_id) == records[job_id]
+        job = Job.fetch(job_id, queue.connection, serializer=JSONSerializer)
+        assert job.get_status() == JobStatus.QUEUED and job.retries_left == settings.max_retries
+
+    bind_runtime(monkeypatch, worker, RestoresEveryPhoto())
+    for job_id in (a, b, c):
+        assert run_next_job(worker, queue) == job_id
+        assert store.get(job_id)["status"] == "succeeded" and store.get(job_id)["attempts"] == 1
+
+
+def test_a_worker_slower_than_the_reaper_does_not_run_the_job_it_put_back(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that stalled between dequeuing a job and starting it for longer than heartbeat_ttl
+    finds it put back in the queue: it leaves it to whichever worker takes it, instead of running it
+    while another one does."""
+    settings = make_settings(heartbeat_ttl_seconds=1)
+    (job_id,) = queued_jobs(settings)
+    store, queue, worker = in_process_worker(settings)
+    bind_runtime(monkeypatch, worker, RestoresEveryPhoto())
+    job = dequeue(queue)
+    reap_until(worker, queue, lambda: queue.job_ids == [job_id], "the stranded job put back")
+
+    worker.execute_job(job, queue)  # the stalled worker resumes
+    assert store.get(job_id)["status"] == "queued" and store.get(job_id)["attempts"] == 0
+    assert queue.job_ids == [job_id]
+    assert queue.started_job_registry.get_job_ids(cleanup=False) == []
+    assert run_next_job(worker, queue) == job_id
+    assert store.get(job_id)["status"] == "succeeded" and store.get(job_id)["attempts"] == 1
+
+
+def test_a_job_its_worker_is_starting_is_never_put_back(make_settings: Callable[..., Settings]) -> None:
+    """Once its worker has registered the job's execution, however long it then takes to move it out
+    of the intermediate list, the job is not put back; and it is forgotten once started."""
+    settings = make_settings(heartbeat_ttl_seconds=1)
+    (job_id,) = queued_jobs(settings)
+    store, queue, worker = in_process_worker(settings)
+    job = dequeue(queue)
+    _reap(worker, queue)  # noted as stranded: no execution yet
+    execution = worker.prepare_execution(job)
+    for _ in range(3):  # past heartbeat_ttl, the execution kept alive as its heartbeat thread does
+        time.sleep(0.4)
+        with store.redis.pipeline() as pipe:
+            execution.heartbeat(queue.started_job_registry, settings.heartbeat_ttl_seconds, pipe)
+            pipe.execute()
+    _reap(worker, queue)
+    assert queue.job_ids == [] and queue.intermediate_queue.get_job_ids() == [job_id]
+    assert not store.redis.exists(store.key("stranded", queue.name))
+    worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    _reap(worker, queue)
+    assert queue.job_ids == [] and queue.intermediate_queue.get_job_ids() == []
+
+
+def test_a_lost_job_rq_requeued_is_not_queued_twice(make_settings: Callable[..., Settings]) -> None:
+    """A worker lost after registering the job's execution but before moving it out of the
+    intermediate list: RQ re-queues it (its execution expired), and the entry left behind goes
+    without queueing the job a second time."""
+    settings = make_settings(heartbeat_ttl_seconds=1, max_retries=1)
+    (job_id,) = queued_jobs(settings)
+    _, queue, worker = in_process_worker(settings)
+    worker.prepare_execution(dequeue(queue))  # and the worker is lost
+    reap_until(
+        worker, queue, lambda: not queue.intermediate_queue.get_job_ids(), "the entry left behind gone"
+    )
+    assert queue.job_ids == [job_id]

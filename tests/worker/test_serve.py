@@ -1,25 +1,31 @@
 """`dynface serve`: real uvicorn + one real worker, driven over real HTTP. With no REDIS_URL it
 brings its own embedded Redis (here with 2 API processes and multiprocess metrics); with REDIS_URL it
-uses that Redis instead, still with a worker."""
+uses that Redis instead, still with a worker. Also what `serve` gives each of its workers (metrics
+port, device), and worker processes stopped before they start a job."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from app.jobs import JobStore, connect, make_queue
+from app.main import create_app
+from app.settings import Settings
 from tests.conftest import (
     ROOT,
     WEIGHTS,
@@ -34,7 +40,7 @@ from tests.conftest import (
     wait_for,
 )
 from worker import metrics
-from worker.cli import _WorkerPool
+from worker.cli import _device_for_worker, _worker_commands, _WorkerPool, build_parser
 from worker.main import run_worker
 
 
@@ -50,13 +56,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def _start_serving(
-    log_path: Path, env: dict[str, str], args: tuple[str, ...]
+    log_path: Path, env: dict[str, str], args: tuple[str, ...], device: str | None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start `dynface serve` on freshly picked ports and wait until it is ready; raises PortTaken
     when the API or the worker found its port taken (the worker's restarts would never get it)."""
     port, metrics_port = free_ports(2)  # distinct: picked together
     command = [sys.executable, "-m", "worker.cli", "serve", "--port", str(port), "--profile", "tiny"]
-    command += ["--device", "cpu", "--worker-metrics-port", str(metrics_port), *args]
+    command += ["--device", device] if device else []
+    command += ["--worker-metrics-port", str(metrics_port), *args]  # a later flag in `args` wins
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -82,10 +89,10 @@ def _start_serving(
 
 
 @contextmanager
-def serving(tmp_path: Path, env: dict[str, str], *args: str) -> Iterator[str]:
+def serving(tmp_path: Path, env: dict[str, str], *args: str, device: str | None = "cpu") -> Iterator[str]:
     """Run `dynface serve` until it is ready; yield its base URL; stop it with SIGTERM (must exit 0)."""
     log_path = tmp_path / "serve.log"
-    proc, base = retry_on_port_taken(lambda: _start_serving(log_path, env, args))
+    proc, base = retry_on_port_taken(lambda: _start_serving(log_path, env, args, device))
     try:
         yield base
     finally:
@@ -148,6 +155,153 @@ def test_embedded_serve_round_trip(tmp_path) -> None:
     log = (tmp_path / "serve.log").read_text()
     assert "embedded Redis" in log
     assert f"worker 0 exited with code {-signal.SIGKILL}; restarting" in log
+
+
+def test_an_empty_redis_url_is_unset_for_serve_its_api_and_its_workers(tmp_path) -> None:
+    """`DYNFACE_REDIS_URL=` (an empty line of an env file) means no Redis configured, as unset does:
+    `serve` embeds one, and its API and workers use it, though Settings read DYNFACE_REDIS_URL first,
+    empty or not. Its two workers, given no device, each pick one (the CPU on this machine) and a
+    metrics port of their own (0: any free port, for each)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
+    env.update(
+        {
+            "DYNFACE_REDIS_URL": "",
+            "DYNFACE_WEIGHTS_DIR": str(WEIGHTS),
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    with serving(tmp_path, env, "--workers", "2", "--worker-metrics-port", "0", device=None) as base:
+        wait_for(lambda: len(ready_workers(base)) == 2, 120, interval=0.5, what="both workers ready")
+        round_trip(base)
+        log = (tmp_path / "serve.log").read_text()
+        (url,) = re.findall(r"embedded Redis at (\S+)", log)
+        embedded = Settings(redis_url=url)
+        workers = JobStore(connect(embedded), embedded).workers()
+        assert [w["device"] for w in workers] == ["cpu", "cpu"]
+        ports = {w["metrics_port"] for w in workers}
+        assert len(ports) == 2 and 0 not in ports, workers
+
+
+def test_serve_gives_each_worker_its_own_metrics_port_and_device() -> None:
+    """Worker i gets the first metrics port + i, which is DYNFACE_WORKER_METRICS_PORT unless
+    --worker-metrics-port says otherwise; from 0 (any free port) each gets 0. Without --device each
+    is numbered for its own GPU (`_device_for_worker`); with one, all run there."""
+
+    def commands(*flags: str, setting: int = 9100) -> list[list[str]]:
+        args = build_parser().parse_args(["serve", "--workers", "3", *flags])
+        return _worker_commands(args, base_settings("ports", worker_metrics_port=setting))
+
+    def ports(*flags: str, setting: int = 9100) -> list[str]:
+        return [c[c.index("--metrics-port") + 1] for c in commands(*flags, setting=setting)]
+
+    assert ports(setting=9300) == ["9300", "9301", "9302"]
+    assert ports("--worker-metrics-port", "9200", setting=9300) == ["9200", "9201", "9202"]
+    assert ports("--worker-metrics-port", "0") == ports(setting=0) == ["0", "0", "0"]
+    assert [c[3:5] for c in commands()] == [["--worker-index", str(i)] for i in range(3)]
+    assert [c[3:5] for c in commands("--device", "cuda:1")] == [["--device", "cuda:1"]] * 3
+
+
+def test_a_worker_without_a_device_takes_a_gpu_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --workers N` on a machine with GPUs: one worker per GPU; on one without, all on the
+    CPU. A worker beyond the GPUs refuses to start, with a reason and the status `serve` does not
+    restart (`test_a_worker_that_cannot_run_here_is_not_restarted`)."""
+    assert [_device_for_worker(i, 0) for i in range(3)] == ["cpu"] * 3
+    assert [_device_for_worker(i, 2) for i in range(2)] == ["cuda:0", "cuda:1"]
+    with pytest.raises(SystemExit) as exited:
+        _device_for_worker(2, 2)
+    assert exited.value.code == os.EX_CONFIG
+    assert "worker 2 has no GPU of its own" in capsys.readouterr().err
+
+
+def test_a_worker_that_cannot_run_here_is_not_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that exits with EX_CONFIG (no GPU of its own) would exit so again: `serve` leaves it
+    stopped instead of restarting it forever."""
+    monkeypatch.setattr(_WorkerPool, "RESTART_DELAY", 0.05)
+    pool = _WorkerPool([[sys.executable, "-c", f"raise SystemExit({os.EX_CONFIG})"]], dict(os.environ))
+    real_spawn = pool._spawn
+    starts: list[list[str]] = []
+
+    def spawn(command: list[str]) -> subprocess.Popen[bytes]:
+        starts.append(command)
+        return real_spawn(command)
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    pool.start()
+    try:
+        wait_for(lambda: pool._retired, 10, what="the worker given up")
+        time.sleep(1.5)  # three rounds of the pool's watch
+    finally:
+        pool.stop(timeout=5)
+    assert len(starts) == 1
+
+
+#: A worker process whose model loads at once, and which sends itself SIGTERM once the DynfaceWorker
+#: method `sys.argv[2]` has run: `announce` of `ready` (model loaded, RQ's loop not started),
+#: `register_birth` (RQ's loop starting, its stop handlers not installed yet) or
+#: `dequeue_job_and_maintain_ttl` (RQ's loop idle, a job just dequeued and not started yet).
+_STOPPED_AT = """
+import os, signal, sys
+from app.settings import Settings
+from worker import main
+
+class Loaded:
+    info = {"profile": "stand-in", "real": False}
+    def load_detector(self) -> None:
+        pass
+
+main.pipeline_from_settings = lambda settings, device: Loaded()
+where = sys.argv[2]
+real = getattr(main.DynfaceWorker, where)
+
+def then_stop(self, *args):
+    result = real(self, *args)
+    if where != "announce" or args == ("ready",):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return result
+
+setattr(main.DynfaceWorker, where, then_stop)
+main.run_worker(Settings(), "cpu", name=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("where", ["announce", "register_birth", "dequeue_job_and_maintain_ttl"])
+def test_a_worker_stopped_before_it_starts_a_job_exits_cleanly_and_leaves_the_job_queued(
+    make_settings: Callable[..., Settings], tmp_path: Path, where: str
+) -> None:
+    """SIGTERM before the worker starts a job: once its model loaded but before RQ's loop installs
+    its stop handlers, or while idle just after RQ's dequeue took the job out of the queue. The
+    worker exits 0 and leaves no live registry entry, ours (it would read `ready` until it expired)
+    or RQ's; the job waits at the front of the queue as it was, for the next worker."""
+    settings = make_settings()
+    store = JobStore(connect(settings), settings)
+    with TestClient(create_app(settings)) as c:
+        r = c.post(
+            "/v1/restorations",
+            files={"image": ("f.png", aligned_png(), "image/png")},
+            data={"aligned": "true"},
+        )
+    job_id = r.json()["id"]
+    record = store.get(job_id)
+    name = f"{settings.queue_name}-stopped"
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.run(
+            [sys.executable, "-c", _STOPPED_AT, name, where],
+            cwd=ROOT,
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert store.workers() == []
+    rq_key = f"rq:worker:{name}"  # RQ's, if it registered: marked dead, out of RQ's set of workers
+    assert not store.redis.sismember("rq:workers", rq_key)
+    assert not store.redis.exists(rq_key) or store.redis.hexists(rq_key, "death")
+    queue = make_queue(store.redis, settings)
+    assert queue.job_ids == [job_id] and queue.intermediate_queue.get_job_ids() == []
+    assert store.get(job_id) == record
 
 
 def test_serve_with_redis_url_uses_that_redis(tmp_path, redis_conn) -> None:
