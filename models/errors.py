@@ -33,6 +33,18 @@ class NoFaceError(PipelineError):
     code = "no_face"
 
 
+class DeviceOutOfMemoryError(PipelineError):
+    """The device ran out of memory on one photo's own work (the pipeline then frees its cache and
+    goes on with the other photos). The code names CUDA, the public API's spelling for any device."""
+
+    code = "cuda_oom"
+
+    def __init__(
+        self, message: str = "The GPU ran out of memory on this photo; try a smaller image or upscale."
+    ) -> None:
+        super().__init__(message)
+
+
 class Cancelled(PipelineError):
     """Raised at a cancel check (between stages, diffusion steps or background tiles) when the
     caller asked to stop."""

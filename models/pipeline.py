@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache, partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from models.blur import estimate_blur_sigma
 from models.dblm import DBLMNet, fallback_estimates
 from models.dgsa import DGSANet, coherence_scale_map, scale_from_logvar
 from models.dsst import DSSTable, check_start_indices, default_table
-from models.errors import Cancelled, NoFaceError, PipelineError
+from models.errors import Cancelled, DeviceOutOfMemoryError, NoFaceError, PipelineError
 from models.fidelity import auto_eta, box_noise_std, robust_noise_std
 from models.guidance import GaussianGuidance
 from models.images import FACE_SIZE
@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["dynfacerestore", "difface"]
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
+_T = TypeVar("_T")
 
 
 def auto_dtype(device: torch.device) -> str:
@@ -158,6 +159,7 @@ class PhotoResult:
 
 #: How one photo of `restore_photos` ended: its result, or the error of that photo alone.
 PhotoOutcome = PhotoResult | PipelineError | ValueError
+_PhotoError = PipelineError | ValueError
 
 
 class StageTimer:
@@ -177,6 +179,12 @@ class StageTimer:
                 torch.cuda.synchronize(self.device)
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
+    def copy(self) -> StageTimer:
+        """A timer that goes on from this one's seconds."""
+        timer = StageTimer(self.device)
+        timer.seconds.update(self.seconds)
+        return timer
+
 
 @dataclass
 class _Guide:
@@ -190,6 +198,14 @@ class _Guide:
     scale_map: Tensor | None  # DGSA g (N, 1, H, W) in [0, 1]; None in the baseline
     dblm: str
     dgsa: str
+
+
+class _Restored(NamedTuple):
+    """One photo's faces out of the shared stages (what `_finish_photo` takes with the photo)."""
+
+    faces: np.ndarray  # (N, 512, 512, 3)
+    facts: list[FaceFacts]
+    seconds: dict[str, float]  # its time in the shared stages (dblm, sample)
 
 
 @dataclass
@@ -361,68 +377,104 @@ class RestorationPipeline:
         the float rounding of batched kernels, as between the faces of one photo).
 
         The photos must agree on `SAMPLER_OPTIONS`. Returns, in order, each photo's result or the
-        `PipelineError` / `ValueError` that ended that photo alone (bad file, no face, bad options);
-        such an error in the shared stages (dblm, sample) ends the photos in them, so `Cancelled` ends
-        the photos with faces once every one of them asks to stop. Other exceptions (out of memory,
-        a bug) propagate and end them all. Progress and cancellation are per photo: the shared stages
-        report to each photo in them, and their times are in each one's timings; a photo that asks to
-        stop ends `Cancelled` at its next step of its own (detection, joining the shared stages,
-        paste-back, each background tile, encoding) while the others go on.
+        `PipelineError` / `ValueError` that ended that photo alone (bad file, no face, bad options, or
+        `DeviceOutOfMemoryError`: the device ran out of memory on its detection, paste-back or
+        encoding); such an error in the shared stages (dblm, sample) ends the photos in them, so
+        `Cancelled` ends the photos with faces once every one of them asks to stop. Out of memory
+        there with several photos, each photo's faces go through the shared stages again alone (the
+        same seeds, so the same faces; the failed try's time stays in its timings), and only a photo
+        that runs out alone too ends `DeviceOutOfMemoryError`. Other exceptions (a bug) propagate and
+        end them all. Progress and cancellation are per photo: the shared stages report to each photo
+        in them, and their times are in each one's timings; a photo that asks to stop ends `Cancelled`
+        at its next step of its own (detection, joining the shared stages, paste-back, each
+        background tile, encoding) while the others go on.
         """
         if len({sampler_key(r.options) for r in requests}) > 1:
             raise ValueError(f"photos restored together must agree on {SAMPLER_OPTIONS}")
         outcomes: dict[int, PhotoOutcome] = {}
         photos: dict[int, _Photo] = {}
         for i, request in enumerate(requests):
-            try:
-                photos[i] = self._start_photo(request)
-            except (PipelineError, ValueError) as e:
-                outcomes[i] = e
+            started = self._or_own_error(partial(self._start_photo, request))
+            if isinstance(started, _Photo):
+                photos[i] = started
+            else:
+                outcomes[i] = started
         for i, photo in photos.items():
             try:  # canceled during its own detection or a later photo's: it stays out of the batch
                 _stop_if_canceled(photo.should_cancel, "DBLM")
             except Cancelled as e:
                 outcomes[i] = e
 
-        with_faces = [i for i, photo in photos.items() if len(photo.crops) and i not in outcomes]
-        restored = {i: photos[i].crops for i in photos}  # passthrough photos keep their (no) faces
-        facts: dict[int, list[FaceFacts]] = {i: [] for i in photos}
-        shared = StageTimer(self.device)
-        if with_faces:
-            batch = [photos[i] for i in with_faces]
-
-            def report(stage: str, step: int, total: int) -> None:
-                for photo in batch:
-                    photo.report(stage, step, total)
-
-            try:
-                faces, face_facts = self._restore_faces(
-                    np.concatenate([p.crops for p in batch]),
-                    [_face_generator(p.seed, k, self.device) for p in batch for k in range(len(p.crops))],
-                    mode=batch[0].options.mode,
-                    fidelity=batch[0].options.fidelity,
-                    # A batch shares mode and fidelity, so its photos all have noise_std or none does.
-                    noise_std=None
-                    if any(p.noise_std is None for p in batch)
-                    else [s for p in batch for s in p.noise_std],
-                    progress=report,
-                    should_cancel=lambda: all(p.should_cancel() for p in batch),
-                    timer=shared,
-                )
-            except (PipelineError, ValueError) as e:
-                outcomes.update({i: e for i in with_faces})
+        with_faces = {i: photo for i, photo in photos.items() if len(photo.crops) and i not in outcomes}
+        # Passthrough photos keep their (no) faces.
+        restored = {i: _Restored(photo.crops, [], {}) for i, photo in photos.items()}
+        for i, done in self._restore_shared(with_faces, StageTimer(self.device)).items():
+            if isinstance(done, _Restored):
+                restored[i] = done
             else:
-                ends = np.cumsum([len(p.crops) for p in batch])
-                for i, first, end in zip(with_faces, [0, *ends[:-1]], ends, strict=True):
-                    restored[i], facts[i] = faces[first:end], face_facts[first:end]
+                outcomes[i] = done
 
         for i, photo in photos.items():
             if i not in outcomes:
-                try:
-                    outcomes[i] = self._finish_photo(photo, restored[i], facts[i], shared.seconds)
-                except (PipelineError, ValueError) as e:
-                    outcomes[i] = e
+                outcomes[i] = self._or_own_error(partial(self._finish_photo, photo, *restored[i]))
         return [outcomes[i] for i in range(len(requests))]
+
+    def _restore_shared(
+        self, batch: dict[int, _Photo], timer: StageTimer
+    ) -> dict[int, _Restored | _PhotoError]:
+        """The shared stages (DBLM → DSST → sampling) on the faces of `batch`'s photos together: each
+        photo's restored faces, or the error that ended them. When the device runs out of memory on
+        the faces of several photos, each photo's go again alone (the same seeds: the same faces),
+        so that only a photo too large by itself fails; its time in the failed batch stays counted."""
+        if not batch:
+            return {}
+        together = self._or_own_error(partial(self._restore_together, list(batch.values()), timer))
+        if isinstance(together, list):
+            return dict(zip(batch, together, strict=True))
+        if isinstance(together, DeviceOutOfMemoryError) and len(batch) > 1:  # too many faces at once
+            return {i: self._restore_shared({i: photo}, timer.copy())[i] for i, photo in batch.items()}
+        return dict.fromkeys(batch, together)
+
+    def _restore_together(self, batch: list[_Photo], timer: StageTimer) -> list[_Restored]:
+        """One `_restore_faces` call on the faces of all of `batch`, photo j's face k drawing from
+        seed_j + k; it reports to each photo and stops once every one of them asks."""
+
+        def report(stage: str, step: int, total: int) -> None:
+            for photo in batch:
+                photo.report(stage, step, total)
+
+        faces, facts = self._restore_faces(
+            np.concatenate([p.crops for p in batch]),
+            [_face_generator(p.seed, k, self.device) for p in batch for k in range(len(p.crops))],
+            mode=batch[0].options.mode,
+            fidelity=batch[0].options.fidelity,
+            # A batch shares mode and fidelity, so its photos all have noise_std or none does.
+            noise_std=None
+            if any(p.noise_std is None for p in batch)
+            else [s for p in batch for s in p.noise_std],
+            progress=report,
+            should_cancel=lambda: all(p.should_cancel() for p in batch),
+            timer=timer,
+        )
+        ends = np.cumsum([len(p.crops) for p in batch])
+        return [
+            _Restored(faces[first:end], facts[first:end], timer.seconds)
+            for first, end in zip([0, *ends[:-1]], ends, strict=True)
+        ]
+
+    def _or_own_error(self, stage: Callable[[], _T]) -> _T | _PhotoError:
+        """`stage()`, or the error that ends the photo(s) it works on alone: their own (bad file, no
+        face, bad options, canceled), or `DeviceOutOfMemoryError` once the device ran out of memory on
+        them, their memory then freed for the other photos."""
+        try:
+            return stage()
+        except (PipelineError, ValueError) as e:
+            return e
+        except torch.OutOfMemoryError:
+            pass  # freed after the handler: until then its traceback holds the stage's tensors
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return DeviceOutOfMemoryError()
 
     def _start_photo(self, request: PhotoRequest) -> _Photo:
         """Decode and detect/align one photo (its faces not yet restored)."""

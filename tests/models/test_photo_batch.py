@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.dsst import default_table
-from models.errors import Cancelled, InvalidImageError, NoFaceError
+from models.errors import Cancelled, DeviceOutOfMemoryError, InvalidImageError, NoFaceError
 from models.pipeline import CancelFn, PhotoRequest, PhotoResult, RestorationPipeline, RestoreOptions
 from models.profiles import PROFILES
 from tests.conftest import TESTDATA, WEIGHTS, assert_same_up_to_rounding
@@ -156,3 +158,115 @@ def test_photos_must_share_the_sampler_options(fast: RestorationPipeline) -> Non
                 PhotoRequest(data, RestoreOptions(aligned=True, fidelity=0.6)),
             ]
         )
+
+
+# Out of memory: no GPU here, so the allocator's failure is played by a pipeline method that raises
+# `torch.OutOfMemoryError` (what CUDA's allocator raises) for one photo, or for a batch of faces.
+OOM_MESSAGE = "The GPU ran out of memory on this photo; try a smaller image or upscale."
+
+
+def _oom() -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _assert_oom(outcome: object) -> None:
+    assert isinstance(outcome, DeviceOutOfMemoryError), outcome
+    assert outcome.code == "cuda_oom" and outcome.message == OOM_MESSAGE
+
+
+@pytest.mark.parametrize("stage", ["_detect_and_align", "_finish_photo"])
+def test_out_of_memory_in_a_photos_own_stage_ends_that_photo_alone(
+    fast: RestorationPipeline, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """Detection (`_start_photo`) or paste-back/upscaling/encoding (`_finish_photo`) of the photo
+    seeded 5 runs out of memory: it ends `cuda_oom`, and its companions (faces sampled together
+    with its own, for `_finish_photo`) are restored as alone. It used to end every photo."""
+    requests = [
+        PhotoRequest((ALIGNED / "0143.png").read_bytes(), RestoreOptions(aligned=True, seed=3)),
+        PhotoRequest((ALIGNED / "0240.png").read_bytes(), RestoreOptions(aligned=True, seed=5)),
+        PhotoRequest((PHOTOS / "00.jpg").read_bytes(), RestoreOptions(seed=11, upscale=2)),
+    ]
+    alone = [fast.restore_photo(r.data, r.options) for r in requests]
+    run = getattr(fast, stage)
+
+    def failing(*args: Any) -> Any:
+        seed = args[0].seed if stage == "_finish_photo" else args[1].seed  # photo / options
+        if seed == 5:
+            raise _oom()
+        return run(*args)
+
+    monkeypatch.setattr(fast, stage, failing)
+    first, failed, third = fast.restore_photos(requests)
+    _assert_oom(failed)
+    _assert_same_photo(alone[0], first)  # type: ignore[arg-type]
+    _assert_same_photo(alone[2], third)  # type: ignore[arg-type]
+    with pytest.raises(DeviceOutOfMemoryError):  # the one-photo case raises what ended it
+        fast.restore_photo(requests[1].data, requests[1].options)
+
+
+def test_out_of_memory_on_the_shared_faces_retries_each_photo_alone(
+    fast: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampler runs out of memory on more than one face at once, after DBLM: each photo's face
+    goes through DBLM and the sampler again alone, from its own seed, so each photo gets exactly what
+    it gets alone; its timings count the failed batch's DBLM too."""
+    requests = [
+        PhotoRequest((ALIGNED / "0143.png").read_bytes(), RestoreOptions(aligned=True, seed=3)),
+        PhotoRequest((ALIGNED / "0240.png").read_bytes(), RestoreOptions(aligned=True, seed=5)),
+    ]
+    alone = [fast.restore_photo(r.data, r.options) for r in requests]
+    seen: dict[int, list[str]] = {j: [] for j in range(len(requests))}
+    requests = [
+        dataclasses.replace(r, progress=lambda stage, step, total, j=j: seen[j].append(stage))
+        for j, r in enumerate(requests)
+    ]
+    sample = fast._sample
+    sampled: list[int] = []
+
+    def sample_one_face_at_most(guide: Any, *args: Any) -> torch.Tensor:
+        sampled.append(len(guide.sigma))
+        if len(guide.sigma) > 1:
+            raise _oom()
+        return sample(guide, *args)
+
+    monkeypatch.setattr(fast, "_sample", sample_one_face_at_most)
+    together = fast.restore_photos(requests)
+    assert sampled == [2, 1, 1]
+    for j, outcome in enumerate(together):
+        assert isinstance(outcome, PhotoResult), outcome
+        _assert_same_photo(alone[j], outcome)
+        assert outcome.image == alone[j].image  # the very same computation as alone, bit for bit
+        assert seen[j].count("dblm") == 2 and seen[j][-2:] == ["paste", "encode"]
+
+
+def test_a_photo_out_of_memory_alone_too_fails_alone(
+    fast: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The faces of the photo seeded 5 are too many for the device even alone: after the shared batch
+    runs out of memory, it ends `cuda_oom` and its companion is restored as alone. A batch of that
+    one photo is not retried."""
+    requests = [
+        PhotoRequest((ALIGNED / "0143.png").read_bytes(), RestoreOptions(aligned=True, seed=3)),
+        PhotoRequest((ALIGNED / "0240.png").read_bytes(), RestoreOptions(aligned=True, seed=5)),
+    ]
+    alone = fast.restore_photo(requests[0].data, requests[0].options)
+    restore_faces = fast._restore_faces
+    seeds: list[list[int]] = []
+
+    def out_of_memory_on_seed_5(faces: np.ndarray, generators: list[torch.Generator], **kw: Any) -> Any:
+        seeds.append([g.initial_seed() for g in generators])
+        if 5 in seeds[-1]:
+            raise _oom()
+        return restore_faces(faces, generators, **kw)
+
+    monkeypatch.setattr(fast, "_restore_faces", out_of_memory_on_seed_5)
+    restored, failed = fast.restore_photos(requests)
+    assert seeds == [[3, 5], [3], [5]]
+    _assert_oom(failed)
+    assert isinstance(restored, PhotoResult), restored
+    _assert_same_photo(alone, restored)
+    assert restored.image == alone.image
+    seeds.clear()
+    (only,) = fast.restore_photos(requests[1:])
+    _assert_oom(only)
+    assert seeds == [[5]]
