@@ -219,6 +219,15 @@ def _load_pipeline(args: argparse.Namespace) -> RestorationPipeline:
     return pipe
 
 
+def _refuse_no_images(files: Sequence[tuple[Path, Path]], inputs: Sequence[Path]) -> bool:
+    """Print a usage error when the inputs hold no image (only empty folders, or folders of other
+    files), so that the model is not loaded for nothing; True when there was none."""
+    if not files:
+        suffixes = " / ".join(f"*{s}" for s in sorted(IMAGE_SUFFIXES))
+        print(f"error: no images ({suffixes}) found under {', '.join(map(str, inputs))}", file=sys.stderr)
+    return not files
+
+
 def _image_files(inputs: list[Path]) -> Iterator[tuple[Path, Path]]:
     """(file, output stem relative to the output folder) for every input image.
 
@@ -274,7 +283,7 @@ def _refuse_clashes(clashes: list[str], output: Path) -> bool:
 def _restore_faces(args: argparse.Namespace) -> int:
     # Before the model load, so that a usage error costs none.
     files = list(_image_files(args.inputs))
-    if _refuse_clashes(_output_clashes(files), args.output):
+    if _refuse_no_images(files, args.inputs) or _refuse_clashes(_output_clashes(files), args.output):
         return 2
     try:
         pipe = _load_pipeline(args)
@@ -335,6 +344,8 @@ def _restore_photos(args: argparse.Namespace) -> int:
         print("error: --max-faces must be ≥ 1", file=sys.stderr)
         return 2
     files = list(_image_files(args.inputs))
+    if _refuse_no_images(files, args.inputs):
+        return 2
     # Every photo writes <stem>.json, so a shared stem always clashes, whatever the image format.
     extras = [_EXTRA_NAMES[kind] for kind in outputs if kind in _EXTRA_NAMES]
     if _refuse_clashes(_output_clashes(files, extras), args.output):

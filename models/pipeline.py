@@ -283,7 +283,7 @@ class RestorationPipeline:
         self.weight_versions = weight_versions or {}
         self.png_compress_level = png_compress_level
         self._detectors: dict[str, face_ops.FaceDetector] = {}
-        self._parser = face_ops.FaceParser.if_available(self.weights_dir, self.device)
+        self._parser = _optional_parser(self.weights_dir, self.device)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -333,7 +333,7 @@ class RestorationPipeline:
         if missing:
             raise weights.MissingWeightsError([m.name for m in missing], wdir)
         unet, restorer, versions = real_networks(profile, wdir)
-        kwargs.update(weight_versions=versions, background=bg.load(background_config, wdir))
+        kwargs.update(weight_versions=versions, background=load_background(background_config, wdir))
         return cls(profile, unet, restorer, weights_dir=wdir, **kwargs)
 
     @property
@@ -667,7 +667,9 @@ class RestorationPipeline:
         """
         if name not in self._detectors:
             try:
-                detector = face_ops.FaceDetector(self.weights_dir, name, self.device)  # type: ignore[arg-type]
+                with loading_weights([name], self.weights_dir):
+                    detector = face_ops.FaceDetector(self.weights_dir, name, self.device)  # type: ignore[arg-type]
+            # Absent, or there but not loading (UnloadableWeightsError): the error names the file and its fix.
             except weights.MissingWeightsError as e:
                 raise PipelineError(f"Face detector {name} is not available: {e}") from e
             self._detectors[name] = detector
@@ -1008,13 +1010,56 @@ def profile_weights(profile: Profile, weights_dir: Path) -> list[str]:
     ]
 
 
+def _load_problem(error: BaseException) -> str:
+    """What went wrong reading a checkpoint, in a line: torch's own text for a refused pickle suggests
+    loading it with weights_only=False, which would run whatever a damaged or foreign file holds."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        found = text.partition("WeightsUnpickler error:")[2].strip().split("\n", 1)[0].strip()
+        text = f"not a checkpoint torch reads safely{f': {found}' if found else ''}"
+    line = text.strip().split("\n", 1)[0]
+    line = line if len(line) <= 200 else line[:197] + "..."
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+@contextmanager
+def loading_weights(names: Sequence[str], weights_dir: Path) -> Iterator[None]:
+    """Turn a failure to read or load the file of manifest entry `names[0]` (with the files of the others
+    it comes with) into `weights.UnloadableWeightsError` naming it and the `--force` pull that replaces
+    it: torch's and safetensors' read errors (an empty or cut-short file, another format), missing or
+    mismatched keys (another network's checkpoint). A worker then waits in `missing_weights` rather
+    than exiting on an error that names no file. Passed through: a file that is not there
+    (MissingWeightsError), OS errors (permissions), running out of memory and device errors (a
+    detector loads onto the device), none of which a fresh copy would fix."""
+    try:
+        yield
+    except (OSError, MemoryError, torch.OutOfMemoryError, torch.AcceleratorError):
+        raise
+    except Exception as e:
+        entry = next((m for m in weights.MANIFEST if m.name == names[0]), None)
+        if entry is None:  # not a published file (an unknown detector name): not a file's fault
+            raise
+        path = weights_dir / entry.path
+        raise weights.UnloadableWeightsError(names, weights_dir, path, _load_problem(e)) from e
+
+
 def real_networks(profile: Profile, weights_dir: Path) -> tuple[IDDPMUNet, SwinIR, dict[str, str]]:
     """DifFace's released prior (in the format `prior_weights` picks) and restorer from `weights_dir`,
-    with the file each came from (`info`'s "weights"). The files must be there."""
-    unet, prior_file = _load_prior(weights_dir, prior_weights(weights_dir), profile.unet)
+    with the file each came from (`info`'s "weights"). The files must be there; one that does not load
+    raises `weights.UnloadableWeightsError` (`loading_weights`)."""
+    prior = prior_weights(weights_dir)
+    with loading_weights(prior, weights_dir):
+        unet, prior_file = _load_prior(weights_dir, prior, profile.unet)
     (restorer_entry,) = weights.select(["difface_swinir"])
-    restorer = swinir_from_checkpoint(weights_dir / restorer_entry.path, profile.swinir)
+    with loading_weights([restorer_entry.name], weights_dir):
+        restorer = swinir_from_checkpoint(weights_dir / restorer_entry.path, profile.swinir)
     return unet, restorer, {"prior": prior_file, "restorer": restorer_entry.file_name}
+
+
+def load_background(config: bg.BackgroundConfig, weights_dir: Path) -> bg.BackgroundUpscaler | None:
+    """`bg.load`, with a model file that does not load reported as `loading_weights` does."""
+    with loading_weights(config.weight_names or ("none",), weights_dir):
+        return bg.load(config, weights_dir)
 
 
 def _load_prior(weights_dir: Path, names: tuple[str, ...], config: dict[str, Any]) -> tuple[IDDPMUNet, str]:
@@ -1031,6 +1076,17 @@ def _load_prior(weights_dir: Path, names: tuple[str, ...], config: dict[str, Any
             f"The Hugging Face prior in {weights_dir / entry.path} is not this profile's UNet: {found}"
         )
     return unet, entry.path
+
+
+def _optional_parser(weights_dir: Path, device: torch.device) -> face_ops.FaceParser | None:
+    """The face parser where its (optional) file is there; one that does not load is logged with its
+    fix and left out, as an absent one is: paste-back then uses the feathered crop mask."""
+    try:
+        with loading_weights(["parsenet"], weights_dir):
+            return face_ops.FaceParser.if_available(weights_dir, device)
+    except weights.UnloadableWeightsError as e:
+        log.warning("running without the optional face parser: %s", e)
+        return None
 
 
 def _pull_optional(names: Sequence[str], wdir: Path) -> None:

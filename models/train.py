@@ -148,7 +148,11 @@ def load_config(path: str | Path, kind: Kind, overrides: dict[str, Any] | None =
     """Read a YAML or JSON config (by suffix) and validate it; `kind` comes from the subcommand."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    syntax = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        data = json.loads(text) if syntax == "JSON" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:  # json's JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid {syntax}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping, got {type(data).__name__}")
     if data.get("kind", kind) != kind:

@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import httpx2
+
+log = logging.getLogger(__name__)
 
 _DIFFACE_RELEASE = "https://github.com/zsyOAOA/DifFace/releases/download/V1.0"
 _FACEXLIB_RELEASE = "https://github.com/xinntao/facexlib/releases/download"
@@ -181,20 +187,61 @@ class MissingFile:
     command: str
 
 
-def pull_command(names: Iterable[str]) -> str:
-    return "dynface weights pull " + " ".join(f"--only {n}" for n in names)
+def pull_command(names: Iterable[str], *, force: bool = False) -> str:
+    return "dynface weights pull " + ("--force " if force else "") + " ".join(f"--only {n}" for n in names)
+
+
+def _fetch_hint(command: str, directory: Path, offline: bool) -> str:
+    """How to get files into `directory`: the pull command, or, in offline mode (where that very
+    command would refuse to download), how to leave offline mode or bring the files in by hand."""
+    if offline:
+        return (
+            "Offline mode is on (DYNFACE_OFFLINE, or `--offline`), so nothing is downloaded: unset "
+            f"DYNFACE_OFFLINE (and drop `--offline`) and run `{command}`, or run `{command}` on a machine "
+            f"with network access and copy the files into {directory}."
+        )
+    return f"Fetch them with: {command} (set DYNFACE_WEIGHTS_DIR={directory} if that is not the default dir)."
 
 
 class MissingWeightsError(FileNotFoundError):
-    """Weights a model needs are not in the weights dir (and will not be downloaded for it)."""
+    """Weights a model needs are not in the weights dir (and will not be downloaded for it).
 
-    def __init__(self, names: Sequence[str], directory: str | Path) -> None:
+    `command` fetches them; `force` says whether it is a `--force` pull (files that are there but
+    do not load: `UnloadableWeightsError`). `offline` (default: $DYNFACE_OFFLINE) changes the advice:
+    the plain command would refuse to download too."""
+
+    force = False
+
+    def __init__(self, names: Sequence[str], directory: str | Path, *, offline: bool | None = None) -> None:
         self.names = list(names)
         self.directory = Path(directory)
-        super().__init__(
-            f"Missing weights in {self.directory}: {', '.join(self.names)}. "
-            f"Fetch them with: {pull_command(self.names)} "
-            f"(set DYNFACE_WEIGHTS_DIR={self.directory} if that is not the default dir)."
+        self.command = pull_command(self.names, force=self.force)
+        offline = offline_from_env() if offline is None else offline
+        super().__init__(f"{self._problem()} {_fetch_hint(self.command, self.directory, offline)}")
+
+    def _problem(self) -> str:
+        return f"Missing weights in {self.directory}: {', '.join(self.names)}."
+
+
+class UnloadableWeightsError(MissingWeightsError):
+    """A weight file is there, but the model cannot load it (empty, cut short, not a checkpoint, another
+    network's): it needs fetching again, with `--force` since a plain pull keeps a file without a
+    pinned checksum. A MissingWeightsError, so a worker waits in `missing_weights` naming it (and
+    retries) instead of exiting and being restarted into the same failure."""
+
+    force = True
+
+    def __init__(
+        self, names: Sequence[str], directory: str | Path, path: str | Path, problem: str, **kw: bool | None
+    ) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(names, directory, **kw)
+
+    def _problem(self) -> str:
+        return (
+            f"The weights file {self.path} ({', '.join(self.names)}) does not load ({self.problem}): it is "
+            "damaged or not the published file and must be fetched again."
         )
 
 
@@ -248,13 +295,39 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: A zip archive's first and last records (PyTorch checkpoints are zip archives since torch 1.6): a
+#: file that begins as one but has no end record within the longest possible tail was cut short.
+_ZIP_START, _ZIP_END, _ZIP_END_SIZE = b"PK\x03\x04", b"PK\x05\x06", 22
+_ZIP_TAIL = _ZIP_END_SIZE + 0xFFFF  # the end record and the longest comment it may carry
+
+
+def _cut_short_zip(path: Path, size: int) -> bool:
+    """Whether `path` is a zip archive (a torch checkpoint) without its end record: cut short. Two small
+    reads, so the cheap probe can afford it; a file of another format is never flagged."""
+    try:
+        with path.open("rb") as f:
+            if f.read(len(_ZIP_START)) != _ZIP_START:
+                return False
+            f.seek(max(size - _ZIP_TAIL, 0))
+            tail = f.read()
+    except OSError:  # unreadable: left to whatever reads it next, which names the file
+        return False
+    end = tail.rfind(_ZIP_END)
+    return end < 0 or end + _ZIP_END_SIZE > len(tail)  # no end record, or only the start of one
+
+
 def _check(entry: WeightFile, path: Path, *, hash_it: bool) -> Status:
-    """State of one file; `hash_it=False` checks existence and size only (cheap, for probes)."""
+    """State of one file; `hash_it=False` checks existence and size only (cheap, for probes), and
+    whether a checkpoint (zip archive) was cut short. An empty file is corrupt, pinned size or not."""
     if not path.is_file():
         return Status(entry.name, "missing", path)
     size = path.stat().st_size
     if entry.size is not None and size != entry.size:
         return Status(entry.name, "corrupt", path, f"size {size} B, expected {entry.size} B")
+    if size == 0:
+        return Status(entry.name, "corrupt", path, "empty file (0 B)")
+    if _cut_short_zip(path, size):
+        return Status(entry.name, "corrupt", path, "cut short: a checkpoint (zip archive) without its end")
     if entry.sha256 is None:
         return Status(entry.name, "unverified", path, "unverified (no pinned checksum)")
     if hash_it:
@@ -308,15 +381,16 @@ def pull(
     """Download the named (default: all) files that are missing or corrupt; returns their status.
 
     Release assets are downloaded into `<weights_dir>/.partial/` (resumed there after an
-    interrupted pull from the same source, with a tqdm progress bar; one process at a time per
-    file), checked for size and sha256 where pinned, and only then renamed to their final name
-    (same filesystem, so atomic); a failure, a mismatch included, raises DownloadError. Hub files go through
-    `huggingface_hub.hf_hub_download(..., local_dir=...)`, which stages, resumes and renames the
-    same way with its own `.incomplete` files.
+    interrupted pull from the same source and file version, `_download`; with a tqdm progress bar;
+    one process at a time per file), checked for size and sha256 where pinned, and only then renamed
+    to their final name (same filesystem, so atomic); a failure, a mismatch included, raises
+    DownloadError. Hub files go through `huggingface_hub.hf_hub_download(..., local_dir=...)`, which
+    stages, resumes and renames the same way with its own `.incomplete` files.
     `offline` (default: $DYNFACE_OFFLINE) forbids any download: files still needed raise
-    MissingWeightsError naming them and the command to fetch them elsewhere.
+    MissingWeightsError naming them, saying offline mode is on and how to fetch them elsewhere.
     `force` downloads every named file again, present ones too: a file without a pinned checksum
-    ("unverified") that was cut short or copied in by hand is repaired only this way. The old file
+    ("unverified") that was cut short or copied in by hand is repaired only this way, unless it is
+    empty or a checkpoint cut short (those are "corrupt"). The old file
     stays in place until the new one is complete and checked. It cannot be combined with `offline`.
     """
     root = _resolve_dir(weights_dir)
@@ -328,7 +402,7 @@ def pull(
         e for e in entries if force or _check(e, root / e.path, hash_it=True).state in ("missing", "corrupt")
     ]
     if todo and offline:
-        raise MissingWeightsError([e.name for e in todo], root)
+        raise MissingWeightsError([e.name for e in todo], root, offline=True)
     for entry in todo:
         if entry.hf_repo is not None:
             _pull_hub(entry, root, force)
@@ -422,9 +496,33 @@ def _discard(partial: Path) -> None:
     _beside(partial, ".json").unlink(missing_ok=True)
 
 
-def _validator(url: str) -> str | None:
-    """The server's strong ETag for `url`, else its Last-Modified (what If-Range accepts); None where
-    it sends neither or the HEAD fails (resuming then relies on the URL alone)."""
+#: Attempts after a dropped connection that brought no new byte, and the pause before each (as
+#: huggingface_hub's `http_get`, which this replaces for release assets).
+_RETRIES = 5
+_RETRY_PAUSE_S = 1.0
+
+
+def _version(headers: Mapping[str, str]) -> str | None:
+    """The file version a response names in the form If-Range accepts: its strong ETag, else its
+    Last-Modified; None where it names neither (a weak ETag cannot be used in If-Range)."""
+    etag = headers.get("ETag")
+    return etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+
+
+def _length(response: httpx2.Response) -> int | None:
+    """The full length of the file a 200 or 206 response is part of (None where it does not say, or
+    where a Content-Encoding makes the bytes written differ from the bytes sent)."""
+    if response.headers.get("Content-Encoding", "identity") != "identity":
+        return None
+    if response.status_code == 206:
+        return _range_total(response.headers.get("Content-Range"))
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
+
+def _head(url: str) -> tuple[str | None, int | None]:
+    """The server's version of `url` (`_version`) and its length, from a HEAD; (None, None) where the
+    HEAD fails (the GET's answer then names the version)."""
     import httpx2
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
@@ -432,85 +530,171 @@ def _validator(url: str) -> str | None:
     try:
         response = get_session().head(url, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
     except (OSError, httpx2.HTTPError):
-        return None
+        return None, None
     if not response.is_success:
-        return None
-    etag = response.headers.get("ETag")
-    return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+        return None, None
+    return _version(response.headers), _length(response)
 
 
 def _range_total(content_range: str | None) -> int | None:
-    """The full length in a 416's `Content-Range: bytes */N`, if it states one."""
+    """The full length in a `Content-Range: bytes A-B/N` (or a 416's `bytes */N`), if it states one."""
     try:
         return int((content_range or "").rsplit("/", 1)[-1])
     except ValueError:
         return None
 
 
-def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
-    """Fetch `entry` into `partial`, resuming what an earlier pull left there if it came from the
-    same URL and, where the server names a version (ETag/Last-Modified), the same version.
+def _range_start(content_range: str | None) -> int | None:
+    """A in `Content-Range: bytes A-B/N`."""
+    try:
+        return int((content_range or "").removeprefix("bytes ").split("-", 1)[0])
+    except ValueError:
+        return None
 
-    huggingface_hub's `http_get` does the HTTP: Range requests to resume (and a restart when a
-    server ignores Range, as it must when If-Range names another version), retries on dropped
-    connections, a tqdm bar, and a size check against Content-Length/Content-Range. A partial file
-    cut short by the network is kept, with its source in `<partial>.json`, for the next pull.
+
+def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
+    """Fetch `entry` into `partial`, resuming what an earlier pull left there only if it came from the
+    same URL and from a version (ETag/Last-Modified) recorded with it that the server still has.
+
+    Beside the partial, `<partial>.json` records its URL, version and full length as the first answer
+    named them: the HEAD's, then the GET's (which wins where they differ, or where the HEAD failed).
+    A partial with no recorded version (the server named none) is never resumed: its bytes could be
+    of another version than the rest. Every ranged request, retries after a dropped connection
+    included, carries If-Range with the recorded version, so a server that replaced the file sends
+    all of it and the partial starts over instead of being spliced with the new file's tail.
+    A partial cut short by the network is kept for the next pull when its version is known.
     """
     import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.file_download import http_get
 
     source = _beside(partial, ".json")
-    current = _validator(entry.url)
+    version, length = _head(entry.url)
     try:
         origin = json.loads(source.read_text()) if partial.is_file() else None
     except (OSError, ValueError):
         origin = None  # no record of where it came from: not safe to append to
     if not isinstance(origin, dict):
         origin = None
-    # A partial begun without a validator (its HEAD failed) cannot be told from another version once the
-    # server names one: resuming it without If-Range could splice two versions, so it is stale.
+    size = partial.stat().st_size if partial.is_file() else 0
     stale = (
         origin is None
         or origin.get("url") != entry.url
-        or (current is not None and origin.get("validator") != current)
-        or (entry.size is not None and partial.stat().st_size > entry.size)  # not a prefix of it
+        or origin.get("validator") is None  # of an unnamed version: maybe not the one served now
+        or (version is not None and origin["validator"] != version)
+        or (length is not None and origin.get("total") not in (None, length))
+        or (length is not None and size > length)  # longer than the file: not a prefix of it
+        or (entry.size is not None and size > entry.size)
     )
     if stale:
         _discard(partial)
-        origin = {"url": entry.url, "validator": current}
+        origin = {"url": entry.url, "validator": version, "total": length}
         source.write_text(json.dumps(origin))
-    validator = origin["validator"]
-    bar = tqdm if progress else functools.partial(tqdm, disable=True)
+    bar = tqdm(
+        total=origin.get("total") or entry.size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=entry.file_name,
+        disable=not progress,
+    )
     try:
-        with partial.open("ab") as f:
-            resume = f.tell()
-            try:
-                http_get(
-                    entry.url,
-                    f,
-                    resume_size=resume,
-                    headers={"If-Range": validator} if resume and validator else None,
-                    expected_size=entry.size,
-                    displayed_filename=entry.file_name,
-                    tqdm_class=bar,  # type: ignore[arg-type]  # a partial is accepted (called with kwargs)
-                )
-            except HfHubHTTPError as e:
-                if e.response.status_code != 416:
-                    raise
-                # 416 to `Range: bytes=N-`: the file has no byte N. If it is N bytes long, an earlier
-                # pull downloaded all of it and stopped before the rename; else the partial is no
-                # prefix of it and is dropped, so that the next pull starts over.
-                if _range_total(e.response.headers.get("Content-Range")) != resume:
-                    f.truncate(0)
-                    raise
+        with partial.open("ab") as f, bar:
+            _fetch(entry, f, source, origin, bar)
     except (OSError, httpx2.HTTPError) as e:  # httpx2: the transport huggingface_hub 2.x uses
         kept = partial.stat().st_size if partial.is_file() else 0
-        if kept == 0:
-            _discard(partial)
+        if kept == 0 or origin.get("validator") is None:
+            _discard(partial)  # nothing a next pull may resume
+            kept = 0
         resume_note = f"; {kept} B kept, the next pull resumes" if kept else ""
         message = f"Could not download {entry.name} from {entry.url}: {e}{resume_note}"
         raise DownloadError(message, [entry.name]) from e
+
+
+def _fetch(entry: WeightFile, f: BinaryIO, source: Path, origin: dict[str, Any], bar: tqdm) -> None:
+    """The GET loop of `_download`: appends to `f` (the partial file, opened for appending) until the
+    file is complete, retrying dropped connections. `origin` (its record, in `source`) is updated
+    whenever a whole-file answer names the version it is of.
+
+    A 416 to `Range: bytes=N-` means the file has no byte N: if it is N bytes long, an earlier pull got
+    all of it and stopped before the rename; else the partial is no prefix of it. Such a partial, and
+    a 206 that is not its continuation (another start, another full length), is dropped and the file
+    fetched from the start, once per call.
+    """
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import hf_raise_for_status, http_stream_backoff
+
+    def restart() -> None:
+        f.truncate(0)
+        f.seek(0)  # truncate leaves the position where it was
+        bar.reset(total=bar.total)
+
+    started_over = False
+    tries, furthest = _RETRIES, f.tell()
+    while True:
+        start = f.tell()
+        if start and origin["validator"] is None:
+            restart()  # this attempt's bytes are of no named version: never resumed, even within a call
+            start = 0
+        if entry.size is not None and start == entry.size:
+            return  # all there (from an earlier pull): checked against the manifest next
+        headers = {"Range": f"bytes={start}-", "If-Range": origin["validator"]} if start else {}
+        try:
+            with http_stream_backoff(
+                "GET",
+                entry.url,
+                headers=headers,
+                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+                retry_on_exceptions=(),
+                retry_on_status_codes=(408, 429),
+            ) as response:
+                total = _length(response)
+                if response.status_code == 416 and start:
+                    if _range_total(response.headers.get("Content-Range")) == start:
+                        return
+                    if started_over:
+                        hf_raise_for_status(response)
+                    started_over = True
+                    restart()
+                    continue
+                hf_raise_for_status(response)
+                if response.status_code == 206:
+                    recorded = origin.get("total")
+                    if _range_start(response.headers.get("Content-Range")) != start or (
+                        recorded is not None and total != recorded
+                    ):
+                        if started_over:
+                            raise OSError(
+                                f"the server's answer to a resume is not the rest of the file "
+                                f"(Content-Range {response.headers.get('Content-Range')!r})"
+                            )
+                        started_over = True
+                        restart()
+                        continue
+                    if bar.n != start:  # a resumed pull's first answer
+                        bar.reset(total=total if total is not None else bar.total)
+                        bar.update(start)
+                else:  # the whole file: a server that ignores Range, or one whose file is not that version
+                    if start:
+                        restart()
+                    origin.update(validator=_version(response.headers), total=total)
+                    source.write_text(json.dumps(origin))  # before its bytes, so a crash leaves the record
+                    if total is not None:
+                        bar.reset(total=total)
+                for chunk in response.iter_bytes(chunk_size=constants.DOWNLOAD_CHUNK_SIZE):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+                    if f.tell() > furthest:  # new bytes: the retries start again
+                        tries, furthest = _RETRIES, f.tell()
+        except (httpx2.ConnectError, httpx2.TimeoutException, httpx2.RemoteProtocolError) as e:
+            if tries <= 0:
+                raise
+            tries -= 1
+            log.warning("Error while downloading %s: %s; trying to resume", entry.url, e)
+            time.sleep(_RETRY_PAUSE_S)
+            continue
+        if total is not None and f.tell() != total:
+            raise OSError(f"the server sent {f.tell()} B of a {total} B file")
+        return
 
 
 def _pull_hub(entry: WeightFile, root: Path, force: bool) -> None:
@@ -530,26 +714,30 @@ def _pull_hub(entry: WeightFile, root: Path, force: bool) -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def service_weights(weights_dir: Path) -> list[str]:
+def service_weights(weights_dir: Path) -> tuple[list[str], list[str]]:
     """What a worker on the configured profile ($DYNFACE_PROFILE, default real; a path is a real
-    weights dir) uses from `weights_dir`: its required files, with the prior in the format the pipeline
-    loads from there (`models.pipeline.profile_weights`: the Hub copy where only that is present), its
-    optional files, its detector and the configured background model's ($DYNFACE_BACKGROUND_MODEL).
-    The default set of `weights pull` and `verify` — for the tiny profile only its small detector; the
-    other format of the prior and an unconfigured background model are fetched only when named or
-    with `--all`."""
+    weights dir) loads from `weights_dir`, as `RestorationPipeline.from_pretrained` and the worker's
+    start-up detector load take it: (required, optional). Required: the profile's files, with the prior
+    in the format the pipeline loads from there (`models.pipeline.profile_weights`: the Hub copy where
+    only that is present), its detector and, for a real profile, the configured background model's
+    ($DYNFACE_BACKGROUND_MODEL; the tiny profile makes a random one and never reads the file).
+    Optional: the profile's `optional_weights` not already required, which the service runs without.
+    Together the default set of `weights pull` and `verify` — for the tiny profile only its small
+    detector; the other format of the prior and an unconfigured background model are fetched only
+    when named or with `--all`."""
     from models.background import BackgroundConfig  # torch: only this command needs it
     from models.pipeline import profile_weights  # imports this module: not at the top
     from models.profiles import PROFILES
 
     profile = PROFILES.get(os.environ.get("DYNFACE_PROFILE") or "real", PROFILES["real"])
-    names = [
+    background = BackgroundConfig.from_env()  # checked whatever the profile: a worker refuses a bad one
+    required = [
         *profile_weights(profile, weights_dir),
         profile.detector,
-        *profile.optional_weights,
-        *BackgroundConfig.from_env().weight_names,
+        *(background.weight_names if profile.real else ()),
     ]
-    return list(dict.fromkeys(names))
+    required = list(dict.fromkeys(required))
+    return required, [n for n in dict.fromkeys(profile.optional_weights) if n not in required]
 
 
 def add_weights_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -591,42 +779,54 @@ def _add_choice(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _chosen(args: argparse.Namespace) -> list[str] | None:
-    """--only's names, None (everything) for --all, else the files the service uses."""
-    return args.only or (None if args.all else service_weights(_resolve_dir(args.dir)))
+def _chosen(args: argparse.Namespace) -> tuple[list[str] | None, set[str]]:
+    """--only's names, None (everything) for --all, else the files the service uses; and which of them
+    are optional (only in the service's set: a file named or wanted with --all is wanted)."""
+    if args.only or args.all:
+        return args.only or None, set()
+    required, optional = service_weights(_resolve_dir(args.dir))
+    return required + optional, set(optional)
 
 
-def _print_statuses(statuses: Sequence[Status]) -> None:
+def _print_statuses(statuses: Sequence[Status], optional: Collection[str] = ()) -> None:
     for s in statuses:
-        detail = f"  ({s.detail})" if s.detail else ""
+        notes = [s.detail] if s.detail else []
+        if s.name in optional:
+            notes.append("optional: the service runs without it")
+        detail = f"  ({'; '.join(notes)})" if notes else ""
         print(f"{s.name:24} {s.state:10} {s.path}{detail}")
 
 
 def _cli_pull(args: argparse.Namespace) -> int:
     try:
-        statuses = pull(
-            _chosen(args), args.dir, offline=args.offline, progress=not args.quiet, force=args.force
-        )
+        names, optional = _chosen(args)
+        statuses = pull(names, args.dir, offline=args.offline, progress=not args.quiet, force=args.force)
     except (MissingWeightsError, KeyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    _print_statuses(statuses)
+    _print_statuses(statuses, optional)
     return 0
 
 
 def _cli_verify(args: argparse.Namespace) -> int:
+    """Exit code 1 when a file is corrupt, or missing and not optional (the service would not start)."""
     try:
-        statuses = verify(args.dir, names=_chosen(args))
+        names, optional = _chosen(args)
+        statuses = verify(args.dir, names=names)
     # An unknown --only, a bad $DYNFACE_BACKGROUND_MODEL, an unreadable file: reported as `pull` does.
     except (KeyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    _print_statuses(statuses)
-    return 1 if any(s.state in ("missing", "corrupt") for s in statuses) else 0
+    _print_statuses(statuses, optional)
+    failed = [
+        s for s in statuses if s.state == "corrupt" or (s.state == "missing" and s.name not in optional)
+    ]
+    return 1 if failed else 0
 
 
 def _cli_list(args: argparse.Namespace) -> int:
-    """Every manifest file with its state by existence and size (cheap; `verify` also hashes)."""
+    """Every manifest file with its state by existence and size (cheap; `verify` also hashes), and
+    any unfinished download of it waiting under .partial/."""
     root = _resolve_dir(args.dir)
     for e in MANIFEST:
         state = _check(e, root / e.path, hash_it=False).state
@@ -634,4 +834,7 @@ def _cli_list(args: argparse.Namespace) -> int:
         checksum = "sha256 pinned" if e.sha256 else "no checksum"
         print(f"{e.name:24} {state:10} {size:>14}  {checksum:14} {e.url}")
         print(f"{'':24} {e.description}")
+        partial = _partial_path(root, e)
+        if partial.is_file():
+            print(f"{'':24} unfinished download: {partial.stat().st_size} B in {partial}")
     return 0

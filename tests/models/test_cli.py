@@ -214,3 +214,20 @@ def test_distinct_output_names_pass_the_clash_check(
     for command in ("restore-faces", "restore"):
         assert run(command, str(inputs), "-o", str(tmp_path / "out")) == 1
         assert "model loaded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["restore-faces", "restore"])
+def test_inputs_without_images_are_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None, command: str
+) -> None:
+    """An empty folder, or one of other files: a usage error (exit 2, as `dsst build`'s), not a model
+    load and "restored 0" with exit 0."""
+    empty, other = tmp_path / "empty", tmp_path / "other"
+    empty.mkdir()
+    (other / "sub").mkdir(parents=True)
+    (other / "sub" / "notes.txt").write_text("no image")
+    out = tmp_path / "out"
+    assert run(command, str(empty), str(other), "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "error: no images (" in err and f"found under {empty}, {other}" in err and "*.png" in err
+    assert "model loaded" not in err and not out.exists()

@@ -342,6 +342,19 @@ def test_config_files_are_validated(tmp_path: Path) -> None:
         load_config(tmp_path / "lp.yaml", "dgsa")
 
 
+@pytest.mark.parametrize(("name", "text"), [("bad.yaml", "data: {root: [unclosed\n"), ("bad.json", "{")])
+def test_malformed_config_files_are_a_usage_error_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str
+) -> None:
+    """Not a traceback (YAML's error was not caught before) nor a JSON error naming no file."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / name))} is not valid (YAML|JSON)"):
+        load_config(tmp_path / name, "dblm")
+    assert main(["train", "dblm", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / name} is not valid") and "Traceback" not in err
+
+
 def test_lpips_term_plumbing_with_stand_in_alexnet_weights(
     faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

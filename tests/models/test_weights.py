@@ -6,12 +6,13 @@ import argparse
 import hashlib
 import json
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -143,13 +144,22 @@ def leftovers(directory: Path) -> list[str]:
     )
 
 
-def leave_partial(directory: Path, data: bytes, url: str, validator: str | None = None) -> Path:
-    """What an interrupted pull of `url` leaves: the bytes so far, and where they came from."""
+def leave_partial(
+    directory: Path, data: bytes, url: str, validator: str | None = '"v1"', total: int | None = None
+) -> Path:
+    """What an interrupted pull of `url` leaves: the bytes so far, and where they came from (the
+    version and full length its server named)."""
     partial = directory / W.PARTIAL_DIR / "good.bin"
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_bytes(data)
-    (partial.parent / "good.bin.json").write_text(json.dumps({"url": url, "validator": validator}))
+    record = {"url": url, "validator": validator, "total": total}
+    (partial.parent / "good.bin.json").write_text(json.dumps(record))
     return partial
+
+
+def head_fails(self: BaseHTTPRequestHandler) -> None:
+    """A server (or proxy) that refuses HEAD: the download learns the version from the GET alone."""
+    self.send_error(501)
 
 
 def test_good_file_is_pulled_and_verified(server: str, tmp_path: Path) -> None:
@@ -190,44 +200,98 @@ def test_wrong_size_without_checksum_leaves_nothing(server: str, tmp_path: Path)
 
 
 @pytest.mark.parametrize("sha", [PAYLOAD_SHA, None])
+@pytest.mark.parametrize("head", ["ok", "fails"])
 def test_truncated_download_fails_and_never_reaches_the_final_path(
-    server: str, tmp_path: Path, sha: str | None
+    server: str, tmp_path: Path, sha: str | None, head: str
 ) -> None:
+    """What arrived is kept for the next pull with the version the server named: the HEAD's, or, where
+    the HEAD fails, the GET's (before, a partial begun without a HEAD had no version and was later
+    resumed blind)."""
+    _Handler.etag = '"v1"'
     manifest = [entry(f"{server}/truncated.bin", sha=sha)]
-    with pytest.raises(W.DownloadError, match="next pull resumes"):
-        pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    with pytest.MonkeyPatch.context() as m:
+        if head == "fails":
+            m.setattr(_Handler, "do_HEAD", head_fails)
+        with pytest.raises(W.DownloadError, match="next pull resumes"):
+            pull(weights_dir=tmp_path, progress=False, manifest=manifest)
     assert not (tmp_path / "good.bin").exists()
     assert verify(tmp_path, manifest=manifest)[0].state == "missing"
     # What did arrive waits under .partial/ for the next pull, beside where it came from; it is a
     # prefix of the real file.
     kept = f"{W.PARTIAL_DIR}/good.bin"
     assert leftovers(tmp_path) == [kept, f"{kept}.json"]
-    assert json.loads((tmp_path / f"{kept}.json").read_text())["url"] == manifest[0].url
+    record = json.loads((tmp_path / f"{kept}.json").read_text())
+    assert record == {"url": manifest[0].url, "validator": '"v1"', "total": len(PAYLOAD)}
     part = (tmp_path / kept).read_bytes()
     assert 0 < len(part) < len(PAYLOAD) and PAYLOAD.startswith(part)
+    # Every retry within the pull asked for the rest of that version only.
+    assert all(r[2] == '"v1"' for r in _Handler.requests[1:]) and len(_Handler.requests) > 1
 
 
-def test_dropped_connection_is_resumed_with_a_range_request(server: str, tmp_path: Path) -> None:
+def test_truncated_download_of_an_unnamed_version_keeps_nothing(server: str, tmp_path: Path) -> None:
+    """A server that names no version (no ETag, no Last-Modified): bytes from it cannot be told from
+    another version's, so a pull never resumes them, within the call or in the next one, and keeps none."""
+    manifest = [entry(f"{server}/truncated.bin", sha=None)]
+    with pytest.raises(W.DownloadError) as err:
+        pull(weights_dir=tmp_path, progress=False, manifest=manifest)
+    assert "resume" not in str(err.value)
+    assert leftovers(tmp_path) == []
+    assert {r[1:] for r in _Handler.requests} == {(None, None)}  # every retry from the start
+
+
+@pytest.mark.parametrize("head", ["ok", "fails"])
+def test_dropped_connection_is_resumed_with_a_range_request(server: str, tmp_path: Path, head: str) -> None:
+    """The retry after a dropped connection asks for the rest of the version it began, with If-Range
+    (before, a download begun from zero retried with a bare Range: a file replaced in between was
+    spliced); that version comes from the GET where the HEAD fails."""
+    _Handler.etag = '"v1"'
     manifest = [entry(f"{server}/flaky.bin")]
-    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    with pytest.MonkeyPatch.context() as m:
+        if head == "fails":
+            m.setattr(_Handler, "do_HEAD", head_fails)
+        assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
     assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
     (first, retry) = _Handler.requests
     assert first == ("/flaky.bin", None, None)
     # The retry asks only for what is missing (what arrived, rounded down to whole chunks).
     resumed_at = int(retry[1].removeprefix("bytes=").removesuffix("-"))
     assert 0 < resumed_at <= len(PAYLOAD) // 2
+    assert retry[2] == '"v1"'
     assert leftovers(tmp_path) == ["good.bin"]
+
+
+def test_dropped_connection_of_a_replaced_file_starts_over(server: str, tmp_path: Path) -> None:
+    """The file is replaced between the dropped answer and the retry: the retry's If-Range names the
+    old version, the server sends all of the new one, and no byte of the old one stays."""
+    _Handler.etag = '"v1"'
+    new = bytes(reversed(PAYLOAD))
+    manifest = [entry(f"{server}/flaky.bin", sha=hashlib.sha256(new).hexdigest())]
+    original = _Handler.do_GET
+
+    def replaced_after_the_first(self: _Handler) -> None:
+        if _Handler.requests:  # the first answer (v1) went out: the server now has v2
+            _Handler.etag = '"v2"'
+            m.setattr(sys.modules[__name__], "PAYLOAD", new)
+        original(self)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_Handler, "do_GET", replaced_after_the_first)
+        assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    assert (tmp_path / "good.bin").read_bytes() == new
+    (first, retry) = _Handler.requests
+    assert first == ("/flaky.bin", None, None) and retry[2] == '"v1"'
 
 
 @pytest.mark.parametrize("path", ["/good.bin", "/norange.bin"])
 def test_next_pull_resumes_a_partial_file(server: str, tmp_path: Path, path: str) -> None:
     """A pull interrupted earlier (process killed) left a prefix; the next pull asks only for the
     rest, and a server that ignores Range still yields the right file (restarted from zero)."""
+    _Handler.etag = '"v1"'
     manifest = [entry(f"{server}{path}")]
-    leave_partial(tmp_path, PAYLOAD[:1000], manifest[0].url)
+    leave_partial(tmp_path, PAYLOAD[:1000], manifest[0].url, '"v1"')
     assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
     assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
-    assert _Handler.requests == [(path, "bytes=1000-", None)]
+    assert _Handler.requests == [(path, "bytes=1000-", '"v1"')]
     assert leftovers(tmp_path) == ["good.bin"]
 
 
@@ -235,6 +299,7 @@ def test_next_pull_resumes_a_partial_file(server: str, tmp_path: Path, path: str
 def test_partial_file_from_elsewhere_is_discarded(server: str, tmp_path: Path, origin: str) -> None:
     """A partial file from another URL (the manifest changed) or of unknown origin is not a prefix
     of this file: appending to it would install garbage, unnoticed where no checksum is pinned."""
+    _Handler.etag = '"v1"'
     manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
     partial = leave_partial(tmp_path, b"x" * 1000, f"{server}/old.bin")
     if origin == "no record":
@@ -266,7 +331,7 @@ def test_if_range_restarts_a_replaced_file(server: str, tmp_path: Path) -> None:
     leave_partial(tmp_path, b"x" * 1000, manifest[0].url, '"v1"')
     _Handler.etag = '"v2"'  # GET only: HEAD's 501 below
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(_Handler, "do_HEAD", lambda self: self.send_error(501))
+        m.setattr(_Handler, "do_HEAD", head_fails)
         assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
     assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
     assert _Handler.requests == [("/good.bin", "bytes=1000-", '"v1"')]
@@ -284,6 +349,37 @@ def test_partial_file_begun_without_a_version_restarts_once_the_server_names_one
     assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
     assert _Handler.requests == [("/good.bin", None, None)]
     assert leftovers(tmp_path) == ["good.bin"]
+
+
+@pytest.mark.parametrize("server_names", ["a version on GET only", "no version"])
+def test_partial_file_begun_without_a_version_is_never_resumed(
+    server: str, tmp_path: Path, server_names: str
+) -> None:
+    """The same where the server names no version now either (the HEAD fails, or it has no
+    validators at all): nothing tells the old prefix from another version's, so it starts over
+    (before, it was resumed with a bare Range: v1's head spliced to v2's tail, installed
+    "unverified")."""
+    manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
+    leave_partial(tmp_path, b"x" * 1000, manifest[0].url, None)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_Handler, "do_HEAD", head_fails)
+        if server_names == "a version on GET only":
+            _Handler.etag = '"v2"'
+        assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests == [("/good.bin", None, None)]
+    assert leftovers(tmp_path) == ["good.bin"]
+
+
+def test_partial_file_of_another_length_starts_over(server: str, tmp_path: Path) -> None:
+    """The full length recorded with a partial is part of its version: a server whose file now has
+    another length (same ETag: a careless server) gets no resume."""
+    _Handler.etag = '"v1"'
+    manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
+    leave_partial(tmp_path, b"x" * 1000, manifest[0].url, '"v1"', total=len(PAYLOAD) + 5)
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests == [("/good.bin", None, None)]
 
 
 def test_force_downloads_a_present_file_again(server: str, tmp_path: Path) -> None:
@@ -304,21 +400,29 @@ def test_force_downloads_a_present_file_again(server: str, tmp_path: Path) -> No
         pull(weights_dir=tmp_path, offline=True, manifest=manifest, force=True)
 
 
+@pytest.mark.parametrize("head", ["ok", "fails"])
 @pytest.mark.parametrize("extra", [b"", b"x"])
-def test_range_not_satisfiable(server: str, tmp_path: Path, extra: bytes) -> None:
+def test_range_not_satisfiable(server: str, tmp_path: Path, extra: bytes, head: str) -> None:
     """A file of unknown size downloaded whole before the process died (before the rename): the
     server answers the resume with 416 and the full size, which is the partial's, so it is done.
-    A partial longer than the file is no prefix of it: dropped, and the next pull starts over."""
+    A partial longer than the file is no prefix of it: dropped (as soon as the HEAD tells the length,
+    else on the 416) and the file fetched from the start in the same pull (before, that pull failed
+    with no next step, and only the next one succeeded)."""
+    _Handler.etag = '"v1"'
     manifest = [entry(f"{server}/good.bin", size=None)]
-    leave_partial(tmp_path, PAYLOAD + extra, manifest[0].url)
-    if extra:
-        with pytest.raises(W.DownloadError, match="416") as err:
-            pull(weights_dir=tmp_path, progress=False, manifest=manifest)
-        assert "next pull resumes" not in str(err.value)
-        assert leftovers(tmp_path) == []
-    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    leave_partial(tmp_path, PAYLOAD + extra, manifest[0].url, '"v1"')
+    with pytest.MonkeyPatch.context() as m:
+        if head == "fails":
+            m.setattr(_Handler, "do_HEAD", head_fails)
+        assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
     assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
     assert leftovers(tmp_path) == ["good.bin"]
+    asked = [r[1:] for r in _Handler.requests]
+    resume = (f"bytes={len(PAYLOAD + extra)}-", '"v1"')
+    if not extra:
+        assert asked == [resume]
+    else:
+        assert asked == ([resume] if head == "fails" else []) + [(None, None)]
 
 
 def test_concurrent_pulls_of_one_file_take_turns(server: str, tmp_path: Path) -> None:
@@ -368,6 +472,66 @@ def test_offline_names_missing_files_and_never_downloads(
     assert _Handler.requests == []
     # Offline with everything present is fine.
     assert pull(["a"], tmp_path, offline=True, manifest=manifest)[0].state == "present"
+
+
+def test_offline_message_says_how_to_get_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, the pull command alone is no advice (it is what just refused to download, before):
+    the message says offline mode is on and how to leave it or bring the files in. Raised anywhere
+    (a model loading without downloads) it follows $DYNFACE_OFFLINE."""
+    with pytest.raises(MissingWeightsError) as err:
+        pull(["parsenet"], tmp_path, offline=True)
+    message = str(err.value)
+    assert "Offline mode is on" in message and "unset DYNFACE_OFFLINE" in message
+    assert f"copy the files into {tmp_path}" in message
+    assert "`dynface weights pull --only parsenet`" in message
+    assert "Offline" not in str(MissingWeightsError(["parsenet"], tmp_path))
+    monkeypatch.setenv("DYNFACE_OFFLINE", "1")
+    assert "Offline mode is on" in str(MissingWeightsError(["parsenet"], tmp_path))
+    unloadable = W.UnloadableWeightsError(
+        ["parsenet"], tmp_path, tmp_path / "parsing_parsenet.pth", "EOFError"
+    )
+    assert "Offline mode is on" in str(unloadable) and "--force --only parsenet" in str(unloadable)
+
+
+def test_empty_or_cut_short_files_are_corrupt(server: str, tmp_path: Path) -> None:
+    """Without a pinned size, an empty file and a checkpoint (zip archive, as torch writes them) cut
+    before its end record are corrupt, not "unverified": the cheap probe (/readyz, a worker's load)
+    reports them and a plain pull replaces them (before, both counted as there, and the worker failed
+    on them with torch's error naming no file). An intact archive is still "unverified"."""
+    import zipfile
+
+    manifest = [entry(f"{server}/good.bin", sha=None, size=None)]
+    checkpoint = tmp_path / "model.pth"
+    with zipfile.ZipFile(checkpoint, "w") as z:  # what torch.save writes: a zip archive
+        z.writestr("archive/data.pkl", b"x" * 5000)
+        z.writestr("archive/data/0", PAYLOAD)
+    archive = checkpoint.read_bytes()
+    for data, detail in (
+        (b"", "empty"),
+        (archive[: len(archive) // 2], "cut short"),
+        (archive[:-10], "cut short"),
+    ):
+        (tmp_path / "good.bin").write_bytes(data)
+        status = verify(tmp_path, manifest=manifest)[0]
+        assert (status.state, detail in status.detail) == ("corrupt", True)
+        assert [m.name for m in missing_for(["good"], tmp_path, manifest=manifest)] == ["good"]
+    (tmp_path / "good.bin").write_bytes(archive)
+    assert verify(tmp_path, manifest=manifest)[0].state == "unverified"
+    assert missing_for(["good"], tmp_path, manifest=manifest) == []
+    (tmp_path / "good.bin").write_bytes(b"")
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "unverified"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+
+
+def test_unloadable_weights_error_reads_as_missing_weights(tmp_path: Path) -> None:
+    """A file that is there but does not load: a MissingWeightsError (what a worker waits on in
+    `missing_weights`, naming the files in `names`) whose fix is a --force pull."""
+    path = tmp_path / "iddpm_ffhq512_ema500000.pth"
+    e = W.UnloadableWeightsError(["difface_prior"], tmp_path, path, "EOFError")
+    assert isinstance(e, MissingWeightsError) and isinstance(e, FileNotFoundError)
+    assert e.names == ["difface_prior"] and e.force and not MissingWeightsError.force
+    assert e.command == "dynface weights pull --force --only difface_prior"
+    assert str(path) in str(e) and "(EOFError)" in str(e) and e.command in str(e)
 
 
 def test_verify_states(tmp_path: Path) -> None:
@@ -508,6 +672,16 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "dynface weights pull --only parsenet" in capsys.readouterr().err
 
 
+def test_cli_list_shows_unfinished_downloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    partial = tmp_path / W.PARTIAL_DIR / "iddpm_ffhq512_ema500000.pth"
+    partial.parent.mkdir()
+    partial.write_bytes(b"x" * 1234)
+    assert _cli(["weights", "--dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"unfinished download: 1234 B in {partial}" in out
+    assert out.count("unfinished download") == 1
+
+
 @pytest.mark.skipif(not (SHARED / "weights").is_dir(), reason=f"shared weights not found at {SHARED}")
 def test_cli_verify_passes_on_a_good_file(capsys: pytest.CaptureFixture[str]) -> None:
     """`verify` of a file matching its pinned checksum: exit 0 and one `present` line with its path
@@ -520,6 +694,13 @@ def test_cli_verify_passes_on_a_good_file(capsys: pytest.CaptureFixture[str]) ->
     ]
 
 
+def missing_in(message: str) -> list[str]:
+    """The names a MissingWeightsError's message lists."""
+    found = re.search(r"Missing weights in [^:]+: (.+?)\. ", message)
+    assert found, message
+    return found.group(1).split(", ")
+
+
 def test_cli_pulls_the_service_files_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -529,8 +710,7 @@ def test_cli_pulls_the_service_files_by_default(
 
     def missing_named(argv: list[str]) -> set[str]:
         assert _cli(argv) == 1
-        err = capsys.readouterr().err
-        return set(re.search(r"Missing weights in [^:]+: (.+?)\. Fetch them", err).group(1).split(", "))
+        return set(missing_in(capsys.readouterr().err))
 
     pull = ["weights", "--dir", str(tmp_path), "pull", "--offline"]
     monkeypatch.delenv("DYNFACE_BACKGROUND_MODEL", raising=False)
@@ -550,6 +730,62 @@ def test_cli_pulls_the_service_files_by_default(
     assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 1
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert listed == service | {"realesrgan_x2plus"}
+
+
+def test_cli_default_set_is_what_the_pipeline_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tiny profile never reads a background model's file (it makes a random one): a configured
+    one is not in its set (before, `verify` reported it missing and failed). Optional files (the
+    profile's `optional_weights`: parsing net, other detector) are listed, marked optional, and a
+    missing one does not fail `verify` (before, it did), since the service runs without it; a corrupt
+    one does, since the service would load it."""
+    # The pinned detectors, as if there (their files are 1.8 and 109 MB).
+    monkeypatch.setattr(
+        W, "_check", _pretend_present(W._check, {"retinaface_mobile0.25", "retinaface_resnet50"})
+    )
+    monkeypatch.setenv("DYNFACE_BACKGROUND_MODEL", "realesrgan_x4plus")
+    monkeypatch.setenv("DYNFACE_PROFILE", "tiny")
+    assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 0
+    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()] == [
+        ["retinaface_mobile0.25", "present"]
+    ]
+    assert _cli(["weights", "--dir", str(tmp_path), "pull", "--offline"]) == 0  # nothing to fetch
+    capsys.readouterr()
+
+    monkeypatch.delenv("DYNFACE_PROFILE")
+    monkeypatch.delenv("DYNFACE_BACKGROUND_MODEL")
+    for name in ("iddpm_ffhq512_ema500000.pth", "swinir_restoration512_L1.pth"):
+        (tmp_path / name).write_bytes(b"unpinned")
+    assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 0  # parsenet missing: optional
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert set(lines) == {
+        "difface_prior",
+        "difface_swinir",
+        "retinaface_resnet50",
+        "retinaface_mobile0.25",
+        "parsenet",
+    }
+    assert lines["parsenet"].split()[1] == "missing" and "optional" in lines["parsenet"]
+    assert "optional" in lines["retinaface_mobile0.25"] and "optional" not in lines["difface_swinir"]
+    (tmp_path / "parsing_parsenet.pth").write_bytes(b"short")  # there but corrupt: the pipeline loads it
+    assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 1
+    capsys.readouterr()
+    (tmp_path / "parsing_parsenet.pth").unlink()
+    (tmp_path / "swinir_restoration512_L1.pth").unlink()  # required: missing fails
+    assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 1
+    (tmp_path / "swinir_restoration512_L1.pth").write_bytes(b"unpinned")
+    # Named, or with --all, an optional file is wanted: missing fails.
+    assert _cli(["weights", "--dir", str(tmp_path), "verify", "--only", "parsenet"]) == 1
+
+
+def _pretend_present(check: Any, names: set[str]) -> Any:
+    """`W._check` that reports the manifest files `names` present without them."""
+
+    def checked(e: WeightFile, path: Path, *, hash_it: bool) -> W.Status:
+        return W.Status(e.name, "present", path) if e.name in names else check(e, path, hash_it=hash_it)
+
+    return checked
 
 
 def test_cli_verify_reports_a_bad_background_model(
@@ -580,7 +816,7 @@ def test_cli_default_set_takes_the_prior_format_the_pipeline_loads(
     assert "difface_prior" not in states and states["difface_swinir"] == "missing"
     assert _cli(["weights", "--dir", str(tmp_path), "pull", "--offline"]) == 1
     err = capsys.readouterr().err
-    missing = re.search(r"Missing weights in [^:]+: (.+?)\. Fetch them", err).group(1).split(", ")
+    missing = missing_in(err)
     assert set(missing) == {"difface_swinir", "retinaface_resnet50", "parsenet", "retinaface_mobile0.25"}
 
 

@@ -1,0 +1,153 @@
+"""Weight files that are there but do not load: the pipeline names the file and the `--force` pull
+that replaces it (`weights.UnloadableWeightsError`, a MissingWeightsError), instead of torch's error
+naming no file, which left a worker crash-looping."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import pipeline as pipeline_mod
+from models import weights
+from models.background import BackgroundConfig
+from models.errors import PipelineError
+from models.pipeline import RestorationPipeline, load_background, loading_weights, real_networks
+from models.profiles import PROFILES
+
+GARBAGE = bytes(range(7, 250)) * 20  # neither a torch pickle nor a zip archive
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DYNFACE_OFFLINE", raising=False)
+
+
+def foreign_checkpoint(path: Path) -> None:
+    """A readable checkpoint of some other network."""
+    torch.save({"state_dict": {"other.weight": torch.zeros(3)}, "params_ema": {"x": torch.zeros(2)}}, path)
+
+
+def check_names_file_and_fix(error: weights.UnloadableWeightsError, name: str, path: Path) -> None:
+    assert isinstance(error, weights.MissingWeightsError)  # what a worker waits on in missing_weights
+    assert error.names[0] == name
+    message = str(error)
+    assert str(path) in message
+    assert f"dynface weights pull --force --only {name}" in message
+    assert "weights_only set to False" not in message and "weights_only` set to `False" not in message
+
+
+@pytest.mark.parametrize("content", ["garbage", "foreign"])
+def test_a_prior_that_does_not_load_names_its_file(tmp_path: Path, content: str) -> None:
+    prior = tmp_path / "iddpm_ffhq512_ema500000.pth"
+    if content == "garbage":
+        prior.write_bytes(GARBAGE)
+    else:
+        foreign_checkpoint(prior)
+    with pytest.raises(weights.UnloadableWeightsError) as err:
+        real_networks(PROFILES["real"], tmp_path)
+    check_names_file_and_fix(err.value, "difface_prior", prior)
+    if content == "garbage":  # torch's own advice (weights_only=False) is not passed on
+        assert "not a checkpoint torch reads safely" in str(err.value)
+    else:
+        assert "missing keys" in str(err.value)
+
+
+def test_a_hub_prior_that_does_not_load_names_its_files(tmp_path: Path) -> None:
+    hub = tmp_path / "OAOA-DifFace"
+    hub.mkdir()
+    (hub / "diffusion_pytorch_model.bin").write_bytes(GARBAGE)
+    (hub / "config.json").write_bytes(b"{}" + b" " * 973)  # the pinned size
+    with pytest.raises(weights.UnloadableWeightsError) as err:
+        real_networks(PROFILES["real"], tmp_path)
+    assert err.value.names == ["hf_difface_unet", "hf_difface_config"]
+    assert "--force --only hf_difface_unet --only hf_difface_config" in str(err.value)
+
+
+def test_a_restorer_that_does_not_load_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unet, _ = pipeline_mod.tiny_networks(PROFILES["tiny"])
+    monkeypatch.setattr(pipeline_mod, "_load_prior", lambda *args: (unet, "prior"))
+    restorer = tmp_path / "swinir_restoration512_L1.pth"
+    foreign_checkpoint(restorer)
+    with pytest.raises(weights.UnloadableWeightsError) as err:
+        real_networks(PROFILES["real"], tmp_path)
+    check_names_file_and_fix(err.value, "difface_swinir", restorer)
+
+
+def test_an_empty_prior_is_missing_and_a_plain_pull_fetches_it(tmp_path: Path) -> None:
+    """An empty file is caught before loading (weights.py): missing, with the plain pull command."""
+    (tmp_path / "iddpm_ffhq512_ema500000.pth").write_bytes(b"")
+    (tmp_path / "swinir_restoration512_L1.pth").write_bytes(GARBAGE)
+    with pytest.raises(weights.MissingWeightsError) as err:
+        RestorationPipeline.from_pretrained("real", weights_dir=tmp_path)
+    assert not isinstance(err.value, weights.UnloadableWeightsError)
+    assert "difface_prior" in err.value.names and "difface_swinir" not in err.value.names
+
+
+@pytest.mark.parametrize("content", ["garbage", "foreign"])
+def test_a_background_model_that_does_not_load_names_its_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "RealESRGAN_x2plus.pth"
+    if content == "garbage":
+        path.write_bytes(GARBAGE)
+    else:
+        foreign_checkpoint(path)
+    with pytest.raises(weights.UnloadableWeightsError) as err:
+        load_background(BackgroundConfig(model="realesrgan_x2plus"), tmp_path)
+    check_names_file_and_fix(err.value, "realesrgan_x2plus", path)
+    assert load_background(BackgroundConfig(), tmp_path) is None
+    with pytest.raises(weights.MissingWeightsError):  # absent: still the plain missing error
+        load_background(BackgroundConfig(model="realesrgan_x4plus"), tmp_path)
+
+
+def test_a_detector_that_does_not_load_fails_as_a_missing_one_does(tmp_path: Path) -> None:
+    """What the worker's start-up load (`load_detector`) sees: a PipelineError caused by a
+    MissingWeightsError (here its UnloadableWeightsError kind), which it reports as missing weights."""
+    path = tmp_path / "detection_mobilenet0.25_Final.pth"
+    path.write_bytes(GARBAGE)
+    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path)
+    with pytest.raises(PipelineError) as err:
+        pipe.load_detector()
+    cause = err.value.__cause__
+    assert isinstance(cause, weights.UnloadableWeightsError)
+    check_names_file_and_fix(cause, "retinaface_mobile0.25", path)
+    assert "--force --only retinaface_mobile0.25" in str(err.value)
+
+
+def test_an_optional_parser_that_does_not_load_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "parsing_parsenet.pth").write_bytes(GARBAGE)
+    with caplog.at_level(logging.WARNING, logger="models.pipeline"):
+        pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path)
+    assert pipe._parser is None
+    assert "--force --only parsenet" in caplog.text
+
+
+def test_loading_weights_passes_on_what_a_new_copy_would_not_fix(tmp_path: Path) -> None:
+    with pytest.raises(PermissionError), loading_weights(["difface_prior"], tmp_path):
+        raise PermissionError("read-only")
+    with pytest.raises(torch.OutOfMemoryError), loading_weights(["difface_prior"], tmp_path):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(weights.MissingWeightsError) as err, loading_weights(["difface_prior"], tmp_path):
+        raise weights.MissingWeightsError(["difface_prior"], tmp_path)
+    assert not isinstance(err.value, weights.UnloadableWeightsError)
+    with pytest.raises(ValueError, match="Unknown face detector"), loading_weights(["bogus"], tmp_path):
+        raise ValueError("Unknown face detector 'bogus'.")
+    wrapped = pytest.raises(weights.UnloadableWeightsError, match="RuntimeError: unexpected EOF")
+    with wrapped, loading_weights(["difface_prior"], tmp_path):
+        raise RuntimeError("unexpected EOF, expected 21756 more bytes. The file might be corrupted.")
+
+
+def test_a_cut_short_torch_checkpoint_is_corrupt_before_loading(tmp_path: Path) -> None:
+    """torch writes checkpoints as zip archives: one cut short is reported corrupt by the cheap probe,
+    so a plain pull (and a worker's own pull) replaces it; the intact one is "unverified"."""
+    path = tmp_path / "swinir_restoration512_L1.pth"
+    torch.save({"w": torch.arange(10_000.0)}, path)
+    assert [s.state for s in weights.verify(tmp_path, names=["difface_swinir"])] == ["unverified"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    assert [m.name for m in weights.missing_for(["difface_swinir"], tmp_path)] == ["difface_swinir"]
