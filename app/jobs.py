@@ -14,7 +14,9 @@ Layout (``P`` = settings.key_prefix)::
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
     P:done:{id}           pub/sub channel (no key): published once when the job ends
-    P:reaper-lock:{q}     lock so one worker a round reaps lost workers' jobs of queue q (worker/main.py)
+    P:reaper-lock:{q}     lock so one process a round, a worker or an API, reaps lost workers' jobs of
+                          queue q (app/lost.py)
+    P:stranded:{q}        hash: job id → when first seen between RQ's dequeue and its start (app/lost.py)
     P:queue-sweep-lock:{q} lock so one API process a round fails jobs queued too long (app/queued.py)
 
 This module must stay torch-free: the API imports it.
@@ -30,10 +32,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from redis import Redis
+from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.retry import Retry as RedisRetry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 from rq import Queue, Retry
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from app.settings import Settings
@@ -48,9 +53,21 @@ log = logging.getLogger(__name__)
 # Every change to a stored record goes through one of these scripts, each one round trip and atomic. They
 # share `transition`: set fields of record KEYS[1] only if its status is one of the allowed ones.
 # Its arguments come first: ARGV[1] = how many allowed statuses follow, then how many field/value
-# pairs follow, then the pairs (`_transition_args`). It returns the index of the next argument,
-# or nil when the record is gone or its status is not allowed (then nothing is written).
+# pairs follow, then the pairs (`_transition_args`); `after_transition` is the index of the next
+# argument. `transition` returns that index, or nil when the record is gone or its status is not
+# allowed (then nothing is written).
+#
+# `attempt_over(cutoff)`: whether RQ no longer runs the attempt the record names: its field
+# `execution` (the entry `job_id:execution_id` in RQ's StartedJobRegistry KEYS[3] of the execution
+# that runs it, `_start` in worker/tasks.py) is unset or null, that entry is gone, or it expired by
+# `cutoff` (a Unix time: RQ's cleanup of that execution is under way). RQ drops an execution only
+# when it ends, re-queues or fails the job, and a live worker's heartbeat keeps its entry's expiry
+# ahead: so a second queue entry of a job's id never moves a running attempt's record.
 _PRELUDE = """
+local function after_transition()
+  local n = tonumber(ARGV[1])
+  return n + 3 + 2 * tonumber(ARGV[n + 2])
+end
 local function transition()
   local cur = redis.call('HGET', KEYS[1], 'status')
   if not cur then return nil end
@@ -58,27 +75,38 @@ local function transition()
   local ok = false
   for i = 2, n + 1 do if ARGV[i] == cur then ok = true end end
   if not ok then return nil end
-  local last = n + 2 + 2 * tonumber(ARGV[n + 2])
-  for i = n + 3, last, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  return last + 1
+  local at = after_transition()
+  for i = n + 3, at - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  return at
 end
+local function attempt_over(cutoff)
+  local raw = redis.call('HGET', KEYS[1], 'execution')
+  local execution = raw and cjson.decode(raw)
+  if not execution or execution == cjson.null then return true end
+  local expires = redis.call('ZSCORE', KEYS[3], execution)
+  return not expires or tonumber(expires) <= tonumber(cutoff)
+end
+local function processing() return redis.call('HGET', KEYS[1], 'status') == '"processing"' end
 """
 
 # The transition alone. Returns 1 when applied, 0 otherwise.
 _UPDATE = _PRELUDE + "return transition() and 1 or 0"
 
 # A worker takes the job, or a lost worker's job goes back to the queue: the transition, then (if
-# applied) record KEYS[1] and input KEYS[2] get the TTL in the next argument again. With KEYS[3] (an
-# RQ queue list) only while the job is waiting in it. Returns 1 when applied, 0 otherwise.
+# applied) record KEYS[1] and input KEYS[2] get the TTL in the next argument ARGV[at] again. A
+# `processing` record moves only when `attempt_over(ARGV[at + 1])` (KEYS[3]: RQ's StartedJobRegistry).
+# With KEYS[4] (an RQ queue list) only while the job is waiting in it. Returns 1 when applied, 0
+# otherwise.
 _RENEW = (
     _PRELUDE
     + """
-if KEYS[3] then
+local at = after_transition()
+if KEYS[4] then
   local id = redis.call('HGET', KEYS[1], 'id')
-  if not id or not redis.call('LPOS', KEYS[3], cjson.decode(id)) then return 0 end
+  if not id or not redis.call('LPOS', KEYS[4], cjson.decode(id)) then return 0 end
 end
-local at = transition()
-if not at then return 0 end
+if processing() and not attempt_over(ARGV[at + 1]) then return 0 end
+if not transition() then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[at])
 redis.call('EXPIRE', KEYS[2], ARGV[at])
 return 1
@@ -102,7 +130,7 @@ return 0
 # ARGV: job id it must still be bound to, new binding, ttl; returns the binding that stands instead, or
 # nil once rebound (also when the key had gone). Release — KEYS: idem key, the job's record; ARGV: job
 # id; deletes the key only while it is bound to that job (a retry may have taken it over meanwhile)
-# and that job does not exist (a transaction redis-py retried after a lost reply may have stored it).
+# and that job does not exist (a transaction whose reply was lost may have stored it).
 _CLAIM_IDEMPOTENCY = """
 local raw = redis.call('GET', KEYS[1])
 if raw then
@@ -127,22 +155,24 @@ end
 return 0
 """
 
-# A job's end: the transition, then (if applied) the results KEYS[3..] written with the status flip
-# (a client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else
-# ARGV[at + 3]), the input KEYS[2] dropped, the record's TTL restarted (ARGV[at + 2]) and message
-# ARGV[at + 1] published on channel ARGV[at] (wakes the API's `Prefer: wait` requests,
-# app/completions.py); one blob per result key follows. Returns the final record (flat HGETALL), or
-# false when the job had already moved on (then nothing is written, results included).
+# A job's end: the transition (a `processing` record only when `attempt_over(ARGV[at])`, KEYS[3] being
+# RQ's StartedJobRegistry), then (if applied) the results KEYS[4..] written with the status flip (a
+# client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else ARGV[at + 4]),
+# the input KEYS[2] dropped, the record's TTL restarted (ARGV[at + 3]) and message ARGV[at + 2]
+# published on channel ARGV[at + 1] (wakes the API's `Prefer: wait` requests, app/completions.py); one
+# blob per result key follows. Returns the final record (flat HGETALL), or false when the job had
+# already moved on (then nothing is written, results included).
 _FINISH = (
     _PRELUDE
     + """
-local at = transition()
-if not at then return false end
-local ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl')) or tonumber(ARGV[at + 3])
-for k = 3, #KEYS do redis.call('SET', KEYS[k], ARGV[at + k + 1], 'EX', ttl) end
+local at = after_transition()
+if processing() and not attempt_over(ARGV[at]) then return false end
+if not transition() then return false end
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl')) or tonumber(ARGV[at + 4])
+for k = 4, #KEYS do redis.call('SET', KEYS[k], ARGV[at + k + 1], 'EX', ttl) end
 redis.call('DEL', KEYS[2])
-redis.call('EXPIRE', KEYS[1], ARGV[at + 2])
-redis.call('PUBLISH', ARGV[at], ARGV[at + 1])
+redis.call('EXPIRE', KEYS[1], ARGV[at + 3])
+redis.call('PUBLISH', ARGV[at + 1], ARGV[at + 2])
 return redis.call('HGETALL', KEYS[1])
 """
 )
@@ -183,11 +213,18 @@ def connect(settings: Settings) -> Redis:
 
     With ``redis_sentinels`` the client is redis-py's Sentinel-managed one: it asks the sentinels
     for the current primary of ``redis_sentinel_master`` and finds the new one after a failover.
+
+    It never sends a command again after a connection error: redis-py's Retry re-sends a whole
+    MULTI/EXEC whose reply was lost, which Redis may have applied (`create`'s would queue the job
+    twice and put a started job's record back to `queued`). A lost reply is an unknown outcome,
+    for the caller to handle (the API keeps the Idempotency-Key bound). redis-py's clients built on
+    a pool (URL, Sentinel) default to no retry too; this keeps it so.
     """
-    timeouts = {
+    options = {
         "socket_timeout": settings.redis_timeout_seconds,
         "socket_connect_timeout": settings.redis_timeout_seconds,
         "health_check_interval": 30,
+        "retry": RedisRetry(NoBackoff(), 0),
     }
     if settings.redis_sentinels:
         hosts, sentinel_kwargs, password = sentinel_options(settings)
@@ -196,14 +233,14 @@ def connect(settings: Settings) -> Redis:
             settings.redis_sentinel_master,
             password=password,
             connection_class=_SentinelConnection,
-            **timeouts,
+            **options,
         )
     if not settings.redis_url:
         raise RuntimeError(
             "No Redis configured: set REDIS_URL or DYNFACE_REDIS_SENTINELS "
             "(or run `dynface serve` for an embedded one)."
         )
-    return Redis.from_url(settings.redis_url, **timeouts)
+    return Redis.from_url(settings.redis_url, **options)
 
 
 def make_queue(connection: Redis, settings: Settings) -> Queue:
@@ -234,6 +271,11 @@ def _timestamp(raw: bytes | None) -> float:
     return float(value)
 
 
+def merge_warnings(warnings: list[str], extra: list[str]) -> list[str]:
+    """A record's warnings + new ones, without duplicates, in order."""
+    return list(dict.fromkeys([*warnings, *extra]))
+
+
 def _binding(job_id: str, body_sha256: str) -> str:
     """An Idempotency-Key's value: its job, the request it was made for, and when it was claimed."""
     return json.dumps({"job_id": job_id, "body_sha256": body_sha256, "claimed_at": time.time()})
@@ -246,6 +288,8 @@ class JobStore:
         self.redis = redis
         self.settings = settings
         self.prefix = settings.key_prefix
+        #: Where RQ registers the execution running each attempt (`attempt_over` in the scripts).
+        self.started_registry = StartedJobRegistry(settings.queue_name, connection=redis).key
         # Called on the client, never queued in a pipeline: redis-py precedes every pipeline that
         # holds a script with a SCRIPT EXISTS round trip.
         self._update = redis.register_script(_UPDATE)
@@ -292,10 +336,13 @@ class JobStore:
         return bool(self._update(keys=[self.key("job", job_id)], args=_transition_args(allowed, fields)))
 
     def start(self, job_id: str, fields: dict[str, Any]) -> bool:
-        """A worker takes the job: set ``fields`` while it is still active (False when it was canceled or
-        ended while queued) and restart the record's and input's TTL, so a job that waited long in the
-        queue does not expire while it runs. One round trip."""
-        return self._renewing(job_id, ACTIVE, fields)
+        """A worker takes the job: set ``fields`` (its `execution` among them) and restart the record's
+        and input's TTL, so a job that waited long in the queue does not expire while it runs. Only
+        from `queued`, or from `processing` once RQ has dropped the execution the record names (RQ
+        re-queued a lost worker's job without telling the record, `app.lost.reconcile`). False
+        otherwise: canceled or ended while queued, or another attempt runs it (the job's id was in
+        the queue twice). One round trip."""
+        return self._renewing(job_id, ACTIVE, fields, cutoff=0)
 
     def requeue(self, job_id: str, fields: dict[str, Any], waiting_in: str | None = None) -> bool:
         """A job whose worker was lost goes back to ``queued`` with ``fields`` (False when it was no
@@ -303,18 +350,26 @@ class JobStore:
         record's and input's TTL restart as at start, so it may wait the whole queue timeout again
         before the sweep fails it, without expiring first. With ``waiting_in`` (an RQ queue's key)
         only while the job is in that queue, checked in the same step: a worker that has taken it
-        meanwhile must not find its running job's record back at `queued`. One round trip."""
-        fields = {**fields, "status": "queued", "queued_at": time.time()}
-        return self._renewing(job_id, ["processing"], fields, waiting_in)
+        meanwhile must not find its running job's record back at `queued`. Only while the execution
+        the record names has expired or is gone (`attempt_over`): a live one's job was not lost. One
+        round trip."""
+        now = time.time()
+        fields = {**fields, "status": "queued", "queued_at": now, "execution": None}
+        return self._renewing(job_id, ["processing"], fields, cutoff=now, waiting_in=waiting_in)
 
     def _renewing(
-        self, job_id: str, allowed: Iterable[str], fields: dict[str, Any], waiting_in: str | None = None
+        self,
+        job_id: str,
+        allowed: Iterable[str],
+        fields: dict[str, Any],
+        cutoff: float,
+        waiting_in: str | None = None,
     ) -> bool:
         """The transition with the record's and input's TTL restarted (`_RENEW`)."""
-        keys = [self.key("job", job_id), self.key("input", job_id)]
+        keys = [self.key("job", job_id), self.key("input", job_id), self.started_registry]
         if waiting_in is not None:
             keys.append(waiting_in)
-        args = [*_transition_args(allowed, fields), self.settings.record_ttl_seconds]
+        args = [*_transition_args(allowed, fields), self.settings.record_ttl_seconds, cutoff]
         return bool(self._renew(keys=keys, args=args))
 
     def progress(self, job_id: str, fields: dict[str, Any], rq_job: Job | None) -> None:
@@ -333,18 +388,23 @@ class JobStore:
         fields: dict[str, Any],
         results: dict[str, bytes] | None = None,
         allowed: Iterable[str] = ACTIVE,
+        lost: bool = False,
     ) -> dict[str, Any] | None:
         """Move an active job to a terminal state: store results (for the record's result_ttl, fixed
         by the API at submission), drop the input, reset TTLs, publish the end — atomically, in one
-        round trip (`_FINISH`). Returns the final record, or None when the job had already moved on
-        (then nothing is written)."""
+        round trip (`_FINISH`). ``lost``: the end of a lost worker's job, so a `processing` one only
+        while the execution its record names has expired or is gone (`attempt_over`). Returns the
+        final record, or None when the job had already moved on (then nothing is written)."""
         s = self.settings
         results = results or {}
-        keys = [self.key("job", job_id), self.key("input", job_id)]
+        now = time.time()
+        keys = [self.key("job", job_id), self.key("input", job_id), self.started_registry]
         keys += [self.key("result", job_id, name) for name in results]
         channel, message = self.key("done", job_id), fields.get("status", "")
-        args = _transition_args(allowed, {**fields, "completed_at": time.time()})
-        args += [channel, message, s.record_ttl_seconds, s.result_ttl_seconds, *results.values()]
+        args = _transition_args(allowed, {**fields, "completed_at": now})
+        # inf: a job's own end may end whichever attempt runs it.
+        args += [now if lost else "inf", channel, message, s.record_ttl_seconds, s.result_ttl_seconds]
+        args += results.values()
         raw = self._finish(keys=keys, args=args)
         return _load(dict(zip(raw[::2], raw[1::2], strict=True))) if raw else None
 

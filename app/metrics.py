@@ -57,9 +57,10 @@ UPLOAD_BYTES = Histogram(
 JOBS_SUBMITTED = Counter("dynface_jobs_submitted_total", "Jobs accepted into the queue.")
 JOBS_REJECTED = Counter("dynface_jobs_rejected_total", "Submissions refused, by error code.", ["reason"])
 #: The workers' `dynface_jobs_total` (worker.metrics.JOBS), for the jobs that end in the API: those
-#: canceled or timed out while queued (app/queued.py) never reach a worker. Summed over targets, it
-#: counts every ended job. Kept out of the default registry, where the worker's metric of the same
-#: name lives when one process imports both (`render` registers it).
+#: canceled or timed out while queued (app/queued.py) never reach a worker, and a lost worker's job
+#: the API's sweep fails (`worker_lost`, app/lost.py). Summed over targets, it counts every ended
+#: job. Kept out of the default registry, where the worker's metric of the same name lives when one
+#: process imports both (`render` registers it).
 JOBS_ENDED = Counter(
     "dynface_jobs_total",
     "Finished jobs by outcome and reason (error code, or 'ok').",

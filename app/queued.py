@@ -1,10 +1,12 @@
 """Jobs that end while still queued, in the API: a DELETE's cancel, and the sweep that fails jobs no
 worker took within the queue timeout (`Settings.queue_timeout`) and trims RQ's canceled-job registry.
+The sweep also reaps lost workers' jobs (app/lost.py), as every worker does.
 
 A queued job's record, input and RQ job expire DYNFACE_RECORD_TTL_SECONDS after it began to wait (a
-worker renews them when it starts the job). Without a live worker they would vanish unannounced: a
-404, no webhook, never `failed`. So the sweep runs in every API process, not in the workers that may
-be the missing part; a Redis lock lets one process do each round.
+worker renews them when it starts the job), and a lost worker's `processing` job is re-queued or
+failed only by a reaper. Without a live worker they would vanish unannounced: a 404, no webhook,
+never `failed`. So the sweep runs in every API process, not in the workers that may be the missing
+part; Redis locks let one process do each round (the reaper's lock is shared with the workers).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import CanceledJobRegistry
 
-from app import metrics
+from app import lost, metrics
 from app.jobs import JobStore
 from app.settings import Settings
 from app.webhooks import notify
 
 log = logging.getLogger(__name__)
+
+#: Lost workers' jobs this API fails are counted in its `dynface_jobs_total`, as its queue timeouts.
+_TALLY = lost.Tally(metrics.JOBS_ENDED)
 
 
 def end_queued(
@@ -66,8 +71,12 @@ def _drop_from_queue(redis: Redis, queue: Queue, job_id: str) -> None:
 
 
 def sweep(store: JobStore, queue: Queue, settings: Settings) -> list[str]:
-    """One round, unless another API process holds this round's lock: fail every queued job that has
-    waited longer than the queue timeout with `queue_timeout`. Returns the ids of the jobs it failed."""
+    """One round: reap lost workers' jobs (`lost.reap`) unless another process, API or worker, holds
+    this round of the reaper; then, unless another API process holds this round's lock, fail every
+    queued job that has waited longer than the queue timeout with `queue_timeout`. Returns the ids of
+    the jobs it failed so."""
+    if lost.take_round(store, queue, settings, holder="api"):
+        lost.reap(store, queue, settings, _TALLY)
     lock_ms = max(1, int(settings.reaper_interval_seconds * 1000))
     if not store.redis.set(store.key("queue-sweep-lock", queue.name), "1", nx=True, px=lock_ms):
         return []

@@ -7,11 +7,9 @@ Why these choices:
   By default that entry lives job_timeout + 60 s and SimpleWorker never refreshes it during a
   job, so a kill -9 would strand the job for the whole timeout. We give executions a short TTL
   (heartbeat_ttl) and refresh it from a heartbeat thread while a job runs; a background reaper
-  runs RQ's own `StartedJobRegistry.cleanup` every few seconds (RQ's maintenance runs only every
-  10 min and only between dequeue timeouts), which re-queues the job via `Retry` or fails it.
-  `fail_lost` mirrors that decision into our job record. Anyone else may run that cleanup first
-  (RQ's `count` and `get_job_ids` do, without our handler: `rq info`, dashboards), so each reaper
-  round also reconciles records with what RQ did (`_reconcile`).
+  (`app.lost.reap`, which the API's sweep runs too) runs RQ's own `StartedJobRegistry.cleanup`
+  every few seconds (RQ's maintenance runs only every 10 min and only between dequeue timeouts),
+  which re-queues the job via `Retry` or fails it, and mirrors that decision into our job record.
 - Heartbeats and the reaper use the job store's client (socket timeout redis_timeout_seconds), not
   RQ's: RQ raises its client's socket timeout above its blocking dequeue (job timeout + ~1 min), so
   one stalled reply would outlast heartbeat_ttl and a running job would be re-queued.
@@ -21,8 +19,12 @@ Why these choices:
 - SIGTERM: RQ's warm shutdown finishes the current job; we then wait briefly for webhooks. Before
   RQ's loop has its handlers (loading the model), ours remembers the stop. A job dequeued but not yet
   started when its worker stopped goes back to the queue as the worker exits, and one whose worker
-  was lost then by the reaper (`_return_stranded`), not left to RQ's maintenance, which would fail
-  it as lost.
+  was lost then by the reaper (`app.lost.return_stranded`), not left to RQ's maintenance, which
+  would fail it as lost.
+- A job's id may be in the queue twice (e.g. two cleanups of one expired execution, each re-queueing
+  it). The record names the execution running its attempt, and a start only takes a `queued` job
+  (or one whose named execution RQ has dropped), so the second dequeue never runs it again; RQ ends
+  the job only for the execution its record names (`_finalize_success`).
 - Batching (DYNFACE_WORKER_BATCH_MAX_JOBS > 1): the job RQ dequeued claims compatible waiting jobs
   ("riders", `claim_riders`) and runs their faces in its sampler batch. A claim is one Redis
   transaction (WATCH on the queue, then LREM + RQ's own execution bookkeeping in MULTI/EXEC), so a
@@ -48,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from redis.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 from rq import SimpleWorker
-from rq.exceptions import AbandonedJobError, StopRequested
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -57,8 +59,8 @@ from rq.serializers import JSONSerializer
 from rq.utils import as_text, get_version, now
 from rq.worker.base import WorkerStatus
 
-from app import webhooks
-from app.jobs import ACTIVE, JobStore, connect, make_queue
+from app import lost, webhooks
+from app.jobs import JobStore, connect, make_queue
 from app.settings import Settings
 from models import weights
 from models.errors import PipelineError
@@ -82,43 +84,8 @@ _SCAN_PER_SLOT = 4
 _CLAIM_POLL_SECONDS = 0.01
 #: Claim transactions retried when the queue changed under them (another worker or a submission).
 _CLAIM_ATTEMPTS = 3
-
-# Job ARGV[1], moved by RQ's dequeue from the queue (KEYS[2]) to its intermediate list (KEYS[1]), with
-# no execution in the StartedJobRegistry (KEYS[3]) and `queued` in its RQ job hash (KEYS[5]), is
-# stranded there. Hash KEYS[4] notes when it was first seen so (job id → Redis' clock; TTL ARGV[3]),
-# and a job no longer stranded loses its note. Stranded for ARGV[2] seconds (0: at once), it goes
-# back to the front of the queue, and RQ's own first-seen key for it (KEYS[6]) goes too: left behind,
-# it would make RQ's maintenance take the job's next dequeue for one stranded long ago. Returns 1
-# when it put the job back.
-_RETURN_STRANDED = """
-local id = ARGV[1]
-local stranded = redis.call('LPOS', KEYS[1], id) and redis.call('HGET', KEYS[5], 'status') == 'queued'
-if stranded then
-  for _, entry in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-    if string.sub(entry, 1, #id + 1) == id .. ':' then stranded = false break end
-  end
-end
-if not stranded then
-  redis.call('HDEL', KEYS[4], id)
-  return 0
-end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-local seen = tonumber(redis.call('HGET', KEYS[4], id))
-if not seen then
-  seen = now
-  redis.call('HSET', KEYS[4], id, tostring(now))
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-end
-if now - seen < tonumber(ARGV[2]) then return 0 end
-redis.call('HDEL', KEYS[4], id)
-redis.call('DEL', KEYS[6])
-redis.call('LREM', KEYS[1], 1, id)
--- Already waiting in the queue (RQ re-queued it, its worker lost after starting it): only this entry goes.
-if redis.call('LPOS', KEYS[2], id) then return 0 end
-redis.call('LPUSH', KEYS[2], id)
-return 1
-"""
+#: Lost workers' jobs a worker fails are counted in its own `dynface_jobs_total`, under `ENDING`.
+TALLY = lost.Tally(metrics.JOBS, metrics.ENDING)
 
 
 @dataclass
@@ -233,7 +200,7 @@ class DynfaceWorker(SimpleWorker):
     def _take(self, job: Job, queue: Queue) -> Execution | None:
         """RQ's start of the job it dequeued (`prepare_execution`), then the job out of the intermediate
         list RQ's dequeue moved it to. None, nothing started, when it is no longer there: it was put
-        back in the queue meanwhile (`_return_stranded`: this worker took longer than
+        back in the queue meanwhile (`app.lost.return_stranded`: this worker took longer than
         heartbeat_ttl_seconds, or another one stopped just then), where another worker may take it.
         The execution is registered first, so no job this worker is about to run is put back."""
         execution = self.prepare_execution(job)
@@ -248,6 +215,25 @@ class DynfaceWorker(SimpleWorker):
             pipe.execute()
         return None
 
+    def execution_of(self, job_id: str) -> str | None:
+        """The StartedJobRegistry entry of this worker's execution of the job, which `tasks._start`
+        writes into its record as the attempt running it."""
+        return next((e.composite_key for e in self.executions.values() if e.job_id == job_id), None)
+
+    def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        """RQ's end of a job that returned, unless its record names another execution still running
+        it: this one's start was refused (the job's id was in the queue twice). Then only this
+        execution goes, and RQ's job stays as the running attempt has it (started, no TTL), so that
+        RQ still finds that attempt lost if its worker dies."""
+        record = self.store.get(job.id)
+        if record and record["status"] == "processing" and record.get("execution") != execution.composite_key:
+            log.warning("job %s: another attempt runs it (its id was queued twice); left to that one", job.id)
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipe, execution)
+                pipe.execute()
+            return
+        super()._finalize_success(job, queue, execution, return_value)
+
     def handle_job_failure(
         self,
         job: Job,
@@ -256,17 +242,20 @@ class DynfaceWorker(SimpleWorker):
         exc_string: str = "",
         execution: Execution | None = None,
     ) -> None:
-        """RQ ends a job that failed in its eyes: mirror that into our record first (back to `queued`
-        while RQ retries it, else failed with `worker_lost`). `tasks.restore` records job-level
-        failures itself and returns, so this runs only for what escaped it: a forced stop, a Redis
-        error around the job, a rider its batch did not end, a job stuck in RQ's intermediate queue.
-        Without it the record would stay `processing` until it expired."""
+        """RQ ends a job that failed in its eyes, then our record follows (back to `queued` while RQ
+        retries it, else failed with `worker_lost`): after, since RQ's end drops this execution, and a
+        record moves for a lost attempt only once its execution is gone (`app.lost`). `tasks.restore`
+        records job-level failures itself and returns, so this runs only for what escaped it: a
+        forced stop, a Redis error around the job, a rider its batch did not end, a job stuck in
+        RQ's intermediate queue. Without it the record would stay `processing` until it expired."""
+        retries_left = job.retries_left or 0  # before RQ's retry spends one
         try:
-            tasks.fail_lost(self.store, self.settings, job.id, job.retries_left or 0)
-        except Exception as e:  # RQ's own failure handling must run whatever happens here
-            log.warning("job %s: could not record its failure: %s", job.id, e)
-        finally:
             super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        finally:
+            try:
+                lost.fail_lost(self.store, self.settings, TALLY, job.id, retries_left)
+            except Exception as e:
+                log.warning("job %s: could not record its failure: %s", job.id, e)
 
     def claim_riders(self, key: tuple[Any, ...]) -> list[Job]:
         """Up to worker_batch_max_jobs − 1 waiting jobs whose `tasks.batch_key` is `key`, taken from
@@ -305,7 +294,7 @@ class DynfaceWorker(SimpleWorker):
                     for i in waiting:
                         if i not in keys:
                             keys[i] = self._batch_key(i)
-                    chosen = [i for i in waiting if keys[i] == key][:n]
+                    chosen = [i for i in dict.fromkeys(waiting) if keys[i] == key][:n]
                     jobs = Job.fetch_many(chosen, connection=self.connection, serializer=self.serializer)
                     jobs = [j for j in jobs if j is not None]
                     if not jobs:
@@ -335,7 +324,7 @@ class DynfaceWorker(SimpleWorker):
         """Queued → started, as RQ does for the job it dequeues (prepare_execution and
         prepare_job_execution), inside the claim's transaction."""
         ttl = self.get_heartbeat_ttl(job)
-        pipe.lrem(queue.key, 1, job.id)
+        pipe.lrem(queue.key, 0, job.id)  # every entry of its id: a second one would only be skipped
         execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
         job.heartbeat(now(), ttl, pipeline=pipe)
         job.prepare_for_execution(self.name, pipeline=pipe)
@@ -348,6 +337,8 @@ class DynfaceWorker(SimpleWorker):
         - ended (or its record expired): RQ's own path for a job that returned;
         - still `processing` (its batch stopped before ending it): RQ's failure path, as for a lost
           worker (`handle_job_failure`: re-queued while it has retries, else `worker_lost`);
+        - `processing` by another execution (its start was refused): left to that one
+          (`_finalize_success`);
         - still `queued` (the batch ended before starting it: time limit, Redis error): back to the
           front of the queue, in its order, with its retries untouched.
 
@@ -360,7 +351,7 @@ class DynfaceWorker(SimpleWorker):
                 status = record.get("status") if record is not None else None
                 if status == "queued":
                     never_started.append((job, execution))
-                elif status == "processing":
+                elif status == "processing" and record.get("execution") == execution.composite_key:
                     self.handle_execution_ended(job, queue, job.failure_callback_timeout)
                     self.handle_job_failure(
                         job, queue, exc_string="Its batch ended before it did.", execution=execution
@@ -407,92 +398,23 @@ class DynfaceWorker(SimpleWorker):
         self.store.register_worker(self.name, dict(self.registry_fields))
 
 
-def _on_abandoned(store: JobStore, settings: Settings):
-    """RQ exception handler: runs for abandoned jobs (our reaper and RQ's maintenance pass it)."""
-
-    def handler(job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
-        if exc_type is AbandonedJobError:
-            tasks.fail_lost(store, settings, job.id, job.retries_left or 0)
-        return True
-
-    return handler
-
-
 def _background(worker: DynfaceWorker, stop: threading.Event) -> None:
-    """Keep our registry entry alive and reap lost workers' jobs (one worker a round, via a lock),
+    """Keep our registry entry alive and reap lost workers' jobs (one process a round, `lost.take_round`),
     through the job store's short-timeout client: with RQ's (socket timeout: minutes) one stalled
     reply would stop both, and a live worker would drop out of /readyz."""
     s = worker.settings
     store = worker.store
     queue = make_queue(store.redis, s)
-    lock_key = store.key("reaper-lock", queue.name)
     next_reap = 0.0
     while not stop.wait(min(s.heartbeat_interval_seconds, s.reaper_interval_seconds)):
         try:
             worker.republish()
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + s.reaper_interval_seconds
-                lock_ms = int(s.reaper_interval_seconds * 1000)
-                if store.redis.set(lock_key, worker.name, nx=True, px=lock_ms):
-                    _reap(worker, queue)
+                if lost.take_round(store, queue, s, holder=worker.name):
+                    lost.reap(store, queue, s, TALLY)
         except Exception as e:  # Redis blips must not kill the thread; the next round retries
             log.warning("worker background task failed: %s", e)
-
-
-def _reap(worker: DynfaceWorker, queue: Queue) -> None:
-    """One reaper round: RQ's cleanup of the executions that expired (our exception handler mirrors
-    each into its record), `_return_stranded` for jobs taken but never started, then `_reconcile`
-    for what a cleanup run by someone else did."""
-    queue.started_job_registry.cleanup(exception_handlers=worker._exc_handlers)
-    _return_stranded(worker.store, worker.settings, queue, after=worker.settings.heartbeat_ttl_seconds)
-    _reconcile(worker.store, worker.settings, queue)
-
-
-def _return_stranded(store: JobStore, settings: Settings, queue: Queue, after: float) -> None:
-    """Put back at the front of the queue, in their order, the jobs stranded between RQ's dequeue and
-    their start for `after` seconds (`_RETURN_STRANDED`).
-
-    RQ's dequeue moves a job from the queue to an intermediate list, and its worker starts it a few
-    round trips later. A worker stopped (SIGTERM while idle) or lost in between leaves the job there,
-    `queued` and out of the queue, until RQ's own maintenance (10 minutes apart or more, after a
-    minute there) fails it as lost: a retry spent on a job that never ran, or `worker_lost`. It never
-    ran, so it just waits again where it was, retries and record untouched. Safe at any age: a worker
-    that then starts it finds it gone and leaves it (`DynfaceWorker._take`); the reaper waits
-    heartbeat_ttl_seconds, as for a silent worker's running job, so as not to bounce dequeues in
-    progress."""
-    notes = store.key("stranded", queue.name)
-    stranded = [as_text(i) for i in store.redis.lrange(queue.intermediate_queue_key, 0, -1)]
-    noted = [i for i in (as_text(k) for k in store.redis.hkeys(notes)) if i not in stranded]
-    put_back = store.redis.register_script(_RETURN_STRANDED)
-    args = [after, settings.record_ttl_seconds]
-    for job_id in [*reversed(stranded), *noted]:  # each goes to the front: the oldest last
-        keys = [queue.intermediate_queue_key, queue.key, queue.started_job_registry.key, notes]
-        keys += [Job.key_for(job_id), queue.intermediate_queue.get_first_seen_key(job_id)]
-        if put_back(keys=keys, args=[job_id, *args]):
-            log.warning("job %s: its worker stopped or was lost before starting it; queued again", job_id)
-
-
-def _reconcile(store: JobStore, settings: Settings, queue: Queue) -> None:
-    """Mirror into our records what RQ did to lost workers' jobs without our exception handler.
-
-    RQ's `StartedJobRegistry.count` and `get_job_ids` run its cleanup with no handler, so whoever
-    lists running jobs (`rq info`, a dashboard) may fail or re-queue a lost worker's job first, and
-    its record would stay `processing` until it expired (a 404). So: an active record whose RQ job
-    is in the FailedJobRegistry fails with `worker_lost`, and a `processing` record whose RQ job is
-    still in the queue goes back to `queued` (a worker that takes it first says so itself:
-    `tasks._start`). Both lists are short here: the queue is capped by max_queue_depth, and RQ fails
-    a job only when its worker was lost (`tasks.restore` records every other failure itself)."""
-    failed = queue.failed_job_registry.get_job_ids(cleanup=False)
-    waiting = queue.get_job_ids()
-    status = store.statuses(failed + waiting)
-    for job_id in failed:
-        if status[job_id] in ACTIVE:
-            tasks.fail_lost(store, settings, job_id, retries_left=0)
-    for job_id in waiting:
-        if status[job_id] == "processing":
-            # Only while it is still in the queue, checked with the change: a worker may have taken
-            # it since the list was read, and its running job's record must stay `processing`.
-            tasks.requeue_lost(store, job_id, waiting_in=queue.key)
 
 
 def run_worker(settings: Settings, device: str, name: str | None = None, burst: bool = False) -> None:
@@ -515,7 +437,7 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         worker_ttl=settings.job_timeout_seconds + 60,
         default_result_ttl=settings.result_ttl_seconds,
     )
-    worker.push_exc_handler(_on_abandoned(store, settings))
+    worker.push_exc_handler(lost.abandoned_handler(store, settings, TALLY))
     port = None
     if settings.worker_metrics_port is not None:
         try:
@@ -558,6 +480,7 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
                 worker_name=name,
                 device=device,
                 claim_riders=worker.claim_riders,
+                execution_of=worker.execution_of,
             )
         )
         metrics.READY.set(1)
@@ -567,7 +490,7 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         try:
             # A stop while idle may have landed between RQ's dequeue and the job's start: back now,
             # not after heartbeat_ttl, nor never when no other worker is left to reap.
-            _return_stranded(store, settings, queue, after=0)
+            lost.return_stranded(store, settings, queue, after=0)
         except RedisError as e:
             log.warning("worker %s could not put back the jobs left between dequeue and start: %s", name, e)
     finally:

@@ -20,7 +20,8 @@ from rq import get_current_job
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from app.jobs import JobStore
+from app.jobs import JobStore, merge_warnings
+from app.lost import lost_warning
 from app.schemas import RestorationOptions, profile_notice
 from app.settings import Settings
 from app.webhooks import notify
@@ -43,6 +44,9 @@ class Runtime:
     #: Takes waiting jobs with this batch key from the queue to run in the starting job's batch
     #: (worker.main `DynfaceWorker.claim_riders`); none without a worker (tests call `restore`).
     claim_riders: Callable[[tuple[Any, ...]], list[Job]] = lambda key: []
+    #: The entry of RQ's StartedJobRegistry for this worker's execution of a job (worker.main
+    #: `DynfaceWorker.execution_of`): its record names it as the attempt running it; none without a worker.
+    execution_of: Callable[[str], str | None] = lambda job_id: None
 
 
 _runtime: Runtime | None = None
@@ -117,8 +121,9 @@ class _Job:
 
 
 def _start(rt: Runtime, job_id: str, rq_job: Job | None) -> _Job | None:
-    """Move a taken job to `processing`; None when it will not run (record expired, or canceled or
-    otherwise finished while it waited in the queue)."""
+    """Move a taken job to `processing`; None when it will not run: record expired, canceled or
+    otherwise finished while it waited in the queue, or another attempt runs it (its id was in the
+    queue twice: `JobStore.start`)."""
     store = rt.store
     record = store.get(job_id)
     if record is None:
@@ -134,14 +139,18 @@ def _start(rt: Runtime, job_id: str, rq_job: Job | None) -> _Job | None:
         "started_at": now,
         "attempts": attempts + 1,
         "worker": rt.worker_name,
+        "execution": rt.execution_of(job_id),
     }
     if record.get("status") == "processing":
-        # RQ re-queued it after its worker was lost, and no one told its record (worker.main._reconcile).
-        log.warning("job %s: attempt %s was lost; running it again", job_id, attempts)
-        fields["warnings"] = _merge(record.get("warnings") or [], [_lost_warning(attempts)])
+        # RQ re-queued it after its worker was lost, and no one told its record (app.lost.reconcile);
+        # unless another attempt still runs it, which the start refuses.
+        fields["warnings"] = merge_warnings(record.get("warnings") or [], [lost_warning(attempts)])
     started = store.start(job_id, fields)
     if not started:
+        log.info("job %s: not started: it ended, or another attempt runs it", job_id)
         return None
+    if record.get("status") == "processing":
+        log.warning("job %s: attempt %s was lost; running it again", job_id, attempts)
     metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
     return _Job(job_id, record, now, rq_job)
 
@@ -302,7 +311,7 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> N
         "faces_dropped": result.faces_dropped,
         "outputs": produced,
         # The pipeline's own profile warning supersedes the provisional one the API added.
-        "warnings": _merge(
+        "warnings": merge_warnings(
             [
                 w
                 for w in (store.get(job_id) or record).get("warnings") or []
@@ -350,11 +359,6 @@ def _fail(rt: Runtime, job_id: str, error: Exception) -> None:
         _finish(rt, job_id, _End("failed", ("internal", "Internal error while restoring the photo.")))
 
 
-def _merge(warnings: list[str], extra: list[str]) -> list[str]:
-    """Warnings + new ones, without duplicates, in order."""
-    return list(dict.fromkeys([*warnings, *extra]))
-
-
 def _finish(
     rt: Runtime,
     job_id: str,
@@ -397,45 +401,3 @@ def _read_back(rt: Runtime, job_id: str) -> dict[str, Any] | None:
     except RedisError as e:
         log.warning("job %s: could not read back its end: %s", job_id, e)
         return None
-
-
-def _lost_warning(attempt: int) -> str:
-    return f"The worker running attempt {attempt} was lost; the job was re-queued."
-
-
-def requeue_lost(store: JobStore, job_id: str, waiting_in: str | None = None) -> bool:
-    """A `processing` job whose worker was lost, and which RQ re-queues: back to ``queued``, waiting
-    afresh from now (`JobStore.requeue`), with a warning. False when it was no longer processing."""
-    record = store.get(job_id)
-    if record is None:
-        return False
-    fields = {
-        "stage": None,
-        "step": None,
-        "total": None,
-        "warnings": _merge(record.get("warnings") or [], [_lost_warning(record.get("attempts", 0))]),
-    }
-    return store.requeue(job_id, fields, waiting_in)
-
-
-def fail_lost(store: JobStore, settings: Settings, job_id: str, retries_left: int) -> None:
-    """A worker died holding this job (RQ found its execution expired): say so in our record.
-
-    With retries left RQ re-queues the job and it goes back to ``queued`` (`requeue_lost`);
-    otherwise it fails with ``worker_lost``. Runs in whichever worker's reaper noticed.
-    """
-    if retries_left > 0:
-        requeue_lost(store, job_id)
-        return
-    record = store.get(job_id)
-    if record is None:
-        return
-    attempt = record.get("attempts", 0)
-    message = f"The worker running this job was lost {attempt} time(s); giving up."
-    error = {"code": "worker_lost", "message": message}
-    with metrics.ENDING:  # counted before a scrape can see it ended (`_finish`)
-        final = store.finish(job_id, {"status": "failed", "stage": None, "error": error})
-        if final is not None:
-            metrics.JOBS.labels("failed", "worker_lost").inc()
-    if final is not None:
-        notify(final, settings)

@@ -26,6 +26,10 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
 from starlette.types import Message, Scope
 
 from app import queued, webhooks
@@ -1513,6 +1517,60 @@ def test_one_sweep_round_per_lock_and_a_requeued_job_waits_from_its_requeue(make
     store.redis.delete(lock)
     assert queued.sweep(store, queue, s) == ["waited"]
     assert store.get("waited")["status"] == "failed" and store.get("requeued")["status"] == "queued"
+
+
+def lose_a_running_job(store: JobStore, queue: Queue) -> str:
+    """The next queued job, taken as a worker takes it (its RQ execution registered, its record
+    `processing` and naming that execution) by a worker then lost with it: the execution (TTL 1 s)
+    is never renewed. Plain RQ calls, no worker code (the API runs none)."""
+    dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
+    assert dequeued is not None
+    job = dequeued[0]
+    with store.redis.pipeline() as pipe:
+        execution = Execution.create(job, 1, pipeline=pipe, worker_name="lost-worker")
+        job.prepare_for_execution("lost-worker", pipe)
+        pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        pipe.execute()
+    fields = {"status": "processing", "attempts": 1, "worker": "lost-worker"}
+    assert store.start(job.id, {**fields, "execution": execution.composite_key})
+    return job.id
+
+
+@pytest.mark.parametrize("max_retries", [1, 0])
+def test_a_lost_workers_job_is_requeued_or_failed_by_the_api_when_no_worker_reaps(
+    make_settings, max_retries: int
+) -> None:
+    """Only workers used to reap lost workers' jobs: with none left (`dynface serve` stopped, a pool
+    scaled to zero), the job stayed `processing` until its record expired (a 404, no webhook, no
+    count; a DELETE answered 202 and it never ended). The API's sweep reaps as a worker does: back
+    to the queue with a retry spent, where a worker (and KEDA, which counts that list) finds it and a
+    DELETE ends it at once; or, retries spent, failed with `worker_lost`, counted and told."""
+    s = make_settings(heartbeat_ttl_seconds=1, reaper_interval_seconds=0.2, max_retries=max_retries)
+    series = 'dynface_jobs_total{outcome="failed",reason="worker_lost"}'
+    hooks: list[dict[str, Any]] = []
+    with http_server(hook_receiver(hooks)) as base, TestClient(create_app(s)) as c:
+        svc = c.app.state.services
+        before = metric(c, series)
+        job_id = submit(c, webhook=f"{base}/hook").json()["id"]
+        assert lose_a_running_job(svc.store, svc.queue) == job_id
+        job = wait_for(
+            lambda: (j := c.get(f"/v1/restorations/{job_id}").json())["status"] != "processing" and j,
+            20,
+            what="the lost job moved on",
+        )
+        rq_job = Job.fetch(job_id, connection=svc.redis, serializer=JSONSerializer)
+        if max_retries:
+            assert job["status"] == "queued" and job["attempts"] == 1, job
+            assert any("attempt 1 was lost" in w for w in job["warnings"]), job["warnings"]
+            assert svc.queue.job_ids == [job_id] and rq_job.retries_left == 0
+            r = c.delete(f"/v1/restorations/{job_id}")
+            assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
+        else:
+            assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
+            assert metric(c, series) == before + 1
+            wait_for(lambda: hooks, 20, what="webhook")
+            assert [(h["id"], h["error"]["code"]) for h in hooks] == [(job_id, "worker_lost")]
+            assert svc.queue.job_ids == [] and rq_job.get_status() == JobStatus.FAILED
 
 
 def test_a_record_whose_wait_does_not_parse_is_skipped_and_the_sweep_goes_on(make_settings, caplog) -> None:

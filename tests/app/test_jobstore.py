@@ -3,10 +3,16 @@ now, and each must still do everything the separate calls did, atomically where 
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
+import pytest
+import redis
 from fastapi.testclient import TestClient
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -34,6 +40,62 @@ def test_create_with_queue_stores_and_enqueues_together(settings: Settings) -> N
     job = Job.fetch("j1", connection=store.redis, serializer=JSONSerializer)
     assert job.get_status() == "queued" and job.args == ["j1"] and job.func_name == "worker.tasks.restore"
     assert job.timeout == settings.job_timeout_seconds
+
+
+@contextlib.contextmanager
+def reply_of_first_exec_lost(upstream: str) -> Iterator[str]:
+    """A TCP proxy to the Redis at ``upstream`` (a URL) that passes everything, except that once a
+    client sends its first EXEC, that connection's replies are dropped and it is closed: Redis applies
+    the transaction, and its client sees the connection lost before the reply. Yields the proxy's URL."""
+    target = urlsplit(upstream)
+    server = socket.create_server(("127.0.0.1", 0))
+    dropped = threading.Event()
+
+    def pump(src: socket.socket, dst: socket.socket, watch: bool, dropping: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if watch and not dropped.is_set() and b"EXEC" in data:
+                    dropped.set()
+                    dropping.set()
+                if not watch and dropping.is_set():
+                    break  # the transaction's replies: never delivered
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = server.accept()
+                redis_side = socket.create_connection((target.hostname, target.port or 6379))
+                dropping = threading.Event()
+                for src, dst, watch in ((client, redis_side, True), (redis_side, client, False)):
+                    threading.Thread(target=pump, args=(src, dst, watch, dropping), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{server.getsockname()[1]}{target.path}"
+    finally:
+        server.close()
+
+
+def test_a_create_whose_reply_is_lost_is_never_sent_again(make_settings) -> None:
+    """The job-creating transaction (record, input, RQ enqueue) is applied, and its reply lost. A client
+    that re-sent it (redis-py's Retry, which the service's client does not use) would apply it twice:
+    the job's id twice in the queue and its record rewritten to `queued`, even under a worker that
+    had started it. The submission fails instead with the outcome unknown (the API then keeps its
+    Idempotency-Key bound: a retry finds the job), and the job is in the queue once."""
+    probe = make_settings()
+    with reply_of_first_exec_lost(probe.redis_url) as url:
+        s = make_settings(redis_url=url, key_prefix=probe.key_prefix, queue_name=probe.queue_name)
+        store = JobStore(connect(s), s)
+        queue = make_queue(store.redis, s)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            store.create("j1", b"input bytes", _record("j1"), queue)
+    direct = JobStore(connect(probe), probe)
+    assert direct.get("j1")["status"] == "queued"
+    assert [i.decode() for i in direct.redis.lrange(queue.key, 0, -1)] == ["j1"]
 
 
 def test_start_moves_a_queued_job_and_refuses_an_ended_one(settings: Settings) -> None:

@@ -168,6 +168,35 @@ def test_kill9_mid_sampling_loses_nothing(pool: Pool) -> None:
         )
 
 
+def test_kill9_with_no_worker_left_requeues_the_job_from_the_api(pool: Pool) -> None:
+    """kill -9 the worker sampling a job while no other worker runs (the other was stopped): only
+    workers used to reap, so the job stayed `processing` until its record expired (a 404, no webhook)
+    and, with KEDA counting only the queue list, nothing brought a worker back. The API's sweep now
+    re-queues it: `queued` with a "lost" warning and back in RQ's queue list. Workers started later
+    finish it on attempt 2, with one webhook and one result."""
+    pool.wait_ready(2)
+    other = pool.workers[0]
+    other.proc.send_signal(signal.SIGTERM)  # idle: it exits at once
+    assert other.proc.wait(60) == 0, other.log()[-2000:]
+    with TestClient(create_app(pool.settings)) as c:
+        store = c.app.state.services.store
+        queue = c.app.state.services.queue
+        job_id = submit_ok(c, webhook=pool.sink.url)
+        victim = running_on(c, job_id, pool.workers)
+        victim.proc.kill()
+        victim.proc.wait(10)
+        record = wait_for(
+            lambda: (r := store.get(job_id))["status"] != "processing" and r, 30, what="the job re-queued"
+        )
+        assert record["status"] == "queued" and record["attempts"] == 1, record
+        assert any("attempt 1 was lost" in w for w in record["warnings"]), record["warnings"]
+        assert queue.job_ids == [job_id]
+        pool.wait_ready(2)  # replaces both
+        job = wait_terminal(c, job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        assert_one_result(c, pool, [job_id])
+
+
 def test_sigterm_finishes_current_job_and_leaves_the_queue_to_others(pool: Pool) -> None:
     pool.wait_ready(2)
     with TestClient(create_app(pool.settings)) as c:

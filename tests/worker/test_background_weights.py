@@ -1,8 +1,9 @@
 """A configured background model whose file is absent is reported by the worker like any missing
 weight: state `missing_weights`, the file, and `dynface weights pull --only realesrgan_x2plus`.
 
-The profile's own files are placeholders here (empty files where the manifest pins no size, a
-sparse file of the pinned size otherwise), so the background file is the only one missing.
+The profile's own files are placeholders here (one byte where the manifest pins no size: an empty file
+counts as corrupt; a sparse file of the pinned size otherwise), so the background file is the only one
+missing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _placeholders(root: Path) -> None:
     """What a size-only probe takes for the real profile's files (never loaded in these tests)."""
     for entry in weights.select(PROFILES["real"].required_weights):
         with (root / entry.path).open("wb") as f:
-            f.truncate(entry.size or 0)
+            f.truncate(entry.size or 1)
 
 
 def _expected(root: Path) -> list[dict[str, str]]:

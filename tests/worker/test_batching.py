@@ -27,6 +27,7 @@ from rq.queue import Queue
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from app import lost
 from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
 from app.schemas import RestorationOptions
@@ -204,7 +205,7 @@ def test_worker_killed_mid_batch_without_retries_fails_every_job_with_a_reason(
             assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
 
 
-def in_process_worker(settings: Settings) -> tuple[JobStore, Queue, DynfaceWorker]:
+def in_process_worker(settings: Settings, name: str = "w") -> tuple[JobStore, Queue, DynfaceWorker]:
     """Real RQ worker code in this process, on the test's queue (the pipeline is whatever the test
     binds as `tasks._runtime`)."""
     rq_redis = connect(settings)
@@ -212,7 +213,7 @@ def in_process_worker(settings: Settings) -> tuple[JobStore, Queue, DynfaceWorke
     queue = make_queue(rq_redis, settings)
     worker = DynfaceWorker(
         [queue],
-        name=f"{settings.queue_name}-w",  # inside the test's namespace, so it is purged with it
+        name=f"{settings.queue_name}-{name}",  # inside the test's namespace, so it is purged with it
         connection=rq_redis,
         serializer=JSONSerializer,
         settings=settings,
@@ -236,6 +237,7 @@ def bind_runtime(
         worker_name=worker.name,
         device="cpu",
         claim_riders=claim_riders or worker.claim_riders,
+        execution_of=worker.execution_of,
     )
     monkeypatch.setattr(tasks, "_runtime", runtime)
 
@@ -328,7 +330,7 @@ def test_rq_ends_the_job_even_when_recording_its_failure_fails(
     def broken(*args: Any) -> None:
         raise ValueError("an odd record")
 
-    monkeypatch.setattr(tasks, "fail_lost", broken)
+    monkeypatch.setattr(lost, "fail_lost", broken)
     assert run_next_job(worker, queue) == job_id
     assert queue.job_ids == [job_id]
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []

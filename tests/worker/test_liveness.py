@@ -22,6 +22,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
+from app import lost
 from app.jobs import JobStore
 from app.main import create_app
 from app.settings import Settings
@@ -34,8 +35,7 @@ from tests.worker.test_batching import (
     run_next_job,
     submit,
 )
-from worker import tasks
-from worker.main import DynfaceWorker, _background, _reap
+from worker.main import TALLY, DynfaceWorker, _background
 
 
 @contextmanager
@@ -55,6 +55,11 @@ def unanswering_redis(timeout: float = 5) -> Iterator[redis.Redis]:
 def queued_jobs(settings: Settings, n: int = 1) -> list[str]:
     with TestClient(create_app(settings)) as c:
         return [submit(c, aligned_png(), aligned="true") for _ in range(n)]
+
+
+def _reap(worker: DynfaceWorker, queue: Queue) -> None:
+    """One reaper round, as a worker's background thread runs it (without its lock)."""
+    lost.reap(worker.store, queue, worker.settings, TALLY)
 
 
 def take_and_lose(worker: DynfaceWorker, queue: Queue, store: JobStore) -> str:
@@ -143,7 +148,7 @@ def test_a_requeued_job_a_worker_takes_meanwhile_stays_processing(
     store, queue, worker = in_process_worker(settings)
     job_id = take_and_lose(worker, queue, store)
     list_running_jobs_as_rq_info_does(queue)
-    real_requeue = tasks.requeue_lost
+    real_requeue = lost.requeue_lost
 
     def another_worker_takes_it_first(store: JobStore, job_id: str, waiting_in: str | None = None) -> bool:
         assert Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
@@ -152,7 +157,7 @@ def test_a_requeued_job_a_worker_takes_meanwhile_stays_processing(
         )
         return real_requeue(store, job_id, waiting_in)
 
-    monkeypatch.setattr(tasks, "requeue_lost", another_worker_takes_it_first)
+    monkeypatch.setattr(lost, "requeue_lost", another_worker_takes_it_first)
     _reap(worker, queue)
     record = store.get(job_id)
     assert record["status"] == "processing" and record["worker"] == "other", record

@@ -24,13 +24,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_lates
 from prometheus_client.parser import text_string_to_metric_families
 from rq.timeouts import JobTimeoutException
 
-from app import queued
+from app import lost, queued
 from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
 from app.settings import Settings
 from models.pipeline import PhotoOutcome, RestorationPipeline
 from tests.conftest import WEIGHTS, aligned_png
 from worker import metrics, tasks
+from worker.main import TALLY
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_a_requeued_job_waits_afresh_from_its_requeue(make_settings) -> None:
         assert store.start(job_id, {"status": "processing", "started_at": now - 400, "attempts": 1})
         for key in (store.key("job", job_id), store.key("input", job_id)):
             store.redis.expire(key, 5)  # as if that start's TTL had nearly run out
-        tasks.fail_lost(store, s, job_id, retries_left=1)
+        lost.fail_lost(store, s, TALLY, job_id, retries_left=1)
     record = store.get("requeued")
     assert record["status"] == "queued" and "was lost" in record["warnings"][0], record
     for key in (store.key("job", "requeued"), store.key("input", "requeued")):
