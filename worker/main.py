@@ -589,7 +589,7 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
                 reported = missing
             worker.registry_fields["missing_weights"] = missing
             worker.registry_fields["weights_command"] = _pull_command(
-                [m["name"] for m in missing], _profile_and_dir(settings)[1]
+                [m["name"] for m in missing], _profile_and_dir(settings)[1], force=bool(_unloadable(e))
             )
             worker.announce("missing_weights")
         worker.wait_for_stop(settings.weights_retry_seconds)
@@ -653,10 +653,17 @@ def _profile_and_dir(settings: Settings) -> tuple[Profile, Path]:
     return PROFILES["real"], Path(settings.profile).expanduser()
 
 
-def _pull_command(names: list[str], root: Path) -> str:
+def _pull_command(names: list[str], root: Path, *, force: bool = False) -> str:
     """The fetch command with the worker's weights dir spelled out: the operator's shell may not
     have the worker's DYNFACE_WEIGHTS_DIR."""
-    return f"DYNFACE_WEIGHTS_DIR={shlex.quote(str(root))} {weights.pull_command(names)}"
+    return f"DYNFACE_WEIGHTS_DIR={shlex.quote(str(root))} {weights.pull_command(names, force=force)}"
+
+
+def _unloadable(error: BaseException | None) -> set[str]:
+    """The files `error` (or the error it wraps: `load_detector`'s PipelineError) found there but not
+    loadable: a plain pull keeps such a file when no checksum is pinned, so their command forces."""
+    cause = error if isinstance(error, weights.UnloadableWeightsError) else getattr(error, "__cause__", None)
+    return set(cause.names) if isinstance(cause, weights.UnloadableWeightsError) else set()
 
 
 def _missing_weights(settings: Settings, error: BaseException | None = None) -> list[dict[str, str]]:
@@ -672,4 +679,8 @@ def _missing_weights(settings: Settings, error: BaseException | None = None) -> 
     named = getattr(error, "names", None) or getattr(getattr(error, "__cause__", None), "names", None) or []
     for entry in weights.select(named):
         found.setdefault(entry.name, root / entry.path)
-    return [{"name": n, "path": str(path), "command": _pull_command([n], root)} for n, path in found.items()]
+    force = _unloadable(error)
+    return [
+        {"name": n, "path": str(path), "command": _pull_command([n], root, force=n in force)}
+        for n, path in found.items()
+    ]

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from app.jobs import JobStore, connect
 from app.main import create_app
 from models import weights
+from models.errors import PipelineError
 from models.profiles import PROFILES
 from tests.conftest import WorkerProcess, base_settings, http_server, purge, wait_for
 from worker.main import _missing_weights
@@ -112,3 +113,22 @@ def test_worker_waits_in_missing_weights_naming_the_background_file(waiting_work
     assert sorted(os.listdir(wdir)) == sorted(
         e.path for e in weights.select(PROFILES["real"].required_weights)
     )
+
+
+def test_a_file_that_does_not_load_is_fetched_again_with_force(tmp_path: Path) -> None:
+    """A file that is there but does not load (no pinned checksum: a plain pull would keep it) is
+    named with a `--force` pull, directly or wrapped as `load_detector` wraps it; a missing one keeps
+    the plain command."""
+    _placeholders(tmp_path)
+    detector = tmp_path / weights.select([PROFILES["real"].detector])[0].path
+    detector.unlink()
+    settings = base_settings("unused", profile="real", weights_dir=str(tmp_path))
+    prior = tmp_path / weights.select(["difface_prior"])[0].path
+    unloadable = weights.UnloadableWeightsError(["difface_prior"], tmp_path, prior, "not a checkpoint")
+    wrapped = PipelineError("the model does not load")
+    wrapped.__cause__ = unloadable
+    for error in (unloadable, wrapped):
+        commands = {m["name"]: m["command"] for m in _missing_weights(settings, error)}
+        assert commands["difface_prior"].endswith("dynface weights pull --force --only difface_prior")
+        assert commands[PROFILES["real"].detector].endswith(f"pull --only {PROFILES['real'].detector}")
+    assert [m["name"] for m in _missing_weights(settings)] == [PROFILES["real"].detector]
