@@ -377,7 +377,7 @@ def test_error_ratio_job_reasons_are_real_and_documented() -> None:
     (pattern,) = [m.value for m in failed.matchers.matchers if m.name == "reason"]
     reasons = set(pattern.split("|"))
     assert {"internal", "timeout", "worker_lost", "queue_timeout", "cuda_oom"} <= reasons
-    sources = (ROOT / "worker" / "tasks.py").read_text() + (ROOT / "app" / "queued.py").read_text()
+    sources = "".join((ROOT / f).read_text() for f in ("worker/tasks.py", "app/queued.py", "app/lost.py"))
     for reason in reasons:
         assert f'"{reason}"' in sources, f"{reason}: no job ends with this code"
     scaling = (ROOT / "docs" / "scaling.md").read_text()
