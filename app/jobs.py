@@ -455,9 +455,11 @@ class JobStore:
         raw = self._claim_idem(keys=[self._idem_key(key)], args=args)
         return json.loads(raw) if raw else None
 
-    def idempotency_bound(self, key: str) -> bool:
-        """Whether an Idempotency-Key is bound (to a job stored, or being stored)."""
-        return bool(self.redis.exists(self._idem_key(key)))
+    def idempotency_binding(self, key: str) -> dict[str, Any] | None:
+        """An Idempotency-Key's binding (`job_id`, `body_sha256`, `claimed_at`; its job stored, or being
+        stored), or None when the key is not bound."""
+        raw = self.redis.get(self._idem_key(key))
+        return json.loads(raw) if raw else None
 
     def rebind_idempotency(
         self, key: str, dead_job_id: str, job_id: str, body_sha256: str

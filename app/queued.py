@@ -74,9 +74,13 @@ def sweep(store: JobStore, queue: Queue, settings: Settings) -> list[str]:
     """One round: reap lost workers' jobs (`lost.reap`) unless another process, API or worker, holds
     this round of the reaper; then, unless another API process holds this round's lock, fail every
     queued job that has waited longer than the queue timeout with `queue_timeout`. Returns the ids of
-    the jobs it failed so."""
-    if lost.take_round(store, queue, settings, holder="api"):
-        lost.reap(store, queue, settings, _TALLY)
+    the jobs it failed so. A reap that fails (an odd record, Redis) is logged and the queue timeouts
+    still run: else a failure that repeats would leave queued jobs waiting until their records expire."""
+    try:
+        if lost.take_round(store, queue, settings, holder="api"):
+            lost.reap(store, queue, settings, _TALLY)
+    except Exception:  # a bug or an outage: logged with its traceback
+        log.exception("queue sweep: reaping lost workers' jobs failed (queue timeouts still run)")
     lock_ms = max(1, int(settings.reaper_interval_seconds * 1000))
     if not store.redis.set(store.key("queue-sweep-lock", queue.name), "1", nx=True, px=lock_ms):
         return []

@@ -1022,6 +1022,11 @@ def _load_problem(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
+#: Errors that say the code or its environment is wrong (a broken facexlib or torchvision install, a
+#: bug), never the file: a fresh copy of gigabytes of weights would fix none of them.
+_NOT_THE_FILE = (ImportError, AttributeError, TypeError, NameError, AssertionError, NotImplementedError)
+
+
 @contextmanager
 def loading_weights(names: Sequence[str], weights_dir: Path) -> Iterator[None]:
     """Turn a failure to read or load the file of manifest entry `names[0]` (with the files of the others
@@ -1030,17 +1035,34 @@ def loading_weights(names: Sequence[str], weights_dir: Path) -> Iterator[None]:
     mismatched keys (another network's checkpoint). A worker then waits in `missing_weights` rather
     than exiting on an error that names no file. Passed through: a file that is not there
     (MissingWeightsError), OS errors (permissions), running out of memory and device errors (a
-    detector loads onto the device), none of which a fresh copy would fix."""
+    detector loads onto the device), errors of the code rather than the file (`_NOT_THE_FILE`), and
+    any error loading files whose sha256 is pinned and matches (the published files, so the fault is
+    elsewhere): a fresh copy would fix none of them."""
     try:
         yield
-    except (OSError, MemoryError, torch.OutOfMemoryError, torch.AcceleratorError):
+    except (OSError, MemoryError, torch.OutOfMemoryError, torch.AcceleratorError, *_NOT_THE_FILE):
         raise
     except Exception as e:
         entry = next((m for m in weights.MANIFEST if m.name == names[0]), None)
         if entry is None:  # not a published file (an unknown detector name): not a file's fault
             raise
+        if _published(names, weights_dir):
+            raise
         path = weights_dir / entry.path
         raise weights.UnloadableWeightsError(names, weights_dir, path, _load_problem(e)) from e
+
+
+def _published(names: Sequence[str], weights_dir: Path) -> bool:
+    """Whether every file of `names` has a pinned sha256 and matches it. Hashed only once a load has
+    failed, and only pinned files are (the detectors and the parser, up to ~110 MB)."""
+    entries = [m for m in weights.MANIFEST if m.name in names]
+    if not entries or any(m.sha256 is None for m in entries):
+        return False
+    try:
+        found = weights.verify(weights_dir, names=[m.name for m in entries], manifest=weights.MANIFEST)
+    except OSError:  # unreadable now: nothing shows the file is sound
+        return False
+    return all(status.state == "present" for status in found)
 
 
 def real_networks(profile: Profile, weights_dir: Path) -> tuple[IDDPMUNet, SwinIR, dict[str, str]]:

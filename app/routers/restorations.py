@@ -89,7 +89,8 @@ _PARAMETERS = [
         "from the first submission) return the same job (header "
         "`Idempotent-Replayed: true`); the same key with another body is a 409 `idempotency_conflict`; a "
         "retry while the first request is still storing its job is a 409 `idempotency_in_progress` "
-        "(`Retry-After`). A retry with a key already bound to a job does not count against the rate limit.",
+        "(`Retry-After`). A replay (the key's own body, its job stored) does not count against the rate "
+        "limit, and its image is not checked again; any other request with a bound key counts.",
     },
 ]
 
@@ -351,13 +352,13 @@ async def _create(request: Request) -> Response:
     s = svc.settings
     owner = authenticate(request, s)
     idem = request.headers.get("idempotency-key")
-    await anyio.to_thread.run_sync(_charge, svc.store, owner, idem, s.rate_limit_per_minute)
+    binding = await anyio.to_thread.run_sync(_charge, svc.store, owner, idem, s.rate_limit_per_minute)
     data, options = await _read_submission(request, s.max_upload_bytes)
     # RFC 7240 §4.3: `wait` bounds the time the request takes once it has been received, so checking
     # and storing the upload count in it.
     received = time.monotonic()
     wait = _wait_seconds(request.headers.getlist("prefer"), s.max_wait_seconds)
-    record, replayed, view = await _store(request, owner, data, options, answer_now=wait is None)
+    record, replayed, view = await _store(request, owner, data, options, binding, answer_now=wait is None)
     del data  # the upload (up to DYNFACE_MAX_UPLOAD_BYTES) is not held while the job is waited on
     extra = {"Idempotent-Replayed": "true"} if replayed else {}
     if wait is not None:
@@ -372,30 +373,73 @@ async def _create(request: Request) -> Response:
     return _respond(view, status, **extra)
 
 
-def _charge(store: JobStore, owner: str, idem: str | None, per_minute: int) -> None:
-    """Count a submission against its caller's rate limit (429 past it), before its body is read. One
-    whose Idempotency-Key is bound already is not counted: the key's first submission was, and this
-    retry replays its job (or, that one having failed to store it, stores it in its place)."""
-    if idem is not None and per_minute > 0 and store.idempotency_bound(f"{owner}:{idem}"):
-        return
-    check_rate_limit(store, owner, per_minute)
+def _charge(store: JobStore, owner: str, idem: str | None, per_minute: int) -> dict[str, Any] | None:
+    """Count a submission against its caller's rate limit (429 past it), before its body is read,
+    unless its Idempotency-Key is bound already: then that binding is returned, and the submission is
+    counted once its body is read unless it replays the binding's job (`_replay_or_charge`)."""
+    binding = store.idempotency_binding(f"{owner}:{idem}") if idem is not None else None
+    if binding is None:
+        check_rate_limit(store, owner, per_minute)
+    return binding
+
+
+def _replay_or_charge(
+    store: JobStore, owner: str, binding: dict[str, Any], body_hash: str, per_minute: int
+) -> dict[str, Any] | None:
+    """The job of a submission that replays ``binding``, its Idempotency-Key's binding when it came in:
+    same body, job stored. A replay is not counted against the rate limit (the key's first submission
+    was) and its upload is not checked again (it was before its job was stored). Any other submission
+    is counted now, before its upload is decoded: one with another body is then answered 409
+    idempotency_conflict, and one whose job does not exist (yet) goes on as a new one (None)."""
+    try:
+        record = _replayed(store, binding, body_hash, patience=0.0)
+    except ApiError:
+        check_rate_limit(store, owner, per_minute)
+        raise
+    if record is None:
+        check_rate_limit(store, owner, per_minute)
+    return record
 
 
 async def _store(
-    request: Request, owner: str, data: bytes, options: RestorationOptions, *, answer_now: bool
+    request: Request,
+    owner: str,
+    data: bytes,
+    options: RestorationOptions,
+    binding: dict[str, Any] | None,
+    *,
+    answer_now: bool,
 ) -> tuple[dict[str, Any], bool, Restoration | None]:
-    """Check the upload and store its job, or find the one its Idempotency-Key is bound to: (record,
-    replayed, and with ``answer_now`` the job as answered, queue position included)."""
+    """Check the upload and store its job, or find the one its Idempotency-Key is bound to (``binding``
+    when the request came in): (record, replayed, and with ``answer_now`` the job as answered, queue
+    position included)."""
     svc = services(request)
+    with_key = request.headers.get("idempotency-key") is not None
+    body_hash = _body_hash(data, options) if with_key else None
+
+    def answer(record: dict[str, Any]) -> Restoration | None:
+        # The answer's queue position is read in the same hop.
+        return _stored_view(request, record) if answer_now else None
+
+    if binding is not None and body_hash is not None:
+
+        def replay() -> tuple[dict[str, Any] | None, Restoration | None]:
+            per_minute = svc.settings.rate_limit_per_minute
+            record = _replay_or_charge(svc.store, owner, binding, body_hash, per_minute)
+            return record, answer(record) if record is not None else None
+
+        found, view = await anyio.to_thread.run_sync(replay)
+        if found is not None:
+            return found, True, view
     # Its own hop, behind the limiter: each check holds a whole decoded image.
     warnings = await anyio.to_thread.run_sync(
         _check_upload, data, options, svc.settings, limiter=svc.image_checks
     )
 
     def submit() -> tuple[dict[str, Any], bool, Restoration | None]:
-        record, replayed = _submit(request, owner, data, options, warnings)
+        record, replayed = _submit(request, owner, data, options, body_hash, warnings)
         # The answer's queue position is read in the same hop.
-        return record, replayed, _stored_view(request, record) if answer_now else None
+        return record, replayed, answer(record)
 
     # One worker-thread hop for the rest of the blocking work: webhook DNS, Redis.
     return await anyio.to_thread.run_sync(submit)
@@ -477,11 +521,23 @@ def _check_upload(data: bytes, options: RestorationOptions, s: Settings) -> list
     return checked.warnings
 
 
+def _body_hash(data: bytes, options: RestorationOptions) -> str:
+    """What an Idempotency-Key is bound to besides its job: the upload and its options."""
+    canonical = json.dumps(options.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(hashlib.sha256(data).digest() + canonical).hexdigest()
+
+
 def _submit(
-    request: Request, owner: str, data: bytes, options: RestorationOptions, warnings: list[str]
+    request: Request,
+    owner: str,
+    data: bytes,
+    options: RestorationOptions,
+    body_hash: str | None,
+    warnings: list[str],
 ) -> tuple[dict[str, Any], bool]:
     """Webhook check, idempotency, queue limit, then store + enqueue (the upload has passed
-    `_check_upload`, which gave its ``warnings``). Returns (record, replayed)."""
+    `_check_upload`, which gave its ``warnings``; ``body_hash`` is its `_body_hash` when it came with
+    an Idempotency-Key). Returns (record, replayed)."""
     svc = services(request)
     s, store = svc.settings, svc.store
     if options.webhook is not None:
@@ -492,17 +548,10 @@ def _submit(
     job_id = uuid.uuid4().hex
     idem = request.headers.get("idempotency-key")
     if idem is not None:
-        canonical = json.dumps(options.model_dump(mode="json"), sort_keys=True).encode()
-        body_hash = hashlib.sha256(hashlib.sha256(data).digest() + canonical).hexdigest()
+        assert body_hash is not None  # `_store` hashes every upload sent with a key
         earlier = store.claim_idempotency(f"{owner}:{idem}", job_id, body_hash)
         while earlier is not None:
-            if earlier["body_sha256"] != body_hash:
-                raise ApiError(
-                    409,
-                    "idempotency_conflict",
-                    "This Idempotency-Key was used with a different request body.",
-                )
-            record = _bound_record(store, earlier["job_id"])
+            record = _replayed(store, earlier, body_hash)
             if record is not None:
                 return record, True
             if time.time() - earlier.get("claimed_at", 0.0) < IDEMPOTENCY_TAKEOVER_SECONDS:
@@ -558,6 +607,19 @@ def _release_idempotency(store: JobStore, key: str, job_id: str) -> None:
         store.release_idempotency(key, job_id)
     except RedisError as e:
         log.warning("job %s: Idempotency-Key not released: %s", job_id, e)
+
+
+def _replayed(
+    store: JobStore, earlier: dict[str, Any], body_hash: str, patience: float = 2.0
+) -> dict[str, Any] | None:
+    """The job that a submission whose body hashes to ``body_hash`` replays: the one bound by its
+    Idempotency-Key's binding ``earlier``, or None when that job does not exist (within ``patience``
+    seconds, `_bound_record`). 409 idempotency_conflict when the key was bound with another body."""
+    if earlier["body_sha256"] != body_hash:
+        raise ApiError(
+            409, "idempotency_conflict", "This Idempotency-Key was used with a different request body."
+        )
+    return _bound_record(store, earlier["job_id"], patience)
 
 
 def _bound_record(store: JobStore, job_id: str, patience: float = 2.0) -> dict[str, Any] | None:

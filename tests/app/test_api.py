@@ -229,7 +229,7 @@ def test_rate_limited_per_key(make_settings) -> None:
 def test_a_retry_whose_idempotency_key_is_bound_is_not_rate_limited(make_settings) -> None:
     """The rate limit was charged before the Idempotency-Key was looked at: a client retrying a
     submission it had made (a lost answer, say) used up its limit and got 429 instead of its job."""
-    with TestClient(create_app(make_settings(rate_limit_per_minute=2))) as c:
+    with TestClient(create_app(make_settings(rate_limit_per_minute=3))) as c:
         wait_for_rate_window(20)
         h = {"Idempotency-Key": "order-77"}
         first = submit(c, headers=h)
@@ -238,11 +238,83 @@ def test_a_retry_whose_idempotency_key_is_bound_is_not_rate_limited(make_setting
             again = submit(c, headers=h)
             assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true", again.text
             assert again.json()["id"] == first.json()["id"]
-        other_body = submit(c, headers=h, seed="5")  # the key's check answers, not the limit
+        # Another body under the key is not a replay: counted (the second of three), then the key's
+        # check answers.
+        other_body = submit(c, headers=h, seed="5")
         assert other_body.status_code == 409 and error_code(other_body) == "idempotency_conflict"
-        # New submissions are still counted: this one is the second of two, the next is refused.
+        # New submissions are still counted: this one is the third of three, the next is refused.
         assert submit(c, headers={"Idempotency-Key": "order-78"}).status_code == 202
         r = submit(c)
+        assert r.status_code == 429 and error_code(r) == "rate_limited", r.text
+
+
+def count_upload_checks(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry per `_check_upload` call (a full decode behind the process-wide image-check limiter)."""
+    calls: list[None] = []
+    real = restorations._check_upload
+
+    def counted(*args: Any, **kwargs: Any) -> list[str]:
+        calls.append(None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(restorations, "_check_upload", counted)
+    return calls
+
+
+def test_a_bound_key_with_other_bodies_is_rate_limited_before_any_decode(make_settings, monkeypatch) -> None:
+    """A request whose Idempotency-Key was bound skipped the rate limit whatever its body: a client
+    could send any number of uploads under one key, each decoded before its 409. Only a replay goes
+    uncounted; another body is counted (429 past the limit) and answered without a decode."""
+    checks = count_upload_checks(monkeypatch)
+    with TestClient(create_app(make_settings(rate_limit_per_minute=3))) as c:
+        wait_for_rate_window(20)
+        h = {"Idempotency-Key": "order-flood"}
+        assert submit(c, headers=h).status_code == 202
+        answers = [submit(c, headers=h, seed=str(seed)) for seed in range(5)]
+        assert [(r.status_code, error_code(r)) for r in answers] == [(409, "idempotency_conflict")] * 2 + [
+            (429, "rate_limited")
+        ] * 3
+        assert len(checks) == 1  # the first submission's only
+
+
+def test_a_bound_key_whose_job_was_never_stored_is_counted_before_any_decode(
+    make_settings, monkeypatch
+) -> None:
+    """A retry taking over a key whose first submission never stored its job makes a new job: it is
+    counted like one (429 past the limit), before its upload is decoded."""
+    checks = count_upload_checks(monkeypatch)
+    monkeypatch.setattr(restorations, "IDEMPOTENCY_TAKEOVER_SECONDS", 0.0)  # the claim is old
+    with TestClient(create_app(make_settings(rate_limit_per_minute=1))) as c:
+        wait_for_rate_window(20)
+        assert submit(c).status_code == 202  # the window's one submission
+        options = RestorationOptions.model_validate({"aligned": "true"})  # what `submit` sends
+        body_hash = restorations._body_hash(PNG, options)
+        store = c.app.state.services.store
+        assert store.claim_idempotency("anonymous:order-lost", "never-stored", body_hash) is None
+        r = submit(c, headers={"Idempotency-Key": "order-lost"})
+        assert r.status_code == 429 and error_code(r) == "rate_limited", r.text
+        assert len(checks) == 1
+
+
+def test_a_replay_is_neither_counted_nor_checked_again(make_settings, monkeypatch) -> None:
+    """A replay (the key's own body, its job stored) answers the job without decoding the upload
+    again: it was checked before the job was stored. Nor is it counted against the rate limit."""
+    checks = count_upload_checks(monkeypatch)
+    with TestClient(create_app(make_settings(rate_limit_per_minute=1))) as c:
+        wait_for_rate_window(20)
+        h = {"Idempotency-Key": "order-replayed"}
+        first = submit(c, headers=h)
+        assert first.status_code == 202, first.text
+        for extra in ({}, {"Prefer": "wait=0"}):
+            again = submit(c, headers={**h, **extra})
+            assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true", again.text
+            assert (
+                again.json()["id"] == first.json()["id"]
+                and again.headers["location"] == first.headers["location"]
+            )
+        assert again.headers["preference-applied"] == "wait=0"
+        assert len(checks) == 1
+        r = submit(c)  # the window's one submission was the first
         assert r.status_code == 429 and error_code(r) == "rate_limited", r.text
 
 
@@ -1594,6 +1666,26 @@ def test_a_record_whose_wait_does_not_parse_is_skipped_and_the_sweep_goes_on(mak
     assert {store.redis.hget(store.key("job", job_id), "status") for job_id in odd} == {b'"queued"'}
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert all(f"job {job_id}:" in logged for job_id in odd), logged
+
+
+def test_a_reap_that_fails_does_not_stop_the_queue_timeouts(make_settings, caplog) -> None:
+    """The sweep reaps lost workers' jobs first: a reap that raised (here on a queued record whose
+    status is not JSON, which `lost.reconcile` reads) ended the round, so while it kept failing no
+    queued job ever failed `queue_timeout`. It is logged with its traceback and the round goes on."""
+    s = make_settings(queue_timeout_seconds=600)
+    store = JobStore(connect(s), s)
+    queue = make_queue(store.redis, s)
+    old = time.time() - 601
+    for job_id in ("odd", "waited"):
+        store.create(job_id, b"x", {"id": job_id, "status": "queued", "created_at": old}, queue)
+    store.redis.hset(store.key("job", "odd"), "status", b"{")
+    with caplog.at_level(logging.ERROR, logger="app.queued"):
+        assert queued.sweep(store, queue, s) == ["waited"]
+    assert store.get("waited")["status"] == "failed"
+    assert store.get("waited")["error"]["code"] == "queue_timeout"
+    (reap_failed,) = [r for r in caplog.records if r.name == "app.queued"]
+    assert "reaping lost workers' jobs failed" in reap_failed.getMessage()
+    assert reap_failed.exc_info is not None and reap_failed.exc_info[0] is json.JSONDecodeError
 
 
 def test_the_api_waits_for_its_webhooks_before_it_exits(make_settings, monkeypatch) -> None:

@@ -16,6 +16,7 @@ from models.background import BackgroundConfig
 from models.errors import PipelineError
 from models.pipeline import RestorationPipeline, load_background, loading_weights, real_networks
 from models.profiles import PROFILES
+from tests.conftest import WEIGHTS
 
 GARBAGE = bytes(range(7, 250)) * 20  # neither a torch pickle nor a zip archive
 
@@ -151,3 +152,51 @@ def test_a_cut_short_torch_checkpoint_is_corrupt_before_loading(tmp_path: Path) 
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     assert [m.name for m in weights.missing_for(["difface_swinir"], tmp_path)] == ["difface_swinir"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ImportError("cannot import name 'RetinaFace' from 'facexlib.detection'"),
+        ModuleNotFoundError("No module named 'torchvision'"),
+        AttributeError("'NoneType' object has no attribute 'load_state_dict'"),
+        TypeError("__init__() got an unexpected keyword argument 'half'"),
+        NameError("name 'network' is not defined"),
+        AssertionError(),
+        NotImplementedError("a subclass of RuntimeError"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_error_of_the_code_is_not_blamed_on_the_file(tmp_path: Path, error: Exception) -> None:
+    """A broken install or a bug sent operators to re-download gigabytes of weights for nothing: it
+    passes through unchanged, though the file is there and unverified."""
+    (tmp_path / "iddpm_ffhq512_ema500000.pth").write_bytes(GARBAGE)
+    with pytest.raises(type(error)) as err, loading_weights(["difface_prior"], tmp_path):
+        raise error
+    assert err.value is error
+
+
+def test_a_published_file_that_verifies_is_not_blamed(tmp_path: Path) -> None:
+    """A file whose pinned sha256 matches is the published one: a load error (here a state-dict
+    mismatch after a refactor) is the code's, passed through; the same error on a damaged copy is
+    the file's."""
+    name, path = "retinaface_mobile0.25", tmp_path / "detection_mobilenet0.25_Final.pth"
+    published = (WEIGHTS / path.name).read_bytes()
+    path.write_bytes(published)
+    mismatch = RuntimeError('Error(s) in loading state_dict for RetinaFace: Missing key(s): "body.x"')
+    with pytest.raises(RuntimeError) as err, loading_weights([name], tmp_path):
+        raise mismatch
+    assert err.value is mismatch
+    path.write_bytes(published[:-1] + bytes([published[-1] ^ 1]))  # same size, another hash
+    with pytest.raises(weights.UnloadableWeightsError) as damaged, loading_weights([name], tmp_path):
+        raise mismatch
+    check_names_file_and_fix(damaged.value, name, path)
+
+
+def test_a_corrupt_file_raised_from_the_loader_is_unloadable(tmp_path: Path) -> None:
+    """What a damaged file raises from inside the loader (torch's read of it) is still the file's."""
+    path = tmp_path / "swinir_restoration512_L1.pth"
+    path.write_bytes(GARBAGE)
+    with pytest.raises(weights.UnloadableWeightsError) as err, loading_weights(["difface_swinir"], tmp_path):
+        torch.load(path, map_location="cpu", weights_only=True)
+    check_names_file_and_fix(err.value, "difface_swinir", path)
