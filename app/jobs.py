@@ -60,9 +60,11 @@ log = logging.getLogger(__name__)
 # `attempt_over(cutoff)`: whether RQ no longer runs the attempt the record names: its field
 # `execution` (the entry `job_id:execution_id` in RQ's StartedJobRegistry KEYS[3] of the execution
 # that runs it, `_start` in worker/tasks.py) is unset or null, that entry is gone, or it expired by
-# `cutoff` (a Unix time: RQ's cleanup of that execution is under way). RQ drops an execution only
-# when it ends, re-queues or fails the job, and a live worker's heartbeat keeps its entry's expiry
-# ahead: so a second queue entry of a job's id never moves a running attempt's record.
+# `cutoff` (a Unix time, or `now`: Redis' own clock, as a lost worker's job is judged, never the
+# clock of the host that asks: an API pod's running ahead would take live jobs for lost ones). RQ
+# drops an execution only when it ends, re-queues or fails the job, and a live worker's heartbeat
+# keeps its entry's expiry ahead: so a second queue entry of a job's id never moves a running
+# attempt's record.
 _PRELUDE = """
 local function after_transition()
   local n = tonumber(ARGV[1])
@@ -84,7 +86,12 @@ local function attempt_over(cutoff)
   local execution = raw and cjson.decode(raw)
   if not execution or execution == cjson.null then return true end
   local expires = redis.call('ZSCORE', KEYS[3], execution)
-  return not expires or tonumber(expires) <= tonumber(cutoff)
+  if not expires then return true end
+  if cutoff == 'now' then
+    local clock = redis.call('TIME')
+    cutoff = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+  end
+  return tonumber(expires) <= tonumber(cutoff)
 end
 local function processing() return redis.call('HGET', KEYS[1], 'status') == '"processing"' end
 """
@@ -351,18 +358,17 @@ class JobStore:
         before the sweep fails it, without expiring first. With ``waiting_in`` (an RQ queue's key)
         only while the job is in that queue, checked in the same step: a worker that has taken it
         meanwhile must not find its running job's record back at `queued`. Only while the execution
-        the record names has expired or is gone (`attempt_over`): a live one's job was not lost. One
-        round trip."""
-        now = time.time()
-        fields = {**fields, "status": "queued", "queued_at": now, "execution": None}
-        return self._renewing(job_id, ["processing"], fields, cutoff=now, waiting_in=waiting_in)
+        the record names has expired or is gone by Redis' clock (`attempt_over`): a live one's job was
+        not lost. One round trip."""
+        fields = {**fields, "status": "queued", "queued_at": time.time(), "execution": None}
+        return self._renewing(job_id, ["processing"], fields, cutoff="now", waiting_in=waiting_in)
 
     def _renewing(
         self,
         job_id: str,
         allowed: Iterable[str],
         fields: dict[str, Any],
-        cutoff: float,
+        cutoff: float | str,
         waiting_in: str | None = None,
     ) -> bool:
         """The transition with the record's and input's TTL restarted (`_RENEW`)."""
@@ -393,8 +399,9 @@ class JobStore:
         """Move an active job to a terminal state: store results (for the record's result_ttl, fixed
         by the API at submission), drop the input, reset TTLs, publish the end — atomically, in one
         round trip (`_FINISH`). ``lost``: the end of a lost worker's job, so a `processing` one only
-        while the execution its record names has expired or is gone (`attempt_over`). Returns the
-        final record, or None when the job had already moved on (then nothing is written)."""
+        while the execution its record names has expired (by Redis' clock) or is gone
+        (`attempt_over`). Returns the final record, or None when the job had already moved on (then
+        nothing is written)."""
         s = self.settings
         results = results or {}
         now = time.time()
@@ -402,8 +409,8 @@ class JobStore:
         keys += [self.key("result", job_id, name) for name in results]
         channel, message = self.key("done", job_id), fields.get("status", "")
         args = _transition_args(allowed, {**fields, "completed_at": now})
-        # inf: a job's own end may end whichever attempt runs it.
-        args += [now if lost else "inf", channel, message, s.record_ttl_seconds, s.result_ttl_seconds]
+        # inf: a job's own end may end whichever attempt runs it; now: Redis' clock (`attempt_over`).
+        args += ["now" if lost else "inf", channel, message, s.record_ttl_seconds, s.result_ttl_seconds]
         args += results.values()
         raw = self._finish(keys=keys, args=args)
         return _load(dict(zip(raw[::2], raw[1::2], strict=True))) if raw else None

@@ -11,7 +11,15 @@ executions, which re-queues the job while it has retries (`Retry`) and fails it 
 cleanup first (RQ's `count` and `get_job_ids` do, without our handler: `rq info`, dashboards), so each
 round also reconciles records with what RQ did (`reconcile`). Every move of a `processing` record here
 applies only to the attempt that was lost: its RQ execution expired or is gone (`attempt_over` in
-app/jobs.py), so a second queue entry of a running job's id never disturbs it.
+app/jobs.py), so a second queue entry of a running job's id never disturbs it. A lost worker's job
+whose client asked it to stop (DELETE of a running job, 202) ends `canceled`, as its worker would
+have ended it, and leaves the queue (`fail_lost`, `reconcile`).
+
+Expired by Redis' clock (`TIME`), not the reaping host's: an API pod whose clock ran ahead of the
+workers' by more than heartbeat_ttl − heartbeat_interval took live jobs for lost ones. The expiries
+themselves are still written by RQ with each worker's clock (`StartedJobRegistry.add_execution`), so
+the workers' clocks must keep within that margin of Redis' (NTP), as must those of RQ's own cleanups
+that run without us (a worker's maintenance, `rq info`).
 
 Torch-free: the API imports it.
 """
@@ -25,9 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
-from rq.exceptions import AbandonedJobError
+from redis import Redis
+from rq.exceptions import AbandonedJobError, NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
+from rq.registry import CanceledJobRegistry
 from rq.utils import as_text
 
 from app.jobs import ACTIVE, JobStore, merge_warnings
@@ -107,23 +117,46 @@ def requeue_lost(store: JobStore, job_id: str, waiting_in: str | None = None) ->
 def fail_lost(store: JobStore, settings: Settings, tally: Tally, job_id: str, retries_left: int) -> None:
     """A worker died holding this job (RQ found its execution expired): say so in our record.
 
-    With retries left RQ re-queues the job and it goes back to ``queued`` (`requeue_lost`);
-    otherwise it fails with ``worker_lost``, counted in ``tally``, and its webhook is sent. Runs in
-    whichever process's reaper noticed, or in the worker whose job RQ failed.
+    A job whose cancel was requested ends ``canceled`` (`cancel_lost`). Otherwise, with retries
+    left RQ re-queues the job and it goes back to ``queued`` (`requeue_lost`); without, it fails with
+    ``worker_lost``. An end is counted in ``tally`` and its webhook sent. Runs in whichever process's
+    reaper noticed, or in the worker whose job RQ failed.
     """
+    record = store.get(job_id)
+    if record is None or cancel_lost(store, settings, tally, job_id, record):
+        return
     if retries_left > 0:
         requeue_lost(store, job_id)
-        return
-    record = store.get(job_id)
-    if record is None:
         return
     attempt = record.get("attempts", 0)
     message = f"The worker running this job was lost {attempt} time(s); giving up."
     error = {"code": "worker_lost", "message": message}
+    _end_lost(store, settings, tally, job_id, {"status": "failed", "error": error})
+
+
+def cancel_lost(
+    store: JobStore, settings: Settings, tally: Tally, job_id: str, record: dict[str, Any]
+) -> bool:
+    """A lost worker's job whose client asked it to stop (`cancel_requested`: the DELETE of a running
+    job) ends ``canceled``, as its worker would have ended it: re-queued, it waited for a worker that
+    would only cancel it, and with none left failed ``queue_timeout`` an hour later. Returns whether
+    it was asked to stop (then nothing else is done with it, whether this end landed or another
+    did). Its RQ job, which RQ may re-queue after this, leaves the queue in `reconcile`."""
+    if not record.get("cancel_requested"):
+        return False
+    _end_lost(store, settings, tally, job_id, {"status": "canceled", "error": None})
+    return True
+
+
+def _end_lost(store: JobStore, settings: Settings, tally: Tally, job_id: str, fields: dict[str, Any]) -> None:
+    """End a lost worker's job (`JobStore.finish`, ``lost``), counted in ``tally`` as the API counts
+    the jobs it ends while queued (`app.queued.end_queued`), by the process whose end landed, and
+    told (webhook)."""
     with tally.ending:  # counted before a scrape can see it ended
-        final = store.finish(job_id, {"status": "failed", "stage": None, "error": error}, lost=True)
+        final = store.finish(job_id, {**fields, "stage": None}, lost=True)
         if final is not None:
-            tally.jobs.labels("failed", "worker_lost").inc()
+            error = final.get("error")
+            tally.jobs.labels(final["status"], error["code"] if error else final["status"]).inc()
     if final is not None:
         notify(final, settings)
 
@@ -153,10 +186,18 @@ def take_round(store: JobStore, queue: Queue, settings: Settings, holder: str) -
 def reap(store: JobStore, queue: Queue, settings: Settings, tally: Tally) -> None:
     """One reaper round: RQ's cleanup of the executions that expired (our handler mirrors each into
     its record), `return_stranded` for jobs taken but never started, then `reconcile` for what a
-    cleanup run by someone else did. The caller holds the round (`take_round`)."""
-    queue.started_job_registry.cleanup(exception_handlers=[abandoned_handler(store, settings, tally)])
+    cleanup run by someone else did. The caller holds the round (`take_round`). Expired by Redis'
+    clock (`redis_time`), as the record transitions judge it."""
+    handlers = [abandoned_handler(store, settings, tally)]
+    queue.started_job_registry.cleanup(timestamp=redis_time(store.redis), exception_handlers=handlers)
     return_stranded(store, settings, queue, after=settings.heartbeat_ttl_seconds)
     reconcile(store, settings, tally, queue)
+
+
+def redis_time(redis: Redis) -> float:
+    """Redis' clock (`TIME`) as a Unix time: the one clock every reaper shares."""
+    seconds, micros = redis.time()
+    return seconds + micros / 1e6
 
 
 def return_stranded(store: JobStore, settings: Settings, queue: Queue, after: float) -> None:
@@ -191,8 +232,10 @@ def reconcile(store: JobStore, settings: Settings, tally: Tally, queue: Queue) -
     its record would stay `processing` until it expired (a 404). So: an active record whose RQ job
     is in the FailedJobRegistry fails with `worker_lost`, and a `processing` record whose RQ job is
     still in the queue goes back to `queued` (a worker that takes it first says so itself:
-    `worker.tasks._start`). Both only for an attempt RQ no longer runs: an id in the queue may be a
-    second entry of a running job's. Both lists are short here: the queue is capped by
+    `worker.tasks._start`), or ends `canceled` if its cancel was requested (`cancel_lost`). Both only
+    for an attempt RQ no longer runs: an id in the queue may be a second entry of a running job's.
+    A `canceled` job's id leaves the queue (`drop_from_queue`): RQ re-queues a lost worker's job
+    after our handler has ended it. The lists are short here: the queue is capped by
     max_queue_depth, and RQ fails a job only when its worker was lost (`worker.tasks.restore`
     records every other failure itself)."""
     failed = queue.failed_job_registry.get_job_ids(cleanup=False)
@@ -203,6 +246,37 @@ def reconcile(store: JobStore, settings: Settings, tally: Tally, queue: Queue) -
             fail_lost(store, settings, tally, job_id, retries_left=0)
     for job_id in waiting:
         if status[job_id] == "processing":
-            # Only while it is still in the queue, checked with the change: a worker may have taken
-            # it since the list was read, and its running job's record must stay `processing`.
-            requeue_lost(store, job_id, waiting_in=queue.key)
+            if cancel_lost(store, settings, tally, job_id, store.get(job_id) or {}):
+                status.update(store.statuses([job_id]))
+            else:
+                # Only while it is still in the queue, checked with the change: a worker may have
+                # taken it since the list was read, and its running job's record must stay
+                # `processing`.
+                requeue_lost(store, job_id, waiting_in=queue.key)
+        if status[job_id] == "canceled":
+            drop_from_queue(store.redis, queue, job_id)
+
+
+def drop_from_queue(redis: Redis, queue: Queue, job_id: str) -> None:
+    """Best-effort removal of an ended job's RQ job from the queue. Failure is harmless: a worker
+    that dequeues it finds the record no longer queued and skips it (worker.tasks._start).
+
+    RQ's cancel also files the job in its canceled-job registry (`rq:canceled:<queue>`), a sorted set
+    that nothing of RQ's ever trims and that dynface never reads: each cancel or queue timeout would
+    leave an entry there for good. The entry is taken out again in the cancel's own transaction, so
+    it never exists; the RQ job keeps its `canceled` status until its TTL (the record's) ends it.
+    Every entry of its id goes (RQ's cancel takes one), and an RQ job already canceled only loses
+    those (RQ refuses to cancel it again): `reconcile` drops each canceled job's id it finds queued."""
+    try:
+        job = Job.fetch(job_id, connection=redis, serializer=queue.serializer)
+        canceled = job.is_canceled
+        with redis.pipeline() as pipe:  # MULTI/EXEC: cancel's writes, then the registry entry's removal
+            if not canceled:
+                job.cancel(pipeline=pipe)
+                pipe.zrem(CanceledJobRegistry(job.origin, connection=redis).key, job.id)
+            pipe.lrem(queue.key, 0, job.id)
+            pipe.execute()
+    except NoSuchJobError:
+        pass  # already gone: nothing to remove
+    except Exception as e:  # RQ's own errors, Redis down: the job has ended anyway
+        log.warning("job %s: ended, but its RQ job was not removed from the queue: %s", job_id, e)

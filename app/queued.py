@@ -18,9 +18,6 @@ from typing import Any
 import anyio
 from redis import Redis
 from rq import Queue
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
-from rq.registry import CanceledJobRegistry
 
 from app import lost, metrics
 from app.jobs import JobStore
@@ -46,28 +43,8 @@ def end_queued(
     metrics.JOBS_ENDED.labels(record["status"], error["code"] if error else record["status"]).inc()
     # The record is the truth and now says it ended: tell the webhook before anything can fail.
     notify(record, settings)
-    _drop_from_queue(store.redis, queue, job_id)
+    lost.drop_from_queue(store.redis, queue, job_id)
     return record
-
-
-def _drop_from_queue(redis: Redis, queue: Queue, job_id: str) -> None:
-    """Best-effort removal of an ended job's RQ job from the queue. Failure is harmless: a worker
-    that dequeues it finds the record no longer queued and skips it (worker.tasks._start).
-
-    RQ's cancel also files the job in its canceled-job registry (`rq:canceled:<queue>`), a sorted set
-    that nothing of RQ's ever trims and that dynface never reads: each cancel or queue timeout would
-    leave an entry there for good. The entry is taken out again in the cancel's own transaction, so
-    it never exists; the RQ job keeps its `canceled` status until its TTL (the record's) ends it."""
-    try:
-        job = Job.fetch(job_id, connection=redis, serializer=queue.serializer)
-        with redis.pipeline() as pipe:  # MULTI/EXEC: cancel's writes, then the registry entry's removal
-            job.cancel(pipeline=pipe)
-            pipe.zrem(CanceledJobRegistry(job.origin, connection=redis).key, job.id)
-            pipe.execute()
-    except NoSuchJobError:
-        pass  # already gone: nothing to remove
-    except Exception as e:  # RQ's own errors, Redis down: the job has ended anyway
-        log.warning("job %s: ended, but its RQ job was not removed from the queue: %s", job_id, e)
 
 
 def sweep(store: JobStore, queue: Queue, settings: Settings) -> list[str]:
@@ -104,7 +81,7 @@ def sweep(store: JobStore, queue: Queue, settings: Settings) -> list[str]:
 
 def trim_canceled_registry(redis: Redis, queue: Queue, settings: Settings) -> int:
     """Drop the entries of RQ's canceled-job registry older than the record TTL; returns how many.
-    Versions before `_drop_from_queue` took its entries out left one there per cancel and queue
+    Versions before `lost.drop_from_queue` took its entries out left one there per cancel and queue
     timeout, and RQ never removes them (its cleanup of that registry does nothing), so the set grew
     for good. dynface never reads it; entries that old name RQ jobs whose TTL (the record's) has
     ended, while younger ones (an `rq` command's cancel by hand) stay for RQ's own tools."""

@@ -16,15 +16,18 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import anyio
 import pytest
 import redis
+import rq.utils
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -32,7 +35,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from starlette.types import Message, Scope
 
-from app import queued, webhooks
+from app import lost, queued, webhooks
 from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
 from app.routers import health, models, restorations
@@ -515,7 +518,7 @@ def test_cancel_survives_a_failing_rq_cleanup(client: TestClient, monkeypatch) -
 
     with http_server(hook_receiver(hooks)) as base:
         job_id = submit(client, webhook=f"{base}/hook").json()["id"]
-        monkeypatch.setattr(queued.Job, "fetch", redis_down)
+        monkeypatch.setattr(lost.Job, "fetch", redis_down)
         r = client.delete(f"/v1/restorations/{job_id}")
         assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
         wait_for(lambda: hooks, 10, what="webhook")
@@ -1591,15 +1594,15 @@ def test_one_sweep_round_per_lock_and_a_requeued_job_waits_from_its_requeue(make
     assert store.get("waited")["status"] == "failed" and store.get("requeued")["status"] == "queued"
 
 
-def lose_a_running_job(store: JobStore, queue: Queue) -> str:
+def lose_a_running_job(store: JobStore, queue: Queue, ttl: int = 1) -> str:
     """The next queued job, taken as a worker takes it (its RQ execution registered, its record
-    `processing` and naming that execution) by a worker then lost with it: the execution (TTL 1 s)
-    is never renewed. Plain RQ calls, no worker code (the API runs none)."""
+    `processing` and naming that execution) by a worker then lost with it: the execution (TTL `ttl`
+    seconds) is never renewed. Plain RQ calls, no worker code (the API runs none)."""
     dequeued = Queue.dequeue_any([queue], None, connection=queue.connection, serializer=JSONSerializer)
     assert dequeued is not None
     job = dequeued[0]
     with store.redis.pipeline() as pipe:
-        execution = Execution.create(job, 1, pipeline=pipe, worker_name="lost-worker")
+        execution = Execution.create(job, ttl, pipeline=pipe, worker_name="lost-worker")
         job.prepare_for_execution("lost-worker", pipe)
         pipe.lrem(queue.intermediate_queue_key, 1, job.id)
         pipe.execute()
@@ -1643,6 +1646,83 @@ def test_a_lost_workers_job_is_requeued_or_failed_by_the_api_when_no_worker_reap
             wait_for(lambda: hooks, 20, what="webhook")
             assert [(h["id"], h["error"]["code"]) for h in hooks] == [(job_id, "worker_lost")]
             assert svc.queue.job_ids == [] and rq_job.get_status() == JobStatus.FAILED
+
+
+def skew_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """This process's clock `seconds` ahead of Redis' and the workers': `time.time`, and RQ's `now`,
+    from which its registries' default cutoffs come (`rq.utils.current_timestamp`)."""
+    real_time, real_now = time.time, rq.utils.now
+    monkeypatch.setattr(time, "time", lambda: real_time() + seconds)
+    monkeypatch.setattr(rq.utils, "now", lambda: real_now() + timedelta(seconds=seconds))
+
+
+def test_a_reaper_whose_clock_runs_ahead_still_leaves_live_jobs_alone(make_settings, monkeypatch) -> None:
+    """RQ's execution expiries are written with the workers' clocks, and the reaper compared them with
+    its own: one (an API pod on another node) whose clock ran ahead by more than heartbeat_ttl −
+    heartbeat_interval re-queued live workers' jobs. It judges by Redis' clock (`TIME`): a job whose
+    execution was just renewed stays `processing`, even with a second entry of its id in the queue
+    (`reconcile`), and one whose execution expired is still re-queued."""
+    s = make_settings(heartbeat_ttl_seconds=60, max_retries=1)
+    store = JobStore(connect(s), s)
+    queue = make_queue(store.redis, s)
+    for job_id in ("live", "expired"):
+        store.create(job_id, b"x", {"id": job_id, "status": "queued", "created_at": time.time()}, queue)
+    live, expired = (lose_a_running_job(store, queue, ttl=60) for _ in range(2))
+    registry = queue.started_job_registry
+    store.redis.zadd(registry.key, {store.get(expired)["execution"]: lost.redis_time(store.redis) - 1})
+    store.redis.rpush(queue.key, live)  # a second entry of its id (docs/design.md)
+    running = store.get(live)
+
+    skew_clock(monkeypatch, 120)
+    lost.reap(store, queue, s, lost.Tally(Counter("jobs", "", ["outcome", "reason"], registry=None)))
+    assert store.get(live) == running
+    assert registry.get_job_ids(cleanup=False) == [live]
+    record = store.get(expired)
+    assert record["status"] == "queued" and any("attempt 1 was lost" in w for w in record["warnings"]), record
+    assert queue.job_ids == [live, expired]
+
+
+@pytest.mark.parametrize("max_retries", [1, 0])
+@pytest.mark.parametrize("rq_cleans_first", [False, True])
+def test_a_lost_workers_job_whose_cancel_was_requested_ends_canceled(
+    make_settings, max_retries: int, rq_cleans_first: bool
+) -> None:
+    """A running job's DELETE (202) asks its worker to stop. Lost then, its worker's job was re-queued
+    like any other, and with no worker left failed `queue_timeout` an hour later instead of ending
+    `canceled`. One reaper round ends it `canceled`, as its worker would have: counted once, its
+    webhook sent, out of RQ's queue; whether our reaper's cleanup found it or RQ's own, without our
+    handler (`rq info`), had re-queued or failed it first."""
+    s = make_settings(heartbeat_ttl_seconds=60, max_retries=max_retries)
+    hooks: list[dict[str, Any]] = []
+    with http_server(hook_receiver(hooks)) as base:
+        with TestClient(create_app(s)) as c:
+            job_id = submit(c, webhook=f"{base}/hook").json()["id"]
+            svc = c.app.state.services
+            assert lose_a_running_job(svc.store, svc.queue, ttl=60) == job_id
+            r = c.delete(f"/v1/restorations/{job_id}")
+            assert r.status_code == 202 and r.json()["status"] == "processing", r.text
+        store = JobStore(connect(s), s)
+        queue = make_queue(store.redis, s)
+        store.redis.zadd(queue.started_job_registry.key, {store.get(job_id)["execution"]: 1})  # lost
+        if rq_cleans_first:
+            queue.started_job_registry.count  # noqa: B018 — RQ's cleanup, as `rq info` runs it
+        registry = CollectorRegistry()
+        jobs = Counter("dynface_jobs", "", ["outcome", "reason"], registry=registry)
+
+        for _ in range(2):  # the second round finds nothing left to do
+            lost.reap(store, queue, s, lost.Tally(jobs))
+            record = store.get(job_id)
+            assert record["status"] == "canceled" and record["error"] is None, record
+            assert queue.job_ids == []
+            counted = {
+                (x.labels["outcome"], x.labels["reason"]): x.value
+                for family in registry.collect()
+                for x in family.samples
+                if x.name.endswith("_total")
+            }
+            assert counted == {("canceled", "canceled"): 1.0}, counted
+        wait_for(lambda: hooks, 20, what="webhook")
+        assert [(h["id"], h["status"]) for h in hooks] == [(job_id, "canceled")]
 
 
 def test_a_record_whose_wait_does_not_parse_is_skipped_and_the_sweep_goes_on(make_settings, caplog) -> None:
