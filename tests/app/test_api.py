@@ -690,7 +690,7 @@ def test_prefer_wait_counts_from_when_the_request_was_received(client: TestClien
     r = submit(client, headers={"Prefer": "wait=2"})
     took = time.monotonic() - start
     assert r.status_code == 202 and r.headers["preference-applied"] == "wait=2", r.text
-    assert 1.5 <= took < 3.0, took  # was 1.5 s of checking + the whole 2 s wait
+    assert 1.5 <= took < 3.4, took  # was 1.5 s of checking + the whole 2 s wait: 3.5 s and more
 
 
 def _frames_holding(size: int) -> list[str]:
