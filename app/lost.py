@@ -131,7 +131,7 @@ def fail_lost(store: JobStore, settings: Settings, tally: Tally, job_id: str, re
     attempt = record.get("attempts", 0)
     message = f"The worker running this job was lost {attempt} time(s); giving up."
     error = {"code": "worker_lost", "message": message}
-    _end_lost(store, settings, tally, job_id, {"status": "failed", "error": error})
+    end_job(store, settings, tally, job_id, {"status": "failed", "stage": None, "error": error}, lost=True)
 
 
 def cancel_lost(
@@ -144,21 +144,24 @@ def cancel_lost(
     did). Its RQ job, which RQ may re-queue after this, leaves the queue in `reconcile`."""
     if not record.get("cancel_requested"):
         return False
-    _end_lost(store, settings, tally, job_id, {"status": "canceled", "error": None})
+    end_job(store, settings, tally, job_id, {"status": "canceled", "stage": None, "error": None}, lost=True)
     return True
 
 
-def _end_lost(store: JobStore, settings: Settings, tally: Tally, job_id: str, fields: dict[str, Any]) -> None:
-    """End a lost worker's job (`JobStore.finish`, ``lost``), counted in ``tally`` as the API counts
-    the jobs it ends while queued (`app.queued.end_queued`), by the process whose end landed, and
-    told (webhook)."""
+def end_job(
+    store: JobStore, settings: Settings, tally: Tally, job_id: str, fields: dict[str, Any], **finish: Any
+) -> dict[str, Any] | None:
+    """End a job the process found without a live worker (`JobStore.finish` with ``finish``: a lost
+    worker's job, or one still queued), counted in ``tally`` by the process whose end landed, then
+    told (webhook). Returns the final record, or None when the job had moved on (nothing is done)."""
     with tally.ending:  # counted before a scrape can see it ended
-        final = store.finish(job_id, {**fields, "stage": None}, lost=True)
+        final = store.finish(job_id, fields, **finish)
         if final is not None:
             error = final.get("error")
             tally.jobs.labels(final["status"], error["code"] if error else final["status"]).inc()
     if final is not None:
         notify(final, settings)
+    return final
 
 
 def abandoned_handler(

@@ -22,11 +22,10 @@ from rq import Queue
 from app import lost, metrics
 from app.jobs import JobStore
 from app.settings import Settings
-from app.webhooks import notify
 
 log = logging.getLogger(__name__)
 
-#: Lost workers' jobs this API fails are counted in its `dynface_jobs_total`, as its queue timeouts.
+#: The jobs this API ends (queued ones, lost workers') are counted in its `dynface_jobs_total`.
 _TALLY = lost.Tally(metrics.JOBS_ENDED)
 
 
@@ -36,14 +35,10 @@ def end_queued(
     """End a job that is still queued as a worker ends one: terminal record, count, webhook; then take
     its RQ job off the queue. Returns the final record, or None when the job was no longer queued
     (then nothing is done: a worker took it, or it ended otherwise)."""
-    record = store.finish(job_id, fields, allowed=["queued"])
-    if record is None:
-        return None
-    error = record.get("error")
-    metrics.JOBS_ENDED.labels(record["status"], error["code"] if error else record["status"]).inc()
-    # The record is the truth and now says it ended: tell the webhook before anything can fail.
-    notify(record, settings)
-    lost.drop_from_queue(store.redis, queue, job_id)
+    # The record is the truth once it says the job ended: counted and told before anything can fail.
+    record = lost.end_job(store, settings, _TALLY, job_id, fields, allowed=["queued"])
+    if record is not None:
+        lost.drop_from_queue(store.redis, queue, job_id)
     return record
 
 

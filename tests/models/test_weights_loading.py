@@ -31,6 +31,14 @@ def foreign_checkpoint(path: Path) -> None:
     torch.save({"state_dict": {"other.weight": torch.zeros(3)}, "params_ema": {"x": torch.zeros(2)}}, path)
 
 
+def write_unloadable(path: Path, content: str) -> None:
+    """`garbage` (not a checkpoint) or a `foreign` one (another network's) at ``path``."""
+    if content == "garbage":
+        path.write_bytes(GARBAGE)
+    else:
+        foreign_checkpoint(path)
+
+
 def check_names_file_and_fix(error: weights.UnloadableWeightsError, name: str, path: Path) -> None:
     assert isinstance(error, weights.MissingWeightsError)  # what a worker waits on in missing_weights
     assert error.names[0] == name
@@ -43,10 +51,7 @@ def check_names_file_and_fix(error: weights.UnloadableWeightsError, name: str, p
 @pytest.mark.parametrize("content", ["garbage", "foreign"])
 def test_a_prior_that_does_not_load_names_its_file(tmp_path: Path, content: str) -> None:
     prior = tmp_path / "iddpm_ffhq512_ema500000.pth"
-    if content == "garbage":
-        prior.write_bytes(GARBAGE)
-    else:
-        foreign_checkpoint(prior)
+    write_unloadable(prior, content)
     with pytest.raises(weights.UnloadableWeightsError) as err:
         real_networks(PROFILES["real"], tmp_path)
     check_names_file_and_fix(err.value, "difface_prior", prior)
@@ -92,10 +97,7 @@ def test_an_empty_prior_is_missing_and_a_plain_pull_fetches_it(tmp_path: Path) -
 @pytest.mark.parametrize("content", ["garbage", "foreign"])
 def test_a_background_model_that_does_not_load_names_its_file(tmp_path: Path, content: str) -> None:
     path = tmp_path / "RealESRGAN_x2plus.pth"
-    if content == "garbage":
-        path.write_bytes(GARBAGE)
-    else:
-        foreign_checkpoint(path)
+    write_unloadable(path, content)
     with pytest.raises(weights.UnloadableWeightsError) as err:
         load_background(BackgroundConfig(model="realesrgan_x2plus"), tmp_path)
     check_names_file_and_fix(err.value, "realesrgan_x2plus", path)
