@@ -101,9 +101,10 @@ _UPDATE = _PRELUDE + "return transition() and 1 or 0"
 
 # A worker takes the job, or a lost worker's job goes back to the queue: the transition, then (if
 # applied) record KEYS[1] and input KEYS[2] get the TTL in the next argument ARGV[at] again. A
-# `processing` record moves only when `attempt_over(ARGV[at + 1])` (KEYS[3]: RQ's StartedJobRegistry).
-# With KEYS[4] (an RQ queue list) only while the job is waiting in it. Returns 1 when applied, 0
-# otherwise.
+# `processing` record moves only when `attempt_over(ARGV[at + 1])` (KEYS[3]: RQ's StartedJobRegistry),
+# and, with ARGV[at + 2] = '1', not once its cancel was requested (a lost job's DELETE that landed
+# after the caller read the record: that job ends canceled instead). With KEYS[4] (an RQ queue list)
+# only while the job is waiting in it. Returns 1 when applied, 0 otherwise.
 _RENEW = (
     _PRELUDE
     + """
@@ -113,6 +114,7 @@ if KEYS[4] then
   if not id or not redis.call('LPOS', KEYS[4], cjson.decode(id)) then return 0 end
 end
 if processing() and not attempt_over(ARGV[at + 1]) then return 0 end
+if ARGV[at + 2] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' then return 0 end
 if not transition() then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[at])
 redis.call('EXPIRE', KEYS[2], ARGV[at])
@@ -359,9 +361,11 @@ class JobStore:
         only while the job is in that queue, checked in the same step: a worker that has taken it
         meanwhile must not find its running job's record back at `queued`. Only while the execution
         the record names has expired or is gone by Redis' clock (`attempt_over`): a live one's job was
-        not lost. One round trip."""
+        not lost. Never once its cancel was requested (False: it is to end canceled). One round trip."""
         fields = {**fields, "status": "queued", "queued_at": time.time(), "execution": None}
-        return self._renewing(job_id, ["processing"], fields, cutoff="now", waiting_in=waiting_in)
+        return self._renewing(
+            job_id, ["processing"], fields, cutoff="now", waiting_in=waiting_in, unless_canceled=True
+        )
 
     def _renewing(
         self,
@@ -370,12 +374,14 @@ class JobStore:
         fields: dict[str, Any],
         cutoff: float | str,
         waiting_in: str | None = None,
+        unless_canceled: bool = False,
     ) -> bool:
         """The transition with the record's and input's TTL restarted (`_RENEW`)."""
         keys = [self.key("job", job_id), self.key("input", job_id), self.started_registry]
         if waiting_in is not None:
             keys.append(waiting_in)
         args = [*_transition_args(allowed, fields), self.settings.record_ttl_seconds, cutoff]
+        args.append("1" if unless_canceled else "0")
         return bool(self._renew(keys=keys, args=args))
 
     def progress(self, job_id: str, fields: dict[str, Any], rq_job: Job | None) -> None:

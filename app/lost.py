@@ -98,20 +98,25 @@ def lost_warning(attempt: int) -> str:
     return f"The worker running attempt {attempt} was lost; the job was re-queued."
 
 
-def requeue_lost(store: JobStore, job_id: str, waiting_in: str | None = None) -> bool:
+def requeue_lost(
+    store: JobStore, settings: Settings, tally: Tally, job_id: str, waiting_in: str | None = None
+) -> None:
     """A `processing` job whose worker was lost, and which RQ re-queues: back to ``queued``, waiting
-    afresh from now (`JobStore.requeue`), with a warning. False when it was no longer processing, or
-    processing for an attempt that was not lost."""
+    afresh from now (`JobStore.requeue`), with a warning; or, once its cancel was requested, ended
+    ``canceled`` (`cancel_lost`), also when the DELETE lands between the record's read and the
+    re-queue (which refuses it then). Nothing when it was no longer processing, or processing for an
+    attempt that was not lost."""
     record = store.get(job_id)
-    if record is None:
-        return False
+    if record is None or cancel_lost(store, settings, tally, job_id, record):
+        return
     fields = {
         "stage": None,
         "step": None,
         "total": None,
         "warnings": merge_warnings(record.get("warnings") or [], [lost_warning(record.get("attempts", 0))]),
     }
-    return store.requeue(job_id, fields, waiting_in)
+    if not store.requeue(job_id, fields, waiting_in):
+        cancel_lost(store, settings, tally, job_id, store.get(job_id) or {})
 
 
 def fail_lost(store: JobStore, settings: Settings, tally: Tally, job_id: str, retries_left: int) -> None:
@@ -122,11 +127,11 @@ def fail_lost(store: JobStore, settings: Settings, tally: Tally, job_id: str, re
     ``worker_lost``. An end is counted in ``tally`` and its webhook sent. Runs in whichever process's
     reaper noticed, or in the worker whose job RQ failed.
     """
+    if retries_left > 0:
+        requeue_lost(store, settings, tally, job_id)
+        return
     record = store.get(job_id)
     if record is None or cancel_lost(store, settings, tally, job_id, record):
-        return
-    if retries_left > 0:
-        requeue_lost(store, job_id)
         return
     attempt = record.get("attempts", 0)
     message = f"The worker running this job was lost {attempt} time(s); giving up."
@@ -249,13 +254,10 @@ def reconcile(store: JobStore, settings: Settings, tally: Tally, queue: Queue) -
             fail_lost(store, settings, tally, job_id, retries_left=0)
     for job_id in waiting:
         if status[job_id] == "processing":
-            if cancel_lost(store, settings, tally, job_id, store.get(job_id) or {}):
-                status.update(store.statuses([job_id]))
-            else:
-                # Only while it is still in the queue, checked with the change: a worker may have
-                # taken it since the list was read, and its running job's record must stay
-                # `processing`.
-                requeue_lost(store, job_id, waiting_in=queue.key)
+            # Only while it is still in the queue, checked with the change: a worker may have taken
+            # it since the list was read, and its running job's record must stay `processing`.
+            requeue_lost(store, settings, tally, job_id, waiting_in=queue.key)
+            status.update(store.statuses([job_id]))
         if status[job_id] == "canceled":
             drop_from_queue(store.redis, queue, job_id)
 

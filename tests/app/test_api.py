@@ -1725,6 +1725,34 @@ def test_a_lost_workers_job_whose_cancel_was_requested_ends_canceled(
         assert [(h["id"], h["status"]) for h in hooks] == [(job_id, "canceled")]
 
 
+def test_a_cancel_landing_while_a_lost_job_is_requeued_ends_it_canceled(make_settings, monkeypatch) -> None:
+    """The reaper reads a lost worker's record (no cancel asked), then the client's DELETE marks it
+    (`cancel_requested`, as the API does for a running job), then the reaper puts it back to the
+    queue: it went back `queued` still marked, to be canceled only by a worker taking it (with none
+    left, failed `queue_timeout` an hour later). The re-queue refuses a marked job, which ends
+    `canceled` in the same round, counted once and out of RQ's queue."""
+    s = make_settings(heartbeat_ttl_seconds=60, max_retries=1)
+    store = JobStore(connect(s), s)
+    queue = make_queue(store.redis, s)
+    store.create("j", b"x", {"id": "j", "status": "queued", "created_at": time.time()}, queue)
+    assert lose_a_running_job(store, queue, ttl=60) == "j"
+    store.redis.zadd(queue.started_job_registry.key, {store.get("j")["execution"]: 1})  # lost
+    real_requeue = store.requeue
+
+    def delete_lands_first(job_id: str, *args: Any, **kwargs: Any) -> bool:
+        assert store.update(job_id, {"cancel_requested": True}, allowed=["processing"])  # the DELETE
+        return real_requeue(job_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "requeue", delete_lands_first)
+    registry = CollectorRegistry()
+    jobs = Counter("dynface_jobs", "", ["outcome", "reason"], registry=registry)
+    lost.reap(store, queue, s, lost.Tally(jobs))
+    record = store.get("j")
+    assert record["status"] == "canceled" and record["error"] is None, record
+    assert queue.job_ids == []
+    assert registry.get_sample_value("dynface_jobs_total", {"outcome": "canceled", "reason": "canceled"}) == 1
+
+
 def test_a_record_whose_wait_does_not_parse_is_skipped_and_the_sweep_goes_on(make_settings, caplog) -> None:
     """One odd record (a field missing, not a number, not JSON) used to raise out of every round, so
     no queued job was failed any more; it is now logged and left to its TTL, and the others fail."""
