@@ -798,12 +798,24 @@ def _print_statuses(statuses: Sequence[Status], optional: Collection[str] = ()) 
 
 
 def _cli_pull(args: argparse.Namespace) -> int:
+    """Exit code 1 when a wanted file could not be fetched. Optional files (in the service's default
+    set only) are fetched after the others, each best effort as a worker does at start
+    (`models.pipeline._pull_optional`): one that cannot be fetched is a warning, since the service runs
+    without it, so an init job's `pull && verify` does not stop a deployment for it."""
+    options = {"offline": args.offline, "progress": not args.quiet, "force": args.force}
     try:
         names, optional = _chosen(args)
-        statuses = pull(names, args.dir, offline=args.offline, progress=not args.quiet, force=args.force)
-    except (MissingWeightsError, KeyError, ValueError, OSError) as e:
+        wanted = None if names is None else [n for n in names if n not in optional]
+        statuses = pull(wanted, args.dir, **options)
+    except (KeyError, ValueError, OSError) as e:  # MissingWeightsError and DownloadError are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for name in sorted(optional, key=names.index):
+        try:
+            statuses += pull([name], args.dir, **options)
+        except OSError as e:
+            print(f"warning: optional {name} not fetched (the service runs without it): {e}", file=sys.stderr)
+            statuses += verify(args.dir, names=[name])
     _print_statuses(statuses, optional)
     return 0
 
