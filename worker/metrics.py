@@ -37,7 +37,10 @@ INFERENCE = Histogram(
     buckets=_SECONDS,
 )
 END_TO_END = Histogram(
-    "dynface_job_duration_seconds", "Submission to completion (queue wait + inference).", buckets=_SECONDS
+    "dynface_job_duration_seconds",
+    "Submission to completion (queue wait + inference) of the jobs a worker ended; jobs ended without "
+    "one (worker_lost, queue_timeout, canceled while queued) count only in dynface_jobs_total.",
+    buckets=_SECONDS,
 )
 STAGE = Histogram(
     "dynface_stage_seconds",
