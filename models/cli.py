@@ -195,8 +195,9 @@ def _fidelity(value: str) -> float | None:
     return eta
 
 
-def _load_pipeline(args: argparse.Namespace) -> RestorationPipeline:
-    """torch is imported here, not at module import, so `dynface --help` stays fast."""
+def _load_pipeline(args: argparse.Namespace, **limits: int) -> RestorationPipeline:
+    """torch is imported here, not at module import, so `dynface --help` stays fast. ``limits``: the
+    pipeline's own (`max_faces`, …) where a flag sets them."""
     import torch
 
     from models.background import BackgroundConfig
@@ -213,6 +214,7 @@ def _load_pipeline(args: argparse.Namespace) -> RestorationPipeline:
         dblm_weights=args.dblm_weights,
         dgsa_weights=args.dgsa_weights,
         background_config=BackgroundConfig.from_env(),
+        **limits,
     )
     if not pipe.info["real"]:
         print("warning: profile 'tiny' has random weights; outputs are NOT restorations", file=sys.stderr)
@@ -351,7 +353,8 @@ def _restore_photos(args: argparse.Namespace) -> int:
     if _refuse_clashes(_output_clashes(files, extras), args.output):
         return 2
     try:
-        pipe = _load_pipeline(args)
+        # --max-faces replaces the pipeline's cap (32), which a request's max_faces only lowers.
+        pipe = _load_pipeline(args, **({} if args.max_faces is None else {"max_faces": args.max_faces}))
     # MissingWeightsError (a FileNotFoundError), or a missing or wrong --dsst / trained-weights file
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -242,7 +242,7 @@ class RestorationPipeline:
         device: str | torch.device = "cpu",
         dtype: str = "fp32",
         max_batch: int = 8,
-        max_pixels: int = 36_000_000,
+        max_pixels: int = 40_000_000,
         max_faces: int = 32,
         weight_versions: dict[str, str] | None = None,
         speed: SpeedOptions | None = None,

@@ -265,7 +265,8 @@ def weights_dir() -> Path:
 
 
 def offline_from_env() -> bool:
-    return os.environ.get("DYNFACE_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """$DYNFACE_OFFLINE read as the service's settings read it (pydantic's true spellings)."""
+    return os.environ.get("DYNFACE_OFFLINE", "").strip().lower() in ("1", "on", "t", "true", "y", "yes")
 
 
 def _resolve_dir(directory: str | Path | None) -> Path:

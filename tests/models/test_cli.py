@@ -231,3 +231,19 @@ def test_inputs_without_images_are_refused_before_the_model_loads(
     err = capsys.readouterr().err
     assert "error: no images (" in err and f"found under {empty}, {other}" in err and "*.png" in err
     assert "model loaded" not in err and not out.exists()
+
+
+def test_restore_max_faces_sets_the_pipelines_cap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`restore --max-faces N` restores up to N faces: it replaces the pipeline's cap of 32 (it only
+    lowered it: N = 50 restored 32). Unset, the cap stays the pipeline's own."""
+    loaded: list[dict[str, object]] = []
+
+    def from_pretrained(profile: str, **kwargs: object) -> None:
+        loaded.append(kwargs)
+        raise FileNotFoundError("stop before loading")
+
+    monkeypatch.setattr(pipeline_mod.RestorationPipeline, "from_pretrained", from_pretrained)
+    face = str(SHARED / "testdata" / "aligned" / "0143.png")
+    assert run("restore", face, "-o", str(tmp_path / "out"), "--profile", "tiny", "--max-faces", "50") == 1
+    assert run("restore", face, "-o", str(tmp_path / "out"), "--profile", "tiny") == 1
+    assert loaded[0]["max_faces"] == 50 and "max_faces" not in loaded[1]

@@ -869,3 +869,14 @@ def test_cli_pull_force(
     argv = ["weights", "--dir", str(tmp_path), "pull", "--offline", "--force", "--only", "parsenet"]
     assert _cli(argv) == 1
     assert "offline" in capsys.readouterr().err
+
+
+def test_offline_is_read_as_the_services_settings_read_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`weights pull` and the worker's Settings read $DYNFACE_OFFLINE alike: `y` or `t` made the
+    worker offline while `weights pull` still downloaded."""
+    from app.settings import Settings
+
+    for value in ("1", "true", "TRUE", "yes", "y", "on", "t", "0", "false", "no", "n", "off", "f", ""):
+        monkeypatch.setenv("DYNFACE_OFFLINE", value)
+        settings = Settings() if value else Settings(offline=False)
+        assert W.offline_from_env() is settings.offline, value

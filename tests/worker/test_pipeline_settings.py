@@ -58,3 +58,21 @@ def test_an_empty_file_setting_means_unset(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv(name, " ")
     settings = Settings()
     assert (settings.dsst_table, settings.dblm_weights, settings.dgsa_weights) == (None, None, None)
+
+
+def test_the_pipelines_own_limits_are_the_services_defaults() -> None:
+    """`dynface restore` builds the pipeline with its library defaults, the worker from Settings: the
+    limits they share agree, so a photo the service accepts is not refused by the CLI (the library's
+    pixel cap was 36 MP against the service's 40 MP)."""
+    import inspect
+
+    from models.pipeline import RestorationPipeline
+
+    library = inspect.signature(RestorationPipeline.__init__).parameters
+    service = Settings.model_fields
+    for library_name, setting in (
+        ("max_pixels", "max_pixels"),
+        ("max_faces", "max_faces"),
+        ("max_batch", "max_face_batch"),
+    ):
+        assert library[library_name].default == service[setting].default, library_name
