@@ -69,7 +69,7 @@ JOBS_ENDED = Counter(
 )
 
 #: Every state a worker announces (worker/main.py): each is a series, 0 when no worker is in it.
-WORKER_STATES = ("loading", "missing_weights", "ready", "busy", "stopping")
+WORKER_STATES = ("loading", "missing_weights", "misconfigured", "ready", "busy", "stopping")
 
 
 class RedisStateCollector(Collector):

@@ -211,7 +211,7 @@ class ModelInfo(BaseModel):
     """What one live worker has loaded."""
 
     worker: str
-    state: str = Field(description="loading | missing_weights | ready | busy | stopping")
+    state: str = Field(description="loading | missing_weights | misconfigured | ready | busy | stopping")
     device: str | None = None
     profile: str | None = None
     real: bool | None = None
@@ -222,6 +222,11 @@ class ModelInfo(BaseModel):
     )
     weights_command: str | None = Field(
         None, description="State missing_weights: the command that fetches all of `missing_weights`."
+    )
+    config_error: str | None = Field(
+        None,
+        description="State misconfigured: why a setting or the file it names cannot be used (a DSST "
+        "table, trained DBLM/DGSA weights, dtype, background model); it retries loading on its own.",
     )
 
 

@@ -470,7 +470,13 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         info = dict(pipe.info)
         # Cleared by value: announce() writes fields into the Redis hash, it never deletes any.
         worker.registry_fields.update(
-            {"info": info, "real": bool(info.get("real")), "missing_weights": [], "weights_command": None}
+            {
+                "info": info,
+                "real": bool(info.get("real")),
+                "missing_weights": [],
+                "weights_command": None,
+                "config_error": None,
+            }
         )
         tasks.bind(
             tasks.Runtime(
@@ -563,11 +569,15 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
     Missing weight files do not end the process: the worker stays registered in state
     ``missing_weights`` with the files and the command that fetches them (what /readyz reports),
     and tries again every ``weights_retry_seconds``, so a later `dynface weights pull` makes it
-    ready without a restart. A stop signal ends the wait (`DynfaceWorker.request_stop_before_work`).
+    ready without a restart. Nor does a setting or method file it cannot use (a DSST table or
+    trained DBLM/DGSA file that is missing, damaged or mismatched, an unknown dtype or background
+    model): state ``misconfigured`` with the error (`config_error`), retried as often, so /readyz
+    says what to fix, where a crash at start put only a traceback in the worker's log and a restart
+    loop in its place. A stop signal ends the wait (`DynfaceWorker.request_stop_before_work`).
     """
     pipe: RestorationPipeline | None = None
     build_seconds = 0.0
-    reported: list[dict[str, str]] | None = None
+    reported: list[dict[str, str]] | str | None = None
     while not worker.stop_requested:
         try:
             t0 = time.perf_counter()
@@ -591,7 +601,22 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
             worker.registry_fields["weights_command"] = _pull_command(
                 [m["name"] for m in missing], _profile_and_dir(settings)[1], force=bool(_unloadable(e))
             )
+            worker.registry_fields["config_error"] = None
             worker.announce("missing_weights")
+        # After MissingWeightsError, itself a FileNotFoundError: here a named file of a setting.
+        except (ValueError, FileNotFoundError) as e:
+            if str(e) != reported:
+                log.error(
+                    "cannot load the model (settings), retrying every %s s: %s",
+                    settings.weights_retry_seconds,
+                    e,
+                    exc_info=reported is None,  # the traceback once: a code error shows where it is
+                )
+                reported = str(e)
+            worker.registry_fields.update(
+                {"config_error": str(e), "missing_weights": [], "weights_command": None}
+            )
+            worker.announce("misconfigured")
         worker.wait_for_stop(settings.weights_retry_seconds)
     return None
 

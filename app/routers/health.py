@@ -29,6 +29,7 @@ def worker_model(w: dict[str, Any]) -> ModelInfo:
         info=w.get("info") or {},
         missing_weights=w.get("missing_weights") or [],
         weights_command=w.get("weights_command"),
+        config_error=w.get("config_error"),
     )
 
 
@@ -52,8 +53,9 @@ def healthz() -> dict[str, str]:
     summary="Readiness",
     description="200 only when Redis answers and at least one worker has its model loaded; "
     "else 503 with the reasons (a worker lacking weight files names them and the `dynface weights pull` "
-    "command that fetches them). Reports each worker's device and weight versions, and whether "
-    "the API is open (no API keys configured). With API keys configured, a caller without a valid key "
+    "command that fetches them; a misconfigured one says which setting or file it cannot use). Reports "
+    "each worker's device and weight versions, and whether the API is open (no API keys configured). "
+    "With API keys configured, a caller without a valid key "
     "gets only `ready`, `auth`, `queue_depth` and short reasons: no workers, paths or commands.",
     responses={503: {"model": ReadyResponse}},
 )
@@ -71,10 +73,21 @@ def readyz(request: Request) -> JSONResponse:
         if not any(w.state in ("ready", "busy") for w in workers):
             reasons.append("no worker has its model loaded" if workers else "no worker is running")
             missing = [w for w in workers if w.missing_weights]
+            misconfigured = [w for w in workers if w.config_error]
             if detailed:
                 reasons += [_missing_reason(w) for w in missing]
-            elif missing:
-                reasons.append(f"{len(missing)} worker(s) lack weight files (details with an API key)")
+                reasons += [
+                    f"worker {w.worker} cannot load its model: {w.config_error} (fix the setting or its "
+                    "file; the worker retries on its own)"
+                    for w in misconfigured
+                ]
+            else:
+                if missing:
+                    reasons.append(f"{len(missing)} worker(s) lack weight files (details with an API key)")
+                if misconfigured:
+                    reasons.append(
+                        f"{len(misconfigured)} worker(s) are misconfigured (details with an API key)"
+                    )
     except Exception as e:  # any Redis failure means "not ready", never a 500
         reasons.append(f"redis unreachable: {type(e).__name__}")
     body = ReadyResponse(

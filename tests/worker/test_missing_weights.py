@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from app.jobs import JobStore, connect
 from app.main import create_app
 from app.settings import Settings
+from models.dsst import default_table
 from tests.conftest import WEIGHTS, WorkerProcess, base_settings, purge, wait_for
 
 MOBILENET = "detection_mobilenet0.25_Final.pth"
@@ -108,3 +109,56 @@ def test_tiny_profile_without_detector_becomes_ready_once_it_appears(waiting_wor
         w = c.get("/readyz").json()["workers"][0]
         assert w["state"] == "ready" and w["missing_weights"] == [] and w["weights_command"] is None
         assert w["info"]["profile"] == "tiny"
+
+
+def test_a_setting_it_cannot_use_leaves_the_worker_misconfigured_until_fixed(
+    redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    """A DSST table that does not parse (as any setting whose file is missing, damaged or mismatched)
+    made the worker crash at start with a traceback, restarted into the same crash: /readyz said
+    only that no worker was ready. It stays up in state `misconfigured` with the error, which
+    /readyz names (only the count to a caller without a key), and once the file is fixed it
+    becomes ready without a restart."""
+    table = tmp_path / "dsst.json"
+    table.write_text("{not json", encoding="utf-8")
+    s = base_settings(
+        uuid.uuid4().hex[:10],
+        profile="tiny",
+        weights_dir=str(WEIGHTS),
+        offline=True,
+        dsst_table=str(table),
+        weights_retry_seconds=0.5,
+        api_keys=["k"],
+    )
+    worker = WorkerProcess(s, tmp_path / "worker.log", f"mc-{uuid.uuid4().hex[:6]}")
+    try:
+
+        def misconfigured() -> dict | None:
+            assert worker.proc.poll() is None, worker.log()[-3000:]
+            entries = [e for e in JobStore(connect(s), s).workers() if e.get("state") == "misconfigured"]
+            return entries[0] if entries else None
+
+        entry = wait_for(misconfigured, 90, interval=0.2, what="misconfigured")
+        assert str(table) in entry["config_error"], entry
+        with TestClient(create_app(s)) as c:
+            body = c.get("/readyz", headers={"X-API-Key": "k"}).json()
+            (reason,) = [x for x in body["reasons"] if "cannot load its model" in x]
+            assert str(table) in reason and entry["name"] in reason, body
+            assert body["workers"][0]["config_error"] == entry["config_error"]
+            anonymous = c.get("/readyz").json()["reasons"]
+            assert "1 worker(s) are misconfigured (details with an API key)" in anonymous
+            assert not any(str(table) in x for x in anonymous), anonymous
+            assert 'dynface_workers{state="misconfigured"} 1.0' in c.get("/metrics").text
+            table.write_text(default_table().to_json(), encoding="utf-8")
+            try:
+                wait_for(
+                    lambda: c.get("/readyz").status_code == 200, 120, interval=0.2, what="ready when fixed"
+                )
+            except AssertionError as e:
+                raise AssertionError(f"{e}; worker log:\n{worker.log()[-3000:]}") from None
+            w = c.get("/readyz", headers={"X-API-Key": "k"}).json()["workers"][0]
+            assert w["state"] == "ready" and w["config_error"] is None, w
+        assert "Traceback" in worker.log()  # logged once with its traceback: a code error shows where
+    finally:
+        worker.stop(signal.SIGKILL)
+        purge(redis_conn, s)
