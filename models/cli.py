@@ -77,7 +77,11 @@ def _add_reproduction_commands(subparsers: argparse._SubParsersAction) -> None:
     for kind, what in (("dblm", "the blur-level mapping net"), ("dgsa", "the guidance-scale net")):
         q = kinds.add_parser(kind, help=f"train {what}")
         q.add_argument("config", type=Path, help="YAML or JSON config (fields: models/train.py TrainConfig)")
-        q.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.pt")
+        q.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from <out_dir>/checkpoints/last.pt (needed when out_dir holds a run)",
+        )
         q.add_argument("--no-progress", action="store_true", help="no tqdm bar")
         q.set_defaults(func=_lazy("models.train", "cli_train"), train_kind=kind)
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from models.blur import gaussian_blur, residual_sigma
 from models.swinir import SwinIR
@@ -47,11 +48,22 @@ class DBLMOutput(NamedTuple):
     logvar: Tensor  # (B, K, H, W) s_k: log of the per-pixel error variance, in [0,1]² units
 
 
+class Float32Conv2d(nn.Conv2d):
+    """An nn.Conv2d that computes in float32 whatever autocast or its own weights' dtype say: its input,
+    weight and bias are cast up and autocast is off for it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = self.bias.float() if self.bias is not None else None
+            return self._conv_forward(x.float(), self.weight.float(), bias)
+
+
 class DBLMNet(nn.Module):
     """Blind degraded face y in [0,1] → K Gaussian-blurred clean-face estimates + K log-variance maps.
 
     The backbone is `models.swinir.SwinIR` with a 4K-channel final conv; every other weight has the
     restorer's name and shape (under `backbone.`), so training can start from the released restorer.
+    The final conv computes in float32 (`Float32Conv2d`, the same parameters under the same names).
     """
 
     def __init__(self, config: DBLMConfig) -> None:
@@ -61,11 +73,19 @@ class DBLMNet(nn.Module):
         self.config = config
         self.sigmas = tuple(float(s) for s in config.sigmas)
         self.backbone = SwinIR(**config.backbone, out_chans=4 * len(self.sigmas))
+        # The head in float32 even under autocast (training's bf16) or in a half-precision pipeline: its
+        # bf16 output is rounded to ~1 8-bit level in [0.5, 1), and casting it up afterwards restores
+        # nothing. Built uninitialised (no RNG drawn) and given the SwinIR head's own parameters.
+        last = self.backbone.conv_last
+        head = skip_init(
+            Float32Conv2d, last.in_channels, last.out_channels, last.kernel_size, last.stride, last.padding
+        )
+        head.weight, head.bias = last.weight, last.bias
+        self.backbone.conv_last = head
 
     def forward(self, y: Tensor) -> DBLMOutput:
         k = len(self.sigmas)
-        # In float32 even under autocast: bf16 would round the estimates to ~1 8-bit level.
-        raw = self.backbone.reconstruct(y).float()
+        raw = self.backbone.reconstruct(y)  # float32: the head is a Float32Conv2d
         b, _, h, w = raw.shape
         # Same de-normalisation as the restorer's output, per level.
         mean = self.backbone.rgb_mean(raw).unsqueeze(1)

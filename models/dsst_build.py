@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from torch import Tensor
 from models import images
 from models.blur import RadialSpectrum, radial_profiles
 from models.dsst import LPIPS_WEIGHT, DSSTable, build_analytic, check_sigmas, sweep_table
+from models.evaluate import device_problem
 from models.schedule import RespacedSchedule
 
 FACE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -63,6 +65,14 @@ def face_power_spectrum(paths: Sequence[Path], image_size: int) -> RadialSpectru
 def cli_build(args: argparse.Namespace) -> int:
     from models.profiles import PROFILES
 
+    # Before any face is read or model loaded: a usage error costs nothing, and the table is never
+    # built for nothing (an --out that cannot be written failed only after all the work).
+    if args.prior not in ("real", "tiny") and not Path(args.prior).is_dir():  # as from_pretrained reads it
+        print(
+            f"error: --prior must be real, tiny or an existing weights directory, got {args.prior!r}",
+            file=sys.stderr,
+        )
+        return 2
     profile = PROFILES["tiny" if args.prior == "tiny" else "real"]
     schedule = RespacedSchedule.from_spec(profile.method.respacing)
     given = {flag for name, flag in SWEEP_OPTIONS.items() if getattr(args, name) is not None}
@@ -74,7 +84,7 @@ def cli_build(args: argparse.Namespace) -> int:
             "error: --heaviest-start only applies to --method analytic (sweep: --candidates)", file=sys.stderr
         )
         return 2
-    problem = _bad_numbers(args, len(schedule))
+    problem = _bad_numbers(args, len(schedule)) or _out_problem(args.out) or device_problem(args.device)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -152,6 +162,19 @@ def _bad_numbers(args: argparse.Namespace, schedule_length: int) -> str | None:
         return f"--eta must be in [0, 1], got {args.eta}"
     if args.lpips_weight is not None and not (math.isfinite(args.lpips_weight) and args.lpips_weight >= 0):
         return f"--lpips-weight must be a number ≥ 0, got {args.lpips_weight}"
+    return None
+
+
+def _out_problem(out: Path) -> str | None:
+    """What keeps the table from being written to `out` (None if nothing): a directory there, or a
+    parent that cannot be created (its nearest existing ancestor is a file, or not writable)."""
+    if out.is_dir():
+        return f"--out {out} is a directory; give the table's file name, e.g. {out / 'dsst.json'}"
+    ancestor = out.parent
+    while not ancestor.exists():  # ends at the root or at "."
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"--out {out} cannot be written: {ancestor} is not a writable directory"
     return None
 
 

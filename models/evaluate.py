@@ -54,6 +54,26 @@ class Unavailable(Exception):
     """A metric cannot be computed here; the message says why and what would make it available."""
 
 
+def device_problem(device: str | None) -> str | None:
+    """What is wrong with a `--device` value (None if nothing; unset picks CUDA only where it is there),
+    so a command refuses it before reading any image or loading any model, not with torch's traceback
+    on its first tensor."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        return f"--device {device!r} is not a device (cpu, cuda, cuda:N): {e}"
+    if dev.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available here (no GPU, or torch without CUDA); use cpu"
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        return f"--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
 @dataclass
 class EvalReport:
     pred: Path
@@ -304,6 +324,10 @@ def evaluate(
 
 # ------------------------------------------------------------------------------------------------- CLI
 def cli_eval(args: argparse.Namespace) -> int:
+    problem = device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         report = evaluate(args.pred, args.gt, device=args.device, weights_dir=args.weights_dir)
     except (OSError, ValueError) as e:

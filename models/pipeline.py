@@ -938,7 +938,9 @@ def _trained_parts(
     the profile or the table, `_check_parts`) raises here, at load time. DBLM and DGSA run on the
     aligned FACE_SIZE crops, so a file trained for another profile or at another size is refused
     (`trained.load`); the tiny profile's toy nets restore nothing, so its files may come from a smoke
-    run at a small size (`DataConfig.size`)."""
+    run at a small size (`DataConfig.size`). A trained DGSA predicts the errors of the trained DBLM it
+    was trained with, so it is refused without that DBLM file (`trained.check_dgsa_pairing`): beside
+    the fallback DBLM, or another trained one, its map would mean nothing."""
     parts: dict[str, Any] = {}
     named: list[str] = []
     size = FACE_SIZE if profile.real else None
@@ -948,11 +950,20 @@ def _trained_parts(
             parts["dsst"] = DSSTable.from_json(Path(dsst_table).expanduser().read_text(encoding="utf-8"))
         except ValueError as e:
             raise ValueError(f"{dsst_table}: {e}") from e
-    if dblm_weights is not None:
+    dblm_path = Path(dblm_weights).expanduser() if dblm_weights is not None else None
+    if dblm_path is not None:
         named.append(str(dblm_weights))
-        parts["dblm"] = trained.load(Path(dblm_weights).expanduser(), "dblm", profile=profile.name, size=size)
+        parts["dblm"] = trained.load(dblm_path, "dblm", profile=profile.name, size=size)
     if dgsa_weights is not None:
-        parts["dgsa"] = trained.load(Path(dgsa_weights).expanduser(), "dgsa", profile=profile.name, size=size)
+        dgsa_path = Path(dgsa_weights).expanduser()
+        parts["dgsa"] = trained.load(dgsa_path, "dgsa", profile=profile.name, size=size)
+        if dblm_path is None:
+            raise ValueError(
+                f"{dgsa_weights}: a trained DGSA needs the trained DBLM it was trained with (--dblm-weights, "
+                "DYNFACE_DBLM_WEIGHTS): it predicts that DBLM's errors, not the fallback DBLM's. Give that "
+                "DBLM file too, or no DGSA file (the training-free DGSA)"
+            )
+        trained.check_dgsa_pairing(dgsa_path, dblm_path)
     try:
         _check_parts(profile, parts.get("dsst") or dsst or default_table(), parts.get("dblm"))
     except ValueError as e:

@@ -1,9 +1,9 @@
 """Training of DynFaceRestore's two learned nets: `dynface train dblm CONFIG`, `dynface train dgsa CONFIG`.
 
-Data: a folder of aligned 512×512 clean faces (FFHQ layout: any nested *.png / *.jpg), degraded on the fly
-by `models.degradations` (DifFace's ranges), seeded by (seed, epoch, the file's relative path) so a run
-— and a resumed run — sees the same inputs. Losses are the ones the networks' modules define
-(../shared/method.md, "Our formulation" §2 and §6):
+Data: a folder of aligned 512×512 clean faces (FFHQ layout: any nested *.png / *.jpg), mirrored at random
+(DifFace's use_hflip) and degraded on the fly by `models.degradations` (DifFace's ranges), both seeded by
+(seed, epoch, the file's relative path) so a run — and a resumed run — sees the same inputs. Losses are
+the ones the networks' modules define (../shared/method.md, "Our formulation" §2 and §6):
 
 - DBLM: `models.dblm.dblm_loss` — Σ_k L1 + Gaussian NLL against G_σk * x, the backbone initialised
   from the restorer R's weights (DifFace's SwinIR) with every level's head starting at R's head; plus
@@ -81,6 +81,9 @@ class DataConfig(BaseModel):
     size: int = Field(default=FACE_SIZE, ge=64)
     # "difface": DifFace's full ranges (our choice, models/degradations.py; the paper gives none).
     degradation: Literal["difface", "mild", "moderate", "severe", "extreme"] = "difface"
+    # Mirror the clean face left-right (half the draws) before it is degraded: DifFace trains its
+    # restorer so (use_hflip in its swinir_ffhq512.yaml); aligned faces are near-symmetric.
+    hflip: bool = True
     seed: int = 0
     num_workers: int = Field(default=4, ge=0)
     max_images: int | None = Field(default=None, ge=1)
@@ -174,9 +177,10 @@ def data_key(relative: Path) -> int:
 
 
 class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
-    """(clean, degraded) pairs in [0, 1], (3, size, size); the degradation of a file in epoch e is seeded
-    by (seed, e, its path relative to the root), so it depends neither on workers, ranks or batch order
-    nor on which other files are in the folder."""
+    """(clean, degraded) pairs in [0, 1], (3, size, size); the degradation of a file in epoch e (and
+    whether its clean face is mirrored first, `DataConfig.hflip`) is seeded by (seed, e, its path
+    relative to the root), so it depends neither on workers, ranks or batch order nor on which other
+    files are in the folder."""
 
     def __init__(self, config: DataConfig) -> None:
         root = config.root
@@ -187,6 +191,7 @@ class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
         self.keys = [data_key(p.relative_to(root)) for p in self.paths]
         self.size = config.size
         self.seed = config.seed
+        self.hflip = config.hflip
         self.ranges = (
             DIFFACE_RANGES if config.degradation == "difface" else SEVERITY_LEVELS[config.degradation]
         )
@@ -201,13 +206,24 @@ class FaceFolder(Dataset[tuple[Tensor, Tensor]]):
         if clean.shape[:2] != (FACE_SIZE, FACE_SIZE):
             resized = Image.fromarray(clean).resize((FACE_SIZE, FACE_SIZE), Image.Resampling.LANCZOS)
             clean = np.array(resized)
-        degraded, params = random_degrade(clean, (self.seed, self.epoch, self.keys[index]), self.ranges)
+        seed = (self.seed, self.epoch, self.keys[index])
+        if self.hflip and flip_drawn(seed):
+            clean = np.ascontiguousarray(clean[:, ::-1])
+        degraded, params = random_degrade(clean, seed, self.ranges)
         if params.gray:  # a grey input's target is grey too (DifFace's gt_gray): colour cannot be inferred
             clean = to_gray(clean)
         pair = torch.stack([_to_tensor(clean), _to_tensor(degraded)])
         if self.size != FACE_SIZE:
             pair = F.interpolate(pair, size=(self.size, self.size), mode="area")
         return pair[0], pair[1]
+
+
+def flip_drawn(seed: tuple[int, ...]) -> bool:
+    """Whether the face seeded `seed` is mirrored (probability 1/2). Drawn from the third child of the
+    SeedSequence whose first two `random_degrade` spawns for the degradation: independent of it, and
+    the degradations stay the same whether flips are on or off."""
+    child = np.random.SeedSequence(seed, spawn_key=(2,))
+    return bool(np.random.default_rng(child).random() < 0.5)
 
 
 def _to_tensor(image: np.ndarray) -> Tensor:
@@ -220,6 +236,7 @@ class _Task:
 
     net: nn.Module
     arch: dict[str, Any]
+    export_info: dict[str, Any]  # recorded in the exported JSON besides the run's config
 
     def to(self, device: torch.device) -> None:
         raise NotImplementedError
@@ -236,11 +253,16 @@ def _restorer(config: TrainConfig) -> SwinIR:
         from models.pipeline import tiny_networks  # the exact toy R the tiny pipeline uses
 
         return tiny_networks(profile)[1].eval()
+    from models.pipeline import loading_weights
+
     root = config.weights_dir or weights.weights_dir()
     (entry,) = weights.select(["difface_swinir"])
     if weights.missing_for(["difface_swinir"], root):
         raise weights.MissingWeightsError(["difface_swinir"], root)
-    return swinir_from_checkpoint(root / entry.path, profile.swinir)
+    # A file that is there but does not load: an error naming it and the pull that replaces it (a
+    # FileNotFoundError, which cli_train prints), not torch's unpickling traceback and advice.
+    with loading_weights([entry.name], root):
+        return swinir_from_checkpoint(root / entry.path, profile.swinir)
 
 
 class _DBLMTask(_Task):
@@ -249,6 +271,7 @@ class _DBLMTask(_Task):
         net_config = DBLMConfig(backbone=profile.swinir, sigmas=profile.method.sigmas)
         self.net = DBLMNet(net_config)
         self.arch = trained.dblm_arch(net_config)
+        self.export_info = {}
         self.sigmas = config.train_sigmas()
         self.lpips_weight = config.lpips_weight
         # Built (and its weights checked) before any step, so a missing file fails the run at once.
@@ -332,6 +355,8 @@ class _DGSATask(_Task):
         # DGSA learns this DBLM's errors on this run's inputs: it must be one made for them.
         dblm = trained.load(config.dblm_weights, "dblm", profile=config.profile, size=config.data.size)
         self.dblm = dblm.requires_grad_(False)
+        # The pipeline runs this DGSA only beside this very DBLM file (`trained.check_dgsa_pairing`).
+        self.export_info = {"dblm_sha256": weights.file_sha256(config.dblm_weights)}
         self.restorer = _restorer(config).requires_grad_(False)
         self.net = DGSANet(config.dgsa_base_channels, config.dgsa_channel_mult)
         self.arch = trained.dgsa_arch(config.dgsa_base_channels, config.dgsa_channel_mult)
@@ -412,6 +437,33 @@ def checkpoint_path(config: TrainConfig) -> Path:
     return config.out_dir / "checkpoints" / "last.pt"
 
 
+class RunExistsError(ValueError):
+    """A run without --resume in an out_dir that holds an earlier run (`cli_train`: a usage error)."""
+
+
+def check_fresh_out_dir(config: TrainConfig) -> None:
+    """Refuse to start afresh where an earlier run left its checkpoint, TensorBoard events or exported
+    weights: the new run would replace the checkpoint (restarting at step 0) and the export, and add a
+    second event file over the same steps."""
+    out = config.out_dir
+    found = [p for p in (checkpoint_path(config), out / f"{config.kind}.safetensors") if p.exists()]
+    found += sorted((out / "logs").glob("events.out.tfevents.*"))
+    if found:
+        names = ", ".join(str(p.relative_to(out)) for p in found[:3]) + (" …" if len(found) > 3 else "")
+        raise RunExistsError(
+            f"{out} already holds a run ({names}): pass --resume to continue it, or set another "
+            "out_dir (or remove that one) to start a new run"
+        )
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """A checkpoint's GradScaler state into `scaler`. A disabled scaler (bf16, or fp16 on the CPU, where
+    autocast is bf16) saves an empty state, which an enabled one refuses: a run resumed with fp16 on
+    CUDA then starts with a fresh scaler, as any fp16 run does (it calibrates its scale in a few steps)."""
+    if state:
+        scaler.load_state_dict(state)
+
+
 #: Config fields a resume may change: they do not alter the trained weights, so the exported config
 #: (which records the resumed run's values) still describes how they were made. max_steps extends (or
 #: ends) the run; log_every, ckpt_every and num_workers only change when things are written or how
@@ -463,7 +515,8 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------------------ loop
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train until `config.max_steps` (continuing from the last checkpoint with `resume`), then export."""
+    """Train until `config.max_steps` (continuing from the last checkpoint with `resume`), then export.
+    Without `resume`, an out_dir that holds a run is refused (`RunExistsError`, `check_fresh_out_dir`)."""
     dist = _init_distributed()
     if torch.cuda.is_available():
         device = torch.device("cuda", dist.local_rank)
@@ -471,6 +524,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     else:
         device = torch.device("cpu")
     ckpt = checkpoint_path(config)
+    if not resume:  # before anything is built or written: a refused start costs nothing
+        check_fresh_out_dir(config)
+        if dist.world > 1:  # every rank has looked before rank 0 writes its first event file
+            torch_dist.barrier()
     state = None
     if resume and ckpt.is_file():  # checked before the nets are built: a refused resume costs nothing
         # On the CPU: torch.set_rng_state takes only a CPU tensor; load_state_dict moves the rest.
@@ -508,7 +565,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers(), strict=True):
             ema_buffer.copy_(buffer)
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        load_scaler_state(scaler, state["scaler"])
         step = int(state["step"])
         _set_rng_state(state["rng"])
         if dist.main:
@@ -586,7 +643,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             writer.close()
     result.steps = step
     if dist.main:
-        result.weights, result.manifest = export(config, ema.module, task.arch, step)
+        result.weights, result.manifest = export(config, ema.module, task.arch, step, **task.export_info)
     if dist.world > 1:
         torch_dist.barrier()
     return result
@@ -669,9 +726,10 @@ def _save_checkpoint(
 
 
 def export(
-    config: TrainConfig, net: nn.Module, arch: dict[str, Any], step: int
+    config: TrainConfig, net: nn.Module, arch: dict[str, Any], step: int, **info: Any
 ) -> tuple[Path, weights.WeightFile]:
-    """Write the EMA weights (`<kind>.safetensors` + `.json`) and their manifest entry; print the entry."""
+    """Write the EMA weights (`<kind>.safetensors` + `.json`, with `info` in the JSON) and their manifest
+    entry; print the entry."""
     path = config.out_dir / f"{config.kind}.safetensors"
     trained.save(
         net,
@@ -682,6 +740,7 @@ def export(
         steps=step,
         train_size=config.data.size,
         config=config.model_dump(mode="json"),
+        **info,
     )
     description = f"dynface {config.kind.upper()} ({config.profile} sizes), EMA weights after {step} steps"
     entry = trained.manifest_entry(path, f"dynface_{config.kind}", description)
@@ -701,6 +760,9 @@ def cli_train(args: argparse.Namespace) -> int:
         return 2
     try:
         result = train(config, resume=args.resume, progress=not args.no_progress)
+    except RunExistsError as e:  # a usage error, as a bad config is
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as e:  # missing weights or faces, a DGSA run without a DBLM
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -288,9 +288,9 @@ def select(names: Iterable[str] | None, manifest: Sequence[WeightFile] = MANIFES
     return [e for e in manifest if e in chosen]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -332,7 +332,7 @@ def _check(entry: WeightFile, path: Path, *, hash_it: bool) -> Status:
     if entry.sha256 is None:
         return Status(entry.name, "unverified", path, "unverified (no pinned checksum)")
     if hash_it:
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != entry.sha256:
             return Status(entry.name, "corrupt", path, f"sha256 {actual}, expected {entry.sha256}")
     return Status(entry.name, "present", path)
@@ -470,7 +470,7 @@ def _pull_url(entry: WeightFile, root: Path, progress: bool, force: bool) -> Non
             problem = None
             if entry.size is not None and size != entry.size:
                 problem = f"downloaded {size} B, expected {entry.size} B"
-            elif entry.sha256 is not None and (actual := _sha256(partial)) != entry.sha256:
+            elif entry.sha256 is not None and (actual := file_sha256(partial)) != entry.sha256:
                 problem = f"sha256 {actual}, expected {entry.sha256} (hash mismatch)"
             if problem is not None:
                 _discard(partial)

@@ -166,6 +166,30 @@ def test_unmatched_folders_are_an_error(
     assert "without a prediction" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda", "--device cuda: CUDA is not available here"),
+        ("cuda:1", "--device cuda:1: CUDA is not available here"),
+        ("gpu", "--device 'gpu' is not a device (cpu, cuda, cuda:N)"),
+    ],
+)
+def test_a_device_that_cannot_be_used_is_a_usage_error(
+    folders: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    device: str,
+    message: str,
+) -> None:
+    """`dynface eval --device cuda` without a GPU (or a device torch cannot parse) ended in torch's
+    traceback; it is refused before any image is read or metric loaded."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    gt, same, _ = folders
+    assert main(["eval", "--pred", str(same), "--gt", str(gt), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "Traceback" not in err
+
+
 def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     """A 16-bit grey PNG is scaled to 8 bits as the pipeline decodes uploads, not clipped to 0/255."""
     Image.fromarray(np.array([[0, 1000, 30000, 65535]], dtype=np.uint16)).save(tmp_path / "grey16.png")

@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 from stand_in_weights import stand_in_alexnet_hub
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from models import trained
+from models import images, trained, weights
 from models.dblm import DBLMConfig, DBLMNet, blur_levels
+from models.degradations import random_degrade
 from models.dgsa import DGSANet
 from models.dsst import DSSTable, default_table
 from models.dsst_build import load_face
@@ -32,9 +33,11 @@ from models.pipeline import RestorationPipeline
 from models.profiles import PROFILES
 from models.train import (
     FaceFolder,
+    RunExistsError,
     TrainConfig,
     checkpoint_path,
     data_key,
+    flip_drawn,
     load_config,
     lpips_network,
     lpips_term,
@@ -83,6 +86,21 @@ def tiny_config(out_dir: Path, faces: Path, **changes: Any) -> TrainConfig:
 def dblm_run(faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """DBLM trained for 8 steps on one repeated batch (deterministic: fixed seeds, same inputs)."""
     config = tiny_config(tmp_path_factory.mktemp("dblm"), faces, data={"overfit_batch": True})
+    return train(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dgsa_run(dblm_run: Any, faces: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """DGSA trained for 3 steps on `dblm_run`'s errors."""
+    config = tiny_config(
+        tmp_path_factory.mktemp("dgsa"),
+        faces,
+        kind="dgsa",
+        dblm_weights=dblm_run.weights,
+        dgsa_base_channels=8,
+        max_steps=3,
+        data={"overfit_batch": True},
+    )
     return train(config, progress=False)
 
 
@@ -209,20 +227,9 @@ def test_a_failed_checkpoint_write_keeps_the_last_one_and_leaves_no_temp_file(
 
 
 def test_trained_nets_load_into_the_pipeline_and_are_reported(
-    dblm_run: Any, faces: Path, tmp_path: Path
+    dblm_run: Any, dgsa_run: Any, tmp_path: Path
 ) -> None:
-    dgsa = train(
-        tiny_config(
-            tmp_path / "dgsa",
-            faces,
-            kind="dgsa",
-            dblm_weights=dblm_run.weights,
-            dgsa_base_channels=8,
-            max_steps=3,
-            data={"overfit_batch": True},
-        ),
-        progress=False,
-    )
+    dgsa = dgsa_run
     assert dgsa.losses[-1] < dgsa.losses[0]
     table = tmp_path / "fast.json"
     table.write_text(dataclasses.replace(default_table(), start_indices=FAST_STARTS).to_json())
@@ -280,6 +287,103 @@ def test_trained_files_for_another_profile_or_size_are_refused(
         train(tiny_config(tmp_path / "run", faces, kind="dgsa", dblm_weights=at_128), progress=False)
 
 
+def test_a_trained_dgsa_loads_only_with_the_dblm_it_was_trained_with(
+    dblm_run: Any,
+    dgsa_run: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DGSA predicts the errors of the trained DBLM it was trained on. Given alone (no --dblm-weights) it
+    used to load beside the fallback DBLM and be reported "trained", its map meaningless there. Its
+    JSON now records that DBLM file's sha256, and loading refuses it alone (a usage error in the CLI,
+    not a traceback), beside another DBLM, or when its JSON does not say which DBLM it learned."""
+    meta = json.loads(dgsa_run.weights.with_suffix(".json").read_text())
+    assert meta["dblm_sha256"] == hashlib.sha256(dblm_run.weights.read_bytes()).hexdigest()
+    alone = "a trained DGSA needs the trained DBLM it was trained with"
+    with pytest.raises(ValueError, match=alone) as err:
+        RestorationPipeline.from_pretrained("tiny", weights_dir=WEIGHTS, dgsa_weights=dgsa_run.weights)
+    assert str(dgsa_run.weights) in str(err.value)
+    for name in ("DYNFACE_DSST_TABLE", "DYNFACE_DBLM_WEIGHTS", "DYNFACE_DGSA_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "restored"
+    face = str(ALIGNED / FACES[0])
+    cli = ["restore-faces", face, "-o", str(out), "--profile", "tiny", "--weights-dir", str(WEIGHTS)]
+    assert main([*cli, "--dgsa-weights", str(dgsa_run.weights)]) == 1
+    printed = capsys.readouterr().err
+    assert alone in printed and "Traceback" not in printed and not out.exists()
+
+    net = DBLMNet(DBLMConfig(backbone=PROFILES["tiny"].swinir))
+    other = trained.save(
+        net,
+        "dblm",
+        trained.dblm_arch(net.config),
+        tmp_path / "other.safetensors",
+        profile="tiny",
+        train_size=64,
+    )
+    with pytest.raises(
+        ValueError, match=rf"trained on the errors of another DBLM than {re.escape(str(other))}"
+    ):
+        RestorationPipeline.from_pretrained(
+            "tiny", weights_dir=WEIGHTS, dblm_weights=other, dgsa_weights=dgsa_run.weights
+        )
+    unrecorded = tmp_path / "unrecorded.safetensors"
+    shutil.copy(dgsa_run.weights, unrecorded)
+    del meta["dblm_sha256"]
+    unrecorded.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not record which DBLM the DGSA was trained with"):
+        RestorationPipeline.from_pretrained(
+            "tiny", weights_dir=WEIGHTS, dblm_weights=dblm_run.weights, dgsa_weights=unrecorded
+        )
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not safetensors", "other architecture", "bad JSON"])
+def test_a_damaged_trained_file_is_a_value_error_naming_it(
+    damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`trained.load` promises a ValueError for a file that does not fit, which the CLI prints as an
+    error. A cut-short or foreign file raised safetensors' SafetensorError, tensors of another
+    architecture than the JSON's torch's RuntimeError (listing every key), and a malformed JSON
+    named no file: `dynface restore-faces --dblm-weights` showed a traceback."""
+    net = DBLMNet(DBLMConfig(backbone=PROFILES["tiny"].swinir))
+    arch = trained.dblm_arch(net.config)
+    path = trained.save(net, "dblm", arch, tmp_path / "dblm.safetensors", profile="tiny", train_size=64)
+    meta_file = path.with_suffix(".json")
+    named, problem = path, "is not a readable safetensors file"
+    if damage == "cut short":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "not safetensors":
+        path.write_bytes(bytes(range(7, 250)) * 20)
+    elif damage == "other architecture":
+        meta = json.loads(meta_file.read_text())
+        meta["arch"]["backbone"]["embed_dim"] = 32  # the tensors are of embed_dim 24
+        meta_file.write_text(json.dumps(meta))
+        problem = r"does not hold the dblm net that dblm\.json describes: other shapes: backbone\..* is \("
+    else:
+        meta_file.write_text('{"format": ')
+        named, problem = meta_file, "is not valid JSON"
+    with pytest.raises(ValueError, match=problem) as err:
+        trained.load(path, "dblm")
+    assert str(named) in str(err.value)
+    for name in ("DYNFACE_DSST_TABLE", "DYNFACE_DBLM_WEIGHTS", "DYNFACE_DGSA_WEIGHTS"):
+        monkeypatch.delenv(name, raising=False)
+    face = str(ALIGNED / FACES[0])
+    cli = [
+        "restore-faces",
+        face,
+        "-o",
+        str(tmp_path / "out"),
+        "--profile",
+        "tiny",
+        "--weights-dir",
+        str(WEIGHTS),
+    ]
+    assert main([*cli, "--dblm-weights", str(path)]) == 1
+    printed = capsys.readouterr().err
+    assert printed.startswith(f"error: {named}") and "Traceback" not in printed
+
+
 def test_resume_refuses_a_config_that_changes_the_run(
     faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -306,6 +410,71 @@ def test_resume_refuses_a_config_that_changes_the_run(
     assert torch.load(ckpt, weights_only=False)["step"] == 1  # nothing trained
     assert resume_cli(max_steps=2, log_every=2, ckpt_every=5) == 0
     assert torch.load(ckpt, weights_only=False)["step"] == 2
+
+
+def test_a_run_without_resume_refuses_an_out_dir_holding_a_run(
+    faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --resume, a second run into the same out_dir silently started again at step 0: it replaced
+    checkpoints/last.pt and the export and added a second TensorBoard event file over the same steps.
+    It is refused now, before anything is built or written (the CLI's exit code 2: a usage error), and
+    --resume continues the run."""
+    out = tmp_path / "out"
+    config = tiny_config(out, faces, max_steps=2)
+    train(config, progress=False)
+    ckpt = checkpoint_path(config)
+    kept = {p: p.read_bytes() for p in (ckpt, out / "dblm.safetensors")}
+    events = sorted((out / "logs").iterdir())
+    with pytest.raises(RunExistsError, match="pass --resume to continue it, or set another out_dir"):
+        train(tiny_config(out, faces, max_steps=1), progress=False)
+    data = tiny_config(out, faces, max_steps=3).model_dump(mode="json")
+    del data["kind"]
+    (tmp_path / "dblm.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", "dblm", str(tmp_path / "dblm.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} already holds a run (checkpoints/last.pt, dblm.safetensors, logs/")
+    assert "--resume" in err and "Traceback" not in err
+    assert all(p.read_bytes() == b for p, b in kept.items()) and sorted((out / "logs").iterdir()) == events
+    assert main(["train", "dblm", str(tmp_path / "dblm.yaml"), "--resume", "--no-progress"]) == 0
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+
+
+def test_a_checkpoint_of_a_disabled_grad_scaler_resumes_where_it_is_enabled(
+    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose GradScaler is disabled (bf16, or amp_dtype fp16 on the CPU, where autocast is bf16)
+    saves `scaler: {}`; resumed where it is enabled (fp16 on CUDA), GradScaler.load_state_dict raised
+    on that empty state. It now starts a fresh scaler. Simulated on the CPU by enabling every scaler
+    the resumed run makes."""
+    train(tiny_config(tmp_path, faces, max_steps=1, amp_dtype="fp16"), progress=False)
+    ckpt = checkpoint_path(tiny_config(tmp_path, faces))
+    assert torch.load(ckpt, weights_only=False)["scaler"] == {}
+    grad_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: grad_scaler(device, enabled=True))
+    config = tiny_config(tmp_path, faces, max_steps=2, amp_dtype="fp16")
+    assert train(config, resume=True, progress=False).steps == 2
+    assert torch.load(ckpt, weights_only=False)["scaler"]["scale"] > 0  # the fresh scaler's state
+
+
+def test_a_restorer_file_that_does_not_load_is_an_error_naming_it(
+    faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DBLM starts from R's weights: a damaged R file showed torch's unpickling traceback, with its advice
+    to load the file with weights_only=False. It is now an error naming the file and the pull that
+    replaces it (`loading_weights`, as the pipeline reports it)."""
+    (entry,) = weights.select(["difface_swinir"])
+    restorer = tmp_path / "weights" / entry.path
+    restorer.parent.mkdir()
+    restorer.write_bytes(bytes(range(7, 250)) * 20)  # neither a torch pickle nor a zip archive
+    data = tiny_config(tmp_path / "out", faces, profile="real", weights_dir=restorer.parent).model_dump(
+        mode="json"
+    )
+    del data["kind"]
+    (tmp_path / "dblm.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", "dblm", str(tmp_path / "dblm.yaml"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert str(restorer) in err and "dynface weights pull --force --only difface_swinir" in err
+    assert "Traceback" not in err and "weights_only" not in err
 
 
 def test_a_dgsa_config_without_a_dblm_is_refused(faces: Path, tmp_path: Path) -> None:
@@ -456,6 +625,42 @@ def test_dsst_build_cli_refuses_bad_numbers_without_a_traceback(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prior", "bogus"], "--prior must be real, tiny or an existing weights directory, got 'bogus'"),
+        (["--method", "sweep", "--device", "cuda"], "--device cuda: CUDA is not available here"),
+        (["--method", "sweep", "--device", "gpu"], "--device 'gpu' is not a device (cpu, cuda, cuda:N)"),
+        (["--out", "{dir}"], "--out {dir} is a directory; give the table's file name"),
+        (
+            ["--out", "{file}/t.json"],
+            "--out {file}/t.json cannot be written: {file} is not a writable directory",
+        ),
+    ],
+)
+def test_dsst_build_cli_refuses_a_bad_prior_out_or_device_before_any_work(
+    faces: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    message: str,
+) -> None:
+    """`--prior bogus` used to build a table for the real profile silently; an --out that is a directory
+    raised IsADirectoryError after all the work; `--device cuda` without a GPU gave torch's
+    RuntimeError traceback. All are usage errors now, found before any face is read."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    names = {"dir": tmp_path / "dir", "file": tmp_path / "file"}
+    args, message = [a.format(**names) for a in args], message.format(**names)
+    out = ["--out", str(tmp_path / "t.json")] if "--out" not in args else []
+    assert main(["dsst", "build", "--prior", "tiny", "--faces", str(faces), *out, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "Traceback" not in err
+    assert not (tmp_path / "t.json").exists() and not any((tmp_path / "dir").iterdir())
+
+
 def test_dsst_build_cli_rejects_an_empty_folder(tmp_path: Path) -> None:
     assert main(["dsst", "build", "--faces", str(tmp_path), "--out", str(tmp_path / "t.json")]) == 2
     assert not (tmp_path / "t.json").exists()
@@ -471,6 +676,31 @@ def test_a_grey_training_input_has_a_grey_target(faces: Path, tmp_path: Path) ->
     for image in (clean, degraded):
         assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
     assert not torch.equal(colour_clean[0], colour_clean[1])
+
+
+def test_training_faces_are_mirrored_at_random_before_they_are_degraded(faces: Path, tmp_path: Path) -> None:
+    """DifFace trains its restorer with use_hflip; training here had no flip. Now (by default) half the
+    draws mirror the clean face before it is degraded, drawn from the seed of its degradation (seed,
+    epoch, path), so a resumed run sees the same faces; the degradation itself is the same draw whether
+    flips are on or off (`hflip: false`)."""
+    assert tiny_config(tmp_path, faces).data.hflip  # on unless turned off, as upstream
+    on = FaceFolder(tiny_config(tmp_path, faces, data={"size": 512}).data)
+    off = FaceFolder(tiny_config(tmp_path, faces, data={"size": 512, "hflip": False}).data)
+    rgb = images.load_rgb(on.paths[0], max_pixels=images.FACE_FILE_MAX_PIXELS)
+    seen = set()
+    for epoch in range(4):  # face 0 is mirrored in epochs 0 and 1, not in 2 and 3
+        on.epoch = off.epoch = epoch
+        seed = (on.seed, epoch, on.keys[0])
+        flipped = flip_drawn(seed)
+        seen.add(flipped)
+        (clean, degraded), (clean_off, degraded_off) = on[0], off[0]
+        if not flipped:
+            assert torch.equal(clean, clean_off) and torch.equal(degraded, degraded_off)
+            continue
+        assert torch.equal(clean, clean_off.flip(-1))
+        mirrored, _ = random_degrade(np.ascontiguousarray(rgb[:, ::-1]), seed, on.ranges)
+        assert torch.equal(degraded, torch.from_numpy(mirrored).permute(2, 0, 1).float() / 255.0)
+    assert seen == {True, False}
 
 
 def test_a_faces_degradation_does_not_depend_on_the_other_files(faces: Path, tmp_path: Path) -> None:
