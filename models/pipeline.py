@@ -117,7 +117,9 @@ class PhotoRequest:
 class FaceFacts:
     """What the method decided for one face."""
 
-    blur_sigma: float  # chosen DBLM level σk (px at 512); 0.0 in the baseline, which picks no level
+    # Chosen DBLM level σk (px at 512), or the fallback's σ̂ where R(y) is blurrier than every level;
+    # 0.0 in the baseline, which picks no level.
+    blur_sigma: float
     start_step: int  # respaced start index (the DSST entry, or 100 in the baseline)
     eta: float
     nfe: int  # UNet evaluations spent on this face
@@ -825,15 +827,20 @@ class RestorationPipeline:
             std_8bit = 255.0 * torch.exp(0.5 * logvar.float()).mean(dim=(-2, -1))  # (N, K)
             reliable = std_8bit <= method.level_threshold
             level = [_first_true_or_last(row) for row in reliable]
+            least_sigma = [0.0] * n
             dblm_kind = "trained"
         else:
             sigma_hat = estimate_blur_sigma(restored(), self.dsst.face_power_spectrum)
             estimates, usable = fallback_estimates(restored(), sigma_hat, self.dsst.sigmas)
             level = [_first_true_or_last(row) for row in usable]
+            # Blurrier than every level (σ̂ > σ_K), R(y) ≈ G_σ̂ * x is its own estimate: guided with G_σ̂,
+            # its own kernel (G_σK would pull G_σK * x towards a blurrier face: over-smoothing), from
+            # the heaviest level's start. Elsewhere σk ≥ σ̂.
+            least_sigma = [float(s) for s in sigma_hat]
             dblm_kind = "fallback"
         idx = torch.arange(n, device=y.device)
         estimate = estimates[idx, torch.tensor(level, device=y.device)]
-        sigma = [float(self.dsst.sigmas[k]) for k in level]
+        sigma = [max(float(self.dsst.sigmas[k]), least) for k, least in zip(level, least_sigma, strict=True)]
         start = [self.dsst.start_index_for(s) for s in sigma]
 
         if self.dgsa is not None:

@@ -174,6 +174,32 @@ def test_progress_reports_every_step_and_cancel_stops(fast: RestorationPipeline)
         fast.restore_faces(faces, seed=0, should_cancel=cancel_after_two)
 
 
+def test_a_face_blurrier_than_every_level_is_guided_with_its_own_blur(
+    fast: RestorationPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fallback DBLM, σ̂ of R(y) above the heaviest level σ_K: R(y) ≈ G_σ̂ * x is the estimate, and the
+    guidance used G_σK, pulling G_σK * x towards a face blurred by σ̂ (over-smoothing). It uses G_σ̂,
+    from the heaviest level's start, and reports σ̂; a face within the levels keeps its level."""
+    heaviest = max(fast.dsst.sigmas)
+    monkeypatch.setattr(
+        pipeline_mod, "estimate_blur_sigma", lambda images, spectrum: torch.tensor([heaviest + 1.5, 0.5])
+    )
+    kernels: list[list[float]] = []
+    real_guidance = pipeline_mod.GaussianGuidance
+
+    def recording(estimate: torch.Tensor, sigma: torch.Tensor, *args: object, **kwargs: object) -> object:
+        kernels.append(sigma.tolist())
+        return real_guidance(estimate, sigma, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_mod, "GaussianGuidance", recording)
+    result = fast.restore_faces(_faces("0143.png", "0240.png"), seed=0)
+    blurry, sharp = result.facts
+    assert blurry.blur_sigma == pytest.approx(heaviest + 1.5) and sharp.blur_sigma == min(fast.dsst.sigmas)
+    assert blurry.start_step == fast.dsst.start_indices[-1] == blurry.nfe
+    scale = fast.profile.image_size / 512
+    assert kernels == [pytest.approx([(heaviest + 1.5) * scale, min(fast.dsst.sigmas) * scale])]
+
+
 def test_trained_networks_path_is_reported(pipe: RestorationPipeline) -> None:
     profile = PROFILES["tiny"]
     with torch.random.fork_rng(devices=[]):
