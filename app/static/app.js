@@ -18,14 +18,30 @@ const POLL_HIDDEN_MS = 10000;
 const RETRY_BASE_MS = 500;
 const RETRY_CAP_MS = 10000;
 const RETRY_BUDGET_MS = 120000;
+// A submission whose answer does not come (network, 5xx) is sent again with the same Idempotency-Key,
+// which gets the job it may have made instead of a second one: these waits between tries.
+const SUBMIT_RETRY_MS = [1000, 2000, 4000];
+// What an error answer that is not our JSON (a proxy's HTML 413 or 502) means, by its status.
+const STATUS_CODE = {
+  401: "unauthorized",
+  404: "not_found",
+  413: "too_large",
+  429: "rate_limited",
+  502: "unavailable",
+  503: "unavailable",
+  504: "unavailable",
+};
 
 // A clear sentence for every error code the API (or a failed job) can report.
 const ERROR_TEXT = {
   network: "The server could not be reached. Check your connection and try again.",
   too_large: "The photo is too large to upload. Try a smaller file.",
   too_many_pixels: "The photo has too many pixels. Try a smaller image.",
-  invalid_image: "This file is not an image that can be read. Pick a PNG, JPEG or WebP photo.",
-  unsupported_format: "This image format is not supported. Use PNG, JPEG or WebP.",
+  invalid_image: "This file is not an image that can be read. Pick a photo in PNG, JPEG, WebP, BMP, TIFF " +
+    "or GIF format.",
+  unsupported_format: "This image format is not supported. Use PNG, JPEG, WebP, BMP, TIFF or GIF.",
+  not_square: "“Already an aligned 512×512 face” needs a square face crop, and this photo is not square. " +
+    "Untick it to restore the faces in a whole photo.",
   no_face: "No face was found in the photo. Try one with a larger, clearer face " +
     "(or tick “already an aligned 512×512 face” for a face crop).",
   queue_full: "The service is busy: the queue is full.",
@@ -35,7 +51,7 @@ const ERROR_TEXT = {
   invalid_request: "The request was not understood.",
   idempotency_conflict: "This request conflicts with an earlier one. Submit again.",
   idempotency_in_progress: "An identical request is still being submitted. Wait a moment, then try again.",
-  output_too_large: "The result would be too large. Choose a smaller upscale, or PNG as the format.",
+  output_too_large: "The result would be too large. Choose a smaller upscale, or a smaller photo.",
   queue_timeout: "No worker picked up this photo in time (the service may be short of workers). " +
     "Submit it again later.",
   method_not_allowed: "The server does not accept this kind of request here.",
@@ -52,7 +68,11 @@ const ERROR_TEXT = {
   timeout: "The job took too long and was stopped. Try a smaller photo.",
   worker_lost: "The worker processing this photo stopped. Submit it again.",
   redis_unavailable: "The job store is unavailable. Try again shortly.",
+  unavailable: "The service is unavailable right now. Try again shortly.",
   internal: "Something went wrong on the server. Try again later.",
+  page_error: "Something went wrong in this page. Reload it and try again.",
+  display_failed: "This browser cannot display the restored photo. Use “Download restored photo” to save it.",
+  upload_canceled: "The upload was canceled.",
   reconnecting: "The server is not answering right now. Still retrying…",
   lost_contact: "The server did not answer for two minutes, so the page stopped watching the job. " +
     "Reload the page to look at it again (it is remembered in the address).",
@@ -73,6 +93,12 @@ const $ = (id) => document.getElementById(id);
 const state = {
   file: null, // the photo picked for the next submission
   inputUrl: null,
+  fileSize: null, // a promise of the picked photo's {width, height}, null if the browser cannot read it
+  // The last submission whose outcome is unknown (no answer, a 5xx): submitting the same photo and
+  // options again reuses its Idempotency-Key, so a job it did make is found rather than made twice.
+  unsure: null,
+  // The API key when sessionStorage cannot be used (it throws where the browser blocks site data).
+  memoryKey: null,
   // The submission being watched (see startRun). Every async continuation checks it is still this
   // object, so a stale response or poll can never act on a newer submission.
   run: null,
@@ -88,35 +114,127 @@ class ApiFailure extends Error {
   }
 }
 
+// ---------------------------------------------------------------- API key storage
+
+// sessionStorage throws (SecurityError) where the browser blocks site data: the key is then kept in
+// memory only, until the page is left.
+function storedKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) ?? state.memoryKey;
+  } catch {
+    return state.memoryKey;
+  }
+}
+
+function storeKey(key) {
+  state.memoryKey = key;
+  try {
+    if (key === null) sessionStorage.removeItem(KEY_STORAGE);
+    else sessionStorage.setItem(KEY_STORAGE, key);
+  } catch {
+    // kept in memory only
+  }
+}
+
 // ---------------------------------------------------------------- API
 
 function authHeaders() {
-  const key = sessionStorage.getItem(KEY_STORAGE);
+  const key = storedKey();
   // a key fetch() cannot send would fail as "unreachable": send none and let the server ask for one
   return key && API_KEY_PATTERN.test(key) ? { Authorization: `Bearer ${key}` } : {};
 }
 
+// An error answer as an ApiFailure: our JSON error's code, else one for its HTTP status.
+function failureFrom(status, statusText, text, retryAfter) {
+  let body = null;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    // not JSON: a proxy's own page
+  }
+  if (body && body.error && body.error.code) {
+    return new ApiFailure(String(body.error.code), String(body.error.message), retryAfter, status);
+  }
+  return new ApiFailure(STATUS_CODE[status] || `http_${status}`, statusText, retryAfter, status);
+}
+
 async function api(path, options = {}) {
+  const headers = { ...authHeaders(), ...options.headers };
   let response;
   try {
-    response = await fetch(path, { ...options, headers: { ...authHeaders(), ...options.headers } });
+    response = await fetch(path, { ...options, headers });
   } catch (err) {
     if (err.name === "AbortError") throw err; // a superseded submission: its caller ignores it
     throw new ApiFailure("network", "No response from the server.");
   }
   if (response.ok) return response;
-  let code = `http_${response.status}`;
-  let message = response.statusText;
-  try {
-    const body = await response.json();
-    if (body && body.error) {
-      code = String(body.error.code);
-      message = String(body.error.message);
+  const text = await response.text().catch(() => "");
+  throw failureFrom(response.status, response.statusText, text, response.headers.get("Retry-After"));
+}
+
+function abortError() {
+  return new DOMException("Canceled.", "AbortError");
+}
+
+// POST a submission with XMLHttpRequest, not fetch: only it reports upload progress, and when the
+// whole body has been sent (from then on, aborting may no longer stop the job being stored).
+function postForm(run, path, form, headers) {
+  return new Promise((resolve, reject) => {
+    const signal = run.abort.signal;
+    if (signal.aborted) return reject(abortError());
+    const xhr = new XMLHttpRequest();
+    const stop = () => xhr.abort();
+    xhr.open("POST", path);
+    for (const [name, value] of Object.entries({ ...authHeaders(), ...headers })) {
+      xhr.setRequestHeader(name, value);
     }
-  } catch {
-    // not our JSON error shape: keep the HTTP status
-  }
-  throw new ApiFailure(code, message, response.headers.get("Retry-After"), response.status);
+    xhr.upload.onprogress = (e) => {
+      if (isCurrent(run) && !run.cancelRequested) showUpload(e.lengthComputable ? e.loaded / e.total : null);
+    };
+    xhr.upload.onload = () => {
+      run.bodySent = true;
+    };
+    xhr.onload = () => {
+      if (xhr.status < 200 || xhr.status > 299) {
+        const retryAfter = xhr.getResponseHeader("Retry-After");
+        return reject(failureFrom(xhr.status, xhr.statusText, xhr.responseText, retryAfter));
+      }
+      try {
+        resolve(JSON.parse(xhr.responseText));
+      } catch (err) {
+        reject(err);
+      }
+    };
+    xhr.onerror = () => reject(new ApiFailure("network", "No response from the server."));
+    xhr.onabort = () => reject(abortError());
+    xhr.onloadend = () => {
+      run.bodySent = false;
+      signal.removeEventListener("abort", stop);
+    };
+    signal.addEventListener("abort", stop);
+    xhr.send(form);
+  });
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(abortError());
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(abortError());
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal.addEventListener("abort", onAbort);
+  });
+}
+
+// A random Idempotency-Key (crypto.randomUUID needs a secure context: plain http is not one).
+function newIdempotencyKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 async function blobUrl(path, signal) {
@@ -130,8 +248,11 @@ async function blobUrl(path, signal) {
 
 function showMessage(code, detail, retryAfter = null, kind = "error") {
   const box = $("message");
+  // role=alert reads every rewrite out again (an outage retries some 20 times): leave it as it is
+  if (!box.hidden && box.dataset.code === code) return;
   let title = ERROR_TEXT[code] || `The request failed (${code}).`;
-  if (retryAfter) title += ` Try again in ${retryAfter} s.`;
+  const wait = retryAfterMs(retryAfter);
+  if (wait > 0) title += ` Try again in ${Math.ceil(wait / 1000)} s.`;
   box.className = `message ${kind}`;
   box.dataset.code = code;
   $("message-title").textContent = title;
@@ -142,7 +263,7 @@ function showMessage(code, detail, retryAfter = null, kind = "error") {
 
 function showFailure(err) {
   if (err instanceof ApiFailure) showMessage(err.code, err.message, err.retryAfter);
-  else showMessage("internal", String(err));
+  else showMessage("page_error", String(err)); // a bug here, not the server's
 }
 
 function clearMessage() {
@@ -154,23 +275,45 @@ function clearMessage() {
 
 function showKeyPanel(focus = false) {
   $("key-panel").hidden = false;
-  const hasKey = Boolean(sessionStorage.getItem(KEY_STORAGE));
+  const hasKey = Boolean(storedKey());
   $("key-state").textContent = hasKey ? "A key is set for this tab." : "No key set.";
   if (focus) $("api-key").focus();
 }
 
+// What /readyz's reasons (app/routers/health.py) mean for a photo submitted now.
+function readinessNotice(reasons) {
+  if (reasons.some((r) => r.startsWith("redis unreachable"))) {
+    return ["redis_unreachable", "The service cannot reach its job store: submitting a photo will fail " +
+      "until it is back."];
+  }
+  if (reasons.includes("no worker is running")) {
+    return ["no_worker", "No worker is running: a photo you submit will wait in the queue until one starts."];
+  }
+  if (reasons.includes("no worker has its model loaded")) {
+    return ["no_model", "No worker has its model loaded yet: a photo you submit will wait in the queue " +
+      "until one has."];
+  }
+  return ["not_ready", "The service is not ready."];
+}
+
+// Its own box, not #message: it answers at any time and must not hide an error shown there.
 async function checkService() {
+  const box = $("notice");
   try {
-    const response = await fetch("/readyz");
+    // with the key (when one is set) the reasons are the detailed ones
+    const response = await fetch("/readyz", { headers: authHeaders() });
     const ready = await response.json();
     if (ready.auth === "api_key") showKeyPanel();
-    if (!ready.ready && Array.isArray(ready.reasons)) {
-      const box = $("message");
-      box.className = "message info";
-      $("message-title").textContent = "The service is not ready: jobs will wait in the queue.";
-      $("message-detail").textContent = ready.reasons.map(String).join("; ");
-      box.hidden = false;
+    const reasons = Array.isArray(ready.reasons) ? ready.reasons.map(String) : [];
+    if (ready.ready || !reasons.length) {
+      box.hidden = true;
+      return;
     }
+    const [code, title] = readinessNotice(reasons);
+    box.dataset.code = code;
+    $("notice-title").textContent = title;
+    $("notice-detail").textContent = `Details: ${reasons.join("; ")}`;
+    box.hidden = false;
   } catch {
     // the page still works; errors show on submit
   }
@@ -186,6 +329,7 @@ function setFile(file) {
   }
   state.file = file;
   state.inputUrl = URL.createObjectURL(file);
+  state.fileSize = imageSize(state.inputUrl);
   $("drop-text").textContent = `${file.name} (${Math.ceil(file.size / 1024)} KB)`;
   // A photo may be picked while a job runs, but it is only submitted once that job has ended: one job
   // and one poll loop at a time, and Cancel always means the job on screen.
@@ -193,14 +337,30 @@ function setFile(file) {
   if (!running()) clearMessage();
 }
 
-function formData() {
+function imageSize(url) {
+  return new Promise((resolve) => {
+    const img = new Image();
+    img.onload = () => resolve({ width: img.naturalWidth, height: img.naturalHeight });
+    img.onerror = () => resolve(null); // a format this browser cannot show (TIFF): the server checks it
+    img.src = url;
+  });
+}
+
+function chosenOptions() {
+  const options = {
+    mode: $("mode").value,
+    upscale: $("upscale").value,
+    aligned: $("aligned").checked ? "true" : "false",
+    outputs: "image,faces",
+  };
+  if (!$("fidelity-auto").checked) options.fidelity = $("fidelity").value;
+  return options;
+}
+
+function formData(file, options) {
   const form = new FormData();
-  form.append("image", state.file, state.file.name);
-  form.append("mode", $("mode").value);
-  form.append("upscale", $("upscale").value);
-  form.append("aligned", $("aligned").checked ? "true" : "false");
-  form.append("outputs", "image,faces");
-  if (!$("fidelity-auto").checked) form.append("fidelity", $("fidelity").value);
+  form.append("image", file, file.name);
+  Object.entries(options).forEach(([name, value]) => form.append(name, value));
   return form;
 }
 
@@ -217,6 +377,7 @@ function isCurrent(run) {
 function updateControls() {
   $("submit").disabled = running() || !state.file;
   $("cancel").hidden = !running();
+  $("cancel").disabled = running() && state.run.cancelRequested;
 }
 
 function resetResults() {
@@ -229,7 +390,7 @@ function resetResults() {
   $("before").removeAttribute("src");
   $("boxes").width = 0;
   $("boxes").hidden = true;
-  $("compare").classList.remove("no-before");
+  $("results").classList.remove("no-before");
 }
 
 // Supersede whatever was watched before: its timer is cleared and its requests aborted, and being no
@@ -252,6 +413,7 @@ function startRun(inputUrl, jobId = null) {
     queuedPolls: 0,
     failingSince: null,
     retries: 0,
+    bodySent: false, // the upload's whole body is sent and its answer awaited
     cancelRequested: false,
     stoppedBy: null, // the error code that ended polling, if one did
   };
@@ -285,24 +447,61 @@ function jobPath(id) {
 
 async function submit() {
   if (!state.file || running()) return;
+  const { file, fileSize } = state;
+  const options = chosenOptions();
   clearMessage();
-  $("status-panel").hidden = true;
   forgetJob(); // until the new job has an id, a reload must not resume the previous one
   const run = startRun(state.inputUrl);
-  let job;
+  showUpload(null);
   try {
-    const form = formData();
-    job = await (await api("/v1/restorations", { method: "POST", body: form, signal: run.abort.signal })).json();
+    if (options.aligned === "true") {
+      const size = await fileSize; // known within moments of the pick
+      if (size && size.width !== size.height) {
+        throw new ApiFailure("not_square", `The photo is ${size.width}×${size.height} pixels.`);
+      }
+    }
+    const signature = JSON.stringify(options);
+    const unsure = state.unsure;
+    const same = unsure && unsure.file === file && unsure.signature === signature;
+    const key = same ? unsure.key : newIdempotencyKey();
+    state.unsure = { file, signature, key }; // until an answer says what became of it
+    const job = await submitWithRetries(run, formData(file, options), key);
+    if (!isCurrent(run)) return;
+    state.unsure = null;
+    if ($("message").dataset.code === "reconnecting") clearMessage();
+    run.jobId = job.id;
+    rememberJob(job.id);
+    if (run.cancelRequested) requestCancel(run); // Cancel came once the photo was all sent
+    handleJob(run, job);
   } catch (err) {
     if (!isCurrent(run)) return;
     finishRun(run);
+    clearStatus();
+    if (err instanceof ApiFailure && !retryableSubmit(err)) state.unsure = null; // answered: no job
+    if (err.name === "AbortError") return showMessage("upload_canceled", "", null, "info");
     return showFailure(err);
   }
-  if (!isCurrent(run)) return;
-  run.jobId = job.id;
-  rememberJob(job.id);
-  if (run.cancelRequested) cancel();
-  handleJob(run, job);
+}
+
+// No answer, or one that says the job may yet be stored: trying again with the same key is safe.
+function retryableSubmit(err) {
+  if (err.code === "network" || err.code === "idempotency_in_progress") return true;
+  return err.status >= 500 && err.code !== "queue_full"; // a full queue says when to come back
+}
+
+async function submitWithRetries(run, form, key) {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await postForm(run, "/v1/restorations", form, { "Idempotency-Key": key });
+    } catch (err) {
+      const retry = err instanceof ApiFailure && retryableSubmit(err) && attempt < SUBMIT_RETRY_MS.length;
+      if (!retry || !isCurrent(run)) throw err;
+      showMessage("reconnecting", err.message, null, "info");
+      showUpload(null);
+      const wait = Math.max(SUBMIT_RETRY_MS[attempt], retryAfterMs(err.retryAfter) ?? 0);
+      await sleep(Math.min(wait, RETRY_CAP_MS), run.abort.signal); // Cancel ends the wait
+    }
+  }
 }
 
 function resumeFromAddress() {
@@ -346,6 +545,7 @@ function pollDelay(run, job) {
   return document.hidden ? Math.max(delay, POLL_HIDDEN_MS) : delay;
 }
 
+// Retry-After as milliseconds from now (seconds, or an HTTP-date), or null.
 function retryAfterMs(value) {
   if (value == null) return null;
   if (/^\d+$/.test(value.trim())) return Number(value) * 1000;
@@ -363,7 +563,9 @@ function pollFailed(run, err) {
     const backoff = Math.min(RETRY_CAP_MS, RETRY_BASE_MS * 2 ** run.retries);
     run.retries += 1;
     showMessage("reconnecting", err.message, null, "info");
-    return schedulePoll(run, Math.min(left, retryAfterMs(err.retryAfter) ?? backoff));
+    // never sooner than the backoff: "Retry-After: 0" (or a past date) must not make a busy loop
+    const wait = Math.max(backoff, retryAfterMs(err.retryAfter) ?? 0);
+    return schedulePoll(run, Math.min(left, wait));
   }
   finishRun(run);
   run.stoppedBy = err.code;
@@ -373,7 +575,7 @@ function pollFailed(run, err) {
 }
 
 function handleJob(run, job) {
-  renderStatus(job);
+  renderStatus(run, job);
   if (!TERMINAL.has(job.status)) return schedulePoll(run, pollDelay(run, job));
   finishRun(run);
   if (job.status === "succeeded") {
@@ -388,32 +590,68 @@ function handleJob(run, job) {
   }
 }
 
-async function cancel() {
+function cancel() {
   const run = state.run;
-  if (!running()) return;
-  if (!run.jobId) {
-    run.cancelRequested = true; // still uploading: cancel as soon as the job has an id
+  if (!running() || run.cancelRequested) return;
+  run.cancelRequested = true;
+  updateControls();
+  if (!run.jobId && !run.bodySent) {
+    // still uploading (or waiting to try again): the API stores no job from an unfinished upload
+    run.abort.abort();
     return;
   }
+  setStatusLine("Cancel requested…", "");
+  // with no id yet (the photo is all sent, the answer not in): submit() cancels once it has one
+  if (run.jobId) requestCancel(run);
+}
+
+async function requestCancel(run) {
   try {
     await api(jobPath(run.jobId), { method: "DELETE", signal: run.abort.signal });
   } catch (err) {
-    if (isCurrent(run) && err.name !== "AbortError") showFailure(err);
+    if (!isCurrent(run) || err.name === "AbortError") return;
+    run.cancelRequested = false; // the job goes on: Cancel may be tried again
+    updateControls();
+    showFailure(err);
     return;
   }
   // show the outcome now rather than at the next (possibly slow, queued) poll
   if (isCurrent(run) && !run.done && !run.inFlight) schedulePoll(run, 0);
 }
 
-function renderStatus(job) {
-  $("status-panel").hidden = false;
+// The status line is a sentence (read out by screen readers when it changes) and a counter (not read
+// out: it changes on every poll).
+function setStatusLine(sentence, count) {
+  // Rewriting the same text would still replace the live region's text node, and be read out again.
+  if ($("status-text").textContent !== sentence) $("status-text").textContent = sentence;
+  $("status-count").textContent = count;
+}
+
+// The panel is never hidden, only emptied: a live region shown in the same step as its first text
+// is not read out (style.css keeps an empty one out of sight).
+function clearStatus() {
+  delete $("status-panel").dataset.status;
+  setStatusLine("", "");
+  $("progress").value = 0;
+  $("warnings").replaceChildren();
+}
+
+function showUpload(fraction) {
+  $("status-panel").dataset.status = "uploading";
+  const bar = $("progress");
+  if (fraction === null) bar.removeAttribute("value"); // indeterminate
+  else bar.value = fraction;
+  setStatusLine("Uploading the photo", fraction === null ? "…" : `: ${Math.floor(fraction * 100)}%`);
+}
+
+function renderStatus(run, job) {
   $("status-panel").dataset.status = job.status;
   const bar = $("progress");
-  // The line is a sentence (read out by screen readers when it changes) and a counter (not read out:
-  // it changes on every poll).
   let sentence;
   let count = "";
-  if (job.status === "queued") {
+  if (run.cancelRequested && !TERMINAL.has(job.status)) {
+    sentence = "Cancel requested…"; // until the job ends (a running one stops at its next check)
+  } else if (job.status === "queued") {
     const ahead = job.queue_position;
     sentence = "Queued";
     count = ahead == null ? "." : ahead === 0 ? ": next in line." : `: ${ahead} ahead of you.`;
@@ -430,9 +668,7 @@ function renderStatus(job) {
     sentence = { succeeded: "Done.", failed: "Failed.", canceled: "Canceled." }[job.status] || job.status;
     bar.value = job.status === "succeeded" ? 1 : 0;
   }
-  // Rewriting the same text would still replace the live region's text node, and be read out again.
-  if ($("status-text").textContent !== sentence) $("status-text").textContent = sentence;
-  $("status-count").textContent = count;
+  setStatusLine(sentence, count);
   const items = (job.warnings || []).map((text) => {
     const li = document.createElement("li");
     li.textContent = String(text);
@@ -450,7 +686,7 @@ function extension(type) {
 function loadImage(img, src) {
   return new Promise((resolve, reject) => {
     img.onload = () => resolve(img);
-    img.onerror = () => reject(new ApiFailure("invalid_image", "The browser cannot display this image."));
+    img.onerror = () => reject(new ApiFailure("display_failed", "The browser cannot display this image."));
     img.src = src;
   });
 }
@@ -490,7 +726,7 @@ async function showResults(run, job) {
     if (!isCurrent(run)) return;
     drawBoxes(before, job.faces || []);
   } else {
-    $("compare").classList.add("no-before"); // resumed after a reload, or a format this browser cannot show
+    $("results").classList.add("no-before"); // resumed after a reload, or a format this browser cannot show
   }
 
   const faces = Array.isArray(outputs.faces) ? outputs.faces : [];
@@ -559,7 +795,14 @@ function init() {
     if (!hasFiles(e)) return;
     e.preventDefault();
     drop.classList.remove("over");
-    setFile(e.dataTransfer.files[0]);
+    const file = e.dataTransfer.files[0];
+    if (!file) return;
+    setFile(file);
+    // The input shows the dropped photo too: it fires "change" only for a new value, so picking the
+    // photo it held before the drop would otherwise be ignored.
+    const picked = new DataTransfer();
+    picked.items.add(file);
+    $("file").files = picked.files;
   });
 
   const slider = $("fidelity");
@@ -577,10 +820,12 @@ function init() {
   $("submit").addEventListener("click", submit);
   $("cancel").addEventListener("click", cancel);
 
-  // back in view: poll now instead of waiting out the slow background-tab delay
+  // back in view: poll now instead of waiting out the slow background-tab delay (not a retry's wait)
   document.addEventListener("visibilitychange", () => {
     const run = state.run;
-    if (!document.hidden && running() && run.timer !== null && !run.inFlight) schedulePoll(run, 0);
+    if (!document.hidden && running() && run.timer !== null && !run.inFlight && run.failingSince === null) {
+      schedulePoll(run, 0);
+    }
   });
 
   $("key-form").addEventListener("submit", (e) => {
@@ -590,19 +835,20 @@ function init() {
       showMessage("invalid_key", "");
       return;
     }
-    sessionStorage.setItem(KEY_STORAGE, key);
+    storeKey(key);
     $("api-key").value = "";
     showKeyPanel();
     clearMessage();
+    checkService(); // with a key, /readyz gives its detailed reasons
     // watch again a job (e.g. from the address after a reload) that the missing key stopped
     if (state.run && state.run.stoppedBy === "unauthorized") resumeFromAddress();
   });
   $("forget-key").addEventListener("click", () => {
-    sessionStorage.removeItem(KEY_STORAGE);
+    storeKey(null);
     showKeyPanel();
   });
 
-  if (sessionStorage.getItem(KEY_STORAGE)) showKeyPanel();
+  if (storedKey()) showKeyPanel();
   checkService();
   resumeFromAddress();
 }

@@ -16,6 +16,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,7 @@ def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
     assert job["options"]["aligned"] is True and job["options"]["upscale"] == 2
     assert job["options"]["mode"] == "difface"
     assert job["options"]["fidelity"] == 0.3 and job["options"]["outputs"] == ["image", "faces"]
-    page.wait_for_selector("#status-panel", state="visible")
+    page.wait_for_selector("#status-panel[data-status]", state="visible")
     _screenshot(page, "progress")
 
     try:
@@ -260,6 +261,7 @@ def test_bad_file_shows_a_clear_error(service: str, page: Any) -> None:
     page.click("#submit")
     text = _wait_for_message(page, "invalid_image", "error-bad-file")
     assert "not an image that can be read" in text
+    assert "PNG, JPEG, WebP, BMP, TIFF or GIF" in text  # models/images.py ALLOWED_FORMATS
     assert page.is_hidden("#results")
     assert page.is_enabled("#submit")  # ready for another try
     assert _unexpected_console(page) == []
@@ -325,7 +327,7 @@ def test_api_key_is_asked_for_and_kept_in_the_session(redis_conn, browser, page:
 # ---------------------------------------------------------------- job watching (API faked for timing)
 
 FAKE_ID = "f" * 32
-CLOCK_START = 1_900_000_000_000  # ms since the epoch, for the paused fake clock
+CLOCK_START = 1_900_000_000  # s since the epoch (Playwright's Python clock takes seconds), for the fake clock
 JOB_URL = re.compile(r"/v1/restorations/[0-9a-f]{32}$")  # the job itself, not /image or /faces/k
 # Counts the page's GETs of a job as they are made (synchronously, unlike route handlers), so that with
 # a paused fake clock "no poll yet" can be checked without waiting.
@@ -440,7 +442,9 @@ def test_reload_resumes_watching_the_job(service: str, page: Any) -> None:
         _screenshot(page, "resumed-after-reload")
     assert page.get_attribute("#status-panel", "data-status") == "succeeded"
     assert page.get_attribute("#download-image", "download").startswith(f"restored-{job_id}.")
-    assert page.eval_on_selector("#compare", "c => c.classList.contains('no-before')")  # photo not kept
+    # the photo is not kept: nothing to compare, and no face boxes drawn on it
+    assert page.is_hidden("#before") and page.is_hidden("#split") and page.is_hidden("#faces-note")
+    assert page.eval_on_selector("#results", "c => c.classList.contains('no-before')")
     assert _natural_size(page, "#after")[0] > 0
     assert page.evaluate("location.hash") == f"#job={job_id}"
     assert _unexpected_console(page) == []
@@ -537,7 +541,6 @@ def test_polling_gives_up_after_two_minutes_of_outage(service: str, page: Any) -
 
     def handle(route: Any) -> None:
         gets.append(1)
-        # a distinct message per answer shows (in the page) when each failure has been handled
         route.fulfill(status=502, json={"error": {"code": "bad_gateway", "message": f"outage {len(gets)}"}})
 
     page.route(lambda url: bool(JOB_URL.search(url)), handle)
@@ -545,22 +548,22 @@ def test_polling_gives_up_after_two_minutes_of_outage(service: str, page: Any) -
     page.clock.install(time=CLOCK_START)
     page.clock.pause_at(CLOCK_START + 1)
     page.goto(f"{service}/#job={FAKE_ID}")
+    page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
+    _record_texts(page, "message")
     advanced = 0
-    for n in range(1, 40):
-        page.wait_for_function(
-            "n => document.getElementById('message-detail').textContent === 'Details: outage ' + n"
-            " || document.getElementById('message').dataset.code === 'lost_contact'",
-            arg=n,
-            timeout=10_000,
-        )
-        if page.get_attribute("#message", "data-code") == "lost_contact":
-            break
-        assert page.get_attribute("#message", "data-code") == "reconnecting"
-        page.clock.run_for(10_000)  # ≥ every retry delay (capped at 10 s): the next GET is due
-        advanced += 10_000
+    # In 1 s steps: the page's retry waits are whole seconds but for the first (0.5 s), and a failure
+    # answered a step late only moves the next GET later (the two minutes count on the page's clock).
+    while page.get_attribute("#message", "data-code") == "reconnecting" and advanced < 200_000:
+        page.clock.run_for(1000)
+        advanced += 1000
     _screenshot(page, "gave-up")
     assert page.get_attribute("#message", "data-code") == "lost_contact"
     assert 120_000 <= advanced <= 130_000, advanced  # retried for about two minutes, then stopped
+    assert 10 <= len(gets) <= 20, len(gets)  # backing off to one GET in 10 s
+    # The alert was not rewritten on each retry (a screen reader reads every rewrite out), only once
+    # to say that the page gave up.
+    recorded = _recorded_texts(page)
+    assert len(recorded) == 1 and "Reload the page" in recorded[0], recorded
     assert "Reload the page" in page.inner_text("#message")
     assert page.evaluate("location.hash") == f"#job={FAKE_ID}"  # so a reload can look again
     assert page.is_hidden("#cancel")
@@ -632,10 +635,15 @@ def test_fidelity_slider_has_an_accessible_name(service: str, page: Any) -> None
     slider = page.get_by_role("slider", name="Fidelity", exact=True)
     assert slider.get_attribute("id") == "fidelity"
     assert page.get_by_label("Fidelity", exact=True).get_attribute("id") == "fidelity"
+    # The value shown beside it is an <output> (a live region): hidden from screen readers, which read
+    # the slider's own value, so that it is not announced twice.
+    assert page.get_attribute("#fidelity-value", "aria-hidden") == "true"
 
 
 def test_a_photo_dropped_anywhere_is_picked_not_opened(service: str, page: Any) -> None:
     page.goto(service + "/")
+    page.set_input_files("#file", files=[{"name": "picked.png", "mimeType": "image/png", "buffer": b"x"}])
+    assert "picked.png" in page.inner_text("#drop-text")
     # Returns, per event, whether the page canceled the browser's default (opening the file / leaving).
     prevented = page.evaluate(
         """() => {
@@ -655,5 +663,420 @@ def test_a_photo_dropped_anywhere_is_picked_not_opened(service: str, page: Any) 
     )
     assert prevented == {"fileOver": True, "fileDrop": True, "textOver": False}
     assert "dropped.png" in page.inner_text("#drop-text")
+    # The input holds the dropped photo too: a browser fires "change" only when its value changes, so
+    # picking picked.png again from the dialog would have been ignored had it kept that one.
+    assert page.eval_on_selector("#file", "input => [...input.files].map(f => f.name)") == ["dropped.png"]
     assert page.is_enabled("#submit")
     assert page.evaluate("location.pathname") == "/"
+
+
+# ---------------------------------------------------------------- uploads, submission retries, errors
+
+# What Chrome does when the user blocks site data: reading `window.sessionStorage` throws.
+BLOCKED_STORAGE = """Object.defineProperty(window, "sessionStorage", {
+  get() {
+    throw new DOMException("Failed to read the 'sessionStorage' property from 'Window': Access is denied "
+      + "for this document.", "SecurityError");
+  },
+});"""
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 90, 60)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _photo(name: str = "photo.png", width: int = 64, height: int = 64) -> dict[str, Any]:
+    return {"name": name, "mimeType": "image/png", "buffer": _png(width, height)}
+
+
+def _error(code: str, message: str = "") -> dict[str, Any]:
+    return {"error": {"code": code, "message": message or code}}
+
+
+def _http_date(seconds: int) -> str:
+    return formatdate(seconds, usegmt=True)
+
+
+def _is_submission(url: str) -> bool:
+    return url.endswith("/v1/restorations")
+
+
+def test_the_upload_shows_its_progress_and_cancel_stops_it(service: str, page: Any) -> None:
+    """A real upload, slowed down (DevTools' upload throttling): its progress is shown from the start,
+    and Cancel aborts it, so the API never has a whole body to store a job from (tests/app/test_api.py
+    checks that side: `client_closed`)."""
+    noise = Image.frombytes("RGB", (600, 600), os.urandom(600 * 600 * 3))  # ≈ 1 MB as PNG: ~10 s here
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    failed: list[tuple[str, str]] = []
+    page.on("requestfailed", lambda r: failed.append((r.method, r.url)))
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.method) if "/v1/restorations" in r.url else None)
+    page.goto(service + "/")
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 100_000},
+    )
+    page.set_input_files(
+        "#file", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": buf.getvalue()}]
+    )
+    page.click("#submit")
+    page.wait_for_function(
+        "() => /^Uploading the photo: [1-9][0-9]?%$/"
+        ".test(document.getElementById('status-line').textContent)",
+        timeout=10_000,
+    )
+    _screenshot(page, "uploading")
+    assert page.get_attribute("#status-panel", "data-status") == "uploading"
+    assert page.is_visible("#progress") and page.is_visible("#cancel")
+    page.click("#cancel")
+    assert _wait_for_message(page, "upload_canceled", "upload-canceled").startswith(
+        "The upload was canceled."
+    )
+    assert failed == [("POST", f"{service}/v1/restorations")]  # aborted, not finished
+    assert sent == ["POST"]  # and nothing to DELETE
+    assert page.evaluate("location.hash") == ""
+    assert page.is_enabled("#submit") and page.is_hidden("#cancel")
+    assert page.inner_text("#status-line") == ""
+    assert _unexpected_console(page) == []
+
+
+def test_cancel_of_a_running_job_says_so_until_it_ends(service: str, page: Any) -> None:
+    """A running job asked to stop (DELETE answered 202) goes on until its next check: the page says
+    the cancel was requested, not the job's steps, until the job has ended."""
+    job = _fake_job("processing", stage="sample", progress={"step": 1, "total": 50})
+    deletes: list[int] = []
+
+    def handle(route: Any) -> None:
+        method = route.request.method
+        if method == "DELETE":
+            deletes.append(route.request.headers.get("idempotency-key") is None)
+        route.fulfill(status=200 if method == "GET" else 202, json=job)
+
+    page.add_init_script(COUNT_JOB_GETS)
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    _wait_status_line(page, "Processing: diffusion sampling (step 1 of 50)")
+    page.click("#cancel")
+    _wait_status_line(page, "Cancel requested…")
+    assert page.is_disabled("#cancel")  # asked once
+    gets = _job_gets(page)
+    page.wait_for_function("n => window.jobGets >= n + 2", arg=gets, timeout=10_000)
+    assert page.inner_text("#status-line") == "Cancel requested…"  # polled: still processing
+    assert deletes == [True]
+    job.update(status="canceled", stage=None, progress=None)
+    _wait_for_message(page, "canceled", "cancel-requested-then-canceled")
+    assert page.inner_text("#status-line") == "Canceled."
+    assert page.is_hidden("#cancel") and page.is_enabled("#submit")
+    assert _unexpected_console(page) == []
+
+
+def test_the_page_works_when_session_storage_is_blocked(service: str, page: Any) -> None:
+    """Where the browser blocks site data, reading sessionStorage throws: requests still go out
+    (they failed as "server could not be reached"), and a key entered is kept for the page's life."""
+    authorizations: list[str | None] = []
+
+    def handle(route: Any) -> None:
+        authorizations.append(route.request.headers.get("authorization"))
+        route.fulfill(status=401, json=_error("unauthorized", "A valid API key is required."))
+
+    page.add_init_script(BLOCKED_STORAGE)
+    page.route(lambda url: _is_submission(url), handle)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    _wait_for_message(page, "unauthorized", "storage-blocked-unauthorized")
+    page.fill("#api-key", API_KEY)
+    page.click("#key-form button[type=submit]")
+    assert page.inner_text("#key-state") == "A key is set for this tab."
+    page.click("#submit")
+    _wait_for_message(page, "unauthorized", "storage-blocked-with-key")
+    assert authorizations == [None, f"Bearer {API_KEY}"]
+    assert _unexpected_console(page) == []  # init() ran to its end: no page error
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "wait_ms"),
+    [
+        ("0", 500),  # the first retry's backoff
+        (_http_date(CLOCK_START - 60), 500),  # a date in the past: the same
+        (_http_date(CLOCK_START + 6), 5000),  # a date ahead (the page's clock is paused at CLOCK_START + 1)
+    ],
+)
+def test_a_poll_retry_waits_at_least_its_backoff(
+    service: str, page: Any, retry_after: str, wait_ms: int
+) -> None:
+    """`Retry-After: 0` or a past date made the page poll in a busy loop; coming back into view
+    during a retry's wait polled at once too."""
+
+    def handle(route: Any) -> None:
+        route.fulfill(status=503, headers={"Retry-After": retry_after}, json=_error("redis_unavailable"))
+
+    page.add_init_script(COUNT_JOB_GETS)
+    page.route(lambda url: bool(JOB_URL.search(url)), handle)
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
+    page.goto(f"{service}/#job={FAKE_ID}")
+    page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
+    assert _job_gets(page) == 1
+    page.evaluate("() => document.dispatchEvent(new Event('visibilitychange'))")  # back in view
+    page.clock.run_for(wait_ms - 1)
+    assert _job_gets(page) == 1
+    page.clock.run_for(1)
+    assert _job_gets(page) == 2
+    assert _unexpected_console(page, allowed=("status of 503",)) == []
+
+
+def test_retry_after_as_a_date_is_shown_in_seconds(service: str, page: Any) -> None:
+    when = _http_date(CLOCK_START + 91)  # the page's clock is paused at CLOCK_START + 1
+    page.route(
+        lambda url: _is_submission(url),
+        lambda route: route.fulfill(status=429, headers={"Retry-After": when}, json=_error("rate_limited")),
+    )
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    text = _wait_for_message(page, "rate_limited", "error-rate-limited-until")
+    assert "Try again in 90 s." in text, text
+    assert _unexpected_console(page) == []
+
+
+def test_a_submission_is_retried_with_one_idempotency_key(service: str, page: Any) -> None:
+    """A POST whose answer is lost may still have made its job: it is sent again with the same
+    Idempotency-Key (the API then answers with that job rather than making another), and so is the
+    next submission of the same photo and options after the page gave up. A new submission gets a
+    new key."""
+    failures: list[dict[str, Any] | None] = [
+        {"status": 503, "json": _error("redis_unavailable", "down")},
+        None,  # the connection drops: no answer at all
+        {"status": 409, "headers": {"Retry-After": "5"}, "json": _error("idempotency_in_progress")},
+        {"status": 504, "body": "<html><body>Gateway Timeout</body></html>", "content_type": "text/html"},
+    ]
+    job = _fake_job("queued", queue_position=0)
+    keys: list[str | None] = []
+
+    def handle(route: Any) -> None:
+        request = route.request
+        if request.method == "POST":
+            keys.append(request.headers.get("idempotency-key"))
+            answer = failures.pop(0) if failures else {"status": 202, "json": job}
+            if answer is None:
+                route.abort("connectionreset")
+            else:
+                route.fulfill(**answer)
+        elif request.method == "DELETE":
+            job.update(status="canceled", queue_position=None)
+            route.fulfill(json=job)
+        else:
+            route.fulfill(json=job)
+
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
+    assert page.get_attribute("#status-panel", "data-status") == "uploading"
+    advanced = 0
+    while page.get_attribute("#message", "data-code") == "reconnecting" and advanced < 30_000:
+        page.clock.run_for(500)
+        advanced += 500
+    # three retries, 1 s, 2 s, then the 409's Retry-After (5 s) apart; a proxy's 504 page ends them
+    text = _wait_for_message(page, "unavailable", "submit-gave-up")
+    assert "unavailable right now" in text
+    assert 8000 <= advanced <= 10_000, advanced
+    assert len(keys) == 4 and keys[0] is not None and re.fullmatch(r"[0-9a-f]{32}", keys[0])
+    assert set(keys) == {keys[0]}
+    assert page.is_enabled("#submit") and page.evaluate("location.hash") == ""
+
+    page.clock.resume()
+    page.click("#submit")  # the same photo and options: maybe the job one of those POSTs made
+    page.wait_for_selector("#status-panel[data-status='queued']")
+    assert keys[4] == keys[0]
+    assert page.is_hidden("#message")
+    assert page.evaluate("location.hash") == f"#job={FAKE_ID}"
+    page.click("#cancel")
+    _wait_for_message(page, "canceled", "submit-retried-canceled")
+
+    job.update(status="queued", queue_position=0)
+    page.click("#submit")  # a new submission
+    page.wait_for_selector("#status-panel[data-status='queued']")
+    assert len(keys) == 6 and keys[5] != keys[0] and re.fullmatch(r"[0-9a-f]{32}", keys[5] or "")
+    assert _unexpected_console(page, allowed=("status of 5", "ERR_CONNECTION_RESET")) == []
+
+
+@pytest.mark.parametrize(
+    ("reasons", "code", "says"),
+    [
+        (["no worker is running"], "no_worker", "will wait in the queue"),
+        (["no worker has its model loaded"], "no_model", "will wait in the queue"),
+        (["redis unreachable: ConnectionError"], "redis_unreachable", "will fail"),
+    ],
+)
+def test_the_readiness_notice_keeps_errors_and_says_what_a_submission_will_do(
+    service: str, page: Any, reasons: list[str], code: str, says: str
+) -> None:
+    """/readyz may answer after the resumed job's 404 is shown: its notice has its own box. It is
+    asked with the key (the detailed reasons), and worded by its reason."""
+    held: list[Any] = []
+    page.route(lambda url: url.endswith("/readyz"), lambda route: held.append(route))
+    page.route(
+        lambda url: bool(JOB_URL.search(url)),
+        lambda route: route.fulfill(status=404, json=_error("not_found", "No restoration")),
+    )
+    page.add_init_script(f"sessionStorage.setItem('dynface.apiKey', '{API_KEY}')")
+    page.goto(f"{service}/#job={FAKE_ID}")
+    _wait_for_message(page, "not_found", "not-found-before-readyz")
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held[0].request.headers.get("authorization") == f"Bearer {API_KEY}"
+    ready = {"ready": False, "reasons": reasons, "auth": "api_key", "queue_depth": None, "workers": []}
+    held[0].fulfill(status=503, json=ready)
+    page.wait_for_selector(f"#notice[data-code='{code}']", state="visible")
+    _screenshot(page, f"notice-{code}")
+    assert says in page.inner_text("#notice-title")
+    assert page.inner_text("#notice-detail") == f"Details: {reasons[0]}"
+    assert page.get_attribute("#message", "data-code") == "not_found" and page.is_visible("#message")
+    assert _unexpected_console(page, allowed=("status of 503",)) == []
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(413, "too_large"), (401, "unauthorized"), (429, "rate_limited"), (404, "not_found")]
+)
+def test_a_proxy_error_page_is_read_by_its_status(service: str, page: Any, status: int, code: str) -> None:
+    """An error answer that is not the API's JSON (a proxy's own HTML page) is told by its status."""
+    page.route(
+        lambda url: _is_submission(url),
+        lambda route: route.fulfill(
+            status=status,
+            body=f"<html><body><h1>{status}</h1><hr>nginx</body></html>",
+            content_type="text/html",
+        ),
+    )
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    _wait_for_message(page, code, f"proxy-{status}")
+    assert _unexpected_console(page) == []
+
+
+def test_a_job_gone_behind_a_proxy_is_forgotten(service: str, page: Any) -> None:
+    page.route(
+        lambda url: bool(JOB_URL.search(url)),
+        lambda route: route.fulfill(status=404, body="<html>Not Found</html>", content_type="text/html"),
+    )
+    page.goto(f"{service}/#job={FAKE_ID}")
+    _wait_for_message(page, "not_found", "proxy-404-poll")
+    assert page.evaluate("location.hash") == ""  # a reload does not look for it again
+    assert _unexpected_console(page) == []
+
+
+def test_an_aligned_photo_must_be_square(service: str, page: Any) -> None:
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo("crop.png", 300, 200)])
+    page.check("#aligned")
+    page.click("#submit")
+    text = _wait_for_message(page, "not_square", "error-not-square")
+    assert "needs a square face crop" in text and "300×200" in text
+    assert posts == []  # told before uploading
+    assert page.is_enabled("#submit") and page.inner_text("#status-line") == ""
+    assert _unexpected_console(page) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "says"),
+    [
+        ("output_too_large", 413, "a smaller upscale, or a smaller photo"),
+        ("unsupported_format", 415, "BMP, TIFF or GIF"),
+    ],
+)
+def test_advice_names_only_what_the_page_and_server_offer(
+    service: str, page: Any, code: str, status: int, says: str
+) -> None:
+    page.route(lambda url: _is_submission(url), lambda route: route.fulfill(status=status, json=_error(code)))
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    _wait_for_message(page, code, f"advice-{code}")
+    title = page.inner_text("#message-title")
+    assert says in title
+    assert "format." not in title or code == "unsupported_format"  # the page has no format control
+
+
+def test_a_result_this_browser_cannot_show_has_its_own_text(service: str, page: Any) -> None:
+    job = _fake_job(
+        "succeeded",
+        faces=[],
+        outputs={"image": f"{service}/v1/restorations/{FAKE_ID}/image", "faces": []},
+        urls={"self": "", "result": None, "cancel": ""},
+    )
+
+    def handle(route: Any) -> None:
+        if route.request.url.endswith("/image"):
+            route.fulfill(body=b"not really a picture", content_type="image/png")
+        else:
+            route.fulfill(json=job)
+
+    page.route(lambda url: "/v1/restorations/" in url, handle)
+    page.goto(f"{service}/#job={FAKE_ID}")
+    text = _wait_for_message(page, "display_failed", "error-display-failed")
+    assert "cannot display" in text and "Pick a" not in text
+    assert page.is_visible("#download-image")  # the result can still be saved
+    assert _unexpected_console(page) == []
+
+
+def test_a_bug_in_the_page_is_not_blamed_on_the_server(service: str, page: Any) -> None:
+    job = _fake_job(
+        "succeeded",
+        faces=[{"box": None}],  # one the page cannot draw: drawBoxes throws
+        outputs={"image": f"{service}/v1/restorations/{FAKE_ID}/image", "faces": []},
+        urls={"self": "", "result": None, "cancel": ""},
+    )
+
+    def handle(route: Any) -> None:
+        if route.request.url.endswith("/image"):
+            route.fulfill(body=FACE.read_bytes(), content_type="image/png")
+        else:
+            route.fulfill(status=202 if route.request.method == "POST" else 200, json=job)
+
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.goto(service + "/")
+    page.set_input_files("#file", str(FACE))
+    page.click("#submit")
+    text = _wait_for_message(page, "page_error", "error-page-bug")
+    assert "in this page" in text and "on the server" not in text
+    assert _unexpected_console(page) == []
+
+
+def test_the_status_sentence_is_a_live_region_before_its_first_status(service: str, page: Any) -> None:
+    """A live region shown in the same step as its first text is not read out: the status sentence is
+    in the accessibility tree (emptied, out of sight) from the start, so "Uploading the photo" is."""
+    held: list[Any] = []
+    page.route(lambda url: _is_submission(url), lambda route: held.append(route))
+    page.goto(service + "/")
+    # in the accessibility tree: no ancestor is display: none
+    rendered = """e => {
+        for (let n = e; n; n = n.parentElement) if (getComputedStyle(n).display === "none") return false;
+        return true;
+    }"""
+    assert page.eval_on_selector("#status-text", rendered)
+    assert page.inner_text("#status-text") == ""
+    assert not page.eval_on_selector("#progress", rendered)  # no empty progress bar meanwhile
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    _wait_status_line(page, "Uploading the photo…")
+    assert page.is_visible("#status-panel h2") and page.is_visible("#progress")
+    assert page.get_attribute("#status-text", "aria-live") == "polite"
