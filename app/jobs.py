@@ -168,17 +168,20 @@ return 0
 # RQ's StartedJobRegistry), then (if applied) the results KEYS[4..] written with the status flip (a
 # client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else ARGV[at + 4]),
 # the input KEYS[2] dropped, the record's TTL restarted (ARGV[at + 3]) and message ARGV[at + 2]
-# published on channel ARGV[at + 1] (wakes the API's `Prefer: wait` requests, app/completions.py); one
-# blob per result key follows. Returns the final record (flat HGETALL), or false when the job had
-# already moved on (then nothing is written, results included).
+# published on channel ARGV[at + 1] (wakes the API's `Prefer: wait` requests, app/completions.py). With
+# ARGV[at + 5] = '1', not once its cancel was requested (a lost job's DELETE that landed after the
+# caller read the record: that job ends canceled instead). One blob per result key follows. Returns
+# the final record (flat HGETALL), or false when the job had already moved on (then nothing is
+# written, results included).
 _FINISH = (
     _PRELUDE
     + """
 local at = after_transition()
 if processing() and not attempt_over(ARGV[at]) then return false end
+if ARGV[at + 5] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' then return false end
 if not transition() then return false end
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl')) or tonumber(ARGV[at + 4])
-for k = 4, #KEYS do redis.call('SET', KEYS[k], ARGV[at + k + 1], 'EX', ttl) end
+for k = 4, #KEYS do redis.call('SET', KEYS[k], ARGV[at + k + 2], 'EX', ttl) end
 redis.call('DEL', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[at + 3])
 redis.call('PUBLISH', ARGV[at + 1], ARGV[at + 2])
@@ -401,13 +404,14 @@ class JobStore:
         results: dict[str, bytes] | None = None,
         allowed: Iterable[str] = ACTIVE,
         lost: bool = False,
+        unless_canceled: bool = False,
     ) -> dict[str, Any] | None:
         """Move an active job to a terminal state: store results (for the record's result_ttl, fixed
         by the API at submission), drop the input, reset TTLs, publish the end — atomically, in one
         round trip (`_FINISH`). ``lost``: the end of a lost worker's job, so a `processing` one only
         while the execution its record names has expired (by Redis' clock) or is gone
-        (`attempt_over`). Returns the final record, or None when the job had already moved on (then
-        nothing is written)."""
+        (`attempt_over`). ``unless_canceled``: not once its cancel was requested. Returns the final
+        record, or None when the job had already moved on or was not ended (then nothing is written)."""
         s = self.settings
         results = results or {}
         now = time.time()
@@ -417,7 +421,7 @@ class JobStore:
         args = _transition_args(allowed, {**fields, "completed_at": now})
         # inf: a job's own end may end whichever attempt runs it; now: Redis' clock (`attempt_over`).
         args += ["now" if lost else "inf", channel, message, s.record_ttl_seconds, s.result_ttl_seconds]
-        args += results.values()
+        args += ["1" if unless_canceled else "0", *results.values()]
         raw = self._finish(keys=keys, args=args)
         return _load(dict(zip(raw[::2], raw[1::2], strict=True))) if raw else None
 

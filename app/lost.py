@@ -136,7 +136,9 @@ def fail_lost(store: JobStore, settings: Settings, tally: Tally, job_id: str, re
     attempt = record.get("attempts", 0)
     message = f"The worker running this job was lost {attempt} time(s); giving up."
     error = {"code": "worker_lost", "message": message}
-    end_job(store, settings, tally, job_id, {"status": "failed", "stage": None, "error": error}, lost=True)
+    fields = {"status": "failed", "stage": None, "error": error}
+    if end_job(store, settings, tally, job_id, fields, lost=True, unless_canceled=True) is None:
+        cancel_lost(store, settings, tally, job_id, store.get(job_id) or {})  # a DELETE landed meanwhile
 
 
 def cancel_lost(

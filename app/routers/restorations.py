@@ -671,12 +671,17 @@ def cancel_restoration(job_id: str, request: Request, owner: Caller) -> JSONResp
     svc = services(request)
     record = _owned(request, job_id, owner)
     store = svc.store
-    canceled = end_queued(store, svc.queue, svc.settings, job_id, {"status": "canceled"})
-    if canceled is not None:
-        return _respond(_view(request, canceled), 200)
-    if store.update(job_id, {"cancel_requested": True}, allowed=["processing"]):
-        return _respond(_view(request, store.get(job_id) or record), 202)
-    record = store.get(job_id) or record
+    # Again while the job moves between queued and processing in between (a worker takes it, or a
+    # lost worker's job goes back to the queue): each step is atomic, the pair is not.
+    for _ in range(3):
+        canceled = end_queued(store, svc.queue, svc.settings, job_id, {"status": "canceled"})
+        if canceled is not None:
+            return _respond(_view(request, canceled), 200)
+        if store.update(job_id, {"cancel_requested": True}, allowed=["processing"]):
+            return _respond(_view(request, store.get(job_id) or record), 202)
+        record = store.get(job_id) or record
+        if record["status"] in TERMINAL:
+            break
     if record["status"] == "canceled":  # a retried DELETE (or one racing another): same answer
         return _respond(_view(request, record), 200)
     raise ApiError(409, "not_cancelable", f"The job is already {record['status']}.")

@@ -1725,25 +1725,31 @@ def test_a_lost_workers_job_whose_cancel_was_requested_ends_canceled(
         assert [(h["id"], h["status"]) for h in hooks] == [(job_id, "canceled")]
 
 
-def test_a_cancel_landing_while_a_lost_job_is_requeued_ends_it_canceled(make_settings, monkeypatch) -> None:
+@pytest.mark.parametrize("max_retries", [1, 0])
+def test_a_cancel_landing_while_a_lost_job_is_reaped_ends_it_canceled(
+    make_settings, monkeypatch, max_retries: int
+) -> None:
     """The reaper reads a lost worker's record (no cancel asked), then the client's DELETE marks it
     (`cancel_requested`, as the API does for a running job), then the reaper puts it back to the
-    queue: it went back `queued` still marked, to be canceled only by a worker taking it (with none
-    left, failed `queue_timeout` an hour later). The re-queue refuses a marked job, which ends
-    `canceled` in the same round, counted once and out of RQ's queue."""
-    s = make_settings(heartbeat_ttl_seconds=60, max_retries=1)
+    queue, or, no retries left, fails it: it went back `queued` still marked, to be canceled only by
+    a worker taking it (with none left, failed `queue_timeout` an hour later), or ended `failed
+    worker_lost` though its client had asked to stop it. The re-queue and the failure refuse a marked
+    job, which ends `canceled` in the same round, counted once and out of RQ's queue."""
+    s = make_settings(heartbeat_ttl_seconds=60, max_retries=max_retries)
     store = JobStore(connect(s), s)
     queue = make_queue(store.redis, s)
     store.create("j", b"x", {"id": "j", "status": "queued", "created_at": time.time()}, queue)
     assert lose_a_running_job(store, queue, ttl=60) == "j"
     store.redis.zadd(queue.started_job_registry.key, {store.get("j")["execution"]: 1})  # lost
-    real_requeue = store.requeue
+    step = "requeue" if max_retries else "finish"
+    real_step = getattr(store, step)
 
-    def delete_lands_first(job_id: str, *args: Any, **kwargs: Any) -> bool:
-        assert store.update(job_id, {"cancel_requested": True}, allowed=["processing"])  # the DELETE
-        return real_requeue(job_id, *args, **kwargs)
+    def delete_lands_first(job_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not store.get(job_id).get("cancel_requested"):  # the DELETE, once
+            assert store.update(job_id, {"cancel_requested": True}, allowed=["processing"])
+        return real_step(job_id, *args, **kwargs)
 
-    monkeypatch.setattr(store, "requeue", delete_lands_first)
+    monkeypatch.setattr(store, step, delete_lands_first)
     registry = CollectorRegistry()
     jobs = Counter("dynface_jobs", "", ["outcome", "reason"], registry=registry)
     lost.reap(store, queue, s, lost.Tally(jobs))
@@ -1751,6 +1757,32 @@ def test_a_cancel_landing_while_a_lost_job_is_requeued_ends_it_canceled(make_set
     assert record["status"] == "canceled" and record["error"] is None, record
     assert queue.job_ids == []
     assert registry.get_sample_value("dynface_jobs_total", {"outcome": "canceled", "reason": "canceled"}) == 1
+
+
+def test_a_delete_racing_a_lost_jobs_requeue_cancels_it(make_settings, monkeypatch) -> None:
+    """A DELETE tries the queued job's cancel, then the running job's; a lost worker's job re-queued
+    by a reaper between the two (processing, then queued) got 409 "already queued" and ran on. The
+    DELETE tries again and the job ends canceled at once (200)."""
+    s = make_settings(heartbeat_ttl_seconds=60, max_retries=1)
+    with TestClient(create_app(s)) as c:
+        svc = c.app.state.services
+        job_id = submit(c).json()["id"]
+        assert lose_a_running_job(svc.store, svc.queue, ttl=60) == job_id
+        svc.store.redis.zadd(svc.queue.started_job_registry.key, {svc.store.get(job_id)["execution"]: 1})
+        real_end_queued = restorations.end_queued
+
+        def reaper_requeues_meanwhile(store: JobStore, *args: Any, **kwargs: Any) -> Any:
+            ended = real_end_queued(store, *args, **kwargs)
+            if store.get(job_id)["status"] == "processing":
+                lost.reap(
+                    store, svc.queue, s, lost.Tally(Counter("jobs", "", ["outcome", "reason"], registry=None))
+                )
+                assert store.get(job_id)["status"] == "queued"
+            return ended
+
+        monkeypatch.setattr(restorations, "end_queued", reaper_requeues_meanwhile)
+        r = c.delete(f"/v1/restorations/{job_id}")
+        assert r.status_code == 200 and r.json()["status"] == "canceled", r.text
 
 
 def test_a_record_whose_wait_does_not_parse_is_skipped_and_the_sweep_goes_on(make_settings, caplog) -> None:
