@@ -226,7 +226,7 @@ class ModelInfo(BaseModel):
     config_error: str | None = Field(
         None,
         description="State misconfigured: why a setting or the file it names cannot be used (a DSST "
-        "table, trained DBLM/DGSA weights, dtype, background model); it retries loading on its own.",
+        "table, trained DBLM/DGSA weights); it retries loading on its own.",
     )
 
 

@@ -1,6 +1,12 @@
 """Errors the pipeline raises; each carries the machine-readable code the API reports."""
 
 
+class ConfigurationError(ValueError):
+    """A setting, or the file it names, that the pipeline cannot use: a DSST table or trained DBLM/DGSA
+    weights missing, damaged or mismatched. Raised by `RestorationPipeline.from_pretrained` before any
+    network loads; not a job's failure (no code): a worker reports it in state `misconfigured`."""
+
+
 class PipelineError(Exception):
     """A job-level failure with a stable `code` (part of the public API) and a human message."""
 

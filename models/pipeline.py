@@ -37,7 +37,7 @@ from models.blur import estimate_blur_sigma
 from models.dblm import DBLMNet, fallback_estimates
 from models.dgsa import DGSANet, coherence_scale_map, scale_from_logvar
 from models.dsst import DSSTable, check_start_indices, default_table
-from models.errors import Cancelled, DeviceOutOfMemoryError, NoFaceError, PipelineError
+from models.errors import Cancelled, ConfigurationError, DeviceOutOfMemoryError, NoFaceError, PipelineError
 from models.fidelity import auto_eta, box_noise_std, robust_noise_std
 from models.guidance import GaussianGuidance
 from models.images import FACE_SIZE
@@ -314,8 +314,12 @@ class RestorationPipeline:
         seeded random toy version of it and never reads or fetches the real file. These come only from
         the arguments: the worker passes its Settings, the CLI its flags and DYNFACE_* variables."""
         profile = PROFILES["tiny" if str(name_or_path) == "tiny" else "real"]
-        # Before the big networks load, so a mismatched file fails at once.
-        kwargs.update(_trained_parts(profile, dsst_table, dblm_weights, dgsa_weights, kwargs.get("dsst")))
+        # Before the big networks load, so a mismatched file fails at once (and cheaply, on a retry).
+        try:
+            parts = _trained_parts(profile, dsst_table, dblm_weights, dgsa_weights, kwargs.get("dsst"))
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigurationError(str(e)) from e
+        kwargs.update(parts)
         background_config = background_config or bg.BackgroundConfig()
         if str(name_or_path) not in PROFILES:
             weights_dir = Path(name_or_path)

@@ -63,7 +63,7 @@ from app import lost, webhooks
 from app.jobs import JobStore, connect, make_queue
 from app.settings import Settings
 from models import weights
-from models.errors import PipelineError
+from models.errors import ConfigurationError, PipelineError
 from models.profiles import PROFILES, Profile
 from worker import metrics, tasks
 
@@ -569,11 +569,12 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
     Missing weight files do not end the process: the worker stays registered in state
     ``missing_weights`` with the files and the command that fetches them (what /readyz reports),
     and tries again every ``weights_retry_seconds``, so a later `dynface weights pull` makes it
-    ready without a restart. Nor does a setting or method file it cannot use (a DSST table or
-    trained DBLM/DGSA file that is missing, damaged or mismatched, an unknown dtype or background
-    model): state ``misconfigured`` with the error (`config_error`), retried as often, so /readyz
-    says what to fix, where a crash at start put only a traceback in the worker's log and a restart
-    loop in its place. A stop signal ends the wait (`DynfaceWorker.request_stop_before_work`).
+    ready without a restart. Nor does a method file its settings name that it cannot use (a DSST
+    table or trained DBLM/DGSA file missing, damaged or mismatched: `ConfigurationError`): state
+    ``misconfigured`` with the error (`config_error`), retried as often, so /readyz says what to fix,
+    where a crash at start put only a traceback in the worker's log and a restart loop in its place.
+    Other errors are bugs or the device's and end the worker. A stop signal ends the wait
+    (`DynfaceWorker.request_stop_before_work`).
     """
     pipe: RestorationPipeline | None = None
     build_seconds = 0.0
@@ -603,14 +604,12 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
             )
             worker.registry_fields["config_error"] = None
             worker.announce("missing_weights")
-        # After MissingWeightsError, itself a FileNotFoundError: here a named file of a setting.
-        except (ValueError, FileNotFoundError) as e:
+        except ConfigurationError as e:  # raised before any network loads: a retry is cheap
             if str(e) != reported:
                 log.error(
                     "cannot load the model (settings), retrying every %s s: %s",
                     settings.weights_retry_seconds,
                     e,
-                    exc_info=reported is None,  # the traceback once: a code error shows where it is
                 )
                 reported = str(e)
             worker.registry_fields.update(

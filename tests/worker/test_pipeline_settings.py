@@ -10,6 +10,7 @@ import pytest
 
 from app.settings import Settings
 from models.dsst import default_table
+from models.errors import ConfigurationError
 from tests.conftest import WEIGHTS, base_settings
 from worker.main import pipeline_from_settings
 
@@ -48,7 +49,7 @@ def test_every_model_setting_reaches_the_pipeline(tmp_path: Path) -> None:
 def test_a_named_trained_file_that_is_missing_fails_the_load(tmp_path: Path) -> None:
     for field in ("dsst_table", "dblm_weights", "dgsa_weights"):
         settings = base_settings(uuid.uuid4().hex[:10], offline=True, **{field: str(tmp_path / "missing")})
-        with pytest.raises(FileNotFoundError, match="missing"):
+        with pytest.raises(ConfigurationError, match="missing"):
             pipeline_from_settings(settings, "cpu")
 
 
@@ -76,3 +77,19 @@ def test_the_pipelines_own_limits_are_the_services_defaults() -> None:
         ("max_batch", "max_face_batch"),
     ):
         assert library[library_name].default == service[setting].default, library_name
+
+
+def test_only_the_method_files_errors_are_configuration_errors(tmp_path: Path) -> None:
+    """A worker stays up `misconfigured` (retrying) only for `ConfigurationError`, raised before any
+    network loads: a damaged DSST table is one; a ValueError from elsewhere in loading (here a PNG
+    compression level the pipeline refuses once the networks are built) is not, and ends the worker
+    instead of rebuilding the networks every retry under a misleading "fix the setting"."""
+    table = tmp_path / "dsst.json"
+    table.write_text("{", encoding="utf-8")
+    settings = base_settings(uuid.uuid4().hex[:10], offline=True, dsst_table=str(table))
+    with pytest.raises(ConfigurationError, match=str(table)):
+        pipeline_from_settings(settings, "cpu")
+    settings = base_settings(uuid.uuid4().hex[:10], offline=True)
+    with pytest.raises(ValueError) as raised:
+        pipeline_from_settings(settings.model_copy(update={"png_compress_level": 10}), "cpu")
+    assert not isinstance(raised.value, ConfigurationError)
