@@ -1136,11 +1136,8 @@ def _optional_parser(weights_dir: Path, device: torch.device) -> face_ops.FacePa
 def _pull_optional(names: Sequence[str], wdir: Path) -> None:
     """Fetch files the profile works without (better paste masks, the other detector); a failure
     (offline, no network) is logged, never fatal, since the service runs fine without them."""
-    for name in names:
-        try:
-            weights.pull([name], wdir)
-        except (OSError, ValueError) as e:  # MissingWeightsError and DownloadError are OSErrors
-            log.warning("optional weights %s not fetched: %s", name, e)
+    for name, e in weights.pull_optional(names, wdir)[1]:
+        log.warning("optional weights %s not fetched: %s", name, e)
 
 
 def tiny_networks(profile: Profile) -> tuple[IDDPMUNet, SwinIR]:

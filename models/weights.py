@@ -780,13 +780,13 @@ def _add_choice(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _chosen(args: argparse.Namespace) -> tuple[list[str] | None, set[str]]:
+def _chosen(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
     """--only's names, None (everything) for --all, else the files the service uses; and which of them
     are optional (only in the service's set: a file named or wanted with --all is wanted)."""
     if args.only or args.all:
-        return args.only or None, set()
+        return args.only or None, []
     required, optional = service_weights(_resolve_dir(args.dir))
-    return required + optional, set(optional)
+    return required + optional, optional
 
 
 def _print_statuses(statuses: Sequence[Status], optional: Collection[str] = ()) -> None:
@@ -798,11 +798,29 @@ def _print_statuses(statuses: Sequence[Status], optional: Collection[str] = ()) 
         print(f"{s.name:24} {s.state:10} {s.path}{detail}")
 
 
+def pull_optional(
+    names: Iterable[str], weights_dir: str | Path | None = None, **options: Any
+) -> tuple[list[Status], list[tuple[str, Exception]]]:
+    """Fetch files the service runs without (parsing net, other detector), each best effort (`pull`'s
+    ``options``): their statuses, and the (name, error) of each that could not be fetched (offline, no
+    network, a failed download), for the caller to warn about — never raised."""
+    root = _resolve_dir(weights_dir)
+    statuses: list[Status] = []
+    failures: list[tuple[str, Exception]] = []
+    for entry in (select([name])[0] for name in names):  # in the order given
+        try:
+            statuses += pull([entry.name], root, **options)
+        except (OSError, ValueError) as e:  # MissingWeightsError and DownloadError are OSErrors
+            failures.append((entry.name, e))
+            statuses.append(_check(entry, root / entry.path, hash_it=False))
+    return statuses, failures
+
+
 def _cli_pull(args: argparse.Namespace) -> int:
     """Exit code 1 when a wanted file could not be fetched. Optional files (in the service's default
-    set only) are fetched after the others, each best effort as a worker does at start
-    (`models.pipeline._pull_optional`): one that cannot be fetched is a warning, since the service runs
-    without it, so an init job's `pull && verify` does not stop a deployment for it."""
+    set only) are fetched after the others, best effort as a worker does at start (`pull_optional`):
+    one that cannot be fetched is a warning, since the service runs without it, so an init job's
+    `pull && verify` does not stop a deployment for it."""
     options = {"offline": args.offline, "progress": not args.quiet, "force": args.force}
     try:
         names, optional = _chosen(args)
@@ -811,13 +829,10 @@ def _cli_pull(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, OSError) as e:  # MissingWeightsError and DownloadError are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for name in sorted(optional, key=names.index):
-        try:
-            statuses += pull([name], args.dir, **options)
-        except OSError as e:
-            print(f"warning: optional {name} not fetched (the service runs without it): {e}", file=sys.stderr)
-            statuses += verify(args.dir, names=[name])
-    _print_statuses(statuses, optional)
+    fetched, failures = pull_optional(optional, args.dir, **options)
+    for name, e in failures:
+        print(f"warning: optional {name} not fetched (the service runs without it): {e}", file=sys.stderr)
+    _print_statuses(statuses + fetched, optional)
     return 0
 
 

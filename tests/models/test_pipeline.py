@@ -800,7 +800,12 @@ def test_real_profile_download_respects_offline(tmp_path: Path, monkeypatch: pyt
 
 def test_download_pulls_required_then_optional_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(pipeline_mod.weights, "pull", lambda names, wdir: calls.append(list(names)))
+
+    def fetch_nothing(names: list[str], wdir: Path) -> list[object]:
+        calls.append(list(names))
+        return []
+
+    monkeypatch.setattr(pipeline_mod.weights, "pull", fetch_nothing)
     with pytest.raises(MissingWeightsError):  # the fake pull fetched nothing
         RestorationPipeline.from_pretrained("real", weights_dir=tmp_path, download=True)
     real = PROFILES["real"]
