@@ -474,10 +474,15 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> No
 RESUMABLE_CHANGES = frozenset({"max_steps", "log_every", "ckpt_every", "data.num_workers", "out_dir"})
 
 
+#: Fields added after checkpoints were written without them, with the value that gives the behaviour
+#: those checkpoints were trained with: such a run resumes with that value set.
+ADDED_FIELDS = {"data.hflip": False}
+
+
 def check_resume_config(config: TrainConfig, saved: dict[str, Any], ckpt: Path) -> None:
     """Raise ValueError naming every field (other than `RESUMABLE_CHANGES`) in which `config` differs
-    from `saved`, the config stored in the checkpoint `ckpt`."""
-    now, then = _flatten(config.model_dump(mode="json")), _flatten(saved)
+    from `saved`, the config stored in the checkpoint `ckpt` (read with `ADDED_FIELDS` where absent)."""
+    now, then = _flatten(config.model_dump(mode="json")), ADDED_FIELDS | _flatten(saved)
     differ = sorted(
         k for k in now.keys() | then.keys() if k not in RESUMABLE_CHANGES and now.get(k) != then.get(k)
     )

@@ -215,9 +215,13 @@ def test_dblm_estimates_stay_float32_under_bf16_autocast() -> None:
 @needs_shared
 def test_dblm_head_runs_in_float32_in_a_half_precision_net() -> None:
     """The pipeline casts the whole DBLM to its dtype (fp16 on CUDA, bf16 on request): the float32 head
-    then holds half-precision parameters and casts them up rather than failing on mixed dtypes."""
+    then holds half-precision parameters, casts them up rather than failing on mixed dtypes, and
+    computes in float32 (its output was bf16, rounded to ~1 8-bit level, then cast up)."""
     net = tiny_dblm((1.0, 2.0)).to(torch.bfloat16)
+    head_out: list[torch.Tensor] = []
+    net.backbone.conv_last.register_forward_hook(lambda module, args, out: head_out.append(out))
     with torch.no_grad():
         out = net(torch.rand(1, 3, 64, 64, dtype=torch.bfloat16))
     assert net.backbone.conv_last.weight.dtype == torch.bfloat16
+    assert head_out[0].dtype == torch.float32
     assert out.estimates.dtype == out.logvar.dtype == torch.float32

@@ -35,6 +35,7 @@ from models.train import (
     FaceFolder,
     RunExistsError,
     TrainConfig,
+    check_resume_config,
     checkpoint_path,
     data_key,
     flip_drawn,
@@ -410,6 +411,18 @@ def test_resume_refuses_a_config_that_changes_the_run(
     assert torch.load(ckpt, weights_only=False)["step"] == 1  # nothing trained
     assert resume_cli(max_steps=2, log_every=2, ckpt_every=5) == 0
     assert torch.load(ckpt, weights_only=False)["step"] == 2
+
+
+def test_a_checkpoint_from_before_the_flip_resumes_without_flips(tmp_path: Path, faces: Path) -> None:
+    """`data.hflip` is newer than some checkpoints: their saved config lacks it, and every value was
+    refused ("checkpoint '(absent)'"), stranding the run. Absent reads as the behaviour they were
+    trained with, no flip: `hflip: false` resumes, `true` is named as a change."""
+    config = tiny_config(tmp_path, faces, data={"hflip": False})
+    saved = config.model_dump(mode="json")
+    del saved["data"]["hflip"]
+    check_resume_config(config, saved, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"data.hflip \(checkpoint False, config True\)"):
+        check_resume_config(tiny_config(tmp_path, faces), saved, tmp_path / "last.pt")
 
 
 def test_a_run_without_resume_refuses_an_out_dir_holding_a_run(
