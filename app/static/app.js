@@ -21,6 +21,13 @@ const RETRY_BUDGET_MS = 120000;
 // A submission whose answer does not come (network, 5xx) is sent again with the same Idempotency-Key,
 // which gets the job it may have made instead of a second one: these waits between tries.
 const SUBMIT_RETRY_MS = [1000, 2000, 4000];
+// Once the whole photo is sent, the API answers as soon as it has checked and stored it (the page sends
+// no `Prefer: wait`): within seconds. A POST still unanswered this long after its body went out is
+// given up and tried again with its Idempotency-Key. 60 s is the API's own bound on a submission's
+// time from claiming its key to storing its job (IDEMPOTENCY_TAKEOVER_SECONDS): past it the API, too,
+// takes that request to have failed. Counted from the end of the upload, not from send() as
+// `xhr.timeout` would be: a 20 MB photo on a slow link takes minutes to upload.
+const ANSWER_TIMEOUT_MS = 60000;
 // What an error answer that is not our JSON (a proxy's HTML 413 or 502) means, by its status.
 const STATUS_CODE = {
   401: "unauthorized",
@@ -73,6 +80,9 @@ const ERROR_TEXT = {
   page_error: "Something went wrong in this page. Reload it and try again.",
   display_failed: "This browser cannot display the restored photo. Use “Download restored photo” to save it.",
   upload_canceled: "The upload was canceled.",
+  cancel_unconfirmed: "The server did not answer, so the page cannot tell whether it stored your photo: " +
+    "a job may still run. Restore the same photo with the same options to find that job (no second one " +
+    "is made), then cancel it.",
   reconnecting: "The server is not answering right now. Still retrying…",
   lost_contact: "The server did not answer for two minutes, so the page stopped watching the job. " +
     "Reload the page to look at it again (it is remembered in the address).",
@@ -184,15 +194,21 @@ function postForm(run, path, form, headers) {
     if (signal.aborted) return reject(abortError());
     const xhr = new XMLHttpRequest();
     const stop = () => xhr.abort();
+    let answerTimer = null;
+    let timedOut = false;
     xhr.open("POST", path);
     for (const [name, value] of Object.entries({ ...authHeaders(), ...headers })) {
       xhr.setRequestHeader(name, value);
     }
     xhr.upload.onprogress = (e) => {
-      if (isCurrent(run) && !run.cancelRequested) showUpload(e.lengthComputable ? e.loaded / e.total : null);
+      if (isCurrent(run)) showUpload(e.lengthComputable ? e.loaded / e.total : null);
     };
     xhr.upload.onload = () => {
-      run.bodySent = true;
+      run.mayHaveJob = true; // whatever becomes of the answer, the API may store the job now
+      answerTimer = setTimeout(() => {
+        timedOut = true;
+        xhr.abort();
+      }, ANSWER_TIMEOUT_MS);
     };
     xhr.onload = () => {
       if (xhr.status < 200 || xhr.status > 299) {
@@ -206,9 +222,12 @@ function postForm(run, path, form, headers) {
       }
     };
     xhr.onerror = () => reject(new ApiFailure("network", "No response from the server."));
-    xhr.onabort = () => reject(abortError());
+    xhr.onabort = () => {
+      if (!timedOut) return reject(abortError());
+      reject(new ApiFailure("network", `No answer from the server within ${ANSWER_TIMEOUT_MS / 1000} s.`));
+    };
     xhr.onloadend = () => {
-      run.bodySent = false;
+      clearTimeout(answerTimer);
       signal.removeEventListener("abort", stop);
     };
     signal.addEventListener("abort", stop);
@@ -248,17 +267,19 @@ async function blobUrl(path, signal) {
 
 function showMessage(code, detail, retryAfter = null, kind = "error") {
   const box = $("message");
-  // role=alert reads every rewrite out again (an outage retries some 20 times): leave it as it is
-  if (!box.hidden && box.dataset.code === code) return;
   let title = ERROR_TEXT[code] || `The request failed (${code}).`;
   const wait = retryAfterMs(retryAfter);
   if (wait > 0) title += ` Try again in ${Math.ceil(wait / 1000)} s.`;
-  box.className = `message ${kind}`;
-  box.dataset.code = code;
-  $("message-title").textContent = title;
-  $("message-detail").textContent = detail ? `Details: ${detail}` : "";
-  box.hidden = false;
-  if (code === "unauthorized") showKeyPanel(true);
+  // role=alert reads every rewrite out again (an outage retries some 20 times, each with its own
+  // details): the same sentence is left as it is. A new one (another "Try again in N s") is shown.
+  if (box.hidden || box.dataset.code !== code || $("message-title").textContent !== title) {
+    box.className = `message ${kind}`;
+    box.dataset.code = code;
+    $("message-title").textContent = title;
+    $("message-detail").textContent = detail ? `Details: ${detail}` : "";
+    box.hidden = false;
+  }
+  if (code === "unauthorized") showKeyPanel(true); // every time: the key is what the user must fix
 }
 
 function showFailure(err) {
@@ -317,6 +338,13 @@ async function checkService() {
   } catch {
     // the page still works; errors show on submit
   }
+}
+
+// What a job shows of the service outdates a notice that said otherwise: one accepted proves the job
+// store answers, one a worker took (processing, succeeded) that a worker runs with its model loaded.
+function noticeDisproved(codes) {
+  const box = $("notice");
+  if (!box.hidden && codes.includes(box.dataset.code)) box.hidden = true;
 }
 
 // ---------------------------------------------------------------- photo and options
@@ -413,7 +441,9 @@ function startRun(inputUrl, jobId = null) {
     queuedPolls: 0,
     failingSince: null,
     retries: 0,
-    bodySent: false, // the upload's whole body is sent and its answer awaited
+    // A try's whole photo has been sent, or a try ended with no answer saying what became of it: the
+    // API may have stored the job, so Cancel must find it (and delete it) rather than only stop.
+    mayHaveJob: false,
     cancelRequested: false,
     stoppedBy: null, // the error code that ended polling, if one did
   };
@@ -469,16 +499,27 @@ async function submit() {
     if (!isCurrent(run)) return;
     state.unsure = null;
     if ($("message").dataset.code === "reconnecting") clearMessage();
+    noticeDisproved(["redis_unreachable"]);
     run.jobId = job.id;
     rememberJob(job.id);
-    if (run.cancelRequested) requestCancel(run); // Cancel came once the photo was all sent
+    // Cancel came once a try's photo was all sent: this is that job (answered, or replayed for the
+    // same Idempotency-Key), or one made just now because none had been stored; either way it goes.
+    if (run.cancelRequested) requestCancel(run);
     handleJob(run, job);
   } catch (err) {
     if (!isCurrent(run)) return;
     finishRun(run);
     clearStatus();
-    if (err instanceof ApiFailure && !retryableSubmit(err)) state.unsure = null; // answered: no job
     if (err.name === "AbortError") return showMessage("upload_canceled", "", null, "info");
+    if (err instanceof ApiFailure && retryableSubmit(err)) {
+      // the job may exist: state.unsure keeps its key, so submitting again finds it
+      if (run.cancelRequested) return showMessage("cancel_unconfirmed", err.message);
+    } else if (err instanceof ApiFailure && err.status > 0) {
+      // The API answered, refusing the photo: no job was stored. (A refusal of the page's own, such as
+      // not_square, sent nothing, and leaves an earlier unsure submission's key as it was.)
+      state.unsure = null;
+      if (run.cancelRequested) return showMessage("upload_canceled", err.message, null, "info");
+    }
     return showFailure(err);
   }
 }
@@ -494,10 +535,11 @@ async function submitWithRetries(run, form, key) {
     try {
       return await postForm(run, "/v1/restorations", form, { "Idempotency-Key": key });
     } catch (err) {
+      if (err instanceof ApiFailure && retryableSubmit(err)) run.mayHaveJob = true;
       const retry = err instanceof ApiFailure && retryableSubmit(err) && attempt < SUBMIT_RETRY_MS.length;
       if (!retry || !isCurrent(run)) throw err;
       showMessage("reconnecting", err.message, null, "info");
-      showUpload(null);
+      showUpload(null); // not once Cancel is requested: the next try only learns the job's id, to delete it
       const wait = Math.max(SUBMIT_RETRY_MS[attempt], retryAfterMs(err.retryAfter) ?? 0);
       await sleep(Math.min(wait, RETRY_CAP_MS), run.abort.signal); // Cancel ends the wait
     }
@@ -576,8 +618,14 @@ function pollFailed(run, err) {
 
 function handleJob(run, job) {
   renderStatus(run, job);
+  if (job.status === "processing" || job.status === "succeeded") {
+    noticeDisproved(["no_worker", "no_model", "redis_unreachable", "not_ready"]);
+  }
   if (!TERMINAL.has(job.status)) return schedulePoll(run, pollDelay(run, job));
   finishRun(run);
+  checkService(); // the notice says what holds now that the job has ended
+  // a Cancel that came too late: the end state shown now says what became of the job
+  if ($("message").dataset.code === "not_cancelable") clearMessage();
   if (job.status === "succeeded") {
     showResults(run, job).catch((err) => {
       if (isCurrent(run) && err.name !== "AbortError") showFailure(err);
@@ -595,13 +643,14 @@ function cancel() {
   if (!running() || run.cancelRequested) return;
   run.cancelRequested = true;
   updateControls();
-  if (!run.jobId && !run.bodySent) {
-    // still uploading (or waiting to try again): the API stores no job from an unfinished upload
+  if (!run.jobId && !run.mayHaveJob) {
+    // the first try is still uploading: the API stores no job from an unfinished upload
     run.abort.abort();
     return;
   }
   setStatusLine("Cancel requested…", "");
-  // with no id yet (the photo is all sent, the answer not in): submit() cancels once it has one
+  // With no id yet, the submission goes on only to learn it (the answer awaited, or the next try with
+  // the same Idempotency-Key, which replays a stored job): submit() then deletes the job.
   if (run.jobId) requestCancel(run);
 }
 
@@ -612,6 +661,11 @@ async function requestCancel(run) {
     if (!isCurrent(run) || err.name === "AbortError") return;
     run.cancelRequested = false; // the job goes on: Cancel may be tried again
     updateControls();
+    if (err.code === "not_cancelable") {
+      // the job has ended: its end state, polled now, shows what became of it (and clears this)
+      if (run.done) return;
+      if (!run.inFlight) schedulePoll(run, 0);
+    }
     showFailure(err);
     return;
   }
@@ -637,6 +691,7 @@ function clearStatus() {
 }
 
 function showUpload(fraction) {
+  if (state.run && state.run.cancelRequested) return; // "Cancel requested…" stays
   $("status-panel").dataset.status = "uploading";
   const bar = $("progress");
   if (fraction === null) bar.removeAttribute("value"); // indeterminate

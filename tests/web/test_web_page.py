@@ -15,7 +15,7 @@ import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -88,13 +88,14 @@ def _chromium() -> str | None:
 
 
 class LiveServer:
-    """The real app under uvicorn, in a thread, on a free port."""
+    """The real app under uvicorn, in a thread, on a free port (``wrap``: an ASGI app around it)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, wrap: Callable[[Any], Any] | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
+        app = create_app(settings)
+        config = uvicorn.Config(wrap(app) if wrap else app, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -1080,3 +1081,394 @@ def test_the_status_sentence_is_a_live_region_before_its_first_status(service: s
     _wait_status_line(page, "Uploading the photo…")
     assert page.is_visible("#status-panel h2") and page.is_visible("#progress")
     assert page.get_attribute("#status-text", "aria-live") == "polite"
+
+
+# ---------------------------------------------------------------- Cancel of a submission whose answer is lost
+
+ANSWER_TIMEOUT_MS = 60_000  # app.js: a POST unanswered this long after its body went out is tried again
+
+
+@pytest.fixture(scope="module")
+def bare_service(redis_conn, browser) -> Iterator[str]:
+    """The open API with no worker: a job it stores stays queued until it is canceled."""
+    settings = base_settings(uuid.uuid4().hex[:10])
+    try:
+        with LiveServer(settings) as server:
+            yield server.url
+    finally:
+        purge(redis_conn, settings)
+
+
+def _run_clock_until(pg: Any, code: str, limit_ms: int = 30_000) -> int:
+    """Move the page's paused fake clock on, 500 ms at a time, until #message shows ``code``."""
+    advanced = 0
+    while pg.get_attribute("#message", "data-code") != code and advanced < limit_ms:
+        pg.clock.run_for(500)
+        advanced += 500
+    return advanced
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["answer-lost", "never-arrived"])
+def test_cancel_before_a_retried_submission_deletes_the_job_it_may_have_made(
+    bare_service: str, page: Any, stored: bool
+) -> None:
+    """A POST that got no answer may have stored its job. Cancel in the wait before the retry used to
+    stop there ("The upload was canceled"), leaving that job to run: the retry, with the same
+    Idempotency-Key, now goes on to learn the job (the API replays the stored one; with none stored
+    it makes one) and the page deletes it, saying "Cancel requested…" meanwhile."""
+    posts: list[tuple[str | None, str | None, str]] = []  # (key, Idempotent-Replayed, job id)
+    first: list[str | None] = []  # the id of the job the first POST stored (its answer lost), or None
+    deletes: list[str] = []
+
+    def handle(route: Any) -> None:
+        request = route.request
+        if request.method == "POST" and not first:
+            first.append(route.fetch().json()["id"] if stored else None)  # stored, or never arrived
+            route.abort("connectionreset")  # the answer is lost
+            return
+        if request.method == "POST":
+            answer = route.fetch()
+            posts.append(
+                (
+                    request.headers.get("idempotency-key"),
+                    answer.headers.get("idempotent-replayed"),
+                    answer.json()["id"],
+                )
+            )
+            route.fulfill(response=answer)
+            return
+        if request.method == "DELETE":
+            deletes.append(request.url.rsplit("/", 1)[1])
+        route.fallback()
+
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
+    page.goto(bare_service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    with page.expect_request(lambda r: _is_submission(r.url)) as sent:
+        page.click("#submit")
+    key = sent.value.headers.get("idempotency-key")
+    page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
+    page.click("#cancel")  # in the wait before the retry
+    assert page.inner_text("#status-line") == "Cancel requested…"
+    assert page.is_disabled("#cancel") and page.is_disabled("#submit")
+    assert page.get_attribute("#message", "data-code") == "reconnecting"  # not "upload_canceled"
+
+    _run_clock_until(page, "canceled")
+    _screenshot(page, f"cancel-before-retry-{'stored' if stored else 'not-stored'}")
+    assert page.get_attribute("#message", "data-code") == "canceled"
+    assert page.inner_text("#status-line") == "Canceled."
+    assert len(posts) == 1 and posts[0][0] == key
+    job_id = posts[0][2]
+    if stored:
+        assert posts[0][1] == "true" and job_id == first[0]  # the job the lost answer was for
+    else:
+        assert posts[0][1] is None  # none was stored: the retry made it, and it goes at once
+    assert deletes == [job_id]
+    assert httpx.get(f"{bare_service}/v1/restorations/{job_id}").json()["status"] == "canceled"
+    assert page.is_enabled("#submit") and page.is_hidden("#cancel")
+    allowed = ("status of 503", "ERR_CONNECTION_RESET")  # /readyz: no worker here
+    assert _unexpected_console(page, allowed=allowed) == []
+
+
+def test_cancel_that_cannot_learn_the_job_says_it_may_exist(service: str, page: Any) -> None:
+    """When no try answers, the page cannot know whether a job was stored: it says so (not "The upload
+    was canceled"), and submitting the same photo again uses the same Idempotency-Key, so it finds
+    that job rather than making a second."""
+    keys: list[str | None] = []
+    methods: list[str] = []
+
+    def handle(route: Any) -> None:
+        request = route.request
+        methods.append(request.method)
+        if request.method == "POST":
+            keys.append(request.headers.get("idempotency-key"))
+            if len(keys) <= 4:  # the first try and its three retries: no answer
+                route.abort("connectionreset")
+                return
+        route.fulfill(
+            status=202 if request.method == "POST" else 200, json=_fake_job("queued", queue_position=0)
+        )
+
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
+    page.click("#cancel")
+    _record_texts(page, "status-text")
+    _run_clock_until(page, "cancel_unconfirmed")
+    text = _wait_for_message(page, "cancel_unconfirmed", "cancel-unconfirmed")
+    assert "may still run" in text and "same photo" in text, text
+    assert _recorded_texts(page) == [""]  # "Cancel requested…" until the page gave up (then emptied)
+    assert methods == ["POST"] * 4  # no id was learnt: nothing to DELETE
+    assert page.is_enabled("#submit") and page.is_hidden("#cancel")
+    assert page.evaluate("location.hash") == ""
+
+    page.click("#submit")  # the same photo and options: finds the job, if there is one
+    page.wait_for_selector("#status-panel[data-status='queued']")
+    assert len(keys) == 5 and set(keys) == {keys[0]}
+    assert _unexpected_console(page, allowed=("ERR_CONNECTION_RESET",)) == []
+
+
+class FirstSubmissionUnanswered:
+    """ASGI app in front of the API: reads the first POST /v1/restorations whole and never answers it
+    (it ends when the client gives up); everything else goes to the API."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.hung = threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        first = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/restorations"
+        if first and not self.hung.is_set():
+            while (await receive()).get("more_body", False):
+                pass
+            self.hung.set()
+            await receive()  # http.disconnect: the client gave up
+            return
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["waiting", "cancel-requested"])
+def test_a_submission_the_server_never_answers_is_tried_again(
+    redis_conn, browser, page: Any, cancel: bool
+) -> None:
+    """A POST whose body is all sent and that is never answered left the page waiting for good, with
+    Cancel (once pressed) and Restore disabled until a reload: it is given up after ANSWER_TIMEOUT_MS
+    and tried again with the same Idempotency-Key. After Cancel, the retry only learns the job (its
+    upload does not replace "Cancel requested…"), which is then deleted."""
+    settings = base_settings(uuid.uuid4().hex[:10])
+    fronts: list[FirstSubmissionUnanswered] = []
+
+    def wrap(app: Any) -> FirstSubmissionUnanswered:
+        fronts.append(FirstSubmissionUnanswered(app))
+        return fronts[0]
+
+    try:
+        with LiveServer(settings, wrap=wrap) as server:
+            page.clock.install(time=CLOCK_START)
+            page.clock.pause_at(CLOCK_START + 1)
+            page.goto(server.url + "/")
+            page.set_input_files("#file", files=[_photo()])
+            page.click("#submit")
+            _wait_status_line(page, "Uploading the photo: 100%")  # the whole body is sent
+            assert fronts[0].hung.wait(10)
+            _record_texts(page, "status-text")
+            if cancel:
+                page.click("#cancel")
+                _wait_status_line(page, "Cancel requested…")
+                assert page.is_disabled("#cancel") and page.is_disabled("#submit")
+            page.clock.run_for(ANSWER_TIMEOUT_MS - 1000)
+            page.wait_for_timeout(200)
+            assert page.is_hidden("#message")  # still waiting for the answer
+            if cancel:
+                _run_clock_until(page, "canceled")
+                assert page.inner_text("#status-line") == "Canceled."
+                # the retry's upload did not replace it
+                assert _recorded_texts(page) == ["Cancel requested…", "Canceled."]
+                expected = "canceled"
+            else:
+                _run_clock_until(page, "reconnecting")  # the first try given up
+                page.clock.run_for(1000)  # the wait before the retry
+                page.wait_for_selector("#status-panel[data-status='queued']", timeout=10_000)
+                expected = "queued"
+            _screenshot(page, f"never-answered-{'canceled' if cancel else 'retried'}")
+            job_id = page.evaluate("location.hash").removeprefix("#job=")
+            r = httpx.get(f"{server.url}/v1/restorations/{job_id}")
+            assert r.status_code == 200 and r.json()["status"] == expected
+    finally:
+        purge(redis_conn, settings)
+    assert _unexpected_console(page, allowed=("status of 503",)) == []  # /readyz: no worker here
+
+
+# ---------------------------------------------------------------- messages and the readiness notice
+
+
+def test_a_repeated_error_shows_its_new_wait_and_asks_for_the_key_again(service: str, page: Any) -> None:
+    """The same error again is left as it is only when it reads the same: a new Retry-After is shown,
+    and "unauthorized" takes the focus to the key each time."""
+    job = _fake_job("processing", stage="sample", progress={"step": 1, "total": 50})
+    refusals: list[dict[str, Any]] = [
+        {"status": 429, "headers": {"Retry-After": "30"}, "json": _error("rate_limited")},
+        {"status": 429, "headers": {"Retry-After": "10"}, "json": _error("rate_limited")},
+        {"status": 401, "json": _error("unauthorized", "A valid API key is required.")},
+        {"status": 401, "json": _error("unauthorized", "A valid API key is required.")},
+    ]
+
+    def handle(route: Any) -> None:
+        method = route.request.method
+        if method == "DELETE":
+            route.fulfill(**refusals.pop(0))
+        else:
+            route.fulfill(status=202 if method == "POST" else 200, json=job)
+
+    def title_is(text: str) -> None:
+        page.wait_for_function(
+            "t => document.getElementById('message-title').textContent === t", arg=text, timeout=10_000
+        )
+
+    page.add_init_script(
+        "document.addEventListener('focusin', (e) => {"
+        " if (e.target.id === 'api-key') window.keyFocused = (window.keyFocused || 0) + 1; });"
+    )
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    _wait_status_line(page, "Processing: diffusion sampling (step 1 of 50)")
+    page.click("#cancel")
+    title_is("Too many photos submitted in the last minute. Try again in 30 s.")
+    page.click("#cancel")
+    title_is("Too many photos submitted in the last minute. Try again in 10 s.")
+    page.click("#cancel")
+    _wait_for_message(page, "unauthorized", "repeated-unauthorized")
+    page.wait_for_function("() => window.keyFocused === 1", timeout=10_000)
+    page.click("#cancel")  # the focus leaves the key field for the button
+    page.wait_for_function("() => window.keyFocused === 2", timeout=10_000)
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    assert refusals == []
+    assert _unexpected_console(page) == []
+
+
+@pytest.mark.parametrize(
+    ("reasons", "code", "proof"),
+    [
+        (["no worker is running"], "no_worker", "processing"),  # a worker took the job
+        (["redis unreachable: ConnectionError"], "redis_unreachable", "queued"),  # the job was stored
+    ],
+)
+def test_a_job_outdates_the_readiness_notice(
+    service: str, page: Any, reasons: list[str], code: str, proof: str
+) -> None:
+    """The notice said what /readyz said when the page was opened: a job that was stored, or that a
+    worker took, proves otherwise (it stayed on screen beside the result), and its end asks again."""
+    readyz: list[int] = []
+
+    def ready(route: Any) -> None:
+        readyz.append(1)
+        body = {"ready": len(readyz) > 1, "auth": "open", "queue_depth": 0, "workers": []}
+        route.fulfill(
+            status=503 if len(readyz) == 1 else 200,
+            json={**body, "reasons": reasons if len(readyz) == 1 else []},
+        )
+
+    job = _fake_job(
+        "queued",
+        queue_position=0,
+        faces=[],
+        outputs={"image": f"{service}/v1/restorations/{FAKE_ID}/image", "faces": []},
+        urls={"self": "", "result": None, "cancel": ""},
+    )
+
+    def handle(route: Any) -> None:
+        if route.request.url.endswith("/image"):
+            route.fulfill(body=FACE.read_bytes(), content_type="image/png")
+        else:
+            route.fulfill(status=202 if route.request.method == "POST" else 200, json=job)
+
+    page.route(lambda url: url.endswith("/readyz"), ready)
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.goto(service + "/")
+    page.wait_for_selector(f"#notice[data-code='{code}']", state="visible")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    page.wait_for_selector("#status-panel[data-status='queued']")
+    assert page.is_visible("#notice") == (proof != "queued")  # a queued job says nothing of workers
+    job.update(status="processing", stage="sample", progress={"step": 1, "total": 50}, queue_position=None)
+    _wait_status_line(page, "Processing: diffusion sampling (step 1 of 50)")
+    assert page.is_hidden("#notice")
+    assert len(readyz) == 1  # hidden for what the job showed, not asked again yet
+    job.update(status="succeeded", stage=None, progress=None)
+    page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=10_000)
+    _screenshot(page, f"notice-outdated-{code}")
+    assert page.is_hidden("#notice")
+    for _ in range(100):  # the re-check made as the job ended
+        if len(readyz) == 2:
+            break
+        page.wait_for_timeout(50)
+    assert len(readyz) == 2
+    assert _unexpected_console(page, allowed=("status of 503",)) == []
+
+
+def test_a_photo_refused_by_the_page_keeps_the_key_of_an_unsure_submission(service: str, page: Any) -> None:
+    """A refusal of the page's own (not_square: nothing is sent) said nothing about the earlier
+    submission whose outcome is unknown: submitting that one again must still reuse its key."""
+    keys: list[str | None] = []
+
+    def handle(route: Any) -> None:
+        if route.request.method == "POST":
+            keys.append(route.request.headers.get("idempotency-key"))
+            if len(keys) <= 4:  # the first try and its three retries
+                route.fulfill(status=503, json=_error("redis_unavailable", "down"))
+                return
+        route.fulfill(status=202 if route.request.method == "POST" else 200, json=_fake_job("queued"))
+
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.clock.install(time=CLOCK_START)
+    page.clock.pause_at(CLOCK_START + 1)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo("crop.png", 300, 200)])
+    page.click("#submit")
+    page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
+    _run_clock_until(page, "redis_unavailable")
+    _wait_for_message(page, "redis_unavailable", "unsure-then-not-square")
+    page.check("#aligned")
+    page.click("#submit")
+    _wait_for_message(page, "not_square", "unsure-not-square")
+    page.uncheck("#aligned")
+    page.click("#submit")  # the unsure submission again
+    page.wait_for_selector("#status-panel[data-status='queued']")
+    assert len(keys) == 5 and set(keys) == {keys[0]}
+    assert _unexpected_console(page, allowed=("status of 503",)) == []
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["before-the-end", "after-the-end"])
+def test_a_cancel_that_came_too_late_is_not_left_above_the_result(
+    service: str, page: Any, late: bool
+) -> None:
+    """DELETE answered 409 not_cancelable: the job has ended. Its error stayed above the result: the
+    end state (polled at once) now takes its place, and one that comes once the end is shown is not
+    shown at all."""
+    job = _fake_job(
+        "processing",
+        stage="sample",
+        progress={"step": 1, "total": 50},
+        faces=[],
+        outputs={"image": f"{service}/v1/restorations/{FAKE_ID}/image", "faces": []},
+        urls={"self": "", "result": None, "cancel": ""},
+    )
+    held: list[Any] = []
+    too_late = {"status": 409, "json": _error("not_cancelable", "The job is already succeeded.")}
+
+    def handle(route: Any) -> None:
+        method = route.request.method
+        if route.request.url.endswith("/image"):
+            route.fulfill(body=FACE.read_bytes(), content_type="image/png")
+        elif method == "DELETE":
+            job.update(status="succeeded", stage=None, progress=None)
+            if late:
+                held.append(route)
+            else:
+                route.fulfill(**too_late)
+        else:
+            route.fulfill(status=202 if method == "POST" else 200, json=job)
+
+    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.goto(service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    _wait_status_line(page, "Processing: diffusion sampling (step 1 of 50)")
+    page.click("#cancel")
+    page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=10_000)
+    if late:
+        with page.expect_response(lambda r: r.request.method == "DELETE"):
+            held[0].fulfill(**too_late)
+        page.wait_for_timeout(300)  # its handling: nothing to wait for when it is right
+    _screenshot(page, f"cancel-too-late-{'after' if late else 'before'}")
+    assert page.inner_text("#status-line") == "Done."
+    assert page.is_hidden("#message"), page.inner_text("#message")
+    assert _unexpected_console(page) == []
