@@ -3,6 +3,12 @@ default) in place.
 
 Each script owns the text between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`; the rest of
 the file (introduction, the list of what was not measured) is hand-written and left alone.
+
+The one load figure a section gives is `cpu_busy`: the share of the machine's CPU time that was not
+idle over the `BUSY_WINDOW` seconds before the run (from /proc/stat, all logical CPUs together),
+measured once when the header is built, before any work; above `BUSY_WARN` the header says the
+timings are not reliable. (The 1-minute load average lags by a minute: right after another benchmark
+it still counts that one, and two readings a moment apart differ.)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +36,10 @@ FIGURES = ROOT / "docs" / "benchmarks"
 SHARED = ROOT.parent / "shared"
 ALIGNED = SHARED / "testdata" / "aligned"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+#: Seconds of /proc/stat sampling before a run (`cpu_busy`).
+BUSY_WINDOW = 3.0
+#: Above this share of the machine's CPU time busy before a run, its section carries a load warning.
+BUSY_WARN = 0.25
 
 
 def cpu_model() -> str:
@@ -41,11 +52,71 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine(gpu: torch.device | None = None) -> str:
-    """uname -a, CPU model and count, load average, Python/torch versions; with `gpu` (a CUDA device),
-    also that GPU: name, memory, SMs, compute capability, driver, and the CUDA/cuDNN torch was built with."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat's `cpu` line; None where there is none.
+    Idle = idle + iowait; total = user … steal (guest time is already in user and nice)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 6:
+        return None
+    ticks = [int(v) for v in fields[1:9]]
+    total = sum(ticks)
+    return total - ticks[3] - ticks[4], total
+
+
+@dataclass(frozen=True)
+class Busy:
+    """How busy the machine's CPUs were over `window` seconds (`cpu_busy`)."""
+
+    fraction: float | None  # busy share of all CPUs' time, 0–1; None: no /proc/stat here
+    window: float
+    cpus: int
+
+    @property
+    def high(self) -> bool:
+        return self.fraction is not None and self.fraction > BUSY_WARN
+
+    def text(self) -> str:
+        if self.fraction is None:
+            return "CPU busy before the run: unknown (no /proc/stat)"
+        return (
+            f"CPU busy before the run: {self.fraction * 100:.0f} % of {self.cpus} logical CPU(s) over "
+            f"{self.window:g} s (/proc/stat)"
+        )
+
+    def warning(self) -> str:
+        """The load warning line of a section's header ('' when the machine was quiet enough)."""
+        if not self.high:
+            return ""
+        assert self.fraction is not None
+        return (
+            f"- **Load warning:** the CPUs were {self.fraction * 100:.0f} % busy over the {self.window:g} s "
+            f"before this run started (above {BUSY_WARN * 100:.0f} %): other work was using them, so this "
+            "section's timings are not reliable; rerun on an idle machine.\n"
+        )
+
+
+def cpu_busy(window: float | None = None) -> Busy:
+    """The share of the machine's CPU time that was not idle over the next `window` seconds
+    (`BUSY_WINDOW` by default): sleeps that long, so call it before the run starts."""
+    seconds = BUSY_WINDOW if window is None else window
+    cpus = os.cpu_count() or 1
+    before = _cpu_times()
+    time.sleep(seconds)
+    after = _cpu_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return Busy(None, seconds, cpus)
+    return Busy((after[0] - before[0]) / (after[1] - before[1]), seconds, cpus)
+
+
+def machine(gpu: torch.device | None = None, busy: Busy | None = None) -> str:
+    """uname -a, CPU model and count, how busy the CPUs were (`busy`, else measured now), Python/torch
+    versions; with `gpu` (a CUDA device), also that GPU: name, memory, SMs, compute capability, driver,
+    and the CUDA/cuDNN torch was built with."""
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=False).stdout.strip()
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    busy = busy or cpu_busy()
     try:
         import torch
 
@@ -57,7 +128,7 @@ def machine(gpu: torch.device | None = None) -> str:
         torch_v = "torch not imported"
     gpu_text = f"; GPU: {gpu_model(gpu)}" if gpu is not None and gpu.type == "cuda" else ""
     return (
-        f"`{uname}`; CPU: {cpu_model()} × {os.cpu_count()} logical (load average at start {load}); "
+        f"`{uname}`; CPU: {cpu_model()} × {os.cpu_count()} logical ({busy.text()}); "
         f"Python {platform.python_version()}, {torch_v}; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}{gpu_text}"
     )
@@ -112,10 +183,15 @@ def _module() -> str:
         return str(path)
 
 
-def header(title: str, gpu: torch.device | None = None) -> str:
-    """The section's title, exact command, date and machine (`gpu`: the CUDA device the run used)."""
+def header(title: str, gpu: torch.device | None = None, busy: Busy | None = None) -> str:
+    """The section's title, exact command, date and machine (`gpu`: the CUDA device the run used), and
+    the load warning when the CPUs were busy (`busy`, else measured now: build it before the run)."""
+    busy = busy or cpu_busy()
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"## {title}\n\n- command: `{command()}`\n- date: {now}\n- machine: {machine(gpu)}\n"
+    return (
+        f"## {title}\n\n- command: `{command()}`\n- date: {now}\n- machine: {machine(gpu, busy)}\n"
+        + busy.warning()
+    )
 
 
 def write_section(name: str, body: str, doc: Path = DOC) -> None:

@@ -61,6 +61,7 @@ from bench._report import (
     REDIS_URL,
     ROOT,
     SHARED,
+    cpu_busy,
     header,
     percentile,
     service_env,
@@ -370,7 +371,7 @@ def ints(value: str) -> list[int]:
     return [int(v) for v in value.split(",")]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -380,15 +381,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32, help="concurrent throughput clients")
     parser.add_argument("--inflight", type=ints, default=[1, 16, 64], help="uploads held in flight")
     parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.submissions > 5000:
         raise SystemExit("--submissions is bounded at 5000 (each stores ~200 KB in Redis)")
-    head = header("API submission throughput and memory per in-flight upload")
+    # The one load figure (header and warning): how busy the CPUs were just before this run.
+    busy = cpu_busy()
+    head = header("API submission throughput and memory per in-flight upload", busy=busy)
     # Before the first server starts: the code those servers run (the tree may change during the run).
     rev = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.strip()
-    load_start = os.getloadavg()
     started = time.perf_counter()
     jpeg = make_jpeg()
     body, ctype = multipart(jpeg.data)
@@ -401,7 +403,6 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     runs = [run_workers(w, body, ctype, args, r, logs) for w in args.workers]
     duration = time.perf_counter() - started
-    load_end = ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
     def ms(values: list[float], q: float) -> str:
         return f"{percentile(values, q) * 1000:.1f}"
@@ -435,14 +436,11 @@ def main() -> None:
     non_202 += sum(v for run in runs for m in run.memory for k, v in m.statuses.items() if k != "202")
     cleanup = "; ".join(f"{run.workers} worker(s): {run.purged} deleted, {run.leftover} left" for run in runs)
     ncpu = os.cpu_count() or 1
-    # Only the load before the run measures other work: the end value counts this benchmark's own API,
-    # clients and Redis, which keep 2 CPUs busy by design.
-    busy = load_start[0] > ncpu / 2
+    # Only the figure from before the run measures other work (the header's): during it, this
+    # benchmark's own API, clients and Redis keep the CPUs busy by design.
     warning = (
-        f"\n\n**Load warning:** the 1-minute load average was {load_start[0]:.2f} on {ncpu} CPUs before "
-        "this run started: other work was using the CPUs, so the throughput figures, and especially the "
-        "1- vs 2-worker comparison, are not reliable; rerun on an idle machine."
-        if busy
+        "\n\nWith the load warning above, the 1- vs 2-worker comparison especially is not reliable."
+        if busy.high
         else ""
     )
     body_md = f"""{head}
@@ -454,7 +452,7 @@ def main() -> None:
   Redis `{REDIS_URL}`, own key prefix and queue, rate limit off, queue limit above the submission
   count, **no worker**: accepted jobs just queue, so this is the API's cost alone (multipart parse,
   image decode check, input + record to Redis, RQ enqueue). Keys purged afterwards
-  ({cleanup}). Whole run took {duration:.0f} s; load average at the end {load_end}. API code:
+  ({cleanup}). Whole run took {duration:.0f} s. API code:
   `git describe --always --dirty` = `{rev}` (the working tree when the run started, before the first
   server).
 - throughput: {args.clients} asyncio httpx clients in the bench process posting the same body back to

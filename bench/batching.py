@@ -21,13 +21,19 @@ Both pipelines share the same network objects (as tests/models/test_pipeline.py 
 Timed with `time.perf_counter` around each `restore_faces` call (whole call: restorer R at 512, blur
 estimate, DGSA map, sampling, uint8 conversion), and the call's own `timings["sample"]` (the sampler
 loop alone). After one untimed warm-up call per pipeline, each configuration is repeated `--repeats`
-times, batched and one-at-a-time alternating within a repeat. Reported (p50 over repeats):
+times (5 by default), batched and one-at-a-time one after the other within a repeat, in alternating
+order (batched first in even repeats, one-at-a-time first in odd ones), so neither way always runs
+on the machine the other left (caches, clocks, other users). Reported (p50 over repeats):
 - faces/s = B / wall time of the B faces (one batched call, or the sum of the B one-face calls);
 - sampler faces/s = B / sampling-stage time; guide-stage faces/s = B / the call's `timings["dblm"]`;
 - per-face latency = time from when all B faces are ready until that face's result exists: the batched
   call's wall time for every face of the batch; one at a time, the walls of the one-face calls up to
   and including that face's (face k waits for the k − 1 before it); p50 over all faces;
-- speed-up = batched faces/s ÷ one-at-a-time faces/s.
+- speed-up = batched faces/s ÷ one-at-a-time faces/s, per repeat (the two ways of one repeat ran
+  back to back); reported as the median over repeats and its spread (min–max over repeats);
+- noise: at B = 1 both ways do the same work (one face, one call), so the spread of B = 1's ratio is
+  this run's timing noise; a B > 1 speed-up whose median falls inside it is marked "within noise".
+  No B = 1 in `--sizes`, or one repeat: no noise reference, nothing is marked.
 
 Across jobs (the worker's cross-job batching, DYNFACE_WORKER_BATCH_MAX_JOBS = B): `--jobs` one-face
 jobs (the first real aligned faces, job k with seed k, the same fidelity, so all may share a batch)
@@ -41,8 +47,14 @@ largest B) starts and takes them all. B = 1 is batching off. From the job record
   batches (a job reports its batch's stage time, so Σ over jobs of stage time ÷ `batch_jobs`);
 - per-face latency = a job's completion − the first start (how long a face waited for its result
   once the worker began), p50 over all jobs of all repeats;
-- max abs diff = of each job's output image vs the same job's with batching off in the same repeat.
-Configurations alternate within a repeat (one worker process per configuration and repeat).
+- max abs diff = of each job's output image vs the same job's with batching off in the same repeat;
+- speed-up = faces/s ÷ batching off's in the same repeat; median and min–max over the repeats.
+`--worker-repeats` repeats (2 by default; a worker run is the slow part); in each, one worker process
+per configuration, in the order of `--worker-sizes`, reversed in odd repeats.
+
+Run time of the defaults on the 2-CPU VM (tiny profile, CPU), from the timings of the 2-repeat run in
+docs/benchmarks.md: about 50 s per in-process repeat plus ~25 s of warm-ups, and about 85 s per
+worker repeat, i.e. about 7 min in all.
 
 The worker part needs Redis, the API's dependencies and, for the real profile, its released weights
 (the worker loads no random ones); `--skip-worker` runs the in-process part alone, which needs no Redis
@@ -50,7 +62,8 @@ or API packages, but still the pipeline's (torch, diffusers, spandrel, opencv, P
 from ../shared, `--faces-dir` with aligned faces.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.batching [--device cpu|cuda[:N]] [--profile tiny|real]
-       [--dtype auto] [--sizes 1,2,4,8] [--steps 10] [--repeats 3] [--jobs 8] [--worker-sizes 1,2,4,8]
+       [--dtype auto] [--sizes 1,2,4,8] [--steps 10] [--repeats 5] [--worker-repeats 2] [--jobs 8]
+       [--worker-sizes 1,2,4,8]
        [--faces-dir DIR] [--skip-worker] [--doc PATH | --no-write]
 """
 
@@ -256,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--faces-dir", type=Path, default=ALIGNED, help="aligned 512 px faces (*.png)")
     p.add_argument("--sizes", default="1,2,4,8", help="batch sizes B")
     p.add_argument("--steps", type=int, default=10, help="DSST start for every level (= NFE per face)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="in-process repeats (order alternating)")
+    p.add_argument("--worker-repeats", type=int, default=2, help="repeats of the across-jobs part")
     p.add_argument("--fidelity", type=float, default=0.5, help="fixed eta for every face")
     p.add_argument("--jobs", type=int, default=8, help="one-face jobs waiting for the worker")
     p.add_argument("--worker-sizes", default="1,2,4,8", help="DYNFACE_WORKER_BATCH_MAX_JOBS values (1 = off)")
@@ -274,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker_sizes = [int(v) for v in args.worker_sizes.split(",")]
     if worker_sizes[0] != 1:
         p.error("--worker-sizes must start with 1 (batching off, the reference)")
+    if args.repeats < 1 or args.worker_repeats < 1:
+        p.error("--repeats and --worker-repeats must be at least 1")
     wdir = args.weights_dir
     if not args.skip_worker and profile.real and weights.missing_for(profile_weights(profile, wdir), wdir):
         p.error(
@@ -292,30 +308,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         batched_pipe = make_pipeline(nets, args.steps, b, str(device), dtype)
         timed(batched_pipe, faces[:b], 0, args.fidelity, args.steps)  # warm-up at this batch shape
         batched, separate, max_diff = Runs(), Runs(), 0
-        for _ in range(args.repeats):
-            wall, sample, guide, out_b = timed(batched_pipe, faces[:b], 0, args.fidelity, args.steps)
-            batched.wall.append(wall)
-            batched.sample.append(sample)
-            batched.guide.append(guide)
-            batched.latency += [wall] * b
-            walls, samples, guides, outs = [], [], [], []
-            for k in range(b):
-                wall, sample, guide, out = timed(single, faces[k : k + 1], k, args.fidelity, args.steps)
-                walls.append(wall)
-                samples.append(sample)
-                guides.append(guide)
-                outs.append(out)
-            separate.wall.append(sum(walls))
-            separate.sample.append(sum(samples))
-            separate.guide.append(sum(guides))
-            # One at a time, face k's result exists only after the k − 1 calls before its own.
-            separate.latency += np.cumsum(walls).tolist()
+        for repeat in range(args.repeats):
+            out_b, outs = None, []
+            # Alternating order: batched first in even repeats, one at a time first in odd ones.
+            for way in ("batched", "separate") if repeat % 2 == 0 else ("separate", "batched"):
+                if way == "batched":
+                    wall, sample, guide, out_b = timed(batched_pipe, faces[:b], 0, args.fidelity, args.steps)
+                    batched.wall.append(wall)
+                    batched.sample.append(sample)
+                    batched.guide.append(guide)
+                    batched.latency += [wall] * b
+                    continue
+                walls, samples, guides = [], [], []
+                for k in range(b):
+                    wall, sample, guide, out = timed(single, faces[k : k + 1], k, args.fidelity, args.steps)
+                    walls.append(wall)
+                    samples.append(sample)
+                    guides.append(guide)
+                    outs.append(out)
+                separate.wall.append(sum(walls))
+                separate.sample.append(sum(samples))
+                separate.guide.append(sum(guides))
+                # One at a time, face k's result exists only after the k − 1 calls before its own.
+                separate.latency += np.cumsum(walls).tolist()
+            assert out_b is not None
             diff = np.abs(out_b.astype(int) - np.concatenate(outs).astype(int)).max()
             max_diff = max(max_diff, int(diff))
         results[b] = (batched, separate, max_diff)
+        ups = ratios(separate.wall, batched.wall)
         print(
             f"B={b}: batched {b / percentile(batched.wall, 50):.3f} faces/s, one at a time "
-            f"{b / percentile(separate.wall, 50):.3f} faces/s, max |diff| {max_diff}",
+            f"{b / percentile(separate.wall, 50):.3f} faces/s, speed-up {speed_up(ups, None, False)}, "
+            f"max |diff| {max_diff}",
             flush=True,
         )
 
@@ -338,24 +362,26 @@ def main(argv: Sequence[str] | None = None) -> None:
             max(worker_sizes),
             args.wait,
         )
-    for _ in range(0 if args.skip_worker else args.repeats):
-        reference: list[np.ndarray] = []
-        for b in worker_sizes:
-            run, images, per_batch = worker_run(job_faces, b, setup)
-            reference = reference or images
+    for repeat in range(0 if args.skip_worker else args.worker_repeats):
+        images_of: dict[int, list[np.ndarray]] = {}
+        # The configurations' order reversed in odd repeats, as the in-process ways alternate.
+        for b in worker_sizes if repeat % 2 == 0 else worker_sizes[::-1]:
+            run, images_of[b], per_batch = worker_run(job_faces, b, setup)
             runs, max_diff, batch_sizes = across[b]
             for name in ("wall", "sample", "guide", "latency"):
                 getattr(runs, name).extend(getattr(run, name))
-            diff = max(
-                int(np.abs(a.astype(int) - r.astype(int)).max())
-                for a, r in zip(images, reference, strict=True)
-            )
-            across[b] = (runs, max(max_diff, diff), [*batch_sizes, per_batch])
+            across[b] = (runs, max_diff, [*batch_sizes, per_batch])
             print(
-                f"worker max_jobs={b}: {args.jobs / run.wall[0]:.3f} faces/s, "
-                f"{per_batch:.1f} jobs per batch, max |diff| vs off {diff}",
+                f"worker max_jobs={b}: {args.jobs / run.wall[0]:.3f} faces/s, {per_batch:.1f} jobs per batch",
                 flush=True,
             )
+        for b in worker_sizes:  # every output vs the same job's with batching off, in this repeat
+            runs, max_diff, batch_sizes = across[b]
+            diff = max(
+                int(np.abs(a.astype(int) - r.astype(int)).max())
+                for a, r in zip(images_of[b], images_of[1], strict=True)
+            )
+            across[b] = (runs, max(max_diff, diff), batch_sizes)
     table_dir.cleanup()
     seconds = time.perf_counter() - started
     load_end = ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -365,14 +391,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "| speed-up (whole call) | speed-up (sampler) | max abs diff (uint8) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    # The noise reference: B = 1's ratios, where both ways do the same work.
+    noise: dict[str, list[float]] = {}
+    if 1 in results and args.repeats > 1:
+        one_b, one_s, _ = results[1]
+        noise = {"wall": ratios(one_s.wall, one_b.wall), "sample": ratios(one_s.sample, one_b.sample)}
     for b, (batched, separate, max_diff) in results.items():
         fps = {k: b / percentile(r.wall, 50) for k, r in (("b", batched), ("s", separate))}
         sfps = {k: b / percentile(r.sample, 50) for k, r in (("b", batched), ("s", separate))}
         gfps = {k: b / percentile(r.guide, 50) for k, r in (("b", batched), ("s", separate))}
+        ups = {
+            stage: speed_up(
+                ratios(getattr(separate, stage), getattr(batched, stage)), noise.get(stage), b == 1
+            )
+            for stage in ("wall", "sample")
+        }
         table.append(
             f"| {b} | one call, max_batch={b} | {fps['b']:.3f} | {sfps['b']:.3f} | {gfps['b']:.3f} "
-            f"| {percentile(batched.latency, 50):.2f} | {fps['b'] / fps['s']:.2f}× "
-            f"| {sfps['b'] / sfps['s']:.2f}× | {max_diff} |"
+            f"| {percentile(batched.latency, 50):.2f} | {ups['wall']} | {ups['sample']} | {max_diff} |"
         )
         table.append(
             f"| {b} | {b} one-face call(s) | {fps['s']:.3f} | {sfps['s']:.3f} | {gfps['s']:.3f} "
@@ -381,7 +417,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     across_table = table[:2]
     if not args.skip_worker:
         off = across[1][0]
-        off_fps, off_sfps = args.jobs / percentile(off.wall, 50), args.jobs / percentile(off.sample, 50)
         for b, (runs, max_diff, batch_sizes) in across.items():
             fps, sfps = args.jobs / percentile(runs.wall, 50), args.jobs / percentile(runs.sample, 50)
             way = (
@@ -389,10 +424,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if b == 1
                 else f"worker, ≤ {b} jobs per batch ({np.mean(batch_sizes):.1f} on average)"
             )
+            if b == 1:
+                ups = {"wall": "1×", "sample": "1×"}
+            else:
+                ups = {
+                    stage: speed_up(ratios(getattr(off, stage), getattr(runs, stage)), None, False)
+                    for stage in ("wall", "sample")
+                }
             across_table.append(
                 f"| {b} | {way} | {fps:.3f} | {sfps:.3f} "
                 f"| {args.jobs / percentile(runs.guide, 50):.3f} | {percentile(runs.latency, 50):.2f} "
-                f"| {fps / off_fps:.2f}× | {sfps / off_sfps:.2f}× | {max_diff if b > 1 else '—'} |"
+                f"| {ups['wall']} | {ups['sample']} | {max_diff if b > 1 else '—'} |"
             )
     on_cpu = device.type == "cpu"
     what = (
@@ -409,13 +451,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   {args.fidelity}, the same DSST table) submitted while no worker ran; then one real worker process
   (`python -m worker --device {device}`, profile `{profile.name}`, dtype auto, `max_face_batch` =
   {max(worker_sizes)}, batch wait {args.wait} s) took them all. B = 1 is batching off. One worker
-  process per configuration and repeat ({args.repeats} repeats, configurations alternating); its start-up
-  is not counted. faces/s = jobs / (last completion − first start); sampler and guide-stage faces/s =
-  jobs / the batches' summed `sample` / `dblm` stage times; per-face latency = a job's completion − the
-  first start (p50 over all jobs); max abs diff = each output image vs the same job's with batching off
-  in the same repeat (float rounding of batched kernels). The worker is another process, so its UNet
-  calls are not counted: its job records' start step ({args.steps} for every face, checked) is, which the
-  count above shows to be the number of UNet calls a face gets.
+  process per configuration and repeat ({args.worker_repeats} repeat(s), the configurations' order
+  reversed in odd repeats); its start-up is not counted. faces/s = jobs / (last completion − first
+  start); sampler and guide-stage faces/s = jobs / the batches' summed `sample` / `dblm` stage times;
+  per-face latency = a job's completion − the first start (p50 over all jobs); speed-up = faces/s ÷
+  batching off's in the same repeat, median over repeats (min–max); max abs diff = each output image
+  vs the same job's with batching off in the same repeat (float rounding of batched kernels). The
+  worker is another process, so its UNet calls are not counted: its job records' start step
+  ({args.steps} for every face, checked) is, which the count above shows to be the number of UNet
+  calls a face gets.
 
 {chr(10).join(across_table)}"""
     )
@@ -428,15 +472,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   which must have run {args.steps} times over all the call's faces, else the run stops.
 - batched = one `restore_faces` call of B faces with `max_batch=B` (one restorer forward, one sampler
   loop); one at a time = B calls of one face (`max_batch=1`, seed k for face k, the seed the batched call
-  gives face k). {args.repeats} repeats after a warm-up; p50 over repeats. faces/s = B / wall time of the
+  gives face k). {args.repeats} repeats after a warm-up, the two ways back to back in each, batched first
+  in even repeats and one at a time first in odd ones; p50 over repeats. faces/s = B / wall time of the
   whole call(s) (restorer, blur estimate, DGSA map, sampling); sampler faces/s = B / the `sample` stage
   only; guide-stage faces/s = B / the `dblm` stage (restorer R at 512, blur estimate, DGSA map).
   Per-face latency = from when all B faces are ready until that face's result exists (p50 over
   faces): batched, every face waits for the whole call; one at a time, face k waits for its own call
   and the k − 1 before it. Run took {seconds:.0f} s on a {os.cpu_count()}-CPU machine; load average at
   the end {load_end} (a load above the CPU count means other jobs competed during the run, and later
-  rows (larger B) may then see more contention than earlier ones). At B = 1 both rows run the same
-  work (one face, one call), so their gap shows this run's timing noise.
+  rows (larger B) may then see more contention than earlier ones).
+- speed-up = the batched way's faces/s ÷ one at a time's, per repeat (the two ran back to back): the
+  median over repeats (min–max). At B = 1 both rows run the same work (one face, one call), so the
+  spread of its ratio is this run's timing noise ("noise reference"); a larger B's median inside
+  that spread is marked "within noise".
 
 {chr(10).join(table)}
 
@@ -447,6 +495,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(body)
     if not args.no_write:
         write_section("batching", body, args.doc)
+
+
+def ratios(before: list[float], after: list[float]) -> list[float]:
+    """Per repeat, one way's time ÷ the other's in the same repeat: the second way's speed-up."""
+    return [x / y for x, y in zip(before, after, strict=True)]
+
+
+def speed_up(values: list[float], noise: list[float] | None, reference: bool) -> str:
+    """A speed-up cell: the median over repeats and, with several, its min–max; "within noise" when
+    the median lies inside the spread of `noise` (B = 1's ratios), "noise reference" for B = 1 itself."""
+    median = percentile(values, 50)
+    if len(values) < 2:
+        return f"{median:.2f}×"
+    cell = f"{median:.2f}× ({min(values):.2f}–{max(values):.2f})"
+    if reference:
+        return cell + ", noise reference"
+    if noise and min(noise) <= median <= max(noise):
+        return cell + ", within noise"
+    return cell
 
 
 def shown(path: Path) -> str:

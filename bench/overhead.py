@@ -15,7 +15,8 @@ One job = what a client needs to hold the result, in each of the API's two synch
 - two requests: POST /v1/restorations (multipart, aligned 512 face, `Prefer: wait=60`) until the 200
   with the finished job, then GET of the result image;
 - one request: the same POST with `Accept: image/*`, answered with the image itself (the job JSON,
-  for the timestamps below, is read after the clock stops).
+  for the timestamps below, is read after the run's clock stops: neither the latencies nor jobs/s
+  include that read).
 Each level runs both flows, one after the other, on the same service. Inputs: the aligned face as
 its PNG (every level), and the same face as a quality-95 JPEG (1 client only; output follows the
 input format): the API fully decodes every upload to check it, and a 512 px PNG costs several times
@@ -24,9 +25,10 @@ image, per input, timed in a process of its own started like the worker (`python
 --direct-process`, driven over a pipe): measured in the bench process itself, busy with its clients'
 objects, the same call took 25–45 ms longer than in a fresh process (182–195 vs 147 ms for the PNG),
 which made the worker look faster than "direct" and the overhead smaller than it is.
-The direct calls alternate with the jobs of the 1-client runs (one after each job, the service
-idle meanwhile), so both see the same machine: on a shared machine, direct calls timed in a block
-of their own, minutes away from the jobs, were seen tens of ms off.
+The direct calls alternate with the jobs of the 1-client runs of the same upload (one after each
+job, the service idle meanwhile; any of the `--direct` calls left over run after all the runs), so
+both see the same machine: on a shared machine, direct calls timed in a block of their own, minutes
+away from the jobs, were seen tens of ms off. Their time is not in jobs/s.
 
 Reported per concurrency level (clients each running jobs back to back), over its steady state: with
 several clients, each client's first job is left out (all clients upload at once when a level starts,
@@ -35,10 +37,18 @@ every job):
 - e2e: client-observed latency of one job;
 - overhead = e2e − direct p50 (the service's total cost per job, including waiting behind other
   clients' jobs, since there is one worker);
-- queue wait: created → picked up by the worker (the record's `timings.queue_wait_seconds`);
-- service overhead = e2e − queue wait − worker inference time (the record's `inference_seconds`,
-  which also counts the per-step progress writes): API, Redis and result-transfer cost of one job,
-  which does not grow with the queue.
+- queue wait: created → picked up by the worker (the record's `timings.queue_wait_seconds`): at 1
+  client this is no waiting at all but the enqueue and RQ's dequeue and job start, part of the
+  service's own cost;
+- behind other jobs: the part of a job's time in the queue during which the worker was still running
+  other jobs, from RQ's timestamps: with E its enqueued_at, S its started_at and P the ended_at of the
+  job the worker ran before it (the previous one by started_at: there is one worker),
+  max(0, min(S, P) − E) (0 for a run's first job). What remains of E → S (the worker's dequeue, after
+  its previous job's end) is service cost, counted below;
+- service overhead = e2e − behind other jobs − worker inference time (the record's
+  `inference_seconds`, which also counts the per-step progress writes): API, Redis, RQ and
+  result-transfer cost of one job, which does not grow with the queue. At 1 client nothing waits
+  behind another job, so it equals the paired reading e2e − inference time.
 
 And per hop (p50 per level; `HOPS`), from the client's clock, the job record's timestamps and RQ's
 (all processes on one machine, so one clock); the hops add up to the job's overhead, e2e − direct
@@ -46,9 +56,10 @@ p50 (the "pipeline in worker − direct" hop takes the direct p50 out):
 - upload + API check: POST sent → record's created_at (HTTP upload, multipart parse, the full
   decode check of the image, queue-depth check);
 - enqueue: created_at → RQ's enqueued_at (worker profile notice, building the RQ job);
-- dequeue (+ queue wait): enqueued_at → RQ's started_at (the transaction storing record, input and
-  RQ job; the worker's wake-up from its blocking pop, RQ's fetch, heartbeat and registry writes;
-  with more clients than workers, mostly waiting behind other jobs);
+- behind other jobs: as above (0 at 1 client);
+- dequeue: enqueued_at → RQ's started_at less the time behind other jobs (the transaction storing
+  record, input and RQ job; the worker's wake-up from its blocking pop, or with jobs waiting the end
+  of its previous one, RQ's fetch, heartbeat and registry writes);
 - job start: RQ's started_at → record's started_at (record read, move to `processing`);
 - pipeline in worker − direct: the record's inference_seconds − direct p50 (progress writes and
   cancel checks between stages and steps, contention);
@@ -60,6 +71,7 @@ p50 (the "pipeline in worker − direct" hop takes the direct p50 out):
   image).
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead [--levels 1,10,50] [--jobs 20,60,300]
+       [--direct 40] [--warmup 3] [--no-write]
 """
 
 from __future__ import annotations
@@ -171,7 +183,8 @@ def free_port() -> int:
 HOPS = (
     "upload + API check",
     "enqueue",
-    "dequeue (+ queue wait)",
+    "behind other jobs",
+    "dequeue",
     "job start",
     "pipeline in worker − direct",
     "worker bookkeeping",
@@ -183,28 +196,45 @@ HOPS = (
 @dataclasses.dataclass
 class Job:
     e2e: float
-    queue_wait: float
-    inference: float
     #: Wall-clock instants (time.time()): POST sent, POST answered, image received (= answered in
     #: the one-request flow).
     sent: float
     answered: float
     received: float
-    body: dict[str, Any]
+    #: The finished job's record: the POST's answer (two requests), or read after the run's clock
+    #: stopped from `location` (one request, whose answer is the image).
+    body: dict[str, Any] | None
+    location: str | None
     #: A client's first job with several clients: all of them upload at once then (see `steady`).
     ramp_up: bool
 
-    def hops(self, rq_job: RQJob, direct_p50: float) -> dict[str, float]:
-        """Seconds per hop of HOPS (see the module docstring); they add up to e2e − direct_p50."""
+    @property
+    def record(self) -> dict[str, Any]:
+        if self.body is None:
+            raise RuntimeError(f"the record of the job at {self.location} was never read")
+        return self.body
+
+    @property
+    def queue_wait(self) -> float:
+        return float(self.record["timings"]["queue_wait_seconds"])
+
+    @property
+    def inference(self) -> float:
+        return float(self.record["timings"]["inference_seconds"])
+
+    def hops(self, rq_job: RQJob, direct_p50: float, behind: float) -> dict[str, float]:
+        """Seconds per hop of HOPS (see the module docstring), `behind` being this job's time behind
+        other jobs (`waits_behind`); they add up to e2e − direct_p50."""
         created, started, completed = (
-            _instant(self.body[f"{k}_at"]) for k in ("created", "started", "completed")
+            _instant(self.record[f"{k}_at"]) for k in ("created", "started", "completed")
         )
         assert rq_job.enqueued_at is not None and rq_job.started_at is not None
         enqueued, rq_started = rq_job.enqueued_at.timestamp(), rq_job.started_at.timestamp()
         values = (
             created - self.sent,
             enqueued - created,
-            rq_started - enqueued,
+            behind,
+            rq_started - enqueued - behind,
             started - rq_started,
             self.inference - direct_p50,
             completed - started - self.inference,
@@ -212,6 +242,28 @@ class Job:
             self.received - self.answered,
         )
         return dict(zip(HOPS, values, strict=True))
+
+
+def waits_behind(spans: Sequence[tuple[float, float, float | None]]) -> list[float]:
+    """Per job of one run on one worker, given as (enqueued, started, ended) instants (RQ's), the
+    seconds it waited behind other jobs: max(0, min(started, P) − enqueued), P the end of the job
+    the worker started before it (by started; none, or no end: 0). Same order as `spans`."""
+    order = sorted(range(len(spans)), key=lambda k: spans[k][1])
+    waits = [0.0] * len(spans)
+    previous_end: float | None = None
+    for k in order:
+        enqueued, started, ended = spans[k]
+        if previous_end is not None:
+            waits[k] = max(0.0, min(started, previous_end) - enqueued)
+        previous_end = ended
+    return waits
+
+
+def rq_span(rq_job: RQJob) -> tuple[float, float, float | None]:
+    """(enqueued_at, started_at, ended_at) of an RQ job, as time.time() instants."""
+    assert rq_job.enqueued_at is not None and rq_job.started_at is not None
+    ended = rq_job.ended_at.timestamp() if rq_job.ended_at is not None else None
+    return rq_job.enqueued_at.timestamp(), rq_job.started_at.timestamp(), ended
 
 
 def _instant(iso: str) -> float:
@@ -232,8 +284,9 @@ class Run:
     wall: float
     e2e: list[float]
     over: list[float]  # e2e − direct p50
-    wait: list[float]
-    service: list[float]  # e2e − queue wait − inference
+    wait: list[float]  # the record's queue wait (created → started)
+    behind: list[float]  # of the time in the queue, behind other jobs (`waits_behind`)
+    service: list[float]  # e2e − behind − inference
     paired: list[float]  # e2e − inference
     hops: dict[str, list[float]]
 
@@ -245,14 +298,18 @@ async def run_level(
     jobs: int,
     one_request: bool,
     after_job: Callable[[], None] | None = None,
-) -> list[Job]:
-    """``jobs`` jobs from ``clients`` concurrent clients; ``after_job`` runs after each job (1 client)."""
+) -> tuple[list[Job], float]:
+    """``jobs`` jobs from ``clients`` concurrent clients; ``after_job`` runs after each job (1 client).
+    Returns the jobs and the wall time of running them, less the time spent in ``after_job``; the
+    one-request flow's job records are read after that clock stops."""
     counter = iter(range(jobs))
     done: list[Job] = []
+    aside = 0.0  # seconds in after_job
     limits = httpx.Limits(max_connections=clients + 5, max_keepalive_connections=clients + 5)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
 
         async def client() -> None:
+            nonlocal aside
             for n, _ in enumerate(counter):
                 sent, t0 = time.time(), time.perf_counter()
                 r = await http.post(
@@ -262,11 +319,11 @@ async def run_level(
                     headers={"Prefer": "wait=60", **({"Accept": "image/*"} if one_request else {})},
                 )
                 answered = time.time()
+                body: dict[str, Any] | None = None
                 if one_request:
                     if r.status_code != 200 or r.headers["content-type"] != upload.media_type:
                         raise RuntimeError(f"no image answer: {r.status_code} {r.text[:500]}")
                     e2e, received = time.perf_counter() - t0, answered
-                    body = (await http.get(r.headers["location"])).json()
                 else:
                     body = r.json()
                     if r.status_code != 200 or body["status"] != "succeeded":
@@ -274,15 +331,29 @@ async def run_level(
                     img = await http.get(body["outputs"]["image"])
                     img.raise_for_status()
                     e2e, received = time.perf_counter() - t0, time.time()
-                queue_wait = float(body["timings"]["queue_wait_seconds"])
-                inference = float(body["timings"]["inference_seconds"])
                 ramp_up = n == 0 and clients > 1
-                done.append(Job(e2e, queue_wait, inference, sent, answered, received, body, ramp_up))
+                location = r.headers.get("location")
+                done.append(Job(e2e, sent, answered, received, body, location, ramp_up))
                 if after_job is not None:
+                    t1 = time.perf_counter()
                     after_job()
+                    aside += time.perf_counter() - t1
 
+        t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
-    return done
+        wall = time.perf_counter() - t0 - aside
+
+        # Bookkeeping, off the clock: the records the one-request flow's answers (images) did not carry.
+        async def read(job: Job) -> None:
+            if job.body is None:
+                if job.location is None:
+                    raise RuntimeError("an image answer without a Location header")
+                answer = await http.get(job.location)
+                answer.raise_for_status()
+                job.body = answer.json()
+
+        await asyncio.gather(*(read(j) for j in done))
+    return done, wall
 
 
 def ms(values: list[float], q: float) -> str:
@@ -298,7 +369,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--levels", default="1,10,50", help="concurrent clients per level")
     parser.add_argument("--jobs", default="20,60,300", help="jobs per level (bounded run time)")
     parser.add_argument(
-        "--direct", type=int, default=40, help="direct pipeline calls (after the 1-client levels' jobs)"
+        "--direct",
+        type=int,
+        default=40,
+        help="direct pipeline calls per upload (one after each 1-client job; any left after the runs)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed jobs per upload and flow first (1 client)"
     )
     parser.add_argument("--no-write", action="store_true", help="print, do not write docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -308,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.direct_process:
         direct_main(args.direct_process)
         return
+    if args.direct < 1 or args.warmup < 0:
+        parser.error("--direct must be at least 1 and --warmup at least 0")
     levels = [int(v) for v in args.levels.split(",")]
     counts = [int(v) for v in args.jobs.split(",")]
     if len(levels) != len(counts):
@@ -375,20 +454,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         for upload in (png, jpeg):  # warm-up: worker's first jobs, connections, codecs
             restore_directly(upload)
             for one_request in (False, True):
-                asyncio.run(run_level(base, upload, 1, 3, one_request))
+                asyncio.run(run_level(base, upload, 1, args.warmup, one_request))
         measured = []
         for upload, clients, jobs in runs:
             for flow, one_request in zip(FLOWS, (False, True), strict=True):
-                t0, calls = time.perf_counter(), len(direct[upload.name])
                 after = (lambda u=upload: direct_call(u)) if clients == 1 else None
-                done = asyncio.run(run_level(base, upload, clients, jobs, one_request, after))
-                # jobs/s without the direct calls
-                wall = time.perf_counter() - t0 - sum(direct[upload.name][calls:])
+                # wall: without the direct calls and the reading of records afterwards
+                done, wall = asyncio.run(run_level(base, upload, clients, jobs, one_request, after))
                 # RQ's own timestamps of these jobs, read before the namespace is purged.
-                ids = [j.body["id"] for j in done]
+                ids = [j.record["id"] for j in done]
                 rq_jobs = RQJob.fetch_many(ids, connection=r, serializer=JSONSerializer)
-                steady = [(j, rq) for j, rq in zip(done, rq_jobs, strict=True) if not j.ramp_up]
+                if any(rq is None for rq in rq_jobs):
+                    raise SystemExit("RQ's record of a job of this run is gone; cannot time its hops")
+                # Over every job of the run, ramp-up included: those occupy the worker too.
+                behind = waits_behind([rq_span(rq) for rq in rq_jobs])
+                steady = [(j, rq, b) for j, rq, b in zip(done, rq_jobs, behind, strict=True) if not j.ramp_up]
                 measured.append((upload.name, flow, clients, jobs, wall, steady))
+        interleaved = {name: len(calls) for name, calls in direct.items()}
         for upload in (png, jpeg):
             while len(direct[upload.name]) < args.direct:
                 direct_call(upload)
@@ -413,8 +495,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"direct {name}: p50 {direct_p50[name] * 1000:.1f} ms p95 {ms(calls, 95)} ms")
     rows: list[Run] = []
     for name, flow, clients, jobs, wall, steady in measured:
-        done = [j for j, _ in steady]
-        per_job = [j.hops(rq_job, direct_p50[name]) for j, rq_job in steady]
+        done = [j for j, _, _ in steady]
+        behind = [b for _, _, b in steady]
+        per_job = [j.hops(rq_job, direct_p50[name], b) for j, rq_job, b in steady]
         row = Run(
             name,
             flow,
@@ -424,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             e2e=[j.e2e for j in done],
             over=[j.e2e - direct_p50[name] for j in done],
             wait=[j.queue_wait for j in done],
-            service=[j.e2e - j.queue_wait - j.inference for j in done],
+            behind=behind,
+            service=[j.e2e - b - j.inference for j, b in zip(done, behind, strict=True)],
             paired=[j.e2e - j.inference for j in done],
             hops={hop: [h[hop] for h in per_job] for hop in HOPS},
         )
@@ -432,7 +516,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             f"{name}, {flow}, c={clients}: e2e p50 {ms(row.e2e, 50)} ms, "
             f"overhead p50 {ms(row.over, 50)} p95 {ms(row.over, 95)} ms, "
-            f"queue wait p50 {ms(row.wait, 50)} ms, service overhead p50 {ms(row.service, 50)} "
+            f"queue wait p50 {ms(row.wait, 50)} ms, behind other jobs p50 {ms(row.behind, 50)} ms, "
+            f"service overhead p50 {ms(row.service, 50)} "
             f"p95 {ms(row.service, 95)} ms ({len(done)} of {jobs} jobs counted; {jobs} in {wall:.1f} s)"
         )
         print("  hops p50 (ms): " + ", ".join(f"{hop} {ms(row.hops[hop], 50)}" for hop in HOPS))
@@ -454,8 +539,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     table = [
         "| upload | flow | clients | jobs counted (+ ramp-up) | e2e p50 / p95 (ms) | overhead p50 / p95 (ms) "
-        "| queue wait p50 (ms) | service overhead p50 / p95 (ms) | jobs/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| queue wait p50 (ms) | behind other jobs p50 (ms) | service overhead p50 / p95 (ms) | jobs/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         counted = len(row.e2e)
@@ -463,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         table.append(
             f"| {row.name} | {row.flow} | {row.clients} | {counted}{ramp} "
             f"| {ms(row.e2e, 50)} / {ms(row.e2e, 95)} | {ms(row.over, 50)} / {ms(row.over, 95)} "
-            f"| {ms(row.wait, 50)} | {ms(row.service, 50)} / {ms(row.service, 95)} "
+            f"| {ms(row.wait, 50)} | {ms(row.behind, 50)} | {ms(row.service, 50)} / {ms(row.service, 95)} "
             f"| {row.jobs / row.wall:.1f} |"
         )
     breakdown = [
@@ -483,21 +568,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         for u in (png, jpeg)
     )
     pipeline_range = "–".join(f"{v * 1000:.0f}" for v in sorted(direct_p50.values()))
+    when = "; ".join(
+        f"{u.name}: {interleaved[u.name]} one after each job of its 1-client runs (the service idle "
+        f"meanwhile), {len(direct[u.name]) - interleaved[u.name]} after all the runs"
+        for u in (png, jpeg)
+    )
     body = f"""{head}
 - pipeline (both sides): tiny profile, identity restorer, mode `difface` with start 1 (1 UNet call at
   64 px), one aligned 512×512 face (`{face.relative_to(SHARED.parent)}`) uploaded as that PNG or as a
   quality-95 JPEG of it; the output follows the input format. Direct `restore_photo` on it: {directs}
-  ({args.direct} calls each, after the 1-client runs' jobs, in a process of its own).
+  ({args.direct} calls each, in a process of its own; {when}).
 - service: 1 uvicorn process, 1 RQ worker process (CPU), Redis `{REDIS_URL}`, all on loopback; clients are
   asyncio httpx in the bench process, each running its jobs back to back, in two flows: POST with
   `Prefer: wait=60` then GET of the result image (two requests), or the POST with `Accept: image/*` too,
   answered with the image (one request). Run took {time.perf_counter() - started:.0f} s. API, worker, clients
   and any other users of this machine share its CPUs, so contention is part of these numbers.
 - with more than one client, each client's first job is not counted (the start-up burst: every client
-  uploads at once); jobs/s counts all jobs.
+  uploads at once); jobs/s counts all jobs, over the clients' wall time without the direct calls and
+  without reading the one-request flow's job records (done after the clock stops).
 - overhead = e2e − direct p50 (includes waiting behind other clients' jobs: there is one worker);
-  service overhead = e2e − queue wait − worker inference (does not grow with the queue). Definitions:
-  `bench/overhead.py` docstring.
+  queue wait = the record's created → started; behind other jobs = the part of a job's time in the
+  queue while the worker still ran the job before it (RQ's timestamps; 0 when it was idle);
+  service overhead = e2e − behind other jobs − worker inference (does not grow with the queue; at 1
+  client it is the paired reading below). Definitions: `bench/overhead.py` docstring.
 
 {chr(10).join(table)}
 
@@ -511,7 +604,8 @@ Target (issue 8): p50 overhead ≤ {TARGET_MS:.0f} ms on loopback, at 1 client (
 readings: e2e − direct p50 (the overhead column) is the difference of two noisy pipeline timings
 ({pipeline_range} ms) on shared cores (see the "pipeline in worker − direct" hop); e2e − the job's own
 pipeline time (its `inference_seconds`, `restore_photos` timed in the worker) is
-paired per job and steadier:
+paired per job and steadier (at 1 client the service overhead column, as nothing waits behind
+another job there):
 {chr(10).join(verdicts)}
 
 With more than one client the one worker serialises the jobs, so the overhead column there is mostly

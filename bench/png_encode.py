@@ -67,13 +67,13 @@ def measure(sample: Sample, level: int, repeats: int) -> tuple[float, int]:
     return statistics.median(times), len(data)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", default="0,1,2,3,4,6")
     p.add_argument("--faces", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     levels = [int(v) for v in args.levels.split(",")]
     if 6 not in levels:
         levels.append(6)  # the reference column

@@ -191,6 +191,7 @@ def plot(rows: list[Row], levels: list[str], tiny: bool, out: Path = FIGURE) -> 
 
 
 def report(
+    head: str,
     rows: list[Row],
     levels: list[str],
     tiny: bool,
@@ -277,7 +278,7 @@ def report(
         '`from_pretrained("real")`).'
     )
     return (
-        header("Steps: NFE per face, dynfacerestore vs difface")
+        head
         + f"""- set: {n_images} real aligned faces (`../shared/testdata/aligned`, sorted, first {n_images}) ×
   {len(levels)} levels ({", ".join(levels)}) × {args.per_image} draw(s), seed {args.seed} →
   {len(rows)} degraded faces (`models.degradations.severity_set`); run took {seconds:.0f} s.
@@ -340,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--no-write", action="store_true", help="print, do not write docs/benchmarks.md or the figure"
     )
     args = p.parse_args(argv)
+    # Before the run, as every bench: the date and how busy the CPUs were are the start's.
+    head = header("Steps: NFE per face, dynfacerestore vs difface")
     t0 = time.perf_counter()
     images = load_faces(args.images)
     print(f"degrading {len(images)} faces × {len(SEVERITY_LEVELS)} levels", flush=True)
@@ -351,7 +354,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     starts |= {r.d_blur_only for r in rows} | {r.a_tiny for r in rows if r.a_tiny is not None}
     nfe_counted = count_nfe(pipe, sorted(starts))
     levels = list(SEVERITY_LEVELS)
-    body = report(rows, levels, not args.skip_tiny, args, len(images), time.perf_counter() - t0, nfe_counted)
+    body = report(
+        head, rows, levels, not args.skip_tiny, args, len(images), time.perf_counter() - t0, nfe_counted
+    )
     if args.no_write:
         print(body)
         return

@@ -1,39 +1,76 @@
 """Smoke checks of the benchmark scripts (bench/): they import and parse their arguments, run against
-the current pipeline code, reject arguments they cannot report on, record a failing row instead of
-losing the others, count the UNet calls they report, and never write docs/ when told not to. No
-timings are asserted."""
+the current pipeline code (and, for the service benches, real API/worker processes on the test Redis
+in namespaces of their own), reject arguments they cannot report on, record a failing row instead of
+losing the others, count the UNet calls they report, and never write docs/ when told not to; and
+checks of the arithmetic behind their figures (percentiles, the overhead hops, time behind other
+jobs, batching's spread and noise marks, CPU busy, the FLOP count) on synthetic inputs. No timings
+are asserted."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
+import io
 import os
 import pkgutil
 import shutil
 import signal
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
+import redis
 import torch
 from PIL import Image
 
 import bench
-from bench import batching, gpu_path, overhead, steps
+from bench import _report, api_throughput, batching, gpu_path, overhead, png_encode, reliability, steps
 from bench._pipeline import default_profile, networks
-from bench._report import DOC
+from bench._report import DOC, Busy, percentile
 from models import pipeline as pipeline_module
 from models.degradations import SEVERITY_LEVELS
-from models.profiles import PROFILES
-from tests.conftest import TESTDATA, WEIGHTS
+from models.profiles import PROFILES, REAL_UNET
+from tests.conftest import REDIS_URL, TESTDATA, WEIGHTS
 
 SCRIPTS = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
 
 
 def _no_docs(*_: Any, **__: Any) -> None:
     raise AssertionError("--no-write run tried to write docs/")
+
+
+@pytest.fixture(autouse=True)
+def _short_busy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every header measures how busy the CPUs are over BUSY_WINDOW (3 s): a blink is enough here."""
+    monkeypatch.setattr(_report, "BUSY_WINDOW", 0.05)
+
+
+@pytest.fixture
+def bench_redis(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> redis.Redis:
+    """The service benches on the test Redis (each makes and purges a key prefix and queue of its own)."""
+    for module in (_report, overhead, api_throughput):
+        monkeypatch.setattr(module, "REDIS_URL", REDIS_URL)
+    return redis_conn
+
+
+def _table(out: str, first: str, key: int) -> dict[str, list[str]]:
+    """The rows of the (first) markdown table whose header line starts with `first`: its first `key`
+    cells joined with " | " -> all its cells."""
+    lines = out.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith(first))
+    rows: dict[str, list[str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[" | ".join(cells[:key])] = cells
+    return rows
 
 
 def _skip_one_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -416,3 +453,275 @@ def test_overhead_rejects_levels_with_no_counted_job(
         overhead.main(["--levels", levels, "--jobs", jobs, "--no-write"])
     assert exit_.value.code == 2
     assert "job(s): need at least 1 client" in capsys.readouterr().err
+
+
+# --- the arithmetic behind the figures ------------------------------------------------------------
+
+
+def test_percentile_matches_numpy() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 101):
+        values = rng.lognormal(size=n)
+        for q in (0, 5, 25, 50, 90, 95, 99, 100):
+            assert percentile(values.tolist(), q) == pytest.approx(np.percentile(values, q), rel=1e-12)
+
+
+def test_cpu_busy_is_the_share_of_cpu_time_not_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _report._cpu_times()
+    if real is not None:  # Linux: (busy, total) jiffies
+        assert 0 <= real[0] <= real[1]
+    samples = iter([(1000, 4000), (1150, 4400)])  # 150 busy of 400 jiffies over the window
+    monkeypatch.setattr(_report, "_cpu_times", lambda: next(samples))
+    busy = _report.cpu_busy(0.0)
+    assert busy.fraction == pytest.approx(0.375) and busy.high
+    assert "38 % of" in busy.text()
+    head = _report.header("Title", busy=busy)
+    assert f"({busy.text()})" in head  # the one figure, in the machine line
+    assert "- **Load warning:** the CPUs were 38 % busy over the 0 s before this run started" in head
+    quiet = Busy(0.1, 3.0, 2)
+    assert not quiet.high and quiet.warning() == "" and "Load warning" not in _report.header("T", busy=quiet)
+    monkeypatch.setattr(_report, "_cpu_times", lambda: None)
+    assert _report.cpu_busy(0.0) == Busy(None, 0.0, os.cpu_count() or 1)
+    assert not Busy(None, 3.0, 2).high and "unknown" in Busy(None, 3.0, 2).text()
+
+
+def _at(t: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, dt.UTC)
+
+
+@pytest.mark.parametrize("one_request", [False, True])
+def test_overhead_hops_add_up_to_e2e_minus_direct(one_request: bool) -> None:
+    sent = 1_700_000_000.0
+    created, enqueued = sent + 0.0121, sent + 0.0129
+    behind, dequeue = 0.0503, 0.0042
+    rq_started = enqueued + behind + dequeue
+    started = rq_started + 0.0004
+    inference = 0.1304
+    completed = started + inference + 0.0025
+    answered = completed + 0.0061
+    received = answered if one_request else answered + 0.0055
+    record = {
+        "created_at": _at(created).isoformat(),
+        "started_at": _at(started).isoformat(),
+        "completed_at": _at(completed).isoformat(),
+        "timings": {"queue_wait_seconds": started - created, "inference_seconds": inference},
+    }
+    job = overhead.Job(received - sent, sent, answered, received, record, None, ramp_up=False)
+    rq_job: Any = SimpleNamespace(enqueued_at=_at(enqueued), started_at=_at(rq_started))
+    direct = 0.1237
+
+    hops = job.hops(rq_job, direct, behind)
+
+    assert list(hops) == list(overhead.HOPS)
+    assert sum(hops.values()) == pytest.approx(job.e2e - direct, abs=1e-5)  # ISO times: µs
+    assert hops["behind other jobs"] == behind
+    assert hops["dequeue"] == pytest.approx(dequeue, abs=1e-5)
+    assert hops["pipeline in worker − direct"] == pytest.approx(inference - direct, abs=1e-12)
+    assert hops["GET result"] == (0.0 if one_request else pytest.approx(0.0055, abs=1e-6))
+    # service overhead (e2e − behind − inference) = every hop but those two
+    rest = sum(v for k, v in hops.items() if k not in ("behind other jobs", "pipeline in worker − direct"))
+    assert job.e2e - behind - job.inference == pytest.approx(rest, abs=1e-5)
+
+
+def test_overhead_job_without_its_record_says_so() -> None:
+    job = overhead.Job(0.1, 0.0, 0.1, 0.1, None, "http://x/v1/restorations/abc", ramp_up=False)
+    with pytest.raises(RuntimeError, match="never read"):
+        _ = job.inference
+
+
+def test_overhead_waits_behind_other_jobs() -> None:
+    # One client: each job enqueued after the one before ended; the dequeue hop is not waiting.
+    assert overhead.waits_behind([(0.0, 0.005, 0.100), (0.120, 0.125, 0.200), (0.220, 0.226, 0.3)]) == [
+        0.0,
+        0.0,
+        0.0,
+    ]
+    # Three jobs enqueued at once (given out of order): the second waits until the first ended (not
+    # until its own start: the worker's dequeue after that end is service cost), the third until the
+    # second ended.
+    spans = [(0.002, 0.205, 0.300), (0.000, 0.005, 0.100), (0.001, 0.105, 0.200)]
+    assert overhead.waits_behind(spans) == pytest.approx([0.198, 0.0, 0.099])
+    # Enqueued while the previous job was ending: only the overlap counts; no end recorded: nothing.
+    assert overhead.waits_behind([(0.0, 0.01, 0.1), (0.095, 0.104, None), (0.1, 0.2, 0.3)]) == (
+        pytest.approx([0.0, 0.005, 0.0])
+    )
+
+
+def test_gpu_path_counts_the_real_unet_flops() -> None:
+    # Counted independently (by hand, layer by layer: convolutions, linears, attention matmuls).
+    assert gpu_path.unet_flops(REAL_UNET, 512, 1) == 378_299_277_312
+
+
+def test_api_throughput_upload_is_about_200_kb() -> None:
+    jpeg = api_throughput.make_jpeg()
+    assert abs(len(jpeg.data) - api_throughput.TARGET_BYTES) <= 10_000
+    with Image.open(io.BytesIO(jpeg.data)) as im:
+        assert (im.format, im.size) == ("JPEG", jpeg.size)
+    body, ctype = api_throughput.multipart(jpeg.data)
+    assert jpeg.data in body and ctype.startswith("multipart/form-data; boundary=")
+
+
+def test_api_throughput_memory_per_upload() -> None:
+    m = api_throughput.Memory(4, idle=100 * 2**20, loaded=100 * 2**20 + 4 * 300 * 1024, statuses=Counter())
+    assert m.per_upload == 300 * 1024
+    assert api_throughput.Memory(1, 5000, 4000, Counter()).per_upload == -1000  # reported as measured
+
+
+def test_batching_alternates_the_order_and_marks_noise(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Timings made up per call: B = 1's ratio spreads 0.91–1.11 (same work both ways), B = 2 is 2×
+    faster batched, B = 4 1.02× (inside B = 1's spread, so within noise)."""
+    made: list[batching.Counted] = []
+    real_make = batching.make_pipeline
+
+    def make(*args: Any) -> batching.Counted:
+        made.append(real_make(*args))
+        return made[-1]
+
+    calls: list[tuple[str, int]] = []
+    b1_factors = iter([1.0, 0.9, 1.1, 1.0, 1.05])  # the warm-up's, then one per repeat
+
+    def fake(counted: batching.Counted, faces: np.ndarray, *_: Any) -> Any:
+        single = counted is made[0]
+        b = len(faces)
+        calls.append(("one" if single else "batched", b))
+        wall = 1.0 if single else next(b1_factors) if b == 1 else b * {2: 0.5, 4: 0.98}[b]
+        return wall, wall / 2, wall / 2, faces
+
+    monkeypatch.setattr(batching, "make_pipeline", make)
+    monkeypatch.setattr(batching, "timed", fake)
+    monkeypatch.setattr(batching, "write_section", _no_docs)
+    args = ["--device", "cpu", "--profile", "tiny", "--sizes", "1,2,4", "--repeats", "4"]
+    batching.main([*args, "--skip-worker", "--no-write"])
+
+    b2 = calls[calls.index(("batched", 2)) :][:13]  # its warm-up, then 4 repeats of 1 batched + 2 single
+    order = [way for way, _ in b2[1:]]
+    batched_first, one_first = ["batched", "one", "one"], ["one", "one", "batched"]
+    assert order == batched_first + one_first + batched_first + one_first
+    rows = _table(capsys.readouterr().out, "| B | way |", key=2)
+    assert rows["1 | one call, max_batch=1"][6] == "0.98× (0.91–1.11), noise reference"
+    assert rows["2 | one call, max_batch=2"][6] == "2.00× (2.00–2.00)"
+    assert rows["4 | one call, max_batch=4"][6] == "1.02× (1.02–1.02), within noise"
+    assert rows["4 | one call, max_batch=4"][7] == "1.02× (1.02–1.02), within noise"  # the sampler's too
+
+
+def test_batching_speed_up_cells() -> None:
+    assert batching.speed_up([1.3], [0.9, 1.1], False) == "1.30×"  # one repeat: no spread
+    assert batching.speed_up([1.0, 1.2, 1.1], None, False) == "1.10× (1.00–1.20)"
+    assert batching.speed_up([1.0, 1.2, 1.1], [0.9, 1.15], False).endswith(", within noise")
+    assert batching.speed_up([1.2, 1.3, 1.25], [0.9, 1.15], False) == "1.25× (1.20–1.30)"
+
+
+# --- whole runs that write nothing ----------------------------------------------------------------
+
+
+def test_steps_builds_its_header_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []
+    real_header, real_decide = steps.header, steps.decide
+
+    def header(*args: Any, **kwargs: Any) -> str:
+        order.append("header")
+        return real_header(*args, **kwargs)
+
+    def decide(*args: Any, **kwargs: Any) -> Any:
+        order.append("run")
+        return real_decide(*args, **kwargs)
+
+    def stop(*_: Any, **__: Any) -> None:
+        raise KeyboardInterrupt  # the run itself is checked above; only the order matters here
+
+    monkeypatch.setattr(steps, "header", header)
+    monkeypatch.setattr(steps, "decide", decide)
+    monkeypatch.setattr(steps, "severity_set", stop)
+    with pytest.raises(KeyboardInterrupt):
+        steps.main(["--images", "1", "--no-write"])
+    assert order == ["header"]
+
+
+@pytest.mark.usefixtures("bench_redis")
+def test_overhead_runs_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(overhead, "write_section", _no_docs)
+    overhead.main(["--levels", "1,2", "--jobs", "2,3", "--direct", "2", "--warmup", "1", "--no-write"])
+
+    out = capsys.readouterr().out
+    rows = _table(out, "| upload | flow | clients |", key=3)
+    assert set(rows) == {
+        "PNG | two requests | 1",
+        "PNG | one request | 1",
+        "PNG | two requests | 2",
+        "PNG | one request | 2",
+        "JPEG | two requests | 1",
+        "JPEG | one request | 1",
+    }
+    assert rows["PNG | one request | 2"][3] == "1 (+ 2)"  # each client's first job is ramp-up
+    hops = _table(out, "| upload, flow, clients |", key=1)
+    for key, cells in rows.items():
+        name, flow, clients = key.split(" | ")
+        if clients == "1":
+            # At 1 client a job waits behind no other (at most behind the tail of the one before, when
+            # its upload was quicker than that: rare, and a few ms) ...
+            assert float(cells[7]) <= 10.0
+            start = f"- {name} upload, {flow}: e2e − direct p50 "
+            verdict = next(line for line in out.splitlines() if line.startswith(start))
+            paired = float(verdict.split("own pipeline time p50 ")[1].split(" ms")[0])
+            # ... so the service overhead is the paired reading (e2e − inference), less that
+            assert 0.0 <= paired - float(cells[8].split(" / ")[0]) <= 10.0
+        assert hops[f"{name}, {flow}, {clients}"][3] == cells[7]  # the hop is the column
+    assert "PNG: 2 one after each job of its 1-client runs (the service idle meanwhile), 0 after" in out
+    assert out.count("**met**") + out.count("**not met**") == 2 * 4 + 2
+
+
+@pytest.mark.usefixtures("bench_redis")
+def test_api_throughput_runs_warns_from_its_one_load_figure_and_writes_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(api_throughput, "write_section", _no_docs)
+    monkeypatch.setattr(api_throughput, "cpu_busy", lambda: Busy(0.6, 3.0, 2))  # a busy machine
+    args = ["--workers", "1", "--submissions", "12", "--warmup", "2", "--clients", "3", "--inflight", "1,2"]
+    api_throughput.main([*args, "--no-write"])
+
+    out = capsys.readouterr().out
+    assert "(CPU busy before the run: 60 % of 2 logical CPU(s) over 3 s (/proc/stat))" in out
+    assert "**Load warning:** the CPUs were 60 % busy over the 3 s before this run started" in out
+    assert "With the load warning above, the 1- vs 2-worker comparison especially is not reliable." in out
+    assert "load average" not in out
+    throughput = _table(out, "| uvicorn workers | clients |", key=1)
+    assert throughput["1"][1:3] == ["3", "12"] and throughput["1"][5] == "202: 12"
+    memory = _table(out, "| uvicorn workers | uploads in flight (C) |", key=2)
+    assert set(memory) == {"1 | 1", "1 | 2"} and memory["1 | 2"][5] == "202: 2"
+    assert (
+        "0 left" in out
+        and "Non-202 responses over the whole run (throughput and memory phases): **0**" in out
+    )
+
+
+def test_png_encode_runs_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photo = sorted((TESTDATA / "photos").glob("*.jpg"))[0]
+    shutil.copy(photo, tmp_path / photo.name)
+    monkeypatch.setattr(png_encode, "PHOTOS", tmp_path)  # one photo: the run stays short
+    monkeypatch.setattr(png_encode, "write_section", _no_docs)
+    png_encode.main(["--levels", "1", "--faces", "1", "--repeats", "1", "--no-write"])
+
+    out = capsys.readouterr().out
+    rows = _table(out, "| level |", key=1)
+    assert set(rows) == {"1", "6"}  # level 6 is always there, the reference
+    assert rows["6"][3:5] == ["1.00×", "1.00×"]
+    assert "Count (pixels) per group: photo 1 " in out and "face 1 " in out
+
+
+def test_reliability_no_write_prints_its_sections(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(reliability, "write_section", _no_docs)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # inputs_section adds tests/reliability to it
+    assert reliability.main(["--inputs", "--kills", "0", "--jobs", "0", "--no-write"]) == 0
+
+    out = capsys.readouterr().out
+    assert "## Reliability: generated bad inputs" in out and "5xx seen: **0**" in out
+    assert "answered with another status/code than\n  expected: **0**" in out
+    assert "## Reliability: kill -9 loop and bounded load" in out and "- scale: 0 kills; 0 jobs" in out
