@@ -45,6 +45,13 @@ _SAME_FORMAT: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "
 #: raises only when encoding, after all the restoration work). PNG's limit (2³¹−1) is never reached.
 MAX_OUTPUT_SIDE: dict[OutputFormat, int] = {"png": 2**31 - 1, "jpeg": 65_500, "webp": 16_383}
 
+#: Most start-of-scan markers a JPEG upload may hold. A progressive JPEG is decoded scan by scan over
+#: the whole image, and libjpeg accepts repeated scans with a mere warning: a 1 MB file of repeated
+#: 12-byte scans took 21 s to check at 40 MP (0.7 ms a scan), and as long again in the worker.
+#: Real photos have 1 (baseline) to a few dozen; embedded thumbnails and MPO frames add a few. The
+#: same bound libjpeg-turbo's documentation gives as an example for its scan limit.
+MAX_JPEG_SCANS = 500
+
 #: Side of the square aligned face the pipeline restores (an `aligned` input is resized to it). Here,
 #: not in models.pipeline, because the API sizes results with it and must not import torch.
 FACE_SIZE = 512
@@ -198,6 +205,12 @@ def _read(
                 f"The image has {width}x{height} = {width * height} pixels; the limit is {max_pixels}."
             )
         fmt = "JPEG" if im.format == "MPO" else str(im.format)
+        # Outside APP segments, FF DA is only ever a start of scan: entropy-coded data stuffs each FF.
+        if fmt == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise InvalidImageError(
+                f"The JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted (a photo has a few "
+                "dozen at most): re-save it, e.g. as a baseline JPEG or PNG."
+            )
         warnings: list[str] = []
         # `is_animated` only looks for a second frame; `n_frames` would walk the whole file.
         # MPO's extra frames are previews/depth maps, not content, so they go unmentioned.

@@ -890,3 +890,28 @@ def test_load_rgb_names_the_file_it_refuses(
     path.write_bytes(data)
     with pytest.raises(ValueError, match=f"^{re.escape(f'{path}: {message}')}$"):
         load_rgb(path, max_pixels=max_pixels)
+
+
+def _repeat_a_scan(data: bytes, extra: int) -> bytes:
+    """A progressive JPEG with its last scan (an AC refinement: FF DA up to the next marker) repeated
+    `extra` more times before its end: libjpeg decodes each over the whole image, warning only."""
+    sos = data.rindex(b"\xff\xda")
+    scan = data[sos : data.rindex(b"\xff\xd9")]
+    return data[:sos] + scan * (1 + extra) + b"\xff\xd9"
+
+
+def test_a_jpeg_of_repeated_scans_is_refused_before_it_is_decoded() -> None:
+    """Decode time grows with the scans, not the pixels or bytes (0.7 ms a scan at 40 MP: a 1 MB
+    upload held the API's check 21 s, and the worker as long again). More than MAX_JPEG_SCANS is
+    `invalid_image`, refused before any decoding; a normal progressive JPEG and one with a few
+    repeated scans still pass."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, "JPEG", progressive=True, quality=90)
+    progressive = buf.getvalue()
+    assert 1 < progressive.count(b"\xff\xda") < 20
+    check_image(progressive, max_pixels=10_000)
+    check_image(_repeat_a_scan(progressive, 10), max_pixels=10_000)
+    bomb = _repeat_a_scan(progressive, images.MAX_JPEG_SCANS)
+    for read in (check_image, decode_image):
+        with pytest.raises(InvalidImageError, match=f"at most {images.MAX_JPEG_SCANS} are accepted"):
+            read(bomb, max_pixels=10_000)
