@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     heartbeat_ttl_seconds: int = Field(default=45, ge=1)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
     worker_metrics_port: int | None = 9100
+    # Unset: every interface for `dynface worker` (Prometheus scrapes it from another container);
+    # `dynface serve`'s own workers: its --host, like its API.
+    worker_metrics_host: str | None = None
 
     # --- cross-job batching (worker/main.py `claim_riders`): a worker that takes a job also takes up
     # to max_jobs - 1 waiting jobs with the same mode and fidelity, their faces in one sampler batch.

@@ -65,6 +65,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _apply_profile(args)
     if args.metrics_port is not None:
         os.environ["DYNFACE_WORKER_METRICS_PORT"] = str(args.metrics_port)
+    if args.metrics_host is not None:
+        os.environ["DYNFACE_WORKER_METRICS_HOST"] = args.metrics_host
     settings = Settings()
     device = args.device or _default_device(args.worker_index)
     run_worker(settings, device, name=args.name, burst=args.burst)
@@ -210,14 +212,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _worker_commands(args: argparse.Namespace, settings: Settings) -> list[list[str]]:
     """`serve`'s worker command lines. Worker i serves its metrics on the first port + i (`0`: any
-    free port, for each) and, without --device, picks its own GPU itself (`_device_for_worker`): this
-    process stays free of torch."""
+    free port, for each) of the API's --host unless DYNFACE_WORKER_METRICS_HOST names another (a
+    `serve` on loopback exposes no worker metrics to the network) and, without --device, picks its own
+    GPU itself (`_device_for_worker`): this process stays free of torch."""
     first = settings.worker_metrics_port if args.worker_metrics_port is None else args.worker_metrics_port
+    host = settings.worker_metrics_host or args.host
     commands = []
     for i in range(args.workers):
         device = ["--device", args.device] if args.device else ["--worker-index", str(i)]
         port = first + i if first else 0
-        commands.append([sys.executable, "-m", "worker", *device, "--metrics-port", str(port)])
+        metrics = ["--metrics-port", str(port), "--metrics-host", host]
+        commands.append([sys.executable, "-m", "worker", *device, *metrics])
     return commands
 
 
@@ -253,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(wk)
     wk.add_argument("--name", default=None, help="worker name (default: host.pid.device.random)")
     wk.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0 = any free port)")
+    wk.add_argument(
+        "--metrics-host", default=None, help="address of the metrics server (default: every interface)"
+    )
     wk.add_argument(
         "--worker-index",
         type=int,

@@ -441,7 +441,7 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
     port = None
     if settings.worker_metrics_port is not None:
         try:
-            port = metrics.serve(settings.worker_metrics_port)
+            port = metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
         except OSError as e:
             raise SystemExit(
                 f"dynface worker: cannot serve metrics on port {settings.worker_metrics_port} "

@@ -107,9 +107,9 @@ class _Scraped:
 SCRAPED = _Scraped(REGISTRY)
 
 
-def serve(port: int) -> int:
-    """Serve `SCRAPED` on `port` (0: any free one) from a background thread; the port it listens on.
-    Raises OSError when the port cannot be bound."""
+def serve(port: int, host: str | None = None) -> int:
+    """Serve `SCRAPED` on `port` (0: any free one) of `host` (None: every interface) from a background
+    thread; the port it listens on. Raises OSError when the port cannot be bound."""
     # prometheus_client reads a registry duck-typed: `collect` and `restricted_registry` are all it uses.
-    server, _ = start_http_server(port, registry=SCRAPED)  # type: ignore[arg-type]
+    server, _ = start_http_server(port, addr=host or "0.0.0.0", registry=SCRAPED)  # type: ignore[arg-type]
     return server.server_port

@@ -202,6 +202,29 @@ def test_serve_gives_each_worker_its_own_metrics_port_and_device() -> None:
     assert [c[3:5] for c in commands("--device", "cuda:1")] == [["--device", "cuda:1"]] * 3
 
 
+def test_serve_workers_serve_metrics_on_its_host() -> None:
+    """The worker's metrics server listened on every interface: a `serve` on loopback (the default,
+    `make serve`) exposed its workers' metrics to the network. They listen on serve's --host unless
+    DYNFACE_WORKER_METRICS_HOST names another; a plain `dynface worker` keeps every interface (a
+    Prometheus in another container scrapes it)."""
+
+    def hosts(*flags: str, **setting: str) -> list[str]:
+        args = build_parser().parse_args(["serve", "--workers", "2", *flags])
+        found = _worker_commands(args, base_settings("hosts", **setting))
+        return [c[c.index("--metrics-host") + 1] for c in found]
+
+    assert hosts() == ["127.0.0.1"] * 2
+    assert hosts("--host", "0.0.0.0") == ["0.0.0.0"] * 2
+    assert hosts(worker_metrics_host="10.0.0.5") == ["10.0.0.5"] * 2
+    port = metrics.serve(0, "127.0.0.1")
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    outward = socket.gethostbyname(socket.gethostname())
+    if not outward.startswith("127."):
+        with pytest.raises(OSError):
+            socket.create_connection((outward, port), timeout=2)
+
+
 def test_a_worker_without_a_device_takes_a_gpu_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
     """`serve --workers N` on a machine with GPUs: one worker per GPU; on one without, all on the
     CPU. A worker beyond the GPUs refuses to start, with a reason and the status `serve` does not
