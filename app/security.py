@@ -103,9 +103,19 @@ def check_rate_limit(store: JobStore, owner: str, per_minute: int) -> None:
         )
 
 
-#: IPv6 ranges whose last 32 bits are an IPv4 address that the network delivers to (NAT64 well-known
-#: prefix, deprecated IPv4-compatible addresses): ``64:ff9b::7f00:1`` reaches 127.0.0.1 behind NAT64.
+#: IPv6 ranges whose last 32 bits are an IPv4 address that the network delivers to: the NAT64
+#: well-known prefix (RFC 6052) and the deprecated IPv4-compatible addresses. ``64:ff9b::7f00:1``
+#: reaches 127.0.0.1 behind NAT64.
 _IPV4_SUFFIX_NETS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::/96"))
+
+#: Never a webhook destination, whatever `is_global` says (Python 3.11 calls them global; which
+#: version knows which range varies): deprecated site-local (RFC 3879), SRv6 segment identifiers
+#: (RFC 9602), documentation (RFC 9637), and local-use NAT64 (RFC 8215) whole: where its translator
+#: puts the IPv4 address depends on the operator's prefix length (/48 to /96), so no address in it
+#: can be judged by the IPv4 address it may reach.
+_NOT_PUBLIC_V6 = tuple(
+    ipaddress.IPv6Network(n) for n in ("fec0::/10", "5f00::/16", "3fff::/20", "64:ff9b:1::/48")
+)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -121,7 +131,10 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Globally routable unicast, and so is any IPv4 address embedded in an IPv6 one: Python
     counts e.g. 6to4 ``2002:7f00:1::`` and NAT64 ``64:ff9b::7f00:1`` as global although they
-    lead to 127.0.0.1."""
+    lead to 127.0.0.1. The explicit ranges above overrule `is_global`, which differs between
+    Python versions."""
+    if isinstance(ip, ipaddress.IPv6Address) and any(ip in net for net in _NOT_PUBLIC_V6):
+        return False
     if not ip.is_global or ip.is_multicast:
         return False
     if isinstance(ip, ipaddress.IPv6Address):

@@ -12,9 +12,11 @@ API for the jobs it ends itself, app/queued.py); both processes `drain` them bef
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -48,37 +50,134 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_seconds:
     return any(hmac.compare_digest(expected, s.encode()) for s in headers["webhook-signature"].split())
 
 
-def _post(
-    url: str, addresses: list[str], body: bytes, headers: dict[str, str], timeout: float
-) -> httpx.Response:
+class _Deadline:
+    """One attempt's whole budget (connect, TLS, send, the answer's status line and headers).
+
+    httpx's timeouts bound each socket operation, not the sum: a receiver sending a byte a little
+    faster than the read timeout keeps an attempt going forever (and holds the delivery thread). A
+    timer shuts the attempt's connections down once the budget is spent, which ends whatever read
+    or write is blocked on them. It shuts down a duplicate of each socket, taken as httpcore connects
+    (its ``trace`` extension): a shutdown acts on the connection, not on one descriptor, and our
+    duplicate stays ours to close, so the timer never touches a descriptor the system gave to
+    something else meanwhile; it also reaches a connection whose TLS handshake is under way (the
+    TCP socket object httpcore holds is detached by then).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._closed = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired or time.monotonic() >= self.end
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def trace(self, event: str, info: dict) -> None:
+        """httpcore's ``trace`` callback: keep a duplicate of each connection's socket."""
+        if event != "connection.connect_tcp.complete":
+            return
+        stream = info["return_value"]
+        try:
+            dup = stream.get_extra_info("socket").dup()
+        except OSError as e:  # out of descriptors, say: no connection we could not stop
+            stream.close()
+            raise httpx.ConnectError(f"cannot guard the connection: {e}") from e
+        with self._lock:
+            if self._closed:  # pragma: no cover (the attempt ended; httpcore connects no more)
+                dup.close()
+                return
+            self._sockets.append(dup)
+            if self._expired:
+                _shut(dup)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._closed = True
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already gone
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _post(url: str, addresses: list[str], body: bytes, headers: dict[str, str], timeout: float) -> int:
     """POST to the first of the checked ``addresses`` that takes the connection (by name when none
-    were checked, i.e. ``webhook_allow_private``), never following redirects.
+    were checked, i.e. ``webhook_allow_private``), never following redirects; returns the status.
 
     The URL's host is replaced by the address; ``Host`` and, for https, the TLS server name (SNI
     and certificate check, httpcore's ``sni_hostname``) stay the original name.
+
+    ``timeout`` bounds the whole attempt, every address tried included (`_Deadline`); running out
+    raises httpx.TimeoutException. Only the status is looked at: the answer's body is never read
+    (a receiver's body of any size costs no memory and no time), and the connection is closed.
     """
     target = httpx.URL(url)
     name = target.raw_host.decode("ascii")  # IDNA-encoded; IPv6 without brackets, as TLS wants it
+
+    def request(host: str | None) -> httpx.Request:
+        if deadline.expired:
+            raise httpx.ConnectTimeout(f"no answer within the attempt's {timeout:g} s")
+        extensions: dict[str, object] = {"trace": deadline.trace}
+        pinned: dict[str, str] = {}
+        if host is not None:
+            pinned = {"host": target.netloc.decode("ascii")}
+            if target.scheme == "https":
+                extensions["sni_hostname"] = name
+        return client.build_request(
+            "POST",
+            target if host is None else target.copy_with(host=host),
+            content=body,
+            headers={**headers, **pinned},
+            extensions=extensions,
+            timeout=httpx.Timeout(max(deadline.remaining(), 0.001)),
+        )
+
+    def status(req: httpx.Request) -> int:
+        try:
+            r = client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            if deadline.expired and not isinstance(e, httpx.TimeoutException):
+                raise httpx.ReadTimeout(f"no answer within the attempt's {timeout:g} s") from e
+            raise
+        r.close()  # unread: closing drops the connection, whatever the receiver still sends
+        return r.status_code
+
+    deadline = _Deadline(timeout)
     # An explicit transport keeps environment proxies out: a proxy would resolve the name again.
-    with httpx.Client(transport=httpx.HTTPTransport(), timeout=timeout, follow_redirects=False) as client:
-        if not addresses:
-            return client.post(target, content=body, headers=headers)
-
-        def pinned(ip: str) -> httpx.Request:
-            return client.build_request(
-                "POST",
-                target.copy_with(host=ip),
-                content=body,
-                headers={**headers, "host": target.netloc.decode("ascii")},
-                extensions={"sni_hostname": name} if target.scheme == "https" else {},
-            )
-
-        for ip in addresses[:-1]:
-            try:
-                return client.send(pinned(ip))
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                pass  # as a connect by name does: the next address (e.g. IPv4 when IPv6 has no route)
-        return client.send(pinned(addresses[-1]))
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(), follow_redirects=False) as client:
+            if not addresses:
+                return status(request(None))
+            for ip in addresses[:-1]:
+                try:
+                    return status(request(ip))
+                except (httpx.ConnectError, httpx.ConnectTimeout):
+                    if deadline.expired:
+                        raise
+                    # as a connect by name does: the next address (e.g. IPv4 when IPv6 has no route)
+            return status(request(addresses[-1]))
+    finally:
+        deadline.close()
 
 
 def deliver(
@@ -107,10 +206,10 @@ def deliver(
         if settings.webhook_secret is not None:
             headers["webhook-signature"] = sign(settings.webhook_secret.get_secret_value(), msg_id, ts, body)
         try:
-            r = _post(url, addresses, body, headers, settings.webhook_timeout_seconds)
-            if 200 <= r.status_code < 300:
+            code = _post(url, addresses, body, headers, settings.webhook_timeout_seconds)
+            if 200 <= code < 300:
                 return True
-            log.warning("webhook %s attempt %d: HTTP %d", msg_id, attempt, r.status_code)
+            log.warning("webhook %s attempt %d: HTTP %d", msg_id, attempt, code)
         except httpx.HTTPError as e:
             log.warning("webhook %s attempt %d: %s", msg_id, attempt, e)
     return False

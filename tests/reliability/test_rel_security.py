@@ -199,6 +199,11 @@ REFUSED_WEBHOOKS = [
     "https://[2002:7f00:1::]/hook",  # 6to4 of 127.0.0.1
     "https://[64:ff9b::7f00:1]/hook",  # NAT64 of 127.0.0.1
     "https://[64:ff9b::a9fe:a9fe]/hook",  # NAT64 of the metadata address
+    "https://[64:ff9b:1::7f00:1]/hook",  # local-use NAT64 (RFC 8215) of 127.0.0.1
+    "https://[64:ff9b:1::808:808]/hook",  # local-use NAT64 of a public address: the whole /48 is refused
+    "https://[fec0::1]/hook",  # deprecated site-local (Python 3.11 calls these four global)
+    "https://[3fff::1]/hook",  # documentation (RFC 9637)
+    "https://[5f00::1]/hook",  # SRv6 segment identifiers (RFC 9602)
     "https://[fe80::1]/hook",
     "https://[fc00::1]/hook",
     "https://[fd12:3456::1]/hook",
