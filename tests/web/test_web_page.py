@@ -346,6 +346,18 @@ def _fake_job(status: str, **fields: Any) -> dict[str, Any]:
     return {"id": FAKE_ID, "status": status, "warnings": [], **fields}
 
 
+def _answering(job: dict[str, Any]) -> Any:
+    """A route handler: the restored image is FACE, anything else `job` (202 to the submission)."""
+
+    def handle(route: Any) -> None:
+        if route.request.url.endswith("/image"):
+            route.fulfill(body=FACE.read_bytes(), content_type="image/png")
+        else:
+            route.fulfill(status=202 if route.request.method == "POST" else 200, json=job)
+
+    return handle
+
+
 def _job_gets(pg: Any) -> int:
     return pg.evaluate("window.jobGets")
 
@@ -1047,13 +1059,7 @@ def test_a_bug_in_the_page_is_not_blamed_on_the_server(service: str, page: Any) 
         urls={"self": "", "result": None, "cancel": ""},
     )
 
-    def handle(route: Any) -> None:
-        if route.request.url.endswith("/image"):
-            route.fulfill(body=FACE.read_bytes(), content_type="image/png")
-        else:
-            route.fulfill(status=202 if route.request.method == "POST" else 200, json=job)
-
-    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.route(lambda url: "/v1/restorations" in url, _answering(job))
     page.goto(service + "/")
     page.set_input_files("#file", str(FACE))
     page.click("#submit")
@@ -1364,14 +1370,8 @@ def test_a_job_outdates_the_readiness_notice(
         urls={"self": "", "result": None, "cancel": ""},
     )
 
-    def handle(route: Any) -> None:
-        if route.request.url.endswith("/image"):
-            route.fulfill(body=FACE.read_bytes(), content_type="image/png")
-        else:
-            route.fulfill(status=202 if route.request.method == "POST" else 200, json=job)
-
     page.route(lambda url: url.endswith("/readyz"), ready)
-    page.route(lambda url: "/v1/restorations" in url, handle)
+    page.route(lambda url: "/v1/restorations" in url, _answering(job))
     page.goto(service + "/")
     page.wait_for_selector(f"#notice[data-code='{code}']", state="visible")
     page.set_input_files("#file", files=[_photo()])
