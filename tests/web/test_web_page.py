@@ -358,6 +358,13 @@ def _answering(job: dict[str, Any]) -> Any:
     return handle
 
 
+def _open_on_paused_clock(pg: Any, url: str) -> None:
+    """Open `url` with the page's fake clock installed and paused, so a test moves time itself."""
+    pg.clock.install(time=CLOCK_START)
+    pg.clock.pause_at(CLOCK_START + 1)
+    pg.goto(url)
+
+
 def _job_gets(pg: Any) -> int:
     return pg.evaluate("window.jobGets")
 
@@ -527,9 +534,7 @@ def test_the_status_has_accessible_names_and_only_its_sentence_is_live(service: 
     page.route(lambda url: bool(JOB_URL.search(url)), handle)
     # Fake time, paused: the next poll waits for run_for, so the recorder is in place before it
     # however long this process stalls (on the real clock a 1 s stall let "processing" land first).
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(f"{service}/#job={FAKE_ID}")
+    _open_on_paused_clock(page, f"{service}/#job={FAKE_ID}")
     _wait_status_line(page, "Queued: 2 ahead of you.")
     _record_texts(page, "status-text")  # what a screen reader announces
     for step, delay in ((1, 1000), (2, 500), (3, 500)):  # the queued, then the processing poll delay
@@ -558,9 +563,7 @@ def test_polling_gives_up_after_two_minutes_of_outage(service: str, page: Any) -
 
     page.route(lambda url: bool(JOB_URL.search(url)), handle)
     # fake time, paused: it moves only by run_for, so "two minutes" takes no real time
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(f"{service}/#job={FAKE_ID}")
+    _open_on_paused_clock(page, f"{service}/#job={FAKE_ID}")
     page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
     _record_texts(page, "message")
     advanced = 0
@@ -617,9 +620,7 @@ def test_polling_slows_down_while_queued_and_in_a_background_tab(service: str, p
 
     page.add_init_script(COUNT_JOB_GETS)
     page.route(lambda url: bool(JOB_URL.search(url)), handle)
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(f"{service}/#job={FAKE_ID}")  # resumes watching the job at once
+    _open_on_paused_clock(page, f"{service}/#job={FAKE_ID}")  # resumes watching the job at once
     _wait_status_line(page, "Queued: 19 ahead of you.")
     assert _job_gets(page) == 1
 
@@ -833,9 +834,7 @@ def test_a_poll_retry_waits_at_least_its_backoff(
 
     page.add_init_script(COUNT_JOB_GETS)
     page.route(lambda url: bool(JOB_URL.search(url)), handle)
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(f"{service}/#job={FAKE_ID}")
+    _open_on_paused_clock(page, f"{service}/#job={FAKE_ID}")
     page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
     assert _job_gets(page) == 1
     page.evaluate("() => document.dispatchEvent(new Event('visibilitychange'))")  # back in view
@@ -852,9 +851,7 @@ def test_retry_after_as_a_date_is_shown_in_seconds(service: str, page: Any) -> N
         lambda url: _is_submission(url),
         lambda route: route.fulfill(status=429, headers={"Retry-After": when}, json=_error("rate_limited")),
     )
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(service + "/")
+    _open_on_paused_clock(page, service + "/")
     page.set_input_files("#file", files=[_photo()])
     page.click("#submit")
     text = _wait_for_message(page, "rate_limited", "error-rate-limited-until")
@@ -892,9 +889,7 @@ def test_a_submission_is_retried_with_one_idempotency_key(service: str, page: An
             route.fulfill(json=job)
 
     page.route(lambda url: "/v1/restorations" in url, handle)
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(service + "/")
+    _open_on_paused_clock(page, service + "/")
     page.set_input_files("#file", files=[_photo()])
     page.click("#submit")
     page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
@@ -1148,9 +1143,7 @@ def test_cancel_before_a_retried_submission_deletes_the_job_it_may_have_made(
         route.fallback()
 
     page.route(lambda url: "/v1/restorations" in url, handle)
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(bare_service + "/")
+    _open_on_paused_clock(page, bare_service + "/")
     page.set_input_files("#file", files=[_photo()])
     with page.expect_request(lambda r: _is_submission(r.url)) as sent:
         page.click("#submit")
@@ -1198,9 +1191,7 @@ def test_cancel_that_cannot_learn_the_job_says_it_may_exist(service: str, page: 
         )
 
     page.route(lambda url: "/v1/restorations" in url, handle)
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(service + "/")
+    _open_on_paused_clock(page, service + "/")
     page.set_input_files("#file", files=[_photo()])
     page.click("#submit")
     page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
@@ -1256,9 +1247,7 @@ def test_a_submission_the_server_never_answers_is_tried_again(
 
     try:
         with LiveServer(settings, wrap=wrap) as server:
-            page.clock.install(time=CLOCK_START)
-            page.clock.pause_at(CLOCK_START + 1)
-            page.goto(server.url + "/")
+            _open_on_paused_clock(page, server.url + "/")
             page.set_input_files("#file", files=[_photo()])
             page.click("#submit")
             _wait_status_line(page, "Uploading the photo: 100%")  # the whole body is sent
@@ -1408,9 +1397,7 @@ def test_a_photo_refused_by_the_page_keeps_the_key_of_an_unsure_submission(servi
         route.fulfill(status=202 if route.request.method == "POST" else 200, json=_fake_job("queued"))
 
     page.route(lambda url: "/v1/restorations" in url, handle)
-    page.clock.install(time=CLOCK_START)
-    page.clock.pause_at(CLOCK_START + 1)
-    page.goto(service + "/")
+    _open_on_paused_clock(page, service + "/")
     page.set_input_files("#file", files=[_photo("crop.png", 300, 200)])
     page.click("#submit")
     page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
