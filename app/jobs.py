@@ -11,6 +11,9 @@ Layout (``P`` = settings.key_prefix)::
     P:result:{id}:{name}  result bytes (image | comparison | face:{k}); TTL result_ttl
     P:idem:{sha256(key)}  {"job_id", "body_sha256", "claimed_at"}; TTL record_ttl (the idempotency window)
     P:rate:{key_id}:{min} request counter of one API key in one minute; TTL 60 s
+    P:active:{key_id}     sorted set: job ids of one API key's active jobs, scored by admission time
+                          (Redis' clock); members of ended jobs are pruned at its next admission
+                          (`JobStore.admit`); TTL record_ttl, renewed at each admission
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
     P:done:{id}           pub/sub channel (no key): published once when the job ends
@@ -189,6 +192,32 @@ return redis.call('HGETALL', KEYS[1])
 """
 )
 
+# A submission's admission under its key's limit of active jobs. KEYS: the key's set of active jobs
+# (`P:active:{key_id}`), then the records of the members the caller read just before, in the order of
+# ARGV[5..]. ARGV: limit, new job id, seconds a member may lack its record (it is being stored:
+# `IDEMPOTENCY_TAKEOVER_SECONDS`, the longest a submission takes), the set's TTL, then the members'
+# ids. Each listed member whose record is gone (past that grace) or not active is removed; then, with
+# fewer than the limit left (members added since the caller's read count, being new), the job is
+# added. Returns -1 when admitted, else how many jobs are active.
+_ADMIT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+for k = 2, #KEYS do
+  local member = ARGV[k + 3]
+  local status = redis.call('HGET', KEYS[k], 'status')
+  local admitted = tonumber(redis.call('ZSCORE', KEYS[1], member))
+  local storing = not status and admitted and admitted > now - tonumber(ARGV[3])
+  if status ~= '"queued"' and status ~= '"processing"' and not storing then
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+local active = redis.call('ZCARD', KEYS[1])
+if active >= tonumber(ARGV[1]) then return active end
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return -1
+"""
+
 
 def sentinel_options(settings: Settings) -> tuple[list[tuple[str, int]], dict[str, Any], str | None]:
     """For ``redis_sentinels``: the sentinels' addresses, their own client options and the primary's
@@ -311,6 +340,7 @@ class JobStore:
         self._claim_idem = redis.register_script(_CLAIM_IDEMPOTENCY)
         self._rebind_idem = redis.register_script(_REBIND_IDEMPOTENCY)
         self._release_idem = redis.register_script(_RELEASE_IDEMPOTENCY)
+        self._admit = redis.register_script(_ADMIT)
 
     # --- key names
     def key(self, *parts: str) -> str:
@@ -496,6 +526,23 @@ class JobStore:
     def _idem_key(self, key: str) -> str:
         """Keys are hashed: clients may send anything, and it must not become a Redis key verbatim."""
         return self.key("idem", hashlib.sha256(key.encode()).hexdigest())
+
+    # --- per-key limit of active jobs
+    def admit(self, owner: str, job_id: str, limit: int, storing_grace: float) -> int | None:
+        """Count a new job of ``owner`` among its active (queued or processing) jobs unless it has
+        ``limit`` of them already: then returns how many (and counts nothing). A job counts from its
+        admission, before its record is stored, for up to ``storing_grace`` seconds without it; an
+        ended job stops counting at the owner's next admission. Atomic (`_ADMIT`); two round trips."""
+        active = self.key("active", owner)
+        members = [m.decode() for m in self.redis.zrange(active, 0, -1)]
+        keys = [active, *(self.key("job", m) for m in members)]
+        args = [limit, job_id, storing_grace, self.settings.record_ttl_seconds, *members]
+        count = self._admit(keys=keys, args=args)
+        return None if count == -1 else int(count)
+
+    def unadmit(self, owner: str, job_id: str) -> None:
+        """Undo `admit` for a job that was not stored."""
+        self.redis.zrem(self.key("active", owner), job_id)
 
     # --- workers
     def register_worker(self, name: str, fields: dict[str, Any]) -> None:

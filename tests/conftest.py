@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
+from app import security
 from app.jobs import TERMINAL
 from app.main import create_app
 from app.settings import Settings
@@ -131,12 +132,14 @@ def settings_in_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Set
         return Settings()
 
 
-def wait_for_rate_window(needed: float = 20.0) -> None:
-    """Return once at least ``needed`` seconds are left in the current clock minute. The API's rate
-    limit counts in fixed one-minute windows (``int(time.time() // 60)``, app/security.py): a test's
-    submissions that straddle a boundary would see the count start again mid-test."""
-    while 60 - time.time() % 60 < needed:
-        time.sleep(0.2)
+@pytest.fixture
+def rate_window(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Pins the clock of the API's rate windows (in this process) 20 s into a minute, whose start it
+    returns: the limit counts in fixed one-minute windows (app/security.py), and a test's submissions
+    straddling a boundary would see the count start again mid-test."""
+    start = 1_800_000_000.0  # a whole minute
+    monkeypatch.setattr(security, "rate_clock", lambda: start + 20.0)
+    return start
 
 
 #: Tries for a child process that must bind a port we picked (it may be taken before the child binds).

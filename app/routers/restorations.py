@@ -535,9 +535,9 @@ def _submit(
     body_hash: str | None,
     warnings: list[str],
 ) -> tuple[dict[str, Any], bool]:
-    """Webhook check, idempotency, queue limit, then store + enqueue (the upload has passed
-    `_check_upload`, which gave its ``warnings``; ``body_hash`` is its `_body_hash` when it came with
-    an Idempotency-Key). Returns (record, replayed)."""
+    """Webhook check, idempotency, queue limit, the key's limit of active jobs, then store + enqueue
+    (the upload has passed `_check_upload`, which gave its ``warnings``; ``body_hash`` is its
+    `_body_hash` when it came with an Idempotency-Key). Returns (record, replayed)."""
     svc = services(request)
     s, store = svc.settings, svc.store
     if options.webhook is not None:
@@ -567,6 +567,7 @@ def _submit(
             # the outcome unknown to its client): this retry takes the key over.
             earlier = store.rebind_idempotency(f"{owner}:{idem}", earlier["job_id"], job_id, body_hash)
     storing = False  # set as the job's transaction is sent: a lost reply then leaves its outcome unknown
+    admitted = False
     try:
         if svc.queue.count >= s.max_queue_depth:
             raise ApiError(
@@ -575,6 +576,18 @@ def _submit(
                 f"The queue is full ({s.max_queue_depth} jobs); retry later.",
                 {"Retry-After": str(s.queue_full_retry_after_seconds)},
             )
+        limit = s.max_active_jobs_per_key
+        if limit and s.auth_enabled:  # open: every caller is one anonymous owner, bounded by the queue
+            active = store.admit(owner, job_id, limit, IDEMPOTENCY_TAKEOVER_SECONDS)
+            if active is not None:
+                raise ApiError(
+                    429,
+                    "too_many_active_jobs",
+                    f"This API key has {active} jobs queued or running, its limit "
+                    f"(DYNFACE_MAX_ACTIVE_JOBS_PER_KEY = {limit}); submit again once one has ended.",
+                    {"Retry-After": str(s.queue_full_retry_after_seconds)},
+                )
+            admitted = True
         record = {
             "id": job_id,
             "status": "queued",
@@ -592,21 +605,27 @@ def _submit(
         # No job exists, so the key is freed for a retry, unless the transaction storing it may have
         # run unanswered (connection lost, no reply in time): the key then stays bound, and a retry
         # either finds the job or, when there is none, takes the key over (above).
-        if idem is not None and not (storing and isinstance(e, RedisConnectionError | RedisTimeoutError)):
-            _release_idempotency(store, f"{owner}:{idem}", job_id)
+        unknown = storing and isinstance(e, RedisConnectionError | RedisTimeoutError)
+        if not unknown:
+            _undo_claims(store, owner, job_id, idem, admitted)
         raise
     metrics.JOBS_SUBMITTED.inc()
     metrics.UPLOAD_BYTES.observe(len(data))
     return record, False
 
 
-def _release_idempotency(store: JobStore, key: str, job_id: str) -> None:
-    """Free a failed submission's Idempotency-Key for a retry. Failing that (Redis down), a retry takes
-    it over once the claim is IDEMPOTENCY_TAKEOVER_SECONDS old; the submission's own error is answered."""
+def _undo_claims(store: JobStore, owner: str, job_id: str, idem: str | None, admitted: bool) -> None:
+    """Free what a submission that stored no job claimed: its Idempotency-Key, for a retry, and its
+    place among its key's active jobs. Failing that (Redis down), a retry takes the key over once the
+    claim is IDEMPOTENCY_TAKEOVER_SECONDS old, and the place is freed as long after its admission
+    (`JobStore.admit`); the submission's own error is answered."""
     try:
-        store.release_idempotency(key, job_id)
+        if idem is not None:
+            store.release_idempotency(f"{owner}:{idem}", job_id)
+        if admitted:
+            store.unadmit(owner, job_id)
     except RedisError as e:
-        log.warning("job %s: Idempotency-Key not released: %s", job_id, e)
+        log.warning("job %s: claims not released: %s", job_id, e)
 
 
 def _replayed(

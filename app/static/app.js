@@ -53,6 +53,8 @@ const ERROR_TEXT = {
     "(or tick “already an aligned 512×512 face” for a face crop).",
   queue_full: "The service is busy: the queue is full.",
   rate_limited: "Too many photos submitted in the last minute.",
+  too_many_active_jobs: "This API key has too many photos waiting or being restored. Submit again once one " +
+    "has finished.",
   unauthorized: "This service needs a valid API key. Enter it above.",
   invalid_option: "One of the options was not accepted.",
   invalid_request: "The request was not understood.",

@@ -249,3 +249,37 @@ def test_a_claim_is_one_step_so_a_release_cannot_come_between(settings: Settings
     # Either the claim saw A's binding, or it holds the key itself: never neither.
     bound = store.claim_idempotency("owner:k", "job-c", "hash")
     assert earlier is not None or (bound is not None and bound["job_id"] == "job-b"), (earlier, bound)
+
+
+def test_admissions_under_a_key_limit_are_exact_and_skip_ended_and_unstored_jobs(settings: Settings) -> None:
+    """`admit` is one atomic step after its read: concurrent submissions of one key never pass its
+    limit together. A member whose job ended, or whose record never came within the grace, stops
+    counting; one admitted a moment ago without its record yet (being stored) still counts."""
+    store = JobStore(connect(settings), settings)
+    admitted: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def submit(n: int) -> None:
+        barrier.wait()
+        if store.admit("owner", f"job-{n}", 3, storing_grace=60.0) is None:
+            admitted.append(f"job-{n}")
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 3  # none has a record yet: each counts as being stored
+    for job_id in admitted:
+        store.create(job_id, b"x", _record(job_id))
+    assert store.admit("owner", "late", 3, storing_grace=60.0) == 3
+    assert store.admit("another-owner", "theirs", 3, storing_grace=60.0) is None
+    assert store.update(admitted[0], {"status": "succeeded"})  # ended: its place is free
+    assert store.admit("owner", "next", 3, storing_grace=60.0) is None
+    # "next" was never stored: within the grace it counts, past it (grace 0 here) it does not.
+    assert store.admit("owner", "again", 3, storing_grace=60.0) == 3
+    assert store.admit("owner", "again", 3, storing_grace=0.0) is None
+    assert store.redis.ttl(store.key("active", "owner")) > 0
+    store.unadmit("owner", "again")
+    members = {m.decode() for m in store.redis.zrange(store.key("active", "owner"), 0, -1)}
+    assert members == set(admitted[1:])

@@ -98,9 +98,15 @@ def test_a_redis_refusing_writes_is_503_redis_unavailable_and_frees_the_idempote
     `idempotency_in_progress` for a minute, though no job had been stored."""
     r, data = private_redis
     port = r.connection_pool.connection_kwargs["port"]
-    s = base_settings(uuid.uuid4().hex[:10], redis_url=f"redis://127.0.0.1:{port}/0")
+    # One active job per API key: a refused submission must give back its place, or the retry is a 429.
+    s = base_settings(
+        uuid.uuid4().hex[:10],
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        api_keys="k",
+        max_active_jobs_per_key=1,
+    )
     rejected = 'dynface_jobs_rejected_total{reason="redis_unavailable"}'
-    key = {"Idempotency-Key": "refused-once"}
+    key = {"Idempotency-Key": "refused-once", "X-API-Key": "k"}
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
         heal = refuse(r, data)
         before = (
@@ -109,9 +115,10 @@ def test_a_redis_refusing_writes_is_503_redis_unavailable_and_frees_the_idempote
             requests_counted(c, "/v1/restorations", "POST", 500, "internal"),
         )
         with caplog.at_level(logging.WARNING, logger="app.errors"):
-            # Without a key the first write is the job's own transaction; with one, the key's claim
-            # (which fits under the memory limit: the job's transaction is refused after it).
-            for headers in ({}, key):
+            # Without an Idempotency-Key the first writes are the job's admission and its own
+            # transaction; with one, the key's claim comes first (the small writes fit under the
+            # memory limit: the job's transaction is refused after them).
+            for headers in ({"X-API-Key": "k"}, key):
                 answer = submit(c, data=BIG_UPLOAD, headers=headers)
                 assert answer.status_code == 503 and error_code(answer) == "redis_unavailable", answer.text
                 assert answer.headers["retry-after"].isdigit()
