@@ -461,21 +461,29 @@ def test_redis_url_comes_from_dynface_redis_url_or_the_bundled_redis(
     assert "`REDIS_URL`" in deployment and "`DYNFACE_REDIS_URL`" in deployment
 
 
-def test_prometheus_is_published_on_loopback_unless_told_otherwise(
-    resolved: dict[str, dict[str, Any]], tmp_path: Path
+@pytest.mark.parametrize(
+    ("service", "variable", "target"),
+    [
+        ("prometheus", "PROMETHEUS_BIND_ADDRESS", 9090),
+        ("api", "DYNFACE_API_BIND_ADDRESS", 8000),
+        ("grafana", "GRAFANA_BIND_ADDRESS", 3000),
+    ],
+)
+def test_published_ports_are_on_loopback_unless_told_otherwise(
+    resolved: dict[str, dict[str, Any]], tmp_path: Path, service: str, variable: str, target: int
 ) -> None:
-    """No authentication on Prometheus: 127.0.0.1 by default; PROMETHEUS_BIND_ADDRESS opens it to a
-    central Prometheus that federates this host's (docs/scaling.md)."""
-    (port,) = resolved["gpu"]["services"]["prometheus"]["ports"]
-    assert port["host_ip"] == "127.0.0.1" and port["target"] == 9090
+    """Prometheus has no authentication, the API is open until DYNFACE_API_KEYS is set and has no
+    connection limit, Grafana speaks plain HTTP: each is on 127.0.0.1 by default, and its bind
+    address variable opens it (a central Prometheus federating this host's, a proxy elsewhere)."""
+    for profile in ("gpu", "cpu"):
+        (port,) = resolved[profile]["services"][service]["ports"]
+        assert port["host_ip"] == "127.0.0.1" and port["target"] == target
     opened = tmp_path / "opened.env"
-    opened.write_text(
-        "".join(f"{k}={v}\n" for k, v in {**SECRETS, "PROMETHEUS_BIND_ADDRESS": "10.1.2.3"}.items())
-    )
+    opened.write_text("".join(f"{k}={v}\n" for k, v in {**SECRETS, variable: "10.1.2.3"}.items()))
     r = compose("config", "--format", "json", env_file=opened)
     assert r.returncode == 0, r.stderr
-    (port,) = json.loads(r.stdout)["services"]["prometheus"]["ports"]
-    assert port["host_ip"] == "10.1.2.3" and port["published"] == "9090" and port["target"] == 9090
+    (port,) = json.loads(r.stdout)["services"][service]["ports"]
+    assert port["host_ip"] == "10.1.2.3" and port["published"] == str(target) and port["target"] == target
 
 
 def _deployment_section() -> str:
