@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import anyio
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from redis import Redis
 from rq import Queue
 from starlette.datastructures import MutableHeaders
@@ -20,7 +21,7 @@ from app.completions import Completions
 from app.errors import answered_code, install_error_handlers
 from app.jobs import JobStore, connect, make_queue
 from app.queued import sweep_forever
-from app.routers import health, models, restorations, web
+from app.routers import docs, health, models, restorations, web
 from app.settings import Settings, get_settings
 
 DESCRIPTION = """
@@ -67,7 +68,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Webhooks of jobs this process ended (cancels, the sweep's failures): off the event loop.
             await anyio.to_thread.run_sync(webhooks.drain)
 
-    app = FastAPI(title="dynface", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    # FastAPIOffline: FastAPI with Swagger UI's and ReDoc's files mounted at DOCS_ASSETS_URL; the
+    # pages themselves are app/routers/docs.py's.
+    app = FastAPIOffline(
+        title="dynface",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        static_url=docs.DOCS_ASSETS_URL,
+    )
     limiter = anyio.CapacityLimiter(settings.max_concurrent_image_checks)
     app.state.services = Services(settings, redis, store, queue, completions, limiter)
     install_error_handlers(app)
@@ -75,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(web.router)
+    app.include_router(docs.router)
     app.add_middleware(_Measure)
     return app
 

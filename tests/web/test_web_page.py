@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from app.routers.docs import DOCS_ASSETS_URL, content_security_policy
 from app.routers.web import CONTENT_SECURITY_POLICY
 from app.settings import Settings
 from tests.conftest import ROOT, TESTDATA, WorkerProcess, base_settings, purge, start_workers, wait_for
@@ -77,6 +78,26 @@ def test_only_known_static_files_are_served(client: TestClient) -> None:
         assert r.status_code == 404, path
         assert set(r.json()["error"]) == {"code", "message"}
     assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_api_docs_pages_load_only_files_of_this_origin(client: TestClient) -> None:
+    """/docs and /redoc loaded Swagger UI and ReDoc from a CDN at a floating version, without an
+    integrity check, into the origin whose tab may hold an API key: now every file is served here."""
+    for path, wanted in [("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")]:
+        r = client.get(path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), path
+        csp = r.headers["content-security-policy"]
+        assert csp == content_security_policy(r.text) and "default-src 'none'" in csp, csp
+        assert "unsafe-eval" not in csp and "script-src 'self'" in csp and "https:" not in csp
+        refs = re.findall(r'(?:src|href|url)\s*[=:]\s*["\']([^"\']+)', r.text)
+        assert f"{DOCS_ASSETS_URL}/{wanted}" in refs, refs  # the scan reads the page
+        assert all(ref.startswith("/") and not ref.startswith("//") for ref in refs), refs
+        assert "fonts.googleapis" not in r.text and "https://" not in r.text.split("</head>")[0], path
+        for ref in refs:
+            asset = client.get(ref)
+            assert asset.status_code == 200 and len(asset.content) > 1000, ref
+            assert asset.headers["x-content-type-options"] == "nosniff"
+    assert client.get(f"{DOCS_ASSETS_URL}/..%2Fmain.py").status_code == 404
 
 
 # ---------------------------------------------------------------- browser
@@ -194,6 +215,25 @@ def _recorded_texts(pg: Any) -> list[str]:
 def _unexpected_console(pg: Any, allowed: tuple[str, ...] = ()) -> list[str]:
     # A failed fetch (the 4xx we provoke) is logged by Chromium as a console error; nothing else may be.
     return [p for p in pg.problems if not any(a in p for a in ("status of 4", *allowed))]
+
+
+def test_the_api_docs_render_from_this_origin_alone(service: str, page: Any) -> None:
+    """Swagger UI and ReDoc render the API's operations under their CSP, with every request to
+    another origin refused besides: they need nothing from a CDN, and break no rule of their CSP."""
+    elsewhere: list[str] = []
+    page.route(
+        lambda url: not url.startswith(service),
+        lambda route: (elsewhere.append(route.request.url), route.abort()),
+    )
+    page.goto(service + "/docs")
+    page.wait_for_selector("#operations-restorations-create_restoration_v1_restorations_post", timeout=30000)
+    assert "dynface" in page.inner_text(".swagger-ui .info .title")
+    _screenshot(page, "docs")
+    page.goto(service + "/redoc")
+    page.wait_for_selector("h2:has-text('Submit a photo')", timeout=30000)
+    _screenshot(page, "redoc")
+    # ReDoc's vendor logo is the one thing either page asks of another origin: the CSP refuses it.
+    assert elsewhere == [] and _unexpected_console(page, ("cdn.redoc.ly/redoc/logo-mini.svg",)) == []
 
 
 def test_restores_a_photo_in_the_browser(service: str, page: Any) -> None:
