@@ -321,6 +321,9 @@ def test_api_container_runs_the_api_alone(resolved: dict[str, dict[str, Any]]) -
         command = resolved[profile]["services"]["api"]["command"]
         assert command[:2] == ["dynface", "serve"], command
         assert build_parser().parse_args(command[1:]).workers == 0, f"profile {profile}: {command}"
+        # Read-only image; `dynface serve`'s temporary folder (multiprocess metrics) on a tmpfs.
+        api = resolved[profile]["services"]["api"]
+        assert api["read_only"] is True and api["tmpfs"] == ["/tmp"], api
 
 
 def test_weights_are_pulled_and_verified_by_an_init_step(resolved: dict[str, dict[str, Any]]) -> None:

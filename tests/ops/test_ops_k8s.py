@@ -257,3 +257,35 @@ def test_pods_have_no_generic_scrape_annotations() -> None:
     for name in ("api.yaml", "worker.yaml"):
         meta = one(name, "Deployment")["spec"]["template"]["metadata"]
         assert not [a for a in meta.get("annotations") or {} if a.startswith("prometheus.io/")], name
+
+
+def _pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"{where}:{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for where, d in all_manifests()
+        if d["kind"] in {"Deployment", "Job"}
+    ]
+
+
+@pytest.mark.parametrize("where,pod", _pod_specs(), ids=lambda v: str(v)[:40])
+def test_every_pod_runs_confined(where: str, pod: dict[str, Any]) -> None:
+    """Non-root under the runtime's default seccomp profile; no container may gain privileges or
+    keep a capability; the API's and the weight check's root filesystems are read-only (the API
+    writes only its /tmp emptyDir)."""
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    containers = {c["name"]: c for c in pod["containers"] + pod.get("initContainers", [])}
+    for name, container in containers.items():
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, name
+        assert context["capabilities"] == {"drop": ["ALL"]}, name
+    for name in {"api", "verify-weights"} & set(containers):
+        assert containers[name]["securityContext"]["readOnlyRootFilesystem"] is True, name
+    if "api" in containers:
+        (tmp,) = [m for m in containers["api"]["volumeMounts"] if m["mountPath"] == "/tmp"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == tmp["name"]]
+        assert "emptyDir" in volume
+
+
+def test_the_confinement_check_sees_every_pod() -> None:
+    assert {where.split(":")[0] for where, _ in _pod_specs()} == {"api.yaml", "worker.yaml", "weights.yaml"}
