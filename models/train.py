@@ -519,6 +519,22 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ loop
+def check_resume_inputs(export_info: dict[str, Any], saved: dict[str, Any], ckpt: Path) -> None:
+    """A resumed run must learn from the files the checkpoint's run began with (a DGSA run: the same
+    DBLM file, whose sha256 its export records). Checkpoints written before `export_info` was saved
+    cannot tell, and resume."""
+    recorded = saved.get("export_info", export_info)
+    if recorded != export_info:
+        changed = {
+            k: (recorded.get(k), export_info.get(k)) for k in export_info if recorded.get(k) != export_info[k]
+        }
+        raise ValueError(
+            f"cannot resume from {ckpt}: the run began with {recorded}, the files named now give "
+            f"{export_info} (changed: {sorted(changed)}). Name the files the run began with, or "
+            "start the run afresh."
+        )
+
+
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train until `config.max_steps` (continuing from the last checkpoint with `resume`), then export.
     Without `resume`, an out_dir that holds a run is refused (`RunExistsError`, `check_fresh_out_dir`)."""
@@ -546,6 +562,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             )
     torch.manual_seed(config.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     task = _task(config)
+    if state is not None:
+        check_resume_inputs(task.export_info, state, ckpt)
     task.to(device)
     model = task.net.train()
     # Buffers are copied, not averaged: the nets' only buffers are SwinIR's constant attention indices
@@ -639,7 +657,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                     rate = len(result.losses) / (time.perf_counter() - started)
                     writer.add_scalar("speed/steps_per_s", rate, step)
             if dist.main and (step % config.ckpt_every == 0 or step == config.max_steps):
-                _save_checkpoint(ckpt, model, ema, optimizer, scaler, step, config)
+                _save_checkpoint(ckpt, model, ema, optimizer, scaler, step, config, task.export_info)
             if step >= config.max_steps:  # before fetching another batch
                 break
     finally:
@@ -704,6 +722,7 @@ def _save_checkpoint(
     scaler: torch.amp.GradScaler,
     step: int,
     config: TrainConfig,
+    export_info: dict[str, Any],
 ) -> None:
     """Everything a resume needs, written to a temp file, synced and renamed (a crash never leaves half a
     file; a failed write leaves no temp file behind)."""
@@ -717,6 +736,7 @@ def _save_checkpoint(
         "rng": _rng_state(),
         "config": config.model_dump(mode="json"),
         "data_seeding": DATA_SEEDING,
+        "export_info": export_info,  # what the run learns from (`check_resume_inputs`)
     }
     tmp = path.with_suffix(".tmp")
     try:

@@ -815,3 +815,37 @@ def test_resume_refuses_a_checkpoint_seeded_by_index(faces: Path, tmp_path: Path
     with pytest.raises(ValueError, match="seeded each face's degradation by its index"):
         train(tiny_config(tmp_path, faces, max_steps=2), resume=True, progress=False)
     assert torch.load(ckpt, weights_only=False)["step"] == 1
+
+
+def test_a_dgsa_run_resumes_only_with_the_dblm_it_began_with(
+    dblm_run: Any, faces: Path, tmp_path: Path
+) -> None:
+    """A resumed DGSA run re-hashed whatever its DBLM path held then: overwritten with another DBLM,
+    the run went on learning that one's errors, and its export named only the new file though its
+    first steps learned the old one's. The checkpoint records the sha256 it began with."""
+    dblm = tmp_path / "dblm.safetensors"
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(dblm_run.weights.with_suffix(suffix), dblm.with_suffix(suffix))
+    began = hashlib.sha256(dblm.read_bytes()).hexdigest()
+
+    def config(steps: int) -> TrainConfig:
+        return tiny_config(
+            tmp_path / "run",
+            faces,
+            kind="dgsa",
+            dblm_weights=dblm,
+            dgsa_base_channels=8,
+            max_steps=steps,
+            data={"overfit_batch": True},
+        )
+
+    train(config(1), progress=False)
+    assert torch.load(checkpoint_path(config(1)), weights_only=False)["export_info"] == {"dblm_sha256": began}
+    net = DBLMNet(DBLMConfig(backbone=PROFILES["tiny"].swinir))
+    trained.save(net, "dblm", trained.dblm_arch(net.config), dblm, profile="tiny", train_size=64)
+    with pytest.raises(ValueError, match=r"cannot resume from .*changed: \['dblm_sha256'\]"):
+        train(config(2), resume=True, progress=False)
+    assert torch.load(checkpoint_path(config(2)), weights_only=False)["step"] == 1
+    for suffix in (".safetensors", ".json"):  # the file it began with, back: the run goes on
+        shutil.copy(dblm_run.weights.with_suffix(suffix), dblm.with_suffix(suffix))
+    assert train(config(2), resume=True, progress=False).steps == 2
