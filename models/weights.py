@@ -265,8 +265,16 @@ def weights_dir() -> Path:
 
 
 def offline_from_env() -> bool:
-    """$DYNFACE_OFFLINE read as the service's settings read it (pydantic's true spellings)."""
-    return os.environ.get("DYNFACE_OFFLINE", "").strip().lower() in ("1", "on", "t", "true", "y", "yes")
+    """$DYNFACE_OFFLINE read as the service's settings read it (pydantic's spellings; unset or empty
+    is false). Any other value is a ValueError, as Settings refuses it: `2` must not mean online."""
+    value = os.environ.get("DYNFACE_OFFLINE", "").strip().lower()
+    if value in ("1", "on", "t", "true", "y", "yes"):
+        return True
+    if value in ("", "0", "off", "f", "false", "n", "no"):
+        return False
+    raise ValueError(
+        f"DYNFACE_OFFLINE={value!r} is neither true (1, true, yes, on) nor false (0, false, no, off)"
+    )
 
 
 def _resolve_dir(directory: str | Path | None) -> Path:

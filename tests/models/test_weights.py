@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from pydantic import ValidationError
 
 from models import weights as W
 from models.weights import MANIFEST, MissingWeightsError, WeightFile, missing_for, pull, verify
@@ -880,3 +881,19 @@ def test_offline_is_read_as_the_services_settings_read_it(monkeypatch: pytest.Mo
         monkeypatch.setenv("DYNFACE_OFFLINE", value)
         settings = Settings() if value else Settings(offline=False)
         assert W.offline_from_env() is settings.offline, value
+    # A value Settings refuses: `2` left `weights pull` online while the worker would not start.
+    for value in ("2", "maybe"):
+        monkeypatch.setenv("DYNFACE_OFFLINE", value)
+        with pytest.raises(ValidationError):
+            Settings()
+        with pytest.raises(ValueError, match=f"DYNFACE_OFFLINE='{value}' is neither true"):
+            W.offline_from_env()
+
+
+def test_weights_pull_refuses_an_offline_value_that_is_no_boolean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DYNFACE_OFFLINE", "2")
+    assert _cli(["weights", "--dir", str(tmp_path), "pull", "--only", "parsenet"]) == 1
+    assert "DYNFACE_OFFLINE='2' is neither true" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing fetched
