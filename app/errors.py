@@ -58,7 +58,7 @@ def redis_unavailable(exc: BaseException) -> bool:
     )
 
 
-def _without_arguments(exc: BaseException) -> str:
+def brief_redis_error(exc: BaseException) -> str:
     """The error without the command redis-py quotes for a failed transaction step: its arguments
     can be an upload's bytes."""
     return re.sub(r"^Command # \d+ \(.*\) of pipeline caused error: ", "", str(exc), flags=re.S)[:300]
@@ -153,7 +153,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _redis_error(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
         if not redis_unavailable(exc):
             raise exc  # a command Redis refused for what it was: a bug, answered by `_internal`
-        log.warning("redis unavailable: %s: %s", type(exc).__name__, _without_arguments(exc))
+        log.warning("redis unavailable: %s: %s", type(exc).__name__, brief_redis_error(exc))
         return _respond(
             request,
             503,

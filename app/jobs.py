@@ -13,7 +13,7 @@ Layout (``P`` = settings.key_prefix)::
     P:rate:{key_id}:{min} request counter of one API key in one minute; TTL 60 s
     P:active:{key_id}     sorted set: job ids of one API key's active jobs, scored by admission time
                           (Redis' clock); members of ended jobs are pruned at its next admission
-                          (`JobStore.admit`); TTL record_ttl, renewed at each admission
+                          (`JobStore.admit`); TTL 2 x record_ttl, renewed at each admission
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
     P:done:{id}           pub/sub channel (no key): published once when the job ends
@@ -194,11 +194,12 @@ return redis.call('HGETALL', KEYS[1])
 
 # A submission's admission under its key's limit of active jobs. KEYS: the key's set of active jobs
 # (`P:active:{key_id}`), then the records of the members the caller read just before, in the order of
-# ARGV[5..]. ARGV: limit, new job id, seconds a member may lack its record (it is being stored:
-# `IDEMPOTENCY_TAKEOVER_SECONDS`, the longest a submission takes), the set's TTL, then the members'
-# ids. Each listed member whose record is gone (past that grace) or not active is removed; then, with
-# fewer than the limit left (members added since the caller's read count, being new), the job is
-# added. Returns -1 when admitted, else how many jobs are active.
+# ARGV[5..]. ARGV: limit, new job id ('' = only count), seconds a member may lack its record (it is
+# being stored: `IDEMPOTENCY_TAKEOVER_SECONDS`, the longest a submission takes), the set's TTL, then
+# the members' ids. Each listed member whose record is gone (past that grace) or not active is
+# removed; then, with fewer than the limit left (members added since the caller's read count, being
+# new), the job is added. Returns -1 when admitted (or, counting only, when it would be), else how
+# many jobs are active.
 _ADMIT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
@@ -213,9 +214,17 @@ for k = 2, #KEYS do
 end
 local active = redis.call('ZCARD', KEYS[1])
 if active >= tonumber(ARGV[1]) then return active end
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[1], now, ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+end
 return -1
+"""
+# Give an admission back — KEYS: the key's set of active jobs, the job's record; ARGV: job id — unless
+# the job was stored after all (a transaction that failed after Redis had applied it).
+_UNADMIT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
 """
 
 
@@ -341,6 +350,7 @@ class JobStore:
         self._rebind_idem = redis.register_script(_REBIND_IDEMPOTENCY)
         self._release_idem = redis.register_script(_RELEASE_IDEMPOTENCY)
         self._admit = redis.register_script(_ADMIT)
+        self._unadmit = redis.register_script(_UNADMIT)
 
     # --- key names
     def key(self, *parts: str) -> str:
@@ -528,21 +538,24 @@ class JobStore:
         return self.key("idem", hashlib.sha256(key.encode()).hexdigest())
 
     # --- per-key limit of active jobs
-    def admit(self, owner: str, job_id: str, limit: int, storing_grace: float) -> int | None:
+    def admit(self, owner: str, job_id: str | None, limit: int, storing_grace: float) -> int | None:
         """Count a new job of ``owner`` among its active (queued or processing) jobs unless it has
-        ``limit`` of them already: then returns how many (and counts nothing). A job counts from its
-        admission, before its record is stored, for up to ``storing_grace`` seconds without it; an
-        ended job stops counting at the owner's next admission. Atomic (`_ADMIT`); two round trips."""
+        ``limit`` of them already: then returns how many (and counts nothing). ``job_id`` None only
+        checks. A job counts from its admission, before its record is stored, for up to
+        ``storing_grace`` seconds without it; an ended job stops counting at the owner's next
+        admission. Atomic (`_ADMIT`); two round trips."""
         active = self.key("active", owner)
         members = [m.decode() for m in self.redis.zrange(active, 0, -1)]
         keys = [active, *(self.key("job", m) for m in members)]
-        args = [limit, job_id, storing_grace, self.settings.record_ttl_seconds, *members]
-        count = self._admit(keys=keys, args=args)
+        # The set outlives its key's last admission by twice a record's TTL: its jobs' records are
+        # renewed at start and re-queue, so an active job may outlive one TTL from its admission.
+        ttl = 2 * self.settings.record_ttl_seconds
+        count = self._admit(keys=keys, args=[limit, job_id or "", storing_grace, ttl, *members])
         return None if count == -1 else int(count)
 
     def unadmit(self, owner: str, job_id: str) -> None:
-        """Undo `admit` for a job that was not stored."""
-        self.redis.zrem(self.key("active", owner), job_id)
+        """Undo `admit` for a job that was not stored (one that was, after all, keeps its place)."""
+        self._unadmit(keys=[self.key("active", owner), self.key("job", job_id)], args=[job_id])
 
     # --- workers
     def register_worker(self, name: str, fields: dict[str, Any]) -> None:

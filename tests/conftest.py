@@ -133,13 +133,11 @@ def settings_in_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Set
 
 
 @pytest.fixture
-def rate_window(monkeypatch: pytest.MonkeyPatch) -> float:
-    """Pins the clock of the API's rate windows (in this process) 20 s into a minute, whose start it
-    returns: the limit counts in fixed one-minute windows (app/security.py), and a test's submissions
-    straddling a boundary would see the count start again mid-test."""
-    start = 1_800_000_000.0  # a whole minute
-    monkeypatch.setattr(security, "rate_clock", lambda: start + 20.0)
-    return start
+def rate_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins the clock of the API's rate windows (in this process) 20 s into a minute, so 40 s before
+    the next (Retry-After): the limit counts in fixed one-minute windows (app/security.py), and a
+    test's submissions straddling a boundary would see the count start again mid-test."""
+    monkeypatch.setattr(security, "rate_clock", lambda: 1_800_000_000.0 + 20.0)  # a whole minute + 20 s
 
 
 #: Tries for a child process that must bind a port we picked (it may be taken before the child binds).

@@ -27,7 +27,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app import metrics
 from app.deps import services
-from app.errors import SAFE_HEADERS, UPLOAD_ERROR_STATUS, ApiError, redis_unavailable
+from app.errors import SAFE_HEADERS, UPLOAD_ERROR_STATUS, ApiError, brief_redis_error, redis_unavailable
 from app.jobs import TERMINAL, JobStore
 from app.queued import end_queued
 from app.schemas import (
@@ -352,7 +352,7 @@ async def _create(request: Request) -> Response:
     s = svc.settings
     owner = authenticate(request, s)
     idem = request.headers.get("idempotency-key")
-    binding = await anyio.to_thread.run_sync(_charge, svc.store, owner, idem, s.rate_limit_per_minute)
+    binding = await anyio.to_thread.run_sync(_charge, svc.store, owner, idem, s)
     data, options = await _read_submission(request, s.max_upload_bytes)
     # RFC 7240 §4.3: `wait` bounds the time the request takes once it has been received, so checking
     # and storing the upload count in it.
@@ -373,14 +373,37 @@ async def _create(request: Request) -> Response:
     return _respond(view, status, **extra)
 
 
-def _charge(store: JobStore, owner: str, idem: str | None, per_minute: int) -> dict[str, Any] | None:
-    """Count a submission against its caller's rate limit (429 past it), before its body is read,
-    unless its Idempotency-Key is bound already: then that binding is returned, and the submission is
-    counted once its body is read unless it replays the binding's job (`_replay_or_charge`)."""
+def _charge(store: JobStore, owner: str, idem: str | None, s: Settings) -> dict[str, Any] | None:
+    """Count a submission against its caller's rate limit (429 past it) and refuse it when its key
+    has its limit of active jobs, before its body is read, unless its Idempotency-Key is bound
+    already: then that binding is returned, and the submission is counted once its body is read
+    unless it replays the binding's job (`_replay_or_charge`)."""
     binding = store.idempotency_binding(f"{owner}:{idem}") if idem is not None else None
     if binding is None:
-        check_rate_limit(store, owner, per_minute)
+        check_rate_limit(store, owner, s.rate_limit_per_minute)
+        if _limits_active_jobs(s):  # the upload of a key at its limit is neither read nor decoded
+            _admit(store, owner, None, s)
     return binding
+
+
+def _limits_active_jobs(s: Settings) -> bool:
+    """Whether submissions count against DYNFACE_MAX_ACTIVE_JOBS_PER_KEY: not on an open API, whose
+    callers are one anonymous owner, bounded by the queue depth alone."""
+    return s.max_active_jobs_per_key > 0 and s.auth_enabled
+
+
+def _admit(store: JobStore, owner: str, job_id: str | None, s: Settings) -> None:
+    """Count ``job_id`` among its key's active jobs (None: only check), or 429 too_many_active_jobs."""
+    limit = s.max_active_jobs_per_key
+    active = store.admit(owner, job_id, limit, IDEMPOTENCY_TAKEOVER_SECONDS)
+    if active is not None:
+        raise ApiError(
+            429,
+            "too_many_active_jobs",
+            f"This API key has {active} jobs queued or running, its limit "
+            f"(DYNFACE_MAX_ACTIVE_JOBS_PER_KEY = {limit}); submit again once one has ended.",
+            {"Retry-After": str(s.queue_full_retry_after_seconds)},
+        )
 
 
 def _replay_or_charge(
@@ -576,17 +599,12 @@ def _submit(
                 f"The queue is full ({s.max_queue_depth} jobs); retry later.",
                 {"Retry-After": str(s.queue_full_retry_after_seconds)},
             )
-        limit = s.max_active_jobs_per_key
-        if limit and s.auth_enabled:  # open: every caller is one anonymous owner, bounded by the queue
-            active = store.admit(owner, job_id, limit, IDEMPOTENCY_TAKEOVER_SECONDS)
-            if active is not None:
-                raise ApiError(
-                    429,
-                    "too_many_active_jobs",
-                    f"This API key has {active} jobs queued or running, its limit "
-                    f"(DYNFACE_MAX_ACTIVE_JOBS_PER_KEY = {limit}); submit again once one has ended.",
-                    {"Retry-After": str(s.queue_full_retry_after_seconds)},
-                )
+        if _limits_active_jobs(s):
+            try:
+                _admit(store, owner, job_id, s)
+            except RedisError:
+                admitted = True  # its reply lost, it may have been admitted: given back below
+                raise
             admitted = True
         record = {
             "id": job_id,
@@ -625,7 +643,7 @@ def _undo_claims(store: JobStore, owner: str, job_id: str, idem: str | None, adm
         if admitted:
             store.unadmit(owner, job_id)
     except RedisError as e:
-        log.warning("job %s: claims not released: %s", job_id, e)
+        log.warning("job %s: claims not released: %s", job_id, brief_redis_error(e))
 
 
 def _replayed(

@@ -215,10 +215,12 @@ def test_queue_full(make_settings) -> None:
         assert requests_counted(c, "/v1/restorations", "POST", 503, "queue_full") == before + 1
 
 
-def test_active_jobs_are_limited_per_key(make_settings) -> None:
+def test_active_jobs_are_limited_per_key(make_settings, monkeypatch) -> None:
     """One key could fill the whole queue (and Redis) for every other: its queued and running jobs
-    are capped. An ended job frees its place; a replay is its job, not a new one; other keys and an
-    open API (one anonymous owner, bounded by the queue) are not held by it."""
+    are capped, and past the cap its uploads are refused before they are decoded. An ended job frees
+    its place; a replay is its job, not a new one; other keys and an open API (one anonymous owner,
+    bounded by the queue) are not held by it."""
+    checks = count_upload_checks(monkeypatch)
     s = make_settings(api_keys="key-a,key-b", max_active_jobs_per_key=2, queue_full_retry_after_seconds=13)
     with TestClient(create_app(s)) as c:
         a, b = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
@@ -229,6 +231,7 @@ def test_active_jobs_are_limited_per_key(make_settings) -> None:
         assert r.status_code == 429 and error_code(r) == "too_many_active_jobs", r.text
         assert r.headers["retry-after"] == "13" and "(DYNFACE_MAX_ACTIVE_JOBS_PER_KEY = 2)" in r.text
         assert metric(c, 'dynface_jobs_rejected_total{reason="too_many_active_jobs"}') == before + 1
+        assert len(checks) == 2  # the refused upload was not decoded
         replay = submit(c, headers={**a, "Idempotency-Key": "first"})
         assert replay.status_code == 202 and replay.json()["id"] == first.json()["id"]
         assert submit(c, headers=b).status_code == 202  # the limit is per key
@@ -240,7 +243,8 @@ def test_active_jobs_are_limited_per_key(make_settings) -> None:
         assert [submit(c).status_code for _ in range(2)] == [202, 202]
 
 
-def test_rate_limited_per_key(rate_window, make_settings) -> None:
+@pytest.mark.usefixtures("rate_window")
+def test_rate_limited_per_key(make_settings) -> None:
     s = make_settings(rate_limit_per_minute=2, api_keys="key-a,key-b")
     with TestClient(create_app(s)) as c:
         a, b = {"X-API-Key": "key-a"}, {"Authorization": "Bearer key-b"}
@@ -252,7 +256,8 @@ def test_rate_limited_per_key(rate_window, make_settings) -> None:
         assert submit(c, headers=b).status_code == 202  # the limit is per key
 
 
-def test_a_retry_whose_idempotency_key_is_bound_is_not_rate_limited(rate_window, make_settings) -> None:
+@pytest.mark.usefixtures("rate_window")
+def test_a_retry_whose_idempotency_key_is_bound_is_not_rate_limited(make_settings) -> None:
     """The rate limit was charged before the Idempotency-Key was looked at: a client retrying a
     submission it had made (a lost answer, say) used up its limit and got 429 instead of its job."""
     with TestClient(create_app(make_settings(rate_limit_per_minute=3))) as c:
@@ -286,9 +291,8 @@ def count_upload_checks(monkeypatch: pytest.MonkeyPatch) -> list[None]:
     return calls
 
 
-def test_a_bound_key_with_other_bodies_is_rate_limited_before_any_decode(
-    rate_window, make_settings, monkeypatch
-) -> None:
+@pytest.mark.usefixtures("rate_window")
+def test_a_bound_key_with_other_bodies_is_rate_limited_before_any_decode(make_settings, monkeypatch) -> None:
     """A request whose Idempotency-Key was bound skipped the rate limit whatever its body: a client
     could send any number of uploads under one key, each decoded before its 409. Only a replay goes
     uncounted; another body is counted (429 past the limit) and answered without a decode."""
@@ -303,8 +307,9 @@ def test_a_bound_key_with_other_bodies_is_rate_limited_before_any_decode(
         assert len(checks) == 1  # the first submission's only
 
 
+@pytest.mark.usefixtures("rate_window")
 def test_a_bound_key_whose_job_was_never_stored_is_counted_before_any_decode(
-    rate_window, make_settings, monkeypatch
+    make_settings, monkeypatch
 ) -> None:
     """A retry taking over a key whose first submission never stored its job makes a new job: it is
     counted like one (429 past the limit), before its upload is decoded."""
@@ -321,7 +326,8 @@ def test_a_bound_key_whose_job_was_never_stored_is_counted_before_any_decode(
         assert len(checks) == 1
 
 
-def test_a_replay_is_neither_counted_nor_checked_again(rate_window, make_settings, monkeypatch) -> None:
+@pytest.mark.usefixtures("rate_window")
+def test_a_replay_is_neither_counted_nor_checked_again(make_settings, monkeypatch) -> None:
     """A replay (the key's own body, its job stored) answers the job without decoding the upload
     again: it was checked before the job was stored. Nor is it counted against the rate limit."""
     checks = count_upload_checks(monkeypatch)

@@ -43,22 +43,26 @@ def test_create_with_queue_stores_and_enqueues_together(settings: Settings) -> N
 
 
 @contextlib.contextmanager
-def reply_of_first_exec_lost(upstream: str) -> Iterator[str]:
+def reply_lost(upstream: str, command: bytes = b"EXEC", nth: int = 1) -> Iterator[str]:
     """A TCP proxy to the Redis at ``upstream`` (a URL) that passes everything, except that once a
-    client sends its first EXEC, that connection's replies are dropped and it is closed: Redis applies
-    the transaction, and its client sees the connection lost before the reply. Yields the proxy's URL."""
+    client sends the ``nth`` ``command`` (counted over all connections), that connection's replies
+    are dropped and it is closed: Redis applies the command, and its client sees the connection lost
+    before the reply. Yields the proxy's URL."""
     target = urlsplit(upstream)
     server = socket.create_server(("127.0.0.1", 0))
-    dropped = threading.Event()
+    seen = [0]  # the command's count over all connections
+    lock = threading.Lock()
 
     def pump(src: socket.socket, dst: socket.socket, watch: bool, dropping: threading.Event) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                if watch and not dropped.is_set() and b"EXEC" in data:
-                    dropped.set()
-                    dropping.set()
+                if watch and command in data:
+                    with lock:
+                        before, seen[0] = seen[0], seen[0] + data.count(command)
+                    if before < nth <= seen[0]:
+                        dropping.set()
                 if not watch and dropping.is_set():
-                    break  # the transaction's replies: never delivered
+                    break  # the command's replies: never delivered
                 dst.sendall(data)
         for sock in (src, dst):
             with contextlib.suppress(OSError):
@@ -87,7 +91,7 @@ def test_a_create_whose_reply_is_lost_is_never_sent_again(make_settings) -> None
     had started it. The submission fails instead with the outcome unknown (the API then keeps its
     Idempotency-Key bound: a retry finds the job), and the job is in the queue once."""
     probe = make_settings()
-    with reply_of_first_exec_lost(probe.redis_url) as url:
+    with reply_lost(probe.redis_url) as url:
         s = make_settings(redis_url=url, key_prefix=probe.key_prefix, queue_name=probe.queue_name)
         store = JobStore(connect(s), s)
         queue = make_queue(store.redis, s)
@@ -283,3 +287,34 @@ def test_admissions_under_a_key_limit_are_exact_and_skip_ended_and_unstored_jobs
     store.unadmit("owner", "again")
     members = {m.decode() for m in store.redis.zrange(store.key("active", "owner"), 0, -1)}
     assert members == set(admitted[1:])
+
+
+def test_an_admission_whose_reply_is_lost_is_given_back(make_settings) -> None:
+    """A submission's admission under its key's limit of active jobs applied, its reply lost: the
+    place was kept (the submission only gave back admissions it knew of), and with a limit of 1 the
+    client's retry got 429 too_many_active_jobs for a minute though no job existed."""
+    probe = make_settings()
+    # The submission's second EVALSHA is its admission (the first only checks, before the upload).
+    with reply_lost(probe.redis_url, b"EVALSHA", nth=2) as url:
+        s = make_settings(
+            redis_url=url,
+            key_prefix=probe.key_prefix,
+            queue_name=probe.queue_name,
+            api_keys="k",
+            max_active_jobs_per_key=1,
+        )
+        with TestClient(create_app(s), raise_server_exceptions=False) as c:
+            lost = c.post(
+                "/v1/restorations",
+                files={"image": ("x.png", aligned_png(), "image/png")},
+                data={"aligned": "true"},
+                headers={"X-API-Key": "k"},
+            )
+            assert lost.status_code == 503 and lost.json()["error"]["code"] == "redis_unavailable", lost.text
+            retry = c.post(
+                "/v1/restorations",
+                files={"image": ("x.png", aligned_png(), "image/png")},
+                data={"aligned": "true"},
+                headers={"X-API-Key": "k"},
+            )
+            assert retry.status_code == 202, retry.text

@@ -87,10 +87,12 @@ def _snapshot_failed(r: redis.Redis, data: Path) -> Callable[[], None]:
     return lambda: r.config_set("stop-writes-on-bgsave-error", "no")
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["open", "keyed"])
 @pytest.mark.parametrize("refuse", [_out_of_memory, _read_only, _snapshot_failed])
 def test_a_redis_refusing_writes_is_503_redis_unavailable_and_frees_the_idempotency_key(
     private_redis: tuple[redis.Redis, Path],
     refuse: Callable[[redis.Redis, Path], Callable[[], None]],
+    keyed: bool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """It was a 500 `internal` logged with a traceback, not counted as a refused submission, and an
@@ -98,15 +100,13 @@ def test_a_redis_refusing_writes_is_503_redis_unavailable_and_frees_the_idempote
     `idempotency_in_progress` for a minute, though no job had been stored."""
     r, data = private_redis
     port = r.connection_pool.connection_kwargs["port"]
-    # One active job per API key: a refused submission must give back its place, or the retry is a 429.
-    s = base_settings(
-        uuid.uuid4().hex[:10],
-        redis_url=f"redis://127.0.0.1:{port}/0",
-        api_keys="k",
-        max_active_jobs_per_key=1,
-    )
+    # Keyed: one active job per API key, so a refused submission must give back its place, or the
+    # retry is a 429.
+    limit = {"api_keys": "k", "max_active_jobs_per_key": 1} if keyed else {}
+    s = base_settings(uuid.uuid4().hex[:10], redis_url=f"redis://127.0.0.1:{port}/0", **limit)
     rejected = 'dynface_jobs_rejected_total{reason="redis_unavailable"}'
-    key = {"Idempotency-Key": "refused-once", "X-API-Key": "k"}
+    api_key = {"X-API-Key": "k"} if keyed else {}
+    key = {"Idempotency-Key": "refused-once", **api_key}
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
         heal = refuse(r, data)
         before = (
@@ -118,7 +118,7 @@ def test_a_redis_refusing_writes_is_503_redis_unavailable_and_frees_the_idempote
             # Without an Idempotency-Key the first writes are the job's admission and its own
             # transaction; with one, the key's claim comes first (the small writes fit under the
             # memory limit: the job's transaction is refused after them).
-            for headers in ({"X-API-Key": "k"}, key):
+            for headers in (api_key, key):
                 answer = submit(c, data=BIG_UPLOAD, headers=headers)
                 assert answer.status_code == 503 and error_code(answer) == "redis_unavailable", answer.text
                 assert answer.headers["retry-after"].isdigit()

@@ -136,8 +136,9 @@ def test_unknown_or_missing_key_is_401_everywhere_without_hints(
                 assert not any(k in r.text for k in KEYS)
 
 
+@pytest.mark.usefixtures("rate_window")
 def test_rate_limit_is_per_key_and_shared_by_all_api_processes(
-    make_settings: Callable[..., Settings], redis_conn: redis.Redis, rate_window: float
+    make_settings: Callable[..., Settings], redis_conn: redis.Redis
 ) -> None:
     """Two API instances (as behind a load balancer) share one key's budget through Redis; another
     key keeps its own; refusals are 429 `rate_limited` with Retry-After and create no job; Redis
