@@ -5,7 +5,7 @@ load floating-version CDN scripts, with no integrity check, into the origin whos
 key, and ReDoc fetches a logo from its vendor's CDN (refused here: it hides the image).
 
 The only inline script (Swagger UI's start-up call) is allowed by its hash. Both UIs set inline
-styles, and ReDoc searches in a ``blob:`` worker.
+styles, ReDoc searches in a ``blob:`` worker, and Swagger UI shows an image answer from a ``blob:`` URL.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def content_security_policy(html: str) -> str:
             "default-src 'none'",
             " ".join(["script-src 'self'", *hashes]),
             "style-src 'self' 'unsafe-inline'",
-            "img-src 'self' data:",
+            "img-src 'self' data: blob:",  # Swagger UI shows an image answer from a blob: URL
             "font-src 'self' data:",
             "connect-src 'self'",
             "worker-src blob:",
@@ -57,7 +57,7 @@ def _secured(page: HTMLResponse) -> HTMLResponse:
 
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
+    root = request.scope.get("root_path", "").rstrip("/")
     return _secured(
         get_swagger_ui_html(
             openapi_url=f"{root}{request.app.openapi_url}",
@@ -71,7 +71,7 @@ def swagger_ui(request: Request) -> HTMLResponse:
 
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "")
+    root = request.scope.get("root_path", "").rstrip("/")
     return _secured(
         get_redoc_html(
             openapi_url=f"{root}{request.app.openapi_url}",

@@ -89,6 +89,7 @@ def test_the_api_docs_pages_load_only_files_of_this_origin(client: TestClient) -
         csp = r.headers["content-security-policy"]
         assert csp == content_security_policy(r.text) and "default-src 'none'" in csp, csp
         assert "unsafe-eval" not in csp and "script-src 'self'" in csp and "https:" not in csp
+        assert "img-src 'self' data: blob:" in csp  # Swagger UI shows an image answer from a blob: URL
         refs = re.findall(r'(?:src|href|url)\s*[=:]\s*["\']([^"\']+)', r.text)
         assert f"{DOCS_ASSETS_URL}/{wanted}" in refs, refs  # the scan reads the page
         assert all(ref.startswith("/") and not ref.startswith("//") for ref in refs), refs
@@ -98,6 +99,11 @@ def test_the_api_docs_pages_load_only_files_of_this_origin(client: TestClient) -
             assert asset.status_code == 200 and len(asset.content) > 1000, ref
             assert asset.headers["x-content-type-options"] == "nosniff"
     assert client.get(f"{DOCS_ASSETS_URL}/..%2Fmain.py").status_code == 404
+    # Behind a proxy that strips a prefix (uvicorn --root-path): the prefix once, never `//` (which a
+    # browser reads as another host).
+    for root_path in ("/api", "/api/"):
+        page = TestClient(client.app, root_path=root_path).get("/docs").text
+        assert "'/api/openapi.json'" in page and 'src="/api/docs-assets/swagger-ui-bundle.js"' in page
 
 
 # ---------------------------------------------------------------- browser
