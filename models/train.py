@@ -524,14 +524,12 @@ def check_resume_inputs(export_info: dict[str, Any], saved: dict[str, Any], ckpt
     DBLM file, whose sha256 its export records). Checkpoints written before `export_info` was saved
     cannot tell, and resume."""
     recorded = saved.get("export_info", export_info)
-    if recorded != export_info:
-        changed = {
-            k: (recorded.get(k), export_info.get(k)) for k in export_info if recorded.get(k) != export_info[k]
-        }
+    changed = sorted(k for k in recorded.keys() | export_info.keys() if recorded.get(k) != export_info.get(k))
+    if changed:
         raise ValueError(
             f"cannot resume from {ckpt}: the run began with {recorded}, the files named now give "
-            f"{export_info} (changed: {sorted(changed)}). Name the files the run began with, or "
-            "start the run afresh."
+            f"{export_info} (changed: {changed}). Name the files the run began with, or start the run "
+            "afresh."
         )
 
 

@@ -216,7 +216,11 @@ class MissingWeightsError(FileNotFoundError):
         self.names = list(names)
         self.directory = Path(directory)
         self.command = pull_command(self.names, force=self.force)
-        offline = offline_from_env() if offline is None else offline
+        if offline is None:
+            try:
+                offline = offline_from_env()
+            except ValueError:  # refused where it is read to act on; here it only words the advice
+                offline = False
         super().__init__(f"{self._problem()} {_fetch_hint(self.command, self.directory, offline)}")
 
     def _problem(self) -> str:
