@@ -14,6 +14,9 @@ Layout (``P`` = settings.key_prefix)::
     P:active:{key_id}     sorted set: job ids of one API key's active jobs, scored by admission time
                           (Redis' clock); members of ended jobs are pruned at its next admission
                           (`JobStore.admit`); TTL 2 x record_ttl, renewed at each admission
+    P:stored:{key_id}     sorted set: `{id}:{bytes}` of one API key's stored results, scored by when
+                          they expire (Redis' clock), added as they are stored (`JobStore.finish`) and
+                          pruned once expired at its next admission; TTL its latest results'
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
     P:done:{id}           pub/sub channel (no key): published once when the job ends
@@ -32,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis import Redis
 from redis.backoff import NoBackoff
@@ -168,14 +171,16 @@ return 0
 """
 
 # A job's end: the transition (a `processing` record only when `attempt_over(ARGV[at])`, KEYS[3] being
-# RQ's StartedJobRegistry), then (if applied) the results KEYS[4..] written with the status flip (a
-# client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else ARGV[at + 4]),
-# the input KEYS[2] dropped, the record's TTL restarted (ARGV[at + 3]) and message ARGV[at + 2]
-# published on channel ARGV[at + 1] (wakes the API's `Prefer: wait` requests, app/completions.py). With
-# ARGV[at + 5] = '1', not once its cancel was requested (a lost job's DELETE that landed after the
-# caller read the record: that job ends canceled instead). One blob per result key follows. Returns
-# the final record (flat HGETALL), or false when the job had already moved on (then nothing is
-# written, results included).
+# RQ's StartedJobRegistry), then (if applied) the results KEYS[5..] written with the status flip (a
+# client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else ARGV[at + 4])
+# and counted in their owner's set of stored results KEYS[4] (`P:stored:{key_id}`: member
+# `{id}:{bytes}`, scored by when they expire by Redis' clock; read by `_ADMIT`), the input KEYS[2]
+# dropped, the record's TTL restarted (ARGV[at + 3]) and message ARGV[at + 2] published on channel
+# ARGV[at + 1] (wakes the API's `Prefer: wait` requests, app/completions.py). With ARGV[at + 5] = '1',
+# not once its cancel was requested (a lost job's DELETE that landed after the caller read the
+# record: that job ends canceled instead). One blob per result key follows. Without results, KEYS
+# end at KEYS[3]. Returns the final record (flat HGETALL), or false when the job had already moved on
+# (then nothing is written, results included).
 _FINISH = (
     _PRELUDE
     + """
@@ -184,7 +189,17 @@ if processing() and not attempt_over(ARGV[at]) then return false end
 if ARGV[at + 5] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == 'true' then return false end
 if not transition() then return false end
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl')) or tonumber(ARGV[at + 4])
-for k = 4, #KEYS do redis.call('SET', KEYS[k], ARGV[at + k + 2], 'EX', ttl) end
+local bytes = 0
+for k = 5, #KEYS do
+  redis.call('SET', KEYS[k], ARGV[at + k + 1], 'EX', ttl)
+  bytes = bytes + string.len(ARGV[at + k + 1])
+end
+if #KEYS >= 5 then
+  local clock = redis.call('TIME')
+  local id = cjson.decode(redis.call('HGET', KEYS[1], 'id'))
+  redis.call('ZADD', KEYS[4], tonumber(clock[1]) + ttl, id .. ':' .. bytes)
+  if redis.call('TTL', KEYS[4]) < ttl then redis.call('EXPIRE', KEYS[4], ttl) end
+end
 redis.call('DEL', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[at + 3])
 redis.call('PUBLISH', ARGV[at + 1], ARGV[at + 2])
@@ -192,33 +207,49 @@ return redis.call('HGETALL', KEYS[1])
 """
 )
 
-# A submission's admission under its key's limit of active jobs. KEYS: the key's set of active jobs
-# (`P:active:{key_id}`), then the records of the members the caller read just before, in the order of
-# ARGV[5..]. ARGV: limit, new job id ('' = only count), seconds a member may lack its record (it is
-# being stored: `IDEMPOTENCY_TAKEOVER_SECONDS`, the longest a submission takes), the set's TTL, then
-# the members' ids. Each listed member whose record is gone (past that grace) or not active is
-# removed; then, with fewer than the limit left (members added since the caller's read count, being
-# new), the job is added. Returns -1 when admitted (or, counting only, when it would be), else how
-# many jobs are active.
+# A submission's admission under its API key's limits: of active jobs, and of bytes its jobs hold in
+# Redis. KEYS: the key's set of active jobs (`P:active:{key_id}`), its set of stored results
+# (`P:stored:{key_id}`, `_FINISH`), then for each member of the active set the caller read just
+# before (ARGV[7..], in order) its record and its input. ARGV: the limit of active jobs (0 = none), the
+# new job id ('' = only check), seconds a member may lack its record (it is being stored:
+# `IDEMPOTENCY_TAKEOVER_SECONDS`, the longest a submission takes), the active set's TTL, the limit of
+# bytes (0 = none), the upload's bytes, then the members' ids. Each listed member whose record is gone
+# (past that grace) or not active is removed, the others' inputs counted; stored results past their
+# expiry are removed, the others counted. Then, with fewer active jobs than the limit (members added
+# since the caller's read count, being new) and the bytes (inputs, results, this upload) within
+# theirs, the job is added. Returns {0} when admitted (or, only checking, when it would be); {1,
+# active jobs}; or {2, bytes held, seconds until the first stored result expires (0: none stored)}.
 _ADMIT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-for k = 2, #KEYS do
-  local member = ARGV[k + 3]
-  local status = redis.call('HGET', KEYS[k], 'status')
+local held = 0
+for i = 1, (#KEYS - 2) / 2 do
+  local member, record, input = ARGV[6 + i], KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local status = redis.call('HGET', record, 'status')
   local admitted = tonumber(redis.call('ZSCORE', KEYS[1], member))
   local storing = not status and admitted and admitted > now - tonumber(ARGV[3])
-  if status ~= '"queued"' and status ~= '"processing"' and not storing then
+  if status == '"queued"' or status == '"processing"' or storing then
+    held = held + redis.call('STRLEN', input)
+  else
     redis.call('ZREM', KEYS[1], member)
   end
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  held = held + tonumber(string.match(member, ':(%d+)$'))
+end
 local active = redis.call('ZCARD', KEYS[1])
-if active >= tonumber(ARGV[1]) then return active end
+if tonumber(ARGV[1]) > 0 and active >= tonumber(ARGV[1]) then return {1, active} end
+local budget = tonumber(ARGV[5])
+if budget > 0 and held + tonumber(ARGV[6]) > budget then
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return {2, held, first[2] and math.ceil(tonumber(first[2]) - now) or 0}
+end
 if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[1], now, ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
 end
-return -1
+return {0}
 """
 # Give an admission back — KEYS: the key's set of active jobs, the job's record; ARGV: job id — unless
 # the job was stored after all (a transaction that failed after Redis had applied it).
@@ -226,6 +257,16 @@ _UNADMIT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return 0
 """
+
+
+class Refusal(NamedTuple):
+    """Why `JobStore.admit` refused a job: ``limit`` "active_jobs" (``amount`` = its key's active
+    jobs) or "stored_bytes" (``amount`` = the bytes its jobs hold; ``expires_in`` = seconds until its
+    first stored result expires, 0 when none is stored)."""
+
+    limit: str
+    amount: int
+    expires_in: int
 
 
 def sentinel_options(settings: Settings) -> tuple[list[tuple[str, int]], dict[str, Any], str | None]:
@@ -445,18 +486,23 @@ class JobStore:
         allowed: Iterable[str] = ACTIVE,
         lost: bool = False,
         unless_canceled: bool = False,
+        owner: str | None = None,
     ) -> dict[str, Any] | None:
         """Move an active job to a terminal state: store results (for the record's result_ttl, fixed
-        by the API at submission), drop the input, reset TTLs, publish the end — atomically, in one
-        round trip (`_FINISH`). ``lost``: the end of a lost worker's job, so a `processing` one only
-        while the execution its record names has expired (by Redis' clock) or is gone
-        (`attempt_over`). ``unless_canceled``: not once its cancel was requested. Returns the final
-        record, or None when the job had already moved on or was not ended (then nothing is written)."""
+        by the API at submission; counted against ``owner``'s stored bytes, which results require),
+        drop the input, reset TTLs, publish the end — atomically, in one round trip (`_FINISH`).
+        ``lost``: the end of a lost worker's job, so a `processing` one only while the execution its
+        record names has expired (by Redis' clock) or is gone (`attempt_over`). ``unless_canceled``:
+        not once its cancel was requested. Returns the final record, or None when the job had already
+        moved on or was not ended (then nothing is written)."""
         s = self.settings
         results = results or {}
         now = time.time()
         keys = [self.key("job", job_id), self.key("input", job_id), self.started_registry]
-        keys += [self.key("result", job_id, name) for name in results]
+        if results:
+            if owner is None:
+                raise ValueError("results are counted against their owner's stored bytes: name it")
+            keys += [self.key("stored", owner), *(self.key("result", job_id, name) for name in results)]
         channel, message = self.key("done", job_id), fields.get("status", "")
         args = _transition_args(allowed, {**fields, "completed_at": now})
         # inf: a job's own end may end whichever attempt runs it; now: Redis' clock (`attempt_over`).
@@ -537,21 +583,39 @@ class JobStore:
         """Keys are hashed: clients may send anything, and it must not become a Redis key verbatim."""
         return self.key("idem", hashlib.sha256(key.encode()).hexdigest())
 
-    # --- per-key limit of active jobs
-    def admit(self, owner: str, job_id: str | None, limit: int, storing_grace: float) -> int | None:
-        """Count a new job of ``owner`` among its active (queued or processing) jobs unless it has
-        ``limit`` of them already: then returns how many (and counts nothing). ``job_id`` None only
-        checks. A job counts from its admission, before its record is stored, for up to
-        ``storing_grace`` seconds without it; an ended job stops counting at the owner's next
-        admission. Atomic (`_ADMIT`); two round trips."""
-        active = self.key("active", owner)
+    # --- per-key limits: active jobs, stored bytes
+    def admit(
+        self,
+        owner: str,
+        job_id: str | None,
+        *,
+        max_active: int,
+        max_bytes: int,
+        upload_bytes: int,
+        storing_grace: float,
+    ) -> Refusal | None:
+        """Count a new job of ``owner`` among its active (queued or processing) jobs, unless it has
+        ``max_active`` of them already, or its jobs' bytes in Redis (queued inputs, stored results)
+        and this upload's would pass ``max_bytes`` (a limit of 0 is none): then returns why, and
+        counts nothing. ``job_id`` None only checks. A job counts from its admission, before its
+        record is stored, for up to ``storing_grace`` seconds without it; an ended job stops counting
+        at the owner's next admission, and its results once they expire. Atomic (`_ADMIT`; bytes of
+        jobs admitted since its first read are not seen); two round trips."""
+        active, stored = self.key("active", owner), self.key("stored", owner)
         members = [m.decode() for m in self.redis.zrange(active, 0, -1)]
-        keys = [active, *(self.key("job", m) for m in members)]
+        keys = [active, stored]
+        for member in members:
+            keys += [self.key("job", member), self.key("input", member)]
         # The set outlives its key's last admission by twice a record's TTL: its jobs' records are
         # renewed at start and re-queue, so an active job may outlive one TTL from its admission.
         ttl = 2 * self.settings.record_ttl_seconds
-        count = self._admit(keys=keys, args=[limit, job_id or "", storing_grace, ttl, *members])
-        return None if count == -1 else int(count)
+        args = [max_active, job_id or "", storing_grace, ttl, max_bytes, upload_bytes, *members]
+        reply = [int(v) for v in self._admit(keys=keys, args=args)]
+        if reply[0] == 1:
+            return Refusal("active_jobs", reply[1], 0)
+        if reply[0] == 2:
+            return Refusal("stored_bytes", reply[1], reply[2])
+        return None
 
     def unadmit(self, owner: str, job_id: str) -> None:
         """Undo `admit` for a job that was not stored (one that was, after all, keeps its place)."""

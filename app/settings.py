@@ -72,9 +72,11 @@ class Settings(BaseSettings):
 
     # --- queue, timeouts and retention
     max_queue_depth: int = Field(default=100, ge=1)
-    # Jobs one API key may have queued or running at once (0 = no limit; an open API has one owner,
-    # bounded by max_queue_depth alone): one client must not fill the queue, or Redis, for the others.
+    # Per API key (0 = no limit; not on an open API, whose one anonymous owner is bounded by the queue
+    # alone), so one client cannot fill the queue, or Redis, for the others: jobs queued or running at
+    # once, and bytes its jobs hold in Redis (queued uploads and stored results).
     max_active_jobs_per_key: int = Field(default=20, ge=0)
+    max_stored_bytes_per_key: int = Field(default=1024**3, ge=0)
     queue_full_retry_after_seconds: int = Field(default=30, ge=1)
     # A job queued this long fails with queue_timeout (app/queued.py) before its record can expire.
     # Unset: `queue_timeout` below (an explicit default would refuse every existing short record TTL).

@@ -326,7 +326,8 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> N
             "batch_jobs": batch.jobs,
         },
     }
-    _finish(rt, job_id, _End("succeeded", observe=partial(_observe_success, result, batch)), fields, results)
+    ended = _End("succeeded", observe=partial(_observe_success, result, batch))
+    _finish(rt, job_id, ended, fields, results, owner=record["owner"])
 
 
 def _observe_success(result: PhotoResult, batch: _BatchRun) -> None:
@@ -365,9 +366,11 @@ def _finish(
     end: _End,
     fields: dict[str, Any] | None = None,
     results: dict[str, bytes] | None = None,
+    owner: str | None = None,
 ) -> None:
     """Terminal transition, counted in the metrics, then the webhook. A job finished elsewhere
-    meanwhile is left alone (and counted there).
+    meanwhile is left alone (and counted there). ``results`` are stored counted against ``owner``'s
+    stored bytes (`JobStore.finish`).
 
     The end is counted once it has landed, under `metrics.ENDING`: /metrics waits for the count, so
     whoever the end wakes and scrapes at once sees it."""
@@ -379,7 +382,7 @@ def _finish(
     }
     with metrics.ENDING:
         try:
-            record = rt.store.finish(job_id, body, results)
+            record = rt.store.finish(job_id, body, results, owner=owner)
         except Exception:
             # Only the reply may have been lost (a Redis timeout): an end that landed is still this
             # worker's to count and tell. Otherwise the error stands (the job then ends `internal`).

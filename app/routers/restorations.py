@@ -381,29 +381,50 @@ def _charge(store: JobStore, owner: str, idem: str | None, s: Settings) -> dict[
     binding = store.idempotency_binding(f"{owner}:{idem}") if idem is not None else None
     if binding is None:
         check_rate_limit(store, owner, s.rate_limit_per_minute)
-        if _limits_active_jobs(s):  # the upload of a key at its limit is neither read nor decoded
-            _admit(store, owner, None, s)
+        if _limits_keys(s):  # the upload of a key at its limits is neither read nor decoded
+            _admit(store, owner, None, 0, s)
     return binding
 
 
-def _limits_active_jobs(s: Settings) -> bool:
-    """Whether submissions count against DYNFACE_MAX_ACTIVE_JOBS_PER_KEY: not on an open API, whose
-    callers are one anonymous owner, bounded by the queue depth alone."""
-    return s.max_active_jobs_per_key > 0 and s.auth_enabled
+def _limits_keys(s: Settings) -> bool:
+    """Whether submissions count against the per-key limits (DYNFACE_MAX_ACTIVE_JOBS_PER_KEY,
+    DYNFACE_MAX_STORED_BYTES_PER_KEY): not on an open API, whose callers are one anonymous owner,
+    bounded by the queue depth alone."""
+    return s.auth_enabled and (s.max_active_jobs_per_key > 0 or s.max_stored_bytes_per_key > 0)
 
 
-def _admit(store: JobStore, owner: str, job_id: str | None, s: Settings) -> None:
-    """Count ``job_id`` among its key's active jobs (None: only check), or 429 too_many_active_jobs."""
-    limit = s.max_active_jobs_per_key
-    active = store.admit(owner, job_id, limit, IDEMPOTENCY_TAKEOVER_SECONDS)
-    if active is not None:
+def _admit(store: JobStore, owner: str, job_id: str | None, upload_bytes: int, s: Settings) -> None:
+    """Count ``job_id`` (None: only check) against its key's limits, or 429: too_many_active_jobs, or
+    too_many_stored_bytes (Retry-After: until its first stored result expires)."""
+    refusal = store.admit(
+        owner,
+        job_id,
+        max_active=s.max_active_jobs_per_key,
+        max_bytes=s.max_stored_bytes_per_key,
+        upload_bytes=upload_bytes,
+        storing_grace=IDEMPOTENCY_TAKEOVER_SECONDS,
+    )
+    if refusal is None:
+        return
+    if refusal.limit == "active_jobs":
         raise ApiError(
             429,
             "too_many_active_jobs",
-            f"This API key has {active} jobs queued or running, its limit "
-            f"(DYNFACE_MAX_ACTIVE_JOBS_PER_KEY = {limit}); submit again once one has ended.",
+            f"This API key has {refusal.amount} jobs queued or running, its limit "
+            f"(DYNFACE_MAX_ACTIVE_JOBS_PER_KEY = {s.max_active_jobs_per_key}); submit again once one has "
+            "ended.",
             {"Retry-After": str(s.queue_full_retry_after_seconds)},
         )
+    retry = refusal.expires_in or s.queue_full_retry_after_seconds
+    raise ApiError(
+        429,
+        "too_many_stored_bytes",
+        f"This API key's uploads and results hold {refusal.amount} bytes in the job store; with this "
+        f"upload ({upload_bytes} bytes) they would pass its limit (DYNFACE_MAX_STORED_BYTES_PER_KEY = "
+        f"{s.max_stored_bytes_per_key}). Results are kept {s.result_ttl_seconds} s; the next expire in "
+        f"{retry} s.",
+        {"Retry-After": str(retry)},
+    )
 
 
 def _replay_or_charge(
@@ -599,9 +620,9 @@ def _submit(
                 f"The queue is full ({s.max_queue_depth} jobs); retry later.",
                 {"Retry-After": str(s.queue_full_retry_after_seconds)},
             )
-        if _limits_active_jobs(s):
+        if _limits_keys(s):
             try:
-                _admit(store, owner, job_id, s)
+                _admit(store, owner, job_id, len(data), s)
             except RedisError:
                 admitted = True  # its reply lost, it may have been admitted: given back below
                 raise

@@ -55,6 +55,8 @@ const ERROR_TEXT = {
   rate_limited: "Too many photos submitted in the last minute.",
   too_many_active_jobs: "This API key has too many photos waiting or being restored. Submit again once one " +
     "has finished.",
+  too_many_stored_bytes: "This API key's photos and results take all the room it has on the server. " +
+    "Try again once earlier results have expired.",
   unauthorized: "This service needs a valid API key. Enter it above.",
   invalid_option: "One of the options was not accepted.",
   invalid_request: "The request was not understood.",

@@ -243,6 +243,37 @@ def test_active_jobs_are_limited_per_key(make_settings, monkeypatch) -> None:
         assert [submit(c).status_code for _ in range(2)] == [202, 202]
 
 
+def test_stored_bytes_are_limited_per_key(make_settings, monkeypatch) -> None:
+    """One key's results (kept DYNFACE_RESULT_TTL_SECONDS) and queued uploads could fill Redis, which
+    then refuses every key's submissions: past its share a key's submission is 429
+    too_many_stored_bytes, Retry-After saying when its first result expires, before its upload is
+    decoded once the key is over; other keys go on."""
+    checks = count_upload_checks(monkeypatch)
+    s = make_settings(
+        api_keys="key-a,key-b",
+        max_active_jobs_per_key=0,
+        max_stored_bytes_per_key=3 * len(PNG),
+        result_ttl_seconds=90,
+    )
+    with TestClient(create_app(s)) as c:
+        a, b = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
+        first, second = (submit(c, headers=a).json()["id"] for _ in range(2))  # 2 x len(PNG) queued
+        store = c.app.state.services.store
+        owner = store.get(first)["owner"]
+        store.finish(first, {"status": "succeeded"}, {"image": PNG, "comparison": PNG}, owner=owner)
+        r = submit(c, headers=a)  # 1 upload queued + 2 results + this one: 4 x len(PNG)
+        assert r.status_code == 429 and error_code(r) == "too_many_stored_bytes", r.text
+        assert 85 <= int(r.headers["retry-after"]) <= 90 and f"hold {3 * len(PNG)} bytes" in r.text
+        assert submit(c, headers=b).status_code == 202
+        # The key's results alone now pass its share: refused before its upload is read.
+        store.finish(second, {"status": "succeeded"}, {"image": b"\0" * (3 * len(PNG))}, owner=owner)
+        decoded = len(checks)
+        assert submit(c, headers=a).status_code == 429
+        assert len(checks) == decoded
+    with TestClient(create_app(make_settings(max_stored_bytes_per_key=1))) as c:
+        assert submit(c).status_code == 202  # an open API has no per-key share
+
+
 @pytest.mark.usefixtures("rate_window")
 def test_rate_limited_per_key(make_settings) -> None:
     s = make_settings(rate_limit_per_minute=2, api_keys="key-a,key-b")
@@ -1502,7 +1533,9 @@ def test_a_redis_failure_reading_the_image_answers_with_the_job(client: TestClie
     headers = {"Idempotency-Key": "image-read", "Prefer": "wait=1", "Accept": "image/*"}
     job_id = submit(client, headers={"Idempotency-Key": "image-read"}).json()["id"]
     store = client.app.state.services.store
-    store.finish(job_id, {"status": "succeeded", "outputs": {"image": "image/png"}}, {"image": PNG})
+    store.finish(
+        job_id, {"status": "succeeded", "outputs": {"image": "image/png"}}, {"image": PNG}, owner="anonymous"
+    )
     assert submit(client, headers=headers).headers["content-type"] == "image/png"
 
     def down(*args: Any) -> None:

@@ -15,7 +15,9 @@ def _succeeded(client: TestClient, outputs: str = "image,faces,crops") -> str:
     job_id = submit(client, outputs=outputs).json()["id"]
     produced = {"image": "image/png", "faces": ["image/png"], "crops": ["image/png"]}
     blobs = {"image": PNG, "face:0": PNG, "crop:0": PNG}
-    assert client.app.state.services.store.finish(job_id, {"status": "succeeded", "outputs": produced}, blobs)
+    assert client.app.state.services.store.finish(
+        job_id, {"status": "succeeded", "outputs": produced}, blobs, owner="anonymous"
+    )
     return job_id
 
 

@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
 from app.completions import Completions
-from app.jobs import JobStore, connect, make_queue
+from app.jobs import JobStore, Refusal, connect, make_queue
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import aligned_png, wait_for
@@ -134,7 +134,9 @@ def test_finish_writes_results_drops_input_and_returns_the_final_record(settings
     pubsub = store.redis.pubsub()
     pubsub.subscribe(store.key("done", "f"))
     pubsub.get_message(timeout=5)  # the subscribe confirmation
-    final = store.finish("f", {"status": "succeeded", "outputs": {"image": "image/png"}}, {"image": b"png"})
+    final = store.finish(
+        "f", {"status": "succeeded", "outputs": {"image": "image/png"}}, {"image": b"png"}, owner="anonymous"
+    )
     assert (
         final is not None and final["status"] == "succeeded" and final["completed_at"] >= final["created_at"]
     )
@@ -144,19 +146,27 @@ def test_finish_writes_results_drops_input_and_returns_the_final_record(settings
     assert 100 < store.redis.ttl(result_key) <= 123  # the record's result_ttl, not the default
     assert store.redis.exists(store.key("input", "f")) == 0
     assert store.redis.ttl(store.key("job", "f")) > settings.record_ttl_seconds - 10
+    # Counted against its owner's stored bytes until the results expire (by Redis' clock).
+    stored = store.key("stored", "anonymous")
+    ((member, expires),) = store.redis.zrange(stored, 0, -1, withscores=True)
+    assert member == b"f:3" and abs(expires - (store.redis.time()[0] + 123)) <= 2
+    assert 100 < store.redis.ttl(stored) <= 123
     message = pubsub.get_message(timeout=5)
     assert message is not None and message["data"] == b"succeeded"
     pubsub.close()
     # Already ended: nothing is written, not even results.
-    assert store.finish("f", {"status": "failed"}, {"comparison": b"late"}) is None
+    assert store.finish("f", {"status": "failed"}, {"comparison": b"late"}, owner="anonymous") is None
     assert store.get("f")["status"] == "succeeded"
     assert store.redis.exists(store.key("result", "f", "comparison")) == 0
+    assert store.redis.zcard(stored) == 1
+    with pytest.raises(ValueError, match="owner"):  # results are always counted against someone
+        store.finish("f", {"status": "failed"}, {"image": b"x"})
 
 
 def test_get_with_result(settings: Settings) -> None:
     store = JobStore(connect(settings), settings)
     store.create("g", b"x", _record("g"))
-    store.finish("g", {"status": "succeeded"}, {"image": b"bytes"})
+    store.finish("g", {"status": "succeeded"}, {"image": b"bytes"}, owner="anonymous")
     record, blob = store.get_with_result("g", "image")
     assert record is not None and record["status"] == "succeeded" and blob == b"bytes"
     assert store.get_with_result("g", "face:0") == (record, None)
@@ -255,6 +265,12 @@ def test_a_claim_is_one_step_so_a_release_cannot_come_between(settings: Settings
     assert earlier is not None or (bound is not None and bound["job_id"] == "job-b"), (earlier, bound)
 
 
+def _admit(store: JobStore, owner: str, job_id: str, grace: float = 60.0) -> int | None:
+    """`JobStore.admit` under a limit of 3 active jobs alone: None, or the active jobs it refused at."""
+    refusal = store.admit(owner, job_id, max_active=3, max_bytes=0, upload_bytes=0, storing_grace=grace)
+    return None if refusal is None else refusal.amount
+
+
 def test_admissions_under_a_key_limit_are_exact_and_skip_ended_and_unstored_jobs(settings: Settings) -> None:
     """`admit` is one atomic step after its read: concurrent submissions of one key never pass its
     limit together. A member whose job ended, or whose record never came within the grace, stops
@@ -265,7 +281,7 @@ def test_admissions_under_a_key_limit_are_exact_and_skip_ended_and_unstored_jobs
 
     def submit(n: int) -> None:
         barrier.wait()
-        if store.admit("owner", f"job-{n}", 3, storing_grace=60.0) is None:
+        if _admit(store, "owner", f"job-{n}", grace=60.0) is None:
             admitted.append(f"job-{n}")
 
     threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
@@ -276,13 +292,13 @@ def test_admissions_under_a_key_limit_are_exact_and_skip_ended_and_unstored_jobs
     assert len(admitted) == 3  # none has a record yet: each counts as being stored
     for job_id in admitted:
         store.create(job_id, b"x", _record(job_id))
-    assert store.admit("owner", "late", 3, storing_grace=60.0) == 3
-    assert store.admit("another-owner", "theirs", 3, storing_grace=60.0) is None
+    assert _admit(store, "owner", "late", grace=60.0) == 3
+    assert _admit(store, "another-owner", "theirs", grace=60.0) is None
     assert store.update(admitted[0], {"status": "succeeded"})  # ended: its place is free
-    assert store.admit("owner", "next", 3, storing_grace=60.0) is None
+    assert _admit(store, "owner", "next", grace=60.0) is None
     # "next" was never stored: within the grace it counts, past it (grace 0 here) it does not.
-    assert store.admit("owner", "again", 3, storing_grace=60.0) == 3
-    assert store.admit("owner", "again", 3, storing_grace=0.0) is None
+    assert _admit(store, "owner", "again", grace=60.0) == 3
+    assert _admit(store, "owner", "again", grace=0.0) is None
     assert store.redis.ttl(store.key("active", "owner")) > 0
     store.unadmit("owner", "again")
     members = {m.decode() for m in store.redis.zrange(store.key("active", "owner"), 0, -1)}
@@ -318,3 +334,38 @@ def test_an_admission_whose_reply_is_lost_is_given_back(make_settings) -> None:
                 headers={"X-API-Key": "k"},
             )
             assert retry.status_code == 202, retry.text
+
+
+def test_admissions_count_a_keys_queued_inputs_and_stored_results_against_its_bytes(
+    settings: Settings,
+) -> None:
+    """A key's jobs hold bytes in Redis: inputs while they are active, results until they expire.
+    An admission whose upload would take them past the limit is refused, saying how many they hold
+    and when the first stored result expires; expired results and ended jobs' inputs stop counting."""
+    store = JobStore(connect(settings), settings)
+
+    def admit(job_id: str, upload: int) -> Refusal | None:
+        return store.admit(
+            "owner", job_id, max_active=0, max_bytes=1000, upload_bytes=upload, storing_grace=60.0
+        )
+
+    assert admit("a", 400) is None
+    store.create("a", b"x" * 400, _record("a", owner="owner", result_ttl=50))
+    assert admit("b", 601) == Refusal("stored_bytes", 400, 0)  # 400 + 601 > 1000; nothing stored yet
+    assert admit("b", 600) is None
+    store.create("b", b"x" * 600, _record("b", owner="owner"))
+    # "a" ends: its input (400) is dropped, its result (300) kept for 50 s.
+    store.finish("a", {"status": "succeeded"}, {"image": b"r" * 300}, owner="owner")
+    refusal = admit("c", 101)  # 600 + 300 + 101
+    assert refusal is not None and refusal[:2] == ("stored_bytes", 900) and 45 <= refusal.expires_in <= 50
+    assert admit("c", 100) is None  # only checking would do the same: `None` admits
+    assert (
+        store.admit("other", "d", max_active=0, max_bytes=1000, upload_bytes=1000, storing_grace=60) is None
+    )
+    # Expired by Redis' clock (its score moved into the past): no longer counted, and removed.
+    stored = store.key("stored", "owner")
+    store.redis.zadd(stored, {b"a:300": store.redis.time()[0] - 1})
+    store.update("b", {"status": "canceled"})
+    store.unadmit("owner", "c")  # admitted above, never stored
+    assert admit("e", 1000) is None
+    assert store.redis.zcard(stored) == 0

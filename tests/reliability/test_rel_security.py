@@ -591,7 +591,11 @@ def test_api_responses_and_results_cannot_be_sniffed_into_html(
     results = {"image": png(), "face:0": b"<html><script>alert(1)</script></html>", "comparison": png()}
     outputs = {"image": "image/png", "faces": ["image/webp"], "comparison": "image/jpeg"}
     assert store.finish(
-        done, {"status": "succeeded", "outputs": outputs}, results=results, allowed=["queued"]
+        done,
+        {"status": "succeeded", "outputs": outputs},
+        results=results,
+        allowed=["queued"],
+        owner="anonymous",
     )
     for path, media, ext in (
         ("image", "image/png", "png"),

@@ -93,9 +93,11 @@ def test_round_trip_aligned_face(client: TestClient) -> None:
     assert len([w for w in job["warnings"] if "tiny" in w.lower()]) == 1, job["warnings"]
     assert job["outputs"]["image"] == job["urls"]["result"]
     assert len(job["outputs"]["faces"]) == 1 and job["outputs"]["comparison"]
+    stored_bytes = 0
     for url in (job["outputs"]["image"], job["outputs"]["faces"][0], job["outputs"]["comparison"]):
         got = client.get(url)
         assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+        stored_bytes += len(got.content)
         with Image.open(io.BytesIO(got.content)) as png:
             png.verify()
             # DYNFACE_PNG_COMPRESS_LEVEL=0 stores the scanlines: never smaller than them
@@ -104,6 +106,9 @@ def test_round_trip_aligned_face(client: TestClient) -> None:
     # the input is gone once the job is done
     store = JobStore(connect(client.app.state.services.settings), client.app.state.services.settings)
     assert store.input(job["id"]) is None
+    # its results count against its owner's stored bytes (DYNFACE_MAX_STORED_BYTES_PER_KEY)
+    stored = store.redis.zrange(store.key("stored", "anonymous"), 0, -1)
+    assert f"{job['id']}:{stored_bytes}".encode() in stored
 
 
 def test_round_trip_json_jpeg(client: TestClient) -> None:
