@@ -15,8 +15,8 @@ Layout (``P`` = settings.key_prefix)::
                           (Redis' clock); members of ended jobs are pruned at its next admission
                           (`JobStore.admit`); TTL 2 x record_ttl, renewed at each admission
     P:stored:{key_id}     sorted set: `{id}:{bytes}` of one API key's stored results, scored by when
-                          they expire (Redis' clock), added as they are stored (`JobStore.finish`) and
-                          pruned once expired at its next admission; TTL its latest results'
+                          they expire (Redis' clock), added as they are stored (`JobStore.finish`),
+                          pruned of expired ones then and at each admission; TTL its latest results'
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
     P:done:{id}           pub/sub channel (no key): published once when the job ends
@@ -197,6 +197,8 @@ end
 if #KEYS >= 5 then
   local clock = redis.call('TIME')
   local id = cjson.decode(redis.call('HGET', KEYS[1], 'id'))
+  -- expired ones go here too: on an open API no admission ever prunes the set
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', clock[1])
   redis.call('ZADD', KEYS[4], tonumber(clock[1]) + ttl, id .. ':' .. bytes)
   if redis.call('TTL', KEYS[4]) < ttl then redis.call('EXPIRE', KEYS[4], ttl) end
 end

@@ -159,6 +159,11 @@ def test_finish_writes_results_drops_input_and_returns_the_final_record(settings
     assert store.get("f")["status"] == "succeeded"
     assert store.redis.exists(store.key("result", "f", "comparison")) == 0
     assert store.redis.zcard(stored) == 1
+    # An open API never admits, so the next end prunes what has expired: the set never only grows.
+    store.redis.zadd(stored, {b"long-gone:7": store.redis.time()[0] - 1})
+    store.create("f2", b"x", _record("f2"))
+    store.finish("f2", {"status": "succeeded"}, {"image": b"png"}, owner="anonymous")
+    assert {m for m, _ in store.redis.zrange(stored, 0, -1, withscores=True)} == {b"f:3", b"f2:3"}
     with pytest.raises(ValueError, match="owner"):  # results are always counted against someone
         store.finish("f", {"status": "failed"}, {"image": b"x"})
 
