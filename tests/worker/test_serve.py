@@ -6,6 +6,7 @@ port, device), and worker processes stopped before they start a job."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -26,6 +27,7 @@ from fastapi.testclient import TestClient
 from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
 from app.settings import Settings
+from models.dsst import default_table
 from tests.conftest import (
     ROOT,
     WEIGHTS,
@@ -80,7 +82,7 @@ def _start_serving(
             return False
 
     try:
-        wait_for(ready, 120, interval=0.5, what="serve ready")
+        wait_for(ready, 120, interval=0.2, what="serve ready")
     except BaseException:
         with contextlib.suppress(subprocess.TimeoutExpired):
             _stop(proc)
@@ -125,11 +127,21 @@ def worker_pid(name: str) -> int:
     return int(name.split(".")[-3])
 
 
-def test_embedded_serve_round_trip(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def fast_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DSST table with starts of 2–4 steps: these jobs check the service around the pipeline, which
+    the shipped table's 24+ sampling steps would only make longer."""
+    path = tmp_path_factory.mktemp("dsst") / "fast.json"
+    path.write_text(dataclasses.replace(default_table(), start_indices=(2, 3, 4)).to_json())
+    return path
+
+
+def test_embedded_serve_round_trip(tmp_path, fast_table: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFACE_") and k != "REDIS_URL"}
     env.update(
         {
             "DYNFACE_WEIGHTS_DIR": str(WEIGHTS),
+            "DYNFACE_DSST_TABLE": str(fast_table),
             "PYTHONPATH": str(ROOT),
             "OMP_NUM_THREADS": "1",
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
@@ -150,14 +162,14 @@ def test_embedded_serve_round_trip(tmp_path) -> None:
         pid = worker_pid(first)
         assert os.getsid(pid) == pid != os.getsid(0)
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: ready_workers(base) - {first}, 120, interval=0.5, what="restarted worker ready")
+        wait_for(lambda: ready_workers(base) - {first}, 120, interval=0.2, what="restarted worker ready")
         round_trip(base)
     log = (tmp_path / "serve.log").read_text()
     assert "embedded Redis" in log
     assert f"worker 0 exited with code {-signal.SIGKILL}; restarting" in log
 
 
-def test_an_empty_redis_url_is_unset_for_serve_its_api_and_its_workers(tmp_path) -> None:
+def test_an_empty_redis_url_is_unset_for_serve_its_api_and_its_workers(tmp_path, fast_table: Path) -> None:
     """`DYNFACE_REDIS_URL=` (an empty line of an env file) means no Redis configured, as unset does:
     `serve` embeds one, and its API and workers use it, though Settings read DYNFACE_REDIS_URL first,
     empty or not. Its two workers, given no device, each pick one (the CPU on this machine) and a
@@ -167,12 +179,13 @@ def test_an_empty_redis_url_is_unset_for_serve_its_api_and_its_workers(tmp_path)
         {
             "DYNFACE_REDIS_URL": "",
             "DYNFACE_WEIGHTS_DIR": str(WEIGHTS),
+            "DYNFACE_DSST_TABLE": str(fast_table),
             "PYTHONPATH": str(ROOT),
             "OMP_NUM_THREADS": "1",
         }
     )
     with serving(tmp_path, env, "--workers", "2", "--worker-metrics-port", "0", device=None) as base:
-        wait_for(lambda: len(ready_workers(base)) == 2, 120, interval=0.5, what="both workers ready")
+        wait_for(lambda: len(ready_workers(base)) == 2, 120, interval=0.2, what="both workers ready")
         round_trip(base)
         log = (tmp_path / "serve.log").read_text()
         (url,) = re.findall(r"embedded Redis at (\S+)", log)
