@@ -558,8 +558,10 @@ def _reset_after_outage(worker: DynfaceWorker) -> None:
         except RedisError:
             time.sleep(_REDIS_RETRY_SECONDS)
     if worker.pubsub_thread is not None:  # RQ's teardown may have failed before stopping it
+        # Stopped only: its loop closes the pubsub as it ends (redis-py's contract). Closed from here,
+        # its connection went back to the pool while the thread still read it, and a command of this
+        # thread could then share it (the worker hung before its next job).
         worker.pubsub_thread.stop()
-        worker.pubsub.close()
         worker.pubsub_thread = None
 
 

@@ -35,6 +35,7 @@ from tests.worker.test_batching import (
     run_next_job,
     submit,
 )
+from worker import main as worker_main
 from worker.main import TALLY, DynfaceWorker, _background
 
 
@@ -369,3 +370,27 @@ def test_a_lost_job_rq_requeued_is_not_queued_twice(make_settings: Callable[...,
         worker, queue, lambda: not queue.intermediate_queue.get_job_ids(), "the entry left behind gone"
     )
     assert queue.job_ids == [job_id]
+
+
+def test_resuming_after_an_outage_leaves_the_pubsub_to_its_own_thread(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """After a Redis outage ended RQ's loop, the worker closed RQ's pubsub from its own thread while
+    the pubsub thread still read it: the connection went back to the pool under that thread, and the
+    resumed loop's commands could share it (the worker hung before its next job). It only stops the
+    thread now, which closes the pubsub as its loop ends (redis-py's contract)."""
+    settings = make_settings()
+    _, _, worker = in_process_worker(settings)
+    worker.register_birth()
+    pubsub = worker.connection.pubsub()
+    pubsub.subscribe(**{f"{settings.key_prefix}:commands": lambda message: None})
+    # RQ's thread waits 60 s per read; a short wait lets this one end within the test.
+    thread = pubsub.run_in_thread(sleep_time=2.0, daemon=True)
+    worker.pubsub, worker.pubsub_thread = pubsub, thread
+    wait_for(lambda: pubsub.connection is not None and pubsub.subscribed, 5, what="subscribed")
+    worker_main._reset_after_outage(worker)
+    assert worker.pubsub_thread is None
+    assert thread.is_alive() and pubsub.connection is not None  # not closed under its reader
+    thread.join(5)
+    assert not thread.is_alive() and pubsub.connection is None  # closed by its own loop
+    assert worker.connection.ping()
