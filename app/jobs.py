@@ -17,6 +17,7 @@ Layout (``P`` = settings.key_prefix)::
     P:stored:{key_id}     sorted set: `{id}:{bytes}` of one API key's stored results, scored by when
                           they expire (Redis' clock), added as they are stored (`JobStore.finish`),
                           pruned of expired ones then and at each admission; TTL its latest results'
+    P:stored-bytes:{key_id} the bytes of P:stored:{key_id}'s members: a running total kept with it
     P:worker:{name}       hash describing a live worker; TTL heartbeat_ttl, refreshed by its heartbeat
     P:workers             set of worker names (entries whose hash expired are pruned on read)
     P:done:{id}           pub/sub channel (no key): published once when the job ends
@@ -170,19 +171,49 @@ end
 return 0
 """
 
+# A key's stored results: sorted set ZSET (`P:stored:{key_id}`, member `{id}:{bytes}`, scored by when
+# they expire by Redis' clock) and their bytes' running total TOTAL (`P:stored-bytes:{key_id}`), so an
+# admission costs what has expired, not the whole set. `stored_bytes(zset, total, now)` drops what has
+# expired by `now` from both and returns the total (recounted from the set when the total is missing).
+_STORED = """
+local function member_bytes(member) return tonumber(string.match(member, ':(%d+)$')) end
+local function set_total(zset, total, held)  -- expires with the set
+  local ttl = redis.call('TTL', zset)
+  if ttl > 0 then redis.call('SET', total, held, 'EX', ttl) else redis.call('SET', total, held) end
+end
+local function stored_bytes(zset, total, now)
+  local held = tonumber(redis.call('GET', total))
+  if not held then
+    held = 0
+    for _, member in ipairs(redis.call('ZRANGE', zset, 0, -1)) do held = held + member_bytes(member) end
+  end
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', now)) do
+    held = held - member_bytes(member)
+  end
+  redis.call('ZREMRANGEBYSCORE', zset, '-inf', now)
+  if redis.call('ZCARD', zset) == 0 then
+    redis.call('DEL', total)
+    return 0
+  end
+  set_total(zset, total, held)
+  return held
+end
+"""
+
 # A job's end: the transition (a `processing` record only when `attempt_over(ARGV[at])`, KEYS[3] being
-# RQ's StartedJobRegistry), then (if applied) the results KEYS[5..] written with the status flip (a
+# RQ's StartedJobRegistry), then (if applied) the results KEYS[6..] written with the status flip (a
 # client that sees `succeeded` can always fetch them; TTL = the record's result_ttl, else ARGV[at + 4])
-# and counted in their owner's set of stored results KEYS[4] (`P:stored:{key_id}`: member
-# `{id}:{bytes}`, scored by when they expire by Redis' clock; read by `_ADMIT`), the input KEYS[2]
-# dropped, the record's TTL restarted (ARGV[at + 3]) and message ARGV[at + 2] published on channel
-# ARGV[at + 1] (wakes the API's `Prefer: wait` requests, app/completions.py). With ARGV[at + 5] = '1',
-# not once its cancel was requested (a lost job's DELETE that landed after the caller read the
-# record: that job ends canceled instead). One blob per result key follows. Without results, KEYS
-# end at KEYS[3]. Returns the final record (flat HGETALL), or false when the job had already moved on
-# (then nothing is written, results included).
+# and counted in their owner's stored results (`_STORED`: set KEYS[4], total KEYS[5]; both kept as long
+# as their latest results; read by `_ADMIT`), the input KEYS[2] dropped, the record's TTL restarted
+# (ARGV[at + 3]) and message ARGV[at + 2] published on channel ARGV[at + 1] (wakes the API's `Prefer:
+# wait` requests, app/completions.py). With ARGV[at + 5] = '1', not once its cancel was requested (a
+# lost job's DELETE that landed after the caller read the record: that job ends canceled instead).
+# One blob per result key follows. Without results, KEYS end at KEYS[3]. Returns the final record
+# (flat HGETALL), or false when the job had already moved on (then nothing is written, results
+# included).
 _FINISH = (
     _PRELUDE
+    + _STORED
     + """
 local at = after_transition()
 if processing() and not attempt_over(ARGV[at]) then return false end
@@ -190,17 +221,17 @@ if ARGV[at + 5] == '1' and redis.call('HGET', KEYS[1], 'cancel_requested') == 't
 if not transition() then return false end
 local ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl')) or tonumber(ARGV[at + 4])
 local bytes = 0
-for k = 5, #KEYS do
-  redis.call('SET', KEYS[k], ARGV[at + k + 1], 'EX', ttl)
-  bytes = bytes + string.len(ARGV[at + k + 1])
+for k = 6, #KEYS do
+  redis.call('SET', KEYS[k], ARGV[at + k], 'EX', ttl)
+  bytes = bytes + string.len(ARGV[at + k])
 end
-if #KEYS >= 5 then
-  local clock = redis.call('TIME')
+if #KEYS >= 6 then
+  local now = tonumber(redis.call('TIME')[1])
   local id = cjson.decode(redis.call('HGET', KEYS[1], 'id'))
-  -- expired ones go here too: on an open API no admission ever prunes the set
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', clock[1])
-  redis.call('ZADD', KEYS[4], tonumber(clock[1]) + ttl, id .. ':' .. bytes)
+  local held = stored_bytes(KEYS[4], KEYS[5], now)
+  redis.call('ZADD', KEYS[4], now + ttl, id .. ':' .. bytes)
   if redis.call('TTL', KEYS[4]) < ttl then redis.call('EXPIRE', KEYS[4], ttl) end
+  set_total(KEYS[4], KEYS[5], held + bytes)
 end
 redis.call('DEL', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[at + 3])
@@ -210,23 +241,25 @@ return redis.call('HGETALL', KEYS[1])
 )
 
 # A submission's admission under its API key's limits: of active jobs, and of bytes its jobs hold in
-# Redis. KEYS: the key's set of active jobs (`P:active:{key_id}`), its set of stored results
-# (`P:stored:{key_id}`, `_FINISH`), then for each member of the active set the caller read just
-# before (ARGV[7..], in order) its record and its input. ARGV: the limit of active jobs (0 = none), the
-# new job id ('' = only check), seconds a member may lack its record (it is being stored:
-# `IDEMPOTENCY_TAKEOVER_SECONDS`, the longest a submission takes), the active set's TTL, the limit of
-# bytes (0 = none), the upload's bytes, then the members' ids. Each listed member whose record is gone
-# (past that grace) or not active is removed, the others' inputs counted; stored results past their
-# expiry are removed, the others counted. Then, with fewer active jobs than the limit (members added
-# since the caller's read count, being new) and the bytes (inputs, results, this upload) within
-# theirs, the job is added. Returns {0} when admitted (or, only checking, when it would be); {1,
-# active jobs}; or {2, bytes held, seconds until the first stored result expires (0: none stored)}.
-_ADMIT = """
+# Redis. KEYS: the key's set of active jobs (`P:active:{key_id}`), its stored results (`_STORED`: set,
+# total), then for each member of the active set the caller read just before (ARGV[7..], in order)
+# its record and its input. ARGV: the limit of active jobs (0 = none), the new job id ('' = only
+# check), seconds a member may lack its record (it is being stored: `IDEMPOTENCY_TAKEOVER_SECONDS`,
+# the longest a submission takes), the active set's TTL, the limit of bytes (0 = none), the upload's
+# bytes, then the members' ids. Each listed member whose record is gone (past that grace) or not
+# active is removed, the others' inputs counted; stored results past their expiry stop counting.
+# Then, with fewer active jobs than the limit (members added since the caller's read count, being
+# new) and the bytes (inputs, results, this upload) within theirs, the job is added. Returns {0} when
+# admitted (or, only checking, when it would be); {1, active jobs}; or {2, bytes held, seconds until
+# the first stored result expires (0: none stored)}.
+_ADMIT = (
+    _STORED
+    + """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-local held = 0
-for i = 1, (#KEYS - 2) / 2 do
-  local member, record, input = ARGV[6 + i], KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+local held = stored_bytes(KEYS[2], KEYS[3], now)
+for i = 1, (#KEYS - 3) / 2 do
+  local member, record, input = ARGV[6 + i], KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local status = redis.call('HGET', record, 'status')
   local admitted = tonumber(redis.call('ZSCORE', KEYS[1], member))
   local storing = not status and admitted and admitted > now - tonumber(ARGV[3])
@@ -235,10 +268,6 @@ for i = 1, (#KEYS - 2) / 2 do
   else
     redis.call('ZREM', KEYS[1], member)
   end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  held = held + tonumber(string.match(member, ':(%d+)$'))
 end
 local active = redis.call('ZCARD', KEYS[1])
 if tonumber(ARGV[1]) > 0 and active >= tonumber(ARGV[1]) then return {1, active} end
@@ -253,6 +282,7 @@ if ARGV[2] ~= '' then
 end
 return {0}
 """
+)
 # Give an admission back — KEYS: the key's set of active jobs, the job's record; ARGV: job id — unless
 # the job was stored after all (a transaction that failed after Redis had applied it).
 _UNADMIT = """
@@ -504,7 +534,8 @@ class JobStore:
         if results:
             if owner is None:
                 raise ValueError("results are counted against their owner's stored bytes: name it")
-            keys += [self.key("stored", owner), *(self.key("result", job_id, name) for name in results)]
+            keys += [self.key("stored", owner), self.key("stored-bytes", owner)]
+            keys += [self.key("result", job_id, name) for name in results]
         channel, message = self.key("done", job_id), fields.get("status", "")
         args = _transition_args(allowed, {**fields, "completed_at": now})
         # inf: a job's own end may end whichever attempt runs it; now: Redis' clock (`attempt_over`).
@@ -603,9 +634,9 @@ class JobStore:
         record is stored, for up to ``storing_grace`` seconds without it; an ended job stops counting
         at the owner's next admission, and its results once they expire. Atomic (`_ADMIT`; bytes of
         jobs admitted since its first read are not seen); two round trips."""
-        active, stored = self.key("active", owner), self.key("stored", owner)
+        active = self.key("active", owner)
         members = [m.decode() for m in self.redis.zrange(active, 0, -1)]
-        keys = [active, stored]
+        keys = [active, self.key("stored", owner), self.key("stored-bytes", owner)]
         for member in members:
             keys += [self.key("job", member), self.key("input", member)]
         # The set outlives its key's last admission by twice a record's TTL: its jobs' records are

@@ -151,6 +151,8 @@ def test_finish_writes_results_drops_input_and_returns_the_final_record(settings
     ((member, expires),) = store.redis.zrange(stored, 0, -1, withscores=True)
     assert member == b"f:3" and abs(expires - (store.redis.time()[0] + 123)) <= 2
     assert 100 < store.redis.ttl(stored) <= 123
+    total = store.key("stored-bytes", "anonymous")  # their running total, expiring with the set
+    assert store.redis.get(total) == b"3" and abs(store.redis.ttl(total) - store.redis.ttl(stored)) <= 1
     message = pubsub.get_message(timeout=5)
     assert message is not None and message["data"] == b"succeeded"
     pubsub.close()
@@ -161,9 +163,11 @@ def test_finish_writes_results_drops_input_and_returns_the_final_record(settings
     assert store.redis.zcard(stored) == 1
     # An open API never admits, so the next end prunes what has expired: the set never only grows.
     store.redis.zadd(stored, {b"long-gone:7": store.redis.time()[0] - 1})
+    store.redis.incrby(total, 7)
     store.create("f2", b"x", _record("f2"))
     store.finish("f2", {"status": "succeeded"}, {"image": b"png"}, owner="anonymous")
     assert {m for m, _ in store.redis.zrange(stored, 0, -1, withscores=True)} == {b"f:3", b"f2:3"}
+    assert store.redis.get(total) == b"6"
     with pytest.raises(ValueError, match="owner"):  # results are always counted against someone
         store.finish("f", {"status": "failed"}, {"image": b"x"})
 
@@ -367,10 +371,16 @@ def test_admissions_count_a_keys_queued_inputs_and_stored_results_against_its_by
     assert (
         store.admit("other", "d", max_active=0, max_bytes=1000, upload_bytes=1000, storing_grace=60) is None
     )
+    # A lost running total is counted again from the set.
+    total = store.key("stored-bytes", "owner")
+    assert store.redis.get(total) == b"300"
+    store.redis.delete(total)
+    assert admit("c", 101)[:2] == ("stored_bytes", 900)
+    assert store.redis.get(total) == b"300"
     # Expired by Redis' clock (its score moved into the past): no longer counted, and removed.
     stored = store.key("stored", "owner")
     store.redis.zadd(stored, {b"a:300": store.redis.time()[0] - 1})
     store.update("b", {"status": "canceled"})
     store.unadmit("owner", "c")  # admitted above, never stored
     assert admit("e", 1000) is None
-    assert store.redis.zcard(stored) == 0
+    assert store.redis.zcard(stored) == 0 and store.redis.exists(total) == 0
