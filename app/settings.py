@@ -187,6 +187,17 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _an_upload_fits_a_keys_share(self) -> Settings:
+        # An upload larger than a key's share would be refused (429, "retry later") every time.
+        if 0 < self.max_stored_bytes_per_key < self.max_upload_bytes:
+            raise ValueError(
+                f"DYNFACE_MAX_STORED_BYTES_PER_KEY ({self.max_stored_bytes_per_key}) must be 0 (no limit) "
+                f"or at least DYNFACE_MAX_UPLOAD_BYTES ({self.max_upload_bytes}), or uploads in between "
+                "could never be accepted"
+            )
+        return self
+
     @property
     def queue_timeout(self) -> float:
         """Seconds a job may wait in the queue: the setting, else an hour or, with a record TTL too

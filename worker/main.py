@@ -562,6 +562,8 @@ def _reset_after_outage(worker: DynfaceWorker) -> None:
         # its connection went back to the pool while the thread still read it, and a command of this
         # thread could then share it (the worker hung before its next job).
         worker.pubsub_thread.stop()
+        if not worker.pubsub_thread.is_alive():  # ended on an error of its own: nobody closed it
+            worker.pubsub.close()
         worker.pubsub_thread = None
 
 

@@ -415,16 +415,20 @@ def _admit(store: JobStore, owner: str, job_id: str | None, upload_bytes: int, s
             "ended.",
             {"Retry-After": str(s.queue_full_retry_after_seconds)},
         )
-    retry = refusal.expires_in or s.queue_full_retry_after_seconds
-    raise ApiError(
-        429,
-        "too_many_stored_bytes",
-        f"This API key's uploads and results hold {refusal.amount} bytes in the job store; with this "
-        f"upload ({upload_bytes} bytes) they would pass its limit (DYNFACE_MAX_STORED_BYTES_PER_KEY = "
-        f"{s.max_stored_bytes_per_key}). Results are kept {s.result_ttl_seconds} s; the next expire in "
-        f"{retry} s.",
-        {"Retry-After": str(retry)},
+    limit = f"its limit (DYNFACE_MAX_STORED_BYTES_PER_KEY = {s.max_stored_bytes_per_key})"
+    held = f"This API key's uploads and results hold {refusal.amount} bytes in the job store"
+    # Checked before the upload is read (0 bytes): the key is over its share already.
+    reason = (
+        f"{held}, over {limit}"
+        if not upload_bytes
+        else f"{held}; this upload ({upload_bytes} bytes) would pass {limit}"
     )
+    if refusal.expires_in:
+        when = f"Results are kept {s.result_ttl_seconds} s; the next expire in {refusal.expires_in} s."
+    else:  # only uploads of queued or running jobs: they go as their jobs end
+        when = "No result is stored: its queued uploads are dropped as their jobs end."
+    retry = refusal.expires_in or s.queue_full_retry_after_seconds
+    raise ApiError(429, "too_many_stored_bytes", f"{reason}. {when}", {"Retry-After": str(retry)})
 
 
 def _replay_or_charge(

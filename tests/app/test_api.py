@@ -253,6 +253,7 @@ def test_stored_bytes_are_limited_per_key(make_settings, monkeypatch) -> None:
         api_keys="key-a,key-b",
         max_active_jobs_per_key=0,
         max_stored_bytes_per_key=3 * len(PNG),
+        max_upload_bytes=3 * len(PNG),
         result_ttl_seconds=90,
     )
     with TestClient(create_app(s)) as c:
@@ -268,10 +269,14 @@ def test_stored_bytes_are_limited_per_key(make_settings, monkeypatch) -> None:
         # The key's results alone now pass its share: refused before its upload is read.
         store.finish(second, {"status": "succeeded"}, {"image": b"\0" * (3 * len(PNG))}, owner=owner)
         decoded = len(checks)
-        assert submit(c, headers=a).status_code == 429
+        r = submit(c, headers=a)
+        assert (
+            r.status_code == 429 and f"hold {5 * len(PNG)} bytes in the job store, over its limit" in r.text
+        )
         assert len(checks) == decoded
-    with TestClient(create_app(make_settings(max_stored_bytes_per_key=1))) as c:
-        assert submit(c).status_code == 202  # an open API has no per-key share
+    open_api = make_settings(max_stored_bytes_per_key=len(PNG), max_upload_bytes=len(PNG))
+    with TestClient(create_app(open_api)) as c:
+        assert [submit(c).status_code for _ in range(2)] == [202, 202]  # an open API has no per-key share
 
 
 @pytest.mark.usefixtures("rate_window")
@@ -1107,6 +1112,16 @@ def test_record_ttl_must_outlive_every_attempt_of_a_job() -> None:
     with pytest.raises(ValueError, match=r"must exceed \(max_retries \+ 1\) x job_timeout_seconds = 300"):
         Settings(record_ttl_seconds=300, **short)
     assert Settings(record_ttl_seconds=301, **short).record_ttl_seconds == 301
+
+
+def test_an_upload_must_fit_a_keys_share_of_stored_bytes() -> None:
+    """A share below the upload limit would answer uploads in between "429, retry later" forever."""
+    with pytest.raises(
+        ValueError, match=r"MAX_STORED_BYTES_PER_KEY \(999\) must be 0 \(no limit\) or at least"
+    ):
+        Settings(max_stored_bytes_per_key=999, max_upload_bytes=1000)
+    assert Settings(max_stored_bytes_per_key=0, max_upload_bytes=1000).max_stored_bytes_per_key == 0
+    assert Settings(max_stored_bytes_per_key=1000, max_upload_bytes=1000).max_stored_bytes_per_key == 1000
 
 
 def test_results_must_not_outlive_their_record() -> None:

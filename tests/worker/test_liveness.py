@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from redis.client import PubSubWorkerThread
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
@@ -394,3 +395,10 @@ def test_resuming_after_an_outage_leaves_the_pubsub_to_its_own_thread(
     thread.join(5)
     assert not thread.is_alive() and pubsub.connection is None  # closed by its own loop
     assert worker.connection.ping()
+    # A thread that has already ended (RQ's handler re-raises what is no ConnectionError) closes
+    # nothing any more: the reset does.
+    pubsub = worker.connection.pubsub()
+    pubsub.subscribe(**{f"{settings.key_prefix}:commands": lambda message: None})
+    worker.pubsub, worker.pubsub_thread = pubsub, PubSubWorkerThread(pubsub, sleep_time=2.0)  # never run
+    worker_main._reset_after_outage(worker)
+    assert pubsub.connection is None
