@@ -456,6 +456,14 @@ class JobStore:
             raw, blob = pipe.execute()
         return _load(raw) or None, blob
 
+    def get_with_result_length(self, job_id: str, name: str) -> tuple[dict[str, Any] | None, int | None]:
+        """The record and one result's length (None when it is gone), without its bytes (a HEAD)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key("job", job_id))
+            pipe.strlen(self.key("result", job_id, name))
+            raw, length = pipe.execute()
+        return _load(raw) or None, length or None  # results are never empty: 0 is a missing key
+
     def update(self, job_id: str, fields: dict[str, Any], *, allowed: Iterable[str] = ACTIVE) -> bool:
         """Set fields only while the status is one of ``allowed``; False when the job moved on."""
         return bool(self._update(keys=[self.key("job", job_id)], args=_transition_args(allowed, fields)))

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics, webhooks
 from app.completions import Completions
+from app.deps import HEAD_AS_GET
 from app.errors import answered_code, install_error_handlers
 from app.jobs import JobStore, connect, make_queue
 from app.queued import sweep_forever
@@ -147,8 +148,9 @@ def _as_get(scope: Scope) -> Scope:
     routed and answered as that GET: the server, which reads the method from its own scope (still
     HEAD), sends the headers only (uvicorn and the TestClient drop the body). Not HEAD added to each
     GET route: FastAPI would render every one into the OpenAPI document as a second operation with
-    the same operation id. A copy, so the counter above still labels it HEAD."""
-    return {**scope, "method": "GET"} if scope["method"] == "HEAD" else scope
+    the same operation id. A copy, so the counter above still labels it HEAD; marked
+    (`app.deps.is_head`) so a route can skip reading a body that is never sent."""
+    return {**scope, "method": "GET", HEAD_AS_GET: True} if scope["method"] == "HEAD" else scope
 
 
 def app_from_env() -> FastAPI:

@@ -25,7 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app import metrics
-from app.deps import services
+from app.deps import is_head, services
 from app.errors import SAFE_HEADERS, UPLOAD_ERROR_STATUS, ApiError, brief_redis_error, redis_unavailable
 from app.jobs import TERMINAL, JobStore
 from app.queued import end_queued
@@ -762,7 +762,12 @@ def _result(
     request: Request, owner: str, job_id: str, name: str, kind: str, index: int | None = None
 ) -> Response:
     svc = services(request)
-    found, blob = svc.store.get_with_result(job_id, name)  # one round trip for both
+    blob: bytes | None = None
+    if is_head(request):  # its length alone: a result is up to hundreds of MB that HEAD never sends
+        found, length = svc.store.get_with_result_length(job_id, name)
+    else:
+        found, blob = svc.store.get_with_result(job_id, name)  # one round trip for both
+        length = None if blob is None else len(blob)
     record = _own(found, job_id, owner)
     # Distinct codes for the ends without results: a client polling through `not_ready` must stop.
     if record["status"] == "failed":
@@ -781,7 +786,7 @@ def _result(
         media_type = items[index] if 0 <= index < len(items) else None
     if media_type is None:
         raise ApiError(404, "not_found", f"This job has no {name.replace(':', ' ')} output.")
-    if blob is None:
+    if length is None:
         raise ApiError(
             410,
             "expired",
@@ -789,7 +794,10 @@ def _result(
             f"The result has expired (results are kept for "
             f"{record.get('result_ttl', svc.settings.result_ttl_seconds)} s).",
         )
-    return Response(blob, media_type=media_type, headers=_image_headers(job_id, name, media_type))
+    headers = _image_headers(job_id, name, media_type)
+    if blob is None:  # a HEAD: the GET's headers, its length included
+        return Response(media_type=media_type, headers={**headers, "Content-Length": str(length)})
+    return Response(blob, media_type=media_type, headers=headers)
 
 
 def _image_headers(job_id: str, name: str, media_type: str) -> dict[str, str]:

@@ -35,6 +35,8 @@ def test_every_get_route_answers_head_as_its_get_without_a_body(client: TestClie
         assert head.status_code == get.status_code != 405, (url, head.status_code, get.status_code)
         assert head.headers["content-type"] == get.headers["content-type"], url
         assert head.content == b"", url
+        if get.status_code == 200 and url.startswith("/v1/restorations/"):
+            assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
     for path in ("/healthz", "/v1/restorations/{job_id}/faces/{k}"):
         before = requests_counted(client, path, "HEAD", 200, "")
         client.head(path.replace("{job_id}", job_id).replace("{k}", "0"))
@@ -126,3 +128,24 @@ def test_a_result_index_has_one_spelling(client: TestClient) -> None:
     r = client.get(f"/v1/restorations/{queued}/faces/abc")
     assert r.status_code == 404 and error_code(r) == "not_found", r.text
     assert error_code(client.get(f"/v1/restorations/{queued}/faces/0")) == "not_ready"
+
+
+def test_head_of_a_result_does_not_read_its_bytes(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEAD of a result read the whole blob from Redis (up to hundreds of MB) to send none of it: it
+    reads its length alone, and answers as the GET would (410 once the result is gone)."""
+    job_id = _succeeded(client)
+    store = client.app.state.services.store
+    read = store.get_with_result
+
+    def never(*args: object) -> object:
+        raise AssertionError("HEAD read a result's bytes")
+
+    monkeypatch.setattr(store, "get_with_result", never)
+    head = client.head(f"/v1/restorations/{job_id}/image")
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(PNG))
+    store.redis.delete(store.key("result", job_id, "image"))
+    assert client.head(f"/v1/restorations/{job_id}/image").status_code == 410
+    monkeypatch.setattr(store, "get_with_result", read)
+    assert client.get(f"/v1/restorations/{job_id}/image").status_code == 410
