@@ -177,24 +177,30 @@ return 0
 # expired by `now` from both and returns the total (recounted from the set when the total is missing).
 _STORED = """
 local function member_bytes(member) return tonumber(string.match(member, ':(%d+)$')) end
-local function set_total(zset, total, held)  -- expires with the set
-  local ttl = redis.call('TTL', zset)
-  if ttl > 0 then redis.call('SET', total, held, 'EX', ttl) else redis.call('SET', total, held) end
+local function set_total(zset, total, held)  -- expires with the set (in ms: TTL rounds under 1 s to 0)
+  local ttl = redis.call('PTTL', zset)
+  if ttl > 0 then redis.call('SET', total, held, 'PX', ttl) else redis.call('SET', total, held) end
+end
+local function recount(zset)
+  local held = 0
+  for _, member in ipairs(redis.call('ZRANGE', zset, 0, -1)) do held = held + member_bytes(member) end
+  return held
 end
 local function stored_bytes(zset, total, now)
   local held = tonumber(redis.call('GET', total))
-  if not held then
-    held = 0
-    for _, member in ipairs(redis.call('ZRANGE', zset, 0, -1)) do held = held + member_bytes(member) end
+  local expired = redis.call('ZRANGEBYSCORE', zset, '-inf', now)
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', zset, '-inf', now)
+    if held then
+      for _, member in ipairs(expired) do held = held - member_bytes(member) end
+    end
   end
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', zset, '-inf', now)) do
-    held = held - member_bytes(member)
-  end
-  redis.call('ZREMRANGEBYSCORE', zset, '-inf', now)
   if redis.call('ZCARD', zset) == 0 then
     redis.call('DEL', total)
     return 0
   end
+  -- Missing, or below zero (a member some other writer added without its bytes): counted again.
+  if not held or held < 0 then held = recount(zset) elseif #expired == 0 then return held end
   set_total(zset, total, held)
   return held
 end

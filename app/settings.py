@@ -189,8 +189,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _an_upload_fits_a_keys_share(self) -> Settings:
-        # An upload larger than a key's share would be refused (429, "retry later") every time.
-        if 0 < self.max_stored_bytes_per_key < self.max_upload_bytes:
+        # An upload larger than a key's share would be refused (429, "retry later") every time. Only
+        # with keys: an open API has no per-key share.
+        if self.auth_enabled and 0 < self.max_stored_bytes_per_key < self.max_upload_bytes:
             raise ValueError(
                 f"DYNFACE_MAX_STORED_BYTES_PER_KEY ({self.max_stored_bytes_per_key}) must be 0 (no limit) "
                 f"or at least DYNFACE_MAX_UPLOAD_BYTES ({self.max_upload_bytes}), or uploads in between "

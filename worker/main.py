@@ -561,9 +561,11 @@ def _reset_after_outage(worker: DynfaceWorker) -> None:
         # Stopped only: its loop closes the pubsub as it ends (redis-py's contract). Closed from here,
         # its connection went back to the pool while the thread still read it, and a command of this
         # thread could then share it (the worker hung before its next job).
-        worker.pubsub_thread.stop()
-        if not worker.pubsub_thread.is_alive():  # ended on an error of its own: nobody closed it
-            worker.pubsub.close()
+        thread = worker.pubsub_thread
+        thread.stop()
+        thread.join(timeout=1)  # as RQ's own unsubscribe waits
+        if not thread.is_alive():  # ended (on an error of its own, it closed nothing): closing is safe
+            thread.pubsub.close()
         worker.pubsub_thread = None
 
 

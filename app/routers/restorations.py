@@ -179,8 +179,8 @@ async def _read_submission(request: Request, max_bytes: int) -> tuple[bytes, Res
         options = RestorationOptions.model_validate(body.model_dump(exclude={"image"}))
         try:
             text = body.image.encode("ascii")
-        except UnicodeEncodeError as e:
-            raise ApiError(400, "invalid_image", "image: invalid base64 data") from e
+        except UnicodeEncodeError as e:  # a data URL is ASCII (RFC 2397); its parameters too
+            raise ApiError(400, "invalid_image", "image: a data URL holds ASCII characters only") from e
         del body, match
         try:
             data = binascii.a2b_base64(memoryview(text)[start:], strict_mode=True)

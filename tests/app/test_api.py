@@ -167,6 +167,8 @@ def test_json_errors(client: TestClient) -> None:
     assert r.status_code == 400 and error_code(r) == "invalid_image"
     r = client.post("/v1/restorations", json={"image": "data:image/png;base64,@@@"})
     assert r.status_code == 400 and error_code(r) == "invalid_image"
+    r = client.post("/v1/restorations", json={"image": "data:image/png;name=é;base64,QUJD"})
+    assert r.status_code == 400 and "ASCII characters only" in r.json()["error"]["message"]
     r = client.post("/v1/restorations", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
     r = client.post("/v1/restorations", json={"aligned": True})
@@ -1154,7 +1156,9 @@ def test_an_upload_must_fit_a_keys_share_of_stored_bytes() -> None:
     with pytest.raises(
         ValueError, match=r"MAX_STORED_BYTES_PER_KEY \(999\) must be 0 \(no limit\) or at least"
     ):
-        Settings(max_stored_bytes_per_key=999, max_upload_bytes=1000)
+        Settings(max_stored_bytes_per_key=999, max_upload_bytes=1000, api_keys="k")
+    open_api = Settings(max_stored_bytes_per_key=999, max_upload_bytes=1000)  # no per-key share to fit
+    assert open_api.max_stored_bytes_per_key == 999
     assert Settings(max_stored_bytes_per_key=0, max_upload_bytes=1000).max_stored_bytes_per_key == 0
     assert Settings(max_stored_bytes_per_key=1000, max_upload_bytes=1000).max_stored_bytes_per_key == 1000
 

@@ -371,14 +371,17 @@ def test_admissions_count_a_keys_queued_inputs_and_stored_results_against_its_by
     assert (
         store.admit("other", "d", max_active=0, max_bytes=1000, upload_bytes=1000, storing_grace=60) is None
     )
-    # A lost running total is counted again from the set.
+    # A lost running total, or one below zero, is counted again from the set, and expires with it
+    # (in ms: a set with under 1 s left has a TTL of 0).
     total = store.key("stored-bytes", "owner")
     assert store.redis.get(total) == b"300"
-    store.redis.delete(total)
-    assert admit("c", 101)[:2] == ("stored_bytes", 900)
-    assert store.redis.get(total) == b"300"
-    # Expired by Redis' clock (its score moved into the past): no longer counted, and removed.
     stored = store.key("stored", "owner")
+    for lose in (lambda: store.redis.delete(total), lambda: store.redis.set(total, -5)):
+        lose()
+        store.redis.pexpire(stored, 60_000)
+        assert admit("c", 101)[:2] == ("stored_bytes", 900)
+        assert store.redis.get(total) == b"300" and 0 < store.redis.pttl(total) <= 60_000
+    # Expired by Redis' clock (its score moved into the past): no longer counted, and removed.
     store.redis.zadd(stored, {b"a:300": store.redis.time()[0] - 1})
     store.update("b", {"status": "canceled"})
     store.unadmit("owner", "c")  # admitted above, never stored

@@ -385,20 +385,24 @@ def test_resuming_after_an_outage_leaves_the_pubsub_to_its_own_thread(
     worker.register_birth()
     pubsub = worker.connection.pubsub()
     pubsub.subscribe(**{f"{settings.key_prefix}:commands": lambda message: None})
-    # RQ's thread waits 60 s per read; a short wait lets this one end within the test.
-    thread = pubsub.run_in_thread(sleep_time=2.0, daemon=True)
+    # RQ's thread waits 60 s per read; 5 s lets this one outlive the reset's 1 s join and end here.
+    thread = pubsub.run_in_thread(sleep_time=5.0, daemon=True)
     worker.pubsub, worker.pubsub_thread = pubsub, thread
     wait_for(lambda: pubsub.connection is not None and pubsub.subscribed, 5, what="subscribed")
     worker_main._reset_after_outage(worker)
     assert worker.pubsub_thread is None
     assert thread.is_alive() and pubsub.connection is not None  # not closed under its reader
-    thread.join(5)
+    thread.join(8)
     assert not thread.is_alive() and pubsub.connection is None  # closed by its own loop
     assert worker.connection.ping()
     # A thread that has already ended (RQ's handler re-raises what is no ConnectionError) closes
     # nothing any more: the reset does.
     pubsub = worker.connection.pubsub()
     pubsub.subscribe(**{f"{settings.key_prefix}:commands": lambda message: None})
-    worker.pubsub, worker.pubsub_thread = pubsub, PubSubWorkerThread(pubsub, sleep_time=2.0)  # never run
+    ended = PubSubWorkerThread(pubsub, sleep_time=2.0)
+    ended._running.set()  # its run() then returns at once: a thread that ended and closed nothing
+    ended.start()
+    ended.join()
+    worker.pubsub, worker.pubsub_thread = pubsub, ended
     worker_main._reset_after_outage(worker)
     assert pubsub.connection is None
