@@ -421,6 +421,16 @@ def _wait_status_line(pg: Any, text: str) -> None:
     )
 
 
+def _submit_until_sampling(pg: Any, service: str, handle: Callable[[Any], None]) -> None:
+    """Submit a photo on the page, the API answered by ``handle`` (fake job routes), and wait until
+    the status line shows the job at its first diffusion step."""
+    pg.route(lambda url: "/v1/restorations" in url, handle)
+    pg.goto(service + "/")
+    pg.set_input_files("#file", files=[_photo()])
+    pg.click("#submit")
+    _wait_status_line(pg, "Processing: diffusion sampling (step 1 of 50)")
+
+
 def test_picking_a_photo_mid_job_does_not_enable_restore(service: str, page: Any) -> None:
     job = _fake_job("queued", queue_position=2)
     deleted: list[str] = []
@@ -818,11 +828,7 @@ def test_cancel_of_a_running_job_says_so_until_it_ends(service: str, page: Any) 
         route.fulfill(status=200 if method == "GET" else 202, json=job)
 
     page.add_init_script(COUNT_JOB_GETS)
-    page.route(lambda url: "/v1/restorations" in url, handle)
-    page.goto(service + "/")
-    page.set_input_files("#file", files=[_photo()])
-    page.click("#submit")
-    _wait_status_line(page, "Processing: diffusion sampling (step 1 of 50)")
+    _submit_until_sampling(page, service, handle)
     page.click("#cancel")
     _wait_status_line(page, "Cancel requested…")
     assert page.is_disabled("#cancel")  # asked once
@@ -1356,11 +1362,7 @@ def test_a_repeated_error_shows_its_new_wait_and_asks_for_the_key_again(service:
         "document.addEventListener('focusin', (e) => {"
         " if (e.target.id === 'api-key') window.keyFocused = (window.keyFocused || 0) + 1; });"
     )
-    page.route(lambda url: "/v1/restorations" in url, handle)
-    page.goto(service + "/")
-    page.set_input_files("#file", files=[_photo()])
-    page.click("#submit")
-    _wait_status_line(page, "Processing: diffusion sampling (step 1 of 50)")
+    _submit_until_sampling(page, service, handle)
     page.click("#cancel")
     title_is("Too many photos submitted in the last minute. Try again in 30 s.")
     page.click("#cancel")
@@ -1490,11 +1492,7 @@ def test_a_cancel_that_came_too_late_is_not_left_above_the_result(
         else:
             route.fulfill(status=202 if method == "POST" else 200, json=job)
 
-    page.route(lambda url: "/v1/restorations" in url, handle)
-    page.goto(service + "/")
-    page.set_input_files("#file", files=[_photo()])
-    page.click("#submit")
-    _wait_status_line(page, "Processing: diffusion sampling (step 1 of 50)")
+    _submit_until_sampling(page, service, handle)
     page.click("#cancel")
     page.wait_for_selector("#results[data-loaded='true']", state="visible", timeout=10_000)
     if late:
