@@ -55,29 +55,36 @@ def _secured(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
+def _urls(request: Request) -> tuple[str, str]:
+    """The OpenAPI document's URL and the assets' folder, behind the app's root_path (a prefix a
+    proxy strips; joined once, never as `//`, which a browser reads as another host)."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return f"{root}{request.app.openapi_url}", f"{root}{DOCS_ASSETS_URL}"
+
+
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "").rstrip("/")
+    openapi_url, assets = _urls(request)
     return _secured(
         get_swagger_ui_html(
-            openapi_url=f"{root}{request.app.openapi_url}",
+            openapi_url=openapi_url,
             title=f"{_TITLE} - Swagger UI",
-            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon.png",
         )
     )
 
 
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
-    root = request.scope.get("root_path", "").rstrip("/")
+    openapi_url, assets = _urls(request)
     return _secured(
         get_redoc_html(
-            openapi_url=f"{root}{request.app.openapi_url}",
+            openapi_url=openapi_url,
             title=f"{_TITLE} - ReDoc",
-            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            redoc_js_url=f"{assets}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets}/favicon.png",
             with_google_fonts=False,
         )
     )
