@@ -384,9 +384,9 @@ async def _create(request: Request) -> Response:
 
 def _charge(store: JobStore, owner: str, idem: str | None, s: Settings) -> dict[str, Any] | None:
     """Count a submission against its caller's rate limit (429 past it) and refuse it when its key
-    has its limit of active jobs, before its body is read, unless its Idempotency-Key is bound
-    already: then that binding is returned, and the submission is counted once its body is read
-    unless it replays the binding's job (`_replay_or_charge`)."""
+    is at its limits (`_admit`: active jobs, stored bytes), before its body is read, unless its
+    Idempotency-Key is bound already: then that binding is returned, and the submission is counted
+    once its body is read unless it replays the binding's job (`_replay_or_charge`)."""
     binding = store.idempotency_binding(f"{owner}:{idem}") if idem is not None else None
     if binding is None:
         check_rate_limit(store, owner, s.rate_limit_per_minute)
@@ -592,7 +592,7 @@ def _submit(
     body_hash: str | None,
     warnings: list[str],
 ) -> tuple[dict[str, Any], bool]:
-    """Webhook check, idempotency, queue limit, the key's limit of active jobs, then store + enqueue
+    """Webhook check, idempotency, queue limit, the key's limits (`_admit`), then store + enqueue
     (the upload has passed `_check_upload`, which gave its ``warnings``; ``body_hash`` is its
     `_body_hash` when it came with an Idempotency-Key). Returns (record, replayed)."""
     svc = services(request)
