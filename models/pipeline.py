@@ -152,7 +152,10 @@ class PhotoResult:
     faces: list[bytes]  # restored aligned faces, when asked for
     comparison: bytes | None  # input | output side by side, when asked for
     face_reports: list[FaceReport]
-    timings: dict[str, float]
+    timings: dict[str, float]  # wall seconds per stage, as this photo waited for them
+    # `timings` with each stage run for several photos' faces at once (dblm, sample) as this photo's
+    # part of it (the time divided among them): what this photo cost, `timings` when it ran alone.
+    stage_shares: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     seed: int = 0
     crops: list[bytes] = field(default_factory=list)  # aligned input faces, when asked for
@@ -208,6 +211,7 @@ class _Restored(NamedTuple):
     faces: np.ndarray  # (N, 512, 512, 3)
     facts: list[FaceFacts]
     seconds: dict[str, float]  # its time in the shared stages (dblm, sample)
+    shares: dict[str, float]  # its part of that time: each try's divided among the photos in it
 
 
 @dataclass
@@ -413,8 +417,8 @@ class RestorationPipeline:
 
         with_faces = {i: photo for i, photo in photos.items() if len(photo.crops) and i not in outcomes}
         # Passthrough photos keep their (no) faces.
-        restored = {i: _Restored(photo.crops, [], {}) for i, photo in photos.items()}
-        for i, done in self._restore_shared(with_faces, StageTimer(self.device)).items():
+        restored = {i: _Restored(photo.crops, [], {}, {}) for i, photo in photos.items()}
+        for i, done in self._restore_shared(with_faces, StageTimer(self.device), {}).items():
             if isinstance(done, _Restored):
                 restored[i] = done
             else:
@@ -426,22 +430,36 @@ class RestorationPipeline:
         return [outcomes[i] for i in range(len(requests))]
 
     def _restore_shared(
-        self, batch: dict[int, _Photo], timer: StageTimer
+        self, batch: dict[int, _Photo], timer: StageTimer, paid: dict[str, float]
     ) -> dict[int, _Restored | _PhotoError]:
         """The shared stages (DBLM → DSST → sampling) on the faces of `batch`'s photos together: each
         photo's restored faces, or the error that ended them. When the device runs out of memory on
         the faces of several photos, each photo's go again alone (the same seeds: the same faces),
-        so that only a photo too large by itself fails; its time in the failed batch stays counted."""
+        so that only a photo too large by itself fails; its time in the failed batch stays counted,
+        in its timings whole and in its shares divided among that batch's photos. ``paid``: each
+        photo's shares of the tries before this one."""
         if not batch:
             return {}
+        before = dict(timer.seconds)
         together = self._or_own_error(partial(self._restore_together, list(batch.values()), timer))
+        shares = {
+            stage: paid.get(stage, 0.0) + (seconds - before.get(stage, 0.0)) / len(batch)
+            for stage, seconds in timer.seconds.items()
+        }
         if isinstance(together, list):
-            return dict(zip(batch, together, strict=True))
+            return {
+                i: _Restored(faces, facts, timer.seconds, shares)
+                for i, (faces, facts) in zip(batch, together, strict=True)
+            }
         if isinstance(together, DeviceOutOfMemoryError) and len(batch) > 1:  # too many faces at once
-            return {i: self._restore_shared({i: photo}, timer.copy())[i] for i, photo in batch.items()}
+            return {
+                i: self._restore_shared({i: photo}, timer.copy(), shares)[i] for i, photo in batch.items()
+            }
         return dict.fromkeys(batch, together)
 
-    def _restore_together(self, batch: list[_Photo], timer: StageTimer) -> list[_Restored]:
+    def _restore_together(
+        self, batch: list[_Photo], timer: StageTimer
+    ) -> list[tuple[np.ndarray, list[FaceFacts]]]:
         """One `_restore_faces` call on the faces of all of `batch`, photo j's face k drawing from
         seed_j + k; it reports to each photo and stops once every one of them asks."""
 
@@ -464,8 +482,7 @@ class RestorationPipeline:
         )
         ends = np.cumsum([len(p.crops) for p in batch])
         return [
-            _Restored(faces[first:end], facts[first:end], timer.seconds)
-            for first, end in zip([0, *ends[:-1]], ends, strict=True)
+            (faces[first:end], facts[first:end]) for first, end in zip([0, *ends[:-1]], ends, strict=True)
         ]
 
     def _or_own_error(self, stage: Callable[[], _T]) -> _T | _PhotoError:
@@ -525,7 +542,12 @@ class RestorationPipeline:
         )
 
     def _finish_photo(
-        self, photo: _Photo, restored: np.ndarray, facts: list[FaceFacts], shared: dict[str, float]
+        self,
+        photo: _Photo,
+        restored: np.ndarray,
+        facts: list[FaceFacts],
+        shared: dict[str, float],
+        shares: dict[str, float],
     ) -> PhotoResult:
         """Paste one photo's restored faces back and encode what it asked for."""
         options, decoded, crops, affines = photo.options, photo.decoded, photo.crops, photo.affines
@@ -598,6 +620,7 @@ class RestorationPipeline:
             comparison,
             reports,
             timer.seconds,
+            {**timer.seconds, **shares},
             warnings,
             seed,
             crops=crop_files,

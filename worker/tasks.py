@@ -178,8 +178,7 @@ def _run(rt: Runtime, jobs: list[_Job]) -> None:
         if rt.device.startswith("cuda"):
             metrics.GPU_PEAK.labels(rt.device).set(torch.cuda.max_memory_allocated(rt.device))
     seconds = time.perf_counter() - t0
-    sharing = [o for o in outcomes if isinstance(o, PhotoResult) and _SHARED_STAGES & o.timings.keys()]
-    batch = _BatchRun(seconds=seconds, jobs=len(running), photos_sharing=len(sharing))
+    batch = _BatchRun(seconds=seconds, jobs=len(running))
     unended: Exception | None = None
     for job, outcome in zip(running, outcomes, strict=True):
         try:
@@ -256,22 +255,12 @@ def batch_key(record: dict[str, Any] | None) -> tuple[Any, ...] | None:
     return sampler_key(_options(record))
 
 
-#: Stages `restore_photos` runs once for the faces of all the photos of a batch (each photo's
-#: timings hold their whole time); the other stages run per photo.
-_SHARED_STAGES = frozenset({"dblm", "sample"})
-
-
 @dataclass(frozen=True)
 class _BatchRun:
     """The pipeline call a batch's jobs shared."""
 
     seconds: float  # `restore_photos` wall time
     jobs: int
-    photos_sharing: int  # the photos with results that went through the shared stages (had faces)
-
-    def share(self, stage: str, seconds: float) -> float:
-        """A photo's part of a stage it went through: a shared one's time is divided among them."""
-        return seconds / self.photos_sharing if stage in _SHARED_STAGES else seconds
 
 
 def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> None:
@@ -333,8 +322,8 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> N
 def _observe_success(result: PhotoResult, batch: _BatchRun) -> None:
     """A succeeded photo's metrics. Its record has the times the job saw (its whole batch's); the
     metrics its share of them, so their sums add up to the worker's time (docs/scaling.md)."""
-    for stage, seconds in result.timings.items():
-        metrics.STAGE.labels(stage).observe(batch.share(stage, seconds))
+    for stage, seconds in result.stage_shares.items():
+        metrics.STAGE.labels(stage).observe(seconds)
     metrics.FACES.observe(len(result.face_reports))
     for f in result.face_reports:
         metrics.NFE.observe(f.facts.nfe)

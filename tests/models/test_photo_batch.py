@@ -83,6 +83,14 @@ def test_photos_restored_together_are_what_each_gives_alone(fast: RestorationPip
         assert list(dict.fromkeys(seen[j])) == ["decode", "detect", "dblm", "sample", "paste", "encode"]
         alone = fast.restore_photo(request.data, request.options)
         _assert_same_photo(alone, together[j])  # type: ignore[arg-type]
+        assert alone.stage_shares == alone.timings
+        # What this photo cost: its part of the stages run for the three photos' faces at once.
+        result = together[j]
+        assert isinstance(result, PhotoResult)
+        assert result.stage_shares == {
+            stage: seconds / 3 if stage in ("dblm", "sample") else seconds
+            for stage, seconds in result.timings.items()
+        }
 
 
 def test_a_failing_photo_ends_alone(fast: RestorationPipeline) -> None:
@@ -237,6 +245,11 @@ def test_out_of_memory_on_the_shared_faces_retries_each_photo_alone(
         _assert_same_photo(alone[j], outcome)
         assert outcome.image == alone[j].image  # the very same computation as alone, bit for bit
         assert seen[j].count("dblm") == 2 and seen[j][-2:] == ["paste", "encode"]
+    # Each photo's shares hold half the failed try (its timings all of it) and all of its own retry:
+    # the difference is half the failed try, the same for both photos.
+    for stage in ("dblm", "sample"):
+        halves = [r.timings[stage] - r.stage_shares[stage] for r in together]  # type: ignore[union-attr]
+        assert halves[0] > 0 and halves[1] == pytest.approx(halves[0], rel=1e-9, abs=1e-12)
 
 
 def test_a_photo_out_of_memory_alone_too_fails_alone(

@@ -347,8 +347,9 @@ def test_rq_ends_the_job_even_when_recording_its_failure_fails(
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
 
 
-def restored_photo() -> PhotoResult:
-    """What the pipeline returns for a photo with one face, with stage times as it reports them."""
+def restored_photo(sharing: int = 1) -> PhotoResult:
+    """What the pipeline returns for a photo with one face, with stage times as it reports them: its
+    faces sampled with those of ``sharing`` photos."""
     facts = FaceFacts(blur_sigma=0.0, start_step=40, eta=0.5, nfe=40, dblm="none", dgsa="none")
     return PhotoResult(
         image=b"restored",
@@ -357,6 +358,7 @@ def restored_photo() -> PhotoResult:
         comparison=None,
         face_reports=[FaceReport((0.0, 0.0, 512.0, 512.0), 0.99, facts)],
         timings={"decode": 0.01, "sample": 0.6},
+        stage_shares={"decode": 0.01, "sample": 0.6 / sharing},
     )
 
 
@@ -367,7 +369,7 @@ class RestoresEveryPhoto:
         self.info: dict[str, Any] = {}
 
     def restore_photos(self, requests: list[Any]) -> list[PhotoResult]:
-        return [restored_photo() for _ in requests]
+        return [restored_photo(sharing=len(requests)) for _ in requests]
 
 
 def batch_of_three(
@@ -434,8 +436,9 @@ def test_a_batchs_metrics_count_each_job_once_its_share_of_the_batch(
 ) -> None:
     """docs/scaling.md reads sum/count of dynface_inference_seconds as GPU seconds per job: a batch
     of 3 that took T counts T in all (T / 3 per job), not 3 T. The shared `sample` stage likewise
-    counts 0.6 s once, a third per photo; `decode` is per photo and counts in full for each. Each
-    job's record still has the whole time it waited."""
+    counts 0.6 s once: each photo's part as the pipeline reports it (`stage_shares`, a third), not the
+    whole 0.6 s of its timings; `decode` is per photo and counts in full for each. Each job's record
+    still has the whole time it waited."""
     store, queue, worker, ids = batch_of_three(make_settings, monkeypatch)
     stage = "dynface_stage_seconds_sum"
     before = {
