@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: serve test lint system-tools
+# A recipe that fails half-way (`python -m venv` without ensurepip leaves .venv/bin/python behind)
+# must not leave a target that the next run takes for done.
+.DELETE_ON_ERROR:
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \

@@ -80,6 +80,9 @@ def test_keda_scales_workers_on_the_rq_queue_list() -> None:
     assert rq_key == f"rq:queue:{queue_name}"
     assert trigger["metadata"]["listName"] == rq_key
     assert int(trigger["metadata"]["listLength"]) >= 1
+    # KEDA's scaler is active while the length is above this: one waiting job must wake a pool
+    # scaled to 0 (minReplicaCount: 0, an option docs/scaling.md offers).
+    assert int(trigger["metadata"].get("activationListLength", "0")) == 0
     assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
     auth = one("keda.yaml", "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]

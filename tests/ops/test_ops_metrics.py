@@ -407,6 +407,18 @@ def test_promtool_checks_rules_and_config() -> None:
         assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_every_alert_has_a_case_that_fires_and_one_that_does_not() -> None:
+    """alerts.test.yml's promise: a rule whose expression always (or never) fired would pass a file
+    with only one kind of case for it. Checked without promtool: it is the file's shape."""
+    rules = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    tests = yaml.safe_load((ALERTS.parent / "alerts.test.yml").read_text())["tests"]
+    cases = [case for test in tests for case in test.get("alert_rule_test", [])]
+    firing = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    silent = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    assert rules - firing == set(), "alerts without a case that fires"
+    assert rules - silent == set(), "alerts without a case that stays silent"
+
+
 def test_promtool_alert_unit_tests() -> None:
     """docker/prometheus/alerts.test.yml feeds synthetic series and states which alerts fire."""
     promtool = _promtool()
