@@ -44,10 +44,14 @@ _REDIS_REFUSALS = (
     redis.exceptions.ExecAbortError,
 )
 #: The same refusals by their reply's code, where redis-py has no class for them: MISCONF (its last
-#: snapshot failed, so it refuses writes), and any reply a script got from a command it called (Redis
+#: snapshot failed, so it refuses writes), NOREPLICAS (a primary with `min-replicas-to-write` that
+#: has too few replicas connected: docs/scaling.md advises it), and any reply a script got from a
+#: command it called (Redis
 #: before 7.2 wraps it: `Error running script …: -READONLY …`). In a transaction redis-py puts the
 #: command that got the reply before it.
-_REFUSAL_REPLY = re.compile(r"(?:^|of pipeline caused error: |: -)(OOM|READONLY|MASTERDOWN|MISCONF|LOADING) ")
+_REFUSAL_REPLY = re.compile(
+    r"(?:^|of pipeline caused error: |: -)(OOM|READONLY|MASTERDOWN|MISCONF|NOREPLICAS|LOADING) "
+)
 
 
 def redis_unavailable(exc: BaseException) -> bool:

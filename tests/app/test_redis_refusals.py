@@ -1,6 +1,7 @@
-"""A Redis that answers but refuses writes (out of memory, a read-only replica, a failed snapshot) is
-the job store being unavailable, as when it cannot be reached: 503 `redis_unavailable`, not a bug.
-Each case runs against its own private `redis-server`, put into that state for real."""
+"""A Redis that answers but refuses writes (out of memory, a read-only replica, a failed snapshot, too
+few replicas for `min-replicas-to-write`) is the job store being unavailable, as when it cannot be
+reached: 503 `redis_unavailable`, not a bug. Each case runs against its own private `redis-server`,
+put into that state for real."""
 
 from __future__ import annotations
 
@@ -87,8 +88,14 @@ def _snapshot_failed(r: redis.Redis, data: Path) -> Callable[[], None]:
     return lambda: r.config_set("stop-writes-on-bgsave-error", "no")
 
 
+def _no_replicas(r: redis.Redis, data: Path) -> Callable[[], None]:
+    # A primary told to write only with a replica connected (docs/scaling.md), which has none.
+    r.config_set("min-replicas-to-write", 1)
+    return lambda: r.config_set("min-replicas-to-write", 0)
+
+
 @pytest.mark.parametrize("keyed", [False, True], ids=["open", "keyed"])
-@pytest.mark.parametrize("refuse", [_out_of_memory, _read_only, _snapshot_failed])
+@pytest.mark.parametrize("refuse", [_out_of_memory, _read_only, _snapshot_failed, _no_replicas])
 def test_a_redis_refusing_writes_is_503_redis_unavailable_and_frees_the_idempotency_key(
     private_redis: tuple[redis.Redis, Path],
     refuse: Callable[[redis.Redis, Path], Callable[[], None]],
