@@ -362,7 +362,12 @@ async def _create(request: Request) -> Response:
     owner = authenticate(request, s)
     idem = request.headers.get("idempotency-key")
     binding = await anyio.to_thread.run_sync(_charge, svc.store, owner, idem, s)
-    data, options = await _read_submission(request, s.max_upload_bytes)
+    try:
+        data, options = await _read_submission(request, s.max_upload_bytes)
+    except ApiError:
+        if binding is not None:  # not counted yet (`_charge`), and a bad body replays no job
+            await anyio.to_thread.run_sync(check_rate_limit, svc.store, owner, s.rate_limit_per_minute)
+        raise
     # RFC 7240 §4.3: `wait` bounds the time the request takes once it has been received, so checking
     # and storing the upload count in it.
     received = time.monotonic()

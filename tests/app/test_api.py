@@ -381,6 +381,21 @@ def test_a_bound_key_with_other_bodies_is_rate_limited_before_any_decode(make_se
 
 
 @pytest.mark.usefixtures("rate_window")
+def test_a_bound_key_with_a_body_that_does_not_read_is_rate_limited(make_settings) -> None:
+    """A bound key's submission is counted once its body is read (`_replay_or_charge`), so one whose
+    body could not be read (malformed JSON, a missing image, too large) went uncounted: any number of
+    them, each read and parsed in full, under one key."""
+    with TestClient(create_app(make_settings(rate_limit_per_minute=3))) as c:
+        h = {"Idempotency-Key": "order-malformed"}
+        assert submit(c, headers=h).status_code == 202
+        bad = {**h, "Content-Type": "application/json"}
+        answers = [c.post("/v1/restorations", content=b'{"image": ', headers=bad) for _ in range(4)]
+        assert [(r.status_code, error_code(r)) for r in answers] == [(400, "invalid_request")] * 2 + [
+            (429, "rate_limited")
+        ] * 2
+
+
+@pytest.mark.usefixtures("rate_window")
 def test_a_bound_key_whose_job_was_never_stored_is_counted_before_any_decode(
     make_settings, monkeypatch
 ) -> None:
