@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 import redis
 import rq.utils
@@ -52,6 +53,14 @@ PNG = aligned_png()
 def small_png(size: tuple[int, int] = (64, 64)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (120, 80, 60)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    """A square PNG of random pixels: it does not compress, so its bytes are about 3 × side²."""
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -205,6 +214,24 @@ def test_too_large_counts_streamed_bytes_not_content_length(make_settings) -> No
         url = "data:image/png;base64," + base64.b64encode(PNG + b"\0" * 120_000).decode()
         r = c.post("/v1/restorations", json={"image": url})
         assert r.status_code == 413 and error_code(r) == "too_large"
+
+
+# Sides whose noise PNG's escapes outgrow the 64 KiB framing room: `+` is 1/64 of base64's
+# characters and grows 6×, `/` as often and 2×.
+@pytest.mark.parametrize(("escaped", "side"), [("+", 480), ("/", 1300)])
+def test_a_json_upload_at_the_limit_with_escaped_base64_is_accepted(
+    make_settings, escaped: str, side: int
+) -> None:
+    """JSON encoders escape some of base64's characters (.NET writes `+` as `\\u002B`, PHP `/` as
+    `\\/`): a body's base64 text is then longer than 4/3 of its image, and an image within the limit
+    was cut off as 413 too_large."""
+    image = noise_png(side)
+    with TestClient(create_app(make_settings(max_upload_bytes=len(image)))) as c:
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        text = json.dumps({"image": url}).replace(escaped, "\\u002B" if escaped == "+" else "\\/")
+        assert len(text) > len(image) * 4 / 3 + 64 * 1024
+        r = c.post("/v1/restorations", content=text, headers={"content-type": "application/json"})
+        assert r.status_code == 202, r.text
 
 
 def test_a_json_upload_holds_few_copies_of_its_base64_text() -> None:

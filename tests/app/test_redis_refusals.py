@@ -5,25 +5,22 @@ put into that state for real."""
 
 from __future__ import annotations
 
-import io
 import logging
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
 from app.errors import redis_unavailable
 from app.main import create_app
 from app.settings import Settings
-from tests.app.test_api import error_code, metric, requests_counted, submit
+from tests.app.test_api import error_code, metric, noise_png, requests_counted, submit
 from tests.conftest import base_settings, free_ports, retry_on_port_taken, wait_for
 from tests.reliability.rel_support import start_redis_server
 
@@ -31,17 +28,9 @@ from tests.reliability.rel_support import start_redis_server
 MAXMEMORY = "3mb"
 
 
-def _noise_png(side: int) -> bytes:
-    """A square PNG of random pixels: it does not compress, so its bytes are about 3 × side²."""
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
-
-
 #: An upload that does not fit under MAXMEMORY beside the server's own use: storing it is refused,
 #: though the small writes before (the Idempotency-Key's claim) are not.
-BIG_UPLOAD = _noise_png(1000)
+BIG_UPLOAD = noise_png(1000)
 
 
 @pytest.fixture
