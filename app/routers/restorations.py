@@ -86,13 +86,14 @@ _PARAMETERS = [
         "name": "Idempotency-Key",
         "in": "header",
         "required": False,
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
         "description": "The same key and body within the idempotency window (DYNFACE_RECORD_TTL_SECONDS "
         "from the first submission) return the same job (header "
         "`Idempotent-Replayed: true`); the same key with another body is a 409 `idempotency_conflict`; a "
         "retry while the first request is still storing its job is a 409 `idempotency_in_progress` "
         "(`Retry-After`). A replay (the key's own body, its job stored) does not count against the rate "
-        "limit, and its image is not checked again; any other request with a bound key counts.",
+        "limit, and its image is not checked again; any other request with a bound key counts. 1 to 255 "
+        "characters, not blank (else 400 `invalid_request`).",
     },
 ]
 
@@ -364,7 +365,7 @@ async def _create(request: Request) -> Response:
     svc = services(request)
     s = svc.settings
     owner = authenticate(request, s)
-    idem = request.headers.get("idempotency-key")
+    idem = _idempotency_key(request)
     binding = await anyio.to_thread.run_sync(_charge, svc.store, owner, idem, s)
     try:
         data, options = await _read_submission(request, s.max_upload_bytes)
@@ -389,6 +390,23 @@ async def _create(request: Request) -> Response:
     assert view is not None  # set by one of the two branches above
     status = 200 if record["status"] in TERMINAL else 202
     return _respond(view, status, **extra)
+
+
+#: Longest Idempotency-Key accepted: a UUID or a hash fits many times; the key is part of a Redis key.
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key, or 400: an empty one would bind every such request of its
+    owner to one job (a replay of another request's job), and a long one bloats Redis' keys."""
+    idem = request.headers.get("idempotency-key")
+    if idem is not None and not (idem.strip() and len(idem) <= MAX_IDEMPOTENCY_KEY_LENGTH):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters, not blank.",
+        )
+    return idem
 
 
 def _charge(store: JobStore, owner: str, idem: str | None, s: Settings) -> dict[str, Any] | None:

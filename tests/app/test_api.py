@@ -407,6 +407,20 @@ def test_a_bound_key_with_other_bodies_is_rate_limited_before_any_decode(make_se
         assert len(checks) == 1  # the first submission's only
 
 
+def test_a_blank_or_overlong_idempotency_key_is_refused(client: TestClient) -> None:
+    """An empty key was a key like any other: every request sent with one shared its binding, so the
+    second got another request's job (or a 409). Refused before anything is claimed or stored."""
+    limit = restorations.MAX_IDEMPOTENCY_KEY_LENGTH
+    for idem in ("", "  ", "k" * (limit + 1)):
+        r = submit(client, headers={"Idempotency-Key": idem})
+        assert r.status_code == 400 and error_code(r) == "invalid_request", r.text
+        assert "Idempotency-Key" in r.json()["error"]["message"]
+    assert client.app.state.services.queue.count == 0
+    first = submit(client, headers={"Idempotency-Key": "k" * limit})
+    again = submit(client, headers={"Idempotency-Key": "k" * limit})
+    assert first.status_code == again.status_code == 202 and again.json()["id"] == first.json()["id"]
+
+
 @pytest.mark.usefixtures("rate_window")
 def test_a_bound_key_with_a_body_that_does_not_read_is_rate_limited(make_settings) -> None:
     """A bound key's submission is counted once its body is read (`_replay_or_charge`), so one whose
