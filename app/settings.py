@@ -85,7 +85,9 @@ class Settings(BaseSettings):
     result_ttl_seconds: int = Field(default=3600, ge=1)
     record_ttl_seconds: int = Field(default=24 * 3600, ge=1)
     max_retries: int = Field(default=2, ge=0)
-    max_wait_seconds: int = Field(default=60, ge=0, le=60)
+    # Under the 60 s that reverse proxies and load balancers commonly give an upstream answer (nginx's
+    # proxy_read_timeout, AWS ALB's idle timeout): a wait that runs out answers the job, not their 504.
+    max_wait_seconds: int = Field(default=50, ge=0, le=60)
 
     # --- worker liveness
     heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
