@@ -140,29 +140,52 @@ return 0
 """
 )
 
-# Idempotency keys, each change one atomic step. Claim — KEYS: idem key; ARGV: binding, ttl; binds the
-# key unless it is bound already, and returns the binding that stands then, or nil once bound (one
-# step: a release between a SET NX and a GET made a claim that held nothing). Rebind — KEYS: idem key;
-# ARGV: job id it must still be bound to, new binding, ttl; returns the binding that stands instead, or
-# nil once rebound (also when the key had gone). Release — KEYS: idem key, the job's record; ARGV: job
-# id; deletes the key only while it is bound to that job (a retry may have taken it over meanwhile)
-# and that job does not exist (a transaction whose reply was lost may have stored it).
-_CLAIM_IDEMPOTENCY = """
+# Idempotency keys, each change one atomic step. A binding's `claimed_at` is Redis' clock, and a
+# binding that stands is returned with its `age` by that clock: API hosts' clocks may disagree, and a
+# host ahead would take over a key whose first request is still storing its job. Claim — KEYS: idem
+# key; ARGV: binding, ttl; binds the key unless it is bound already, and returns the binding that
+# stands then, or nil once bound (one step: a release between a SET NX and a GET made a claim that
+# held nothing). Rebind — KEYS: idem key; ARGV: job id it must still be bound to, new binding, ttl;
+# returns the binding that stands instead, or nil once rebound (also when the key had gone). Release
+# — KEYS: idem key, the job's record; ARGV: job id; deletes the key only while it is bound to that job
+# (a retry may have taken it over meanwhile) and that job does not exist (a transaction whose reply
+# was lost may have stored it).
+_IDEMPOTENCY_BINDING = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local function standing(raw)
+  local binding = cjson.decode(raw)
+  binding['age'] = now - (tonumber(binding['claimed_at']) or 0)
+  return cjson.encode(binding)
+end
+local function bind(binding, ttl)
+  local claimed = cjson.decode(binding)
+  claimed['claimed_at'] = now
+  redis.call('SET', KEYS[1], cjson.encode(claimed), 'EX', tonumber(ttl))
+end
+"""
+_CLAIM_IDEMPOTENCY = (
+    _IDEMPOTENCY_BINDING
+    + """
 local raw = redis.call('GET', KEYS[1])
 if raw then
-  return raw
+  return standing(raw)
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+bind(ARGV[1], ARGV[2])
 return false
 """
-_REBIND_IDEMPOTENCY = """
+)
+_REBIND_IDEMPOTENCY = (
+    _IDEMPOTENCY_BINDING
+    + """
 local raw = redis.call('GET', KEYS[1])
 if raw and cjson.decode(raw)['job_id'] ~= ARGV[1] then
-  return raw
+  return standing(raw)
 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+bind(ARGV[2], ARGV[3])
 return false
 """
+)
 _RELEASE_IDEMPOTENCY = """
 local raw = redis.call('GET', KEYS[1])
 if raw and cjson.decode(raw)['job_id'] == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then
@@ -406,8 +429,9 @@ def merge_warnings(warnings: list[str], extra: list[str]) -> list[str]:
 
 
 def _binding(job_id: str, body_sha256: str) -> str:
-    """An Idempotency-Key's value: its job, the request it was made for, and when it was claimed."""
-    return json.dumps({"job_id": job_id, "body_sha256": body_sha256, "claimed_at": time.time()})
+    """An Idempotency-Key's value: its job and the request it was made for (the script binding it adds
+    when, by Redis' clock)."""
+    return json.dumps({"job_id": job_id, "body_sha256": body_sha256})
 
 
 class JobStore:
@@ -600,7 +624,8 @@ class JobStore:
     # --- idempotency
     def claim_idempotency(self, key: str, job_id: str, body_sha256: str) -> dict[str, Any] | None:
         """Bind an Idempotency-Key to a job unless it is bound already; returns the earlier binding if
-        there is one (`job_id`, `body_sha256`, `claimed_at`). One atomic step (`_CLAIM_IDEMPOTENCY`)."""
+        there is one (`job_id`, `body_sha256`, `claimed_at`, and its `age` in seconds, both by Redis'
+        clock). One atomic step (`_CLAIM_IDEMPOTENCY`)."""
         args = [_binding(job_id, body_sha256), self.settings.record_ttl_seconds]
         raw = self._claim_idem(keys=[self._idem_key(key)], args=args)
         return json.loads(raw) if raw else None
@@ -616,7 +641,7 @@ class JobStore:
     ) -> dict[str, Any] | None:
         """Take over a key still bound to ``dead_job_id``, a job that was never created (its submission
         failed after the claim), or no longer bound at all; returns the binding that stands instead
-        when another request rebound it first."""
+        (with its `age`, as `claim_idempotency`'s) when another request rebound it first."""
         args = [dead_job_id, _binding(job_id, body_sha256), self.settings.record_ttl_seconds]
         raw = self._rebind_idem(keys=[self._idem_key(key)], args=args)
         return json.loads(raw) if raw else None

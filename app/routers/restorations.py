@@ -638,7 +638,7 @@ def _submit(
             record = _replayed(store, earlier, body_hash)
             if record is not None:
                 return record, True
-            if time.time() - earlier.get("claimed_at", 0.0) < IDEMPOTENCY_TAKEOVER_SECONDS:
+            if earlier["age"] < IDEMPOTENCY_TAKEOVER_SECONDS:
                 # The request that claimed the key may still be creating its job: taking the key
                 # over now could make a second one.
                 raise ApiError(

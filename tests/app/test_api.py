@@ -436,6 +436,23 @@ def test_a_bound_key_with_a_body_that_does_not_read_is_rate_limited(make_setting
         ] * 2
 
 
+def test_a_key_being_stored_is_judged_by_redis_clock_not_the_api_hosts(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A claimed a key a moment ago and is still storing its job; a retry reaches replica B,
+    whose clock runs two minutes ahead. The claim's age was B's clock minus A's, past the 60 s
+    takeover: B made a second job for the key. Both are Redis' clock now: B answers 409."""
+    options = RestorationOptions.model_validate({"aligned": "true"})  # what `submit` sends
+    store = client.app.state.services.store
+    body_hash = restorations._body_hash(PNG, options)
+    assert store.claim_idempotency("anonymous:order-slow", "being-stored", body_hash) is None
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 120)
+    r = submit(client, headers={"Idempotency-Key": "order-slow"})
+    assert r.status_code == 409 and error_code(r) == "idempotency_in_progress", r.text
+    assert client.app.state.services.queue.count == 0
+
+
 @pytest.mark.usefixtures("rate_window")
 def test_a_bound_key_whose_job_was_never_stored_is_counted_before_any_decode(
     make_settings, monkeypatch
