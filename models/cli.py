@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import os
+import random
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -35,14 +36,20 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     faces.add_argument("inputs", nargs="+", type=Path, help="aligned face images or folders of them")
     faces.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     _add_pipeline_args(faces)
-    _add_method_args(faces)
+    _add_method_args(
+        faces, "input i (in listing order) draws its noise from seed + i (default: drawn, and printed)"
+    )
     faces.set_defaults(func=_restore_faces)
 
     photos = subparsers.add_parser("restore", help="restore every face in whole photos")
     photos.add_argument("inputs", nargs="+", type=Path, help="photos or folders of photos")
     photos.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     _add_pipeline_args(photos)
-    _add_method_args(photos)
+    _add_method_args(
+        photos,
+        "every photo's seed, as the API's `seed` option: its face k draws from seed + k, so a photo gets "
+        "what it gets alone (default: drawn per photo, written to its .json report)",
+    )
     photos.add_argument("--aligned", action="store_true", help="inputs are aligned 512×512 faces")
     photos.add_argument("--upscale", type=int, default=1, choices=range(1, 5), help="upscale factor 1–4")
     photos.add_argument("--only-center-face", action="store_true")
@@ -184,10 +191,10 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _add_method_args(p: argparse.ArgumentParser) -> None:
+def _add_method_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     p.add_argument("--mode", default="dynfacerestore", choices=["dynfacerestore", "difface"])
     p.add_argument("--fidelity", type=_fidelity, default=None, help='"auto" (default) or DDIM eta in [0, 1]')
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
 
 
 def _fidelity(value: str) -> float | None:
@@ -298,27 +305,44 @@ def _restore_faces(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     args.output.mkdir(parents=True, exist_ok=True)
+    # The i-th input (in listing order) draws from seed + i, as face i of one `restore_faces` call: its
+    # result depends neither on --max-batch nor on which other inputs failed to read.
+    seed = random.randrange(2**31 - 1) if args.seed is None else args.seed
+    print(f"seed {seed} (input i draws from seed + i)", file=sys.stderr)
     failed = 0
     with tqdm(total=len(files), unit="face") as bar:
         for start in range(0, len(files), pipe.max_batch):
-            batch, stems = [], []
-            for path, stem in files[start : start + pipe.max_batch]:
+            read: list[tuple[int, np.ndarray, Path]] = []
+            for i, (path, stem) in enumerate(files[start : start + pipe.max_batch], start):
                 try:
-                    batch.append(_read_aligned(path, pipe.max_pixels))
-                    stems.append(stem)
+                    read.append((i, _read_aligned(path, pipe.max_pixels), stem))
                 except (OSError, PipelineError) as e:
                     failed += 1
                     tqdm.write(f"skipped {path}: {e}")
-            if batch:
+            for run in _consecutive_runs(read):
                 result = pipe.restore_faces(
-                    np.stack(batch), mode=args.mode, fidelity=args.fidelity, seed=args.seed
+                    np.stack([face for _, face, _ in run]),
+                    mode=args.mode,
+                    fidelity=args.fidelity,
+                    seed=seed + run[0][0],
                 )
-                for stem, face in zip(stems, result.faces, strict=True):
+                for (_, _, stem), face in zip(run, result.faces, strict=True):
                     data, _ = images.encode_image(face, format="png")
                     _write(args.output / f"{stem}.png", data)
             bar.update(len(files[start : start + pipe.max_batch]))
     print(f"restored {len(files) - failed} face(s) into {args.output}; skipped {failed}")
     return 1 if failed else 0
+
+
+def _consecutive_runs(items: list[tuple[int, np.ndarray, Path]]) -> list[list[tuple[int, np.ndarray, Path]]]:
+    """``items`` (index first, indices increasing) split where an index is skipped."""
+    runs: list[list[tuple[int, np.ndarray, Path]]] = []
+    for item in items:
+        if runs and runs[-1][-1][0] + 1 == item[0]:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def _read_aligned(path: Path, max_pixels: int) -> np.ndarray:

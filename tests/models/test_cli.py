@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,6 +16,7 @@ from models import cli as cli_mod
 from models import pipeline as pipeline_mod
 from models.cli import register_commands
 from models.dsst import default_table
+from tests.conftest import assert_same_up_to_rounding
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 PHOTOS = SHARED / "testdata" / "photos"
@@ -51,6 +53,39 @@ def test_restore_faces_writes_one_png_per_face_and_skips_bad_files(
     captured = capsys.readouterr()
     assert "skipped" in captured.out + captured.err and "broken.png" in captured.out + captured.err
     assert "3/3" in captured.err  # the progress bar counted every input, skipped ones included
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_restore_faces_seeds_each_input_by_its_place_not_its_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each batch's faces drew from seed + 0, 1, …: with --seed 0 and --max-batch 8, faces 0, 8,
+    16, … had the same noise, and a face's result depended on --max-batch. Input i now draws from
+    seed + i, whatever the batch size and whichever inputs could not be read."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    face = SHARED / "testdata" / "aligned" / "0143.png"
+    for name in ("a.png", "c.png", "d.png"):
+        shutil.copy(face, inputs / name)
+    (inputs / "b.png").write_bytes(b"not an image")  # input 1: c and d stay inputs 2 and 3
+    common = ("--profile", "tiny", "--fidelity", "0.5")
+    assert run("restore-faces", str(inputs), "-o", str(tmp_path / "batched"), *common, "--seed", "7") == 1
+    assert "seed 7 (input i draws from seed + i)" in capsys.readouterr().err
+    one_by_one = ("--max-batch", "1", "--seed", "7")
+    assert run("restore-faces", str(inputs), "-o", str(tmp_path / "single"), *common, *one_by_one) == 1
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(face, alone / "d.png")
+    assert run("restore-faces", str(alone), "-o", str(tmp_path / "d-alone"), *common, "--seed", "10") == 0
+    batched = {n: _pixels(tmp_path / "batched" / n) for n in ("a.png", "c.png", "d.png")}
+    for name, pixels in batched.items():
+        assert_same_up_to_rounding(pixels, _pixels(tmp_path / "single" / name))
+    assert_same_up_to_rounding(batched["d.png"], _pixels(tmp_path / "d-alone" / "d.png"))
+    # The same face from other seeds: other noise, other pixels.
+    assert np.abs(batched["a.png"].astype(int) - batched["c.png"].astype(int)).mean() > 1
 
 
 def test_restore_photo_with_faces_crops_comparison_and_report(tmp_path: Path) -> None:
