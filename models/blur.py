@@ -118,6 +118,19 @@ class RadialSpectrum:
     freqs: Tensor  # (K,) increasing
     power: Tensor  # (K,)
 
+    def __post_init__(self) -> None:
+        # Checked where a spectrum is made or loaded (a DSST table file): `at` would index past the
+        # end of a shorter `power`, or interpolate nonsense, for every face.
+        f, p = self.freqs, self.power
+        if f.ndim != 1 or p.shape != f.shape or f.numel() < 2:
+            raise ValueError(
+                f"a power spectrum needs ≥ 2 frequencies and one power each, got {f.shape} / {p.shape}"
+            )
+        if not (torch.isfinite(f).all() and torch.isfinite(p).all()) or (p < 0).any():
+            raise ValueError("a power spectrum's frequencies and powers must be finite, its powers ≥ 0")
+        if (f[1:] <= f[:-1]).any():
+            raise ValueError("a power spectrum's frequencies must be strictly increasing")
+
     def at(self, r: Tensor) -> Tensor:
         """Linear interpolation at radial frequencies r (any shape); held constant beyond the ends."""
         f = self.freqs.to(r.device, r.dtype)

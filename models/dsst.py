@@ -60,8 +60,7 @@ class DSSTable:
     def __post_init__(self) -> None:
         if len(self.sigmas) != len(self.start_indices) or not self.sigmas:
             raise ValueError("sigmas and start_indices must be non-empty and of equal length")
-        if any(b <= a for a, b in zip(self.sigmas, self.sigmas[1:], strict=False)):
-            raise ValueError(f"sigmas must be strictly increasing: {self.sigmas}")
+        check_sigmas(self.sigmas)
         if any(b < a for a, b in zip(self.start_indices, self.start_indices[1:], strict=False)):
             raise ValueError(f"a heavier blur may not start earlier: {self.start_indices}")
         # Checked here, at load, not per request: an index past the schedule fails inside q_sample (an

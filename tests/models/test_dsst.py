@@ -230,6 +230,33 @@ def test_table_refuses_start_indices_outside_its_schedule(changes: dict[str, obj
     assert _small_table(schedule_spec="ddim100", start_indices=(1, 53, 99)).schedule_spec == "ddim100"
 
 
+def _table_text(**changes: object) -> str:
+    text = json.loads(_small_table().to_json())
+    spectrum = text["face_power_spectrum"]
+    for name, value in changes.items():
+        (spectrum if name in ("freqs", "power") else text)[name] = value
+    return json.dumps(text)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sigmas": [float("nan"), 2.0, 4.0]}, "blur levels must be positive numbers"),
+        ({"sigmas": [0.0, 2.0, 4.0]}, "blur levels must be positive numbers"),
+        ({"power": [1.0, 2.0]}, "one power each"),  # cut short: `at` indexed past its end per face
+        ({"freqs": [0.5, 0.25, 0.0], "power": [1.0, 2.0, 3.0]}, "strictly increasing"),
+        ({"freqs": [0.0, 0.5], "power": [1.0, float("inf")]}, "finite"),
+        ({"freqs": [0.0, 0.5], "power": [1.0, -2.0]}, "≥ 0"),
+    ],
+)
+def test_a_damaged_table_file_is_refused_when_loaded(changes: dict[str, object], message: str) -> None:
+    """A table whose blur levels are NaN or whose face spectrum is cut short, reversed or not finite
+    loaded, then failed every face (an IndexError ending the whole batch as `internal`) or gave every
+    face the heaviest start: refused at load, where a named table file is checked."""
+    with pytest.raises(ValueError, match=message):
+        DSSTable.from_json(_table_text(**changes))
+
+
 def test_analytic_builder_starts_a_very_light_blur_at_one_step(ddim250: RespacedSchedule) -> None:
     """σ = 0.1 px is hidden by index 0's noise already, but a start of 0 would run no sampling step
     (neither prior nor guidance): the builder starts it at 1. Heavier levels are unaffected."""
