@@ -188,26 +188,39 @@ class DynfaceWorker(SimpleWorker):
         thread = threading.Thread(target=beat, name="job-heartbeat", daemon=True)
         thread.start()
         try:
-            self.perform_job(job, queue, execution)
-            self._finalize_riders(queue, batch.members[1:])
+            try:
+                self.perform_job(job, queue, execution)
+                self._finalize_riders(queue, batch.members[1:])
+            finally:
+                self._batch = None
+                done.set()
+                thread.join()
+            self.set_state(WorkerStatus.IDLE)
         finally:
-            self._batch = None
-            done.set()
-            thread.join()
-        self.set_state(WorkerStatus.IDLE)
-        self.announce("stopping" if self.stop_requested else "ready")
+            # However the job ended, RQ's state write included (it raises while Redis is down): else
+            # the background thread would keep publishing `busy` once the worker resumes.
+            self.announce("stopping" if self.stop_requested else "ready")
 
     def _take(self, job: Job, queue: Queue) -> Execution | None:
         """RQ's start of the job it dequeued (`prepare_execution`), then the job out of the intermediate
         list RQ's dequeue moved it to. None, nothing started, when it is no longer there: it was put
         back in the queue meanwhile (`app.lost.return_stranded`: this worker took longer than
         heartbeat_ttl_seconds, or another one stopped just then), where another worker may take it.
-        The execution is registered first, so no job this worker is about to run is put back."""
-        execution = self.prepare_execution(job)
-        # RQ moves a job to that list when it watches one queue on Redis 6.2+ (`Queue.dequeue_any`).
-        moved = get_version(self.connection) >= (6, 2, 0)
-        if not moved or self.connection.lrem(queue.intermediate_queue_key, 1, job.id):
-            return execution
+        The execution is registered first, so no job this worker is about to run is put back.
+
+        A Redis error on the way raises (RQ's loop then ends, and `_work` resumes it) with the
+        execution forgotten here but left in Redis: whether the job left that list is unknown, so
+        the reaper decides once the execution expires. Remembered, it would be named by the record
+        of this worker's next run of the job (`execution_of`)."""
+        try:
+            execution = self.prepare_execution(job)
+            # RQ moves a job to that list when it watches one queue on Redis 6.2+ (`Queue.dequeue_any`).
+            moved = get_version(self.connection) >= (6, 2, 0)
+            if not moved or self.connection.lrem(queue.intermediate_queue_key, 1, job.id):
+                return execution
+        except Exception:
+            self._forget_executions_of(job.id)
+            raise
         log.warning("job %s: put back in the queue before this worker started it; not running it", job.id)
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipe, execution)
@@ -215,10 +228,17 @@ class DynfaceWorker(SimpleWorker):
             pipe.execute()
         return None
 
+    def _forget_executions_of(self, job_id: str) -> None:
+        """Drop this worker's executions of the job from `executions` (RQ's `prepare_execution` adds
+        one before its write, so a failed write leaves it there too); Redis is not touched."""
+        for key in [key for key, e in self.executions.items() if e.job_id == job_id]:
+            del self.executions[key]
+
     def execution_of(self, job_id: str) -> str | None:
         """The StartedJobRegistry entry of this worker's execution of the job, which `tasks._start`
-        writes into its record as the attempt running it."""
-        return next((e.composite_key for e in self.executions.values() if e.job_id == job_id), None)
+        writes into its record as the attempt running it: the newest, should an older one have
+        been left behind."""
+        return next((e.composite_key for e in reversed(self.executions.values()) if e.job_id == job_id), None)
 
     def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
         """RQ's end of a job that returned, unless its record names another execution still running
@@ -360,6 +380,8 @@ class DynfaceWorker(SimpleWorker):
                     self._finalize_success(job, queue, execution, None)
             except Exception as e:
                 log.warning("job %s: could not end it in RQ after its batch: %s", job.id, e)
+                # Its execution is left to expire; this worker must not name it in a later run's record.
+                self.executions.pop(execution.id, None)
         if not never_started:
             return
         try:

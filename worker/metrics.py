@@ -28,7 +28,9 @@ disable_created_metrics()
 _SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 
 QUEUE_WAIT = Histogram(
-    "dynface_queue_wait_seconds", "Time from submission to a worker starting the job.", buckets=_SECONDS
+    "dynface_queue_wait_seconds",
+    "Time from submission, or from its last re-queue after a lost worker, to a worker starting the job.",
+    buckets=_SECONDS,
 )
 INFERENCE = Histogram(
     "dynface_inference_seconds",

@@ -78,7 +78,7 @@ def restore(job_id: str) -> None:
     # already ended are left alone by `_finish`.
     try:
         for rider in rt.claim_riders(sampler_key(_options(first.record))):
-            if (job := _start(rt, rider.id, rider)) is not None:
+            if (job := _start_rider(rt, rider)) is not None:
                 jobs.append(job)  # one at a time: a started job is always in `jobs` for the mapping
         _run(rt, jobs)
     except Exception as e:
@@ -151,8 +151,25 @@ def _start(rt: Runtime, job_id: str, rq_job: Job | None) -> _Job | None:
         return None
     if record.get("status") == "processing":
         log.warning("job %s: attempt %s was lost; running it again", job_id, attempts)
-    metrics.QUEUE_WAIT.observe(max(0.0, now - record["created_at"]))
+    metrics.QUEUE_WAIT.observe(max(0.0, now - _waiting_since(record)))
     return _Job(job_id, record, now, rq_job)
+
+
+def _waiting_since(record: dict[str, Any]) -> float:
+    """When the job began to wait for this start: its submission, or its last re-queue after its
+    worker was lost (`JobStore.requeue`), as `JobStore.waiting_since` reads it for the queue timeout."""
+    return max(record["created_at"], record.get("queued_at") or 0.0)
+
+
+def _start_rider(rt: Runtime, rider: Job) -> _Job | None:
+    """`_start` for a claimed rider; None, the batch running without it, when Redis fails the start.
+    The worker then ends it in RQ as its record says (`DynfaceWorker._finalize_riders`): still `queued`,
+    it goes back to the queue; `processing` (the start landed, its reply was lost), RQ's retry path."""
+    try:
+        return _start(rt, rider.id, rider)
+    except RedisError as e:
+        log.warning("job %s: not run in this batch, Redis failed its start: %s", rider.id, e)
+        return None
 
 
 def _run(rt: Runtime, jobs: list[_Job]) -> None:
@@ -165,7 +182,7 @@ def _run(rt: Runtime, jobs: list[_Job]) -> None:
         try:
             requests.append(_request(rt, job))
             running.append(job)
-        except PipelineError as e:
+        except (PipelineError, RedisError) as e:  # this job's alone: canceled, input expired or unread
             _fail(rt, job.id, e)
     if not running:
         return
@@ -309,7 +326,7 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> N
             list(result.warnings),
         ),
         "timings": {
-            "queue_wait_seconds": started_at - record["created_at"],
+            "queue_wait_seconds": started_at - _waiting_since(record),
             "inference_seconds": batch.seconds,
             "stages": dict(result.timings),
             "batch_jobs": batch.jobs,
@@ -336,10 +353,6 @@ def _fail(rt: Runtime, job_id: str, error: Exception) -> None:
         _finish(rt, job_id, _End("canceled"))
     elif isinstance(error, PipelineError):
         _finish(rt, job_id, _End("failed", (error.code, error.message)))
-    elif isinstance(error, torch.cuda.OutOfMemoryError):
-        torch.cuda.empty_cache()
-        message = "The GPU ran out of memory on this photo; try a smaller image or upscale."
-        _finish(rt, job_id, _End("failed", ("cuda_oom", message)))
     elif isinstance(error, JobTimeoutException):
         job = get_current_job()
         limit = job.timeout if job is not None and job.timeout else rt.settings.job_timeout_seconds

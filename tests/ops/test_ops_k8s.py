@@ -20,6 +20,7 @@ from rq import Queue
 from app.settings import Settings
 from tests.conftest import settings_in_env
 from worker.cli import build_parser
+from worker.metrics import SCRAPE_WAIT_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
@@ -165,6 +166,20 @@ def test_worker_pod_has_one_gpu_and_outlasts_its_longest_job() -> None:
     (init,) = spec["initContainers"]
     assert init["command"] == ["dynface", "weights", "verify"]
     assert all(m["readOnly"] for m in c["volumeMounts"] if m["mountPath"] == config()["DYNFACE_WEIGHTS_DIR"])
+
+
+def test_worker_probes_outwait_a_scrape_held_by_a_job_end() -> None:
+    """The worker's /metrics may wait SCRAPE_WAIT_SECONDS for a job's end while Redis is slow: a probe
+    giving up sooner would take a live worker out of service, or restart it mid-job. An exec probe
+    (Kubernetes' default timeout: 1 s) must also outlast its own urlopen."""
+    (c,) = one("worker.yaml", "Deployment")["spec"]["template"]["spec"]["containers"]
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = c[name]
+        timeout = probe.get("timeoutSeconds", 1)
+        assert timeout > SCRAPE_WAIT_SECONDS, (name, timeout)
+        if "exec" in probe:
+            (urlopen,) = re.findall(r"timeout=([\d.]+)", " ".join(probe["exec"]["command"]))
+            assert SCRAPE_WAIT_SECONDS < float(urlopen) < timeout, (name, urlopen, timeout)
 
 
 def test_weights_job_pulls_then_verifies_into_the_shared_claim() -> None:

@@ -489,15 +489,15 @@ def test_riders_end_in_rq_as_their_records_ended_when_the_batch_fails_after_them
 def test_a_rider_started_but_never_ended_is_not_finished_in_rq(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The rider's start reached Redis but its reply was lost: the batch's job fails with a reason
-    and returns, while the rider's record says `processing`. RQ must not call the rider finished
-    (its record would stay `processing` until it expired): it ends as a lost worker's job does,
-    re-queued with a warning (retries left)."""
+    """The rider's start reached Redis but its reply was lost: the batch runs without it, while the
+    rider's record says `processing`. RQ must not call the rider finished (its record would stay
+    `processing` until it expired): it ends as a lost worker's job does, re-queued with a warning
+    (retries left)."""
     settings = make_settings(worker_batch_max_jobs=2, worker_batch_wait_seconds=0)
     with TestClient(create_app(settings)) as c:
         first, rider = (submit(c, aligned_png(), aligned="true") for _ in range(2))
     store, queue, worker = in_process_worker(settings)
-    bind_runtime(monkeypatch, worker, None)  # the pipeline is never reached
+    bind_runtime(monkeypatch, worker, RestoresEveryPhoto())
     real_start = store.start
 
     def start_then_lose_the_reply(job_id: str, fields: dict[str, Any]) -> bool:
@@ -509,7 +509,7 @@ def test_a_rider_started_but_never_ended_is_not_finished_in_rq(
     monkeypatch.setattr(store, "start", start_then_lose_the_reply)
     assert run_next_job(worker, queue) == first
 
-    assert store.get(first)["status"] == "failed" and store.get(first)["error"]["code"] == "internal"
+    assert store.get(first)["status"] == "succeeded" and store.get(first)["timings"]["batch_jobs"] == 1
     record = store.get(rider)
     assert record["status"] == "queued" and any("lost" in w for w in record["warnings"]), record
     assert rq_status(queue, rider) == JobStatus.QUEUED
@@ -517,11 +517,67 @@ def test_a_rider_started_but_never_ended_is_not_finished_in_rq(
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
 
 
+def test_a_rider_whose_start_redis_fails_waits_for_a_later_batch(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis fails the start of the second rider (no write landed): the batch runs without it, and
+    the two jobs started before it succeed (all three used to fail `internal`). It goes back to the
+    queue, retries untouched, and runs to success next."""
+    store, queue, worker, (first, r1, r2) = batch_of_three(make_settings, monkeypatch)
+    real_start = store.start
+
+    def time_out_for_r2(job_id: str, fields: dict[str, Any]) -> bool:
+        if job_id == r2:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        return real_start(job_id, fields)
+
+    monkeypatch.setattr(store, "start", time_out_for_r2)
+    assert run_next_job(worker, queue) == first
+
+    for job_id in (first, r1):
+        record = store.get(job_id)
+        assert record["status"] == "succeeded" and record["timings"]["batch_jobs"] == 2, record
+    assert store.get(r2)["status"] == "queued" and store.get(r2)["attempts"] == 0
+    assert queue.job_ids == [r2] and rq_status(queue, r2) == JobStatus.QUEUED
+
+    monkeypatch.setattr(store, "start", real_start)
+    assert run_next_job(worker, queue) == r2
+    record = store.get(r2)
+    assert record["status"] == "succeeded" and record["attempts"] == 1, record
+    assert not any("lost" in w for w in record["warnings"]), record
+
+
+def test_a_job_whose_input_redis_fails_to_read_fails_alone(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis fails the read of the second job's photo: that job fails with a reason (`internal`),
+    and the jobs before and after it run and succeed (all three used to fail `internal`). Failed
+    rather than left for a retry: `restore` returns, so RQ would end the dequeued job, were it the
+    one, as finished, its record left `processing`."""
+    store, queue, worker, (first, r1, r2) = batch_of_three(make_settings, monkeypatch)
+    real_input = store.input
+
+    def time_out_for_r1(job_id: str) -> bytes | None:
+        if job_id == r1:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        return real_input(job_id)
+
+    monkeypatch.setattr(store, "input", time_out_for_r1)
+    assert run_next_job(worker, queue) == first
+
+    assert store.get(r1)["status"] == "failed" and store.get(r1)["error"]["code"] == "internal"
+    for job_id in (first, r2):
+        record = store.get(job_id)
+        assert record["status"] == "succeeded" and record["timings"]["batch_jobs"] == 2, record
+    assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
 def test_a_rider_that_cannot_be_ended_in_rq_does_not_stop_the_others(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """RQ's end of the first rider fails (a Redis error): the second is still ended, the worker
-    goes back to `ready`, and the first's execution is left to expire for the reaper."""
+    goes back to `ready`, and the first's execution is left to expire for the reaper, forgotten by the
+    worker (a later run of the job by it names its own execution, `test_duplicates.py`)."""
     store, queue, worker, (first, r1, r2) = batch_of_three(make_settings, monkeypatch)
     real_finalize = worker._finalize_success
 
@@ -536,6 +592,7 @@ def test_a_rider_that_cannot_be_ended_in_rq_does_not_stop_the_others(
 
     assert rq_status(queue, r2) == JobStatus.FINISHED
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == [r1]
+    assert worker.execution_of(r1) is None
     assert {w["name"]: w["state"] for w in store.workers()}[worker.name] == "ready"
 
 

@@ -10,13 +10,16 @@ Two real worker processes taking both entries at once: tests/worker/test_recover
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from rq.job import JobStatus
+from rq.executions import Execution
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -132,3 +135,59 @@ def test_a_second_entry_runs_neither_in_the_same_batch_nor_after_the_job_ended(
     assert FailedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
     assert StartedJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
     assert _jobs_counted() == counted
+
+
+def test_a_job_run_again_after_its_start_failed_names_the_execution_running_it(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis error takes the dequeued job out of RQ's intermediate list (`DynfaceWorker._take`), after
+    RQ registered its execution: the job does not run, and its execution expires for the reaper, which
+    puts the job back in the queue. When the same worker runs it again, its record names the execution
+    now running it; it used to name the dead one, so that a second entry of its id in the queue had the
+    reaper put the running job back to `queued`."""
+    settings = make_settings(heartbeat_ttl_seconds=1)
+    with TestClient(create_app(settings)) as c:
+        job_id = submit(c, aligned_png(), aligned="true")
+    store, queue, worker = in_process_worker(settings)
+    started: list[Execution] = []
+    real_prepare = worker.prepare_execution
+
+    def prepare_and_keep(job: Job) -> Execution:
+        started.append(real_prepare(job))
+        return started[-1]
+
+    seen: dict[str, Any] = {}
+
+    class SecondEntryWhileRunning(RestoresEveryPhoto):
+        def restore_photos(self, requests: list[Any]) -> list[Any]:
+            seen["named"] = store.get(job_id)["execution"]
+            store.redis.rpush(queue.key, job_id)
+            lost.reap(store, queue, settings, TALLY)
+            seen["status"] = store.get(job_id)["status"]
+            return super().restore_photos(requests)
+
+    bind_runtime(monkeypatch, worker, SecondEntryWhileRunning())
+    real_lrem = worker.connection.lrem
+    calls = 0
+
+    def lrem_failing_once(*args: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise redis.exceptions.ConnectionError("connection reset")
+        return real_lrem(*args)
+
+    monkeypatch.setattr(worker, "prepare_execution", prepare_and_keep)
+    monkeypatch.setattr(worker.connection, "lrem", lrem_failing_once)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        run_next_job(worker, queue)
+    assert store.get(job_id)["status"] == "queued"
+    time.sleep(settings.heartbeat_ttl_seconds + 0.2)
+    lost.reap(store, queue, settings, TALLY)  # the expired execution goes
+    lost.return_stranded(store, settings, queue, after=0)  # the job back in the queue without waiting
+    assert queue.job_ids == [job_id]
+
+    assert run_next_job(worker, queue) == job_id
+    assert seen == {"named": started[-1].composite_key, "status": "processing"}
+    record = store.get(job_id)
+    assert record["status"] == "succeeded" and record["attempts"] == 1, record

@@ -22,6 +22,7 @@ from redis.client import PubSubWorkerThread
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.worker.base import WorkerStatus
 
 from app import lost
 from app.jobs import JobStore
@@ -269,6 +270,34 @@ def test_the_background_refresh_never_publishes_an_older_state(
     takes_a_job.join(10)
     assert {w["name"]: w["state"] for w in store.workers()}[worker.name] == "busy"
     assert worker.registry_fields["state"] == "busy"
+
+
+def test_a_worker_whose_rq_state_write_fails_after_a_job_is_ready_again(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis goes down as the job ends, failing RQ's `idle` state write: the worker still announces
+    `ready`, kept for the background refresh, which publishes it once Redis answers (the worker's entry
+    used to stay `busy` for good, republished by that refresh)."""
+    settings = make_settings()
+    with TestClient(create_app(settings)) as c:
+        job_id = submit(c, aligned_png(), aligned="true")
+    store, queue, worker = in_process_worker(settings)
+    bind_runtime(monkeypatch, worker, RestoresEveryPhoto())
+    worker.registry_fields = {"name": worker.name}
+    real_set_state = worker.set_state
+
+    def fail_idle(state: WorkerStatus, pipeline: Any = None) -> None:
+        if state == WorkerStatus.IDLE and pipeline is None:
+            raise redis.exceptions.ConnectionError("Redis went down")
+        real_set_state(state, pipeline)
+
+    monkeypatch.setattr(worker, "set_state", fail_idle)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        run_next_job(worker, queue)
+
+    assert store.get(job_id)["status"] == "succeeded"
+    worker.republish()  # the background thread's next beat
+    assert {w["name"]: w["state"] for w in store.workers()}[worker.name] == "ready"
 
 
 def dequeue(queue: Queue) -> Job:

@@ -30,6 +30,7 @@ from app.main import create_app
 from app.settings import Settings
 from models.pipeline import PhotoOutcome, RestorationPipeline
 from tests.conftest import WEIGHTS, aligned_png
+from tests.worker.test_batching import restored_photo
 from worker import metrics, tasks
 from worker.main import TALLY
 
@@ -71,7 +72,12 @@ def _count(outcome: str, reason: str) -> float:
     return _sample("dynface_jobs_total", outcome=outcome, reason=reason)
 
 
-def test_cuda_oom_maps_to_cuda_oom(runtime: tasks.Runtime, settings: Settings, monkeypatch) -> None:
+def test_a_gpu_out_of_memory_in_the_pipeline_fails_the_job_cuda_oom(
+    runtime: tasks.Runtime, settings: Settings, monkeypatch
+) -> None:
+    """The pipeline turns the allocator's error into its own `DeviceOutOfMemoryError`
+    (tests/models/test_photo_batch.py), which the worker records, counts and cleans up after as a
+    job-level failure with code `cuda_oom`."""
     calls: list[int] = []
 
     def oom(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -143,6 +149,26 @@ def test_a_requeued_job_waits_afresh_from_its_requeue(make_settings) -> None:
     store.redis.hset(store.key("job", "requeued-long-ago"), "queued_at", json.dumps(now - 301))
     assert queued.sweep(store, queue, s) == ["requeued-long-ago"]
     assert store.get("requeued")["status"] == "queued"
+
+
+def test_a_requeued_jobs_queue_wait_counts_from_its_requeue(
+    runtime: tasks.Runtime, settings: Settings, monkeypatch
+) -> None:
+    """A job submitted 1000 s ago whose worker was lost just now waits afresh, as the queue timeout
+    counts it: its record's and the metric's queue wait leave out the lost attempt (they used to count
+    from its submission)."""
+    job_id = _queued_job(settings)
+    store = runtime.store
+    store.redis.hset(store.key("job", job_id), "created_at", json.dumps(time.time() - 1000))
+    assert store.start(job_id, {"status": "processing", "started_at": time.time() - 900, "attempts": 1})
+    lost.fail_lost(store, settings, TALLY, job_id, retries_left=1)  # back to `queued`, waiting from now
+    monkeypatch.setattr(runtime.pipe, "restore_photos", lambda requests: [restored_photo() for _ in requests])
+    waited = _sample("dynface_queue_wait_seconds_sum")
+    tasks.restore(job_id)
+    record = store.get(job_id)
+    assert record["status"] == "succeeded" and record["attempts"] == 2, record
+    assert 0 <= record["timings"]["queue_wait_seconds"] < 60, record["timings"]
+    assert 0 <= _sample("dynface_queue_wait_seconds_sum") - waited < 60
 
 
 class _Gate:
