@@ -219,8 +219,13 @@ def _read(
         try:
             im.seek(0)
             _fit_png_key(im, warnings)
+            # Pillow opens a 16-bit grey + alpha PNG as RGBA (8 bits each, R = G = B): known only
+            # from its raw mode, which `load()` forgets.
+            grey_with_alpha = fmt == "PNG" and bool(im.tile) and str(im.tile[0].args).startswith("LA")
             im.load()
             upright = _exif_transpose(im, warnings)
+            if grey_with_alpha and upright.mode == "RGBA":
+                upright = upright.convert("LA")  # exact: its three channels are equal
             converted = convert(upright, _source_profile(upright, warnings), warnings)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise TooManyPixelsError(f"The image is too large: {e}") from e

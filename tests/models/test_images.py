@@ -187,16 +187,32 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def _raw_png(width: int, depth: int, colour_type: int, row: bytes, trns: bytes) -> bytes:
-    """A one-row PNG of any bit depth, with a tRNS chunk (Pillow writes only some of these)."""
+def _raw_png(width: int, depth: int, colour_type: int, row: bytes, trns: bytes | None) -> bytes:
+    """A one-row PNG of any bit depth and colour type, with a tRNS chunk unless ``trns`` is None
+    (Pillow writes only some of these)."""
     ihdr = struct.pack(">IIBBBBB", width, 1, depth, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"tRNS", trns)
+        + (b"" if trns is None else _png_chunk(b"tRNS", trns))
         + _png_chunk(b"IDAT", zlib.compress(b"\0" + row))
         + _png_chunk(b"IEND", b"")
     )
+
+
+def test_16bit_grey_with_alpha_png_stays_grey() -> None:
+    """Pillow opens a 16-bit grey + alpha PNG (colour type 4) as RGBA: it came back in colour (RGBA),
+    where 8-bit grey + alpha and 16-bit grey come back grey."""
+    row = struct.pack(">4H", 0x8000, 0xFFFF, 0x1234, 0x0000)  # (grey, alpha) × 2
+    d = decode_image(_raw_png(2, 16, 4, row, None), max_pixels=MAX)
+    assert d.grayscale
+    assert (
+        d.rgb.tolist() == [[[128] * 3, [18] * 3]] and d.alpha is not None and d.alpha.tolist() == [[255, 0]]
+    )
+    restored = Image.open(
+        io.BytesIO(encode_image(d.rgb, alpha=d.alpha, grayscale=d.grayscale, format="png")[0])
+    )
+    assert restored.mode == "LA"
 
 
 @pytest.mark.parametrize(
