@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
     heartbeat_ttl_seconds: int = Field(default=45, ge=1)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
-    worker_metrics_port: int | None = 9100
+    worker_metrics_port: int = Field(default=9100, ge=0, le=65535)  # 0: any free port
     # Unset: every interface for `dynface worker` (Prometheus scrapes it from another container);
     # `dynface serve`'s own workers: its --host, like its API.
     worker_metrics_host: str | None = None

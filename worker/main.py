@@ -460,16 +460,14 @@ def run_worker(settings: Settings, device: str, name: str | None = None, burst: 
         default_result_ttl=settings.result_ttl_seconds,
     )
     worker.push_exc_handler(lost.abandoned_handler(store, settings, TALLY))
-    port = None
-    if settings.worker_metrics_port is not None:
-        try:
-            port = metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
-        except OSError as e:
-            raise SystemExit(
-                f"dynface worker: cannot serve metrics on port {settings.worker_metrics_port} "
-                f"({e.strerror}); set DYNFACE_WORKER_METRICS_PORT (dynface serve: --worker-metrics-port) "
-                "to a free port, or 0 for any free port"
-            ) from e
+    try:
+        port = metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
+    except OSError as e:
+        raise SystemExit(
+            f"dynface worker: cannot serve metrics on port {settings.worker_metrics_port} "
+            f"({e.strerror}); set DYNFACE_WORKER_METRICS_PORT (dynface serve: --worker-metrics-port) "
+            "to a free port, or 0 for any free port"
+        ) from e
     worker.registry_fields = {
         "name": name,
         "device": device,

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from app.jobs import JobStore, connect, make_queue
 from app.main import create_app
@@ -447,6 +448,16 @@ def test_a_worker_whose_metrics_port_is_taken_says_which_setting_to_change(make_
         settings = make_settings(worker_metrics_port=taken.getsockname()[1])
         with pytest.raises(SystemExit, match="DYNFACE_WORKER_METRICS_PORT"):
             run_worker(settings, "cpu", burst=True)
+
+
+@pytest.mark.parametrize("value", ["", "70000", "-1"])
+def test_a_worker_metrics_port_that_is_no_port_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Every worker serves its metrics (probes and Prometheus read them): no value turns them off."""
+    monkeypatch.setenv("DYNFACE_WORKER_METRICS_PORT", value)
+    with pytest.raises(ValidationError, match="worker_metrics_port"):
+        Settings()
 
 
 def test_a_worker_serves_the_metrics_that_wait_for_job_ends(
