@@ -10,7 +10,6 @@ import argparse
 import importlib
 import json
 import os
-import random
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -294,6 +293,8 @@ def _refuse_clashes(clashes: list[str], output: Path) -> bool:
 
 
 def _restore_faces(args: argparse.Namespace) -> int:
+    from models.pipeline import draw_seed
+
     # Before the model load, so that a usage error costs none.
     files = list(_image_files(args.inputs))
     if _refuse_no_images(files, args.inputs) or _refuse_clashes(_output_clashes(files), args.output):
@@ -307,7 +308,7 @@ def _restore_faces(args: argparse.Namespace) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     # The i-th input (in listing order) draws from seed + i, as face i of one `restore_faces` call: its
     # result depends neither on --max-batch nor on which other inputs failed to read.
-    seed = random.randrange(2**31 - 1) if args.seed is None else args.seed
+    seed = draw_seed() if args.seed is None else args.seed
     print(f"seed {seed} (input i draws from seed + i)", file=sys.stderr)
     failed = 0
     with tqdm(total=len(files), unit="face") as bar:

@@ -536,7 +536,7 @@ class RestorationPipeline:
             warnings.append("No face was found; the image is returned without restoration.")
             seed = options.seed or 0
         else:
-            seed = _draw_seed() if options.seed is None else options.seed
+            seed = draw_seed() if options.seed is None else options.seed
         return _Photo(
             options, report, cancel, timer, warnings, decoded, fmt, crops, affines, found, noise_std, seed
         )
@@ -748,7 +748,7 @@ class RestorationPipeline:
         on the other faces or on how they are batched: restoring it alone with seed + k reproduces it.
         """
         timer = StageTimer(self.device)
-        seed = _draw_seed() if seed is None else seed
+        seed = draw_seed() if seed is None else seed
         generators = [_face_generator(seed, k, self.device) for k in range(len(faces))]
         restored, facts = self._restore_faces(
             faces,
@@ -1198,7 +1198,7 @@ def _stop_if_canceled(cancel: CancelFn, before: str) -> None:
         raise Cancelled(f"Canceled before {before}.")
 
 
-def _draw_seed() -> int:
+def draw_seed() -> int:
     """A seed for a call that gave none (reported back, so the result can be reproduced)."""
     return int(torch.randint(0, 2**31 - 1, ()).item())
 

@@ -392,13 +392,14 @@ async def _create(request: Request) -> Response:
     return _respond(view, status, **extra)
 
 
-#: Longest Idempotency-Key accepted: a UUID or a hash fits many times; the key is part of a Redis key.
+#: Longest Idempotency-Key accepted: a UUID or a hash fits many times (the key is stored hashed).
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
 def _idempotency_key(request: Request) -> str | None:
     """The request's Idempotency-Key, or 400: an empty one would bind every such request of its
-    owner to one job (a replay of another request's job), and a long one bloats Redis' keys."""
+    owner to one job (a replay of another request's job), and an unbounded one is hashed whole for
+    every request that sends it."""
     idem = request.headers.get("idempotency-key")
     if idem is not None and not (idem.strip() and len(idem) <= MAX_IDEMPOTENCY_KEY_LENGTH):
         raise ApiError(
@@ -413,7 +414,8 @@ def _charge(store: JobStore, owner: str, idem: str | None, s: Settings) -> dict[
     """Count a submission against its caller's rate limit (429 past it) and refuse it when its key
     is at its limits (`_admit`: active jobs, stored bytes), before its body is read, unless its
     Idempotency-Key is bound already: then that binding is returned, and the submission is counted
-    once its body is read unless it replays the binding's job (`_replay_or_charge`)."""
+    once its body is read unless it replays the binding's job (`_replay_or_charge`), or once its body
+    fails to read (`_create`)."""
     binding = store.idempotency_binding(f"{owner}:{idem}") if idem is not None else None
     if binding is None:
         check_rate_limit(store, owner, s.rate_limit_per_minute)
@@ -638,6 +640,8 @@ def _submit(
             record = _replayed(store, earlier, body_hash)
             if record is not None:
                 return record, True
+            # Its age when the claim script ran (Redis' clock), before `_replayed`'s wait of up to
+            # 2 s: errs towards 409, never towards a second job.
             if earlier["age"] < IDEMPOTENCY_TAKEOVER_SECONDS:
                 # The request that claimed the key may still be creating its job: taking the key
                 # over now could make a second one.
