@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -26,7 +27,7 @@ import redis
 import yaml
 
 from app.settings import Settings
-from tests.conftest import settings_in_env
+from tests.conftest import settings_in_env, wait_for
 from worker.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,7 +196,15 @@ def test_redis_refuses_writes_at_maxmemory(resolved: dict[str, dict[str, Any]], 
     )
     (bindir / "redis-server").chmod(0o755)
     env = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "REDIS_PASSWORD": "pw"}
-    proc = subprocess.Popen(["sh", "-c", small], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A session of its own: the script pipes into redis-server, which sh runs as a child of its own,
+    # so stopping sh alone would leave redis-server running after the test.
+    proc = subprocess.Popen(
+        ["sh", "-c", small],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         client = redis.Redis(host="127.0.0.1", port=port, password="pw", socket_timeout=5)
         deadline = time.monotonic() + 20
@@ -215,10 +224,16 @@ def test_redis_refuses_writes_at_maxmemory(resolved: dict[str, dict[str, Any]], 
                 client.set(f"upload:{i}", b"\0" * (256 * 1024))
         assert client.get("rq:queue:dynface-kept") == b"x", "noeviction must not drop keys"
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
         if proc.stderr:
             proc.stderr.close()
+    wait_for(lambda: not _listening(port), 10, what="the test's redis-server gone")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_each_host_labels_what_its_prometheus_federates(
