@@ -20,6 +20,7 @@ from redis import Redis
 from rq import Queue
 
 from app import lost, metrics
+from app.errors import brief_redis_error, redis_unavailable
 from app.jobs import JobStore
 from app.settings import Settings
 
@@ -51,8 +52,12 @@ def sweep(store: JobStore, queue: Queue, settings: Settings) -> list[str]:
     try:
         if lost.take_round(store, queue, settings, holder="api"):
             lost.reap(store, queue, settings, _TALLY)
-    except Exception:  # a bug or an outage: logged with its traceback
-        log.exception("queue sweep: reaping lost workers' jobs failed (queue timeouts still run)")
+    except Exception as e:
+        failed = "queue sweep: reaping lost workers' jobs failed (queue timeouts still run)"
+        if redis_unavailable(e):  # an outage or a refusal (read-only, full), not a bug: no traceback
+            log.warning("%s: %s", failed, brief_redis_error(e))
+        else:
+            log.exception(failed)
     lock_ms = max(1, int(settings.reaper_interval_seconds * 1000))
     if not store.redis.set(store.key("queue-sweep-lock", queue.name), "1", nx=True, px=lock_ms):
         return []

@@ -1995,6 +1995,24 @@ def test_a_record_whose_wait_does_not_parse_is_skipped_and_the_sweep_goes_on(mak
     assert all(f"job {job_id}:" in logged for job_id in odd), logged
 
 
+def test_a_reap_that_redis_refuses_is_a_warning_not_a_bug(make_settings, caplog, monkeypatch) -> None:
+    """A Redis that refuses writes (a failed snapshot, a read-only replica) failed the reap with
+    a logged traceback, as for a bug; it is a warning, as the API's own 503s are."""
+    s = make_settings()
+    store = JobStore(connect(s), s)
+    queue = make_queue(store.redis, s)
+
+    def refused(*args: object) -> None:
+        raise redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots, but …")
+
+    monkeypatch.setattr(queued.lost, "reap", refused)
+    with caplog.at_level(logging.WARNING, logger="app.queued"):
+        assert queued.sweep(store, queue, s) == []
+    (warned,) = [r for r in caplog.records if r.name == "app.queued"]
+    assert warned.levelno == logging.WARNING and warned.exc_info is None
+    assert "reaping lost workers' jobs failed" in warned.getMessage() and "MISCONF" in warned.getMessage()
+
+
 def test_a_reap_that_fails_does_not_stop_the_queue_timeouts(make_settings, caplog) -> None:
     """The sweep reaps lost workers' jobs first: a reap that raised (here on a queued record whose
     status is not JSON, which `lost.reconcile` reads) ended the round, so while it kept failing no
