@@ -166,10 +166,16 @@ def test_riders_run_in_one_batch_and_each_ends_on_its_own(
 
 
 def _kill_the_worker_mid_batch(
-    settings: Settings, store: JobStore, ids: list[str], workers: list[WorkerProcess], tmp_path: Path
+    settings: Settings,
+    store: JobStore,
+    ids: list[str],
+    workers: list[WorkerProcess],
+    tmp_path: Path,
+    fast_table: Path,
 ) -> None:
     """One worker takes all of `ids` into one batch and is SIGKILLed while they run (nothing of the
-    batch is cleaned up by it); then a fresh worker starts, whose reaper notices the loss."""
+    batch is cleaned up by it); then a fresh worker starts, whose reaper notices the loss. That one
+    samples from `fast_table`: what it reruns is the recovery, not the sampling, under test."""
     # Not start_workers: it waits for the worker to be idle, i.e. for the batch to be over.
     victim = WorkerProcess(settings, tmp_path / "victim.log", f"victim-{uuid.uuid4().hex[:6]}")
     workers.append(victim)
@@ -182,11 +188,11 @@ def _kill_the_worker_mid_batch(
     assert {store.get(i)["worker"] for i in ids} == {victim.name}
     victim.proc.kill()
     victim.proc.wait(10)
-    workers += start_workers(settings, tmp_path)
+    workers += start_workers(settings.model_copy(update={"dsst_table": str(fast_table)}), tmp_path)
 
 
 def test_worker_killed_mid_batch_has_every_job_recovered(
-    make_settings: Callable[..., Settings], workers: list[WorkerProcess], tmp_path: Path
+    make_settings: Callable[..., Settings], workers: list[WorkerProcess], tmp_path: Path, fast_table: Path
 ) -> None:
     """kill -9 while three jobs run as one batch: the reaper (in a worker started afterwards)
     re-queues each of them, the rider ones exactly like the job the dead worker dequeued. The
@@ -196,7 +202,7 @@ def test_worker_killed_mid_batch_has_every_job_recovered(
         store: JobStore = c.app.state.services.store
         faces = ("0143.png", "0240.png", "0342.png")
         ids = [submit(c, aligned_png(n), aligned="true", seed=k) for k, n in enumerate(faces)]
-        _kill_the_worker_mid_batch(batching, store, ids, workers, tmp_path)
+        _kill_the_worker_mid_batch(batching, store, ids, workers, tmp_path, fast_table)
         for job_id in ids:
             job = wait_terminal(c, job_id)
             assert job["status"] == "succeeded" and job["attempts"] == 2, job
@@ -204,13 +210,13 @@ def test_worker_killed_mid_batch_has_every_job_recovered(
 
 
 def test_worker_killed_mid_batch_without_retries_fails_every_job_with_a_reason(
-    make_settings: Callable[..., Settings], workers: list[WorkerProcess], tmp_path: Path
+    make_settings: Callable[..., Settings], workers: list[WorkerProcess], tmp_path: Path, fast_table: Path
 ) -> None:
     settings = make_settings(worker_batch_max_jobs=3, worker_batch_wait_seconds=0.3, max_retries=0)
     with TestClient(create_app(settings)) as c:
         store: JobStore = c.app.state.services.store
         ids = [submit(c, aligned_png(n), aligned="true") for n in ("0143.png", "0240.png", "0342.png")]
-        _kill_the_worker_mid_batch(settings, store, ids, workers, tmp_path)
+        _kill_the_worker_mid_batch(settings, store, ids, workers, tmp_path, fast_table)
         for job_id in ids:
             job = wait_terminal(c, job_id)
             assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
