@@ -280,13 +280,8 @@ def test_a_worker_that_cannot_run_here_is_not_restarted(monkeypatch: pytest.Monk
     assert len(starts) == 1
 
 
-#: A worker process whose model loads at once, and which sends itself SIGTERM once the DynfaceWorker
-#: method `sys.argv[2]` has run: `announce` of `ready` (model loaded, RQ's loop not started),
-#: `register_birth` (RQ's loop starting, its stop handlers not installed yet) or
-#: `dequeue_job_and_maintain_ttl` (RQ's loop idle, a job just dequeued and not started yet).
-_STOPPED_AT = """
-import os, signal, sys
-from app.settings import Settings
+#: The start of a worker process's script: its model is a stand-in that loads at once.
+_STAND_IN_MODEL = """
 from worker import main
 
 class Loaded:
@@ -295,6 +290,18 @@ class Loaded:
         pass
 
 main.pipeline_from_settings = lambda settings, device: Loaded()
+"""
+
+#: A worker process (`_STAND_IN_MODEL`) which sends itself SIGTERM once the DynfaceWorker method
+#: `sys.argv[2]` has run: `announce` of `ready` (model loaded, RQ's loop not started),
+#: `register_birth` (RQ's loop starting, its stop handlers not installed yet) or
+#: `dequeue_job_and_maintain_ttl` (RQ's loop idle, a job just dequeued and not started yet).
+_STOPPED_AT = (
+    _STAND_IN_MODEL
+    + """
+import os, signal, sys
+from app.settings import Settings
+
 where = sys.argv[2]
 real = getattr(main.DynfaceWorker, where)
 
@@ -307,6 +314,7 @@ def then_stop(self, *args):
 setattr(main.DynfaceWorker, where, then_stop)
 main.run_worker(Settings(), "cpu", name=sys.argv[1])
 """
+)
 
 
 @pytest.mark.parametrize("where", ["announce", "register_birth", "dequeue_job_and_maintain_ttl"])
@@ -358,19 +366,16 @@ def _running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-#: A worker whose model (a stand-in) loads at once, started through the `dynface worker` command line.
-_WORKER = """
+#: A worker (`_STAND_IN_MODEL`) started through the `dynface worker` command line.
+_WORKER = (
+    _STAND_IN_MODEL
+    + """
 import sys
-from worker import cli, main
+from worker import cli
 
-class Loaded:
-    info = {"profile": "stand-in", "real": False}
-    def load_detector(self) -> None:
-        pass
-
-main.pipeline_from_settings = lambda settings, device: Loaded()
 raise SystemExit(cli.main(["worker", "--device", "cpu", *sys.argv[1:]]))
 """
+)
 
 #: A process standing in for `serve`: it starts `_WORKER` in a session of its own with --parent-pid,
 #: as `serve` does, prints the worker's pid, and sleeps.
