@@ -423,6 +423,12 @@ def _timestamp(raw: bytes | None) -> float:
     return float(value)
 
 
+def wait_began(created_at: float, queued_at: float | None) -> float:
+    """When a job began to wait for its next start: its submission, or its last re-queue after its
+    worker was lost (`JobStore.requeue` sets `queued_at`)."""
+    return max(created_at, queued_at or 0.0)
+
+
 def merge_warnings(warnings: list[str], extra: list[str]) -> list[str]:
     """A record's warnings + new ones, without duplicates, in order."""
     return list(dict.fromkeys([*warnings, *extra]))
@@ -603,8 +609,8 @@ class JobStore:
         for job_id, (status, created, queued) in zip(job_ids, rows, strict=True):
             try:
                 if status is not None and json.loads(status) == "queued":
-                    requeued = _timestamp(queued) if queued is not None else 0.0
-                    since[job_id] = max(_timestamp(created), requeued)
+                    requeued = _timestamp(queued) if queued is not None else None
+                    since[job_id] = wait_began(_timestamp(created), requeued)
             except ValueError as e:
                 log.warning("job %s: queued, but its record does not say since when: %s", job_id, e)
         return since

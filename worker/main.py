@@ -381,7 +381,7 @@ class DynfaceWorker(SimpleWorker):
             except Exception as e:
                 log.warning("job %s: could not end it in RQ after its batch: %s", job.id, e)
                 # Its execution is left to expire; this worker must not name it in a later run's record.
-                self.executions.pop(execution.id, None)
+                self._forget_executions_of(job.id)
         if not never_started:
             return
         try:

@@ -20,7 +20,7 @@ from rq import get_current_job
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from app.jobs import JobStore, merge_warnings
+from app.jobs import JobStore, merge_warnings, wait_began
 from app.lost import lost_warning
 from app.schemas import RestorationOptions, profile_notice
 from app.settings import Settings
@@ -151,14 +151,8 @@ def _start(rt: Runtime, job_id: str, rq_job: Job | None) -> _Job | None:
         return None
     if record.get("status") == "processing":
         log.warning("job %s: attempt %s was lost; running it again", job_id, attempts)
-    metrics.QUEUE_WAIT.observe(max(0.0, now - _waiting_since(record)))
+    metrics.QUEUE_WAIT.observe(max(0.0, now - wait_began(record["created_at"], record.get("queued_at"))))
     return _Job(job_id, record, now, rq_job)
-
-
-def _waiting_since(record: dict[str, Any]) -> float:
-    """When the job began to wait for this start: its submission, or its last re-queue after its
-    worker was lost (`JobStore.requeue`), as `JobStore.waiting_since` reads it for the queue timeout."""
-    return max(record["created_at"], record.get("queued_at") or 0.0)
 
 
 def _start_rider(rt: Runtime, rider: Job) -> _Job | None:
@@ -326,7 +320,7 @@ def _succeed(rt: Runtime, job: _Job, result: PhotoResult, batch: _BatchRun) -> N
             list(result.warnings),
         ),
         "timings": {
-            "queue_wait_seconds": started_at - _waiting_since(record),
+            "queue_wait_seconds": started_at - wait_began(record["created_at"], record.get("queued_at")),
             "inference_seconds": batch.seconds,
             "stages": dict(result.timings),
             "batch_jobs": batch.jobs,
