@@ -31,7 +31,11 @@ class RestorationOptions(BaseModel):
     mode: Literal["dynfacerestore", "difface"] = Field(
         "dynfacerestore", description="dynfacerestore (default) or the DifFace baseline."
     )
-    aligned: bool = Field(False, description="The input is already a 512x512 aligned face (no detection).")
+    aligned: bool = Field(
+        False,
+        description="The input is already an aligned face (no detection): a square crop, restored at "
+        "512x512 (another size is resized, with a warning).",
+    )
     upscale: int = Field(1, ge=1, le=4, description="Upscale factor of the whole photo.")
     only_center_face: bool = Field(False, description="Restore only the face closest to the centre.")
     detector: Detector | None = Field(None, description="Face detector (default: the model profile's).")

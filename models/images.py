@@ -39,7 +39,7 @@ _MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp"
 #: Formats a result can be written in, by source format, for `format="same"`. Sources we cannot
 #: or should not write back (BMP: huge; TIFF: not displayable in browsers; GIF: 256 colours)
 #: become PNG, which is lossless and universally supported.
-_SAME_FORMAT: dict[str, OutputFormat] = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
+_SAME_FORMAT: dict[str, OutputFormat] = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 
 #: Largest side each output format can be written with (libjpeg's and libwebp's limits; Pillow
 #: raises only when encoding, after all the restoration work). PNG's limit (2³¹−1) is never reached.
@@ -212,11 +212,12 @@ def _read(
                 "dozen at most): re-save it, e.g. as a baseline JPEG or PNG."
             )
         warnings: list[str] = []
-        # `is_animated` only looks for a second frame; `n_frames` would walk the whole file.
-        # MPO's extra frames are previews/depth maps, not content, so they go unmentioned.
-        if getattr(im, "is_animated", False) and im.format != "MPO":
-            warnings.append(f"The {fmt} has several frames or pages; only the first one was used.")
         try:
+            # `is_animated` only looks for a second frame (`n_frames` would walk the whole file), but
+            # it parses that frame's header: a cut-off one raises there. MPO's extra frames are
+            # previews/depth maps, not content, so they go unmentioned.
+            if getattr(im, "is_animated", False) and im.format != "MPO":
+                warnings.append(f"The {fmt} has several frames or pages; only the first one was used.")
             im.seek(0)
             _fit_png_key(im, warnings)
             # Pillow opens a 16-bit grey + alpha PNG as RGBA (8 bits each, R = G = B): known only
@@ -234,17 +235,28 @@ def _read(
     return converted, fmt, warnings
 
 
+#: Brands of an ISO base media file ("ftyp" box) that HEIF images carry: the iPhone's default photo
+#: format (HEIC), which Pillow has no plugin to identify.
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+
+
 def _unidentified(data: bytes) -> InvalidImageError | UnsupportedFormatError:
     """Tell "a real image in a format we refuse" apart from "not an image" for the error code.
 
     Only headers are parsed here (no `load()`), so trying every Pillow plugin is cheap and safe.
     """
+    allowed = ", ".join(ALLOWED_FORMATS)
     try:
         with Image.open(io.BytesIO(data)) as other:
             name = other.format
     except Exception:
+        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+            return UnsupportedFormatError(
+                f"Image format HEIF (HEIC) is not supported (allowed: {allowed}): export the photo as JPEG."
+            )
         return InvalidImageError("The data is not a recognised image.")
-    allowed = ", ".join(ALLOWED_FORMATS)
     return UnsupportedFormatError(f"Image format {name} is not supported (allowed: {allowed}).")
 
 
@@ -477,8 +489,6 @@ def resolve_format(requested: str, source_format: str) -> OutputFormat:
     req = requested.lower()
     if req == "same":
         return _SAME_FORMAT.get(source_format.upper(), "png")
-    if req == "jpg":
-        return "jpeg"
     if req in _MEDIA_TYPES:
         return req  # type: ignore[return-value]
     raise UnsupportedFormatError(f"Output format {requested!r} is not supported (png, jpeg, webp or same).")

@@ -570,6 +570,23 @@ def test_png_with_bad_crc_is_invalid() -> None:
         decode_image(bytes(data), max_pixels=MAX)
 
 
+def test_an_animated_gif_cut_anywhere_is_read_or_invalid() -> None:
+    """Pillow's `is_animated` parses the second frame's header: cut there (its local palette makes it
+    long), it raised struct.error or IndexError past the error mapping, and the API answered 500."""
+    frames = [Image.fromarray(_rgb_pattern(16, 16, seed=seed)) for seed in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    data = buf.getvalue()
+    outcomes = set()
+    for cut in range(1, len(data)):
+        try:
+            check_image(data[:cut], max_pixels=MAX)
+            outcomes.add("read")  # cut after the first frame: it is all that is used
+        except InvalidImageError:
+            outcomes.add("invalid")
+    assert outcomes == {"read", "invalid"}
+
+
 def _png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose IHDR claims width x height RGB pixels but whose IDAT holds none.
 
@@ -605,6 +622,18 @@ def test_limit_is_inclusive() -> None:
 def test_real_image_in_other_format_is_unsupported(fmt: str) -> None:
     with pytest.raises(UnsupportedFormatError):
         decode_image(_save(Image.fromarray(_rgb_pattern(16, 16)), fmt), max_pixels=MAX)
+
+
+#: The start of an iPhone photo: an ISO base media "ftyp" box of brand heic (then its boxes).
+HEIC_START = struct.pack(">I", 24) + b"ftypheic" + bytes(4) + b"mif1heic" + bytes(64)
+
+
+def test_a_heic_photo_is_an_unsupported_format_not_garbage() -> None:
+    """Pillow has no HEIF plugin, so it cannot name the format: without our look at the box, the
+    iPhone's default format read as "not a recognised image" (400 instead of 415)."""
+    for read in (decode_image, check_image):
+        with pytest.raises(UnsupportedFormatError, match=r"HEIF \(HEIC\) is not supported .*JPEG"):
+            read(HEIC_START, max_pixels=MAX)
 
 
 # ---------------------------------------------------------------- EXIF orientation
@@ -795,7 +824,7 @@ def test_resolve_format() -> None:
     assert resolve_format("same", "PNG") == "png"
     for src in ("BMP", "TIFF", "GIF"):
         assert resolve_format("same", src) == "png"
-    assert resolve_format("JPG", "PNG") == "jpeg"
+    assert resolve_format("JPEG", "PNG") == "jpeg"
     assert resolve_format("webp", "PNG") == "webp"
     with pytest.raises(UnsupportedFormatError):
         resolve_format("gif", "PNG")

@@ -182,6 +182,20 @@ def bad_cases() -> list[Case]:
             )
         for cut in cuts[:3]:
             add(f"{fmt} cut at {cut} (JSON)", 400, "invalid_image", json_body(data_url(full[:cut])))
+    # An animated GIF cut in its second frame's header (image descriptor, local palette): Pillow parses
+    # it to tell whether there is a second frame, and raised errors of its own there.
+    animated = encoded(
+        SMALL, "GIF", save_all=True, append_images=[SMALL.transpose(Image.Transpose.ROTATE_180)]
+    )
+    full_frame = b"\x2c\0\0\0\0" + struct.pack("<HH", *SMALL.size)  # a frame's descriptor at (0, 0)
+    second = animated.index(full_frame, animated.index(full_frame) + 1)
+    for cut in (second + 1, second + 10, second + 400):
+        add(
+            f"animated GIF cut at {cut} (second frame)",
+            400,
+            "invalid_image",
+            multipart(animated[:cut], "a.gif"),
+        )
 
     # Random bytes named like images; and real magic numbers followed by garbage.
     for ext in EXTENSIONS:
@@ -196,10 +210,13 @@ def bad_cases() -> list[Case]:
             add(f"magic {magic[:4]!r}+{size}B", 400, "invalid_image", multipart(junk, "m.png"))
 
     # Real images in formats we do not accept.
-    for fmt in ("ICO", "PCX", "TGA", "PPM", "SGI", "XBM"):
+    for fmt in ("ICO", "PCX", "TGA", "PPM", "SGI", "XBM", "AVIF"):
         im = {"ICO": SMALL.resize((32, 32)), "XBM": SMALL.convert("1")}.get(fmt, SMALL)
         add(f"format {fmt}", 415, "unsupported_format", multipart(encoded(im, fmt), f"x.{fmt.lower()}"))
         add(f"format {fmt} (JSON)", 415, "unsupported_format", json_body(data_url(encoded(im, fmt))))
+    # An iPhone photo (HEIC), which no Pillow plugin identifies: its ISO base media "ftyp" box.
+    heic = struct.pack(">I", 24) + b"ftypheic" + bytes(4) + b"mif1heic" + rng.randbytes(2000)
+    add("format HEIC", 415, "unsupported_format", multipart(heic, "IMG_0001.HEIC", "image/heic"))
 
     # Bodies that are neither multipart nor JSON.
     for ctype in (
