@@ -63,6 +63,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             del os.environ[name]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """schemathesis (4.32) names its test of each API operation `test[GET /path]` but gives pytest
+    (9.2) the bare name to build the node id from: the operations' tests shared one id, which
+    `--deselect` and reports cannot tell apart and pytest-xdist, which sends tests to its processes
+    by id, ran once. The operation goes back into the id (pytest has no public setter for it)."""
+    for item in items:
+        operation = getattr(item, "operation_label", None)
+        if operation is not None and item.nodeid.endswith(f"::{item.originalname}"):  # type: ignore[attr-defined]
+            item._id = item._id.with_params(operation)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TESTDATA = SHARED / "testdata"

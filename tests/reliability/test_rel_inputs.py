@@ -15,6 +15,8 @@ import io
 import random
 import signal
 import struct
+import subprocess
+import sys
 import uuid
 import warnings
 import zlib
@@ -697,6 +699,24 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(FUZZ_SETTING
 def fuzz_namespace(redis_conn: redis.Redis) -> Iterator[Settings]:
     yield FUZZ_SETTINGS
     purge(redis_conn, FUZZ_SETTINGS)
+
+
+def test_each_fuzzed_operation_is_a_test_of_its_own() -> None:
+    """One test id per operation (tests/conftest.py puts the operation into it): under pytest-xdist,
+    which runs the suite, tests sharing an id ran once for all operations."""
+    fuzz = "test_openapi_fuzz_no_5xx_and_responses_match_the_schema"
+    labels = [result.ok().label for result in schema.get_all_operations()]
+    collect = ["-p", "no:cacheprovider", "-n", "0", "--collect-only", "-q", f"{__file__}::{fuzz}"]
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", *collect],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    ids = sorted(line.split("::", 1)[1] for line in listed if "::" in line)
+    assert len(labels) >= 10
+    assert ids == sorted(f"{fuzz}[{label}]" for label in labels)
 
 
 @schema.parametrize()
