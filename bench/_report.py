@@ -18,17 +18,19 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 if TYPE_CHECKING:  # torch is imported where it is used: the HTTP benches' report needs none of it
     import torch
+    from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -204,9 +206,55 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     text = (
         pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     )
-    doc.write_text(text, encoding="utf-8")
-    shown = doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc
-    print(f"wrote section {name!r} of {shown}")
+    # A new file renamed over the old one: a run stopped mid-write (gpu_path rewrites its section
+    # after every row, and turns SIGTERM into KeyboardInterrupt) leaves the doc whole, old or new.
+    staged = doc.with_name(f".{doc.name}.{os.getpid()}.tmp")
+    try:
+        staged.write_text(text, encoding="utf-8")
+        if doc.exists():
+            shutil.copymode(doc, staged)
+        os.replace(staged, doc)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    print(f"wrote section {name!r} of {shown(doc, ROOT)}")
+
+
+def shown(path: Path, base: Path = ROOT.parent) -> str:
+    """A path as a report names it: relative to `base` (the checkout's parent, so `shared/...` and
+    `main/...`) where it lies under it, else as given."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(base)) if resolved.is_relative_to(base) else str(path)
+
+
+def figure_path(name: str, doc: Path = DOC) -> Path:
+    """Where a section's figure goes: `benchmarks/NAME` beside the doc that links it (docs/benchmarks/
+    for docs/benchmarks.md), so `figure_link` is the same whichever doc a run writes."""
+    return doc.parent / FIGURES.name / name
+
+
+def figure_link(alt: str, name: str) -> str:
+    """The section's markdown line showing the figure `figure_path(name)`."""
+    return f"![{alt}]({FIGURES.name}/{name})"
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend. Called before a run that will draw (as well
+    as by the plot): a missing matplotlib then stops it at once, not after minutes of measuring."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Figure, out: Path) -> None:
+    """Write `fig` as a PNG to `out` (its folder made if needed) and close it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    pyplot().close(fig)
+    print(f"wrote {shown(out, ROOT)}")
 
 
 def percentile(values: list[float], q: float) -> float:

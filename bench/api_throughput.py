@@ -17,9 +17,11 @@ searched for a file of about 200 KB; its exact size and dimensions are reported.
 
 - throughput: asyncio httpx clients in this process (32 by default) post the same pre-built multipart
   body back to back until a fixed number of submissions is done (after an untimed warm-up). Reported:
-  submissions/s over the timed phase, p50/p95 latency of one submission (request start to response
-  read), the count of every status code (202 expected; anything else is listed, with transport
-  errors, never dropped), and the peak API RSS during the timed phase (sampled every 0.1 s).
+  accepted submissions (202) per second over the timed phase (an answer other than 202, or a transport
+  error, is not a submission the API took, so it is not in the rate), p50/p95 latency of one
+  submission (request start to response read), the count of every status code (202 expected;
+  anything else is listed, with transport errors, never dropped; the untimed warm-ups' are counted in
+  the section's non-202 total too), and the peak API RSS during the timed phase (sampled every 0.1 s).
 - memory: API RSS (psutil; summed over the uvicorn process and all its children, so the supervisor of
   `--workers 2` is in both readings) at idle vs while C uploads are in flight (C = 1, 16, 64 by
   default). Each level runs on a fresh server (same command, new namespace) after 8 sequential
@@ -27,6 +29,9 @@ searched for a file of about 200 KB; its exact size and dimensions are reported.
   in 16 KiB chunks, 10 ms apart, up to the last 4 KiB, then holds until RSS has been sampled (1 s after
   the last client reached that point), then finishes. Reported: (RSS_loaded − RSS_idle) / C, each RSS the
   median of 7 samples 0.15 s apart.
+
+Figure (docs/benchmarks/api_throughput_by_workers.png, linked from the section): accepted/s and memory
+per in-flight upload against uvicorn workers.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.api_throughput [--workers 1,2] [--submissions 2000]
        [--clients 32] [--inflight 1,16,64] [--no-write]
@@ -61,9 +66,14 @@ from bench._report import (
     REDIS_URL,
     ROOT,
     SHARED,
+    Busy,
     cpu_busy,
+    figure_link,
+    figure_path,
     header,
     percentile,
+    pyplot,
+    save_figure,
     service_env,
     wait_until_ok,
     write_section,
@@ -77,6 +87,7 @@ HOLD_TAIL = 4 * 1024
 MEMORY_WARMUP = 8
 LOGGED_FAILURES = 50  # non-202 answers and transport errors printed per phase; all are counted
 PEAK_EVERY = 0.1  # seconds between RSS samples for the throughput phase's peak
+FIGURE = "api_throughput_by_workers.png"
 
 
 @dataclass
@@ -203,6 +214,11 @@ class Throughput:
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
 
+    @property
+    def accepted_per_s(self) -> float:
+        """Submissions the API took (202) per second of the phase: a refusal or error is no throughput."""
+        return self.statuses["202"] / self.wall
+
 
 async def throughput(base: str, body: bytes, ctype: str, clients: int, total: int) -> Throughput:
     counter = iter(range(total))
@@ -291,6 +307,7 @@ class Run:
     workers: int
     tp: Throughput
     memory: list[Memory]
+    warmups: Counter[str] = field(default_factory=Counter)  # the untimed submissions' statuses
     purged: int = 0
     leftover: int = 0
     rss_before: int = 0
@@ -341,7 +358,8 @@ def run_workers(
     run = Run(workers, Throughput(0, 0, 0.0), [])
     depth = args.submissions + args.warmup + 1000
     with serve(workers, depth, r, logs, run) as (base, pid):
-        asyncio.run(throughput(base, body, ctype, min(args.clients, args.warmup), args.warmup))
+        warmup = asyncio.run(throughput(base, body, ctype, min(args.clients, args.warmup), args.warmup))
+        run.warmups.update(warmup.statuses)
         run.rss_before = asyncio.run(sample_rss(pid))
         tp, run.rss_peak = asyncio.run(
             with_peak_rss(throughput(base, body, ctype, args.clients, args.submissions), pid)
@@ -351,13 +369,13 @@ def run_workers(
         run.rss_after = asyncio.run(sample_rss(pid))
         p50, p95 = (percentile(tp.latencies, q) * 1000 for q in (50, 95))
         print(
-            f"workers={workers}: {tp.submissions / tp.wall:.1f} submissions/s, "
+            f"workers={workers}: {tp.accepted_per_s:.1f} accepted (202) submissions/s, "
             f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, statuses {dict(tp.statuses)}"
         )
     for c in args.inflight:
         with serve(workers, depth, r, logs, run) as (base, pid):
             # A few sequential submissions first: lazy imports and first-use caches are not per upload.
-            asyncio.run(throughput(base, body, ctype, 1, MEMORY_WARMUP))
+            run.warmups.update(asyncio.run(throughput(base, body, ctype, 1, MEMORY_WARMUP)).statuses)
             m = asyncio.run(memory_level(base, pid, body, ctype, c))
         run.memory.append(m)
         print(
@@ -365,6 +383,125 @@ def run_workers(
             f"{m.per_upload / 1024:.0f} KiB per upload, statuses {dict(m.statuses)}"
         )
     return run
+
+
+def statuses(c: Counter[str]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(c.items()))
+
+
+def report(
+    head: str,
+    args: argparse.Namespace,
+    jpeg: Jpeg,
+    body_bytes: int,
+    runs: list[Run],
+    duration: float,
+    rev: str,
+    busy: Busy,
+) -> str:
+    """The section, from the runs' figures (`body_bytes`: the multipart body's size)."""
+
+    def ms(values: list[float], q: float) -> str:
+        return f"{percentile(values, q) * 1000:.1f}"
+
+    tp_table = [
+        "| uvicorn workers | clients | submissions | accepted (202)/s | p50 / p95 latency (ms) | statuses "
+        "| API RSS before / peak during / after (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    mem_table = [
+        "| uvicorn workers | uploads in flight (C) | RSS idle (MiB) | RSS with C bodies arriving (MiB) "
+        "| per upload while its body is arriving: (loaded − idle) / C (KiB) | statuses |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        tp = run.tp
+        tp_table.append(
+            f"| {run.workers} | {tp.clients} | {tp.submissions} | {tp.accepted_per_s:.1f} "
+            f"| {ms(tp.latencies, 50)} / {ms(tp.latencies, 95)} | {statuses(tp.statuses)} "
+            f"| {run.rss_before / 2**20:.1f} / {run.rss_peak / 2**20:.1f} / {run.rss_after / 2**20:.1f} |"
+        )
+        for m in run.memory:
+            mem_table.append(
+                f"| {run.workers} | {m.inflight} | {m.idle / 2**20:.1f} | {m.loaded / 2**20:.1f} "
+                f"| {m.per_upload / 1024:.0f} | {statuses(m.statuses)} |"
+            )
+    warmup_non_202 = sum(v for run in runs for k, v in run.warmups.items() if k != "202")
+    non_202 = warmup_non_202 + sum(v for run in runs for k, v in run.tp.statuses.items() if k != "202")
+    non_202 += sum(v for run in runs for m in run.memory for k, v in m.statuses.items() if k != "202")
+    cleanup = "; ".join(f"{run.workers} worker(s): {run.purged} deleted, {run.leftover} left" for run in runs)
+    ncpu = os.cpu_count() or 1
+    # Only the figure from before the run measures other work (the header's): during it, this
+    # benchmark's own API, clients and Redis keep the CPUs busy by design.
+    warning = (
+        "\n\nWith the load warning above, the 1- vs 2-worker comparison especially is not reliable."
+        if busy.high
+        else ""
+    )
+    return f"""{head}
+- upload: `{jpeg.source.relative_to(SHARED.parent)}` re-encoded by Pillow at quality {jpeg.quality},
+  {jpeg.size[0]}×{jpeg.size[1]}: **{len(jpeg.data)} bytes** (multipart body {body_bytes} bytes,
+  default options).
+- service: `uvicorn app.main:app_from_env --factory --workers N` (uvicorn's auto choice: httptools
+  parser and uvloop, both pinned in pyproject) on loopback,
+  Redis `{REDIS_URL}`, own key prefix and queue, rate limit off, queue limit above the submission
+  count, **no worker**: accepted jobs just queue, so this is the API's cost alone (multipart parse,
+  image decode check, input + record to Redis, RQ enqueue). Keys purged afterwards
+  ({cleanup}). Whole run took {duration:.0f} s. API code:
+  `git describe --always --dirty` = `{rev}` (the working tree when the run started, before the first
+  server).
+- throughput: {args.clients} asyncio httpx clients in the bench process posting the same body back to
+  back, {args.warmup} untimed warm-up submissions first; latency = one POST until its response is read
+  (with {args.clients} clients it is mostly waiting behind the other clients' requests in the server).
+  accepted (202)/s = the timed phase's 202 answers ÷ its wall time: any other answer or transport error
+  is in the statuses column, not in the rate. Non-202 responses over the whole run (untimed warm-ups,
+  throughput and memory phases): **{non_202}** ({warmup_non_202} of them in the warm-ups). API RSS
+  (uvicorn process + children): median of 7 samples after the warm-up and 1 s after the timed phase;
+  peak = the largest of the samples taken every {PEAK_EVERY} s during the timed phase.
+
+{chr(10).join(tp_table)}
+
+- memory per in-flight upload **while its body is arriving**: API RSS (uvicorn process + children,
+  median of 7 samples) at idle vs while C uploads are held with all but their last {HOLD_TAIL // 1024}
+  KiB sent (16 KiB chunks, 10 ms apart), i.e. before the API has the whole body and decodes it, so the
+  decode check's memory is not in it (the throughput phase's peak RSS above includes it); each level on
+  a fresh server after {MEMORY_WARMUP} sequential submissions, idle sampled right before the level.
+
+{chr(10).join(mem_table)}
+
+Notes: this machine has {ncpu} logical CPUs, shared by the API process(es), the clients (one Python
+process on the same machine), Redis and any other users, so the accepted/s are lower bounds for the API
+alone. With 2 uvicorn workers on {ncpu} cores, the second worker competes with the clients and Redis
+for the same cores rather than getting one of its own. The RSS delta is a whole-process figure
+(allocator reuse and arena growth included), so small deltas, especially at C = 1, are within noise.{warning}
+
+{figure_link("Accepted submissions/s and memory per upload by uvicorn workers", FIGURE)}
+"""
+
+
+def plot(runs: list[Run], out: Path) -> None:
+    """Accepted submissions/s and memory per in-flight upload (one line per C) against uvicorn workers."""
+    plt = pyplot()
+    fig, (rate, memory) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    names = [str(run.workers) for run in runs]
+    rate.bar(names, [run.tp.accepted_per_s for run in runs], color="#1f77b4")
+    rate.set_xlabel("uvicorn workers")
+    rate.set_ylabel("accepted (202) submissions/s")
+    rate.set_title(f"throughput, ~{TARGET_BYTES // 1000} KB JPEG uploads, no worker", fontsize=9)
+    for c in dict.fromkeys(m.inflight for run in runs for m in run.memory):
+        per_upload = [
+            next((m.per_upload / 1024 for m in run.memory if m.inflight == c), float("nan")) for run in runs
+        ]
+        memory.plot(names, per_upload, marker="o", label=f"C = {c} uploads in flight")
+    memory.set_xlabel("uvicorn workers")
+    memory.set_ylabel("KiB of API RSS per upload")
+    memory.set_title("memory per upload while its body is arriving: (loaded − idle) / C", fontsize=9)
+    memory.axhline(0, color="black", linewidth=0.5)
+    memory.legend(fontsize=7)
+    for ax in (rate, memory):
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save_figure(fig, out)
 
 
 def ints(value: str) -> list[int]:
@@ -384,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.submissions > 5000:
         raise SystemExit("--submissions is bounded at 5000 (each stores ~200 KB in Redis)")
+    if not args.no_write:
+        pyplot()
     # The one load figure (header and warning): how busy the CPUs were just before this run.
     busy = cpu_busy()
     head = header("API submission throughput and memory per in-flight upload", busy=busy)
@@ -404,82 +543,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = [run_workers(w, body, ctype, args, r, logs) for w in args.workers]
     duration = time.perf_counter() - started
 
-    def ms(values: list[float], q: float) -> str:
-        return f"{percentile(values, q) * 1000:.1f}"
-
-    def statuses(c: Counter[str]) -> str:
-        return ", ".join(f"{k}: {v}" for k, v in sorted(c.items()))
-
-    tp_table = [
-        "| uvicorn workers | clients | submissions | submissions/s | p50 / p95 latency (ms) | statuses "
-        "| API RSS before / peak during / after (MiB) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    mem_table = [
-        "| uvicorn workers | uploads in flight (C) | RSS idle (MiB) | RSS with C bodies arriving (MiB) "
-        "| per upload while its body is arriving: (loaded − idle) / C (KiB) | statuses |",
-        "|---|---|---|---|---|---|",
-    ]
-    for run in runs:
-        tp = run.tp
-        tp_table.append(
-            f"| {run.workers} | {tp.clients} | {tp.submissions} | {tp.submissions / tp.wall:.1f} "
-            f"| {ms(tp.latencies, 50)} / {ms(tp.latencies, 95)} | {statuses(tp.statuses)} "
-            f"| {run.rss_before / 2**20:.1f} / {run.rss_peak / 2**20:.1f} / {run.rss_after / 2**20:.1f} |"
-        )
-        for m in run.memory:
-            mem_table.append(
-                f"| {run.workers} | {m.inflight} | {m.idle / 2**20:.1f} | {m.loaded / 2**20:.1f} "
-                f"| {m.per_upload / 1024:.0f} | {statuses(m.statuses)} |"
-            )
-    non_202 = sum(v for run in runs for k, v in run.tp.statuses.items() if k != "202")
-    non_202 += sum(v for run in runs for m in run.memory for k, v in m.statuses.items() if k != "202")
-    cleanup = "; ".join(f"{run.workers} worker(s): {run.purged} deleted, {run.leftover} left" for run in runs)
-    ncpu = os.cpu_count() or 1
-    # Only the figure from before the run measures other work (the header's): during it, this
-    # benchmark's own API, clients and Redis keep the CPUs busy by design.
-    warning = (
-        "\n\nWith the load warning above, the 1- vs 2-worker comparison especially is not reliable."
-        if busy.high
-        else ""
-    )
-    body_md = f"""{head}
-- upload: `{jpeg.source.relative_to(SHARED.parent)}` re-encoded by Pillow at quality {jpeg.quality},
-  {jpeg.size[0]}×{jpeg.size[1]}: **{len(jpeg.data)} bytes** (multipart body {len(body)} bytes,
-  default options).
-- service: `uvicorn app.main:app_from_env --factory --workers N` (uvicorn's auto choice: httptools
-  parser and uvloop, both pinned in pyproject) on loopback,
-  Redis `{REDIS_URL}`, own key prefix and queue, rate limit off, queue limit above the submission
-  count, **no worker**: accepted jobs just queue, so this is the API's cost alone (multipart parse,
-  image decode check, input + record to Redis, RQ enqueue). Keys purged afterwards
-  ({cleanup}). Whole run took {duration:.0f} s. API code:
-  `git describe --always --dirty` = `{rev}` (the working tree when the run started, before the first
-  server).
-- throughput: {args.clients} asyncio httpx clients in the bench process posting the same body back to
-  back, {args.warmup} untimed warm-up submissions first; latency = one POST until its response is read
-  (with {args.clients} clients it is mostly waiting behind the other clients' requests in the server).
-  Non-202 responses over the whole run (throughput and memory phases): **{non_202}**. API RSS
-  (uvicorn process + children): median of 7 samples after the warm-up and 1 s after the timed phase;
-  peak = the largest of the samples taken every {PEAK_EVERY} s during the timed phase.
-
-{chr(10).join(tp_table)}
-
-- memory per in-flight upload **while its body is arriving**: API RSS (uvicorn process + children,
-  median of 7 samples) at idle vs while C uploads are held with all but their last {HOLD_TAIL // 1024}
-  KiB sent (16 KiB chunks, 10 ms apart), i.e. before the API has the whole body and decodes it, so the
-  decode check's memory is not in it (the throughput phase's peak RSS above includes it); each level on
-  a fresh server after {MEMORY_WARMUP} sequential submissions, idle sampled right before the level.
-
-{chr(10).join(mem_table)}
-
-Notes: this machine has {ncpu} logical CPUs, shared by the API process(es), the clients (one Python
-process on the same machine), Redis and any other users, so the submissions/s are lower bounds for the API
-alone. With 2 uvicorn workers on {ncpu} cores, the second worker competes with the clients and Redis
-for the same cores rather than getting one of its own. The RSS delta is a whole-process figure
-(allocator reuse and arena growth included), so small deltas, especially at C = 1, are within noise.{warning}
-"""
+    body_md = report(head, args, jpeg, len(body), runs, duration, rev, busy)
     print(body_md)
     if not args.no_write:
+        plot(runs, figure_path(FIGURE))
         write_section("api_throughput", body_md)
 
 

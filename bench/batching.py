@@ -8,15 +8,16 @@ Measured: for B in 1, 2, 4, 8 (`--sizes`), the first B real aligned faces of `--
   per-face seeds, so both ways compute the same faces up to float rounding; the max abs difference of
   the uint8 outputs is reported as a check).
 
-Pipeline: `RestorationPipeline` as the worker builds it (its default SpeedOptions, `--dtype` auto =
-fp16 on CUDA, fp32 on CPU) on `--device`, with the `--profile`'s networks (default: the real 512 px ones
-on CUDA, the tiny toy ones on CPU; the real profile's released weights where `--weights-dir` holds them,
-else its architecture with random weights, which batch the same work), mode `dynfacerestore` with the
-training-free DBLM/DGSA fallbacks, `fidelity` fixed (so eta does not depend on the face) and a DSST
-table with the default's blur levels but every start set to `--steps` (default 10): whatever level a
-face gets, it makes the same number of UNet calls (NFE), so every configuration does the same work per
-face. Every call's UNet evaluations are counted (`bench._pipeline.UNetCalls`) and must be exactly that.
-Both pipelines share the same network objects (as tests/models/test_pipeline.py `_fast_pipeline`).
+Pipeline: `RestorationPipeline` as the worker builds it (its default SpeedOptions, `--dtype`, auto =
+fp16 on CUDA, fp32 on CPU, in both parts) on `--device`, with the `--profile`'s networks (default: the
+real 512 px ones on CUDA, the tiny toy ones on CPU; the real profile's released weights where
+`--weights-dir` holds them, else its architecture with random weights, which batch the same work), mode
+`dynfacerestore` with the training-free DBLM/DGSA fallbacks, `fidelity` fixed (so eta does not depend on
+the face) and a DSST table with the default's blur levels but every start set to `--steps` (default
+10): whatever level a face gets, it makes the same number of UNet calls (NFE), so every configuration
+does the same work per face. Every call's UNet evaluations are counted (`bench._pipeline.UNetCalls`)
+and must be exactly that. Both pipelines share the same network objects (as
+tests/models/test_pipeline.py `_fast_pipeline`).
 
 Timed with `time.perf_counter` around each `restore_faces` call (whole call: restorer R at 512, blur
 estimate, DGSA map, sampling, uint8 conversion), and the call's own `timings["sample"]` (the sampler
@@ -39,8 +40,9 @@ Across jobs (the worker's cross-job batching, DYNFACE_WORKER_BATCH_MAX_JOBS = B)
 jobs (the first real aligned faces, job k with seed k, the same fidelity, so all may share a batch)
 are submitted through the API (in-process) while no worker runs, into a Redis namespace of their own
 ($REDIS_URL as for the other benches, default redis://127.0.0.1:6379/0; purged afterwards); then one real
-worker process (`python -m worker --device DEVICE`, the same profile and DSST table, max_face_batch = the
-largest B) starts and takes them all. B = 1 is batching off. From the job records:
+worker process (`python -m worker --device DEVICE`, the same profile, dtype and DSST table,
+max_face_batch = the largest B) starts and takes them all; the dtype reported is the one the worker
+says it loaded (its registry entry). B = 1 is batching off. From the job records:
 - faces/s = jobs / (last completion − first start), i.e. while all of them were waiting or running
   (the worker's start-up is not counted);
 - sampler faces/s and guide-stage faces/s = jobs / the summed `sample` / `dblm` stage time of the
@@ -52,9 +54,11 @@ largest B) starts and takes them all. B = 1 is batching off. From the job record
 `--worker-repeats` repeats (2 by default; a worker run is the slow part); in each, one worker process
 per configuration, in the order of `--worker-sizes`, reversed in odd repeats.
 
-Run time of the defaults on the 2-CPU VM (tiny profile, CPU), from the timings of the 2-repeat run in
-docs/benchmarks.md: about 50 s per in-process repeat plus ~25 s of warm-ups, and about 85 s per
-worker repeat, i.e. about 7 min in all.
+Run time of the defaults (tiny profile, CPU): 371 s, about 6 min, on the 2-CPU AMD EPYC VM of the
+section in docs/benchmarks.md (2026-12-06 22:39 UTC).
+
+Figure (docs/benchmarks/batching_by_batch_size.png beside `--doc`, linked from the section): faces/s
+and per-face latency p50 against B, in-process both ways and across jobs.
 
 The worker part needs Redis, the API's dependencies and, for the real profile, its released weights
 (the worker loads no random ones); `--skip-worker` runs the in-process part alone, which needs no Redis
@@ -86,7 +90,20 @@ import torch
 from PIL import Image
 
 from bench._pipeline import Networks, UNetCalls, default_profile, networks, parse_device
-from bench._report import ALIGNED, DOC, REDIS_URL, ROOT, SHARED, header, percentile, write_section
+from bench._report import (
+    ALIGNED,
+    DOC,
+    REDIS_URL,
+    SHARED,
+    figure_link,
+    figure_path,
+    header,
+    percentile,
+    pyplot,
+    save_figure,
+    shown,
+    write_section,
+)
 from models import weights
 from models.dsst import DSSTable, default_table
 from models.pipeline import RestorationPipeline, auto_dtype, profile_weights
@@ -95,6 +112,7 @@ from models.profiles import PROFILES
 WEIGHTS = SHARED / "weights"
 #: How long a worker may take to load its pipeline and start the first job.
 LOAD_SECONDS = 300
+FIGURE = "batching_by_batch_size.png"
 
 
 @dataclasses.dataclass
@@ -167,6 +185,7 @@ class WorkerSetup:
 
     device: str
     profile: str
+    dtype: str  # DYNFACE_DTYPE
     weights_dir: Path
     table: Path  # the steps table as a `dynface dsst build` JSON file
     fidelity: float
@@ -175,9 +194,11 @@ class WorkerSetup:
     wait: float  # worker_batch_wait_seconds
 
 
-def worker_run(faces: list[Path], max_jobs: int, setup: WorkerSetup) -> tuple[Runs, list[np.ndarray], float]:
+def worker_run(
+    faces: list[Path], max_jobs: int, setup: WorkerSetup
+) -> tuple[Runs, list[np.ndarray], float, str]:
     """One worker taking `len(faces)` waiting one-face jobs with up to `max_jobs` per batch: its
-    times, the output images (job order) and the mean jobs per batch."""
+    times, the output images (job order), the mean jobs per batch and the dtype it says it loaded."""
     # The service's own dependencies and the test suite's helpers for a service in a namespace of its
     # own, imported here: the in-process part must run where they are not installed (a lent GPU).
     import redis
@@ -191,6 +212,7 @@ def worker_run(faces: list[Path], max_jobs: int, setup: WorkerSetup) -> tuple[Ru
         f"bench-batching-{uuid.uuid4().hex[:8]}",
         redis_url=REDIS_URL,  # $REDIS_URL, as every other bench (not the tests' own variable)
         profile=setup.profile,
+        dtype=setup.dtype,
         weights_dir=str(setup.weights_dir),
         offline=True,
         dsst_table=str(setup.table),
@@ -243,6 +265,8 @@ def worker_run(faces: list[Path], max_jobs: int, setup: WorkerSetup) -> tuple[Ru
         if starts != {setup.steps}:
             raise RuntimeError(f"expected start step {setup.steps} for every face, got {starts}")
         images = [np.asarray(Image.open(io.BytesIO(store.result(i, "image") or b""))) for i in ids]
+        # The pipeline's own report (/v1/models reads the same), while the worker is still registered.
+        (dtype,) = {w["info"]["dtype"] for w in store.workers()}
     finally:
         if worker is not None:
             worker.stop(signal.SIGTERM)
@@ -255,7 +279,7 @@ def worker_run(faces: list[Path], max_jobs: int, setup: WorkerSetup) -> tuple[Ru
         latency=[r["completed_at"] - first for r in records],
     )
     per_batch = len(records) / sum(1 / r["timings"]["batch_jobs"] for r in records)
-    return runs, images, per_batch
+    return runs, images, per_batch, dtype
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -296,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"the worker loads the real profile's released weights, which are not in {wdir}: pass "
             "--weights-dir, or --skip-worker for the in-process part alone (random weights)"
         )
+    if not args.no_write:
+        pyplot()
     head = header("Batching: B faces in one sampler loop vs one at a time (issue 8, item 3)", device)
     started = time.perf_counter()
 
@@ -345,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Across jobs: real worker processes; configurations alternate within a repeat.
     across: dict[int, tuple[Runs, int, list[float]]] = {b: (Runs(), 0, []) for b in worker_sizes}
+    worker_dtypes: set[str] = set()
     table_dir = tempfile.TemporaryDirectory()
     if not args.skip_worker:
         job_faces = sorted(args.faces_dir.glob("*.png"))[: args.jobs]
@@ -355,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup = WorkerSetup(
             str(device),
             profile.name,
+            dtype,
             wdir,
             table_file,
             args.fidelity,
@@ -366,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         images_of: dict[int, list[np.ndarray]] = {}
         # The configurations' order reversed in odd repeats, as the in-process ways alternate.
         for b in worker_sizes if repeat % 2 == 0 else worker_sizes[::-1]:
-            run, images_of[b], per_batch = worker_run(job_faces, b, setup)
+            run, images_of[b], per_batch, worker_dtype = worker_run(job_faces, b, setup)
+            worker_dtypes.add(worker_dtype)
             runs, max_diff, batch_sizes = across[b]
             for name in ("wall", "sample", "guide", "latency"):
                 getattr(runs, name).extend(getattr(run, name))
@@ -449,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.skip_worker
         else f"""- {args.jobs} one-face jobs (the first {args.jobs} aligned faces, job k seeded k, fidelity
   {args.fidelity}, the same DSST table) submitted while no worker ran; then one real worker process
-  (`python -m worker --device {device}`, profile `{profile.name}`, dtype auto, `max_face_batch` =
+  (`python -m worker --device {device}`, profile `{profile.name}`, dtype {", ".join(sorted(worker_dtypes))}
+  (as the worker reported it), `max_face_batch` =
   {max(worker_sizes)}, batch wait {args.wait} s) took them all. B = 1 is batching off. One worker
   process per configuration and repeat ({args.worker_repeats} repeat(s), the configurations' order
   reversed in odd repeats); its start-up is not counted. faces/s = jobs / (last completion − first
@@ -491,9 +521,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 ### Across jobs: the worker batching waiting jobs (`DYNFACE_WORKER_BATCH_MAX_JOBS` = B)
 
 {across_text}
+
+{figure_link("Faces/s and per-face latency by faces per forward", FIGURE)}
 """
     print(body)
     if not args.no_write:
+        plot(results, None if args.skip_worker else across, args.jobs, figure_path(FIGURE, args.doc))
         write_section("batching", body, args.doc)
 
 
@@ -516,10 +549,40 @@ def speed_up(values: list[float], noise: list[float] | None, reference: bool) ->
     return cell
 
 
-def shown(path: Path) -> str:
-    """A path as the report names it: relative to the checkout's parent (`shared/...`) where it can be."""
-    resolved = path.resolve()
-    return str(resolved.relative_to(ROOT.parent)) if resolved.is_relative_to(ROOT.parent) else str(path)
+def plot(
+    results: dict[int, tuple[Runs, Runs, int]],
+    across: dict[int, tuple[Runs, int, list[float]]] | None,
+    jobs: int,
+    out: Path,
+) -> None:
+    """faces/s and per-face latency p50 against B: in-process batched and one at a time (`results`),
+    and across jobs (`across`, None when the worker part did not run; `jobs` jobs per worker run)."""
+    plt = pyplot()
+    fig, (rate, latency) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    sizes = sorted(results)
+    series = [
+        ("in-process, one batched call", sizes, [(b, results[b][0]) for b in sizes], "-"),
+        ("in-process, one face at a time", sizes, [(b, results[b][1]) for b in sizes], "--"),
+    ]
+    if across is not None:
+        worker_sizes = sorted(across)
+        runs = [(jobs, across[b][0]) for b in worker_sizes]
+        series.append(("across jobs: worker, ≤ B jobs per batch", worker_sizes, runs, "-."))
+    for label, xs, faces_runs, style in series:
+        rate.plot(xs, [n / percentile(r.wall, 50) for n, r in faces_runs], style, marker="o", label=label)
+        latency.plot(xs, [percentile(r.latency, 50) for _, r in faces_runs], style, marker="o", label=label)
+    ticks = sorted(set(sizes) | set(across or ()))
+    for ax, ylabel in ((rate, "faces/s (whole call)"), (latency, "per-face latency p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(b) for b in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("B: faces per forward (in-process) / jobs per batch (worker)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    rate.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out)
 
 
 if __name__ == "__main__":

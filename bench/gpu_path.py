@@ -1,7 +1,8 @@
 """The GPU fast-path switches (models/speed.py `SpeedOptions`, the pipeline's `dtype`; `DYNFACE_*` in
 docs/configuration.md): time of one UNet call under each, and how far each one's output is from the
-plain fp32 path, on the device given; plus the pinned-memory copies, SDPA's default backend vs its
-math one, the restorer's layout, and the FLOP lower bound per face.
+plain fp32 path, on the device given; plus the pinned-memory copies (CUDA only: on CPU `to_device` and
+`to_host` hand the tensor back as it is, so no copy happens and there is nothing to time), SDPA's
+default backend vs its math one, the restorer's layout, and the FLOP lower bound per face.
 
 What is timed is the service's own code, not a re-implementation: each row builds a
 `RestorationPipeline` as the worker does (`dtype=`, `speed=SpeedOptions(...)`, outside inference
@@ -25,8 +26,11 @@ not started once `--budget-s` has passed are listed as skipped. Progress goes to
 
 Defaults by device: on CUDA the real profile's 512 px networks (the released weights where
 `--weights-dir` holds them, else the architecture with random weights, said in the report) and every
-row; on CPU the tiny profile and no compile rows (a smoke check of the script: CPU timings that say
-nothing about a GPU).
+row; on CPU the tiny profile and no compile or copy rows (a smoke check of the script: CPU timings that
+say nothing about a GPU).
+
+Figure (docs/benchmarks/gpu_path_speedup.png beside `--doc`, redrawn with every write of the section):
+each UNet row's speed-up over the reference and the restorer's channels_last over NCHW.
 
 Usage: .venv/bin/python -m bench.gpu_path [--device cuda[:N]|cpu] [--profile real|tiny]
        [--rows precision,sdpa,transfer,restorer,compile,cudagraphs] [--repeats N] [--budget-s S]
@@ -51,7 +55,7 @@ from pathlib import Path
 import torch
 
 from bench._pipeline import Networks, default_profile, networks, parse_device
-from bench._report import DOC, ROOT, header, write_section
+from bench._report import DOC, ROOT, figure_link, figure_path, header, pyplot, save_figure, write_section
 from models.dsst import default_table
 from models.pipeline import RestorationPipeline, auto_dtype
 from models.profiles import PROFILES
@@ -61,9 +65,10 @@ from models.unet import IDDPMUNet
 #: Row groups (`--rows`). The reference row always runs: every other row is compared with it.
 GROUPS = ("precision", "sdpa", "transfer", "restorer", "compile", "cudagraphs")
 #: On CPU: no compile rows by default (a cold compile of even the tiny UNet took minutes on this
-#: project's 2-core machine), and CUDA graphs do not exist there.
-CPU_GROUPS = ("precision", "sdpa", "transfer", "restorer")
+#: project's 2-core machine), and no CUDA graphs or copies: neither exists there.
+CPU_GROUPS = ("precision", "sdpa", "restorer")
 TIMESTEP = 500
+FIGURE = "gpu_path_speedup.png"
 
 
 def nfes() -> dict[str, int]:
@@ -434,12 +439,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--rows: unknown group(s) {unknown}; choose from {','.join(GROUPS)}")
     if "cudagraphs" in groups and not cuda:
         parser.error("--rows cudagraphs: CUDA graphs need a CUDA device")
+    if "transfer" in groups and not cuda:
+        parser.error(
+            "--rows transfer: on CPU `to_device` and `to_host` hand the tensor back as it is, so no copy "
+            "happens and there is nothing to time; use --device cuda"
+        )
     if min(args.batch, args.warmups, args.transfer_batch, args.restorer_rounds) < 1:
         parser.error("--batch, --warmups, --transfer-batch and --restorer-rounds must be ≥ 1")
     repeats = args.repeats or (20 if cuda else 5)
     profile = PROFILES[args.profile or default_profile(device)]
     if cuda:
         torch.cuda.set_device(device)  # pinned copies and the current stream on the device measured
+    if not args.no_write:
+        pyplot()
     started = time.perf_counter()
     head = header("GPU path: fast-path switches and the FLOP lower bound", device)
 
@@ -512,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if final:
             print(body)
         if not args.no_write:
+            plot(run, figure_path(FIGURE, args.doc))
             write_section("gpu_path", body, args.doc)
 
     # `timeout` ends a run with SIGTERM, which would skip the final write: ended as Ctrl-C instead.
@@ -568,6 +581,38 @@ def summary(r: Result) -> str:
     return f"{r.ms:.3f} ms median{first}{diff}{rel}{detail}"
 
 
+def plot(run: Run, out: Path) -> None:
+    """Each UNet row's speed-up over the reference and each restorer row's over NCHW, as bars from 1×
+    (log scale: fp16 on a CPU is ~50× slower); a row without a timing shows its error instead."""
+    plt = pyplot()
+    restorer = run.names("restorer")
+    ref_ms, nchw_ms = run.result(REFERENCE).ms, run.result(restorer[0]).ms if restorer else None
+    bars = [(row.name, ref_ms, "#1f77b4") for row in run.rows]
+    bars += [(name, nchw_ms, "#ff7f0e") for name in restorer]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(bars) + 1.8), dpi=110)
+    for k, (name, base, color) in enumerate(bars):
+        r = run.result(name)
+        if r.ms is None or base is None:
+            ax.text(1, k, f" {r.error or 'no timing'}"[:80], va="center", fontsize=7, color="#d62728")
+            continue
+        speed_up = base / r.ms
+        ax.barh(k, speed_up - 1, left=1, color=color)
+        ax.text(speed_up, k, f" {speed_up:.2f}×", va="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(bars)), [name for name, _, _ in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1, color="black", linewidth=1)
+    ax.set_xlabel("speed-up (log): reference ms ÷ row ms (UNet, blue); NCHW ms ÷ row ms (restorer, orange)")
+    kind = run.gpu_name or "CPU smoke check: CPU timings, NOT GPU ones"
+    ax.set_title(
+        f"{kind}; profile {run.nets.profile.name}, batch {run.args.batch}, median of {run.repeats} calls",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    save_figure(fig, out)
+
+
 def ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}×" if num and den else "—"
 
@@ -615,6 +660,21 @@ def report(run: Run, final: bool) -> str:
             f"| {name} | {r.detail} | {r.ms:.3f} | {float(r.detail) / r.ms:.1f} | {ratio(pageable, r.ms)} "
             f"| {r.diff:.1e} |"
         )
+
+    if not cuda:
+        copies_text = (
+            "Copies, pageable vs pinned (`DYNFACE_PIN_MEMORY`): not timed: on CPU `models.speed.to_device` / "
+            "`to_host`\nhand the tensor back as it is, so no copy happens and there is nothing to measure "
+            "(`--device cuda` times them)."
+        )
+    elif run.names("transfer"):
+        copies_text = f"""Copies, pageable vs pinned (`DYNFACE_PIN_MEMORY`), median of {run.repeats}
+synchronised calls; the pinned face copy includes its staging copy into pinned memory, as the service
+makes it:
+
+{chr(10).join(copies)}"""
+    else:
+        copies_text = "Copies, pageable vs pinned (`DYNFACE_PIN_MEMORY`): not run (`transfer` not in --rows)."
 
     restorer = run.names("restorer")
     rest = [
@@ -706,11 +766,7 @@ tensor-core figures (or the one given), not measured{example}:
 
 {chr(10).join(table)}
 
-Copies, pageable vs pinned (`DYNFACE_PIN_MEMORY`; used on CUDA only: on CPU `to_device` makes no copy and
-these rows are a smoke check), median of {run.repeats} synchronised calls; the pinned face copy includes
-its staging copy into pinned memory, as the service makes it:
-
-{chr(10).join(copies) if run.names("transfer") else "(not run: `transfer` not in --rows)"}
+{copies_text}
 
 Restorer, NCHW vs channels_last (`DYNFACE_CHANNELS_LAST`), at the service's default dtype
 ({auto_dtype(device)}), {args.restorer_rounds} interleaved round(s) of {run.repeats} calls:
@@ -718,6 +774,8 @@ Restorer, NCHW vs channels_last (`DYNFACE_CHANNELS_LAST`), at the service's defa
 {chr(10).join(rest) if restorer else "(not run: `restorer` not in --rows)"}
 
 {bound_text}
+
+{figure_link("Speed-up per option", FIGURE)}
 """
 
 

@@ -70,6 +70,9 @@ p50 (the "pipeline in worker − direct" hop takes the direct p50 out):
 - GET result: the image download (two-request flow; 0 in the one-request flow, whose answer is the
   image).
 
+Figure (docs/benchmarks/overhead_by_clients.png, linked from the section): overhead and service
+overhead, p50 and p95, against clients, one line per upload and flow.
+
 Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.overhead [--levels 1,10,50] [--jobs 20,60,300]
        [--direct 40] [--warmup 3] [--no-write]
 """
@@ -104,8 +107,12 @@ from bench._report import (
     REDIS_URL,
     ROOT,
     SHARED,
+    figure_link,
+    figure_path,
     header,
     percentile,
+    pyplot,
+    save_figure,
     service_env,
     wait_until_ok,
     write_section,
@@ -113,6 +120,7 @@ from bench._report import (
 from tests.conftest import purge
 
 TARGET_MS = 20.0
+FIGURE = "overhead_by_clients.png"
 WEIGHTS = SHARED / "weights"
 OPTIONS = {"aligned": "true", "seed": "0", "mode": "difface"}
 
@@ -360,6 +368,46 @@ def ms(values: list[float], q: float) -> str:
     return f"{percentile(values, q) * 1000:.1f}"
 
 
+def plot(rows: Sequence[Run], out: Path) -> None:
+    """Overhead (e2e − direct p50) and service overhead, p50 (solid) and p95 (dashed), against clients:
+    one colour per upload and flow (a 1-client-only series is a point)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    series = list(dict.fromkeys((r.name, r.flow) for r in rows))
+    colors = plt.get_cmap("tab10").colors
+    for (name, flow), color in zip(series, colors, strict=False):
+        runs = sorted((r for r in rows if (r.name, r.flow) == (name, flow)), key=lambda r: r.clients)
+        clients = [r.clients for r in runs]
+        for ax, attr in zip(axes, ("over", "service"), strict=True):
+            for q, style in ((50, "-"), (95, "--")):
+                values = [percentile(getattr(r, attr), q) * 1000 for r in runs]
+                ax.plot(clients, values, style, marker="o", color=color, label=f"{name}, {flow}, p{q}")
+    ticks = sorted({r.clients for r in rows})
+    for ax, title in zip(
+        axes,
+        (
+            "overhead = e2e − direct p50 (includes waiting behind other jobs)",
+            "service overhead = e2e − behind other jobs − inference",
+        ),
+        strict=True,
+    ):
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(c) for c in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("ms per job")
+        ax.set_title(title, fontsize=9)
+        ax.axhline(TARGET_MS, color="black", linestyle=":", linewidth=1, label=f"target {TARGET_MS:.0f} ms")
+        ax.grid(alpha=0.3)
+    # Queueing behind the one worker grows ~100× from 1 to 50 clients; symlog keeps the 1-client
+    # values (tens of ms, e2e − direct can dip below 0) readable next to it.
+    axes[0].set_yscale("symlog", linthresh=10)
+    axes[1].set_ylim(bottom=0)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    save_figure(fig, out)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -398,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"level of {clients} client(s) with {jobs} job(s): need at least 1 client and, with more "
                 "than one client, more jobs than clients (each client's first job is not counted)"
             )
+    if not args.no_write:
+        pyplot()
     head = header("Service overhead: API → Redis → worker vs the pipeline called directly")
     started = time.perf_counter()
 
@@ -610,9 +660,12 @@ another job there):
 
 With more than one client the one worker serialises the jobs, so the overhead column there is mostly
 queueing behind other jobs (capacity, not per-job cost).
+
+{figure_link("Overhead and service overhead by clients", FIGURE)}
 """
     print(body)
     if not args.no_write:
+        plot(rows, figure_path(FIGURE))
         write_section("overhead", body)
 
 

@@ -77,9 +77,14 @@ def load_section(res: LoadResult, settings: dict[str, int]) -> str:
     http = ", ".join(f"{code}: {n}" for code, n in sorted(res.http.items()))
     dup = sum(1 for j in res.final if res.webhooks[j] > 1)
     missing_hook = sum(1 for j in res.final if res.webhooks[j] == 0)
-    lat = res.latencies or [0.0]
+    lat = res.latencies
     lost_why = "".join(f"<br>`{j}`: {why}" for j, why in list(res.lost_why.items())[:5])
-    p50, p95 = percentile(lat, 50), percentile(lat, 95)
+    # No job reached a terminal state: no latency to give, not a latency of 0.
+    latency = (
+        f"{percentile(lat, 50):.1f} / {percentile(lat, 95):.1f} / {max(lat):.1f} s"
+        if lat
+        else "— (no job finished)"
+    )
     rate = len(res.final) / max(res.seconds, 1e-9)
     ttl = f"record_ttl {settings['record_ttl_seconds']} s, result_ttl {settings['result_ttl_seconds']} s"
     rss_rows = "\n".join(
@@ -99,7 +104,7 @@ def load_section(res: LoadResult, settings: dict[str, int]) -> str:
 | HTTP responses by status (submit, polls, image) | {http} |
 | 5xx responses / transport errors | {res.five_xx} / {len(res.transport_errors)} |
 | succeeded w/o image / webhooks missing / duplicated | {len(res.missing_images)} / {missing_hook} / {dup} |
-| submit → terminal, p50 / p95 / max | {p50:.1f} / {p95:.1f} / {max(lat):.1f} s |
+| submit → terminal, p50 / p95 / max | {latency} |
 | duration of the load (after warm-up) / throughput | {res.seconds:.0f} s / {rate:.2f} jobs/s |
 | TTLs used | {ttl} |
 

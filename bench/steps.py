@@ -3,16 +3,21 @@
 Set: the real aligned faces in ../shared/testdata/aligned, each degraded at every level of
 `models.degradations.SEVERITY_LEVELS` (mild → extreme slices of DifFace's training ranges).
 
+Pipeline: `RestorationPipeline.from_pretrained(--profile, weights_dir=--weights-dir)` on `--device`, dtype
+auto (as the worker): by default the tiny profile on CPU and the real one (its released weights, which
+must be in `--weights-dir`) on CUDA. Column A and the report's wording follow the weights it loaded.
+
 NFE per face = the respaced start index (DDIM runs start … 1, one UNet call per step; the run checks it
 by counting the UNet calls of one face sampled from each start it reports). The baseline is
 DifFace's fixed start (index 100 of ddim250). For `dynfacerestore` the start comes from the DSST table
 (models/data/dsst_default.json) at the blur level chosen for the face; three ways of choosing it are
 reported, because the pipeline's own choice depends on the restorer:
 
-A. pipeline, tiny profile: `RestorationPipeline._guide` — the exact decision code of `restore_faces`
-   (σ̂ of R(y) → smallest level σk ≥ σ̂ → DSST start), run without the sampling. On the tiny profile R is
-   a random network, so A is NOT what the real model would decide; it is reported only to show the
-   code path runs and is never a real-model number.
+A. pipeline: `RestorationPipeline._guide` — the exact decision code of `restore_faces` (σ̂ of R(y) →
+   smallest level σk ≥ σ̂ → DSST start), run without the sampling. With the real profile's released
+   weights it is the deployed pipeline's decision (training-free DBLM/DGSA fallbacks, as shipped). On
+   the tiny profile R is a random network, so A is NOT what the real model would decide: it only shows
+   the code path runs, and the report says so wherever it gives A.
 B. known σ: the DSST table applied to the degradation's own kernel blur √(σx·σy) (ground truth). Ignores
    the extra blur of the down/up-sampling and the noise/JPEG, and assumes R(y) keeps the input's blur.
 C. σ̂ of the input: the pipeline's blur estimator (`models.blur.estimate_blur_sigma`, the fallback's rule)
@@ -24,7 +29,11 @@ C. σ̂ of the input: the pipeline's blur estimator (`models.blur.estimate_blur_
 D. σ̂ of the blur only: the same estimator on the clean face blurred by the same kernel alone (no
    resampling, noise or JPEG), then the table: whether the estimator sees the kernel itself.
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.steps [--images 20] [--skip-tiny] [--no-write]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python -m bench.steps [--images 20] [--device cpu|cuda[:N]]
+       [--profile tiny|real] [--weights-dir DIR] [--skip-pipeline] [--no-write]
+The real model's figure: .venv/bin/python -m bench.steps --images 20 --profile real [--device cuda]
+(on CPU the real restorer at 512 px on every face, and the NFE count's up to 100 real UNet calls per
+start, take a long time).
 """
 
 from __future__ import annotations
@@ -40,16 +49,53 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._pipeline import UNetCalls
-from bench._report import ALIGNED, FIGURES, ROOT, SHARED, header, write_section
+from bench._pipeline import UNetCalls, default_profile, parse_device
+from bench._report import (
+    ALIGNED,
+    FIGURES,
+    SHARED,
+    figure_link,
+    header,
+    pyplot,
+    save_figure,
+    shown,
+    write_section,
+)
+from models import weights
 from models.blur import estimate_blur_sigma
 from models.degradations import SEVERITY_LEVELS, DegradedFace, blur_only, severity_set
 from models.dsst import DSSTable
-from models.pipeline import RestorationPipeline
+from models.pipeline import RestorationPipeline, profile_weights
+from models.profiles import PROFILES
 
 FIGURE = FIGURES / "steps_nfe_by_level.png"
+WEIGHTS = SHARED / "weights"
 #: Issue 8's target: mixed-set NFE per face at most this fraction of the baseline's.
 TARGET = 0.5
+
+
+@dataclass(frozen=True)
+class ColumnA:
+    """The pipeline whose own decision column A reports: only real weights make A a real-model number."""
+
+    real: bool
+    weights: str  # what its networks are, said wherever A's numbers are
+
+    @classmethod
+    def of(cls, pipe: RestorationPipeline) -> ColumnA:
+        if pipe.profile.real:
+            return cls(True, f"released weights ({', '.join(pipe.weight_versions.values())})")
+        return cls(False, "the tiny profile's toy networks (random weights, seed 0)")
+
+    @property
+    def name(self) -> str:
+        return "A: real pipeline" if self.real else "A: tiny pipeline ⚠"
+
+    @property
+    def legend(self) -> str:
+        if self.real:
+            return "A: pipeline's decision, real weights"
+        return "A: pipeline, tiny profile (random R) — not a real-model number"
 
 
 @dataclass
@@ -60,7 +106,7 @@ class Row:
     b_known: int
     c_input: int
     c_sigma_hat: float
-    a_tiny: int | None
+    a_pipeline: int | None
     a_sigma: float | None
     d_blur_only: int
     d_sigma_hat: float
@@ -84,7 +130,7 @@ def decide(
     faces: list[DegradedFace],
     images: list[np.ndarray],
     batch: int,
-    tiny: bool,
+    with_pipeline: bool,
 ) -> list[Row]:
     rows: list[Row] = []
     baseline_checked = False
@@ -97,13 +143,13 @@ def decide(
         d_hat = estimate_blur_sigma(to_tensor(blurred), table.face_power_spectrum).tolist()
         # noise_std None: measured on y itself, as restore_faces does for crops without a source photo.
         if not baseline_checked:  # the baseline's start through the pipeline's own code, once
-            g = pipe._guide(y[:1], "difface", None, None)
+            g = pipe._guide(y[:1].to(pipe.device), "difface", None, None)
             baseline = g.start[0]
             baseline_checked = True
         a_start: list[int | None] = [None] * len(chunk)
         a_sigma: list[float | None] = [None] * len(chunk)
-        if tiny:
-            g = pipe._guide(y, "dynfacerestore", None, None)
+        if with_pipeline:
+            g = pipe._guide(y.to(pipe.device), "dynfacerestore", None, None)
             a_start, a_sigma = list(g.start), list(g.sigma)
         for f, sh, ast, asg, dh in zip(chunk, sigma_hat.tolist(), a_start, a_sigma, d_hat, strict=True):
             rows.append(
@@ -114,7 +160,7 @@ def decide(
                     b_known=table.start_index_for(f.params.blur_sigma),
                     c_input=table.start_index_for(sh),
                     c_sigma_hat=sh,
-                    a_tiny=ast,
+                    a_pipeline=ast,
                     a_sigma=asg,
                     d_blur_only=table.start_index_for(dh),
                     d_sigma_hat=dh,
@@ -143,22 +189,16 @@ def count_nfe(pipe: RestorationPipeline, starts: Sequence[int]) -> dict[int, int
     return counted
 
 
-def plot(rows: list[Row], levels: list[str], tiny: bool, out: Path = FIGURE) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list[Row], levels: list[str], column_a: ColumnA | None, out: Path = FIGURE) -> None:
+    plt = pyplot()
     series = [
         ("difface baseline (fixed start)", "baseline", "#888888", None),
         ("B: DSST at known kernel σ", "b_known", "#1f77b4", None),
         ("C: DSST at σ̂ of degraded input", "c_input", "#2ca02c", None),
         ("D: DSST at σ̂ of blur-only input", "d_blur_only", "#9467bd", None),
     ]
-    if tiny:
-        series.append(
-            ("A: pipeline, tiny profile (random R) — not a real-model number", "a_tiny", "#d62728", "//")
-        )
+    if column_a is not None:
+        series.append((column_a.legend, "a_pipeline", "#d62728", None if column_a.real else "//"))
     x = np.arange(len(levels) + 1)
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
@@ -184,22 +224,23 @@ def plot(rows: list[Row], levels: list[str], tiny: bool, out: Path = FIGURE) -> 
     ax.legend(fontsize=7, loc="upper left")
     ax.set_ylim(0, base * 1.35)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    save_figure(fig, out)
 
 
 def report(
     head: str,
     rows: list[Row],
     levels: list[str],
-    tiny: bool,
+    column_a: ColumnA | None,
     args: argparse.Namespace,
     n_images: int,
     seconds: float,
     nfe_counted: dict[int, int],
+    table: DSSTable,
+    pipeline: str,
 ) -> str:
+    """The section: `column_a` None when column A was not run; `pipeline` says which pipeline made
+    the baseline check, the NFE count and (when run) column A."""
     base = rows[0].baseline
     checked = "counted for every start reported here, one face sampled per start: " + ", ".join(
         f"start {k} → {v} UNet calls" for k, v in sorted(nfe_counted.items())
@@ -220,8 +261,8 @@ def report(
         "D: σ̂ of blur only",
         "σ̂ of blur only",
     ]
-    if tiny:
-        cols.append("A: tiny pipeline ⚠")
+    if column_a is not None:
+        cols.append(column_a.name)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for lvl in [*levels, "mixed set"]:
         sel = rows if lvl == "mixed set" else [r for r in rows if r.level == lvl]
@@ -238,26 +279,18 @@ def report(
             stats("d_blur_only", sel),
             f"{np.median([r.d_sigma_hat for r in sel]):.2f} (median)",
         ]
-        if tiny:
-            cells.append(stats("a_tiny", sel))
+        if column_a is not None:
+            cells.append(stats("a_pipeline", sel))
         lines.append("| " + " | ".join(cells) + " |")
 
     def chosen(attr: str) -> str:
         c = Counter(getattr(r, attr) for r in rows)
         return ", ".join(f"start {k}: {v}" for k, v in sorted(c.items()))
 
-    mixed = {a: np.mean([getattr(r, a) for r in rows]) / base for a in ("b_known", "c_input", "d_blur_only")}
-    tiny_line = (
-        f"- A (tiny profile, random restorer — **not** a real-model number): {chosen('a_tiny')}; mixed-set "
-        f"ratio {np.mean([r.a_tiny for r in rows]) / base:.2f}×.\n"
-        if tiny
-        else "- A (tiny pipeline) skipped in this run (`--skip-tiny`).\n"
-    )
-
     def verdict(ratio: float) -> str:
         return f"{ratio:.2f}× — **{'met' if ratio <= TARGET else 'not met'}**"
 
-    proxies = {"b_known": "B", "d_blur_only": "D"}
+    mixed = {a: np.mean([getattr(r, a) for r in rows]) / base for a in ("b_known", "c_input", "d_blur_only")}
     verdicts = [
         f"- B (known σ), a proxy: the table's start for the true kernel blur, i.e. the NFE if R(y) kept the "
         f"input's blur and the estimator read it exactly: {verdict(mixed['b_known'])}.",
@@ -266,24 +299,55 @@ def report(
         f"- C (σ̂ of the degraded input): {verdict(mixed['c_input'])}, but **not a valid proxy**: the "
         "estimator outside its domain reads about 0 px and understates heavy faces' NFE.",
     ]
-    if tiny:
-        a_ratio = np.mean([r.a_tiny for r in rows]) / base
-        verdicts.append(
-            f"- A (tiny pipeline): {verdict(a_ratio)}, but **not a real-model number** (random restorer)."
-        )
+    proxies = {"b_known": "B", "d_blur_only": "D"}
     met = [name for attr, name in proxies.items() if mixed[attr] <= TARGET]
-    summary = (
-        f"Valid proxies meeting it: {', '.join(met) if met else 'none'} (of B, D). No column is the real "
-        "model's `dynfacerestore` NFE: that needs the real weights (column A with "
-        '`from_pretrained("real")`).'
-    )
+    summary = f"Valid proxies meeting it: {', '.join(met) if met else 'none'} (of B, D)."
+    a_ratio = np.mean([r.a_pipeline for r in rows]) / base if column_a is not None else None
+    if column_a is not None and column_a.real:
+        assert a_ratio is not None
+        a_meaning = (
+            f"- **{column_a.name}** — the pipeline's decision code (`_guide`: σ̂ of R(y) → level → start) "
+            f"with the real profile's {column_a.weights}: the deployed pipeline's NFE on these faces\n"
+            "  (training-free DBLM/DGSA fallbacks, as shipped).\n"
+        )
+        a_line = (
+            f"- A (real pipeline, {column_a.weights}): {chosen('a_pipeline')}; mixed-set ratio "
+            f"{a_ratio:.2f}×.\n"
+        )
+        verdicts.append(f"- A (the real pipeline's own decision): {verdict(a_ratio)}.")
+        summary += f" Column A, the real model's `dynfacerestore` NFE: {verdict(a_ratio)}."
+    else:
+        a_meaning = (
+            "- No column here is a real-model measurement: that needs the real weights (`dynface weights "
+            "pull`) and this script with `--profile real` (column A then becomes the real decision).\n"
+        )
+        summary += (
+            " No column is the real model's `dynfacerestore` NFE: that is column A with `--profile real`."
+        )
+        if column_a is None:
+            a_line = "- A (the pipeline's decision) skipped in this run (`--skip-pipeline`).\n"
+        else:
+            assert a_ratio is not None
+            a_meaning = (
+                f"- **{column_a.name}** — the pipeline's real decision code (`_guide`) with the **tiny "
+                "profile's random\n  restorer**. It exercises the code path; its numbers say nothing about "
+                "the real model.\n" + a_meaning
+            )
+            a_line = (
+                f"- A (tiny profile, random restorer — **not** a real-model number): {chosen('a_pipeline')}; "
+                f"mixed-set ratio {a_ratio:.2f}×.\n"
+            )
+            verdicts.append(
+                f"- A (tiny pipeline): {verdict(a_ratio)}, but **not a real-model number** (random restorer)."
+            )
     return (
         head
-        + f"""- set: {n_images} real aligned faces (`../shared/testdata/aligned`, sorted, first {n_images}) ×
+        + f"""- set: {n_images} real aligned faces (`{shown(ALIGNED)}`, sorted, first {n_images}) ×
   {len(levels)} levels ({", ".join(levels)}) × {args.per_image} draw(s), seed {args.seed} →
   {len(rows)} degraded faces (`models.degradations.severity_set`); run took {seconds:.0f} s.
+- pipeline (baseline check, NFE count, column A): {pipeline}.
 - DSST table: `models/data/dsst_default.json`, σk → start = {
-            dict(zip(TABLE.sigmas, TABLE.start_indices, strict=True))
+            dict(zip(table.sigmas, table.start_indices, strict=True))
         } (analytic builder, P_face from
   the same low-quality test faces; not validated empirically). Baseline start checked through
   `RestorationPipeline._guide(mode="difface")`: {base}.
@@ -305,62 +369,80 @@ What each column means — read before quoting a number:
 - **D: σ̂ of blur only** — the same estimator on the clean face blurred by the same kernel only (no
   resampling, noise or JPEG): whether the estimator sees the kernel itself. σ̂ columns give the median
   estimate in px at 512 (clamped to 8 px).
-- **A: tiny pipeline ⚠** — the pipeline's real decision code (`_guide`) with the **tiny profile's random
-  restorer**. It exercises the code path; its numbers say nothing about the real model.
-- No column here is a real-model measurement: that needs the real weights (`dynface weights pull`) and
-  `RestorationPipeline.from_pretrained("real")` in this same script (column A then becomes the real decision).
-
+{a_meaning}
 {chr(10).join(lines)}
 
 Cells: mean NFE per face (ratio to the baseline). Starts chosen — B: {chosen("b_known")}; C: {
             chosen("c_input")
         }; D: {chosen("d_blur_only")}.
-{tiny_line}
+{a_line}
 Issue 8 target: mixed-set NFE ≤ {TARGET}× the baseline's. Per column:
 {chr(10).join(verdicts)}
 
 {summary}
 
-![NFE per face by level](benchmarks/{FIGURE.name})
+{figure_link("NFE per face by level", FIGURE.name)}
 """
     )
 
 
-TABLE: DSSTable
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    global TABLE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=20, help="aligned faces to use (of 20)")
     p.add_argument("--per-image", type=int, default=1, help="draws per face and level")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=4, help="faces per restorer forward in path A")
-    p.add_argument("--skip-tiny", action="store_true", help="skip path A (the tiny profile's restorer)")
+    p.add_argument("--batch", type=int, default=4, help="faces per restorer forward in column A")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: real on CUDA, tiny on CPU")
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=WEIGHTS,
+        help="the real profile's released weights, and the detector's",
+    )
+    p.add_argument(
+        "--skip-pipeline", action="store_true", help="skip column A (the pipeline's restorer on every face)"
+    )
     p.add_argument(
         "--no-write", action="store_true", help="print, do not write docs/benchmarks.md or the figure"
     )
     args = p.parse_args(argv)
+    device = parse_device(p, args.device)
+    profile = PROFILES[args.profile or default_profile(device)]
+    wdir = args.weights_dir
+    if profile.real and weights.missing_for(profile_weights(profile, wdir), wdir):
+        p.error(
+            f"--profile real needs the real profile's released weights, which are not in {wdir}: pass "
+            "--weights-dir (`dynface weights pull` fetches them)"
+        )
+    if not args.no_write:
+        pyplot()
     # Before the run, as every bench: the date and how busy the CPUs were are the start's.
-    head = header("Steps: NFE per face, dynfacerestore vs difface")
+    head = header("Steps: NFE per face, dynfacerestore vs difface", device)
     t0 = time.perf_counter()
     images = load_faces(args.images)
     print(f"degrading {len(images)} faces × {len(SEVERITY_LEVELS)} levels", flush=True)
     faces = severity_set(images, seed=args.seed, per_image=args.per_image)
-    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=SHARED / "weights", max_batch=args.batch)
-    TABLE = pipe.dsst
-    rows = decide(pipe, TABLE, faces, images, args.batch, tiny=not args.skip_tiny)
+    pipe = RestorationPipeline.from_pretrained(
+        profile.name, weights_dir=wdir, max_batch=args.batch, device=device, dtype="auto"
+    )
+    column_a = ColumnA.of(pipe)
+    rows = decide(pipe, pipe.dsst, faces, images, args.batch, with_pipeline=not args.skip_pipeline)
     starts = {r.baseline for r in rows} | {r.b_known for r in rows} | {r.c_input for r in rows}
-    starts |= {r.d_blur_only for r in rows} | {r.a_tiny for r in rows if r.a_tiny is not None}
+    starts |= {r.d_blur_only for r in rows} | {r.a_pipeline for r in rows if r.a_pipeline is not None}
     nfe_counted = count_nfe(pipe, sorted(starts))
     levels = list(SEVERITY_LEVELS)
-    body = report(
-        head, rows, levels, not args.skip_tiny, args, len(images), time.perf_counter() - t0, nfe_counted
+    shown_a = None if args.skip_pipeline else column_a
+    pipeline = (
+        f'`RestorationPipeline.from_pretrained("{profile.name}")` on `{device}`, dtype {pipe.dtype_name}, '
+        f"{column_a.weights}"
     )
+    seconds = time.perf_counter() - t0
+    body = report(head, rows, levels, shown_a, args, len(images), seconds, nfe_counted, pipe.dsst, pipeline)
     if args.no_write:
         print(body)
         return
-    plot(rows, levels, tiny=not args.skip_tiny)
+    plot(rows, levels, shown_a)
     write_section("steps", body)
 
 
