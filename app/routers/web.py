@@ -4,13 +4,17 @@ Only the files in that folder are served, by name, from a fixed table built at i
 joined from the request). Every response carries ``nosniff`` and a Content-Security-Policy that allows
 our own scripts and styles only: the page never inserts server text as HTML, and results are shown
 from ``blob:`` URLs (fetched with the API key header when keys are on). Hidden from the OpenAPI document.
+
+The files are sent with ``Cache-Control: no-cache`` (a new release is picked up at once) and an ETag: a
+browser's revalidation (``If-None-Match``) is answered 304 Not Modified, without the file.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
 from app.errors import ApiError
@@ -56,19 +60,33 @@ _FILES = {
 router = APIRouter(include_in_schema=False)
 
 
-def _file(name: str) -> FileResponse:
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    """Whether an If-None-Match header names ``etag`` (RFC 9110 §13.1.2): ``*``, or a list of entity
+    tags compared weakly (a ``W/`` prefix on either side is ignored)."""
+    if if_none_match.strip() == "*":
+        return True
+    ours = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == ours for tag in if_none_match.split(","))
+
+
+def _file(name: str, request: Request) -> Response:
     entry = _FILES.get(name)
     if entry is None:
         raise ApiError(404, "not_found", f"No static file {name!r}.")
     path, media_type = entry
-    return FileResponse(path, media_type=media_type, headers=SECURITY_HEADERS)
+    response = FileResponse(path, media_type=media_type, headers=SECURITY_HEADERS, stat_result=os.stat(path))
+    etag = response.headers["etag"]
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers={**SECURITY_HEADERS, "ETag": etag})
+    return response
 
 
 @router.get("/")
-def index() -> FileResponse:
-    return _file("index.html")
+def index(request: Request) -> Response:
+    return _file("index.html", request)
 
 
 @router.get("/static/{name}")
-def static_file(name: str) -> FileResponse:
-    return _file(name)
+def static_file(name: str, request: Request) -> Response:
+    return _file(name, request)

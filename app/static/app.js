@@ -7,6 +7,8 @@ const KEY_STORAGE = "dynface.apiKey";
 // What an HTTP header value can carry and the server can match; anything else makes fetch() throw.
 const API_KEY_PATTERN = /^[\x21-\x7e]+$/;
 const JOB_ID_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
+// Where the API takes submissions, relative to the page (see pageUrl).
+const JOBS_PATH = "v1/restorations";
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
 // Poll cadence: fast only while the worker reports steps; a queued GET reads the queue position from
@@ -28,6 +30,14 @@ const SUBMIT_RETRY_MS = [1000, 2000, 4000];
 // takes that request to have failed. Counted from the end of the upload, not from send() as
 // `xhr.timeout` would be: a 20 MB photo on a slow link takes minutes to upload.
 const ANSWER_TIMEOUT_MS = 60000;
+// Refusals of a submission that the first try with its Idempotency-Key got too, had it arrived: they
+// answer the photo and options themselves (invalid, too large, an unsupported format). Any other
+// refusal (401, 429, a full queue) may come and go, so after a try that went unanswered it does not
+// tell whether that try stored a job.
+const REFUSED_FOR_GOOD = new Set([400, 413, 415, 422]);
+// The box drawing of the faces is at most this wide and high: a canvas of the photo's full size (up to
+// 40 MP) is over what some browsers draw (iOS Safari leaves it blank).
+const BOXES_MAX_SIDE = 2048;
 // What an error answer that is not our JSON (a proxy's HTML 413 or 502) means, by its status.
 const STATUS_CODE = {
   401: "unauthorized",
@@ -46,7 +56,8 @@ const ERROR_TEXT = {
   too_many_pixels: "The photo has too many pixels. Try a smaller image.",
   invalid_image: "This file is not an image that can be read. Pick a photo in PNG, JPEG, WebP, BMP, TIFF " +
     "or GIF format.",
-  unsupported_format: "This image format is not supported. Use PNG, JPEG, WebP, BMP, TIFF or GIF.",
+  unsupported_format: "This image format is not supported (nor is HEIC, the format of many phone photos). " +
+    "Save the photo as JPEG or PNG and pick that file; WebP, BMP, TIFF and GIF work too.",
   not_square: "“Already an aligned 512×512 face” needs a square face crop, and this photo is not square. " +
     "Untick it to restore the faces in a whole photo.",
   no_face: "No face was found in the photo. Try one with a larger, clearer face " +
@@ -108,8 +119,9 @@ const state = {
   file: null, // the photo picked for the next submission
   inputUrl: null,
   fileSize: null, // a promise of the picked photo's {width, height}, null if the browser cannot read it
-  // The last submission whose outcome is unknown (no answer, a 5xx): submitting the same photo and
-  // options again reuses its Idempotency-Key, so a job it did make is found rather than made twice.
+  // The last submission whose outcome is unknown (no answer, a 5xx): submitting the same photo (the
+  // same file, picked again or not) and options again reuses its Idempotency-Key, so a job it did make
+  // is found rather than made twice.
   unsure: null,
   // The API key when sessionStorage cannot be used (it throws where the browser blocks site data).
   memoryKey: null,
@@ -151,6 +163,12 @@ function storeKey(key) {
 }
 
 // ---------------------------------------------------------------- API
+
+// The page's URLs are relative to its base (document.baseURI), never to the host's root: served
+// behind a proxy under a path prefix (uvicorn --root-path), the API is under that prefix too.
+function pageUrl(path) {
+  return new URL(path, document.baseURI).href;
+}
 
 function authHeaders() {
   const key = storedKey();
@@ -326,7 +344,7 @@ async function checkService() {
   const box = $("notice");
   try {
     // with the key (when one is set) the reasons are the detailed ones
-    const response = await fetch("/readyz", { headers: authHeaders() });
+    const response = await fetch(pageUrl("readyz"), { headers: authHeaders() });
     const ready = await response.json();
     if (ready.auth === "api_key") showKeyPanel();
     const reasons = Array.isArray(ready.reasons) ? ready.reasons.map(String) : [];
@@ -448,6 +466,9 @@ function startRun(inputUrl, jobId = null) {
     // A try's whole photo has been sent, or a try ended with no answer saying what became of it: the
     // API may have stored the job, so Cancel must find it (and delete it) rather than only stop.
     mayHaveJob: false,
+    // A try with this submission's Idempotency-Key (here, or in the earlier unsure submission whose key
+    // it reuses) got no answer saying what became of it.
+    unanswered: false,
     cancelRequested: false,
     stoppedBy: null, // the error code that ended polling, if one did
   };
@@ -475,8 +496,8 @@ function jobFromAddress() {
   return match && JOB_ID_PATTERN.test(match[1]) ? match[1] : null;
 }
 
-function jobPath(id) {
-  return `/v1/restorations/${encodeURIComponent(id)}`;
+function jobUrl(id) {
+  return pageUrl(`${JOBS_PATH}/${encodeURIComponent(id)}`);
 }
 
 async function submit() {
@@ -494,11 +515,13 @@ async function submit() {
         throw new ApiFailure("not_square", `The photo is ${size.width}×${size.height} pixels.`);
       }
     }
-    const signature = JSON.stringify(options);
+    // The same photo is the same file, not the same File object: picked again, it is a new one.
+    const signature = JSON.stringify([file.name, file.size, file.lastModified, file.type, options]);
     const unsure = state.unsure;
-    const same = unsure && unsure.file === file && unsure.signature === signature;
+    const same = Boolean(unsure) && unsure.signature === signature;
     const key = same ? unsure.key : newIdempotencyKey();
-    state.unsure = { file, signature, key }; // until an answer says what became of it
+    state.unsure = { signature, key }; // until an answer says what became of it
+    run.unanswered = same;
     const job = await submitWithRetries(run, formData(file, options), key);
     if (!isCurrent(run)) return;
     state.unsure = null;
@@ -519,10 +542,14 @@ async function submit() {
       // the job may exist: state.unsure keeps its key, so submitting again finds it
       if (run.cancelRequested) return showMessage("cancel_unconfirmed", err.message);
     } else if (err instanceof ApiFailure && err.status > 0) {
-      // The API answered, refusing the photo: no job was stored. (A refusal of the page's own, such as
-      // not_square, sent nothing, and leaves an earlier unsure submission's key as it was.)
-      state.unsure = null;
-      if (run.cancelRequested) return showMessage("upload_canceled", err.message, null, "info");
+      // The API answered, refusing the photo: this try stored no job, and no earlier one did when none
+      // went unanswered or when it would have been refused the same. Otherwise state.unsure keeps the
+      // key. (A refusal of the page's own, such as not_square, sent nothing, and leaves an earlier
+      // unsure submission's key as it was.)
+      const noJob = !run.unanswered || REFUSED_FOR_GOOD.has(err.status);
+      if (noJob) state.unsure = null;
+      if (run.cancelRequested && noJob) return showMessage("upload_canceled", err.message, null, "info");
+      if (run.cancelRequested) return showMessage("cancel_unconfirmed", err.message);
     }
     return showFailure(err);
   }
@@ -537,9 +564,12 @@ function retryableSubmit(err) {
 async function submitWithRetries(run, form, key) {
   for (let attempt = 0; ; attempt += 1) {
     try {
-      return await postForm(run, "/v1/restorations", form, { "Idempotency-Key": key });
+      return await postForm(run, pageUrl(JOBS_PATH), form, { "Idempotency-Key": key });
     } catch (err) {
-      if (err instanceof ApiFailure && retryableSubmit(err)) run.mayHaveJob = true;
+      if (err instanceof ApiFailure && retryableSubmit(err)) {
+        run.mayHaveJob = true;
+        run.unanswered = true;
+      }
       const retry = err instanceof ApiFailure && retryableSubmit(err) && attempt < SUBMIT_RETRY_MS.length;
       if (!retry || !isCurrent(run)) throw err;
       showMessage("reconnecting", err.message, null, "info");
@@ -566,7 +596,7 @@ async function poll(run) {
   run.inFlight = true;
   let job;
   try {
-    job = await (await api(jobPath(run.jobId), { signal: run.abort.signal })).json();
+    job = await (await api(jobUrl(run.jobId), { signal: run.abort.signal })).json();
   } catch (err) {
     if (!isCurrent(run)) return;
     run.inFlight = false;
@@ -660,7 +690,7 @@ function cancel() {
 
 async function requestCancel(run) {
   try {
-    await api(jobPath(run.jobId), { method: "DELETE", signal: run.abort.signal });
+    await api(jobUrl(run.jobId), { method: "DELETE", signal: run.abort.signal });
   } catch (err) {
     if (!isCurrent(run) || err.name === "AbortError") return;
     run.cancelRequested = false; // the job goes on: Cancel may be tried again
@@ -750,13 +780,13 @@ function loadImage(img, src) {
   });
 }
 
-// A result URL from the job JSON, fetched where this page fetches the job itself (`jobPath`): the
-// job's URLs carry the public base URL (maybe another origin, or a path prefix a proxy strips), which
-// need not be this page's (connect-src 'self').
-function ownPath(url) {
-  const parsed = new URL(url, location.href);
-  const at = parsed.pathname.indexOf(jobPath(""));
-  return (at >= 0 ? parsed.pathname.slice(at) : parsed.pathname) + parsed.search;
+// A result URL from the job JSON, fetched where this page fetches the job itself (`jobUrl`): its part
+// from JOBS_PATH on, on the page's base. The job's URLs carry the API's public base URL (maybe another
+// origin, or a path prefix the API does not know of), which need not be this page's (connect-src 'self').
+function resultUrl(url) {
+  const parsed = new URL(url, document.baseURI);
+  const at = parsed.pathname.indexOf(`/${JOBS_PATH}/`);
+  return pageUrl((at >= 0 ? parsed.pathname.slice(at + 1) : parsed.pathname) + parsed.search);
 }
 
 async function showResults(run, job) {
@@ -769,7 +799,7 @@ async function showResults(run, job) {
     showMessage("no_result", "", null, "info");
     return;
   }
-  const image = await blobUrl(ownPath(main), signal);
+  const image = await blobUrl(resultUrl(main), signal);
   if (!isCurrent(run)) return;
   const link = $("download-image");
   link.href = image.url;
@@ -781,19 +811,19 @@ async function showResults(run, job) {
   await loadImage($("after"), image.url);
   if (!isCurrent(run)) return;
   $("results").dataset.loaded = "true";
-  if (await beforeLoaded) {
-    if (!isCurrent(run)) return;
-    drawBoxes(before, job.faces || []);
-  } else {
-    $("results").classList.add("no-before"); // resumed after a reload, or a format this browser cannot show
-  }
+  const beforeShown = await beforeLoaded;
+  if (!isCurrent(run)) return;
+  // resumed after a reload, or a format this browser cannot show
+  if (!beforeShown) $("results").classList.add("no-before");
 
   const faces = Array.isArray(outputs.faces) ? outputs.faces : [];
   for (const [k, url] of faces.entries()) {
-    const face = await blobUrl(ownPath(url), signal);
+    const face = await blobUrl(resultUrl(url), signal);
     if (!isCurrent(run)) return;
     $("faces").append(faceItem(job.id, k, face));
   }
+  // last: should drawing fail, the faces are listed all the same
+  if (beforeShown) drawBoxes(before, job.faces || []);
 }
 
 function faceItem(jobId, k, face) {
@@ -810,25 +840,27 @@ function faceItem(jobId, k, face) {
   return li;
 }
 
+// Shown once drawn: a drawing that fails half way is not left on screen.
 function drawBoxes(img, faces) {
   const canvas = $("boxes");
-  canvas.hidden = false;
   const n = faces.length;
   canvas.setAttribute("aria-label", `Your photo with its ${n} detected face${n === 1 ? "" : "s"} outlined and numbered`);
-  canvas.width = img.naturalWidth;
-  canvas.height = img.naturalHeight;
+  const scale = Math.min(1, BOXES_MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+  canvas.width = Math.round(img.naturalWidth * scale);
+  canvas.height = Math.round(img.naturalHeight * scale);
   const ctx = canvas.getContext("2d");
-  ctx.drawImage(img, 0, 0);
+  ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
   const line = Math.max(2, Math.round(canvas.width / 300));
   ctx.lineWidth = line;
   ctx.strokeStyle = "#34e07a";
   ctx.fillStyle = "#34e07a";
   ctx.font = `bold ${line * 8}px sans-serif`;
   faces.forEach((face, k) => {
-    const [x0, y0, x1, y1] = face.box.map(Number);
+    const [x0, y0, x1, y1] = face.box.map((v) => Number(v) * scale);
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
     ctx.fillText(String(k + 1), x0 + line * 2, y0 + line * 9);
   });
+  canvas.hidden = false;
 }
 
 // ---------------------------------------------------------------- wiring
