@@ -281,7 +281,7 @@ class RestorationPipeline:
         self.dsst = dsst or default_table()
         self.schedule = RespacedSchedule.from_spec(profile.method.respacing)
         _check_parts(profile, self.dsst, self.dblm)
-        self.weights_dir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
+        self.weights_dir = weights.resolve_dir(weights_dir)
         self.max_batch = max_batch
         self.max_pixels = max_pixels
         # Bounds a job's time on crowd photos; a request may lower it, never raise it.
@@ -307,7 +307,8 @@ class RestorationPipeline:
     ) -> RestorationPipeline:
         """`"tiny"`: toy networks with seeded random weights (not a restoration, flagged everywhere).
         `"real"` or a directory: DifFace's released prior and restorer from the weights directory
-        (a path given here is used as that directory). With `download`, files the profile needs
+        (a path given here is used as that directory; `weights.profile_and_dir` reads both, as the
+        worker's report and `dynface weights` do). With `download`, files the profile needs
         and lacks are fetched first (unless $DYNFACE_OFFLINE), then its optional files (parsing
         net, other detector) on a best-effort basis; otherwise missing required files raise
         `MissingWeightsError` naming them and the command that fetches them.
@@ -317,7 +318,8 @@ class RestorationPipeline:
         super-resolution model: one more required file for the real profile; the tiny profile gets a
         seeded random toy version of it and never reads or fetches the real file. These come only from
         the arguments: the worker passes its Settings, the CLI its flags and DYNFACE_* variables."""
-        profile = PROFILES["tiny" if str(name_or_path) == "tiny" else "real"]
+        profile_name, wdir = weights.profile_and_dir(str(name_or_path), weights_dir)
+        profile = PROFILES[profile_name]
         # Before the big networks load, so a mismatched file fails at once (and cheaply, on a retry).
         try:
             parts = _trained_parts(profile, dsst_table, dblm_weights, dgsa_weights, kwargs.get("dsst"))
@@ -325,9 +327,6 @@ class RestorationPipeline:
             raise ConfigurationError(str(e)) from e
         kwargs.update(parts)
         background_config = background_config or bg.BackgroundConfig()
-        if str(name_or_path) not in PROFILES:
-            weights_dir = Path(name_or_path)
-        wdir = Path(weights_dir) if weights_dir is not None else weights.weights_dir()
         required = [
             *profile_weights(profile, wdir),
             *(background_config.weight_names if profile.real else ()),
@@ -1074,40 +1073,40 @@ _NOT_THE_FILE = (ImportError, AttributeError, TypeError, NameError, AssertionErr
 
 @contextmanager
 def loading_weights(names: Sequence[str], weights_dir: Path) -> Iterator[None]:
-    """Turn a failure to read or load the file of manifest entry `names[0]` (with the files of the others
-    it comes with) into `weights.UnloadableWeightsError` naming it and the `--force` pull that replaces
-    it: torch's and safetensors' read errors (an empty or cut-short file, another format), missing or
+    """Load the file of manifest entry `names[0]` (with the files of the others it comes with) only if
+    it can be trusted, and name it with its fix when it does not load.
+
+    First the files whose sha256 is pinned (the detectors and the parser, up to ~110 MB: ~0.1 s) are
+    hashed, wherever they came from (a pull checked them, but not a hand copy of an offline host's):
+    one that does not match raises `weights.UnloadableWeightsError`, not loaded. Then a failure to
+    read or load becomes that error too, naming the file and the `--force` pull that replaces it:
+    torch's and safetensors' read errors (an empty or cut-short file, another format), missing or
     mismatched keys (another network's checkpoint). A worker then waits in `missing_weights` rather
-    than exiting on an error that names no file. Passed through: a file that is not there
-    (MissingWeightsError), OS errors (permissions), running out of memory and device errors (a
-    detector loads onto the device), errors of the code rather than the file (`_NOT_THE_FILE`), and
-    any error loading files whose sha256 is pinned and matches (the published files, so the fault is
-    elsewhere): a fresh copy would fix none of them."""
+    than exiting on an error that names no file. A file this process may not read raises
+    `weights.UnreadableWeightsError` saying how to make it readable (a worker: `misconfigured`).
+    Passed through: a file that is not there (MissingWeightsError), other OS errors, running out of
+    memory and device errors (a detector loads onto the device), errors of the code rather than the
+    file (`_NOT_THE_FILE`), and any error loading files that are all pinned (and matched: the published
+    files, so the fault is elsewhere): a fresh copy would fix none of them."""
+    entries = [m for m in weights.MANIFEST if m.name in names]
+    pinned = [m.name for m in entries if m.sha256 is not None]
+    for status in weights.verify(weights_dir, names=pinned) if pinned else ():
+        if status.state == "corrupt":  # a missing one is left to the loader, which says what it needs
+            raise weights.UnloadableWeightsError(names, weights_dir, status.path, status.detail)
     try:
         yield
+    except PermissionError as e:
+        path = e.filename or (weights_dir / entries[0].path if entries else weights_dir)
+        raise weights.UnreadableWeightsError(names, path, e) from e
     except (OSError, MemoryError, torch.OutOfMemoryError, torch.AcceleratorError, *_NOT_THE_FILE):
         raise
     except Exception as e:
-        entry = next((m for m in weights.MANIFEST if m.name == names[0]), None)
-        if entry is None:  # not a published file (an unknown detector name): not a file's fault
-            raise
-        if _published(names, weights_dir):
+        entry = next((m for m in entries if m.name == names[0]), None)
+        # Not a published file (an unknown detector name), or the published one: not the file's fault.
+        if entry is None or len(pinned) == len(entries):
             raise
         path = weights_dir / entry.path
         raise weights.UnloadableWeightsError(names, weights_dir, path, _load_problem(e)) from e
-
-
-def _published(names: Sequence[str], weights_dir: Path) -> bool:
-    """Whether every file of `names` has a pinned sha256 and matches it. Hashed only once a load has
-    failed, and only pinned files are (the detectors and the parser, up to ~110 MB)."""
-    entries = [m for m in weights.MANIFEST if m.name in names]
-    if not entries or any(m.sha256 is None for m in entries):
-        return False
-    try:
-        found = weights.verify(weights_dir, names=[m.name for m in entries], manifest=weights.MANIFEST)
-    except OSError:  # unreadable now: nothing shows the file is sound
-        return False
-    return all(status.state == "present" for status in found)
 
 
 def real_networks(profile: Profile, weights_dir: Path) -> tuple[IDDPMUNet, SwinIR, dict[str, str]]:
@@ -1146,12 +1145,13 @@ def _load_prior(weights_dir: Path, names: tuple[str, ...], config: dict[str, Any
 
 
 def _optional_parser(weights_dir: Path, device: torch.device) -> face_ops.FaceParser | None:
-    """The face parser where its (optional) file is there; one that does not load is logged with its
-    fix and left out, as an absent one is: paste-back then uses the feathered crop mask."""
+    """The face parser where its (optional) file is there; one that does not load, or cannot be read
+    (an OS error: permissions, say), is logged with its fix and left out, as an absent one is:
+    paste-back then uses the feathered crop mask."""
     try:
         with loading_weights(["parsenet"], weights_dir):
             return face_ops.FaceParser.if_available(weights_dir, device)
-    except weights.UnloadableWeightsError as e:
+    except OSError as e:  # UnloadableWeightsError and UnreadableWeightsError included
         log.warning("running without the optional face parser: %s", e)
         return None
 

@@ -12,6 +12,7 @@ weights-manifest format (`models.weights.WeightFile`: size + sha256) so a publis
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -43,13 +44,30 @@ def build_net(kind: Kind, arch: dict[str, Any]) -> nn.Module:
 
 
 def save(net: nn.Module, kind: Kind, arch: dict[str, Any], path: str | Path, **info: Any) -> Path:
-    """Write `net`'s weights to `path` (.safetensors) and its architecture + `info` to the JSON beside it."""
+    """Write `net`'s weights to `path` (.safetensors) and its architecture + `info` to the JSON beside it.
+
+    Both are written to temp files and synced first, then renamed over the old pair one after the
+    other (as `models.train._save_checkpoint` does): a failed or interrupted write (full disk, Ctrl-C)
+    leaves the old files as they were and no temp file, never a torn file under the name a worker loads.
+    """
     path = Path(path)
+    meta_file = config_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared or non-contiguous storage: give it plain CPU copies.
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
     meta = {"format": FORMAT, "kind": kind, "arch": arch, **info}
-    config_path(path).write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp_weights, tmp_meta = (f.with_name(f".{f.name}.tmp") for f in (path, meta_file))
+    try:
+        # safetensors refuses shared or non-contiguous storage: give it plain CPU copies.
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp_weights))
+        tmp_meta.write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
+        for tmp in (tmp_weights, tmp_meta):
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())  # the data reaches the disk before the rename does
+        os.replace(tmp_weights, path)
+        os.replace(tmp_meta, meta_file)
+    except BaseException:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+        raise
     return path
 
 

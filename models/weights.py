@@ -8,8 +8,11 @@ that later loads as garbage.
 
 Checksums: a pinned sha256 is recorded only where it was verified from an independent source;
 where it is None the file is reported "unverified (no pinned checksum)" rather than "present"; a
-plain pull keeps such a file as it is, `dynface weights pull --force` fetches it again.
-This module is torch-free so the API's /readyz can use it.
+plain pull keeps such a file as it is, `dynface weights pull --force` fetches it again. A pinned
+sha256 is checked after each download and again before the file is loaded (`models.pipeline.loading_weights`).
+
+The weights dir is always read by one rule, `resolve_dir` (and `profile_and_dir` for a profile that is
+a path), so the worker, the pipeline and `dynface weights` agree on where the files are.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -69,7 +73,8 @@ class WeightFile:
 #: CodeFormer's mirror of the same asset has the same size, but that facexlib's own release
 #: asset is byte-identical was not verified offline. DifFace's release assets and the Hugging
 #: Face files have no published checksums we could check offline: size and sha256 are None,
-#: except the two small Hub JSON files whose exact byte sizes the Hub's file listing shows.
+#: except the small Hub config, whose exact byte size the Hub's file listing shows. The Hub repo's
+#: scheduler_config.json is not listed: the pipeline uses its own respaced schedule and never reads it.
 #: The Hub revision is unpinned ("main"): the full commit hash was not available offline.
 #: Real-ESRGAN's RRDBNet files (the optional background model, models/background.py) are the
 #: release assets its own inference script downloads; no checksum we could check offline either.
@@ -107,16 +112,6 @@ MANIFEST: tuple[WeightFile, ...] = (
         size=975,
         sha256=None,  # unknown offline
         description="UNet config for the Hugging Face DifFace prior",
-        hf_repo="OAOA/DifFace",
-        hf_revision="main",
-    ),
-    WeightFile(
-        name="hf_difface_scheduler",
-        path="OAOA-DifFace/scheduler_config.json",
-        url="https://huggingface.co/OAOA/DifFace/resolve/main/scheduler_config.json",
-        size=306,
-        sha256=None,  # unknown offline
-        description="Scheduler config for the Hugging Face DifFace prior",
         hf_repo="OAOA/DifFace",
         hf_revision="main",
     ),
@@ -180,11 +175,11 @@ class Status:
 
 @dataclass(frozen=True)
 class MissingFile:
-    """For /readyz: a file a profile needs, where it should be, and how to fetch it."""
+    """A file a profile needs that is absent or the wrong size, and where it should be (the command
+    that fetches it: `pull_command`)."""
 
     name: str
     path: Path
-    command: str
 
 
 def pull_command(names: Iterable[str], *, force: bool = False) -> str:
@@ -201,6 +196,16 @@ def _fetch_hint(command: str, directory: Path, offline: bool) -> str:
             f"with network access and copy the files into {directory}."
         )
     return f"Fetch them with: {command} (set DYNFACE_WEIGHTS_DIR={directory} if that is not the default dir)."
+
+
+def _network_hint(command: str, directory: Path) -> str:
+    """The next step after a download failed on the network: the proxy variables the HTTP client reads,
+    or bringing the files in by hand (and offline mode, so a worker waits for them instead)."""
+    return (
+        "Check the network; behind a proxy set HTTPS_PROXY (and NO_PROXY for local hosts); where GitHub "
+        f"or the Hub cannot be reached, run `{command}` on a machine that can reach them and copy the "
+        f"files into {directory} (with DYNFACE_OFFLINE=1 a worker waits for them instead of downloading)."
+    )
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -249,6 +254,23 @@ class UnloadableWeightsError(MissingWeightsError):
         )
 
 
+class UnreadableWeightsError(PermissionError):
+    """A weight file this process may not read (copied in as root with mode 0600, say). No download
+    fixes that, so it is no MissingWeightsError: a worker reports it in state `misconfigured` with this
+    message, which says how to make the file readable, and retries (it crashed and restarted before)."""
+
+    def __init__(self, names: Sequence[str], path: str | Path, error: OSError) -> None:
+        self.names = list(names)
+        self.path = Path(path)
+        uid, gid, quoted = os.getuid(), os.getgid(), shlex.quote(str(self.path))
+        super().__init__(
+            f"The weights file {self.path} ({', '.join(self.names)}) cannot be read by this process "
+            f"(uid {uid}, gid {gid}): {error.strerror or error}. Make it readable to that user, e.g. "
+            f"`chmod a+r {quoted}` or `chown {uid}:{gid} {quoted}` (a file copied in as root may have "
+            "mode 0600)."
+        )
+
+
 class DownloadError(OSError):
     """A download failed (network, HTTP status, cut short, wrong size or sha256, the weights dir not
     writable); the final path holds no unchecked file.
@@ -262,10 +284,32 @@ class DownloadError(OSError):
         self.names = list(names)
 
 
+def resolve_dir(directory: str | Path | None = None) -> Path:
+    """The weights dir `directory` names, `~` expanded; unset or empty, $DYNFACE_WEIGHTS_DIR taken the
+    same way, else ~/.cache/dynface/weights. The one rule of every reader (the worker, the pipeline,
+    `dynface weights`): a `~/w` or an empty variable once meant another dir to the pipeline (a dir
+    named `~`, the current dir) than to the worker's report and the CLI."""
+    if directory is None or directory == "":
+        directory = os.environ.get("DYNFACE_WEIGHTS_DIR") or Path.home() / ".cache" / "dynface" / "weights"
+    return Path(directory).expanduser()
+
+
 def weights_dir() -> Path:
-    """The default weights dir: $DYNFACE_WEIGHTS_DIR, else ~/.cache/dynface/weights."""
-    env = os.environ.get("DYNFACE_WEIGHTS_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dynface" / "weights"
+    """The default weights dir: $DYNFACE_WEIGHTS_DIR, else ~/.cache/dynface/weights (`resolve_dir`)."""
+    return resolve_dir()
+
+
+def profile_and_dir(profile: str | None, directory: str | Path | None = None) -> tuple[str, Path]:
+    """The profile (`real` or `tiny`) a service set to `profile` runs, and the weights dir it loads
+    from: a profile that names none is a path, itself a `real` weights dir (then `directory` is not
+    used); unset or empty is `real`. Dirs as `resolve_dir` reads them."""
+    from models.profiles import PROFILES  # torch-free; imports nothing of this module
+
+    if not profile:
+        return "real", resolve_dir(directory)
+    if profile in PROFILES:
+        return profile, resolve_dir(directory)
+    return "real", resolve_dir(profile)
 
 
 def offline_from_env() -> bool:
@@ -279,10 +323,6 @@ def offline_from_env() -> bool:
     raise ValueError(
         f"DYNFACE_OFFLINE={value!r} is neither true (1, true, yes, on) nor false (0, false, no, off)"
     )
-
-
-def _resolve_dir(directory: str | Path | None) -> Path:
-    return Path(directory).expanduser() if directory is not None else weights_dir()
 
 
 def select(names: Iterable[str] | None, manifest: Sequence[WeightFile] = MANIFEST) -> list[WeightFile]:
@@ -331,7 +371,8 @@ def _cut_short_zip(path: Path, size: int) -> bool:
 
 def _check(entry: WeightFile, path: Path, *, hash_it: bool) -> Status:
     """State of one file; `hash_it=False` checks existence and size only (cheap, for probes), and
-    whether a checkpoint (zip archive) was cut short. An empty file is corrupt, pinned size or not."""
+    whether a checkpoint (zip archive) was cut short. An empty file is corrupt, pinned size or not.
+    A pinned file it may not read to hash raises UnreadableWeightsError."""
     if not path.is_file():
         return Status(entry.name, "missing", path)
     size = path.stat().st_size
@@ -344,7 +385,10 @@ def _check(entry: WeightFile, path: Path, *, hash_it: bool) -> Status:
     if entry.sha256 is None:
         return Status(entry.name, "unverified", path, "unverified (no pinned checksum)")
     if hash_it:
-        actual = file_sha256(path)
+        try:
+            actual = file_sha256(path)
+        except PermissionError as e:
+            raise UnreadableWeightsError([entry.name], path, e) from e
         if actual != entry.sha256:
             return Status(entry.name, "corrupt", path, f"sha256 {actual}, expected {entry.sha256}")
     return Status(entry.name, "present", path)
@@ -360,7 +404,7 @@ def verify(
 
     Hashes whole files (a few seconds for the 640 MB prior); `missing_for` is the cheap probe.
     """
-    root = _resolve_dir(weights_dir)
+    root = resolve_dir(weights_dir)
     return [_check(e, root / e.path, hash_it=True) for e in select(names, manifest)]
 
 
@@ -370,16 +414,17 @@ def missing_for(
     *,
     manifest: Sequence[WeightFile] = MANIFEST,
 ) -> list[MissingFile]:
-    """Files a profile needs that are absent or the wrong size, each with its fetch command.
+    """Files a profile needs that are absent, the wrong size, empty or cut short.
 
-    Meant for /readyz, so it never hashes (that is `verify`'s job).
+    The cheap probe (what a worker reports in /readyz, what the pipeline checks before loading): it
+    never hashes; `verify` does, and so does `models.pipeline.loading_weights` before a pinned file loads.
     """
-    root = _resolve_dir(weights_dir)
-    out = []
-    for entry in select(list(profile_requirements), manifest):
-        if _check(entry, root / entry.path, hash_it=False).state in ("missing", "corrupt"):
-            out.append(MissingFile(entry.name, root / entry.path, pull_command([entry.name])))
-    return out
+    root = resolve_dir(weights_dir)
+    return [
+        MissingFile(entry.name, root / entry.path)
+        for entry in select(list(profile_requirements), manifest)
+        if _check(entry, root / entry.path, hash_it=False).state in ("missing", "corrupt")
+    ]
 
 
 def pull(
@@ -394,19 +439,21 @@ def pull(
     """Download the named (default: all) files that are missing or corrupt; returns their status.
 
     Release assets are downloaded into `<weights_dir>/.partial/` (resumed there after an
-    interrupted pull from the same source and file version, `_download`; with a tqdm progress bar;
-    one process at a time per file), checked for size and sha256 where pinned, and only then renamed
+    interrupted pull from the same source and file version, `_download`; one process at a time per
+    file), checked for size and sha256 where pinned, and only then renamed
     to their final name (same filesystem, so atomic); a failure, a mismatch included, raises
     DownloadError. Hub files go through `huggingface_hub.hf_hub_download(..., local_dir=...)`, which
     stages, resumes and renames the same way with its own `.incomplete` files.
     `offline` (default: $DYNFACE_OFFLINE) forbids any download: files still needed raise
     MissingWeightsError naming them, saying offline mode is on and how to fetch them elsewhere.
+    `progress` shows progress bars, on a terminal only (a log file or a container's log gets none);
+    False shows none, Hub downloads' included.
     `force` downloads every named file again, present ones too: a file without a pinned checksum
     ("unverified") that was cut short or copied in by hand is repaired only this way, unless it is
     empty or a checkpoint cut short (those are "corrupt"). The old file
     stays in place until the new one is complete and checked. It cannot be combined with `offline`.
     """
-    root = _resolve_dir(weights_dir)
+    root = resolve_dir(weights_dir)
     offline = offline_from_env() if offline is None else offline
     if force and offline:
         raise ValueError("force downloads the files again, which offline mode ($DYNFACE_OFFLINE) forbids")
@@ -418,7 +465,7 @@ def pull(
         raise MissingWeightsError([e.name for e in todo], root, offline=True)
     for entry in todo:
         if entry.hf_repo is not None:
-            _pull_hub(entry, root, force)
+            _pull_hub(entry, root, progress, force)
         else:
             _pull_url(entry, root, progress, force)
         status = _check(entry, root / entry.path, hash_it=True)
@@ -467,8 +514,8 @@ def _pull_url(entry: WeightFile, root: Path, progress: bool, force: bool) -> Non
 
     Under a per-file lock: a process that waited for it finds the file already there and stops
     (unless `force`: then the file is fetched again whatever is there).
-    OS errors writing the weights dir (read-only, full, not a directory) become DownloadErrors
-    naming the file, which a worker reports as `missing_weights` and retries.
+    OS errors writing the weights dir (read-only, full, not a directory), during the download too,
+    become DownloadErrors naming the file, which a worker reports as `missing_weights` and retries.
     """
     final = root / entry.path
     partial = _partial_path(root, entry)
@@ -477,7 +524,7 @@ def _pull_url(entry: WeightFile, root: Path, progress: bool, force: bool) -> Non
         with _exclusive(_beside(partial, ".lock")):
             if not force and _check(entry, final, hash_it=True).state not in ("missing", "corrupt"):
                 return  # another process fetched it while this one waited for the lock
-            _download(entry, partial, progress)
+            _download(entry, root, progress)
             size = partial.stat().st_size
             problem = None
             if entry.size is not None and size != entry.size:
@@ -493,15 +540,19 @@ def _pull_url(entry: WeightFile, root: Path, progress: bool, force: bool) -> Non
                 os.fsync(f.fileno())
             os.replace(partial, final)  # same filesystem: the file appears complete or not at all
             _beside(partial, ".json").unlink()
-    except DownloadError:
+    except (DownloadError, UnreadableWeightsError):
         raise
     except OSError as e:
-        raise DownloadError(
-            f"Cannot write {entry.name} ({entry.file_name}) into the weights dir {root}: {e}. Make it "
-            "writable (or set DYNFACE_WEIGHTS_DIR to a writable dir), then run "
-            f"`{pull_command([entry.name])}`.",
-            [entry.name],
-        ) from e
+        raise _unwritable_error(entry, root, e) from e
+
+
+def _unwritable_error(entry: WeightFile, root: Path, error: OSError) -> DownloadError:
+    return DownloadError(
+        f"Cannot write {entry.name} ({entry.file_name}) into the weights dir {root}: {error}. Make it "
+        "writable (or set DYNFACE_WEIGHTS_DIR to a writable dir), then run "
+        f"`{pull_command([entry.name])}`.",
+        [entry.name],
+    )
 
 
 def _discard(partial: Path) -> None:
@@ -509,10 +560,21 @@ def _discard(partial: Path) -> None:
     _beside(partial, ".json").unlink(missing_ok=True)
 
 
-#: Attempts after a dropped connection that brought no new byte, and the pause before each (as
-#: huggingface_hub's `http_get`, which this replaces for release assets).
+#: Attempts after a network error (a dropped or reset connection, a timeout) that brought no new byte,
+#: and the pause before each (as huggingface_hub's `http_get`, which this replaces for release assets).
 _RETRIES = 5
 _RETRY_PAUSE_S = 1.0
+#: Answers retried (by huggingface_hub's `http_stream_backoff`: 5 times, pausing from _RETRY_PAUSE_S
+#: doubling up to 8 s, or as a Retry-After says) before the download fails: a CDN's passing 5xx too.
+_RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+
+
+class _NoBar(tqdm):
+    """A progress bar that never draws: `progress=False` (`--quiet`), for huggingface_hub's downloads
+    too (its `tqdm_class`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "disable": True})
 
 
 def _version(headers: Mapping[str, str]) -> str | None:
@@ -565,9 +627,10 @@ def _range_start(content_range: str | None) -> int | None:
         return None
 
 
-def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
-    """Fetch `entry` into `partial`, resuming what an earlier pull left there only if it came from the
-    same URL and from a version (ETag/Last-Modified) recorded with it that the server still has.
+def _download(entry: WeightFile, root: Path, progress: bool) -> None:
+    """Fetch `entry` into its partial file (`_partial_path`), resuming what an earlier pull left there
+    only if it came from the same URL and from a version (ETag/Last-Modified) recorded with it that the
+    server still has.
 
     Beside the partial, `<partial>.json` records its URL, version and full length as the first answer
     named them: the HEAD's, then the GET's (which wins where they differ, or where the HEAD failed).
@@ -576,9 +639,12 @@ def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
     included, carries If-Range with the recorded version, so a server that replaced the file sends
     all of it and the partial starts over instead of being spliced with the new file's tail.
     A partial cut short by the network is kept for the next pull when its version is known.
+    A network failure raises DownloadError saying what to try next; an OS error of the weights dir
+    (full, read-only) is raised as it is.
     """
     import httpx2
 
+    partial = _partial_path(root, entry)
     source = _beside(partial, ".json")
     version, length = _head(entry.url)
     try:
@@ -601,13 +667,13 @@ def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
         _discard(partial)
         origin = {"url": entry.url, "validator": version, "total": length}
         source.write_text(json.dumps(origin))
-    bar = tqdm(
+    bar = (tqdm if progress else _NoBar)(
         total=origin.get("total") or entry.size,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
         desc=entry.file_name,
-        disable=not progress,
+        disable=None,  # drawn on a terminal only: a log file would get a line per refresh
     )
     try:
         with partial.open("ab") as f, bar:
@@ -617,9 +683,18 @@ def _download(entry: WeightFile, partial: Path, progress: bool) -> None:
         if kept == 0 or origin.get("validator") is None:
             _discard(partial)  # nothing a next pull may resume
             kept = 0
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the weights dir's (full, read-only), not the network's: `_pull_url` says so
         resume_note = f"; {kept} B kept, the next pull resumes" if kept else ""
-        message = f"Could not download {entry.name} from {entry.url}: {e}{resume_note}"
-        raise DownloadError(message, [entry.name]) from e
+        raise _network_error(entry, root, f"{e}{resume_note}") from e
+
+
+def _network_error(entry: WeightFile, root: Path, problem: str) -> DownloadError:
+    return DownloadError(
+        f"Could not download {entry.name} from {entry.url}: {problem.rstrip('.')}. "
+        + _network_hint(pull_command([entry.name]), root),
+        [entry.name],
+    )
 
 
 def _fetch(entry: WeightFile, f: BinaryIO, source: Path, origin: dict[str, Any], bar: tqdm) -> None:
@@ -657,8 +732,9 @@ def _fetch(entry: WeightFile, f: BinaryIO, source: Path, origin: dict[str, Any],
                 entry.url,
                 headers=headers,
                 timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
-                retry_on_exceptions=(),
-                retry_on_status_codes=(408, 429),
+                base_wait_time=_RETRY_PAUSE_S,
+                retry_on_exceptions=(),  # retried below, resuming from what arrived
+                retry_on_status_codes=_RETRY_STATUSES,
             ) as response:
                 total = _length(response)
                 if response.status_code == 416 and start:
@@ -698,8 +774,10 @@ def _fetch(entry: WeightFile, f: BinaryIO, source: Path, origin: dict[str, Any],
                     bar.update(len(chunk))
                     if f.tell() > furthest:  # new bytes: the retries start again
                         tries, furthest = _RETRIES, f.tell()
-        except (httpx2.ConnectError, httpx2.TimeoutException, httpx2.RemoteProtocolError) as e:
-            if tries <= 0:
+        except httpx2.TransportError as e:
+            # Any network error (refused, reset, timed out, cut short, a proxy's) may pass; a URL or
+            # request the client cannot send never will.
+            if tries <= 0 or isinstance(e, (httpx2.UnsupportedProtocol, httpx2.LocalProtocolError)):
                 raise
             tries -= 1
             log.warning("Error while downloading %s: %s; trying to resume", entry.url, e)
@@ -710,26 +788,35 @@ def _fetch(entry: WeightFile, f: BinaryIO, source: Path, origin: dict[str, Any],
         return
 
 
-def _pull_hub(entry: WeightFile, root: Path, force: bool) -> None:
+def _pull_hub(entry: WeightFile, root: Path, progress: bool, force: bool) -> None:
+    """Fetch a Hub file with huggingface_hub (which stages it as `.incomplete` under the target's
+    `.cache/huggingface/`, resumes and renames it); a failure is a DownloadError as a release asset's."""
+    import httpx2
     from huggingface_hub import hf_hub_download
 
     assert entry.hf_repo is not None  # only called for Hub entries
     sub = Path(entry.path).parent
-    hf_hub_download(
-        entry.hf_repo,
-        entry.file_name,
-        revision=entry.hf_revision,
-        local_dir=root / sub,
-        force_download=force,
-    )
+    try:
+        hf_hub_download(
+            entry.hf_repo,
+            entry.file_name,
+            revision=entry.hf_revision,
+            local_dir=root / sub,
+            force_download=force,
+            tqdm_class=None if progress else _NoBar,  # None: huggingface_hub's, on a terminal only
+        )
+    except (OSError, httpx2.HTTPError) as e:  # its HTTP errors and offline refusals are OSErrors
+        if isinstance(e, OSError) and e.errno is not None:
+            raise _unwritable_error(entry, root, e) from e
+        raise _network_error(entry, root, str(e)) from e
 
 
 # ---------------------------------------------------------------- CLI
 
 
-def service_weights(weights_dir: Path) -> tuple[list[str], list[str]]:
-    """What a worker on the configured profile ($DYNFACE_PROFILE, default real; a path is a real
-    weights dir) loads from `weights_dir`, as `RestorationPipeline.from_pretrained` and the worker's
+def service_weights(profile_name: str, weights_dir: Path) -> tuple[list[str], list[str]]:
+    """What a worker on the profile `profile_name` (`real` or `tiny`: `profile_and_dir`) loads from
+    `weights_dir`, as `RestorationPipeline.from_pretrained` and the worker's
     start-up detector load take it: (required, optional). Required: the profile's files, with the prior
     in the format the pipeline loads from there (`models.pipeline.profile_weights`: the Hub copy where
     only that is present), its detector and, for a real profile, the configured background model's
@@ -742,7 +829,7 @@ def service_weights(weights_dir: Path) -> tuple[list[str], list[str]]:
     from models.pipeline import profile_weights  # imports this module: not at the top
     from models.profiles import PROFILES
 
-    profile = PROFILES.get(os.environ.get("DYNFACE_PROFILE") or "real", PROFILES["real"])
+    profile = PROFILES[profile_name]
     background = BackgroundConfig.from_env()  # checked whatever the profile: a worker refuses a bad one
     required = [
         *profile_weights(profile, weights_dir),
@@ -759,7 +846,12 @@ def add_weights_cli(subparsers: argparse._SubParsersAction) -> argparse.Argument
     Each leaf parser sets `func(args) -> int` (the exit code) for the entry point to call.
     """
     weights = subparsers.add_parser("weights", help="download and check model weights")
-    weights.add_argument("--dir", type=Path, default=None, help="weights dir (default: $DYNFACE_WEIGHTS_DIR)")
+    weights.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="weights dir (default: $DYNFACE_WEIGHTS_DIR; where $DYNFACE_PROFILE is a path, that dir)",
+    )
     sub = weights.add_subparsers(dest="weights_command", required=True)
 
     p = sub.add_parser("pull", help="download missing or corrupt weight files (default: the service's)")
@@ -792,12 +884,28 @@ def _add_choice(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _chosen(args: argparse.Namespace) -> tuple[list[str] | None, list[str]]:
+def _service_dir(args: argparse.Namespace) -> tuple[str, Path]:
+    """The profile the service runs ($DYNFACE_PROFILE) and the weights dir its worker loads from, as
+    the worker resolves them (`profile_and_dir`): `pull`, `verify` and `list` work on that dir, so an
+    init job fills the dir the worker reads. Where $DYNFACE_PROFILE is a path, that is the dir: a --dir
+    naming another is refused (the worker would never read it)."""
+    profile = os.environ.get("DYNFACE_PROFILE")
+    name, root = profile_and_dir(profile, args.dir)
+    if args.dir is not None and resolve_dir(args.dir).resolve() != root.resolve():
+        raise ValueError(
+            f"--dir {args.dir} is not the dir the service loads its weights from: DYNFACE_PROFILE={profile} "
+            f"is itself its weights dir. Leave out --dir to use {root}, or set DYNFACE_PROFILE=real to "
+            "use --dir."
+        )
+    return name, root
+
+
+def _chosen(args: argparse.Namespace, profile_name: str, root: Path) -> tuple[list[str] | None, list[str]]:
     """--only's names, None (everything) for --all, else the files the service uses; and which of them
     are optional (only in the service's set: a file named or wanted with --all is wanted)."""
     if args.only or args.all:
         return args.only or None, []
-    required, optional = service_weights(_resolve_dir(args.dir))
+    required, optional = service_weights(profile_name, root)
     return required + optional, optional
 
 
@@ -816,7 +924,7 @@ def pull_optional(
     """Fetch files the service runs without (parsing net, other detector), each best effort (`pull`'s
     ``options``): their statuses, and the (name, error) of each that could not be fetched (offline, no
     network, a failed download), for the caller to warn about — never raised."""
-    root = _resolve_dir(weights_dir)
+    root = resolve_dir(weights_dir)
     statuses: list[Status] = []
     failures: list[tuple[str, Exception]] = []
     for entry in (select([name])[0] for name in names):  # in the order given
@@ -835,13 +943,14 @@ def _cli_pull(args: argparse.Namespace) -> int:
     `pull && verify` does not stop a deployment for it."""
     options = {"offline": args.offline, "progress": not args.quiet, "force": args.force}
     try:
-        names, optional = _chosen(args)
+        profile_name, root = _service_dir(args)
+        names, optional = _chosen(args, profile_name, root)
         wanted = None if names is None else [n for n in names if n not in optional]
-        statuses = pull(wanted, args.dir, **options)
+        statuses = pull(wanted, root, **options)
     except (KeyError, ValueError, OSError) as e:  # MissingWeightsError and DownloadError are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
-    fetched, failures = pull_optional(optional, args.dir, **options)
+    fetched, failures = pull_optional(optional, root, **options)
     for name, e in failures:
         print(f"warning: optional {name} not fetched (the service runs without it): {e}", file=sys.stderr)
     _print_statuses(statuses + fetched, optional)
@@ -851,9 +960,11 @@ def _cli_pull(args: argparse.Namespace) -> int:
 def _cli_verify(args: argparse.Namespace) -> int:
     """Exit code 1 when a file is corrupt, or missing and not optional (the service would not start)."""
     try:
-        names, optional = _chosen(args)
-        statuses = verify(args.dir, names=names)
-    # An unknown --only, a bad $DYNFACE_BACKGROUND_MODEL, an unreadable file: reported as `pull` does.
+        profile_name, root = _service_dir(args)
+        names, optional = _chosen(args, profile_name, root)
+        statuses = verify(root, names=names)
+    # An unknown --only, a bad $DYNFACE_BACKGROUND_MODEL, an unreadable file, a --dir the service does
+    # not read: reported as `pull` does.
     except (KeyError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -866,8 +977,13 @@ def _cli_verify(args: argparse.Namespace) -> int:
 
 def _cli_list(args: argparse.Namespace) -> int:
     """Every manifest file with its state by existence and size (cheap; `verify` also hashes), and
-    any unfinished download of it waiting under .partial/."""
-    root = _resolve_dir(args.dir)
+    any unfinished download of a release asset waiting under .partial/ (huggingface_hub keeps a Hub
+    file's under .cache/huggingface/ in its folder, not shown)."""
+    try:
+        root = _service_dir(args)[1]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for e in MANIFEST:
         state = _check(e, root / e.path, hash_it=False).state
         size = f"{e.size} B" if e.size is not None else "size unknown"

@@ -596,8 +596,9 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
     ``missing_weights`` with the files and the command that fetches them (what /readyz reports),
     and tries again every ``weights_retry_seconds``, so a later `dynface weights pull` makes it
     ready without a restart. Nor does a method file its settings name that it cannot use (a DSST
-    table or trained DBLM/DGSA file missing, damaged or mismatched: `ConfigurationError`): state
-    ``misconfigured`` with the error (`config_error`), retried as often, so /readyz says what to fix,
+    table or trained DBLM/DGSA file missing, damaged or mismatched: `ConfigurationError`), or a weight
+    file it may not read (`weights.UnreadableWeightsError`: no pull fixes that, its message says how):
+    state ``misconfigured`` with the error (`config_error`), retried as often, so /readyz says what to fix,
     where a crash at start put only a traceback in the worker's log and a restart loop in its place.
     Other errors are bugs or the device's and end the worker. A stop signal ends the wait
     (`DynfaceWorker.request_stop_before_work`).
@@ -630,10 +631,10 @@ def _load_pipeline(worker: DynfaceWorker, settings: Settings, device: str) -> Re
             )
             worker.registry_fields["config_error"] = None
             worker.announce("missing_weights")
-        except ConfigurationError as e:  # raised before any network loads: a retry is cheap
+        except (ConfigurationError, weights.UnreadableWeightsError) as e:
             if str(e) != reported:
                 log.error(
-                    "cannot load the model (settings), retrying every %s s: %s",
+                    "cannot load the model (a setting or a file it names), retrying every %s s: %s",
                     settings.weights_retry_seconds,
                     e,
                 )
@@ -695,12 +696,11 @@ def _background_config(settings: Settings) -> BackgroundConfig:
 
 
 def _profile_and_dir(settings: Settings) -> tuple[Profile, Path]:
-    """The profile and weights dir the worker loads from, resolved as
-    RestorationPipeline.from_pretrained resolves them (a path profile is a `real` weights dir)."""
-    if settings.profile in PROFILES:
-        root = Path(settings.weights_dir) if settings.weights_dir else weights.weights_dir()
-        return PROFILES[settings.profile], root.expanduser()
-    return PROFILES["real"], Path(settings.profile).expanduser()
+    """The profile and weights dir the worker loads from: `weights.profile_and_dir`, the rule
+    RestorationPipeline.from_pretrained and `dynface weights` follow (a path profile is a `real`
+    weights dir; `~` expanded; empty is unset)."""
+    name, root = weights.profile_and_dir(settings.profile, settings.weights_dir)
+    return PROFILES[name], root
 
 
 def _pull_command(names: list[str], root: Path, *, force: bool = False) -> str:

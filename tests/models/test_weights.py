@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
+import os
 import re
+import socket
+import struct
 import sys
 import threading
 from collections.abc import Iterator
@@ -26,7 +30,18 @@ PAYLOAD = bytes(range(256)) * 400  # 100 KiB
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
-PATHS = ("/good.bin", "/norange.bin", "/flaky.bin", "/truncated.bin", "/slow.bin")
+PATHS = (
+    "/good.bin",
+    "/norange.bin",
+    "/flaky.bin",
+    "/truncated.bin",
+    "/slow.bin",
+    "/reset.bin",
+    "/unavailable.bin",
+    "/down.bin",
+)
+
+needs_non_root = pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -38,6 +53,9 @@ class _Handler(BaseHTTPRequestHandler):
     /flaky.bin     the first request promises the payload, sends half and hangs up; later ones are good
     /truncated.bin always promises what was asked for, sends half of it and hangs up
     /slow.bin      the first request sends half, then waits until another request arrives (or 1 s)
+    /reset.bin     the first request promises the payload, sends half and resets the connection (RST)
+    /unavailable.bin the first request gets `unavailable` (a 5xx status); later ones are good
+    /down.bin      every request gets 503
 
     With `etag` set, HEAD and GET send it as the ETag and a Range whose If-Range names another
     version is ignored (RFC 9110 13.1.5). `requests` logs GETs: (path, Range, If-Range).
@@ -45,6 +63,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     requests: ClassVar[list[tuple[str, str | None, str | None]]] = []
     etag: ClassVar[str | None] = None
+    unavailable: ClassVar[int] = 503
     another_request: ClassVar[threading.Event] = threading.Event()
 
     def do_HEAD(self) -> None:
@@ -65,6 +84,11 @@ class _Handler(BaseHTTPRequestHandler):
         first = sum(p == self.path for p, _, _ in self.requests) == 1
         if not first:
             self.another_request.set()
+        if self.path == "/down.bin" or (first and self.path == "/unavailable.bin"):
+            self.send_response(503 if self.path == "/down.bin" else self.unavailable)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         start = 0
         ranged = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
@@ -88,6 +112,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/truncated.bin" or (first and self.path == "/flaky.bin"):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
+            self.close_connection = True
+        elif first and self.path == "/reset.bin":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            # Closed with a zero linger time: the client gets a reset (ECONNRESET), not an end of file.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
             self.close_connection = True
         elif first and self.path == "/slow.bin":
             self.wfile.write(body[: len(body) // 2])
@@ -115,12 +146,16 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.delenv("DYNFACE_OFFLINE", raising=False)
     monkeypatch.delenv("DYNFACE_WEIGHTS_DIR", raising=False)
-    # huggingface_hub waits 1 s before each of its 5 resume attempts; the local server needs none.
-    monkeypatch.setattr(huggingface_hub.file_download.time, "sleep", lambda seconds: None)
-    # It writes in 10 MB chunks, so a cut 100 KiB test file would leave nothing to resume from.
+    monkeypatch.delenv("DYNFACE_PROFILE", raising=False)
+    # A pull pauses 1 s before each retry (and huggingface_hub's backoff starts there); the local
+    # server needs none.
+    monkeypatch.setattr(W, "_RETRY_PAUSE_S", 0.0)
+    # A pull writes in huggingface_hub's 10 MB chunks, so a cut 100 KiB test file would leave nothing
+    # to resume from.
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 4096)
     _Handler.requests.clear()
     _Handler.etag = None
+    _Handler.unavailable = 503
     _Handler.another_request = threading.Event()
 
 
@@ -175,10 +210,24 @@ def test_good_file_is_pulled_and_verified(server: str, tmp_path: Path) -> None:
     assert _Handler.requests == [("/good.bin", None, None)]
 
 
-def test_progress_bar_is_shown(server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_is_shown_on_a_terminal_only(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    """A worker pulls with progress on: in a log file or a container's log (no terminal) each refresh
+    of the bar was one more line."""
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
     pull(weights_dir=tmp_path, progress=True, manifest=[entry(f"{server}/good.bin")])
-    err = capsys.readouterr().err
-    assert "good.bin" in err and "100%" in err
+    assert ("good.bin" in err.getvalue() and "100%" in err.getvalue()) is terminal
+    (tmp_path / "good.bin").unlink()
+    pull(weights_dir=tmp_path, progress=False, manifest=[entry(f"{server}/good.bin")])
+    assert err.getvalue().count("100%") == (1 if terminal else 0)  # progress=False: never a bar
 
 
 def test_wrong_checksum_leaves_nothing(server: str, tmp_path: Path) -> None:
@@ -259,6 +308,41 @@ def test_dropped_connection_is_resumed_with_a_range_request(server: str, tmp_pat
     assert 0 < resumed_at <= len(PAYLOAD) // 2
     assert retry[2] == '"v1"'
     assert leftovers(tmp_path) == ["good.bin"]
+
+
+def test_reset_connection_is_resumed(server: str, tmp_path: Path) -> None:
+    """A connection reset mid-download (httpx's ReadError) is retried like a dropped one (before, only
+    refused connections, timeouts and early ends were: a reset failed the pull at once)."""
+    _Handler.etag = '"v1"'
+    manifest = [entry(f"{server}/reset.bin")]
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert [r[0] for r in _Handler.requests] == ["/reset.bin", "/reset.bin"]
+    assert leftovers(tmp_path) == ["good.bin"]
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_passing_server_error_is_retried(server: str, tmp_path: Path, status: int) -> None:
+    """A CDN's passing 5xx is retried with backoff (before, only 408 and 429 were: it failed the pull)."""
+    _Handler.unavailable = status
+    manifest = [entry(f"{server}/unavailable.bin")]
+    assert pull(weights_dir=tmp_path, progress=False, manifest=manifest)[0].state == "present"
+    assert (tmp_path / "good.bin").read_bytes() == PAYLOAD
+    assert _Handler.requests == [("/unavailable.bin", None, None)] * 2
+
+
+def test_a_server_that_stays_down_fails_after_a_few_retries_saying_what_to_try(
+    server: str, tmp_path: Path
+) -> None:
+    """Retries are bounded; the error says what to try next: a proxy, or bringing the file in by hand."""
+    with pytest.raises(W.DownloadError) as err:
+        pull(weights_dir=tmp_path, progress=False, manifest=[entry(f"{server}/down.bin")])
+    assert len(_Handler.requests) == 1 + 5
+    message = str(err.value)
+    assert "503" in message and "set HTTPS_PROXY" in message
+    command = "`dynface weights pull --only good`"
+    assert f"run {command} on a machine that can reach them and copy the files into {tmp_path}" in message
+    assert err.value.names == ["good"] and leftovers(tmp_path) == []
 
 
 def test_dropped_connection_of_a_replaced_file_starts_over(server: str, tmp_path: Path) -> None:
@@ -443,9 +527,10 @@ def test_concurrent_pulls_of_one_file_take_turns(server: str, tmp_path: Path) ->
 
 
 def test_missing_url_is_a_download_error(server: str, tmp_path: Path) -> None:
-    with pytest.raises(W.DownloadError, match="404"):
+    with pytest.raises(W.DownloadError, match=r"404.*HTTPS_PROXY"):
         pull(weights_dir=tmp_path, progress=False, manifest=[entry(f"{server}/nope.bin")])
     assert leftovers(tmp_path) == []
+    assert _Handler.requests == [("/nope.bin", None, None)]  # a 404 is not retried
 
 
 def test_corrupt_file_is_replaced(server: str, tmp_path: Path) -> None:
@@ -535,6 +620,28 @@ def test_unloadable_weights_error_reads_as_missing_weights(tmp_path: Path) -> No
     assert str(path) in str(e) and "(EOFError)" in str(e) and e.command in str(e)
 
 
+@needs_non_root
+def test_an_unreadable_pinned_file_says_how_to_make_it_readable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hashing a pinned file this process may not read (a worker's own pull does) raises an error that
+    says how to make it readable (a worker reports it as `misconfigured`), as `verify` prints it."""
+    manifest = [entry("http://unused/")]
+    path = tmp_path / "good.bin"
+    path.write_bytes(PAYLOAD)
+    path.chmod(0)
+    for check in (verify, pull):
+        with pytest.raises(W.UnreadableWeightsError, match=f"chmod a\\+r {re.escape(str(path))}"):
+            check(weights_dir=tmp_path, manifest=manifest)
+    (detector_entry,) = W.select(["retinaface_mobile0.25"])
+    detector = tmp_path / detector_entry.path
+    with detector.open("wb") as f:
+        f.truncate(detector_entry.size)  # the pinned size, so it gets as far as being hashed
+    detector.chmod(0)
+    assert _cli(["weights", "--dir", str(tmp_path), "verify", "--only", "retinaface_mobile0.25"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: The weights file {detector} (retinaface_mobile0.25)")
+
+
 def test_verify_states(tmp_path: Path) -> None:
     manifest = [
         entry("http://unused/", name="ok"),
@@ -555,9 +662,9 @@ def test_verify_states(tmp_path: Path) -> None:
     assert states["nosum"].detail == "unverified (no pinned checksum)"
     assert states["short"].path == tmp_path / "short.bin"
     missing = missing_for(["ok", "gone", "short", "nosum"], tmp_path, manifest=manifest)
-    assert [(m.name, m.command) for m in missing] == [
-        ("gone", "dynface weights pull --only gone"),
-        ("short", "dynface weights pull --only short"),
+    assert [(m.name, m.path) for m in missing] == [
+        ("gone", tmp_path / "gone.bin"),
+        ("short", tmp_path / "short.bin"),
     ]
 
 
@@ -574,11 +681,19 @@ def test_hub_files_use_hf_hub_download(tmp_path: Path, monkeypatch: pytest.Monke
     import huggingface_hub
 
     calls = []
+    bars: list[type | None] = []
 
     def fake_download(
-        repo_id: str, filename: str, *, revision: str, local_dir: Path, force_download: bool
+        repo_id: str,
+        filename: str,
+        *,
+        revision: str,
+        local_dir: Path,
+        force_download: bool,
+        tqdm_class: type | None,
     ) -> str:
         calls.append((repo_id, filename, revision, Path(local_dir), force_download))
+        bars.append(tqdm_class)
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         (Path(local_dir) / filename).write_bytes(b"{}" + b" " * 973)
         return str(Path(local_dir) / filename)
@@ -590,15 +705,61 @@ def test_hub_files_use_hf_hub_download(tmp_path: Path, monkeypatch: pytest.Monke
     assert pull(["hf_difface_config"], tmp_path, progress=False)[0].state == "unverified"
     assert len(calls) == 1  # present: not fetched again
     # --force: fetched again, and huggingface_hub told to replace its local copy.
-    assert pull(["hf_difface_config"], tmp_path, progress=False, force=True)[0].state == "unverified"
+    assert pull(["hf_difface_config"], tmp_path, progress=True, force=True)[0].state == "unverified"
     assert calls[1:] == [("OAOA/DifFace", "config.json", "main", tmp_path / "OAOA-DifFace", True)]
+    # Progress off (`--quiet`) reaches huggingface_hub: a bar class that never draws, even on a
+    # terminal; on, its own bars (None), which it draws on a terminal only.
+    quiet, shown = bars
+    assert quiet is not None and quiet(total=1, file=_Terminal()).disable
+    assert shown is None
+    assert (
+        _cli(["weights", "--dir", str(tmp_path), "pull", "--quiet", "--force", "--only", "hf_difface_config"])
+        == 0
+    )
+    assert bars[-1] is quiet
+
+
+@pytest.mark.parametrize("failure", ["network", "offline", "unwritable"])
+def test_a_failed_hub_download_is_a_download_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """As a release asset's: named (a worker reports it in `missing_weights`), with what to try next
+    (before, huggingface_hub's own errors came out, which a worker did not catch)."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors = {
+        "network": httpx2.ConnectError("[Errno 111] Connection refused"),
+        "offline": OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled."),
+        "unwritable": PermissionError(13, "Permission denied"),
+    }
+
+    def failing_download(*args: object, **kwargs: object) -> str:
+        raise errors[failure]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing_download)
+    with pytest.raises(W.DownloadError) as err:
+        pull(["hf_difface_config"], tmp_path, progress=False)
+    assert err.value.names == ["hf_difface_config"]
+    message = str(err.value)
+    if failure == "unwritable":
+        assert message.startswith("Cannot write hf_difface_config") and "HTTPS_PROXY" not in message
+    else:
+        assert message.startswith("Could not download hf_difface_config") and "set HTTPS_PROXY" in message
 
 
 def test_corrupt_hub_file_is_a_download_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
 
     def short_download(
-        repo_id: str, filename: str, *, revision: str, local_dir: Path, force_download: bool
+        repo_id: str,
+        filename: str,
+        *,
+        revision: str,
+        local_dir: Path,
+        force_download: bool,
+        **options: object,
     ) -> str:
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         (Path(local_dir) / filename).write_bytes(b"{}")
@@ -628,6 +789,23 @@ def test_default_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert W.weights_dir() == tmp_path
     monkeypatch.delenv("DYNFACE_WEIGHTS_DIR")
     assert W.weights_dir() == Path.home() / ".cache" / "dynface" / "weights"
+
+
+def test_one_rule_for_the_weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`~` is expanded and an empty value is unset, wherever the dir comes from (the worker's and the
+    pipeline's agreement: tests/worker/test_missing_weights.py)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    default = tmp_path / ".cache" / "dynface" / "weights"
+    assert W.resolve_dir() == W.resolve_dir("") == W.weights_dir() == default
+    assert W.resolve_dir("~/x") == W.resolve_dir(Path("~/x")) == tmp_path / "x"
+    monkeypatch.setenv("DYNFACE_WEIGHTS_DIR", "~/w")
+    assert W.resolve_dir() == W.resolve_dir("") == tmp_path / "w"
+    monkeypatch.setenv("DYNFACE_WEIGHTS_DIR", "")
+    assert W.resolve_dir() == default
+    # A profile that is a path is itself the (real) weights dir; an empty one is `real`.
+    assert W.profile_and_dir("tiny", "~/x") == ("tiny", tmp_path / "x")
+    assert W.profile_and_dir("~/p", "~/x") == ("real", tmp_path / "p")
+    assert W.profile_and_dir("", "") == W.profile_and_dir(None) == ("real", default)
 
 
 def test_manifest_is_consistent() -> None:
@@ -732,6 +910,36 @@ def test_cli_pulls_the_service_files_by_default(
     assert _cli(["weights", "--dir", str(tmp_path), "verify"]) == 1
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert listed == service | {"realesrgan_x2plus"}
+
+
+def test_cli_uses_the_dir_a_path_profile_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where DYNFACE_PROFILE is a path, the worker loads from that dir, so `pull`, `verify` and `list`
+    work there (before, they used the path only to pick the profile and fetched into
+    DYNFACE_WEIGHTS_DIR: compose's weights-init filled one dir and the worker downloaded again into
+    another). A --dir naming another dir is refused; naming that one (spelled with `~`) is fine."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("DYNFACE_BACKGROUND_MODEL", raising=False)
+    profile_dir, other = tmp_path / "profile", tmp_path / "other"
+    monkeypatch.setenv("DYNFACE_PROFILE", "~/profile")
+    monkeypatch.setenv("DYNFACE_WEIGHTS_DIR", str(other))
+    assert _cli(["weights", "pull", "--offline"]) == 1
+    assert f"Missing weights in {profile_dir}: " in capsys.readouterr().err
+    for argv in (["weights", "verify"], ["weights", "--dir", "~/profile", "verify"]):
+        assert _cli(argv) == 1  # missing files
+        lines = capsys.readouterr().out.splitlines()
+        assert lines and {Path(line.split()[2]).parent for line in lines} == {profile_dir}
+    partial = profile_dir / W.PARTIAL_DIR / "iddpm_ffhq512_ema500000.pth"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * 10)
+    assert _cli(["weights", "list"]) == 0
+    assert f"unfinished download: 10 B in {partial}" in capsys.readouterr().out
+    for command in (["pull", "--offline"], ["verify"], ["list"]):
+        assert _cli(["weights", "--dir", str(other), *command]) == 1
+        out, err = capsys.readouterr()
+        assert err.startswith(f"error: --dir {other} is not the dir the service loads its weights from")
+        assert f"Leave out --dir to use {profile_dir}" in err and out == ""
 
 
 def test_cli_default_set_is_what_the_pipeline_loads(

@@ -5,13 +5,15 @@ naming no file, which left a worker crash-looping."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from models import pipeline as pipeline_mod
-from models import weights
+from models import trained, weights
 from models.background import BackgroundConfig
 from models.errors import PipelineError
 from models.pipeline import RestorationPipeline, load_background, loading_weights, real_networks
@@ -19,6 +21,9 @@ from models.profiles import PROFILES
 from tests.conftest import WEIGHTS
 
 GARBAGE = bytes(range(7, 250)) * 20  # neither a torch pickle nor a zip archive
+MOBILENET = "detection_mobilenet0.25_Final.pth"
+
+needs_non_root = pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
 
 
 @pytest.fixture(autouse=True)
@@ -131,8 +136,9 @@ def test_an_optional_parser_that_does_not_load_is_left_out(
 
 
 def test_loading_weights_passes_on_what_a_new_copy_would_not_fix(tmp_path: Path) -> None:
-    with pytest.raises(PermissionError), loading_weights(["difface_prior"], tmp_path):
-        raise PermissionError("read-only")
+    unreadable = pytest.raises(weights.UnreadableWeightsError, match=r"chmod a\+r .*iddpm_ffhq512_ema500000")
+    with unreadable, loading_weights(["difface_prior"], tmp_path):
+        raise PermissionError(13, "Permission denied")  # no file named: the entry's
     with pytest.raises(torch.OutOfMemoryError), loading_weights(["difface_prior"], tmp_path):
         raise torch.OutOfMemoryError("CUDA out of memory")
     with pytest.raises(weights.MissingWeightsError) as err, loading_weights(["difface_prior"], tmp_path):
@@ -178,6 +184,64 @@ def test_an_error_of_the_code_is_not_blamed_on_the_file(tmp_path: Path, error: E
     assert err.value is error
 
 
+def test_a_pinned_file_is_hashed_before_it_loads(tmp_path: Path) -> None:
+    """A copy of a pinned file that is damaged but loads (a flipped byte in its tensors: the same size,
+    a valid archive) is refused before loading, wherever it came from: an offline host's hand copy was
+    never hashed (only a pull hashed), and the detector ran on damaged weights."""
+    path = tmp_path / MOBILENET
+    published = (WEIGHTS / MOBILENET).read_bytes()
+    middle = len(published) // 2
+    path.write_bytes(published[:middle] + bytes([published[middle] ^ 1]) + published[middle + 1 :])
+    pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path)
+    with pytest.raises(PipelineError) as err:
+        pipe.load_detector()
+    cause = err.value.__cause__
+    assert isinstance(cause, weights.UnloadableWeightsError)
+    check_names_file_and_fix(cause, "retinaface_mobile0.25", path)
+    assert "sha256" in str(cause)
+    path.write_bytes(published)
+    pipe.load_detector()  # the published file loads
+
+
+@needs_non_root
+def test_an_unreadable_weight_file_says_how_to_make_it_readable(tmp_path: Path) -> None:
+    """A file this process may not read (copied in as root, mode 0600): no pull fixes that, so not a
+    MissingWeightsError; the error says how (a worker reports it as `misconfigured`), where a bare
+    PermissionError crashed the worker. Pinned (hashed first) or not."""
+    prior = tmp_path / "iddpm_ffhq512_ema500000.pth"
+    foreign_checkpoint(prior)
+    detector = tmp_path / MOBILENET
+    detector.write_bytes((WEIGHTS / MOBILENET).read_bytes())
+    for path in (prior, detector):
+        path.chmod(0)
+    with pytest.raises(weights.UnreadableWeightsError) as err:
+        real_networks(PROFILES["real"], tmp_path)
+    with pytest.raises(weights.UnreadableWeightsError) as pinned:
+        RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path).load_detector()
+    for error, path, name in (
+        (err.value, prior, "difface_prior"),
+        (pinned.value, detector, "retinaface_mobile0.25"),
+    ):
+        assert not isinstance(error, weights.MissingWeightsError)
+        assert (error.path, error.names[0]) == (path, name)
+        message = str(error)
+        assert f"chmod a+r {path}" in message and f"chown {os.getuid()}:{os.getgid()} {path}" in message
+
+
+@needs_non_root
+def test_an_unreadable_optional_parser_is_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The service runs without the parsing net: one it may not read is a warning, not a crash."""
+    (entry,) = weights.select(["parsenet"])
+    path = tmp_path / entry.path
+    with path.open("wb") as f:
+        f.truncate(entry.size)  # the pinned size, so it gets as far as being read
+    path.chmod(0)
+    with caplog.at_level(logging.WARNING, logger="models.pipeline"):
+        pipe = RestorationPipeline.from_pretrained("tiny", weights_dir=tmp_path)
+    assert pipe._parser is None
+    assert "running without the optional face parser" in caplog.text and f"chmod a+r {path}" in caplog.text
+
+
 def test_a_published_file_that_verifies_is_not_blamed(tmp_path: Path) -> None:
     """A file whose pinned sha256 matches is the published one: a load error (here a state-dict
     mismatch after a refactor) is the code's, passed through; the same error on a damaged copy is
@@ -202,3 +266,34 @@ def test_a_corrupt_file_raised_from_the_loader_is_unloadable(tmp_path: Path) -> 
     with pytest.raises(weights.UnloadableWeightsError) as err, loading_weights(["difface_swinir"], tmp_path):
         torch.load(path, map_location="cpu", weights_only=True)
     check_names_file_and_fix(err.value, "difface_swinir", path)
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("cannot describe this")
+
+
+@pytest.mark.parametrize("failing", ["tensors", "description"])
+def test_saving_trained_weights_keeps_the_old_pair_when_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """`dynface train`'s export writes the .safetensors and its .json through temp files: a write that
+    fails (full disk, Ctrl-C) leaves the old pair as it was and no temp file (before, the tensors were
+    overwritten in place: half a file, or new tensors beside the old description)."""
+    path = tmp_path / "dblm.safetensors"
+    trained.save(nn.Linear(2, 2), "dblm", {"layers": 1}, path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["dblm.json", "dblm.safetensors"]
+    info: dict[str, object] = {}
+    if failing == "tensors":
+
+        def half_written(tensors: dict[str, torch.Tensor], filename: str) -> None:
+            Path(filename).write_bytes(b"half a file")
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(trained, "save_file", half_written)
+    else:
+        info["note"] = _Unprintable()
+    with pytest.raises((OSError, RuntimeError)):
+        trained.save(nn.Linear(2, 2), "dblm", {"layers": 2}, path, **info)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

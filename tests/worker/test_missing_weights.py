@@ -16,8 +16,10 @@ from fastapi.testclient import TestClient
 from app.jobs import JobStore, connect
 from app.main import create_app
 from app.settings import Settings
+from models import weights
 from models.dsst import default_table
 from tests.conftest import WEIGHTS, WorkerProcess, base_settings, purge, wait_for
+from worker.main import _profile_and_dir, pipeline_from_settings
 
 MOBILENET = "detection_mobilenet0.25_Final.pth"
 
@@ -159,6 +161,69 @@ def test_a_setting_it_cannot_use_leaves_the_worker_misconfigured_until_fixed(
             w = c.get("/readyz", headers={"X-API-Key": "k"}).json()["workers"][0]
             assert w["state"] == "ready" and w["config_error"] is None, w
         assert "Traceback" not in worker.log() and str(table) in worker.log()  # a message, not a crash
+    finally:
+        worker.stop(signal.SIGKILL)
+        purge(redis_conn, s)
+
+
+@pytest.mark.parametrize(
+    ("profile", "weights_dir", "expected"),
+    [
+        ("tiny", "~/w", "w"),
+        ("tiny", "", ".cache/dynface/weights"),
+        ("real", "~/w", "w"),
+        ("~/p", "~/w", "p"),  # a profile that is a path is the weights dir
+    ],
+)
+def test_the_worker_loads_from_the_dir_it_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, profile: str, weights_dir: str, expected: str
+) -> None:
+    """One rule (`weights.profile_and_dir`): the pipeline took `~/w` for a dir named `~` and an empty
+    DYNFACE_WEIGHTS_DIR for the current dir, where the worker's /readyz report (and `dynface weights`)
+    expanded `~` and took empty as unset: it named one dir and loaded from another."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("DYNFACE_WEIGHTS_DIR", raising=False)
+    s = base_settings("unused", profile=profile, weights_dir=weights_dir, offline=True)
+    reported = _profile_and_dir(s)[1]
+    try:
+        loaded = pipeline_from_settings(s, "cpu").weights_dir
+    except weights.MissingWeightsError as e:  # a real profile: nothing there
+        loaded = e.directory
+    assert loaded == reported == tmp_path / expected
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_unreadable_weight_file_leaves_the_worker_misconfigured_until_fixed(
+    redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    """A weight file the worker may not read (copied in as root with mode 0600) crashed it with a
+    traceback, restarted into the same crash. It waits in `misconfigured`, the error saying how to make
+    the file readable (no pull would fix it), and becomes ready once it is, without a restart."""
+    wdir = tmp_path / "weights"
+    wdir.mkdir()
+    detector = wdir / MOBILENET
+    detector.write_bytes((WEIGHTS / MOBILENET).read_bytes())
+    detector.chmod(0)
+    s = base_settings(
+        uuid.uuid4().hex[:10], profile="tiny", weights_dir=str(wdir), offline=True, weights_retry_seconds=0.5
+    )
+    worker = WorkerProcess(s, tmp_path / "worker.log", f"ur-{uuid.uuid4().hex[:6]}")
+    try:
+
+        def in_state(state: str) -> dict | None:
+            assert worker.proc.poll() is None, worker.log()[-3000:]
+            entries = [e for e in JobStore(connect(s), s).workers() if e.get("state") == state]
+            return entries[0] if entries else None
+
+        entry = wait_for(lambda: in_state("misconfigured"), 90, interval=0.2, what="misconfigured")
+        assert f"chmod a+r {detector}" in entry["config_error"], entry
+        assert entry["missing_weights"] == [] and entry["weights_command"] is None
+        detector.chmod(0o644)
+        try:
+            wait_for(lambda: in_state("ready"), 120, interval=0.2, what="ready once readable")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; worker log:\n{worker.log()[-3000:]}") from None
+        assert "Traceback" not in worker.log() and f"chmod a+r {detector}" in worker.log()
     finally:
         worker.stop(signal.SIGKILL)
         purge(redis_conn, s)
