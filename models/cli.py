@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 from tqdm import tqdm
@@ -231,6 +231,25 @@ def _load_pipeline(args: argparse.Namespace, **limits: int) -> RestorationPipeli
     return pipe
 
 
+def _setup_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with --device or the input paths (None if nothing), before any folder is listed or
+    the model loaded: a GPU-less `--device cuda` failed in the model load with torch's traceback, and a
+    mistyped input was reported skipped only after the load."""
+    from models.evaluate import device_problem  # imports torch, which the command loads anyway
+
+    missing = [str(p) for p in args.inputs if not p.exists()]
+    return device_problem(args.device) or (
+        f"no such file or folder: {', '.join(missing)}" if missing else None
+    )
+
+
+def _refuse(problem: str | None) -> bool:
+    """Print `problem` as a usage error; True when there was one."""
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+    return bool(problem)
+
+
 def _refuse_no_images(files: Sequence[tuple[Path, Path]], inputs: Sequence[Path]) -> bool:
     """Print a usage error when the inputs hold no image (only empty folders, or folders of other
     files), so that the model is not loaded for nothing; True when there was none."""
@@ -292,12 +311,64 @@ def _refuse_clashes(clashes: list[str], output: Path) -> bool:
     return bool(clashes)
 
 
+def _output_problem(
+    inputs: Sequence[Path],
+    files: Sequence[tuple[Path, Path]],
+    output: Path,
+    suffixes: Sequence[str],
+    extras: Sequence[str] = (),
+) -> str | None:
+    """What makes `output` unsafe for these inputs (None if nothing): a file there; the output folder
+    being an input folder or inside one (its results would be mixed with the inputs, restored again by
+    the next run over that folder, and could replace them); or an input that a file of the run would
+    replace: <output>/<stem><suffix>, or <output>/<stem>_<extra><suffix> with `extras` (`_EXTRA_NAMES`),
+    compared after resolving links and `..`."""
+    if output.exists() and not output.is_dir():
+        return f"-o {output} is a file; give an output folder"
+    out = output.resolve()
+    for folder in (p for p in inputs if p.is_dir()):
+        inside = folder.resolve()
+        if out == inside or inside in out.parents:
+            where = "the input folder" if out == inside else "inside the input folder"
+            return (
+                f"-o {output} is {where} {folder}: the outputs would be mixed with the inputs (and could "
+                "replace them); choose an output folder outside it"
+            )
+    ends = "|".join(map(re.escape, suffixes))
+    shapes = [re.compile(rf"(.+)(?:{ends})")]
+    if extras:
+        shapes.append(re.compile(rf"(.+)_(?:{'|'.join(extras)})(?:{ends})"))
+    # Each input by every output path (without suffix) that would land on it.
+    by_target: dict[Path, list[Path]] = {}
+    for path, _ in files:
+        real = path.resolve()
+        for shape in shapes:
+            if match := shape.fullmatch(real.name):
+                by_target.setdefault(real.with_name(match[1]), []).append(path)
+    replaced = [
+        f"{victim} (by the output of {path})"
+        for path, stem in files
+        for victim in by_target.get((out / stem).parent.resolve() / stem.name, [])
+    ]
+    if replaced:
+        more = f" and {len(replaced) - 5} more" if len(replaced) > 5 else ""
+        return (
+            f"-o {output}: the outputs would replace these inputs: {', '.join(replaced[:5])}{more}; "
+            "choose another output folder"
+        )
+    return None
+
+
 def _restore_faces(args: argparse.Namespace) -> int:
     from models.pipeline import draw_seed
 
     # Before the model load, so that a usage error costs none.
+    if _refuse(_setup_problem(args)):
+        return 2
     files = list(_image_files(args.inputs))
     if _refuse_no_images(files, args.inputs) or _refuse_clashes(_output_clashes(files), args.output):
+        return 2
+    if _refuse(_output_problem(args.inputs, files, args.output, [".png"])):
         return 2
     try:
         pipe = _load_pipeline(args)
@@ -329,7 +400,7 @@ def _restore_faces(args: argparse.Namespace) -> int:
                 )
                 for (_, _, stem), face in zip(run, result.faces, strict=True):
                     data, _ = images.encode_image(face, format="png")
-                    _write(args.output / f"{stem}.png", data)
+                    write_atomically(args.output / f"{stem}.png", data)
             bar.update(len(files[start : start + pipe.max_batch]))
     print(f"restored {len(files) - failed} face(s) into {args.output}; skipped {failed}")
     return 1 if failed else 0
@@ -356,9 +427,32 @@ def _read_aligned(path: Path, max_pixels: int) -> np.ndarray:
     return decoded.rgb
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, renamed over it: an
+    interrupted run (Ctrl-C, a full disk) leaves the previous file or none, never a cut-off one. The
+    temporary name ends in .tmp, so a run over that folder never takes a leftover for an image."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def output_file_problem(flag: str, path: Path, example_name: str) -> str | None:
+    """What keeps a command from writing its result file `path` (None if nothing), checked before the
+    work that makes the result: a directory there, or a parent that cannot be created (its nearest
+    existing ancestor is a file, or not writable)."""
+    if path.is_dir():
+        return f"{flag} {path} is a directory; give a file name, e.g. {path / example_name}"
+    ancestor = path.parent
+    while not ancestor.exists():  # ends at the root or at "."
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{flag} {path} cannot be written: {ancestor} is not a writable directory"
+    return None
 
 
 def _restore_photos(args: argparse.Namespace) -> int:
@@ -374,12 +468,19 @@ def _restore_photos(args: argparse.Namespace) -> int:
     if args.max_faces is not None and args.max_faces < 1:
         print("error: --max-faces must be ≥ 1", file=sys.stderr)
         return 2
+    if _refuse(_setup_problem(args)):
+        return 2
     files = list(_image_files(args.inputs))
     if _refuse_no_images(files, args.inputs):
         return 2
     # Every photo writes <stem>.json, so a shared stem always clashes, whatever the image format.
     extras = [_EXTRA_NAMES[kind] for kind in outputs if kind in _EXTRA_NAMES]
     if _refuse_clashes(_output_clashes(files, extras), args.output):
+        return 2
+    # "same" writes each photo in its own format (by its content, not its name): any of them.
+    formats = get_args(images.OutputFormat) if args.format == "same" else (args.format,)
+    suffixes = [*(f".{f}" for f in formats), ".json"]
+    if _refuse(_output_problem(args.inputs, files, args.output, suffixes, extras)):
         return 2
     try:
         # --max-faces replaces the pipeline's cap (32), which a request's max_faces only lowers.
@@ -415,12 +516,12 @@ def _restore_photos(args: argparse.Namespace) -> int:
         ext = "." + result.media_type.split("/")[-1]
         out = args.output / stem
         if "image" in outputs:
-            _write(out.with_name(f"{out.name}{ext}"), result.image)
+            write_atomically(out.with_name(f"{out.name}{ext}"), result.image)
         for kind, files_of_kind in (("face", result.faces), ("crop", result.crops)):
             for k, data in enumerate(files_of_kind):
-                _write(out.with_name(f"{out.name}_{kind}{k:02d}{ext}"), data)
+                write_atomically(out.with_name(f"{out.name}_{kind}{k:02d}{ext}"), data)
         if result.comparison is not None:
-            _write(out.with_name(f"{out.name}_comparison{ext}"), result.comparison)
+            write_atomically(out.with_name(f"{out.name}_comparison{ext}"), result.comparison)
         # What the API reports per job, so a batch run can be audited face by face.
         report = {
             "input": str(path),
@@ -430,7 +531,7 @@ def _restore_photos(args: argparse.Namespace) -> int:
             "timings": result.timings,
             "warnings": result.warnings,
         }
-        _write(out.with_name(f"{out.name}.json"), json.dumps(report, indent=1).encode())
+        write_atomically(out.with_name(f"{out.name}.json"), json.dumps(report, indent=1).encode())
         for warning in result.warnings:
             tqdm.write(f"{path}: {warning}")
     print(f"restored {len(files) - failed} photo(s) into {args.output}; skipped {failed}")

@@ -8,21 +8,27 @@ rebuilds it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
-import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from models import images
 from models.blur import RadialSpectrum, radial_profiles
+from models.cli import output_file_problem, write_atomically
 from models.dsst import LPIPS_WEIGHT, DSSTable, build_analytic, check_sigmas, sweep_table
 from models.evaluate import device_problem
 from models.schedule import RespacedSchedule
+
+if TYPE_CHECKING:
+    from models.pipeline import RestorationPipeline
 
 FACE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 #: Options that only the sweep uses (`--method sweep`), by their flag.
@@ -55,7 +61,8 @@ def face_power_spectrum(paths: Sequence[Path], image_size: int) -> RadialSpectru
     if not paths:
         raise ValueError("no faces to measure P_face on")
     freqs, total = None, None
-    for path in paths:
+    # disable=None: a bar on a terminal only, not in logs.
+    for path in tqdm(paths, desc="P_face", unit="face", disable=None):
         freqs, power = radial_profiles(load_face(path, image_size))
         total = power[0] if total is None else total + power[0]
     assert freqs is not None and total is not None
@@ -84,7 +91,18 @@ def cli_build(args: argparse.Namespace) -> int:
             "error: --heaviest-start only applies to --method analytic (sweep: --candidates)", file=sys.stderr
         )
         return 2
-    problem = _bad_numbers(args, len(schedule)) or _out_problem(args.out) or device_problem(args.device)
+    if args.method == "sweep" and args.max_faces is None:
+        print(
+            "error: --method sweep needs --max-faces N (e.g. 100): it holds all N faces and their "
+            "restorations in memory and samples every (level, candidate) on all of them",
+            file=sys.stderr,
+        )
+        return 2
+    problem = (
+        _bad_numbers(args, len(schedule))
+        or output_file_problem("--out", args.out, "dsst.json")
+        or device_problem(args.device)
+    )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -136,8 +154,7 @@ def cli_build(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:  # the prior's or LPIPS's weights
         print(f"error: {e}", file=sys.stderr)
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table.to_json() + "\n", encoding="utf-8")
+    write_atomically(args.out, (table.to_json() + "\n").encode("utf-8"))
     how = f"tau {table.tau:.4g}" if table.tau is not None else "by the sweep"
     print(f"wrote {args.out}: sigmas {table.sigmas} -> start indices {table.start_indices} ({how})")
     return 0
@@ -162,19 +179,6 @@ def _bad_numbers(args: argparse.Namespace, schedule_length: int) -> str | None:
         return f"--eta must be in [0, 1], got {args.eta}"
     if args.lpips_weight is not None and not (math.isfinite(args.lpips_weight) and args.lpips_weight >= 0):
         return f"--lpips-weight must be a number ≥ 0, got {args.lpips_weight}"
-    return None
-
-
-def _out_problem(out: Path) -> str | None:
-    """What keeps the table from being written to `out` (None if nothing): a directory there, or a
-    parent that cannot be created (its nearest existing ancestor is a file, or not writable)."""
-    if out.is_dir():
-        return f"--out {out} is a directory; give the table's file name, e.g. {out / 'dsst.json'}"
-    ancestor = out.parent
-    while not ancestor.exists():  # ends at the root or at "."
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"--out {out} cannot be written: {ancestor} is not a writable directory"
     return None
 
 
@@ -211,9 +215,12 @@ def _sweep(
             ) from e
 
         def perceptual(restored: Tensor, x: Tensor) -> Tensor:
-            return torch.tensor(metric((restored + 1) / 2, (x + 1) / 2))
+            # Face by face: AlexNet on all N faces at once would need memory in proportion to N.
+            pairs = zip((restored + 1) / 2, (x + 1) / 2, strict=True)
+            return torch.tensor([metric(r[None], t[None]) for r, t in pairs])
 
     pipe = RestorationPipeline.from_pretrained(args.prior, device=device)
+    _print_sweep_progress(pipe, len(paths), len(sigmas) * len(candidates))
     faces = torch.cat([load_face(p, 512).float() for p in paths])
     return sweep_table(
         pipe,
@@ -227,3 +234,22 @@ def _sweep(
         perceptual_weight=weight,
         provenance=provenance,
     )
+
+
+def _print_sweep_progress(pipe: RestorationPipeline, faces: int, runs: int) -> None:
+    """Print a line to stderr as each of the sweep's `runs` (level, candidate) pairs begins: on real
+    faces the sweep runs for hours, and `sweep_table` reports nothing before it ends. It calls
+    `pipe.sample_at_level` once per `pipe.max_batch` of the `faces`, run after run, so counting those
+    calls on this pipeline tells which run begins."""
+    sample = pipe.sample_at_level
+    calls_per_run = math.ceil(faces / pipe.max_batch)
+    calls = itertools.count()
+
+    def counted(estimate: Tensor, sigma: float, start: int, *, eta: float, seed: int) -> Tensor:
+        call = next(calls)
+        if call % calls_per_run == 0:
+            run = call // calls_per_run + 1
+            print(f"sweep {run}/{runs}: sigma {sigma:g}, start {start}", file=sys.stderr, flush=True)
+        return sample(estimate, sigma, start, eta=eta, seed=seed)
+
+    pipe.sample_at_level = counted  # type: ignore[method-assign]

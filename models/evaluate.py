@@ -8,9 +8,11 @@ MUSIQ↑, each the mean over images except FID (one value for the folder, agains
   in [0, 1] (data range 1), per image. Identical images give PSNR = inf (reported as inf, never a crash
   or a clamp) and SSIM = 1.
 - LPIPS (AlexNet), FID (Inception), IDS (ArcFace cosine similarity, facexlib's IR-SE50), NIQE and MUSIQ
-  (pyiqa) need pretrained weights or packages that are not always present, and nothing here downloads:
-  a metric whose package or weights are absent is reported *unavailable* with the reason (what to
-  install or where to put which file), never silently skipped, failed on or estimated.
+  (pyiqa) need pretrained weights or packages that are not always present. LPIPS, FID and IDS load only
+  files already in place (never a download); pyiqa fetches the NIQE/MUSIQ weights itself on first use
+  where the network is reachable. A metric whose package or weights are absent (for pyiqa: not
+  fetchable) is reported *unavailable* with the reason (what to install or where to put which file),
+  never silently skipped, failed on or estimated.
 
 Pairs are matched by path relative to each folder, without the suffix (x.png ↔ x.jpg); two files of one
 name in one folder (x.png and x.jpg) are an error. Images are decoded as restoration decodes uploads
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -30,8 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from models import images, weights
+from models.cli import output_file_problem, write_atomically
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 #: (name, higher is better)
@@ -97,14 +102,15 @@ class EvalReport:
         return "\n".join(lines)
 
     def write_csv(self, path: Path) -> None:
-        """One row in the table's column order; unavailable cells empty, their reasons in `unavailable`."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["pred", "gt", "images", *(n for n, _ in COLUMNS), "unavailable"])
-            values = [_csv_value(self.values.get(n)) for n, _ in COLUMNS]
-            reasons = "; ".join(f"{n}: {why}" for n, why in self.unavailable.items())
-            w.writerow([self.pred, self.gt, self.images, *values, reasons])
+        """One row in the table's column order; unavailable cells empty, their reasons in `unavailable`.
+        Written whole or not at all (`write_atomically`)."""
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(["pred", "gt", "images", *(n for n, _ in COLUMNS), "unavailable"])
+        values = [_csv_value(self.values.get(n)) for n, _ in COLUMNS]
+        reasons = "; ".join(f"{n}: {why}" for n, why in self.unavailable.items())
+        w.writerow([self.pred, self.gt, self.images, *values, reasons])
+        write_atomically(path, text.getvalue().encode("utf-8"))
 
 
 def _fmt(name: str, value: float | None) -> str:
@@ -269,7 +275,8 @@ def fid(pairs: Sequence[tuple[Path, Path]], device: torch.device) -> float:
     metric = FrechetInceptionDistance(
         feature=2048, normalize=True, feature_extractor_weights_path=str(inception)
     ).to(device)
-    for pred, gt in pairs:
+    # disable=None: a bar on a terminal only, not in logs.
+    for pred, gt in tqdm(pairs, desc="FID", unit="pair", disable=None):
         metric.update(load_image(gt).float().to(device), real=True)
         metric.update(load_image(pred).float().to(device), real=False)
     return float(metric.compute())
@@ -306,7 +313,7 @@ def evaluate(
             report.unavailable[name] = str(e)
 
     sums = dict.fromkeys([*paired, *single], 0.0)
-    for p_file, g_file in pairs:
+    for p_file, g_file in tqdm(pairs, desc="metrics", unit="pair", disable=None):
         p_img, g_img = load_image(p_file), load_image(g_file)
         if p_img.shape != g_img.shape:
             raise ValueError(f"{p_file} is {tuple(p_img.shape[-2:])}, {g_file} is {tuple(g_img.shape[-2:])}")
@@ -324,7 +331,10 @@ def evaluate(
 
 # ------------------------------------------------------------------------------------------------- CLI
 def cli_eval(args: argparse.Namespace) -> int:
-    problem = device_problem(args.device)
+    # Before any image is read: an unwritable --csv failed only after the whole evaluation.
+    problem = device_problem(args.device) or (
+        output_file_problem("--csv", args.csv, "metrics.csv") if args.csv is not None else None
+    )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -335,6 +345,10 @@ def cli_eval(args: argparse.Namespace) -> int:
         return 2
     print(report.table())
     if args.csv is not None:
-        report.write_csv(args.csv)
+        try:
+            report.write_csv(args.csv)
+        except OSError as e:  # checked above, but a disk can fill up meanwhile: the table is printed
+            print(f"error: could not write {args.csv}: {e}", file=sys.stderr)
+            return 1
         print(f"wrote {args.csv}")
     return 0

@@ -24,6 +24,7 @@ weights-manifest entry (size + sha256) is printed and written to `<kind>.manifes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -417,18 +418,20 @@ def _init_distributed() -> _Dist:
 
 
 def _rng_state() -> dict[str, Any]:
+    """The process's global generators. No CUDA generator: training draws nothing on a GPU (the
+    degradations and flips come from numpy generators seeded per face, the sampler's order from its
+    own CPU generator; the nets have no dropout and LPIPS stays in eval mode), and the states of every
+    visible GPU, once saved, could not be restored on a machine with fewer (an IndexError on resume)."""
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """`_rng_state`'s generators; the CUDA states older checkpoints hold are not used (see there)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 
@@ -533,6 +536,43 @@ def check_resume_inputs(export_info: dict[str, Any], saved: dict[str, Any], ckpt
         )
 
 
+def data_position(dataset: FaceFolder, processes: int) -> dict[str, Any]:
+    """What decides, besides the config, which faces each step's batches hold: the number of processes
+    (the global batch, and each one's share of an epoch) and the faces (their number sets the steps
+    per epoch; their list, which file has which index in the sampler's shuffled order)."""
+    keys = ",".join(map(str, dataset.keys))  # each file's path key, in index order
+    return {
+        "processes": processes,
+        "faces": len(dataset),
+        "faces_sha256": hashlib.sha256(keys.encode("ascii")).hexdigest(),
+    }
+
+
+#: How `check_resume_data` names the entries of `data_position`.
+DATA_POSITION_NAMES = {
+    "processes": "processes (torchrun --nproc_per_node)",
+    "faces": "faces used from data.root",
+    "faces_sha256": "sha256 of the face files' paths in order",
+}
+
+
+def check_resume_data(position: dict[str, Any], saved: dict[str, Any], ckpt: Path) -> None:
+    """A resumed run must continue with the batches the interrupted one would have seen: with another
+    number of processes, or faces added, removed or renamed, the same step lands elsewhere in other
+    epochs and batches. Checkpoints written before `data_position` was saved cannot tell, and resume."""
+    recorded = saved.get("data_position", position)
+    changed = [k for k in position if recorded.get(k) != position[k]]
+    if changed:
+        what = "; ".join(
+            f"{DATA_POSITION_NAMES[k]} (checkpoint {recorded.get(k)!r}, now {position[k]!r})" for k in changed
+        )
+        raise ValueError(
+            f"cannot resume from {ckpt}: its data position would move, {what}. Resume with "
+            f"{recorded['processes']} process(es) and the faces the run began with, or start a new run "
+            "in another out_dir"
+        )
+
+
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train until `config.max_steps` (continuing from the last checkpoint with `resume`), then export.
     Without `resume`, an out_dir that holds a run is refused (`RunExistsError`, `check_fresh_out_dir`)."""
@@ -558,6 +598,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 "the folder, not its path: resumed, it would not see the batches it was trained on. "
                 "Start the run afresh (without --resume, or delete the checkpoint)."
             )
+    dataset = FaceFolder(config.data)
+    position = data_position(dataset, dist.world)
+    if state is not None:  # still before the nets are built
+        check_resume_data(position, state, ckpt)
     torch.manual_seed(config.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
     task = _task(config)
     if state is not None:
@@ -599,7 +643,6 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         ids = [device.index] if device.type == "cuda" else None
         trained_net = DistributedDataParallel(model, device_ids=ids)
 
-    dataset = FaceFolder(config.data)
     sampler = DistributedSampler(
         dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=config.data.seed, drop_last=True
     )
@@ -655,7 +698,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                     rate = len(result.losses) / (time.perf_counter() - started)
                     writer.add_scalar("speed/steps_per_s", rate, step)
             if dist.main and (step % config.ckpt_every == 0 or step == config.max_steps):
-                _save_checkpoint(ckpt, model, ema, optimizer, scaler, step, config, task.export_info)
+                _save_checkpoint(
+                    ckpt, model, ema, optimizer, scaler, step, config, task.export_info, position
+                )
             if step >= config.max_steps:  # before fetching another batch
                 break
     finally:
@@ -721,6 +766,7 @@ def _save_checkpoint(
     step: int,
     config: TrainConfig,
     export_info: dict[str, Any],
+    position: dict[str, Any],
 ) -> None:
     """Everything a resume needs, written to a temp file, synced and renamed (a crash never leaves half a
     file; a failed write leaves no temp file behind)."""
@@ -735,6 +781,7 @@ def _save_checkpoint(
         "config": config.model_dump(mode="json"),
         "data_seeding": DATA_SEEDING,
         "export_info": export_info,  # what the run learns from (`check_resume_inputs`)
+        "data_position": position,  # `check_resume_data`
     }
     tmp = path.with_suffix(".tmp")
     try:

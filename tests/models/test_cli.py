@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models import cli as cli_mod
@@ -282,3 +283,133 @@ def test_restore_max_faces_sets_the_pipelines_cap(monkeypatch: pytest.MonkeyPatc
     assert run("restore", face, "-o", str(tmp_path / "out"), "--profile", "tiny", "--max-faces", "50") == 1
     assert run("restore", face, "-o", str(tmp_path / "out"), "--profile", "tiny") == 1
     assert loaded[0]["max_faces"] == 50 and "max_faces" not in loaded[1]
+
+
+def _aligned_copies(root: Path, *names: str) -> dict[Path, bytes]:
+    """Copies of a real aligned face at `names` under `root`; returns each file's bytes."""
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHARED / "testdata" / "aligned" / "0143.png", root / name)
+    return {root / name: (root / name).read_bytes() for name in names}
+
+
+@pytest.mark.parametrize(
+    ("command", "files", "args", "message"),
+    [
+        # The reviewer's run: the restored face replaced the original.
+        ("restore-faces", ("a.png",), ("{in}", "-o", "{in}"), "-o {in} is the input folder {in}"),
+        ("restore", ("a.png",), ("{in}", "-o", "{in}"), "-o {in} is the input folder {in}"),
+        # Not replaced, but restored again by the next run over the folder.
+        ("restore", ("a.png",), ("{in}", "-o", "{in}/out"), "-o {in}/out is inside the input folder {in}"),
+        ("restore-faces", ("a.png",), ("{in}", "-o", "{in}/x/../."), "is the input folder {in}"),
+        # A file named directly, written where it is (restore: --format same keeps PNG a PNG).
+        ("restore-faces", ("a.png",), ("{in}/a.png", "-o", "{in}"), "would replace these inputs: {in}/a.png"),
+        ("restore", ("a.png",), ("{in}/a.png", "-o", "{in}"), "would replace these inputs: {in}/a.png"),
+        (
+            "restore",
+            ("a.png",),
+            ("{in}/a.png", "-o", "{in}", "--format", "png"),
+            "would replace these inputs: {in}/a.png (by the output of {in}/a.png)",
+        ),
+        # Folder d's sub/x.png writes out/sub/x_face00.png: the other input, named directly.
+        (
+            "restore",
+            ("d/sub/x.png", "out/sub/x_face00.png"),
+            ("{in}/d", "{in}/out/sub/x_face00.png", "-o", "{in}/out", "--outputs", "image,faces"),
+            "would replace these inputs: {in}/out/sub/x_face00.png (by the output of {in}/d/sub/x.png)",
+        ),
+        ("restore-faces", ("a.png", "f"), ("{in}/a.png", "-o", "{in}/f"), "-o {in}/f is a file"),
+    ],
+)
+def test_outputs_that_would_replace_or_join_the_inputs_are_refused_before_the_model_loads(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_model: None,
+    command: str,
+    files: tuple[str, ...],
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    """Nothing compared -o with the inputs: `restore-faces DIR -o DIR` replaced each face by its
+    result, and an -o inside an input folder had its results restored on the next run."""
+    inputs = tmp_path / "in"
+    kept = _aligned_copies(inputs, *files)
+    assert run(command, *(a.format(**{"in": inputs}) for a in args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.format(**{"in": inputs}) in err
+    assert "model loaded" not in err
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert sorted(p for p in inputs.rglob("*") if p.is_file()) == sorted(kept)
+
+
+def test_outputs_beside_their_inputs_that_replace_none_pass_the_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None
+) -> None:
+    """a.jpg restored as JPEG is written as a.jpeg (and a.json): beside its input, replacing nothing."""
+    photo = tmp_path / "a.jpg"
+    shutil.copy(PHOTOS / "04.jpg", photo)
+    assert run("restore", str(photo), "-o", str(tmp_path), "--format", "jpeg") == 1
+    assert "model loaded" in capsys.readouterr().err
+
+
+def test_an_interrupted_write_leaves_the_previous_output_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outputs were written in place: a Ctrl-C in the middle left a cut-off image under the final
+    name. They are written to a temporary file renamed over the old one, which stays whole."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    _aligned_copies(inputs, "0143.png")
+    out.mkdir()
+    (out / "0143.png").write_bytes(b"the previous result")
+
+    def interrupted(self: Path, data: bytes) -> int:
+        with self.open("wb") as f:
+            f.write(data[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("restore-faces", str(inputs), "-o", str(out), "--profile", "tiny", "--seed", "0")
+    assert [p.name for p in out.iterdir()] == ["0143.png"]
+    assert (out / "0143.png").read_bytes() == b"the previous result"
+
+
+@pytest.mark.parametrize("command", ["restore-faces", "restore"])
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda", "--device cuda: CUDA is not available here"),
+        ("cuda:7", "--device cuda:7: CUDA is not available here"),
+        ("gpu", "--device 'gpu' is not a device (cpu, cuda, cuda:N)"),
+    ],
+)
+def test_a_device_that_cannot_be_used_is_refused_first(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_model: None,
+    command: str,
+    device: str,
+    message: str,
+) -> None:
+    """`--device cuda` without a GPU listed the inputs, then ended in torch's traceback from the model
+    load; refused now as `eval` and `dsst build` refuse it (exit 2), before anything else."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    _aligned_copies(tmp_path / "in", "a.png")
+    assert run(command, str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--device", device) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "model loaded" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["restore-faces", "restore"])
+def test_inputs_that_do_not_exist_are_refused_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None, command: str
+) -> None:
+    """A mistyped input loaded the model, then was reported "skipped"."""
+    _aligned_copies(tmp_path, "a.png")
+    typo, out = tmp_path / "typo.png", tmp_path / "out"
+    assert run(command, str(tmp_path / "a.png"), str(typo), "-o", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no such file or folder: {typo}") and "model loaded" not in err
+    assert not out.exists()

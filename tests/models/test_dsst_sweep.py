@@ -68,13 +68,20 @@ def assert_starts_follow_the_scores(table: DSSTable) -> dict[float, dict[int, fl
 
 
 def test_sweep_builds_the_table_from_the_sampler_and_the_pipeline_loads_it(
-    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Default criterion PSNR − 20·LPIPS; LPIPS runs on a stand-in AlexNet (plumbing: its values mean
-    nothing, but they are computed by the code path real weights take)."""
+    nothing, but they are computed by the code path real weights take). Each (level, candidate) run is
+    announced on stderr as it begins, once although --max-batch 1 samples it in two batches."""
     stand_in_alexnet_hub(tmp_path / "torch", monkeypatch)
     out = tmp_path / "sweep.json"
-    assert main(sweep_args(faces, out)) == 0
+    load = RestorationPipeline.from_pretrained
+    with monkeypatch.context() as m:
+        m.setattr(RestorationPipeline, "from_pretrained", lambda *a, **kw: load(*a, **kw, max_batch=1))
+        assert main(sweep_args(faces, out, "--max-faces", "2")) == 0
+    runs = [(sigma, start) for sigma in ("1", "2", "4") for start in CANDIDATES]
+    expected = [f"sweep {k}/9: sigma {sigma}, start {start}" for k, (sigma, start) in enumerate(runs, 1)]
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("sweep ")] == expected
     table = DSSTable.from_json(out.read_text())
     assert (table.method, table.tau, table.sigmas) == ("empirical", None, (1.0, 2.0, 4.0))
     assert (table.schedule_spec, table.image_size) == ("ddim250", 512)
@@ -124,7 +131,7 @@ def test_sweep_without_alexnet_weights_names_the_file_and_writes_nothing(
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     out = tmp_path / "t.json"
-    assert main(sweep_args(faces, out)) == 1
+    assert main(sweep_args(faces, out, "--max-faces", "2")) == 1
     err = capsys.readouterr().err
     assert "alexnet-owt-7be5be79.pth" in err and "--lpips-weight 0" in err
     assert not out.exists()
@@ -159,4 +166,16 @@ def test_build_refuses_options_of_the_other_method_and_bad_values(
         "1",
     ]
     assert main([*common, *args]) == 2
+    assert not out.exists()
+
+
+def test_sweep_without_max_faces_is_refused_before_any_work(
+    faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sweep holds every face in memory and scores all of them at once: without --max-faces it took
+    the whole folder (FFHQ: 70 000 faces)."""
+    out = tmp_path / "t.json"
+    assert main(sweep_args(faces, out, "--lpips-weight", "0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --method sweep needs --max-faces N") and "Traceback" not in err
     assert not out.exists()

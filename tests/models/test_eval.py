@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 
 from models.evaluate import (
+    ARCFACE_FILE,
     COLUMNS,
     Unavailable,
     evaluate,
     fid,
+    identity_metric,
     inception_weights,
     load_image,
     matched_pairs,
@@ -155,6 +157,81 @@ def test_eval_cli_prints_the_table_and_writes_csv(
         assert row[name] == "", (name, row[name])
         assert f"n/a {name}: {why}" in printed.splitlines()
     assert row["unavailable"] == "; ".join(f"{name}: {why}" for name, why in reasons.items())
+
+
+@pytest.mark.parametrize(
+    ("csv_path", "message"),
+    [
+        ("{dir}", "--csv {dir} is a directory; give a file name, e.g. {dir}/metrics.csv"),
+        ("{file}/m.csv", "--csv {file}/m.csv cannot be written: {file} is not a writable directory"),
+    ],
+)
+def test_a_csv_path_that_cannot_be_written_is_refused_before_the_evaluation(
+    folders: tuple[Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    csv_path: str,
+    message: str,
+) -> None:
+    """`--csv DIR` ended in IsADirectoryError's traceback after the whole evaluation."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    names = {"dir": tmp_path / "dir", "file": tmp_path / "file"}
+    gt, same, _ = folders
+    argv = ["eval", "--pred", str(same), "--gt", str(gt), "--device", "cpu"]
+    assert main([*argv, "--csv", csv_path.format(**names)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {message.format(**names)}") and "Traceback" not in captured.err
+    assert captured.out == ""  # refused before any metric: no table
+    assert not any((tmp_path / "dir").iterdir())
+
+
+def test_an_interrupted_csv_write_leaves_the_previous_file_whole(
+    folders: tuple[Path, Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_downloaded_weights: Path,
+) -> None:
+    """The CSV was written in place: interrupted, a cut-off row was left under its name."""
+    gt, same, _ = folders
+    out = tmp_path / "metrics.csv"
+    out.write_text("the previous row\n")
+
+    def interrupted(self: Path, data: bytes) -> int:
+        with self.open("wb") as f:
+            f.write(data[:10])
+        raise KeyboardInterrupt
+
+    report = evaluate(same, gt, device="cpu", weights_dir=tmp_path)
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_csv(out)
+    assert out.read_text() == "the previous row\n"
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["metrics.csv"]
+
+
+def stand_in_arcface(weights_dir: Path) -> None:
+    """facexlib's IR-SE50 with random weights at the ArcFace file's name in `weights_dir` (the release
+    file cannot be fetched here): IDS then loads and runs the network as it would the real one, whose
+    similarities these are not. Stored in half precision (88 MB instead of 175); loading casts back."""
+    from facexlib.recognition.arcface_arch import Backbone
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state = Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se").state_dict()
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(half, weights_dir / ARCFACE_FILE)
+
+
+def test_ids_is_one_for_a_face_and_itself_and_less_for_another_face(tmp_path: Path) -> None:
+    """The IDS path (the ArcFace file loaded strictly, faces resized to 112, cosine of the embeddings),
+    on stand-in weights: a face's embedding is its own for any network, another face's is not."""
+    stand_in_arcface(tmp_path)
+    ids = identity_metric(torch.device("cpu"), tmp_path)
+    face, other = (load_image(ALIGNED / name) for name in NAMES)
+    assert ids(face, face) == pytest.approx(1.0, abs=1e-5)
+    assert ids(face, other) < 0.99
 
 
 def test_unmatched_folders_are_an_error(

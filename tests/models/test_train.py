@@ -35,6 +35,7 @@ from models.train import (
     FaceFolder,
     RunExistsError,
     TrainConfig,
+    _set_rng_state,
     check_resume_config,
     checkpoint_path,
     data_key,
@@ -413,6 +414,81 @@ def test_resume_refuses_a_config_that_changes_the_run(
     assert torch.load(ckpt, weights_only=False)["step"] == 2
 
 
+def test_resume_refuses_another_number_of_processes_or_other_faces(
+    faces: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checkpoint recorded neither the number of processes nor the faces: resumed with another
+    --nproc_per_node, or after faces were added, removed or renamed, the run silently went on with
+    other epochs and batches than it began with. Refused now, naming what moved, with nothing trained."""
+    root = shutil.copytree(faces, tmp_path / "faces")
+    out = tmp_path / "out"
+    config = tiny_config(out, root, max_steps=1)
+    train(config, progress=False)
+    ckpt = checkpoint_path(config)
+
+    def resume_cli() -> int:
+        data = tiny_config(out, root, max_steps=2).model_dump(mode="json")
+        del data["kind"]
+        (tmp_path / "dblm.yaml").write_text(yaml.safe_dump(data))
+        return main(["train", "dblm", str(tmp_path / "dblm.yaml"), "--resume", "--no-progress"])
+
+    state = torch.load(ckpt, weights_only=False)
+    recorded = state["data_position"]
+    assert (recorded["processes"], recorded["faces"]) == (1, 2)
+    state["data_position"] = {**recorded, "processes": 2}  # as if run by torchrun --nproc_per_node=2
+    torch.save(state, ckpt)
+    assert resume_cli() == 1
+    err = capsys.readouterr().err
+    assert f"cannot resume from {ckpt}: its data position would move" in err and "Traceback" not in err
+    assert "processes (torchrun --nproc_per_node) (checkpoint 2, now 1)" in err
+    assert "Resume with 2 process(es)" in err and "faces used" not in err
+    state["data_position"] = recorded
+    torch.save(state, ckpt)
+
+    shutil.copy(ALIGNED / FACES[0], root / "added.png")
+    assert resume_cli() == 1
+    err = capsys.readouterr().err
+    assert "faces used from data.root (checkpoint 2, now 3)" in err and "processes" not in err
+    # As many faces, but one renamed: another file at some index of the shuffled order.
+    (root / "added.png").unlink()
+    first = next(root.rglob(FACES[0]))
+    first.rename(first.with_name("renamed.png"))
+    assert resume_cli() == 1
+    err = capsys.readouterr().err
+    assert "sha256 of the face files' paths in order" in err and "faces used" not in err
+    assert torch.load(ckpt, weights_only=False)["step"] == 1  # nothing trained
+    first.with_name("renamed.png").rename(first)
+    assert resume_cli() == 0
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+
+
+def test_a_checkpoint_holding_more_cuda_rng_states_than_gpus_resumes(
+    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints held the CUDA RNG state of every visible GPU, restored with set_rng_state_all: on a
+    machine with fewer GPUs the resume ended in an IndexError. Training draws nothing on a GPU, so no
+    CUDA state is saved any more, and one an older checkpoint holds is not restored. The GPUs are
+    simulated: torch on a machine with one GPU, restoring the states of eight."""
+    config = tiny_config(tmp_path, faces, max_steps=1)
+    train(config, progress=False)
+    ckpt = checkpoint_path(config)
+    state = torch.load(ckpt, weights_only=False)
+    assert set(state["rng"]) == {"torch", "numpy", "python"}
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    torch.save(state, ckpt)
+
+    def set_rng_state_all(states: list[torch.Tensor]) -> None:
+        if len(states) > 1:  # torch.cuda.default_generators[index] on a one-GPU machine
+            raise IndexError("tuple index out of range")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 1)
+        m.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+        _set_rng_state(state["rng"])
+    assert train(tiny_config(tmp_path, faces, max_steps=2), resume=True, progress=False).steps == 2
+
+
 def test_a_checkpoint_from_before_the_flip_resumes_without_flips(tmp_path: Path, faces: Path) -> None:
     """`data.hflip` is newer than some checkpoints: their saved config lacks it, and every value was
     refused ("checkpoint '(absent)'"), stranding the run. Absent reads as the behaviour they were
@@ -642,9 +718,15 @@ def test_dsst_build_cli_refuses_bad_numbers_without_a_traceback(
     ("args", "message"),
     [
         (["--prior", "bogus"], "--prior must be real, tiny or an existing weights directory, got 'bogus'"),
-        (["--method", "sweep", "--device", "cuda"], "--device cuda: CUDA is not available here"),
-        (["--method", "sweep", "--device", "gpu"], "--device 'gpu' is not a device (cpu, cuda, cuda:N)"),
-        (["--out", "{dir}"], "--out {dir} is a directory; give the table's file name"),
+        (
+            ["--method", "sweep", "--max-faces", "1", "--device", "cuda"],
+            "--device cuda: CUDA is not available here",
+        ),
+        (
+            ["--method", "sweep", "--max-faces", "1", "--device", "gpu"],
+            "--device 'gpu' is not a device (cpu, cuda, cuda:N)",
+        ),
+        (["--out", "{dir}"], "--out {dir} is a directory; give a file name, e.g. {dir}/dsst.json"),
         (
             ["--out", "{file}/t.json"],
             "--out {file}/t.json cannot be written: {file} is not a writable directory",
