@@ -12,7 +12,7 @@ as `python -m bench.overhead --worker`, which patches `RestorationPipeline.from_
 then runs the ordinary `run_worker`).
 
 One job = what a client needs to hold the result, in each of the API's two synchronous flows:
-- two requests: POST /v1/restorations (multipart, aligned 512 face, `Prefer: wait=60`) until the 200
+- two requests: POST /v1/restorations (multipart, aligned 512 face, `Prefer: wait=50`) until the 200
   with the finished job, then GET of the result image;
 - one request: the same POST with `Accept: image/*`, answered with the image itself (the job JSON,
   for the timestamps below, is read after the run's clock stops: neither the latencies nor jobs/s
@@ -324,7 +324,7 @@ async def run_level(
                     f"{base}/v1/restorations",
                     files={"image": (f"face.{upload.name.lower()}", upload.data, upload.media_type)},
                     data=OPTIONS,
-                    headers={"Prefer": "wait=60", **({"Accept": "image/*"} if one_request else {})},
+                    headers={"Prefer": "wait=50", **({"Accept": "image/*"} if one_request else {})},
                 )
                 answered = time.time()
                 body: dict[str, Any] | None = None
@@ -630,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   ({args.direct} calls each, in a process of its own; {when}).
 - service: 1 uvicorn process, 1 RQ worker process (CPU), Redis `{REDIS_URL}`, all on loopback; clients are
   asyncio httpx in the bench process, each running its jobs back to back, in two flows: POST with
-  `Prefer: wait=60` then GET of the result image (two requests), or the POST with `Accept: image/*` too,
+  `Prefer: wait=50` then GET of the result image (two requests), or the POST with `Accept: image/*` too,
   answered with the image (one request). Run took {time.perf_counter() - started:.0f} s. API, worker, clients
   and any other users of this machine share its CPUs, so contention is part of these numbers.
 - with more than one client, each client's first job is not counted (the start-up burst: every client
