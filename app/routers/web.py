@@ -5,17 +5,18 @@ joined from the request). Every response carries ``nosniff`` and a Content-Secur
 our own scripts and styles only: the page never inserts server text as HTML, and results are shown
 from ``blob:`` URLs (fetched with the API key header when keys are on). Hidden from the OpenAPI document.
 
-The files are sent with ``Cache-Control: no-cache`` (a new release is picked up at once) and an ETag: a
-browser's revalidation (``If-None-Match``) is answered 304 Not Modified, without the file.
+The files are sent with ``Cache-Control: no-cache`` (a new release is picked up at once) and an ETag of
+their content: a browser's revalidation (``If-None-Match``) is answered 304 Not Modified, without the
+file. The page is only at ``/``: its URLs are relative to it (so that it works under a proxy's path
+prefix), which from ``/static/index.html`` would name ``/static/static/...``.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse
 
 from app.errors import ApiError
 
@@ -74,12 +75,14 @@ def _file(name: str, request: Request) -> Response:
     if entry is None:
         raise ApiError(404, "not_found", f"No static file {name!r}.")
     path, media_type = entry
-    response = FileResponse(path, media_type=media_type, headers=SECURITY_HEADERS, stat_result=os.stat(path))
-    etag = response.headers["etag"]
+    body = path.read_bytes()  # a few tens of KB: read and hashed per request, so an edit shows at once
+    # Of the content, not of mtime and size (FileResponse's): a release built with fixed timestamps
+    # and a same-size change to a file would be answered 304 and the old file kept.
+    headers = {**SECURITY_HEADERS, "ETag": f'"{hashlib.sha256(body).hexdigest()[:32]}"'}
     if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None and _etag_matches(if_none_match, etag):
-        return Response(status_code=304, headers={**SECURITY_HEADERS, "ETag": etag})
-    return response
+    if if_none_match is not None and _etag_matches(if_none_match, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type=media_type, headers=headers)
 
 
 @router.get("/")
@@ -89,4 +92,6 @@ def index(request: Request) -> Response:
 
 @router.get("/static/{name}")
 def static_file(name: str, request: Request) -> Response:
+    if name == "index.html":
+        raise ApiError(404, "not_found", "The page is at /, not under /static/.")
     return _file(name, request)

@@ -515,14 +515,23 @@ async function submit() {
         throw new ApiFailure("not_square", `The photo is ${size.width}×${size.height} pixels.`);
       }
     }
-    // The same photo is the same file, not the same File object: picked again, it is a new one.
-    const signature = JSON.stringify([file.name, file.size, file.lastModified, file.type, options]);
+    // The same photo is the same file, not the same File object: picked again, it is a new one. Not
+    // by its date, which iOS sets to the time of the pick; another photo of the same name, size and
+    // type is told apart by the API, whose 409 idempotency_conflict then sends it with a key of its own.
+    const signature = JSON.stringify([file.name, file.size, file.type, options]);
     const unsure = state.unsure;
     const same = Boolean(unsure) && unsure.signature === signature;
-    const key = same ? unsure.key : newIdempotencyKey();
-    state.unsure = { signature, key }; // until an answer says what became of it
+    state.unsure = { signature, key: same ? unsure.key : newIdempotencyKey() }; // until an answer comes
     run.unanswered = same;
-    const job = await submitWithRetries(run, formData(file, options), key);
+    let job;
+    try {
+      job = await submitWithRetries(run, formData(file, options), state.unsure.key);
+    } catch (err) {
+      if (!(same && err instanceof ApiFailure && err.code === "idempotency_conflict")) throw err;
+      state.unsure = { signature, key: newIdempotencyKey() };
+      run.unanswered = false;
+      job = await submitWithRetries(run, formData(file, options), state.unsure.key);
+    }
     if (!isCurrent(run)) return;
     state.unsure = null;
     if ($("message").dataset.code === "reconnecting") clearMessage();

@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from app.routers import web
 from app.routers.docs import DOCS_ASSETS_URL, content_security_policy
 from app.routers.web import CONTENT_SECURITY_POLICY
 from app.settings import Settings
@@ -92,6 +93,28 @@ def test_a_revalidated_static_file_is_answered_not_modified(client: TestClient, 
     for if_none_match in ['"other"', etag.replace('"', "")]:  # another tag; an unquoted one is none
         r = client.get(path, headers={"If-None-Match": if_none_match})
         assert r.status_code == 200 and r.content == first.content, if_none_match
+
+
+def test_static_etags_follow_the_content(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ETag was FileResponse's, of mtime and size: a release whose build fixes timestamps, with a
+    same-size change to a file, was answered 304 and the browser kept the old file."""
+    served = tmp_path / "app.js"
+    served.write_text("let a = 1;")
+    monkeypatch.setitem(web._FILES, "app.js", (served, "text/javascript; charset=utf-8"))
+    before = client.get("/static/app.js").headers["etag"]
+    stat = served.stat()
+    served.write_text("let b = 2;")  # same size
+    os.utime(served, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same time
+    r = client.get("/static/app.js", headers={"If-None-Match": before})
+    assert r.status_code == 200 and r.text == "let b = 2;" and r.headers["etag"] != before
+
+
+def test_the_page_is_served_at_its_root_only(client: TestClient) -> None:
+    """Its URLs are relative to the page: from /static/index.html they named /static/static/app.js."""
+    r = client.get("/static/index.html")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
 def test_the_file_picker_offers_the_formats_the_api_reads(client: TestClient) -> None:
@@ -1497,6 +1520,45 @@ def test_the_same_photo_picked_again_is_submitted_with_the_key_of_its_unsure_try
     page.wait_for_selector("#status-panel[data-status='queued']")
     assert len(keys) == 5 and set(keys) == {keys[0]}
     assert _unexpected_console(page, allowed=("ERR_CONNECTION_RESET",)) == []
+
+
+def test_another_photo_of_the_same_name_and_size_gets_a_key_of_its_own(
+    service: str, page: Any, tmp_path: Path
+) -> None:
+    """A photo is known by name, size and type (its date is the time of the pick on iOS): another one
+    alike after an unanswered try is sent with that try's key, the API answers 409
+    idempotency_conflict (another body), and the page sends it again with a key of its own."""
+    keys: list[str | None] = []
+
+    def handle(route: Any) -> None:
+        keys.append(route.request.headers.get("idempotency-key"))
+        if len(keys) <= 4:  # the first try and its three retries: no answer
+            route.abort("connectionreset")
+        elif len(keys) == 5:
+            message = "This Idempotency-Key was used with a different request body."
+            route.fulfill(status=409, json=_error("idempotency_conflict", message))
+        else:
+            route.fulfill(status=202, json=_fake_job("queued", queue_position=0))
+
+    page.route(lambda url: _is_submission(url), handle)
+    _open_on_paused_clock(page, service + "/")
+    page.set_input_files("#file", files=[_photo()])
+    page.click("#submit")
+    page.wait_for_selector("#message[data-code='reconnecting']", state="visible")
+    _run_clock_until(page, "network")
+    _wait_for_message(page, "network", "alike-photo-first-try")
+    other_colour = io.BytesIO()
+    Image.new("RGB", (64, 64), (60, 90, 120)).save(other_colour, "PNG")
+    assert len(other_colour.getvalue()) == len(_png(64, 64)) and other_colour.getvalue() != _png(64, 64)
+    alike = {"name": "photo.png", "mimeType": "image/png", "buffer": other_colour.getvalue()}
+    page.set_input_files("#file", files=[_photo("other.png")])
+    page.set_input_files("#file", files=[alike])
+    page.click("#submit")
+    page.wait_for_selector("#status-panel[data-status='queued']")
+    assert len(keys) == 6 and set(keys[:5]) == {keys[0]} and keys[5] not in (None, keys[0]), keys
+    assert (
+        _unexpected_console(page, allowed=("ERR_CONNECTION_RESET", _refused(409, "/v1/restorations"))) == []
+    )
 
 
 class FirstSubmissionUnanswered:
