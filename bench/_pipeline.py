@@ -33,7 +33,7 @@ def networks(profile: Profile, weights_dir: Path | None = None) -> Networks:
     weights store's); otherwise, and always for the tiny profile, the architecture with the seeded
     random weights of `tiny_networks`. Speed, batching and layout/precision agreement do not depend
     on the weight values; fp16 overflow and the restorer's output (hence the blur level) do."""
-    wdir = weights_dir or weights.weights_dir()
+    wdir = weights.resolve_dir(weights_dir)
     if profile.real:
         if not weights.missing_for([*prior_weights(wdir), "difface_swinir"], wdir):
             unet, restorer, files = real_networks(profile, wdir)

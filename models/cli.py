@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -341,10 +342,11 @@ def _output_problem(
     # Each input by every output path (without suffix) that would land on it.
     by_target: dict[Path, list[Path]] = {}
     for path, _ in files:
-        real = path.resolve()
-        for shape in shapes:
-            if match := shape.fullmatch(real.name):
-                by_target.setdefault(real.with_name(match[1]), []).append(path)
+        # An input that is a link is replaced by a write to its name (as a link, its target would be).
+        for name in {path.parent.resolve() / path.name, path.resolve()}:
+            for shape in shapes:
+                if match := shape.fullmatch(name.name):
+                    by_target.setdefault(name.with_name(match[1]), []).append(path)
     replaced = [
         f"{victim} (by the output of {path})"
         for path, stem in files
@@ -430,12 +432,20 @@ def _read_aligned(path: Path, max_pixels: int) -> np.ndarray:
 def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, renamed over it: an
     interrupted run (Ctrl-C, a full disk) leaves the previous file or none, never a cut-off one. The
-    temporary name ends in .tmp, so a run over that folder never takes a leftover for an image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary name ends in .tmp, so a run over that folder never takes a leftover for an image. A link
+    is followed (its target rewritten, the link kept) and a file's mode kept; what is no regular file
+    (`--csv /dev/stdout`, a pipe) is written to as it is."""
+    if path.exists() and not path.resolve().is_file():
+        path.write_bytes(data)
+        return
+    target = path.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+        if target.exists():
+            shutil.copymode(target, tmp)
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -447,7 +457,9 @@ def output_file_problem(flag: str, path: Path, example_name: str) -> str | None:
     existing ancestor is a file, or not writable)."""
     if path.is_dir():
         return f"{flag} {path} is a directory; give a file name, e.g. {path / example_name}"
-    ancestor = path.parent
+    if path.exists() and not path.resolve().is_file():  # /dev/stdout, a pipe: written as it is
+        return None if os.access(path, os.W_OK) else f"{flag} {path} cannot be written (no permission)"
+    ancestor = path.resolve().parent
     while not ancestor.exists():  # ends at the root or at "."
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):

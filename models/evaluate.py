@@ -293,7 +293,7 @@ def evaluate(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pairs = matched_pairs(pred, gt)
     report = EvalReport(pred, gt, len(pairs))
-    wdir = weights_dir or weights.weights_dir()
+    wdir = weights.resolve_dir(weights_dir)
 
     paired: dict[str, PairMetric] = {"PSNR": psnr, "SSIM": ssim}
     loaders: dict[str, Callable[[], PairMetric]] = {

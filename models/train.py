@@ -256,7 +256,7 @@ def _restorer(config: TrainConfig) -> SwinIR:
         return tiny_networks(profile)[1].eval()
     from models.pipeline import loading_weights
 
-    root = config.weights_dir or weights.weights_dir()
+    root = weights.resolve_dir(config.weights_dir)
     (entry,) = weights.select(["difface_swinir"])
     if weights.missing_for(["difface_swinir"], root):
         raise weights.MissingWeightsError(["difface_swinir"], root)

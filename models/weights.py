@@ -294,11 +294,6 @@ def resolve_dir(directory: str | Path | None = None) -> Path:
     return Path(directory).expanduser()
 
 
-def weights_dir() -> Path:
-    """The default weights dir: $DYNFACE_WEIGHTS_DIR, else ~/.cache/dynface/weights (`resolve_dir`)."""
-    return resolve_dir()
-
-
 def profile_and_dir(profile: str | None, directory: str | Path | None = None) -> tuple[str, Path]:
     """The profile (`real` or `tiny`) a service set to `profile` runs, and the weights dir it loads
     from: a profile that names none is a path, itself a `real` weights dir (then `directory` is not

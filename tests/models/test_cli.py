@@ -374,6 +374,35 @@ def test_an_interrupted_write_leaves_the_previous_output_whole(
     assert (out / "0143.png").read_bytes() == b"the previous result"
 
 
+def test_an_input_that_is_a_link_is_not_replaced_through_its_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_model: None
+) -> None:
+    """Inputs were compared by their link's target: in/x.png → store/y.png restored into in/ wrote
+    in/x.png, replacing the link with the result."""
+    (store := tmp_path / "store").mkdir()
+    _aligned_copies(store, "0143.png")
+    (inputs := tmp_path / "in").mkdir()
+    (inputs / "x.png").symlink_to(store / "0143.png")
+    assert run("restore-faces", str(inputs / "x.png"), "-o", str(inputs)) == 2
+    assert f"would replace these inputs: {inputs}/x.png" in capsys.readouterr().err
+    assert (inputs / "x.png").is_symlink()
+
+
+def test_an_atomic_write_keeps_links_modes_and_devices(tmp_path: Path) -> None:
+    """The rename replaced a link (a mounted config's) with a plain file, and a file's mode with the
+    default; a device (`--csv /dev/stdout`) must be written to, not replaced."""
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    target.chmod(0o600)
+    (link := tmp_path / "link.json").symlink_to(target)
+    cli_mod.write_atomically(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o600
+    (device := tmp_path / "out.csv").symlink_to("/dev/null")
+    cli_mod.write_atomically(device, b"rows")
+    assert device.is_symlink() and Path("/dev/null").is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "out.csv", "target.json"]
+
+
 @pytest.mark.parametrize("command", ["restore-faces", "restore"])
 @pytest.mark.parametrize(
     ("device", "message"),

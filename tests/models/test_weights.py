@@ -786,9 +786,9 @@ def test_unwritable_weights_dir_is_a_download_error(server: str, tmp_path: Path)
 
 def test_default_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DYNFACE_WEIGHTS_DIR", str(tmp_path))
-    assert W.weights_dir() == tmp_path
+    assert W.resolve_dir() == tmp_path
     monkeypatch.delenv("DYNFACE_WEIGHTS_DIR")
-    assert W.weights_dir() == Path.home() / ".cache" / "dynface" / "weights"
+    assert W.resolve_dir() == Path.home() / ".cache" / "dynface" / "weights"
 
 
 def test_one_rule_for_the_weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -796,7 +796,7 @@ def test_one_rule_for_the_weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path:
     pipeline's agreement: tests/worker/test_missing_weights.py)."""
     monkeypatch.setenv("HOME", str(tmp_path))
     default = tmp_path / ".cache" / "dynface" / "weights"
-    assert W.resolve_dir() == W.resolve_dir("") == W.weights_dir() == default
+    assert W.resolve_dir() == W.resolve_dir("") == default
     assert W.resolve_dir("~/x") == W.resolve_dir(Path("~/x")) == tmp_path / "x"
     monkeypatch.setenv("DYNFACE_WEIGHTS_DIR", "~/w")
     assert W.resolve_dir() == W.resolve_dir("") == tmp_path / "w"
