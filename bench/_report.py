@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+
+from models.cli import write_atomically
 
 if TYPE_CHECKING:  # torch is imported where it is used: the HTTP benches' report needs none of it
     import torch
@@ -206,17 +207,9 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     text = (
         pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     )
-    # A new file renamed over the old one: a run stopped mid-write (gpu_path rewrites its section
-    # after every row, and turns SIGTERM into KeyboardInterrupt) leaves the doc whole, old or new.
-    staged = doc.with_name(f".{doc.name}.{os.getpid()}.tmp")
-    try:
-        staged.write_text(text, encoding="utf-8")
-        if doc.exists():
-            shutil.copymode(doc, staged)
-        os.replace(staged, doc)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
+    # A run stopped mid-write (gpu_path rewrites its section after every row, and turns SIGTERM into
+    # KeyboardInterrupt) leaves the doc whole, old or new.
+    write_atomically(doc, text.encode("utf-8"))
     print(f"wrote section {name!r} of {shown(doc, ROOT)}")
 
 

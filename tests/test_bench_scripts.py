@@ -612,14 +612,14 @@ def test_write_section_replaces_the_doc_whole_or_not_at_all(
         "<!-- bench:b:start -->\nnew b\n<!-- bench:b:end -->\n"
     )
     assert doc.stat().st_mode & 0o777 == 0o640  # the doc's own mode, not the new file's
-    real_write = Path.write_text
+    real_write = Path.write_bytes
 
-    def cut_short(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
-        real_write(self, text[: len(text) // 2], *args, **kwargs)
+    def cut_short(self: Path, data: bytes) -> int:
+        real_write(self, data[: len(data) // 2])
         raise KeyboardInterrupt("signal 15")  # gpu_path's SIGTERM, halfway through the write
 
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
-        patched.setattr(Path, "write_text", cut_short)
+        patched.setattr(Path, "write_bytes", cut_short)
         _report.write_section("a", "newer a", doc)
 
     assert doc.read_text() == written and sorted(tmp_path.iterdir()) == [doc]  # no half file left either
